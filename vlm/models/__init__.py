@@ -1,0 +1,19 @@
+"""Model families. Configs name them through MODELS: `config.model_name = 'two_tower'`."""
+
+from vlm.models.text import TextTransformer
+from vlm.models.two_tower import TwoTower
+from vlm.models.vit import VIT_VARIANTS, ViT, decode_variant
+from vlm.registry import Registry, to_kwargs
+
+MODELS: Registry = Registry("model")
+MODELS.register("vit")(ViT)
+MODELS.register("text")(TextTransformer)
+MODELS.register("two_tower")(TwoTower)
+
+
+def build_model(name: str, config) -> "flax.linen.Module":  # noqa: F821
+  """MODELS[name](**config): a linen Module from a config's `model` block."""
+  return MODELS.get(name)(**to_kwargs(config))
+
+
+__all__ = ["MODELS", "TextTransformer", "TwoTower", "VIT_VARIANTS", "ViT", "build_model", "decode_variant"]

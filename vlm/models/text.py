@@ -1,0 +1,84 @@
+"""Text transformer encoder (CLIP: causal, EOS pooling; SigLIP: bidirectional, last-token pooling)."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm.models.vit import decode_variant
+from vlm.nn import Encoder, LearnedPosEmb, MAPHead, make_attention_mask, make_norm, pool
+from vlm.nn.mlp import dense
+
+
+class TextTransformer(nn.Module):
+  """Token ids [B, L] -> (pooled embedding [B, out_dim or width], aux dict).
+
+  pool_type: 'first', 'last', 'eos' (first position of eos_id), 'argmax' (largest id:
+  OpenAI CLIP), 'gap', 'map'. causal=True gives CLIP's causal text encoder.
+  padding_mask=True masks keys whose id is pad_id (CLIP's attention_mask); SigLIP was
+  trained without one (fixed-length padding, last-token pooling).
+  aux: 'encoded' [B, L, width] after the final norm, 'pre_logits' [B, width].
+  """
+
+  vocab_size: int
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  max_len: int = 64
+  causal: bool = False
+  pool_type: str = "last"
+  eos_id: int | None = None
+  pad_id: int = 0
+  padding_mask: bool = False
+  out_dim: int | None = None
+  head_bias: bool = True
+  mlp_act: str = "gelu"
+  norm_eps: float = 1e-6
+  dropout: float = 0.0
+  droppath: float = 0.0
+  scan: bool = False
+  remat_policy: str = "none"
+  dtype: Any = None
+
+  def dims(self) -> dict[str, Any]:
+    d = decode_variant(self.variant)
+    for k in ("width", "depth", "mlp_dim", "num_heads"):
+      if getattr(self, k) is not None:
+        d[k] = getattr(self, k)
+    missing = [k for k in ("width", "depth", "mlp_dim", "num_heads") if k not in d]
+    if missing:
+      raise ValueError(f"TextTransformer needs {missing}: give a variant like 'B' or the explicit fields")
+    return d
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    dims = self.dims()
+    embed = nn.Embed(
+        self.vocab_size, dims["width"], dtype=self.dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        name="embedding",
+    )
+    x = embed(tokens)
+    x = LearnedPosEmb(self.max_len, stddev=0.01, name="pos_embedding")(x)
+    x = nn.Dropout(self.dropout)(x, not train)
+    valid = tokens != self.pad_id
+    mask = make_attention_mask(None, valid) if self.padding_mask else None
+    x = Encoder(
+        depth=dims["depth"], num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,
+        norm_eps=self.norm_eps, dropout=self.dropout, droppath=self.droppath, causal=self.causal,
+        scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype, name="encoder",
+    )(x, mask, not train)
+    x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
+    aux = {"encoded": x}
+    if self.pool_type == "map":
+      x = MAPHead(num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,
+                  norm_eps=self.norm_eps, dtype=self.dtype, name="MAPHead")(x, mask=valid)
+    else:
+      x = pool(x, self.pool_type, tokens=tokens, eos_id=self.eos_id, mask=valid)
+    aux["pre_logits"] = x
+    if self.out_dim is not None:
+      x = dense(self.out_dim, ("embed", "proj"), use_bias=self.head_bias, dtype=self.dtype, name="head")(x)
+    return x, aux

@@ -1,0 +1,153 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) with big_vision's named variants.
+
+Covers the CLIP layout (class token, pre-norm before the encoder, CLS pooling, bias-free
+patch embedding) and the SigLIP layout (no class token, MAP pooling) by configuration.
+"""
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm.nn import Encoder, LearnedPosEmb, MAPHead, PatchEmbed, make_norm, pool, sincos2d
+from vlm.nn.mlp import dense
+
+# width, depth, mlp_dim, num_heads. Zhai et al. 2022 ("Scaling ViTs", Table 2) and
+# Alabdulmohsin et al. 2023 (So400m, "Getting ViT in Shape").
+VIT_VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (144, 12, 576, 3),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+
+
+def decode_variant(variant: str | None) -> dict[str, Any]:
+  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16)).
+
+  'B' (no patch) gives the tower sizes only, as text towers use. Unknown names raise.
+  """
+  if variant is None:
+    return {}
+  m = re.fullmatch(r"([A-Za-z0-9]+?)(?:/(\d+)(?:x(\d+))?)?", variant)
+  if m is None or m.group(1) not in VIT_VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; known: {sorted(VIT_VARIANTS)} with an optional '/patch'")
+  width, depth, mlp_dim, heads = VIT_VARIANTS[m.group(1)]
+  out: dict[str, Any] = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads)
+  if m.group(2):
+    p = int(m.group(2))
+    out["patch_size"] = (p, int(m.group(3)) if m.group(3) else p)
+  return out
+
+
+class ViT(nn.Module):
+  """Images [B, H, W, 3] -> (pooled embedding [B, out_dim or width], aux dict).
+
+  aux holds 'encoded' (final tokens after the final norm, [B, T, width]), 'pre_logits'
+  (pooled, before the head) and, with return_all_layers, 'hidden' ([depth, B, T, width],
+  each block's output before the final norm) for penultimate-layer features.
+  Explicit width/depth/mlp_dim/num_heads/patch_size override those of `variant`.
+  """
+
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  patch_size: tuple[int, int] | int | None = None
+  posemb: str = "learn"  # 'learn' or 'sincos2d'
+  posemb_grid: tuple[int, int] | None = None  # learned grid; default: from the first input
+  class_token: bool = False
+  pool_type: str = "map"  # 'cls', 'gap', 'map', 'none'
+  pre_norm: bool = False  # CLIP's LayerNorm on the embeddings before the encoder
+  patch_bias: bool = True
+  out_dim: int | None = None  # linear head after pooling (None: no head)
+  head_bias: bool = True
+  head_zeroinit: bool = False
+  mlp_act: str = "gelu"
+  norm_eps: float = 1e-6
+  dropout: float = 0.0
+  droppath: float = 0.0
+  scan: bool = False
+  remat_policy: str = "none"
+  return_all_layers: bool = False
+  dtype: Any = None
+
+  def dims(self) -> dict[str, Any]:
+    d = decode_variant(self.variant)
+    for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
+      if getattr(self, k) is not None:
+        d[k] = getattr(self, k)
+    if isinstance(d.get("patch_size"), int):
+      d["patch_size"] = (d["patch_size"],) * 2
+    missing = [k for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size") if k not in d]
+    if missing:
+      raise ValueError(f"ViT needs {missing}: give a variant like 'B/16' or the explicit fields")
+    return d
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    dims = self.dims()
+    images = jnp.asarray(images, self.dtype or jnp.float32)
+    x = PatchEmbed(dims["width"], tuple(dims["patch_size"]), use_bias=self.patch_bias, dtype=self.dtype,
+                   name="embedding")(images)
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    if self.posemb == "learn":
+      grid = self.posemb_grid or (gh, gw)
+      if tuple(grid) != (gh, gw):
+        raise ValueError(f"image grid {(gh, gw)} differs from the learned position grid {tuple(grid)}; "
+                         "resample the checkpoint with vlm.nn.resample_posemb")
+    if self.class_token:
+      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+                       (1, 1, d))
+      x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)
+    if self.posemb == "learn":
+      x = LearnedPosEmb(x.shape[1], stddev=1 / d**0.5, name="pos_embedding")(x)
+    elif self.posemb == "sincos2d":
+      pe = sincos2d(gh, gw, d).astype(x.dtype)
+      if self.class_token:
+        pe = jnp.concatenate([jnp.zeros((1, 1, d), x.dtype), pe], axis=1)
+      x = x + pe
+    else:
+      raise ValueError(f"unknown posemb {self.posemb!r}; known: 'learn', 'sincos2d'")
+    if self.pre_norm:
+      x = make_norm("layer", self.norm_eps, self.dtype, name="pre_norm")(x)
+    x = nn.Dropout(self.dropout)(x, not train)
+    enc = Encoder(
+        depth=dims["depth"], num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,
+        norm_eps=self.norm_eps, dropout=self.dropout, droppath=self.droppath, scan=self.scan,
+        remat_policy=self.remat_policy, dtype=self.dtype, name="encoder",
+    )(x, None, not train, return_all=self.return_all_layers)
+    aux: dict[str, jax.Array] = {}
+    if self.return_all_layers:
+      x, aux["hidden"] = enc
+    else:
+      x = enc
+    x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
+    aux["encoded"] = x
+    if self.pool_type == "map":
+      x = MAPHead(num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,
+                  norm_eps=self.norm_eps, dtype=self.dtype, name="MAPHead")(x)
+    elif self.pool_type == "cls":
+      if not self.class_token:
+        raise ValueError("pool_type='cls' needs class_token=True")
+      x = x[:, 0]
+    elif self.pool_type == "gap":
+      x = pool(x[:, 1:] if self.class_token else x, "gap")
+    elif self.pool_type != "none":
+      raise ValueError(f"unknown ViT pool_type {self.pool_type!r}; known: 'cls', 'gap', 'map', 'none'")
+    aux["pre_logits"] = x
+    if self.out_dim is not None:
+      kinit = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+      x = dense(self.out_dim, ("embed", "proj"), use_bias=self.head_bias, dtype=self.dtype, name="head",
+                kernel_init=kinit)(x)
+    return x, aux

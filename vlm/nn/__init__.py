@@ -1,0 +1,24 @@
+"""Building blocks shared by every model family (Flax linen, logical axis names on every parameter)."""
+
+from vlm.nn.attention import MultiHeadAttention, make_attention_mask
+from vlm.nn.mlp import Mlp
+from vlm.nn.norms import make_norm
+from vlm.nn.patch import PatchEmbed
+from vlm.nn.poolers import MAPHead, pool
+from vlm.nn.posemb import LearnedPosEmb, resample_posemb, sincos2d
+from vlm.nn.transformer import Encoder, EncoderBlock
+
+__all__ = [
+    "Encoder",
+    "EncoderBlock",
+    "LearnedPosEmb",
+    "MAPHead",
+    "Mlp",
+    "MultiHeadAttention",
+    "PatchEmbed",
+    "make_attention_mask",
+    "make_norm",
+    "pool",
+    "resample_posemb",
+    "sincos2d",
+]

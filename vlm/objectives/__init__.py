@@ -1,0 +1,9 @@
+"""Training objectives: `objective(model, params, batch, *, rng, train) -> (loss, metrics)`.
+
+Configs pick one by name (`config.objective_name`) with kwargs from `config.objective`.
+"""
+
+from vlm.objectives.base import OBJECTIVES, build_objective
+from vlm.objectives import contrastive  # noqa: F401  (registers 'contrastive')
+
+__all__ = ["OBJECTIVES", "build_objective"]

@@ -1,0 +1,32 @@
+"""Contrastive image-text objective for two-tower models (CLIP softmax / SigLIP sigmoid)."""
+
+import dataclasses
+
+import flax.linen as nn
+from jax.sharding import Mesh
+
+from vlm import parallel
+from vlm.losses import contrastive_loss
+from vlm.objectives.base import OBJECTIVES
+
+
+@OBJECTIVES.register("contrastive")
+@dataclasses.dataclass(frozen=True)
+class Contrastive:
+  """loss: 'sigmoid' or 'softmax'; impl: 'all_gather' or 'ring' across the mesh's data axes."""
+
+  loss: str = "sigmoid"
+  impl: str = "all_gather"
+  mesh: Mesh | None = None
+
+  def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
+    zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=train,
+                                  rngs={"dropout": rng})
+    axes = parallel.data_axes(self.mesh) if self.mesh is not None else ()
+    loss, metrics = contrastive_loss(zimg, ztxt, out["scale"], out["bias"], kind=self.loss,
+                                     impl=self.impl if self.mesh is not None else "local",
+                                     mesh=self.mesh, axes=axes)
+    metrics = dict(metrics, scale=out["scale"])
+    if out["bias"] is not None:
+      metrics["bias"] = out["bias"]
+    return loss, metrics

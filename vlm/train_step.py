@@ -1,0 +1,101 @@
+"""Train state and the jitted, sharded train step shared by every model family.
+
+The step is `jax.jit` with explicit in/out shardings and the state donated, so parameters and
+optimiser state are updated in place on their shards. Families differ only in their
+`objective(model, params, batch, rng=, train=) -> (loss, metrics)`.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from vlm import parallel
+
+Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                       rules, init_args: tuple, seed: int = 0) -> tuple[TrainState, TrainState]:
+  """Initialises params straight into their shardings, then the optimiser state beside them.
+
+  init_args: example inputs for `model.init` (shapes matter, values do not).
+  Returns (state, state_shardings).
+  """
+  def init_fn(rng):
+    return model.init({"params": rng}, *init_args)["params"]
+
+  params_rng, state_rng = jax.random.split(jax.random.key(seed))
+  params, param_shardings = parallel.init_sharded(init_fn, mesh, rules, params_rng)
+  # The optimiser state's sharding follows its parameters' by propagation.
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(params)
+  rep = parallel.replicated(mesh)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
+                     rng=jax.device_put(state_rng, rep))
+  shardings = TrainState(step=rep, params=param_shardings,
+                         opt_state=jax.tree.map(lambda x: x.sharding, opt_state), rng=rep)
+  return state, shardings
+
+
+def make_train_step(model: nn.Module, objective: Objective, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules, state_shardings: TrainState, accum_steps: int = 1) -> Callable:
+  """Returns step(state, batch) -> (state, metrics), jitted with shardings and donation.
+
+  accum_steps > 1 splits the (global) batch into that many micro-batches and averages their
+  gradients with a scan (memory of one micro-batch). For contrastive objectives this changes
+  the set of negatives per loss term: each micro-batch is its own contrastive batch.
+  """
+  rules = parallel.filter_rules(rules, mesh)
+
+  def grads_of(params, batch, rng):
+    def loss_fn(p):
+      return objective(model, p, batch, rng=rng, train=True)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, grads
+
+  def step(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if accum_steps == 1:
+      loss, metrics, grads = grads_of(state.params, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        loss, metrics, grads = grads_of(state.params, mb, jax.random.fold_in(rng, i))
+        acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+        return acc, None
+
+      zeros = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro), rng))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+      loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  batch_sharding = parallel.batch_sharding(mesh)  # a prefix: every batch leaf is batch-major
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+
+  def run(state: TrainState, batch: dict[str, jax.Array]):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(state, batch)
+
+  return run

@@ -1,0 +1,331 @@
+"""Contrastive image-text losses that span all devices of the data axes.
+
+Two losses, both on logits ``logits[i, j] = scale * <zimg_i, ztxt_j> + bias``:
+
+- ``'softmax'``: CLIP (Radford et al. 2021), symmetric cross-entropy
+  ``0.5 * (mean_i CE(logits[i, :], i) + mean_j CE(logits[:, j], j))``.
+- ``'sigmoid'``: SigLIP (Zhai et al. 2023, sec. 3.1),
+  ``-sum_ij log_sigmoid(l_ij * logits[i, j]) / B`` with ``l = +1`` on the
+  diagonal and ``-1`` elsewhere.
+
+Three implementations, chosen by string (see ``LOSSES``):
+
+- ``'local'``: the single-device reference on the whole batch.
+- ``'all_gather'``: inside ``jax.shard_map`` each device gathers the other side's
+  embeddings and computes its ``[b, B]`` rows (big_vision style).
+- ``'ring'``: the text blocks travel around the ring of data devices by
+  ``ppermute`` (SigLIP sec. 3.3, "chunked" implementation). Only ``[b, b]`` logit
+  blocks ever exist, in the forward *and* the backward pass: both are written by
+  hand under ``jax.custom_vjp`` so that autodiff does not save ``n`` blocks.
+  Softmax uses an online log-sum-exp; the column LSE travels with its text block
+  and arrives home after a full cycle, so one pass gives both directions.
+
+Shapes: ``B`` global batch, ``n`` devices on the data axes, ``b = B / n`` local
+batch, ``D`` embedding size. Embeddings come L2-normalised from the model.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+Axes = tuple[str, ...]
+# fn(zimg [b, D], ztxt [b, D], scale [], bias [] | None, axes, n) -> loss [].
+LossFn = Callable[[Array, Array, Array, Array | None, Axes, int], Array]
+
+KINDS = ("sigmoid", "softmax")
+IMPLS = ("all_gather", "ring", "local")
+
+
+# ----------------------------------------------------------------- helpers --
+
+
+def _logits(zimg: Array, ztxt: Array, scale: Array, bias: Array | None) -> Array:
+    """[bi, D], [bt, D] -> logits [bi, bt]."""
+    logits = scale * (zimg @ ztxt.T)
+    return logits if bias is None else logits + bias
+
+
+def _psum(x: Any, axes: Axes) -> Any:
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def all_gather_batch(x: Array, axes: Sequence[str]) -> Array:
+    """Inside shard_map: [b, ...] per device -> [B, ...], in device order of ``axes``."""
+    axes = tuple(axes)
+    return jax.lax.all_gather(x, axes, axis=0, tiled=True) if axes else x
+
+
+def _axis_index(axes: Axes) -> Array:
+    return jax.lax.axis_index(axes) if axes else jnp.int32(0)
+
+
+def _shift(x: Any, axes: Axes, n: int) -> Any:
+    """Sends a pytree of blocks from device k to device k + 1 (mod n)."""
+    if n == 1 or not jax.tree.leaves(x):
+        return x
+    return jax.lax.ppermute(x, axes, [(k, (k + 1) % n) for k in range(n)])
+
+
+def _ring(block: Callable[[Array, Any, Any, bool], tuple[Any, Any]], txt: Array,
+          travel: Any, local: Any, axes: Axes, n: int) -> tuple[Any, Any]:
+    """Visits all n text blocks, in O(b^2) memory per step.
+
+    ``block(txt, travel, local, positives) -> (travel, local)``: ``travel``
+    moves with the text block (and is back home on return: n ppermutes),
+    ``local`` stays. The own block (positives=True) is done first, outside the
+    loop, so that carries enter the loop already device-varying.
+    """
+    travel, local = block(txt, travel, local, True)
+
+    def body(_, carry):
+        txt, travel, local = carry
+        txt, travel = _shift((txt, travel), axes, n)
+        travel, local = block(txt, travel, local, False)
+        return txt, travel, local
+
+    _, travel, local = jax.lax.fori_loop(1, n, body, (txt, travel, local))
+    return _shift(travel, axes, n), local
+
+
+def _cotangent_like(x: Array, ref: Array) -> Array:
+    return jnp.reshape(x, jnp.shape(ref)).astype(jnp.result_type(ref))
+
+
+# ------------------------------------------------------ local references --
+
+
+def sigmoid_loss(zimg: Array, ztxt: Array, scale: Array | float,
+                 bias: Array | float | None = None) -> Array:
+    """SigLIP loss (Zhai et al. 2023, sec. 3.1) on one device: [B, D], [B, D] -> []."""
+    logits = _logits(zimg, ztxt, scale, bias)
+    labels = 2.0 * jnp.eye(zimg.shape[0], dtype=logits.dtype) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / zimg.shape[0]
+
+
+def softmax_loss(zimg: Array, ztxt: Array, scale: Array | float,
+                 bias: Array | float | None = None) -> Array:
+    """CLIP loss (Radford et al. 2021) on one device: [B, D], [B, D] -> []."""
+    logits = _logits(zimg, ztxt, scale, bias)
+    pos = jnp.diagonal(logits)
+    row = jax.nn.logsumexp(logits, axis=1) - pos  # image -> text
+    col = jax.nn.logsumexp(logits, axis=0) - pos  # text -> image
+    return 0.5 * (jnp.mean(row) + jnp.mean(col))
+
+
+# -------------------------------------------------------------- all-gather --
+
+
+def _sigmoid_all_gather(zimg, ztxt, scale, bias, axes: Axes, n: int) -> Array:
+    """Inside shard_map: [b, D], [b, D] -> global loss [] (rows [b, B] per device)."""
+    b = zimg.shape[0]
+    logits = _logits(zimg, all_gather_batch(ztxt, axes), scale, bias)  # [b, B]
+    cols = jnp.arange(b * n)[None, :]
+    rows = _axis_index(axes) * b + jnp.arange(b)[:, None]
+    labels = jnp.where(cols == rows, 1.0, -1.0).astype(logits.dtype)
+    return _psum(-jnp.sum(jax.nn.log_sigmoid(labels * logits)), axes) / (b * n)
+
+
+def _softmax_all_gather(zimg, ztxt, scale, bias, axes: Axes, n: int) -> Array:
+    """Inside shard_map: local image rows and local text columns, [b, B] each."""
+    pos = scale * jnp.sum(zimg * ztxt, axis=-1) + (0.0 if bias is None else bias)
+    row = jax.nn.logsumexp(_logits(zimg, all_gather_batch(ztxt, axes), scale, bias), 1)
+    col = jax.nn.logsumexp(_logits(ztxt, all_gather_batch(zimg, axes), scale, bias), 1)
+    local = jnp.sum(row - pos) + jnp.sum(col - pos)
+    return 0.5 * _psum(local, axes) / (zimg.shape[0] * n)
+
+
+# -------------------------------------------------------------------- ring --
+
+
+def _bias_or_zero(bias: Array | None, like: Array) -> Array:
+    return jnp.zeros((), like.dtype) if bias is None else bias
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sigmoid_ring_vjp(zimg, ztxt, scale, bias, axes: Axes, n: int) -> Array:
+    return _sigmoid_ring_fwd(zimg, ztxt, scale, bias, axes, n)[0]
+
+
+def _sigmoid_ring_fwd(zimg, ztxt, scale, bias, axes, n):
+    labels_pos = 2.0 * jnp.eye(zimg.shape[0], dtype=zimg.dtype) - 1.0
+
+    def block(txt, travel, acc, positives):
+        logits = _logits(zimg, txt, scale, bias)  # [b, b]
+        signed = labels_pos * logits if positives else -logits  # negatives only
+        return travel, acc - jnp.sum(jax.nn.log_sigmoid(signed))
+
+    _, acc = _ring(block, ztxt, (), jnp.zeros((), zimg.dtype), axes, n)
+    loss = _psum(acc, axes) / (zimg.shape[0] * n)
+    return loss, (zimg, ztxt, scale, bias)
+
+
+def _sigmoid_ring_bwd(axes, n, res, g):
+    zimg, ztxt, scale, bias = res
+    b = zimg.shape[0]
+    c = g / (b * n)
+    labels_pos = 2.0 * jnp.eye(b, dtype=zimg.dtype) - 1.0
+
+    def block(txt, dtxt, local, positives):
+        dz, ds, db = local
+        dot = zimg @ txt.T  # [b, b], recomputed
+        logits = scale * dot + bias
+        if positives:  # d/dx -log_sigmoid(l x) = -l sigmoid(-l x)
+            dlogits = -labels_pos * jax.nn.sigmoid(-labels_pos * logits) * c
+        else:
+            dlogits = jax.nn.sigmoid(logits) * c
+        dz = dz + scale * (dlogits @ txt)
+        dtxt = dtxt + scale * (dlogits.T @ zimg)
+        return dtxt, (dz, ds + jnp.sum(dlogits * dot), db + jnp.sum(dlogits))
+
+    zero = jnp.zeros((), zimg.dtype)
+    dtxt, (dz, ds, db) = _ring(block, ztxt, jnp.zeros_like(ztxt),
+                               (jnp.zeros_like(zimg), zero, zero), axes, n)
+    return (_cotangent_like(dz, zimg), _cotangent_like(dtxt, ztxt),
+            _cotangent_like(_psum(ds, axes), scale), _cotangent_like(_psum(db, axes), bias))
+
+
+_sigmoid_ring_vjp.defvjp(_sigmoid_ring_fwd, _sigmoid_ring_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _softmax_ring_vjp(zimg, ztxt, scale, bias, axes: Axes, n: int) -> Array:
+    return _softmax_ring_fwd(zimg, ztxt, scale, bias, axes, n)[0]
+
+
+def _softmax_ring_fwd(zimg, ztxt, scale, bias, axes, n):
+    b = zimg.shape[0]
+
+    def block(txt, col_lse, row_lse, positives):
+        logits = _logits(zimg, txt, scale, bias)  # [b, b]
+        col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(logits, axis=0))
+        row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1))
+        return col_lse, row_lse
+
+    neg_inf = jnp.full((b,), -jnp.inf, zimg.dtype)
+    col_lse, row_lse = _ring(block, ztxt, neg_inf, neg_inf, axes, n)
+    pos = scale * jnp.sum(zimg * ztxt, axis=-1) + bias
+    local = jnp.sum(row_lse - pos) + jnp.sum(col_lse - pos)
+    loss = 0.5 * _psum(local, axes) / (b * n)
+    return loss, (zimg, ztxt, scale, bias, row_lse, col_lse)
+
+
+def _softmax_ring_bwd(axes, n, res, g):
+    zimg, ztxt, scale, bias, row_lse, col_lse = res
+    b = zimg.shape[0]
+    c = g / (b * n)
+    eye = jnp.eye(b, dtype=zimg.dtype)
+
+    def block(txt, travel, local, positives):
+        col, dtxt = travel
+        dz, ds, db = local
+        dot = zimg @ txt.T  # [b, b], recomputed
+        logits = scale * dot + bias
+        p_row = jnp.exp(logits - row_lse[:, None])
+        p_col = jnp.exp(logits - col[None, :])
+        dlogits = 0.5 * c * (p_row + p_col)
+        if positives:
+            dlogits = dlogits - c * eye
+        dz = dz + scale * (dlogits @ txt)
+        dtxt = dtxt + scale * (dlogits.T @ zimg)
+        return (col, dtxt), (dz, ds + jnp.sum(dlogits * dot), db + jnp.sum(dlogits))
+
+    zero = jnp.zeros((), zimg.dtype)
+    (_, dtxt), (dz, ds, db) = _ring(block, ztxt, (col_lse, jnp.zeros_like(ztxt)),
+                                    (jnp.zeros_like(zimg), zero, zero), axes, n)
+    return (_cotangent_like(dz, zimg), _cotangent_like(dtxt, ztxt),
+            _cotangent_like(_psum(ds, axes), scale), _cotangent_like(_psum(db, axes), bias))
+
+
+_softmax_ring_vjp.defvjp(_softmax_ring_fwd, _softmax_ring_bwd)
+
+
+def _sigmoid_ring(zimg, ztxt, scale, bias, axes: Axes, n: int) -> Array:
+    """Inside shard_map: [b, D], [b, D] -> global loss []; O(b^2) extra memory."""
+    return _sigmoid_ring_vjp(zimg, ztxt, scale, _bias_or_zero(bias, scale), axes, n)
+
+
+def _softmax_ring(zimg, ztxt, scale, bias, axes: Axes, n: int) -> Array:
+    """Inside shard_map: [b, D], [b, D] -> global loss []; O(b^2) extra memory."""
+    return _softmax_ring_vjp(zimg, ztxt, scale, _bias_or_zero(bias, scale), axes, n)
+
+
+# ---------------------------------------------------------------- registry --
+
+LOSSES: dict[tuple[str, str], LossFn] = {
+    ("sigmoid", "local"): lambda zi, zt, s, b, axes, n: sigmoid_loss(zi, zt, s, b),
+    ("softmax", "local"): lambda zi, zt, s, b, axes, n: softmax_loss(zi, zt, s, b),
+    ("sigmoid", "all_gather"): _sigmoid_all_gather,
+    ("softmax", "all_gather"): _softmax_all_gather,
+    ("sigmoid", "ring"): _sigmoid_ring,
+    ("softmax", "ring"): _softmax_ring,
+}
+
+
+def get_loss_fn(kind: str, impl: str) -> LossFn:
+    """Looks up ``LOSSES[(kind, impl)]``; ValueError names the valid choices."""
+    if kind not in KINDS:
+        raise ValueError(f"Unknown contrastive loss kind {kind!r}; valid: {KINDS}.")
+    if impl not in IMPLS:
+        raise ValueError(f"Unknown contrastive loss impl {impl!r}; valid: {IMPLS}.")
+    return LOSSES[(kind, impl)]
+
+
+def contrastive_metrics(zimg: Array, ztxt: Array, scale: Array, bias: Array | None,
+                        axes: Sequence[str] = ()) -> dict[str, Array]:
+    """Mean positive and negative logit over the global batch, O(D) communication.
+
+    Inside shard_map with ``axes`` (or on one device with ``axes=()``). Uses
+    sum_ij logits_ij = scale * <sum_i zimg_i, sum_j ztxt_j> + B^2 bias.
+    """
+    axes = tuple(axes)
+    zimg, ztxt, scale = jax.lax.stop_gradient((zimg, ztxt, scale))
+    big_b = float(zimg.shape[0] * (jax.lax.axis_size(axes) if axes else 1))  # no int32 B^2
+    pos_sum = _psum(scale * jnp.sum(zimg * ztxt), axes)
+    all_sum = scale * jnp.dot(_psum(jnp.sum(zimg, 0), axes), _psum(jnp.sum(ztxt, 0), axes))
+    pos = pos_sum / big_b
+    neg = (all_sum - pos_sum) / max(big_b * big_b - big_b, 1.0)
+    if bias is not None:
+        bias = jax.lax.stop_gradient(bias)
+        pos, neg = pos + bias, neg + bias
+    return {"pos_logit": pos, "neg_logit": neg}
+
+
+def contrastive_loss(zimg: Array, ztxt: Array, scale: Array | float,
+                     bias: Array | float | None = None, *, kind: str = "sigmoid",
+                     impl: str = "all_gather", mesh: Mesh | None = None,
+                     axes: Sequence[str] = ("data", "fsdp")) -> tuple[Array, dict[str, Array]]:
+    """Contrastive loss of global embeddings zimg, ztxt [B, D] -> (loss [], metrics).
+
+    With ``mesh``, the batch is sharded over the names of ``axes`` present in
+    the mesh (others, e.g. 'tensor', hold replicas) and the loss runs in
+    ``jax.shard_map``; ``impl='local'`` or ``mesh=None`` computes on one device.
+    Jit-able; differentiable w.r.t. zimg, ztxt, scale and bias. Metrics:
+    ``pos_logit`` / ``neg_logit``, the mean diagonal / off-diagonal logit.
+    """
+    fn = get_loss_fn(kind, impl)
+    scale = jnp.asarray(scale, dtype=jnp.result_type(zimg.dtype, jnp.float32))
+    if bias is not None:
+        bias = jnp.asarray(bias, dtype=scale.dtype)
+    if mesh is None or impl == "local":
+        return fn(zimg, ztxt, scale, bias, (), 1), contrastive_metrics(zimg, ztxt, scale, bias)
+
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if zimg.shape != ztxt.shape or zimg.shape[0] % n:
+        raise ValueError(f"zimg {zimg.shape} and ztxt {ztxt.shape} must have equal "
+                         f"shapes with batch divisible by {n} (mesh axes {axes}).")
+    batch_spec = P(axes if axes else None, None)
+
+    def per_device(zi, zt, s, b):
+        return fn(zi, zt, s, b, axes, n), contrastive_metrics(zi, zt, s, b, axes)
+
+    return jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(batch_spec, batch_spec, P(), P()),
+                         out_specs=P())(zimg, ztxt, scale, bias)

@@ -1,0 +1,217 @@
+"""The embedded "scenes" dataset: procedurally rendered, built locally, no download.
+
+Storage: a real TFDS dataset (`vlm_scenes/<config>/1.0.0`) in ArrayRecord
+format, written by `tfds.core.GeneratorBasedBuilder` without TensorFlow.
+TFDS' `Image` feature needs TF to encode, so images are stored as encoded PNG
+bytes in a scalar `Tensor(dtype=object)` feature (frames likewise). Readable by
+`tfds.data_source("vlm_scenes/<config>", data_dir=...)` (random access, no TF)
+or by name through the `tfds:` source of the pipeline.
+
+TFDS builds into `incomplete.*` and renames on success, so an interrupted build
+is never taken for a good one; the tokenizer is trained inside that temporary
+directory before the rename. Building twice with the same arguments gives
+identical bytes (per-example seeds, no shuffling, single-threaded SentencePiece).
+
+Build explicitly:
+    python -m vlm.data.embedded --data_dir=DIR [--num_train=20000 --image_size=64 --num_frames=0]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlm.data import scenes
+from vlm.data.tfds_compat import import_tfds
+from vlm.data.tokenizer import train_tokenizer
+
+tfds = import_tfds()
+
+NAME = "vlm_scenes"
+VERSION = "1.0.0"
+TOKENIZER_FILE = "tokenizer.model"
+SPLITS = ("train", "validation", "test")
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildArgs:
+    """Everything that determines the dataset's bytes."""
+    num_train: int = 20000
+    num_validation: int = 1000
+    num_test: int = 2000
+    image_size: int = 64
+    num_frames: int = 0  # >0 adds a `frames` clip of the main object moving
+    seed: int = 0
+    vocab_size: int = 1000
+
+    @property
+    def config_name(self) -> str:
+        if self == BuildArgs():
+            return "default"
+        return (f"n{self.num_train}-{self.num_validation}-{self.num_test}_px{self.image_size}"
+                f"_f{self.num_frames}_s{self.seed}_v{self.vocab_size}")
+
+
+def default_data_dir() -> str:
+    return os.environ.get("VLM_DATA_DIR") or os.path.expanduser("~/.cache/vlm/data")
+
+
+def combos(split: str) -> list[tuple[str, str]]:
+    """(colour, shape) combos sampled in a split: train lacks the held-out ones."""
+    all_combos = [(c, s) for c in scenes.COLOUR_NAMES for s in scenes.SHAPES]
+    if split == "train":
+        return [cs for cs in all_combos if not scenes.is_held_out(*cs)]
+    return all_combos
+
+
+def metadata(args: BuildArgs) -> dict:
+    names = scenes.class_names()
+    held = [scenes.class_index(c, s) for c, s in combos("validation") if scenes.is_held_out(c, s)]
+    return {
+        "class_names": names, "templates": list(scenes.TEMPLATES), "held_out_classes": held,
+        "colours": list(scenes.COLOUR_NAMES), "shapes": list(scenes.SHAPES),
+        "motions": list(scenes.MOTIONS), "image_size": args.image_size, "num_frames": args.num_frames,
+        "seed": args.seed,
+    }
+
+
+def make_example(args: BuildArgs, split: str, index: int) -> dict:
+    """Renders example `index` of `split` (a pure function of its arguments)."""
+    rng = np.random.default_rng([args.seed, SPLITS.index(split), index])
+    scene = scenes.sample_scene(rng, combos(split), video=args.num_frames > 0)
+    short, detailed = scenes.captions(scene)
+    qs, ans = scenes.questions(scene)
+    size = args.image_size
+    frames = []
+    if args.num_frames > 0:
+        frames = [scenes.encode_png(scenes.render(scene, size, shift=sh))
+                  for sh in scenes.motion_shifts(scene.motion, args.num_frames)]
+    m = scene.main
+    return {
+        "image": scenes.encode_png(scenes.render(scene, size)),
+        "caption": short,
+        "caption_detailed": detailed,
+        "label": np.int32(scenes.class_index(m.colour, m.shape)),
+        "seen": not scenes.is_held_out(m.colour, m.shape),
+        "questions": qs,
+        "answers": ans,
+        "boxes": np.asarray([o.box(size) for o in scene.objects], np.float32),
+        "box_labels": np.asarray([scenes.class_index(o.colour, o.shape) for o in scene.objects], np.int32),
+        "text": scene.text or "",
+        "frames": frames,
+        "motion": np.int32(scene.motion),
+    }
+
+
+def corpus(args: BuildArgs) -> list[str]:
+    """Sentences the tokenizer is trained on (train texts, class names, templates, digits)."""
+    out = []
+    for i in range(min(args.num_train, 5000)):
+        rng = np.random.default_rng([args.seed, 0, i])
+        scene = scenes.sample_scene(rng, combos("train"), video=args.num_frames > 0)
+        out += list(scenes.captions(scene)) + [" ".join(p) for p in zip(*scenes.questions(scene))]
+    names = scenes.class_names()
+    out += [t.format(n) for t in scenes.TEMPLATES for n in names]  # includes held-out names
+    out += [f"a handwritten digit {w}" for w in DIGIT_WORDS] + [str(i) for i in range(100)]
+    out += list(scenes.WORDS) + [f"{w} moves {m}" for w in scenes.SHAPES for m in scenes.MOTIONS]
+    return out
+
+
+class VlmScenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__main__"):
+    """Procedural scenes for contrastive, captioning, VQA, grounding and video."""
+
+    VERSION = tfds.core.Version(VERSION)
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default")]
+
+    def __init__(self, *, build_args: BuildArgs | None = None, **kwargs):
+        self.build_args = build_args or BuildArgs()
+        name = self.build_args.config_name
+        kwargs.setdefault("config", name if name == "default" else tfds.core.BuilderConfig(name=name))
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+
+    def _info(self):
+        bytes_ = tfds.features.Tensor(shape=(), dtype=np.object_)
+        features = tfds.features.FeaturesDict({
+            "image": bytes_,
+            "caption": tfds.features.Text(),
+            "caption_detailed": tfds.features.Text(),
+            "label": tfds.features.Scalar(dtype=np.int32),
+            "seen": tfds.features.Scalar(dtype=np.bool_),
+            "questions": tfds.features.Sequence(tfds.features.Text()),
+            "answers": tfds.features.Sequence(tfds.features.Text()),
+            "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+            "box_labels": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "text": tfds.features.Text(),
+            "frames": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+            "motion": tfds.features.Scalar(dtype=np.int32),
+        })
+        return self.dataset_info_from_configs(
+            features=features, disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(metadata(self.build_args)),
+            description=__doc__.split("\n")[0],
+        )
+
+    def _split_generators(self, dl_manager):
+        a = self.build_args
+        sizes = {"train": a.num_train, "validation": a.num_validation, "test": a.num_test}
+        return {s: self._generate_examples(s, n) for s, n in sizes.items()}
+
+    def _generate_examples(self, split: str, n: int):
+        for i in range(n):
+            yield i, make_example(self.build_args, split, i)
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+        # self.data_dir is the temporary `incomplete.*` directory here.
+        train_tokenizer(corpus(self.build_args), Path(self.data_dir) / TOKENIZER_FILE, self.build_args.vocab_size)
+
+
+def dataset_dir(data_dir: str | None = None, **build_kwargs) -> Path:
+    """Directory of the built dataset (may not exist yet)."""
+    args = BuildArgs(**build_kwargs)
+    return Path(data_dir or default_data_dir()) / NAME / args.config_name / VERSION
+
+
+def build(data_dir: str | None = None, **build_kwargs) -> Path:
+    """Builds the dataset unless already built; returns its directory."""
+    data_dir = data_dir or default_data_dir()
+    builder = VlmScenes(build_args=BuildArgs(**build_kwargs), data_dir=data_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return Path(builder.data_dir)
+
+
+def tokenizer_path(data_dir: str | None = None, **build_kwargs) -> str:
+    """Path of the dataset's SentencePiece model (builds the dataset on first use)."""
+    return os.fspath(build(data_dir, **build_kwargs) / TOKENIZER_FILE)
+
+
+def tfds_name(**build_kwargs) -> str:
+    """Name to load the dataset by with TFDS, e.g. `vlm_scenes/default`."""
+    return f"{NAME}/{BuildArgs(**build_kwargs).config_name}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=None)
+    for f in dataclasses.fields(BuildArgs):
+        p.add_argument(f"--{f.name}", type=int, default=f.default)
+    ns = vars(p.parse_args(argv))
+    data_dir = ns.pop("data_dir")
+    # Under `python -m` this file is `__main__`; TFDS needs the builder's real module.
+    from vlm.data import embedded
+
+    t0 = time.time()
+    path = embedded.build(data_dir, **ns)
+    print(f"{tfds_name(**ns)} ready at {path} ({time.time() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

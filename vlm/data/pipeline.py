@@ -1,0 +1,303 @@
+"""The grain input pipeline: config -> per-process batches -> global jax.Arrays.
+
+    source -> this process's slice [process_index::process_count] -> seeded shuffle
+    (reshuffled each epoch) -> repeat -> decode + pp ops + tokenize (worker processes
+    if data.worker_count > 0) -> drop bad examples, counted by reason -> batch
+    -> global jax.Array sharded over the mesh's ('data', 'fsdp') axes.
+
+Random ops draw from np.random.default_rng([seed, process_index, position]),
+so a run is reproducible and a resumed iterator (`set_state`) continues with
+exactly the examples and augmentations it would have produced.
+
+Config keys (`config.data`, see `get_default_config`):
+    source        'embedded' | 'digits' | 'tfds:NAME' | 'jsonl:PATH' | 'csv:PATH' | 'wds:GLOB'
+                  (PATH/GLOB may contain '{split}')
+    data_dir      TFDS / embedded data dir (None: $VLM_DATA_DIR or ~/.cache/vlm/data)
+    builder       embedded-dataset build kwargs (num_train, num_validation, num_test,
+                  image_size, num_frames, seed, vocab_size)
+    image_size    digits upsampling size (pp strings carry their own sizes)
+    pp_train, pp_eval   preprocessing strings (vlm.data.preprocess); a list of op strings
+                  works too (set it with `with config.ignore_type():` on a default config)
+    text_length, detailed_text_length   token lengths
+    caption_key   record key tokenized into 'text'
+    tokenizer     SentencePiece .model path (None: the embedded dataset's tokenizer)
+    add_bos, add_eos
+    extra_text_keys   subset of ('caption_detailed', 'question', 'answer')
+    with_boxes, max_boxes, with_frames
+    worker_count  grain worker processes (0: in the main process)
+    strict        raise on a bad example instead of skipping it
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vlm.data import preprocess, sources
+from vlm.data.tokenizer import Tokenizer
+
+EXTRA_TEXT_KEYS = ("caption_detailed", "question", "answer")
+DATA_AXES = ("data", "fsdp")
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """`config.data` for the embedded scenes dataset at 64 px."""
+    c = ml_collections.ConfigDict()
+    c.source = "embedded"
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.builder = ml_collections.ConfigDict(dict(
+        num_train=20000, num_validation=1000, num_test=2000, image_size=64, num_frames=0, seed=0,
+        vocab_size=1000))
+    c.image_size = 64
+    c.pp_train = "decode|random_resized_crop(64, scale=(0.8, 1))|flip_lr|value_range(-1, 1)"
+    c.pp_eval = "decode|resize(64)|value_range(-1, 1)"
+    c.text_length = 32
+    c.detailed_text_length = 64
+    c.caption_key = "caption"
+    c.tokenizer = ml_collections.config_dict.placeholder(str)
+    c.add_bos = False
+    c.add_eos = True
+    c.extra_text_keys = ()
+    c.with_boxes = False
+    c.max_boxes = 8
+    c.with_frames = False
+    c.worker_count = 0
+    c.strict = False
+    return c
+
+
+def check_config(data: ml_collections.ConfigDict) -> None:
+    """Validates `config.data`; ValueError names the bad key, op or argument."""
+    kind = str(data.source).split(":", 1)[0]
+    if kind not in ("embedded", "digits", "tfds", "jsonl", "csv", "wds"):
+        raise ValueError(f"data.source: unknown source {data.source!r}; expected 'embedded', 'digits', "
+                         "'tfds:NAME', 'jsonl:PATH', 'csv:PATH' or 'wds:GLOB'")
+    if kind in ("tfds", "jsonl", "csv", "wds") and not str(data.source).partition(":")[2]:
+        raise ValueError(f"data.source: {data.source!r} needs a name or path after ':'")
+    for key in ("pp_train", "pp_eval"):
+        if key in data:
+            preprocess.parse_pp(data[key], where=f"data.{key}")
+    for key in data.get("extra_text_keys", ()):
+        if key not in EXTRA_TEXT_KEYS:
+            raise ValueError(f"data.extra_text_keys: unknown key {key!r}; known: {EXTRA_TEXT_KEYS}")
+    for key in ("text_length", "detailed_text_length", "max_boxes"):
+        if key in data and not (isinstance(data[key], int) and data[key] > 0):
+            raise ValueError(f"data.{key}: must be a positive int, got {data[key]!r}")
+    if int(data.get("worker_count", 0)) < 0:
+        raise ValueError(f"data.worker_count: must be >= 0, got {data.worker_count}")
+
+
+def _builder_kwargs(data) -> dict:
+    return dict(data.builder) if "builder" in data and data.builder is not None else {}
+
+
+def make_source(data: ml_collections.ConfigDict, split: str):
+    """The random-access source of `split` named by `data.source`."""
+    kind, _, arg = str(data.source).partition(":")
+    arg = arg.replace("{split}", split)
+    if kind == "embedded":
+        from vlm.data import embedded
+
+        embedded.build(data.get("data_dir"), **_builder_kwargs(data))
+        return sources.TfdsSource(embedded.tfds_name(**_builder_kwargs(data)), split,
+                                  data.get("data_dir") or embedded.default_data_dir())
+    if kind == "digits":
+        from vlm.data.digits import DigitsSource
+
+        return DigitsSource(split, int(data.get("image_size", 64)))
+    if kind == "tfds":
+        return sources.TfdsSource(arg, split, data.get("data_dir"))
+    if kind in ("jsonl", "csv"):
+        return sources.ManifestSource(arg, data.get("caption_key", "caption"))
+    if kind == "wds":
+        return sources.WebDatasetSource(arg)
+    raise ValueError(f"data.source: unknown source {data.source!r}")
+
+
+def get_tokenizer(data: ml_collections.ConfigDict) -> Tokenizer:
+    """`data.tokenizer` if set, else the tokenizer of the embedded dataset that `data.builder`
+    describes (built on first use; its corpus also covers the digits captions)."""
+    if data.get("tokenizer"):
+        return Tokenizer(data.tokenizer)
+    from vlm.data import embedded
+
+    return Tokenizer(embedded.tokenizer_path(data.get("data_dir"), **_builder_kwargs(data)))
+
+
+def get_metadata(data: ml_collections.ConfigDict, split: str = "train") -> dict:
+    """Class names, prompt templates, held-out classes (where the source has them)."""
+    return dict(make_source(data, split).metadata)
+
+
+class _Process:
+    """Index, record -> model-ready example (runs in grain workers); bad -> {'_bad': reason}."""
+
+    def __init__(self, source, data, ops, tokenizer: Tokenizer, seed: int, process_index: int):
+        self.source, self.ops, self.tok = source, ops, tokenizer
+        self.seed, self.process_index = seed, process_index
+        self.caption_key = data.get("caption_key", "caption")
+        self.strict = bool(data.get("strict", False))
+        self.length = int(data.get("text_length", 32))
+        self.detailed_length = int(data.get("detailed_text_length", 64))
+        self.add_bos, self.add_eos = bool(data.get("add_bos", False)), bool(data.get("add_eos", True))
+        self.extra = tuple(data.get("extra_text_keys", ()))
+        self.with_boxes, self.max_boxes = bool(data.get("with_boxes", False)), int(data.get("max_boxes", 8))
+        self.with_frames = bool(data.get("with_frames", False))
+
+    def _tok(self, text: str, length: int) -> np.ndarray:
+        return self.tok.encode(text, length, self.add_bos, self.add_eos)
+
+    def __call__(self, position: int, source_index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.process_index, position])
+        try:
+            ex = sources.decode_record(self.source[source_index], self.caption_key)
+        except sources.BadExample as e:
+            where = self.source.describe(source_index)
+            if self.strict:
+                raise ValueError(f"bad example {where}: {e} (data.strict=True)") from None
+            return {"_bad": e.reason, "_where": where}
+        ex = preprocess.apply_ops(self.ops, ex, rng)
+        image = ex["image"]
+        out = {
+            "image": (image.astype(np.float32) / 255 if image.dtype == np.uint8 else image.astype(np.float32)),
+            "text": self._tok(ex["caption"], self.length),
+            "label": np.int32(ex["label"]),
+            "seen": np.bool_(ex["seen"]),
+        }
+        if "caption_detailed" in self.extra:
+            out["text_detailed"] = self._tok(ex.get("caption_detailed", ex["caption"]), self.detailed_length)
+        if "question" in self.extra or "answer" in self.extra:
+            qs, ans = ex.get("questions", []), ex.get("answers", [])
+            j = int(rng.integers(len(qs))) if qs else -1
+            out["question"] = self._tok(qs[j] if j >= 0 else "", self.length)
+            out["answer"] = self._tok(ans[j] if j >= 0 else "", self.length)
+        if self.with_boxes:
+            boxes = np.zeros((self.max_boxes, 4), np.float32)
+            labels = np.full((self.max_boxes,), -1, np.int32)
+            b = np.asarray(ex.get("boxes", np.zeros((0, 4))), np.float32)[: self.max_boxes]
+            boxes[: len(b)] = b
+            labels[: len(b)] = np.asarray(ex.get("box_labels", np.zeros(len(b))), np.int32)[: len(b)]
+            out["boxes"], out["box_labels"] = boxes, labels
+        if self.with_frames:
+            frames = ex.get("frames", image[None])
+            out["frames"] = frames.astype(np.float32) / 255 if frames.dtype == np.uint8 else frames.astype(np.float32)
+            out["motion"] = np.int32(ex.get("motion", -1))
+        return out
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain workers read absl flags; outside an absl app (pytest, notebooks) mark them parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class DataIterator(Iterator[dict[str, Any]]):
+    """Yields batches (global jax.Arrays on `mesh`, numpy without); checkpointable."""
+
+    def __init__(self, dataset: grain.IterDataset, counts: collections.Counter, mesh, global_batch: int):
+        self._it = iter(dataset)
+        self._counts = counts
+        self._mesh, self._global_batch = mesh, global_batch
+        if mesh is not None:
+            axes = tuple(a for a in DATA_AXES if a in mesh.axis_names)
+            self.sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self._it)
+        self._counts["examples"] += len(batch["label"])
+        self._counts["batches"] += 1
+        if self._mesh is None:
+            return batch
+        return {k: jax.make_array_from_process_local_data(self.sharding, v, (self._global_batch, *v.shape[1:]))
+                for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since this iterator was made: examples, batches, skipped[/reason]."""
+        out = {k: int(v) for k, v in self._counts.items()}
+        out["skipped"] = sum(v for k, v in out.items() if k.startswith("skipped/"))
+        return out
+
+
+def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: int,
+                  mesh: jax.sharding.Mesh | None, seed: int, tokenizer: Tokenizer | None = None,
+                  shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
+                  pp: str | list[str] | None = None, process_index: int | None = None,
+                  process_count: int | None = None) -> DataIterator:
+    """Batches of `split`: 'image' [B, H, W, 3] f32, 'text' [B, L] i32, 'label' [B] i32, 'seen' [B] bool.
+
+    `config` is `config.data` (or a config holding it as `.data`); `batch_size` is
+    GLOBAL: each process yields batch_size / process_count rows of its own slice.
+    `pp` defaults to data.pp_train for split 'train', else data.pp_eval.
+    """
+    data = config.data if "data" in config else config
+    check_config(data)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
+    tokenizer = tokenizer or get_tokenizer(data)
+    if pp is None:
+        pp = data.pp_train if split == "train" else data.pp_eval
+    ops = preprocess.parse_pp(pp, where="data.pp_train" if split == "train" else "data.pp_eval")
+    source = make_source(data, split)
+
+    ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    ds = ds.map_with_index(_Process(source, data, ops, tokenizer, seed, process_index))
+    ids = ds.to_iter_dataset()
+    if int(data.get("worker_count", 0)) > 0:
+        _ensure_absl_flags_parsed()
+        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.worker_count)))
+
+    counts: collections.Counter = collections.Counter()
+
+    def keep(ex: dict) -> bool:  # runs in the main process, so counts are complete
+        if "_bad" in ex:
+            counts[f"skipped/{ex['_bad']}"] += 1
+            return False
+        return True
+
+    ids = ids.filter(keep).batch(batch_size // process_count, drop_remainder=drop_remainder)
+    return DataIterator(ids, counts, mesh, batch_size)
+
+
+def load_split_numpy(config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer | None = None,
+                     max_examples: int | None = None, chunk: int = 256) -> tuple[dict[str, np.ndarray], dict]:
+    """A whole (small) split as numpy arrays with data.pp_eval, in source order, plus metadata.
+
+    Returns (arrays, meta): arrays as make_pipeline's batches with N rows (bad examples
+    skipped); meta holds the source metadata ('class_names', 'templates', ...) and 'stats'.
+    """
+    data = config.data if "data" in config else config
+    it = make_pipeline(data, split=split, batch_size=chunk, mesh=None, seed=0, tokenizer=tokenizer,
+                       shuffle=False, num_epochs=1, drop_remainder=False, pp=data.pp_eval,
+                       process_index=0, process_count=1)
+    parts: list[dict] = []
+    total = 0
+    for batch in it:
+        parts.append(batch)
+        total += len(batch["label"])
+        if max_examples is not None and total >= max_examples:
+            break
+    arrays = {k: np.concatenate([p[k] for p in parts])[:max_examples] for k in parts[0]} if parts else {}
+    meta = get_metadata(data, split)
+    meta["stats"] = it.stats()
+    return arrays, meta
+

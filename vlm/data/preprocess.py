@@ -1,0 +1,286 @@
+"""Image preprocessing ops, given in the config as a string or list of strings.
+
+    "decode|resize(224)|flip_lr|value_range(-1,1)"
+    ["decode", "random_resized_crop(64, scale=(0.8, 1))", "normalize('clip')"]
+
+`parse_pp(spec, where)` checks names and arguments when the config is read and
+raises ValueError naming the bad op, e.g.
+    data.pp_train: unknown op 'flipp' at position 2; known ops: ...
+
+An op works on one example dict: 'image' [H, W, 3] (uint8 until `value_range`
+/ `normalize` turn it into float32), optional 'frames' [T, H, W, 3] (the same
+geometric transform as the image), 'boxes' [K, 4] pixel [x0, y0, x1, y1], and
+text fields. Images are decoded before the ops run, so `decode` is a no-op
+accepted for readability. If no op makes floats, the pipeline outputs [0, 1].
+
+Flipping and positions: `flip_lr` mirrors the image, frames and boxes and
+swaps the words "left" and "right" in every text field, so "a red circle on
+the left" stays true (rendered text in the image is mirrored, though: leave
+`flip_lr` out of pipelines for text reading).
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+Example = dict[str, Any]
+Op = Callable[[Example, np.random.Generator], Example]
+
+STATS = {  # mean, std of images in [0, 1]
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+TEXT_FIELDS = ("caption", "caption_detailed", "questions", "answers")
+_OPS: dict[str, Callable[..., Op]] = {}
+
+
+def register(fn: Callable[..., Op]) -> Callable[..., Op]:
+    """Registers an op factory: its arguments come from the pp string, it returns an Op."""
+    _OPS[fn.__name__] = fn
+    return fn
+
+
+def known_ops() -> list[str]:
+    return sorted(_OPS)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, bool) or not (isinstance(size, int) or
+                                      (isinstance(size, (tuple, list)) and len(size) == 2)):
+        raise ValueError(f"size must be an int or (height, width), got {size!r}")
+    h, w = (size, size) if isinstance(size, int) else size
+    if not all(isinstance(v, int) and v > 0 for v in (h, w)):
+        raise ValueError(f"size must be positive ints, got {size!r}")
+    return h, w
+
+
+def _range(value: Any, name: str, lo: float = 0.0) -> tuple[float, float]:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, float)) for v in value) and lo <= value[0] <= value[1]):
+        raise ValueError(f"{name} must be (min, max) with {lo} <= min <= max, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _images(ex: Example, fn: Callable[[np.ndarray], np.ndarray]) -> Example:
+    """Applies `fn` to the image and to every frame."""
+    ex["image"] = fn(ex["image"])
+    if "frames" in ex and len(ex["frames"]):
+        ex["frames"] = np.stack([fn(f) for f in ex["frames"]])
+    return ex
+
+
+def _crop_resize(ex: Example, box: tuple[float, float, float, float], out_hw: tuple[int, int]) -> Example:
+    """Crops pixel box (x0, y0, x1, y1) and resizes to out_hw; boxes follow."""
+    x0, y0, x1, y1 = box
+    oh, ow = out_hw
+
+    def fn(img: np.ndarray) -> np.ndarray:
+        if img.dtype != np.uint8:
+            raise ValueError("geometric ops must come before value_range/normalize")
+        if (x0, y0, x1, y1) == (0, 0, img.shape[1], img.shape[0]) and img.shape[:2] == (oh, ow):
+            return img
+        pil = Image.fromarray(img).resize((ow, oh), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1))
+        return np.asarray(pil)
+
+    ex = _images(ex, fn)
+    if "boxes" in ex and len(ex["boxes"]):
+        sx, sy = ow / (x1 - x0), oh / (y1 - y0)
+        b = (np.asarray(ex["boxes"], np.float32) - [x0, y0, x0, y0]) * [sx, sy, sx, sy]
+        ex["boxes"] = np.clip(b, 0, [ow, oh, ow, oh]).astype(np.float32)
+    return ex
+
+
+def _size(ex: Example) -> tuple[int, int]:
+    return ex["image"].shape[0], ex["image"].shape[1]
+
+
+# ----------------------------------------------------------------- ops
+
+
+@register
+def decode() -> Op:
+    """No-op: images are decoded before the ops run."""
+    return lambda ex, rng: ex
+
+
+@register
+def resize(size: int | Sequence[int]) -> Op:
+    """Resizes to size (int: square) with bilinear interpolation."""
+    hw = _hw(size)
+    return lambda ex, rng: _crop_resize(ex, (0, 0, _size(ex)[1], _size(ex)[0]), hw)
+
+
+@register
+def resize_small(size: int) -> Op:
+    """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
+    _hw(size)
+
+    def op(ex, rng):
+        h, w = _size(ex)
+        s = size / min(h, w)
+        return _crop_resize(ex, (0, 0, w, h), (max(1, round(h * s)), max(1, round(w * s))))
+    return op
+
+
+@register
+def center_crop(size: int | Sequence[int]) -> Op:
+    """Crops the central [size] window (no resize)."""
+    ch, cw = _hw(size)
+
+    def op(ex, rng):
+        h, w = _size(ex)
+        y0, x0 = max(0, (h - ch) // 2), max(0, (w - cw) // 2)
+        return _crop_resize(ex, (x0, y0, x0 + min(cw, w), y0 + min(ch, h)), (ch, cw))
+    return op
+
+
+@register
+def random_crop(size: int | Sequence[int]) -> Op:
+    """Crops a random [size] window (resizes up first if the image is smaller)."""
+    ch, cw = _hw(size)
+
+    def op(ex, rng):
+        h, w = _size(ex)
+        y0, x0 = int(rng.integers(0, max(0, h - ch) + 1)), int(rng.integers(0, max(0, w - cw) + 1))
+        return _crop_resize(ex, (x0, y0, x0 + min(cw, w), y0 + min(ch, h)), (ch, cw))
+    return op
+
+
+@register
+def random_resized_crop(size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Op:
+    """Inception-style crop: random area fraction `scale` and aspect `ratio`, resized to size."""
+    hw = _hw(size)
+    smin, smax = _range(scale, "scale")
+    if smax > 1:
+        raise ValueError(f"scale must be within [0, 1], got {scale!r}")
+    rmin, rmax = _range(ratio, "ratio", lo=1e-3)
+
+    def op(ex, rng):
+        h, w = _size(ex)
+        for _ in range(10):
+            area = h * w * rng.uniform(smin, smax)
+            aspect = math.exp(rng.uniform(math.log(rmin), math.log(rmax)))
+            cw, ch = math.sqrt(area * aspect), math.sqrt(area / aspect)
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+                return _crop_resize(ex, (x0, y0, x0 + cw, y0 + ch), hw)
+        return _crop_resize(ex, (0, 0, w, h), hw)
+    return op
+
+
+_LR = re.compile(r"\b(left|right)\b")
+
+
+def _swap_lr(text: Any) -> Any:
+    if isinstance(text, str):
+        return _LR.sub(lambda m: "right" if m.group(1) == "left" else "left", text)
+    if isinstance(text, (list, tuple)):
+        return [_swap_lr(t) for t in text]
+    return text
+
+
+@register
+def flip_lr(p: float = 0.5) -> Op:
+    """Mirrors left/right with probability p; boxes follow and 'left'/'right' swap in texts."""
+    if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"p must be in [0, 1], got {p!r}")
+
+    def op(ex, rng):
+        if rng.random() >= p:
+            return ex
+        w = _size(ex)[1]
+        ex = _images(ex, lambda img: np.ascontiguousarray(img[:, ::-1]))
+        if "boxes" in ex and len(ex["boxes"]):
+            b = np.asarray(ex["boxes"], np.float32)
+            ex["boxes"] = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], axis=1)
+        for k in TEXT_FIELDS:
+            if k in ex:
+                ex[k] = _swap_lr(ex[k])
+        if int(ex.get("motion", -1)) in (0, 1):  # scenes.MOTIONS: left, right, up, down
+            ex["motion"] = np.int32(1 - int(ex["motion"]))
+        return ex
+    return op
+
+
+def _to_unit(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) * (1 / 255)
+    return img.astype(np.float32)
+
+
+@register
+def value_range(vmin: float, vmax: float) -> Op:
+    """Maps uint8 [0, 255] (or floats in [0, 1]) linearly to float32 [vmin, vmax]."""
+    if not all(isinstance(v, (int, float)) for v in (vmin, vmax)) or vmin >= vmax:
+        raise ValueError(f"need vmin < vmax, got ({vmin!r}, {vmax!r})")
+    return lambda ex, rng: _images(ex, lambda img: _to_unit(img) * (vmax - vmin) + vmin)
+
+
+@register
+def normalize(stats: str = "clip") -> Op:
+    """(x/255 - mean) / std with named statistics: 'clip', 'siglip', 'imagenet'."""
+    if stats not in STATS:
+        raise ValueError(f"stats must be one of {sorted(STATS)}, got {stats!r}")
+    mean, std = (np.asarray(v, np.float32) for v in STATS[stats])
+    return lambda ex, rng: _images(ex, lambda img: (_to_unit(img) - mean) / std)
+
+
+# ----------------------------------------------------------------- parsing
+
+
+def _parse_one(text: str) -> tuple[str, list, dict]:
+    tree = ast.parse(text.strip(), mode="eval").body
+    if isinstance(tree, ast.Name):
+        return tree.id, [], {}
+    if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
+        raise ValueError("expected name or name(args)")
+    args = [ast.literal_eval(a) for a in tree.args]
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in tree.keywords}
+    return tree.func.id, args, kwargs
+
+
+def _split(spec: str | Sequence[str]) -> list[str]:
+    if isinstance(spec, str):
+        parts = spec.split("|")
+    else:
+        parts = [p for item in spec for p in str(item).split("|")]
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_pp(spec: str | Sequence[str], where: str = "pp") -> list[Op]:
+    """Parses and checks a pp spec; ValueError names the bad op (1-based position)."""
+    ops = []
+    for pos, text in enumerate(_split(spec), start=1):
+        try:
+            name, args, kwargs = _parse_one(text)
+        except (SyntaxError, ValueError) as e:
+            raise ValueError(f"{where}: cannot parse op {text!r} at position {pos}: {e}") from None
+        if name not in _OPS:
+            raise ValueError(f"{where}: unknown op {name!r} at position {pos}; known ops: "
+                             f"{', '.join(known_ops())}")
+        factory = _OPS[name]
+        try:
+            inspect.signature(factory).bind(*args, **kwargs)
+            ops.append(factory(*args, **kwargs))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bad argument for op {name!r} at position {pos} "
+                             f"({text!r}): {e}; signature {name}{inspect.signature(factory)}") from None
+    return ops
+
+
+def apply_ops(ops: Sequence[Op], ex: Example, rng: np.random.Generator) -> Example:
+    for op in ops:
+        ex = op(ex, rng)
+    return ex

@@ -109,8 +109,9 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Sequence[tuple[
   """
   abstract = jax.eval_shape(init_fn, *args)
   shardings = logical_shardings(abstract, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(filter_rules(rules, mesh)):
-    values = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  # No mesh context here: DenseGeneral initialises kernels in a flattened shape, which
+  # flax's init-time sharding constraints would reject. out_shardings place everything.
+  values = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return values, shardings
 
 

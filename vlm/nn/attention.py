@@ -27,6 +27,37 @@ def make_attention_mask(q_valid: jax.Array | None, kv_valid: jax.Array | None) -
   return mask
 
 
+class HeadsDense(nn.Module):
+  """A linear map contracting the last `in_dims` axes into `features`, kernel [*in, *features].
+
+  Kernels are created in their final shape (not flattened and reshaped, as nn.DenseGeneral
+  does), so init-time sharding constraints see the real logical axes. Xavier-uniform init over
+  the total fan-in and fan-out.
+  """
+
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  use_bias: bool = True
+  dtype: Dtype = None
+  in_dims: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[-self.in_dims:]
+    n_in, n_out = len(in_shape), len(self.features)
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)),
+                                            out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), in_shape + tuple(self.features))
+    dtype = self.dtype or x.dtype
+    x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+    y = jax.lax.dot_general(x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
+                        tuple(self.features))
+      y = y + jnp.asarray(bias, dtype)
+    return y
+
+
 class MultiHeadAttention(nn.Module):
   """Attention [B, Tq, D] x [B, Tk, Dkv] -> [B, Tq, out_dim or D].
 
@@ -46,7 +77,6 @@ class MultiHeadAttention(nn.Module):
   qk_norm: str | None = None
   norm_eps: float = 1e-6
   dtype: Dtype = None
-  kernel_init: Any = nn.initializers.xavier_uniform()
 
   @nn.compact
   def __call__(
@@ -67,14 +97,7 @@ class MultiHeadAttention(nn.Module):
     hd = self.head_dim or d // n
 
     def proj(name, inp, heads):
-      return nn.DenseGeneral(
-          (heads, hd),
-          use_bias=self.use_bias,
-          dtype=self.dtype,
-          kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
-          name=name,
-      )(inp)
+      return HeadsDense((heads, hd), ("embed", "heads", "kv"), self.use_bias, self.dtype, name=name)(inp)
 
     q = proj("query", x, n)
     k = proj("key", kv, k_heads)
@@ -90,12 +113,5 @@ class MultiHeadAttention(nn.Module):
     if mask is not None:
       mask = mask.astype(bool)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
-    return nn.DenseGeneral(
-        self.out_dim or d,
-        axis=(-2, -1),
-        use_bias=self.use_bias,
-        dtype=self.dtype,
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name="out",
-    )(out)
+    return HeadsDense((self.out_dim or d,), ("heads", "kv", "embed"), self.use_bias, self.dtype, in_dims=2,
+                      name="out")(out)

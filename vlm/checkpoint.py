@@ -1,0 +1,145 @@
+"""Checkpoints with orbax: async saves every N steps, keep the last K, atomic finalisation,
+resume with optimiser/step/RNG/data-iterator state, and loading some or all parameters from a
+checkpoint (ours or an imported HF one) with an error that lists the paths that do not fit.
+
+Orbax writes each step into a temporary directory and renames it only once every item is
+complete, so an interrupted save is never listed as a checkpoint.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+  """Saves `iterator.get_state()` (JSON) once per process: process_{i}-of-{n}.json.
+
+  The state is read synchronously in save(), so a later step of the iterator never leaks into
+  an asynchronous checkpoint.
+  """
+
+  def save(self, directory: epath.Path, args: "DataStateSave"):
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (directory / name).write_text(json.dumps(args.state))
+
+  def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
+    name = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not name.exists():
+      raise FileNotFoundError(f"{name}: no data iterator state for this process (was the process count changed?)")
+    return json.loads(name.read_text())
+
+  def metadata(self, directory: epath.Path) -> Any:
+    return None
+
+  def structure(self, directory: epath.Path) -> Any:
+    return None
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+class Checkpointer:
+  """A CheckpointManager over `<workdir>/checkpoints` holding 'state' (a pytree) and 'data'."""
+
+  def __init__(self, workdir: str | Path, *, save_every: int, keep: int = 3, async_save: bool = True):
+    self.directory = Path(workdir).absolute() / "checkpoints"
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Any = None, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_state is not None:
+      items["data"] = DataStateSave(data_state)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: Any, with_data: bool = True) -> tuple[Any, Any]:
+    """Restores into the shardings of `abstract_state` (a tree of jax.ShapeDtypeStruct with sharding)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if with_data and (self.directory / str(step) / "data").exists():
+      items["data"] = DataStateRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], out.get("data") if with_data else None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of jax.Arrays."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def load_params(path: str | Path, step: int | None = None) -> dict:
+  """Parameters (numpy) from one of our workdirs/checkpoint dirs, or an HF directory (config.json)."""
+  path = Path(path)
+  if (path / "config.json").exists():
+    from vlm.convert import import_hf
+    return import_hf(path)[2]
+  ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
+  mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{path}: no checkpoint found")
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  mngr.close()
+  params = restored["params"] if isinstance(restored, dict) and "params" in restored else restored
+  return jax.tree.map(np.asarray, params)
+
+
+def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = None) -> dict:
+  """Copies `loaded` parameters into `target` (a tree of arrays with the model's shapes).
+
+  mapping: {target_prefix_regex: loaded_prefix}, e.g. {'img/': 'img/'} initialises the image
+  tower only; None copies every path present in both. Raises ValueError listing each target
+  path that has no source or whose shape differs.
+  """
+  tflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(target).items()}
+  lflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(loaded).items()}
+  mapping = mapping or {"": ""}
+  problems, out, used = [], dict(tflat), 0
+  for tpath, tval in tflat.items():
+    for tprefix, lprefix in mapping.items():
+      if tpath.startswith(tprefix):
+        src = lprefix + tpath[len(tprefix):]
+        if src not in lflat:
+          if mapping != {"": ""}:
+            problems.append(f"{tpath}: no parameter {src!r} in the checkpoint")
+          break
+        if tuple(lflat[src].shape) != tuple(tval.shape):
+          problems.append(f"{tpath}: shape {tuple(tval.shape)} != checkpoint {src!r} {tuple(lflat[src].shape)}")
+          break
+        out[tpath] = jax.device_put(np.asarray(lflat[src], tval.dtype), getattr(tval, "sharding", None))
+        used += 1
+        break
+  if not used:
+    problems.append("no parameter of the checkpoint matched the model")
+  if problems:
+    raise ValueError("checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})

@@ -1,0 +1,121 @@
+"""Optimisers from config: optax AdamW / Adafactor / SGD-momentum, schedules, clipping,
+weight-decay masks, frozen parameters and learning-rate multipliers by regex on parameter paths.
+
+Parameter paths are '/'-joined names, e.g. 'img/encoder/block_3/attn/query/kernel'.
+Config keys (all under the trainer config):
+  optimizer: 'adamw' | 'adafactor' | 'sgd';  optimizer_kw: extra kwargs (b1, b2, eps, momentum, nesterov)
+  lr: peak learning rate;  schedule: dict(name='warmup_cosine'|'warmup_rsqrt'|'constant', warmup_steps=...,
+      end_lr_frac=0.0, timescale=..., cooldown_steps=...)
+  wd: decoupled weight decay (scaled by the learning rate, as in AdamW);  wd_mask: regex of decayed
+      paths (default: kernels and embeddings, i.e. not biases, norms, temperature and bias scalars)
+  grad_clip_norm: clip by global norm (None: off)
+  frozen: list of regexes; matching parameters get no update and no optimiser state
+  lr_mults: list of (regex, multiplier); the first match wins
+"""
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+DEFAULT_WD_MASK = r".*(kernel|embedding)$"
+
+
+def path_str(path: tuple) -> str:
+  """A jax tree path -> 'a/b/c'."""
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+  return "/".join(parts)
+
+
+def tree_paths(tree: Any) -> Any:
+  """The same tree with each leaf replaced by its '/'-joined path."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree)
+
+
+def _compile(patterns: Sequence[str], key: str) -> list[re.Pattern]:
+  out = []
+  for p in patterns:
+    try:
+      out.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(f"config.{key}: bad regex {p!r}: {e}") from None
+  return out
+
+
+def make_schedule(lr: float, total_steps: int, name: str = "warmup_cosine", warmup_steps: int = 0,
+                  end_lr_frac: float = 0.0, timescale: int = 10_000, cooldown_steps: int = 0) -> optax.Schedule:
+  """Learning-rate schedules. warmup_rsqrt: lr * sqrt(timescale / (step + timescale)) after warmup,
+  with an optional linear cooldown to 0 over the last cooldown_steps (Zhai et al. 2022, "Scaling ViTs")."""
+  warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+  rest = max(total_steps - warmup_steps, 1)
+  if name == "warmup_cosine":
+    main = optax.cosine_decay_schedule(lr, rest, alpha=end_lr_frac)
+  elif name == "constant":
+    main = optax.constant_schedule(lr)
+  elif name == "warmup_rsqrt":
+    def main(step):
+      value = lr * jnp.sqrt(timescale / (step + timescale))
+      if cooldown_steps:
+        value = value * jnp.clip((rest - step) / cooldown_steps, 0.0, 1.0)
+      return value
+  else:
+    raise ValueError(f"config.schedule.name: unknown schedule {name!r}; known: warmup_cosine, warmup_rsqrt, constant")
+  if warmup_steps <= 0:
+    return main
+  return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def _base(name: str, kw: dict[str, Any]) -> optax.GradientTransformation:
+  if name == "adamw":
+    return optax.scale_by_adam(b1=kw.get("b1", 0.9), b2=kw.get("b2", 0.999), eps=kw.get("eps", 1e-8))
+  if name == "adafactor":
+    return optax.scale_by_factored_rms(decay_rate=kw.get("decay_rate", 0.8), epsilon=kw.get("eps", 1e-30))
+  if name == "sgd":
+    return optax.trace(decay=kw.get("momentum", 0.9), nesterov=kw.get("nesterov", False))
+  raise ValueError(f"config.optimizer: unknown optimizer {name!r}; known: adamw, adafactor, sgd")
+
+
+def scale_by_regex(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+  """Multiplies each update by the multiplier of the first regex that matches its path (else 1)."""
+  compiled = [(r, float(m)) for r, m in zip(_compile([r for r, _ in rules], "lr_mults"), [m for _, m in rules])]
+
+  def mult(path: str) -> float:
+    return next((m for r, m in compiled if r.fullmatch(path)), 1.0)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * mult(path_str(p)), updates), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def frozen_labels(frozen: Sequence[str]) -> Callable[[Any], Any]:
+  regexes = _compile(frozen, "frozen")
+  return lambda params: jax.tree.map(
+      lambda p: "frozen" if any(r.fullmatch(p) for r in regexes) else "train", tree_paths(params))
+
+
+def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(tx, schedule) from the trainer config (keys in the module docstring)."""
+  sched_cfg = dict(config.get("schedule", {}) or {})
+  sched = make_schedule(config.lr, total_steps, **sched_cfg)
+  wd_re = _compile([config.get("wd_mask", DEFAULT_WD_MASK)], "wd_mask")[0]
+  chain = []
+  if config.get("grad_clip_norm"):
+    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  chain.append(_base(config.get("optimizer", "adamw"), dict(config.get("optimizer_kw", {}) or {})))
+  if config.get("wd", 0.0):
+    chain.append(optax.add_decayed_weights(
+        config.wd, mask=lambda params: jax.tree.map(lambda p: bool(wd_re.fullmatch(p)), tree_paths(params))))
+  chain.append(optax.scale_by_learning_rate(sched))
+  if config.get("lr_mults"):
+    chain.append(scale_by_regex([tuple(x) for x in config.lr_mults]))
+  tx = optax.chain(*chain)
+  if config.get("frozen"):
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels(list(config.frozen)))
+  return tx, sched

@@ -94,7 +94,9 @@ def test_clip_parity_and_roundtrip(tmp_path, eos_token_id):
 def test_siglip_parity_and_roundtrip(tmp_path, scan):
   torch.manual_seed(1)
   model = _make_siglip()
-  model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  # Sharded safetensors (model.safetensors.index.json) for the scanned case.
+  model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB" if scan else "5GB")
+  assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == scan
   pixels, ids = _inputs(seed=1)
   ref = _theirs(model, pixels, ids)
   *ours, kwargs, params = _ours(tmp_path / "hf", pixels, ids, scan=scan)

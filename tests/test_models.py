@@ -120,3 +120,16 @@ def test_lit_frozen_tower_gets_no_gradient():
   assert any(float(jnp.abs(a).max()) > 0 for a in jax.tree.leaves(g["txt"]))
   with pytest.raises(ValueError, match="frozen"):
     _two_tower(frozen=("vision",)).init(jax.random.key(0), x, t)
+
+
+def test_bf16_compute_keeps_float32_params():
+  x, t = jnp.ones((2, 16, 16, 3)), jnp.arange(16).reshape(2, 8) % 30
+  m = build_model("two_tower", dict(
+      image=dict(variant="mu/8", depth=1, pool_type="map", out_dim=16, dtype="bfloat16"),
+      text=dict(variant="mu", depth=1, vocab_size=30, out_dim=16, dtype="bfloat16")))
+  params = __import__("flax").linen.meta.unbox(m.init(jax.random.key(0), x, t)["params"])
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  _, aux = m.apply({"params": params}, x, method=m.encode_image)
+  assert aux["encoded"].dtype == jnp.bfloat16
+  zimg, ztxt, _ = m.apply({"params": params}, x, t)
+  assert zimg.dtype == jnp.float32 and np.all(np.isfinite(zimg)) and np.all(np.isfinite(ztxt))

@@ -98,4 +98,12 @@ def make_train_step(model: nn.Module, objective: Objective, tx: optax.GradientTr
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jitted(state, batch)
 
+  def cost(state: TrainState, batch: dict[str, jax.Array]) -> float | None:
+    """XLA's FLOP count of one compiled step (None where the backend gives none)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      analysis = jitted.lower(state, batch).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+  run.flops = cost
   return run

@@ -32,7 +32,7 @@ from vlm.data.tokenizer import train_tokenizer
 tfds = import_tfds()
 
 NAME = "vlm_scenes"
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1.0: caption_varied
 TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "validation", "test")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -96,6 +96,8 @@ def make_example(args: BuildArgs, split: str, index: int) -> dict:
         "image": scenes.encode_png(scenes.render(scene, size)),
         "caption": short,
         "caption_detailed": detailed,
+        "caption_varied": scenes.varied_caption(
+            scene, np.random.default_rng([args.seed, SPLITS.index(split), index, 1])),
         "label": np.int32(scenes.class_index(m.colour, m.shape)),
         "seen": not scenes.is_held_out(m.colour, m.shape),
         "questions": qs,
@@ -115,6 +117,7 @@ def corpus(args: BuildArgs) -> list[str]:
         rng = np.random.default_rng([args.seed, 0, i])
         scene = scenes.sample_scene(rng, combos("train"), video=args.num_frames > 0)
         out += list(scenes.captions(scene)) + [" ".join(p) for p in zip(*scenes.questions(scene))]
+        out.append(scenes.varied_caption(scene, np.random.default_rng([args.seed, 0, i, 1])))
     names = scenes.class_names()
     out += [t.format(n) for t in scenes.TEMPLATES for n in names]  # includes held-out names
     out += [f"a handwritten digit {w}" for w in DIGIT_WORDS] + [str(i) for i in range(100)]
@@ -141,6 +144,7 @@ class VlmScenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "
             "image": bytes_,
             "caption": tfds.features.Text(),
             "caption_detailed": tfds.features.Text(),
+            "caption_varied": tfds.features.Text(),
             "label": tfds.features.Scalar(dtype=np.int32),
             "seen": tfds.features.Scalar(dtype=np.bool_),
             "questions": tfds.features.Sequence(tfds.features.Text()),

@@ -229,6 +229,30 @@ def captions(scene: Scene) -> tuple[str, str]:
     return short, detailed
 
 
+# Phrasings of the varied caption: CLIP-style training text mixes full descriptions with
+# short, prompt-like ones, so the zero-shot templates ("a photo of a {}.") are in distribution.
+CAPTION_PHRASINGS: tuple[str, ...] = (
+    "{a} {size} {colour} {shape} {pos}",
+    "a photo of {a} {size} {colour} {shape} {pos}.",
+    "a {colour} {shape} {pos}",
+    "a photo of a {colour} {shape}.",
+    "a picture of {a} {size} {colour} {shape}.",
+    "a drawing of a {colour} {shape} {pos}.",
+    "a {colour} {shape} on a plain background.",
+    "a rendering of a {colour} {shape}.",
+    "a {colour} {shape}.",
+    "{size} {colour} {shape}, {pos}",
+)
+
+
+def varied_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """One of CAPTION_PHRASINGS, filled in for the main object (always colour and shape)."""
+    m = scene.main
+    phrasing = CAPTION_PHRASINGS[int(rng.integers(len(CAPTION_PHRASINGS)))]
+    return phrasing.format(a=_a(scene.size_word), size=scene.size_word, colour=m.colour, shape=m.shape,
+                           pos=POSITION_PHRASES[scene.position])
+
+
 def questions(scene: Scene) -> tuple[list[str], list[str]]:
     """VQA pairs about the scene: (questions, answers)."""
     m = scene.main

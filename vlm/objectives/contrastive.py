@@ -19,6 +19,10 @@ class Contrastive:
   impl: str = "all_gather"
   mesh: Mesh | None = None
 
+  def init_args(self, batch) -> tuple:
+    """Example inputs for model.init (one row of the batch)."""
+    return (batch["image"][:1], batch["text"][:1])
+
   def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
     zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=train,
                                   rngs={"dropout": rng})

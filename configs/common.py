@@ -1,0 +1,60 @@
+"""Pieces shared by the configs: the trainer defaults and the demo-sized towers."""
+
+import ml_collections
+
+from vlm import parallel
+from vlm.data import get_default_config as data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Trainer defaults every recipe starts from."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.rules = [list(r) for r in parallel.DEFAULT_RULES]
+  c.data = data_config()
+  c.batch_size = 256
+  c.total_steps = 1000
+  c.accum_steps = 1
+  c.optimizer = "adamw"
+  c.optimizer_kw = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8))
+  c.lr = 1e-3
+  c.wd = 1e-4
+  c.wd_mask = r".*(kernel|embedding)$"
+  c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=100))
+  c.grad_clip_norm = 1.0
+  c.frozen = []
+  c.lr_mults = []
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpoint = True
+  c.tensorboard = True
+  c.evals = ml_collections.ConfigDict()
+  c.init = ml_collections.ConfigDict(dict(path=None, mapping=None, step=None))
+  return c
+
+
+def demo_two_tower(temperature_init: float, bias_init: float | None, text_pool: str = "eos",
+                   max_scale: float | None = None) -> dict:
+  """Small towers for the embedded scenes at 32 px (a 2-core CPU trains them in minutes)."""
+  return dict(
+      image=dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8, pool_type="map"),
+      text=dict(width=128, depth=2, mlp_dim=512, num_heads=4, vocab_size=1000, max_len=16,
+                pool_type=text_pool, eos_id=1, out_dim=128),
+      temperature_init=temperature_init, bias_init=bias_init, max_scale=max_scale,
+  )
+
+
+def demo_data(c: ml_collections.ConfigDict) -> None:
+  """The embedded scenes, 32 px, 16 tokens, evaluated on the test split."""
+  c.data.pp_train = "decode|random_resized_crop(32, scale=(0.7, 1))|flip_lr|value_range(-1, 1)"
+  c.data.pp_eval = "decode|resize(32)|value_range(-1, 1)"
+  c.data.text_length = 16
+  c.data.caption_key = "caption_varied"  # varied phrasings for training (vlm.data.scenes.CAPTION_PHRASINGS)
+  c.evals = ml_collections.ConfigDict(dict(
+      zeroshot=dict(type="zeroshot", every=500, split="test", max_examples=ml_collections.config_dict.placeholder(int)),
+      # Retrieval on the canonical captions: each names size, colour, shape and position.
+      retrieval=dict(type="retrieval", every=500, split="test", caption_key="caption",
+                     max_examples=ml_collections.config_dict.placeholder(int)),
+  ))

@@ -1,0 +1,40 @@
+"""Evaluation registry and helpers to run a model over a numpy split on the mesh."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from vlm import parallel
+from vlm.registry import Registry, to_kwargs
+
+EVALS: Registry = Registry("evaluation")
+
+
+def build_evals(config, model, mesh: Mesh) -> dict[str, Any]:
+  """{name: evaluator} from `config.evals`; each entry has `type` and its kwargs (plus `every`)."""
+  out = {}
+  for name, cfg in (config.get("evals") or {}).items():
+    kw = to_kwargs(cfg)
+    kind = kw.pop("type", name)
+    kw.pop("every", None)
+    out[name] = EVALS.get(kind)(config=config, model=model, mesh=mesh, prefix=name, **kw)
+  return out
+
+
+def batched_apply(fn: Callable[[Any, np.ndarray], jax.Array], params: Any, x: np.ndarray, mesh: Mesh,
+                  batch_size: int) -> np.ndarray:
+  """Runs jitted fn(params, batch) over x in batches sharded on the data axes; pads the last one."""
+  n_data = int(np.prod([mesh.shape[a] for a in parallel.data_axes(mesh)])) // max(jax.process_count(), 1)
+  bs = max(n_data, batch_size - batch_size % n_data)
+  outs = []
+  for i in range(0, len(x), bs):
+    chunk = x[i:i + bs]
+    pad = (-len(chunk)) % n_data
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    out = fn(params, parallel.shard_batch(chunk, mesh))
+    outs.append(np.asarray(jax.device_get(out))[: len(chunk) - pad])
+  return np.concatenate(outs)

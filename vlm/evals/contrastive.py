@@ -1,0 +1,118 @@
+"""Zero-shot classification (prompt ensembling) and image-text retrieval for two-tower models."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from vlm import parallel
+from vlm.data import get_tokenizer, load_split_numpy
+from vlm.evals.base import EVALS, batched_apply
+
+
+def _encoders(model: nn.Module, mesh: Mesh, rules):
+  rules = parallel.filter_rules(rules, mesh)
+
+  def wrap(method):
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=method)[0])
+
+    def run(p, x):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return fn(p, x)
+    return run
+
+  return wrap(model.encode_image), wrap(model.encode_text)
+
+
+class _Base:
+  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
+               max_examples: int | None = None, caption_key: str | None = None):
+    """caption_key: evaluate on this caption field instead of `data.caption_key`."""
+    self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
+    self.data_config = config.data
+    if caption_key:
+      self.data_config = ml_collections.ConfigDict(config.data.to_dict())
+      self.data_config.caption_key = caption_key
+    self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
+    self.enc_image, self.enc_text = _encoders(model, mesh, config.get("rules", parallel.DEFAULT_RULES))
+    self._data = None
+
+  def data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if self._data is None:  # loaded once, on first use
+      self._data = load_split_numpy(self.data_config, self.split, max_examples=self.max_examples)
+    return self._data
+
+  def image_embeddings(self, params) -> np.ndarray:
+    return batched_apply(self.enc_image, params, self.data()[0]["image"], self.mesh, self.batch_size)
+
+  def text_embeddings(self, params, tokens: np.ndarray) -> np.ndarray:
+    return batched_apply(self.enc_text, params, tokens, self.mesh, self.batch_size)
+
+
+@EVALS.register("zeroshot")
+class ZeroShot(_Base):
+  """Top-1 of argmax_c <z_img, mean_t z_txt(template_t(class_c))> (CLIP sec. 3.1.4 prompt ensembling).
+
+  Reports top1 overall and on seen / held-out attribute combinations when the split has `seen`.
+  """
+
+  def __init__(self, *, templates: tuple[str, ...] | None = None, **kw):
+    super().__init__(**kw)
+    self.templates = templates
+
+  def class_embeddings(self, params, class_names: list[str], templates: list[str]) -> np.ndarray:
+    tok = get_tokenizer(self.config.data)
+    texts = [t.format(c) for c in class_names for t in templates]
+    ids = tok.encode_batch(texts, self.config.data.text_length, self.config.data.add_bos, self.config.data.add_eos)
+    z = self.text_embeddings(params, ids).reshape(len(class_names), len(templates), -1).mean(1)
+    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+  def __call__(self, params) -> dict[str, float]:
+    arrays, meta = self.data()
+    templates = list(self.templates or meta.get("templates") or ["{}"])
+    zcls = self.class_embeddings(params, list(meta["class_names"]), templates)
+    pred = np.argmax(self.image_embeddings(params) @ zcls.T, axis=-1)
+    correct = pred == arrays["label"]
+    out = {f"{self.prefix}/top1": float(correct.mean())}
+    if "seen" in arrays:
+      seen = arrays["seen"].astype(bool)
+      if seen.any():
+        out[f"{self.prefix}/top1_seen"] = float(correct[seen].mean())
+      if (~seen).any():
+        out[f"{self.prefix}/top1_unseen"] = float(correct[~seen].mean())
+        out[f"{self.prefix}/chance"] = 1.0 / len(meta["class_names"])
+    return out
+
+
+def recall_at_k(sim: np.ndarray, relevant: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
+  """sim [Q, N] scores, relevant [Q, N] bool -> {k: fraction of queries with a relevant item in the top k}."""
+  order = np.argsort(-sim, axis=1, kind="stable")
+  hits = np.take_along_axis(relevant, order, axis=1)
+  return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+@EVALS.register("retrieval")
+class Retrieval(_Base):
+  """Image->text and text->image recall@{1,5,10} over a split's (image, caption) pairs.
+
+  Identical captions (same token ids) are one gallery item, relevant to every image they
+  describe: the embedded dataset's short captions repeat, and ties between identical texts
+  would otherwise make R@1 depend on sort order.
+  """
+
+  def __call__(self, params) -> dict[str, float]:
+    arrays, _ = self.data()
+    uniq, inverse = np.unique(arrays["text"], axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    zimg = self.image_embeddings(params)
+    ztxt = self.text_embeddings(params, uniq)
+    sim = zimg @ ztxt.T  # [images, unique captions]
+    relevant = inverse[:, None] == np.arange(len(uniq))[None, :]
+    i2t = recall_at_k(sim, relevant)
+    t2i = recall_at_k(sim.T, relevant.T)
+    out = {f"{self.prefix}/i2t_r{k}": v for k, v in i2t.items()}
+    out.update({f"{self.prefix}/t2i_r{k}": v for k, v in t2i.items()})
+    return out

@@ -1,0 +1,188 @@
+"""The one trainer: `python -m vlm.train --config=configs/siglip_b16.py:demo --workdir=DIR`.
+
+config -> mesh -> model (MODELS[model_name]) + objective (OBJECTIVES[objective_name]) + data
+(grain pipeline) + evaluations (EVALS) -> jitted sharded train step -> orbax checkpoints,
+metrics.jsonl, TensorBoard. Override any key with `--config.key=value`.
+
+Config keys (besides `model`, `objective`, `data`, and the optimiser keys of vlm.optim):
+  seed, batch_size (global), total_steps, mesh [(axis, size)], rules [(logical, mesh axes)],
+  model_name, objective_name, accum_steps, log_every, checkpoint_every, keep_checkpoints,
+  async_checkpoint, evals {name: {type, every, ...}}, init {path, mapping, step},
+  tensorboard, wandb {project, ...}, peak_flops_per_device (for MFU; known accelerators are looked up),
+  coordinator_address / num_processes / process_id (multi-host; or pass them as flags).
+"""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlm import checkpoint, parallel
+from vlm.data import check_config, make_pipeline
+from vlm.evals import build_evals
+from vlm.metrics_writer import MetricWriter
+from vlm.models import build_model
+from vlm.objectives import build_objective
+from vlm.optim import build_optimizer
+from vlm.train_step import create_train_state, make_train_step
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6e": 918e12,
+              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def peak_flops(config) -> float | None:
+  if config.get("peak_flops_per_device"):
+    return float(config.peak_flops_per_device)
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+def _check(config) -> None:
+  for key in ("model_name", "objective_name", "batch_size", "total_steps", "lr", "data"):
+    if config.get(key) is None:
+      raise ValueError(f"config.{key} is missing")
+  check_config(config.data)
+
+
+def _every(step: int, every: int | None, last: int) -> bool:
+  return step == last or bool(every and step % every == 0)
+
+
+def setup(config, workdir: str | Path | None):
+  """Mesh, model, objective, optimiser and evaluators from the config (no data, no state)."""
+  mesh = parallel.make_mesh(config.get("mesh", [("data", -1)]))
+  rules = tuple(tuple(r) for r in config.get("rules", parallel.DEFAULT_RULES))
+  model = build_model(config.model_name, config.model)
+  objective = build_objective(config.objective_name, config.get("objective"), mesh=mesh)
+  tx, schedule = build_optimizer(config, config.total_steps)
+  evals = build_evals(config, model, mesh)
+  return mesh, rules, model, objective, tx, schedule, evals
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the last logged metrics (incl. the final evaluations)."""
+  _check(config)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  mesh, rules, model, objective, tx, schedule, evals = setup(config, workdir)
+  total = int(config.total_steps)
+
+  data_iter = make_pipeline(config.data, split="train", batch_size=config.batch_size, mesh=mesh, seed=config.seed)
+  first = next(data_iter)
+  state, shardings = create_train_state(model, tx, mesh, rules, objective.init_args(first), seed=config.seed)
+  ckpt = checkpoint.Checkpointer(workdir, save_every=config.get("checkpoint_every", 1000),
+                                 keep=config.get("keep_checkpoints", 3),
+                                 async_save=config.get("async_checkpoint", True))
+  start = ckpt.latest_step()
+  pending = None
+  if start is not None:  # resume: state, RNG and the data iterator exactly where they were
+    state, data_state = ckpt.restore(start, checkpoint.abstract_like(state))
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    print(f"Resumed from {ckpt.directory / str(start)}", flush=True)
+  else:
+    start, pending = 0, first
+    if config.get("init") and config.init.get("path"):
+      loaded = checkpoint.load_params(config.init.path, config.init.get("step"))
+      mapping = dict(config.init.mapping) if config.init.get("mapping") else None
+      state = state.replace(params=checkpoint.merge_params(state.params, loaded, mapping))
+      print(f"Initialised parameters from {config.init.path}", flush=True)
+
+  step_fn = make_train_step(model, objective, tx, mesh, rules, shardings, accum_steps=config.get("accum_steps", 1))
+  writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True), wandb=config.get("wandb"))
+  n_dev = jax.device_count()
+  flops = peak = None
+  last: dict[str, Any] = {}
+  log_every = config.get("log_every", 50)
+  progress = _progress(start, total)
+  t0, steps_since = time.perf_counter(), 0
+  for step in range(start + 1, total + 1):
+    batch = pending if pending is not None else next(data_iter)
+    pending = None
+    if flops is None and jax.process_index() == 0:
+      flops, peak = step_fn.flops(state, batch) or 0.0, peak_flops(config)
+    state, metrics = step_fn(state, batch)
+    steps_since += 1
+    ckpt.save(step, state, data_state=data_iter.get_state(), force=step == total)
+    if _every(step, log_every, total):
+      metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+      dt = (time.perf_counter() - t0) / steps_since
+      metrics["train/lr"] = float(schedule(step - 1))
+      metrics["train/examples_per_s_per_device"] = config.batch_size / dt / n_dev
+      if flops:
+        metrics["train/tflops_per_s_per_device"] = flops / dt / n_dev / 1e12
+        if peak:
+          metrics["train/mfu"] = flops / dt / n_dev / peak
+      metrics.update({f"data/{k}": v for k, v in data_iter.stats().items() if k.startswith("skipped")})
+      last.update(metrics)
+      writer.write(step, metrics)
+      progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", ex_s=f"{config.batch_size / dt:.0f}")
+      t0, steps_since = time.perf_counter(), 0
+    results = {}
+    for name, evaluator in evals.items():
+      if _every(step, config.evals[name].get("every"), total):
+        results.update(evaluator(state.params))
+    if results:
+      last.update(results)
+      writer.write(step, results)
+      progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+      t0, steps_since = time.perf_counter(), 0  # evaluation time is not training time
+    progress.update(1)
+  progress.close()
+  ckpt.close()
+  writer.close()
+  return last
+
+
+class _NoProgress:
+  def set_postfix(self, **_):
+    pass
+
+  def write(self, s):
+    print(s, flush=True)
+
+  def update(self, _):
+    pass
+
+  def close(self):
+    pass
+
+
+def _progress(start: int, total: int):
+  if jax.process_index() != 0:
+    return _NoProgress()
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=2.0)
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every save and read at INFO
+  f = flags.FLAGS
+  parallel.maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+  final = train(f.config, f.workdir)
+  if jax.process_index() == 0:
+    print({k: round(v, 4) for k, v in sorted(final.items()) if isinstance(v, float)}, flush=True)
+
+
+def define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/siglip_b16.py:demo.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  define_flags()
+  app.run(main)

@@ -1,4 +1,6 @@
 """grain pipeline: determinism, resume, per-process slices, mesh arrays, pp checks, digits."""
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -73,11 +75,46 @@ def test_resume_mid_epoch(config):
 
 def test_process_slices_disjoint_and_cover(config):
     whole = _ids(config, shuffle=False)
-    parts = [_ids(config, batch_size=8, process_index=i, process_count=2) for i in range(2)]
     assert len(whole) == BUILDER["num_train"]
-    assert len(parts[0]) + len(parts[1]) == len(whole)
-    assert sorted(parts[0] + parts[1]) == sorted(whole)
-    assert not set(parts[0]) & set(parts[1]) or len(set(whole)) < len(whole)
+    twins = {x for x, n in collections.Counter(whole).items() if n > 1}  # identical scenes can occur
+    for shuffle in (False, True):
+        one = _ids(config, shuffle=shuffle, batch_size=8)
+        parts = [_ids(config, shuffle=shuffle, batch_size=8, process_index=i, process_count=2) for i in range(2)]
+        assert len(parts[0]) == len(parts[1]) == len(whole) // 2
+        assert not (set(parts[0]) & set(parts[1])) - twins
+        assert sorted(parts[0] + parts[1]) == sorted(whole)
+        for s in range(len(whole) // 8):  # process p holds rows [4p, 4p + 4) of global batch s
+            assert parts[0][4 * s:4 * s + 4] + parts[1][4 * s:4 * s + 4] == one[8 * s:8 * s + 8]
+
+
+def test_processes_concatenate_to_one_process_batches(config):
+    """2 simulated processes' batches, concatenated, are the 1-process batches (augmentations too),
+    across an epoch boundary, and stay so after a resume."""
+    one = make_pipeline(config, split="train", batch_size=8, mesh=None, seed=2)
+    two = [make_pipeline(config, split="train", batch_size=8, mesh=None, seed=2, process_index=i, process_count=2)
+           for i in range(2)]
+    for step in range(15):  # 12 batches per epoch
+        if step == 5:
+            two[1] = _resumed(config, two[1].get_state(), process_index=1)
+        want = next(one)
+        got = [next(it) for it in two]
+        assert got[0]["label"].shape == (4,)
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
+
+
+def _resumed(config, state, **kw):
+    it = make_pipeline(config, split="train", batch_size=8, mesh=None, seed=2, process_count=2, **kw)
+    it.set_state(state)
+    return it
+
+
+def test_drop_remainder_cuts_to_whole_global_batches(config):
+    kw = dict(split="train", batch_size=64, mesh=None, seed=0, num_epochs=1)  # 96 = 1.5 global batches
+    assert [len(list(make_pipeline(config, process_index=i, process_count=2, **kw))) for i in range(2)] == [1, 1]
+    tail = [list(make_pipeline(config, process_index=i, process_count=2, drop_remainder=False, **kw))
+            for i in range(2)]
+    assert [[len(b["label"]) for b in t] for t in tail] == [[32, 32], [32]]
 
 
 def test_global_arrays_on_mesh(config):

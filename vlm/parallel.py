@@ -131,7 +131,28 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
-  """Calls jax.distributed.initialize when the run spans processes (arguments or JAX_* env vars)."""
-  if num_processes is not None and num_processes > 1:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+                                 process_id: int | None = None) -> bool:
+  """Calls `jax.distributed.initialize` when the run spans processes; returns whether it did.
+
+  Call it first, before anything touches a JAX device. Three cases:
+    - explicit: `num_processes` > 1 with `coordinator` ('host:port' of process 0) and `process_id`
+      (the trainer's --coordinator_address/--num_processes/--process_id flags);
+    - environment: no `num_processes`, but JAX_COORDINATOR_ADDRESS is set (JAX then reads
+      JAX_NUM_PROCESSES / JAX_PROCESS_ID), or VLM_DISTRIBUTED=1 asks for JAX's cluster
+      auto-detection (Cloud TPU pods, SLURM, Open MPI, Kubernetes);
+    - otherwise (one process): nothing.
+  Cross-process collectives on CPU devices need an implementation; unless one is configured,
+  gloo is used (loopback or TCP), so local multi-process runs and tests work without a cluster.
+  """
+  import os
+
+  if num_processes is None:
+    if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("VLM_DISTRIBUTED", "") not in ("", "0")):
+      return False
+  elif num_processes <= 1:
+    return False
+  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Arguments left None are filled in by JAX from JAX_* variables or the detected cluster.
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  return True

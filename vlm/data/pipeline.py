@@ -1,13 +1,20 @@
 """The grain input pipeline: config -> per-process batches -> global jax.Arrays.
 
-    source -> this process's slice [process_index::process_count] -> seeded shuffle
-    (reshuffled each epoch) -> repeat -> decode + pp ops + tokenize (worker processes
-    if data.worker_count > 0) -> drop bad examples, counted by reason -> batch
+    source -> seeded shuffle of the whole split (reshuffled each epoch) -> repeat: ONE
+    global stream, the same for every process count -> this process's rows of each
+    global batch -> decode + pp ops + tokenize (worker processes if
+    data.worker_count > 0) -> drop bad examples, counted by reason -> batch
     -> global jax.Array sharded over the mesh's ('data', 'fsdp') axes.
 
-Random ops draw from np.random.default_rng([seed, process_index, position]),
-so a run is reproducible and a resumed iterator (`set_state`) continues with
-exactly the examples and augmentations it would have produced.
+Global batch s is elements [s*B, (s+1)*B) of the global stream; process p reads its
+contiguous rows [p*b, (p+1)*b) (b = B / process_count), which is how
+`jax.make_array_from_process_local_data` lays out rows when processes own contiguous
+blocks of the data axes. Random ops draw from np.random.default_rng([seed, 0, position])
+with the GLOBAL stream position, so 1 process and N processes see the same global
+batches with the same augmentations (as long as no example is bad: a process replaces
+its bad examples with the next ones of its own rows), a run is reproducible, and a
+resumed iterator (`set_state`) continues with exactly the examples and augmentations it
+would have produced.
 
 Config keys (`config.data`, see `get_default_config`):
     source        'embedded' | 'digits' | 'tfds:NAME' | 'jsonl:PATH' | 'csv:PATH' | 'wds:GLOB'
@@ -138,9 +145,9 @@ def get_metadata(data: ml_collections.ConfigDict, split: str = "train") -> dict:
 class _Process:
     """Index, record -> model-ready example (runs in grain workers); bad -> {'_bad': reason}."""
 
-    def __init__(self, source, data, ops, tokenizer: Tokenizer, seed: int, process_index: int):
+    def __init__(self, source, data, ops, tokenizer: Tokenizer, seed: int):
         self.source, self.ops, self.tok = source, ops, tokenizer
-        self.seed, self.process_index = seed, process_index
+        self.seed = seed
         self.caption_key = data.get("caption_key", "caption")
         self.strict = bool(data.get("strict", False))
         self.length = int(data.get("text_length", 32))
@@ -153,8 +160,10 @@ class _Process:
     def _tok(self, text: str, length: int) -> np.ndarray:
         return self.tok.encode(text, length, self.add_bos, self.add_eos)
 
-    def __call__(self, position: int, source_index: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.process_index, position])
+    def __call__(self, item: tuple[int, int]) -> dict:
+        position, source_index = item  # global stream position, index into the source
+        # The 0 keeps single-process streams as they were when the key held the process index.
+        rng = np.random.default_rng([self.seed, 0, position])
         try:
             ex = sources.decode_record(self.source[source_index], self.caption_key)
         except sources.BadExample as e:
@@ -189,6 +198,32 @@ class _Process:
             out["frames"] = frames.astype(np.float32) / 255 if frames.dtype == np.uint8 else frames.astype(np.float32)
             out["motion"] = np.int32(ex.get("motion", -1))
         return out
+
+
+class _ProcessRows:
+    """Local index i -> (global position, source index) of this process's i-th element.
+
+    The global stream is cut into global batches of `global_batch`; this process owns rows
+    [process_index * local_batch, (process_index + 1) * local_batch) of each.
+    """
+
+    def __init__(self, order: grain.MapDataset, global_batch: int, local_batch: int, process_index: int):
+        self.order, self.global_batch, self.local_batch = order, global_batch, local_batch
+        self.offset = process_index * local_batch
+
+    def position(self, i: int) -> int:
+        s, r = divmod(i, self.local_batch)
+        return s * self.global_batch + self.offset + r
+
+    def __call__(self, i: int) -> tuple[int, int]:
+        g = self.position(int(i))
+        return g, int(self.order[g])
+
+    @staticmethod
+    def local_length(stream_length: int, global_batch: int, local_batch: int, process_index: int) -> int:
+        """How many elements of a stream of `stream_length` fall in this process's rows."""
+        full, rest = divmod(stream_length, global_batch)
+        return full * local_batch + min(max(rest - process_index * local_batch, 0), local_batch)
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -240,7 +275,11 @@ def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: 
     """Batches of `split`: 'image' [B, H, W, 3] f32, 'text' [B, L] i32, 'label' [B] i32, 'seen' [B] bool.
 
     `config` is `config.data` (or a config holding it as `.data`); `batch_size` is
-    GLOBAL: each process yields batch_size / process_count rows of its own slice.
+    GLOBAL: each process yields its batch_size / process_count contiguous rows of each global
+    batch, so concatenating the processes' batches in process order gives the 1-process batch.
+    `process_index` / `process_count` default to JAX's (set them to simulate processes).
+    With drop_remainder, a finite stream is cut to whole global batches, so every process
+    yields the same number of batches (bad examples aside).
     `pp` defaults to data.pp_train for split 'train', else data.pp_eval.
     """
     data = config.data if "data" in config else config
@@ -255,12 +294,19 @@ def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: 
     ops = preprocess.parse_pp(pp, where="data.pp_train" if split == "train" else "data.pp_eval")
     source = make_source(data, split)
 
-    ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    # The global stream of source indices: identical for every process and process count.
+    order = grain.MapDataset.range(len(source))
     if shuffle:
-        ds = ds.shuffle(seed=seed)
+        order = order.shuffle(seed=seed)  # shuffle before repeat: a new permutation each epoch
     if num_epochs != 1:
-        ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_Process(source, data, ops, tokenizer, seed, process_index))
+        order = order.repeat(num_epochs)
+    local_batch = batch_size // process_count
+    stream_length = len(order)
+    if drop_remainder:
+        stream_length -= stream_length % batch_size
+    n_local = _ProcessRows.local_length(stream_length, batch_size, local_batch, process_index)
+    rows = _ProcessRows(order, batch_size, local_batch, process_index)
+    ds = grain.MapDataset.range(n_local).map(rows).map(_Process(source, data, ops, tokenizer, seed))
     ids = ds.to_iter_dataset()
     if int(data.get("worker_count", 0)) > 0:
         _ensure_absl_flags_parsed()
@@ -274,7 +320,7 @@ def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: 
             return False
         return True
 
-    ids = ids.filter(keep).batch(batch_size // process_count, drop_remainder=drop_remainder)
+    ids = ids.filter(keep).batch(local_batch, drop_remainder=drop_remainder)
     return DataIterator(ids, counts, mesh, batch_size)
 
 

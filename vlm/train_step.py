@@ -44,8 +44,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh:
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init)(params)
   rep = parallel.replicated(mesh)
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
-                     rng=jax.device_put(state_rng, rep))
+  # jit with out_shardings, not device_put: in a multi-host run `rep` spans other processes' devices.
+  state = TrainState(step=jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=rep)(), params=params,
+                     opt_state=opt_state, rng=jax.jit(lambda k: k, out_shardings=rep)(state_rng))
   shardings = TrainState(step=rep, params=param_shardings,
                          opt_state=jax.tree.map(lambda x: x.sharding, opt_state), rng=rep)
   return state, shardings
@@ -94,14 +95,21 @@ def make_train_step(model: nn.Module, objective: Objective, tx: optax.GradientTr
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
 
+  compiled = {}  # compiled once, on the first batch; also gives the FLOP count
+
+  def compile_for(state: TrainState, batch: dict[str, jax.Array]):
+    if "step" not in compiled:
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        compiled["step"] = jitted.lower(state, batch).compile()
+    return compiled["step"]
+
   def run(state: TrainState, batch: dict[str, jax.Array]):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jitted(state, batch)
+      return compile_for(state, batch)(state, batch)
 
   def cost(state: TrainState, batch: dict[str, jax.Array]) -> float | None:
     """XLA's FLOP count of one compiled step (None where the backend gives none)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      analysis = jitted.lower(state, batch).compile().cost_analysis()
+    analysis = compile_for(state, batch).cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"]) if analysis and "flops" in analysis else None
 

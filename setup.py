@@ -22,6 +22,6 @@ setup(
     extras_require={
         # torch/transformers are parity oracles for the importers: tests only.
         # torch==2.13.0 is the CPU build available on the project's machines.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0", "matplotlib>=3.8"],
     },
 )

@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 128
     c.total_steps = 1500
     c.lr = 1e-3
+    c.lr_mults = [("t", 10.0)]  # 1.5k steps, not ~400k: let the temperature travel its range
     c.schedule.warmup_steps = 100
     c.log_every = 25
     c.checkpoint_every = 250

@@ -99,7 +99,7 @@ def abstract_like(tree: Any) -> Any:
 def load_params(path: str | Path, step: int | None = None) -> dict:
   """Parameters (numpy) from one of our workdirs/checkpoint dirs, or an HF directory (config.json)."""
   path = Path(path)
-  if (path / "config.json").exists():
+  if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
     from vlm.convert import import_hf
     return import_hf(path)[2]
   ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path

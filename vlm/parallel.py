@@ -124,10 +124,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-  """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded over the data axes."""
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), batch)
+def shard_batch(batch: Any, mesh: Mesh, global_batch: int | None = None) -> Any:
+  """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded over the data axes.
+
+  global_batch: the global leading dimension (default: inferred, local rows x processes).
+  """
+  def one(x):
+    x = np.asarray(x)
+    shape = None if global_batch is None else (global_batch, *x.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
+
+  return jax.tree.map(one, batch)
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

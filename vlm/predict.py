@@ -11,10 +11,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from vlm.data import get_metadata, get_tokenizer
 from vlm.data.preprocess import apply_ops, parse_pp
+from vlm.data.sources import decode_image
 from vlm.evaluate import load_model_and_params, load_workdir_config
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -23,7 +23,7 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 def load_image(path: str | Path, pp: str) -> np.ndarray:
   """An image file -> [1, H, W, 3] float32 through the pp string (geometric ops, value range)."""
   try:
-    img = np.asarray(Image.open(path).convert("RGB"))
+    img = decode_image(Path(path).read_bytes())
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: cannot read the image: {e}") from None
   ex = apply_ops(parse_pp(pp, "data.pp_eval"), {"image": img}, np.random.default_rng(0))

@@ -32,7 +32,7 @@ from vlm.data.tokenizer import train_tokenizer
 tfds = import_tfds()
 
 NAME = "vlm_scenes"
-VERSION = "1.1.0"  # 1.1.0: caption_varied
+VERSION = "1.3.0"  # 1.1.0: caption_varied; 1.2.0: arrow replaces hexagon; 1.3.0: phrasings
 TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "validation", "test")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

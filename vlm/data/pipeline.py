@@ -44,13 +44,12 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from vlm import parallel
 from vlm.data import preprocess, sources
 from vlm.data.tokenizer import Tokenizer
 
 EXTRA_TEXT_KEYS = ("caption_detailed", "question", "answer")
-DATA_AXES = ("data", "fsdp")
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -241,9 +240,6 @@ class DataIterator(Iterator[dict[str, Any]]):
         self._it = iter(dataset)
         self._counts = counts
         self._mesh, self._global_batch = mesh, global_batch
-        if mesh is not None:
-            axes = tuple(a for a in DATA_AXES if a in mesh.axis_names)
-            self.sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._it)
@@ -251,8 +247,7 @@ class DataIterator(Iterator[dict[str, Any]]):
         self._counts["batches"] += 1
         if self._mesh is None:
             return batch
-        return {k: jax.make_array_from_process_local_data(self.sharding, v, (self._global_batch, *v.shape[1:]))
-                for k, v in batch.items()}
+        return parallel.shard_batch(batch, self._mesh, self._global_batch)
 
     def get_state(self) -> dict:
         return self._it.get_state()

@@ -27,7 +27,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 130, 200),
     "cyan": (40, 220, 230),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon")
+# Shapes stay distinguishable at 32 px (a hexagon was not: at 10 px across it renders as a circle).
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "arrow")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 POSITION_PHRASES = {
@@ -151,8 +152,10 @@ def _polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
         return [(x, y - r), (x + r * 0.95, y + r * 0.8), (x - r * 0.95, y + r * 0.8)]
     if shape == "diamond":
         return [(x, y - r), (x + r * 0.7, y), (x, y + r), (x - r * 0.7, y)]
-    if shape == "hexagon":
-        return ring(6, r, 0.0)
+    if shape == "arrow":  # pointing up, so flip_lr keeps it an arrow
+        h, w = 0.1 * r, 0.32 * r
+        return [(x, y - r), (x + 0.85 * r, y - h), (x + w, y - h), (x + w, y + r), (x - w, y + r), (x - w, y - h),
+                (x - 0.85 * r, y - h)]
     if shape == "star":
         outer, inner = ring(5, r, -math.pi / 2), ring(5, r * 0.42, -math.pi / 2 + math.pi / 5)
         return [p for pair in zip(outer, inner) for p in pair]
@@ -229,19 +232,22 @@ def captions(scene: Scene) -> tuple[str, str]:
     return short, detailed
 
 
-# Phrasings of the varied caption: CLIP-style training text mixes full descriptions with
-# short, prompt-like ones, so the zero-shot templates ("a photo of a {}.") are in distribution.
+# Phrasings of the varied caption: CLIP-style training text mixes full descriptions (half of
+# them: size, colour, shape, position) with short, prompt-like ones, so the zero-shot templates
+# ("a photo of a {}.") are in distribution.
 CAPTION_PHRASINGS: tuple[str, ...] = (
     "{a} {size} {colour} {shape} {pos}",
     "a photo of {a} {size} {colour} {shape} {pos}.",
+    "a picture of {a} {size} {colour} {shape} {pos}.",
+    "a drawing of {a} {size} {colour} {shape} {pos}.",
+    "{size} {colour} {shape}, {pos}",
+    "{a} {size} {colour} {shape} {pos} on a plain background.",
     "a {colour} {shape} {pos}",
     "a photo of a {colour} {shape}.",
     "a picture of {a} {size} {colour} {shape}.",
-    "a drawing of a {colour} {shape} {pos}.",
     "a {colour} {shape} on a plain background.",
     "a rendering of a {colour} {shape}.",
     "a {colour} {shape}.",
-    "{size} {colour} {shape}, {pos}",
 )
 
 

@@ -55,7 +55,8 @@ def _cli_args(config_path: str, workdir, data_dir, steps: int, extra=()):
   return [sys.executable, "-m", "vlm.train", f"--config={config_path}", f"--workdir={workdir}",
           f"--config.data.data_dir={data_dir}", f"--config.total_steps={steps}", "--config.batch_size=16",
           "--config.log_every=1", "--config.model.image.width=32", "--config.model.image.depth=1",
-          "--config.model.image.mlp_dim=64", "--config.model.text.width=32", "--config.model.text.depth=1",
+          "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2", "--config.model.text.num_heads=2",
+          "--config.schedule.warmup_steps=2", "--config.model.text.width=32", "--config.model.text.depth=1",
           "--config.model.text.mlp_dim=64", "--config.model.text.out_dim=32", "--config.evals.zeroshot.every=0",
           "--config.evals.retrieval.every=0", "--config.evals.zeroshot.max_examples=64",
           "--config.evals.retrieval.max_examples=64", "--config.tensorboard=False", *sizes, *extra]
@@ -90,7 +91,7 @@ def test_metrics_jsonl_has_training_and_eval_rows(siglip_workdir):
 @pytest.mark.parametrize("module", [siglip_b16, clip_b16], ids=["siglip", "clip"])
 def test_demo_learns(module, data_dir, tmp_path):
   """A lighter version of the demo: zero-shot and retrieval well above chance after 150 steps."""
-  c = tiny(module, data_dir, steps=150, log_every=50)
+  c = tiny(module, data_dir, steps=150)
   c.model["image"].update(width=64, depth=2, mlp_dim=128, num_heads=4)
   c.model["text"].update(width=64, depth=1, mlp_dim=128, num_heads=4, out_dim=64)
   c.batch_size = 64

@@ -105,10 +105,18 @@ def load_params(path: str | Path, step: int | None = None) -> dict:
   ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
   mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step() if step is None else step
+  mngr.close()
   if step is None:
     raise FileNotFoundError(f"{path}: no checkpoint found")
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  mngr.close()
+  # Restore onto this process's first device, whatever topology the checkpoint was saved with.
+  item = ckpt_dir.absolute() / str(step) / "state"
+  ckptr = ocp.StandardCheckpointer()
+  meta = ckptr.metadata(item)
+  meta = getattr(meta, "item_metadata", meta)
+  meta = getattr(meta, "tree", meta)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  restored = ckptr.restore(item, target)
   params = restored["params"] if isinstance(restored, dict) and "params" in restored else restored
   return jax.tree.map(np.asarray, params)
 

@@ -16,7 +16,7 @@ batch 32,768, Adam (b1 0.9, b2 0.98, eps 1e-6) with decoupled weight decay 0.2, 
 
 import ml_collections
 
-from configs.common import base_config, demo_data, demo_two_tower
+from configs.common import base_config, demo_data, demo_trainer, demo_two_tower
 from vlm.models.two_tower import CLIP_TEMPERATURE_INIT
 
 
@@ -28,13 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "demo":
     demo_data(c)
     c.model = demo_two_tower(temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0)
-    c.batch_size = 128
-    c.total_steps = 1500
-    c.lr = 1e-3
+    demo_trainer(c)
     c.lr_mults = [("t", 10.0)]  # 1.5k steps, not ~400k: let the temperature travel its range
-    c.schedule.warmup_steps = 100
-    c.log_every = 25
-    c.checkpoint_every = 250
     return c
   if arg not in (None, ""):
     raise ValueError(f"configs/clip_b16.py: unknown variant {arg!r}; known: demo")

@@ -46,6 +46,16 @@ def demo_two_tower(temperature_init: float, bias_init: float | None, text_pool: 
   )
 
 
+def demo_trainer(c: ml_collections.ConfigDict, steps: int = 1500) -> None:
+  """Batch, schedule and logging of the 2-core CPU demos (about 3 steps/s)."""
+  c.batch_size = 128
+  c.total_steps = steps
+  c.lr = 1e-3
+  c.schedule.warmup_steps = 100
+  c.log_every = 25
+  c.checkpoint_every = 250
+
+
 def demo_data(c: ml_collections.ConfigDict) -> None:
   """The embedded scenes, 32 px, 16 tokens, evaluated on the test split."""
   c.data.pp_train = "decode|random_resized_crop(32, scale=(0.7, 1))|flip_lr|value_range(-1, 1)"

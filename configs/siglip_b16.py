@@ -18,7 +18,7 @@ import math
 
 import ml_collections
 
-from configs.common import base_config, demo_data, demo_two_tower
+from configs.common import base_config, demo_data, demo_trainer, demo_two_tower
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,15 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "demo":
     demo_data(c)
     c.model = demo_two_tower(temperature_init=math.log(10.0), bias_init=-10.0)
-    c.batch_size = 128
-    c.total_steps = 1500
-    c.lr = 1e-3
+    demo_trainer(c)
     # The demo trains 1.5k steps, not ~300k: the temperature and bias get a 10x learning rate to
     # travel their range (at the init, scale 10 and bias -10, a positive logit is at most 0).
     c.lr_mults = [("t", 10.0), ("b", 10.0)]
-    c.schedule.warmup_steps = 100
-    c.log_every = 25
-    c.checkpoint_every = 250
     return c
   if arg not in (None, ""):
     raise ValueError(f"configs/siglip_b16.py: unknown variant {arg!r}; known: demo")

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm.models.vit import decode_variant
+from vlm.models.vit import resolve_dims
 from vlm.nn import Encoder, LearnedPosEmb, MAPHead, make_attention_mask, make_norm, pool
 from vlm.nn.mlp import dense
 
@@ -44,14 +44,7 @@ class TextTransformer(nn.Module):
   dtype: Any = None
 
   def dims(self) -> dict[str, Any]:
-    d = decode_variant(self.variant)
-    for k in ("width", "depth", "mlp_dim", "num_heads"):
-      if getattr(self, k) is not None:
-        d[k] = getattr(self, k)
-    missing = [k for k in ("width", "depth", "mlp_dim", "num_heads") if k not in d]
-    if missing:
-      raise ValueError(f"TextTransformer needs {missing}: give a variant like 'B' or the explicit fields")
-    return d
+    return resolve_dims(self, ("width", "depth", "mlp_dim", "num_heads"))
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:

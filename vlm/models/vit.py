@@ -48,6 +48,16 @@ def decode_variant(variant: str | None) -> dict[str, Any]:
   return out
 
 
+def resolve_dims(module: nn.Module, keys: tuple[str, ...]) -> dict[str, Any]:
+  """module.variant's sizes, overridden by the module's explicit (non-None) fields `keys`."""
+  d = decode_variant(module.variant)
+  d.update({k: getattr(module, k) for k in keys if getattr(module, k) is not None})
+  missing = [k for k in keys if k not in d]
+  if missing:
+    raise ValueError(f"{type(module).__name__} needs {missing}: give a variant like 'B/16' or the explicit fields")
+  return d
+
+
 class ViT(nn.Module):
   """Images [B, H, W, 3] -> (pooled embedding [B, out_dim or width], aux dict).
 
@@ -82,15 +92,9 @@ class ViT(nn.Module):
   dtype: Any = None
 
   def dims(self) -> dict[str, Any]:
-    d = decode_variant(self.variant)
-    for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-      if getattr(self, k) is not None:
-        d[k] = getattr(self, k)
-    if isinstance(d.get("patch_size"), int):
+    d = resolve_dims(self, ("width", "depth", "mlp_dim", "num_heads", "patch_size"))
+    if isinstance(d["patch_size"], int):
       d["patch_size"] = (d["patch_size"],) * 2
-    missing = [k for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size") if k not in d]
-    if missing:
-      raise ValueError(f"ViT needs {missing}: give a variant like 'B/16' or the explicit fields")
     return d
 
   @nn.compact

@@ -52,7 +52,7 @@ def _every(step: int, every: int | None, last: int) -> bool:
   return step == last or bool(every and step % every == 0)
 
 
-def setup(config, workdir: str | Path | None):
+def setup(config):
   """Mesh, model, objective, optimiser and evaluators from the config (no data, no state)."""
   mesh = parallel.make_mesh(config.get("mesh", [("data", -1)]))
   rules = tuple(tuple(r) for r in config.get("rules", parallel.DEFAULT_RULES))
@@ -69,7 +69,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  mesh, rules, model, objective, tx, schedule, evals = setup(config, workdir)
+  mesh, rules, model, objective, tx, schedule, evals = setup(config)
   total = int(config.total_steps)
 
   data_iter = make_pipeline(config.data, split="train", batch_size=config.batch_size, mesh=mesh, seed=config.seed)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -148,7 +149,7 @@ def _fuse_in_proj(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.n
   return out
 
 
-def _tower_kwargs(c: dict, kind: str) -> dict[str, Any]:
+def _tower_kwargs(c: dict) -> dict[str, Any]:
   act = c.get("hidden_act", "gelu")
   if act not in ACT_FROM_HF:
     raise ValueError(f"config.json: hidden_act {act!r} is not supported; known: {sorted(ACT_FROM_HF)}")
@@ -161,8 +162,8 @@ def model_kwargs_from_hf(config: dict) -> dict[str, Any]:
   mt = config.get("model_type")
   vc, tc = config["vision_config"], config["text_config"]
   grid = vc["image_size"] // vc["patch_size"]
-  image = dict(_tower_kwargs(vc, "image"), patch_size=vc["patch_size"], posemb="learn", posemb_grid=(grid, grid))
-  text = dict(_tower_kwargs(tc, "text"), vocab_size=tc["vocab_size"], max_len=tc["max_position_embeddings"])
+  image = dict(_tower_kwargs(vc), patch_size=vc["patch_size"], posemb="learn", posemb_grid=(grid, grid))
+  text = dict(_tower_kwargs(tc), vocab_size=tc["vocab_size"], max_len=tc["max_position_embeddings"])
   if mt == "clip":
     eos = tc.get("eos_token_id", 2)
     image.update(class_token=True, pool_type="cls", pre_norm=True, patch_bias=False,
@@ -260,8 +261,8 @@ def hf_config_from_kwargs(kwargs: dict[str, Any], model_type: str) -> dict[str, 
   im, tx = kwargs["image"], kwargs["text"]
   from vlm.models.vit import ViT
   from vlm.models.text import TextTransformer
-  idims = ViT(**{k: v for k, v in im.items()}).dims()
-  tdims = TextTransformer(**{k: v for k, v in tx.items()}).dims()
+  idims = ViT(**im).dims()
+  tdims = TextTransformer(**tx).dims()
   grid = im.get("posemb_grid")
   if grid is None:
     raise ValueError("export needs model.image.posemb_grid (the learned position grid) to write image_size")
@@ -290,7 +291,7 @@ def hf_config_from_kwargs(kwargs: dict[str, Any], model_type: str) -> dict[str, 
 def export_hf(kwargs: dict[str, Any], params: dict, path: str | Path, model_type: str) -> None:
   """Writes our TwoTower params as an HF directory (config.json + model.safetensors)."""
   config = hf_config_from_kwargs(kwargs, model_type)
-  params = unstack_encoder_blocks(jax_to_numpy(params))
+  params = unstack_encoder_blocks(jax.tree.map(np.asarray, params))
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
   tensors = {}
   for hf, ours, kind, tower in _table(config):
@@ -303,8 +304,3 @@ def export_hf(kwargs: dict[str, Any], params: dict, path: str | Path, model_type
   if model_type == "siglip":
     tensors = _fuse_in_proj(tensors, "vision_model.head.attention")
   save_safetensors_dir(tensors, path, config)
-
-
-def jax_to_numpy(tree: Any) -> Any:
-  import jax
-  return jax.tree.map(np.asarray, tree)

@@ -4,11 +4,12 @@ from vlm.nn.attention import MultiHeadAttention, make_attention_mask
 from vlm.nn.mlp import Mlp
 from vlm.nn.norms import make_norm
 from vlm.nn.patch import PatchEmbed
-from vlm.nn.poolers import MAPHead, pool
+from vlm.nn.poolers import AttentionalPooler, MAPHead, pool
 from vlm.nn.posemb import LearnedPosEmb, resample_posemb, sincos2d
 from vlm.nn.transformer import Encoder, EncoderBlock
 
 __all__ = [
+    "AttentionalPooler",
     "Encoder",
     "EncoderBlock",
     "LearnedPosEmb",

@@ -42,6 +42,34 @@ class MAPHead(nn.Module):
     return x[:, 0] if self.num_queries == 1 else x
 
 
+class AttentionalPooler(nn.Module):
+  """CoCa's attentional pooler (Yu et al. 2022, sec. 3.2; open_clip's AttentionalPooler).
+
+  `num_queries` learned queries cross-attend to the encoder tokens: [B, T, Dc] -> [B, num_queries, D].
+  Queries and keys are layer-normed (ln_q, ln_k); no MLP and no residual, unlike MAPHead. CoCa uses
+  two: 256 queries for the captioner's cross-attention, 1 for the contrastive embedding.
+  width: query/output width D (default: the tokens' width Dc).
+  """
+
+  num_queries: int
+  num_heads: int
+  width: int | None = None
+  norm_eps: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x [B, T, Dc]; mask [B, T] bool (True = a real token) -> [B, num_queries, D]."""
+    d = self.width or x.shape[-1]
+    query = self.param("query", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+                       (self.num_queries, d))
+    q = make_norm("layer", self.norm_eps, self.dtype, name="ln_q")(query)
+    x = make_norm("layer", self.norm_eps, self.dtype, name="ln_k")(x)
+    q = jnp.broadcast_to(q.astype(x.dtype), (x.shape[0], self.num_queries, d))
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    return MultiHeadAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(q, x, mask=attn_mask)
+
+
 POOL_TYPES = ("first", "cls", "last", "eos", "argmax", "gap", "map", "none")
 
 

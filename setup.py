@@ -20,8 +20,10 @@ setup(
     python_requires=">=3.11",
     install_requires=_REQS,
     extras_require={
-        # torch/transformers are parity oracles for the importers: tests only.
+        # torch/transformers are parity oracles for the importers, pycocoevalcap (its pure-Python
+        # BLEU and CIDEr scorers) for vlm.evals.caption_metrics: tests only.
         # torch==2.13.0 is the CPU build available on the project's machines.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0", "matplotlib>=3.8"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0", "matplotlib>=3.8",
+                 "pycocoevalcap==1.2"],
     },
 )

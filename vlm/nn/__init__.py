@@ -6,10 +6,12 @@ from vlm.nn.norms import make_norm
 from vlm.nn.patch import PatchEmbed
 from vlm.nn.poolers import AttentionalPooler, MAPHead, pool
 from vlm.nn.posemb import LearnedPosEmb, resample_posemb, sincos2d
-from vlm.nn.transformer import Encoder, EncoderBlock
+from vlm.nn.transformer import Decoder, DecoderBlock, Encoder, EncoderBlock
 
 __all__ = [
     "AttentionalPooler",
+    "Decoder",
+    "DecoderBlock",
     "Encoder",
     "EncoderBlock",
     "LearnedPosEmb",

@@ -67,6 +67,14 @@ class MultiHeadAttention(nn.Module):
     head_dim: per-head width; default D // N.
     qk_norm: None, 'layer' or 'rms': normalise queries and keys per head (Dehghani et al. 2023).
     use_bias: biases on the q/k/v/out projections.
+
+  Autoregressive decoding (`decode=True`) keeps keys and values in the 'cache' collection, every
+  leaf batch-major (vlm.decoding's convention):
+    - self-attention: 'key'/'value' [B, cache_len, K, hd]. A call with T tokens writes them at
+      slots [index, index + T) and attends causally (by slot) over the cache. The call that
+      creates the cache sizes it `cache_len` (default T).
+    - cross-attention: 'cross_key'/'cross_value' [B, S, K, hd], projected from `kv` by the call
+      that creates the cache; later calls reuse them (their `kv` may be None).
   """
 
   num_heads: int
@@ -86,8 +94,19 @@ class MultiHeadAttention(nn.Module):
       *,
       mask: jax.Array | None = None,
       causal: bool = False,
+      decode: bool = False,
+      index: jax.Array | int = 0,
+      cache_len: int | None = None,
+      cross: bool | None = None,
   ) -> jax.Array:
-    """mask: boolean, broadcastable to [B, N, Tq, Tk]; True = may attend."""
+    """mask: boolean, broadcastable to [B, N, Tq, Tk]; True = may attend.
+
+    decode: use the KV cache (see the class docstring); `index` is the cache slot of x's first
+    token; `mask`, if given, is then broadcastable to [B, N, Tq, cache_len] (self) or [B, N, Tq, S].
+    cross: whether this is cross-attention (default: `kv is not None`; needed when decoding
+    reuses cached cross keys with kv=None).
+    """
+    cross = (kv is not None) if cross is None else cross
     kv = x if kv is None else kv
     d = x.shape[-1]
     n = self.num_heads
@@ -99,12 +118,22 @@ class MultiHeadAttention(nn.Module):
     def proj(name, inp, heads):
       return HeadsDense((heads, hd), ("embed", "heads", "kv"), self.use_bias, self.dtype, name=name)(inp)
 
+    def key_value(inp):
+      k, v = proj("key", inp, k_heads), proj("value", inp, k_heads)
+      if self.qk_norm:
+        k = make_norm(self.qk_norm, self.norm_eps, self.dtype, name="key_norm")(k)
+      return k, v
+
     q = proj("query", x, n)
-    k = proj("key", kv, k_heads)
-    v = proj("value", kv, k_heads)
     if self.qk_norm:
       q = make_norm(self.qk_norm, self.norm_eps, self.dtype, name="query_norm")(q)
-      k = make_norm(self.qk_norm, self.norm_eps, self.dtype, name="key_norm")(k)
+    if decode and cross:
+      k, v = self._cached_cross_kv(kv, key_value)
+    else:
+      k, v = key_value(kv)
+    if decode and not cross:
+      k, v, mask = self._update_self_cache(k, v, mask, index, cache_len)
+      causal = False  # the cache mask is causal in slot coordinates
     q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", None))
     k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_heads", None))
     v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_heads", None))
@@ -115,3 +144,37 @@ class MultiHeadAttention(nn.Module):
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
     return HeadsDense((self.out_dim or d,), ("heads", "kv", "embed"), self.use_bias, self.dtype, in_dims=2,
                       name="out")(out)
+
+  def _cached_cross_kv(self, kv, key_value):
+    """Cross-attention K/V: projected once (when the cache is created), then read from the cache."""
+    if self.has_variable("cache", "cross_key"):
+      return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+    if kv is None:
+      raise ValueError("cross-attention decoding: the call that creates the cache needs the context `kv`")
+    k, v = key_value(kv)
+    self.put_variable("cache", "cross_key", k)
+    self.put_variable("cache", "cross_value", v)
+    return k, v
+
+  def _update_self_cache(self, k, v, mask, index, cache_len):
+    """Writes k, v [B, T, K, hd] at slots [index, index + T); returns the cache and its causal mask.
+
+    The first call allocates the cache ([B, cache_len or T, K, hd], zeros) and writes into it too.
+    Slots after a query's own position are masked, so unwritten slots are never attended.
+    """
+    b, t = k.shape[:2]
+    if not self.has_variable("cache", "key"):
+      length = cache_len or t
+      if length < t:
+        raise ValueError(f"cache_len={length} is shorter than the {t} tokens of the first decoding call")
+      for name, val in (("key", k), ("value", v)):
+        self.put_variable("cache", name, jnp.zeros((b, length) + val.shape[2:], val.dtype))
+    index = jnp.asarray(index, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    ck = jax.lax.dynamic_update_slice(self.get_variable("cache", "key"), k, (zero, index, zero, zero))
+    cv = jax.lax.dynamic_update_slice(self.get_variable("cache", "value"), v, (zero, index, zero, zero))
+    self.put_variable("cache", "key", ck)
+    self.put_variable("cache", "value", cv)
+    q_pos = index + jnp.arange(t)
+    cache_mask = (jnp.arange(ck.shape[1])[None, :] <= q_pos[:, None])[None, None]
+    return ck, cv, cache_mask if mask is None else cache_mask & mask

@@ -85,12 +85,14 @@ class Tokenizer:
         return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Decodes up to the first EOS; pad and BOS are ignored."""
+        """Decodes up to the first EOS; pad and BOS are ignored, and so are ids past the
+        vocabulary (a model's output layer is often padded beyond the tokenizer's size)."""
         keep = []
+        vocab = self.vocab_size
         for i in np.asarray(ids).reshape(-1).tolist():
             if i == self.eos_id:
                 break
-            if i == self.pad_id or i == self.bos_id:
+            if i == self.pad_id or i == self.bos_id or not 0 <= i < vocab:
                 continue
             keep.append(int(i))
         return self._sp.DecodeIds(keep)

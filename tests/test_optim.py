@@ -34,6 +34,8 @@ def test_schedules():
   r = make_schedule(1.0, 100, "warmup_rsqrt", warmup_steps=10, timescale=10, cooldown_steps=20)
   assert np.isclose(float(r(10)), 1.0) and np.isclose(float(r(20)), np.sqrt(0.5), atol=1e-6)
   assert float(r(100)) == 0.0  # cooled down to zero
+  lin = make_schedule(1.0, 110, "warmup_linear", warmup_steps=10, end_lr_frac=0.1)
+  assert np.isclose(float(lin(10)), 1.0) and np.isclose(float(lin(60)), 0.55) and np.isclose(float(lin(110)), 0.1)
   with pytest.raises(ValueError, match="schedule"):
     make_schedule(1.0, 10, "linear")
 
@@ -63,6 +65,22 @@ def test_clipping_and_other_optimizers():
   for name in ("adamw", "adafactor"):
     updates, _ = _update(_cfg(optimizer=name, optimizer_kw={}))
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_adafactor_momentum_averages_updates():
+  """CoCa's Adafactor with beta1: the second update mixes the first (0.9) with the new one (0.1)."""
+  cfg = _cfg(optimizer="adafactor", optimizer_kw=dict(b1=0.9), lr=1.0)
+  tx, _ = build_optimizer(cfg, total_steps=100)
+  plain, _ = build_optimizer(_cfg(optimizer="adafactor", optimizer_kw={}, lr=1.0), total_steps=100)
+  g1 = jax.tree.map(jnp.ones_like, PARAMS)
+  g2 = jax.tree.map(lambda p: -jnp.ones_like(p), PARAMS)
+  state, pstate = tx.init(PARAMS), plain.init(PARAMS)
+  u1, state = tx.update(g1, state, PARAMS)
+  p1, pstate = plain.update(g1, pstate, PARAMS)
+  u2, state = tx.update(g2, state, PARAMS)
+  p2, pstate = plain.update(g2, pstate, PARAMS)
+  np.testing.assert_allclose(u1["t"], 0.1 * p1["t"], rtol=1e-5)
+  np.testing.assert_allclose(u2["t"], 0.9 * u1["t"] + 0.1 * p2["t"], rtol=1e-5)
 
 
 def test_errors_name_the_key():

@@ -3,8 +3,9 @@ weight-decay masks, frozen parameters and learning-rate multipliers by regex on 
 
 Parameter paths are '/'-joined names, e.g. 'img/encoder/block_3/attn/query/kernel'.
 Config keys (all under the trainer config):
-  optimizer: 'adamw' | 'adafactor' | 'sgd';  optimizer_kw: extra kwargs (b1, b2, eps, momentum, nesterov)
-  lr: peak learning rate;  schedule: dict(name='warmup_cosine'|'warmup_rsqrt'|'constant', warmup_steps=...,
+  optimizer: 'adamw' | 'adafactor' | 'sgd';  optimizer_kw: extra kwargs (adamw: b1, b2, eps; adafactor: decay_rate, eps, b1
+      momentum; sgd: momentum, nesterov)
+  lr: peak learning rate;  schedule: dict(name='warmup_cosine'|'warmup_linear'|'warmup_rsqrt'|'constant', warmup_steps=...,
       end_lr_frac=0.0, timescale=..., cooldown_steps=...)
   wd: decoupled weight decay (scaled by the learning rate, as in AdamW);  wd_mask: regex of decayed
       paths (default: kernels and embeddings, i.e. not biases, norms, temperature and bias scalars)
@@ -55,6 +56,8 @@ def make_schedule(lr: float, total_steps: int, name: str = "warmup_cosine", warm
   rest = max(total_steps - warmup_steps, 1)
   if name == "warmup_cosine":
     main = optax.cosine_decay_schedule(lr, rest, alpha=end_lr_frac)
+  elif name == "warmup_linear":
+    main = optax.linear_schedule(lr, lr * end_lr_frac, rest)
   elif name == "constant":
     main = optax.constant_schedule(lr)
   elif name == "warmup_rsqrt":
@@ -64,7 +67,7 @@ def make_schedule(lr: float, total_steps: int, name: str = "warmup_cosine", warm
         value = value * jnp.clip((rest - step) / cooldown_steps, 0.0, 1.0)
       return value
   else:
-    raise ValueError(f"config.schedule.name: unknown schedule {name!r}; known: warmup_cosine, warmup_rsqrt, constant")
+    raise ValueError(f"config.schedule.name: unknown schedule {name!r}; known: warmup_cosine, warmup_linear, warmup_rsqrt, constant")
   if warmup_steps <= 0:
     return main
   return optax.join_schedules([warmup, main], [warmup_steps])
@@ -74,7 +77,10 @@ def _base(name: str, kw: dict[str, Any]) -> optax.GradientTransformation:
   if name == "adamw":
     return optax.scale_by_adam(b1=kw.get("b1", 0.9), b2=kw.get("b2", 0.999), eps=kw.get("eps", 1e-8))
   if name == "adafactor":
-    return optax.scale_by_factored_rms(decay_rate=kw.get("decay_rate", 0.8), epsilon=kw.get("eps", 1e-30))
+    rms = optax.scale_by_factored_rms(decay_rate=kw.get("decay_rate", 0.8), epsilon=kw.get("eps", 1e-30))
+    if kw.get("b1"):  # first-moment momentum on the factored update (as CoCa's Adafactor with beta1 0.9)
+      return optax.chain(rms, optax.ema(kw["b1"], debias=False))
+    return rms
   if name == "sgd":
     return optax.trace(decay=kw.get("momentum", 0.9), nesterov=kw.get("nesterov", False))
   raise ValueError(f"config.optimizer: unknown optimizer {name!r}; known: adamw, adafactor, sgd")

@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.async_checkpoint = True
   c.tensorboard = True
   c.evals = ml_collections.ConfigDict()
+  c.eval_at_start = False
   c.init = ml_collections.ConfigDict(dict(path=None, mapping=None, step=None))
   return c
 

@@ -17,16 +17,9 @@ from vlm import checkpoint
 from vlm.metrics_writer import read_metrics
 from vlm.train import train
 
+from conftest import TINY_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY_DATA = dict(num_train=1024, num_validation=64, num_test=256)
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("data")
-  from vlm.data import embedded
-  embedded.build(str(d), **TINY_DATA)
-  return d
 
 
 def tiny(module, data_dir, steps=8, **over):

@@ -1,8 +1,17 @@
-"""Zero-shot labels for your own image: `python -m vlm.predict --workdir=DIR --image=cat.png --labels="a,b,c"`.
+"""Predictions for your own image from a trained workdir.
 
-Loads the workdir's config and latest checkpoint, preprocesses the image with `data.pp_eval`,
-embeds each label with the prompt templates (ensembled), and prints the labels ranked with their
+Zero-shot labels (any contrastive model: SigLIP, CLIP, LiT, CoCa):
+
+    python -m vlm.predict --workdir=DIR --image=cat.png --labels="a,b,c"
+
+embeds each label with the prompt templates (ensembled) and prints the labels ranked with their
 probabilities (sigmoid of the logit for a model with a bias, as SigLIP; softmax over labels otherwise).
+
+A caption (captioning models, e.g. CoCa), when no --labels are given:
+
+    python -m vlm.predict --workdir=DIR --image=cat.png [--method=beam --num_beams=4]
+
+The image goes through `data.pp_eval`; the workdir's config and latest checkpoint are used.
 """
 
 import json
@@ -15,6 +24,7 @@ import numpy as np
 from vlm.data import get_metadata, get_tokenizer
 from vlm.data.preprocess import apply_ops, parse_pp
 from vlm.data.sources import decode_image
+from vlm.evals.captioning import generate_captions
 from vlm.evaluate import load_model_and_params, load_workdir_config
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -42,17 +52,31 @@ def predict(workdir: str | Path, image: str | Path, labels: list[str], templates
   tok = get_tokenizer(config.data)
   ids = tok.encode_batch([t.format(label) for label in labels for t in templates], config.data.text_length,
                          config.data.add_bos, config.data.add_eos)
-  x = load_image(image, config.data.pp_eval)
-  zimg, ztxt, out = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(ids))
+  x = jnp.asarray(load_image(image, config.data.pp_eval))
+  zimg = model.apply({"params": params}, x, method=model.encode_image)[0]
+  ztxt = model.apply({"params": params}, jnp.asarray(ids), method=model.encode_text)[0]
+  scale, bias = model.apply({"params": params}, method=model.scale_and_bias)
   ztxt = ztxt.reshape(len(labels), len(templates), -1).mean(1)
   ztxt = ztxt / jnp.linalg.norm(ztxt, axis=-1, keepdims=True)
-  logits = out["scale"] * (zimg @ ztxt.T)[0]
-  if out["bias"] is not None:
-    probs = jax.nn.sigmoid(logits + out["bias"])
-  else:
-    probs = jax.nn.softmax(logits)
+  logits = scale * (zimg @ ztxt.T)[0]
+  probs = jax.nn.sigmoid(logits + bias) if bias is not None else jax.nn.softmax(logits)
   order = np.argsort(-np.asarray(logits))
   return [(labels[i], float(probs[i])) for i in order]
+
+
+def caption(workdir: str | Path, image: str | Path, method: str = "greedy", step: int | None = None,
+            **decode_kw) -> str:
+  """A caption of the image by a captioning model's KV-cached decoder (vlm.decoding)."""
+  config = load_workdir_config(workdir)
+  model, _, params = load_model_and_params(config, workdir, step)
+  if not hasattr(model, "caption_context"):
+    raise ValueError(f"{workdir}: model {config.model_name!r} does not caption; pass --labels for zero-shot")
+  tok = get_tokenizer(config.data)
+  x = jnp.asarray(load_image(image, config.data.pp_eval))
+  rng = jax.random.key(0) if method == "sample" else None
+  out = generate_captions(model, params, x, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                          max_len=int(config.data.text_length), method=method, rng=rng, **decode_kw)
+  return tok.decode(np.asarray(out.tokens)[0])
 
 
 def main(argv) -> None:
@@ -60,6 +84,10 @@ def main(argv) -> None:
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
+  if f.labels is None:
+    kw = {"num_beams": f.num_beams} if f.method == "beam" else {}
+    print(json.dumps({"caption": caption(f.workdir, f.image, f.method, f.step, **kw)}), flush=True)
+    return
   labels = [s.strip() for s in f.labels.split(",") if s.strip()]
   if not labels:
     raise ValueError("--labels: give at least one label, e.g. --labels='red circle,blue star'")
@@ -71,7 +99,9 @@ if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "Workdir of a training run.")
   flags.DEFINE_string("image", None, "Path to an image file.")
-  flags.DEFINE_string("labels", None, "Comma-separated candidate labels.")
+  flags.DEFINE_string("labels", None, "Comma-separated candidate labels (zero-shot); without: a caption.")
+  flags.DEFINE_enum("method", "greedy", ["greedy", "beam", "sample"], "Caption decoding method.")
+  flags.DEFINE_integer("num_beams", 4, "Beams for --method=beam.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  flags.mark_flags_as_required(["workdir", "image", "labels"])
+  flags.mark_flags_as_required(["workdir", "image"])
   app.run(main)

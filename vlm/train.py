@@ -7,7 +7,8 @@ metrics.jsonl, TensorBoard. Override any key with `--config.key=value`.
 Config keys (besides `model`, `objective`, `data`, and the optimiser keys of vlm.optim):
   seed, batch_size (global), total_steps, mesh [(axis, size)], rules [(logical, mesh axes)],
   model_name, objective_name, accum_steps, log_every, checkpoint_every, keep_checkpoints,
-  async_checkpoint, evals {name: {type, every, ...}}, init {path, mapping, step},
+  async_checkpoint, evals {name: {type, every, ...}}, eval_at_start (also evaluate the initial
+  parameters, logged as step 0), init {path, mapping, step},
   tensorboard, wandb {project, ...}, peak_flops_per_device (for MFU; known accelerators are looked up),
   coordinator_address / num_processes / process_id (multi-host; or pass them as flags).
 """
@@ -100,6 +101,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   last: dict[str, Any] = {}
   log_every = config.get("log_every", 50)
   progress = _progress(start, total)
+
+  def run_evals(step: int, due) -> bool:
+    results = {}
+    for name, evaluator in evals.items():
+      if due(name):
+        results.update(evaluator(state.params))
+    if results:
+      last.update(results)
+      writer.write(step, results)
+      progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+    return bool(results)
+
+  if start == 0 and config.get("eval_at_start"):  # the untrained model's numbers, as step 0
+    run_evals(0, lambda name: True)
   t0, steps_since = time.perf_counter(), 0
   for step in range(start + 1, total + 1):
     batch = pending if pending is not None else next(data_iter)
@@ -123,14 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
       writer.write(step, metrics)
       progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", ex_s=f"{config.batch_size / dt:.0f}")
       t0, steps_since = time.perf_counter(), 0
-    results = {}
-    for name, evaluator in evals.items():
-      if _every(step, config.evals[name].get("every"), total):
-        results.update(evaluator(state.params))
-    if results:
-      last.update(results)
-      writer.write(step, results)
-      progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+    if run_evals(step, lambda name: _every(step, config.evals[name].get("every"), total)):
       t0, steps_since = time.perf_counter(), 0  # evaluation time is not training time
     progress.update(1)
   progress.close()

@@ -1,4 +1,5 @@
 """Losses shared by the model families."""
+from vlm.losses.captioning import caption_loss
 from vlm.losses.contrastive import (
     IMPLS,
     KINDS,
@@ -16,6 +17,7 @@ __all__ = [
     "KINDS",
     "LOSSES",
     "all_gather_batch",
+    "caption_loss",
     "contrastive_loss",
     "contrastive_metrics",
     "get_loss_fn",

@@ -20,7 +20,29 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-class TwoTower(nn.Module):
+class LearnedScaleAndBias:
+  """Mixin for contrastive models: the learnable temperature t' (scale = exp(t'), clamped at
+  max_scale) and the optional bias b, as top-level parameters 't' and 'b'.
+
+  The module needs fields temperature_init, bias_init (None: no bias) and max_scale, and calls
+  `self.setup_scale_and_bias()` in its setup().
+  """
+
+  def setup_scale_and_bias(self) -> None:
+    self.t = self.param("t", nn.with_logical_partitioning(nn.initializers.constant(self.temperature_init), (None,)),
+                        (1,))
+    if self.bias_init is not None:
+      self.b = self.param("b", nn.with_logical_partitioning(nn.initializers.constant(self.bias_init), (None,)),
+                          (1,))
+
+  def scale_and_bias(self) -> tuple[jax.Array, jax.Array | None]:
+    scale = jnp.exp(self.t[0])
+    if self.max_scale is not None:
+      scale = jnp.minimum(scale, self.max_scale)
+    return scale, (self.b[0] if self.bias_init is not None else None)
+
+
+class TwoTower(LearnedScaleAndBias, nn.Module):
   """Image tower (ViT) + text tower (TextTransformer) -> L2-normalised embeddings.
 
   __call__(images [B,H,W,3] | None, tokens [B,L] | None) -> (zimg [B,E], ztxt [B,E], out)
@@ -43,11 +65,7 @@ class TwoTower(nn.Module):
       raise ValueError(f"model.frozen may hold 'image' and 'text', got {sorted(unknown)}")
     self.img = ViT(**(self.image or {}), name="img")
     self.txt = TextTransformer(**(self.text or {}), name="txt")
-    self.t = self.param("t", nn.with_logical_partitioning(nn.initializers.constant(self.temperature_init), (None,)),
-                        (1,))
-    if self.bias_init is not None:
-      self.b = self.param("b", nn.with_logical_partitioning(nn.initializers.constant(self.bias_init), (None,)),
-                          (1,))
+    self.setup_scale_and_bias()
 
   def encode_image(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
     frozen = "image" in self.frozen
@@ -60,12 +78,6 @@ class TwoTower(nn.Module):
     z, aux = self.txt(tokens, train=train and not frozen)
     z = l2_normalize(z.astype(jnp.float32))
     return (jax.lax.stop_gradient(z) if frozen else z), aux
-
-  def scale_and_bias(self) -> tuple[jax.Array, jax.Array | None]:
-    scale = jnp.exp(self.t[0])
-    if self.max_scale is not None:
-      scale = jnp.minimum(scale, self.max_scale)
-    return scale, (self.b[0] if self.bias_init is not None else None)
 
   def __call__(self, images: jax.Array | None, tokens: jax.Array | None, train: bool = False):
     out: dict[str, Any] = {}

@@ -26,11 +26,18 @@ class Contrastive:
   def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
     zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=train,
                                   rngs={"dropout": rng})
-    axes = parallel.data_axes(self.mesh) if self.mesh is not None else ()
-    loss, metrics = contrastive_loss(zimg, ztxt, out["scale"], out["bias"], kind=self.loss,
-                                     impl=self.impl if self.mesh is not None else "local",
-                                     mesh=self.mesh, axes=axes)
-    metrics = dict(metrics, scale=out["scale"])
-    if out["bias"] is not None:
-      metrics["bias"] = out["bias"]
-    return loss, metrics
+    return contrastive_term(zimg, ztxt, out, loss=self.loss, impl=self.impl, mesh=self.mesh)
+
+
+def contrastive_term(zimg, ztxt, out: dict, *, loss: str, impl: str, mesh: Mesh | None):
+  """The shared contrastive loss on a model's embeddings and out['scale'] / out['bias'] (all devices).
+
+  Returns (loss, metrics) with the loss's pos/neg logits, the scale and the bias.
+  """
+  axes = parallel.data_axes(mesh) if mesh is not None else ()
+  value, metrics = contrastive_loss(zimg, ztxt, out["scale"], out["bias"], kind=loss,
+                                    impl=impl if mesh is not None else "local", mesh=mesh, axes=axes)
+  metrics = dict(metrics, scale=out["scale"])
+  if out["bias"] is not None:
+    metrics["bias"] = out["bias"]
+  return value, metrics

@@ -1,7 +1,9 @@
 """Model families. Configs name them through MODELS: `config.model_name = 'two_tower'`."""
 
+from vlm.models.coca import CoCa, CoCaTextDecoder
 from vlm.models.text import TextTransformer
 from vlm.models.two_tower import TwoTower
+from vlm.models.video import VideoClassifier
 from vlm.models.vit import VIT_VARIANTS, ViT, decode_variant
 from vlm.registry import Registry, to_kwargs
 
@@ -9,6 +11,8 @@ MODELS: Registry = Registry("model")
 MODELS.register("vit")(ViT)
 MODELS.register("text")(TextTransformer)
 MODELS.register("two_tower")(TwoTower)
+MODELS.register("coca")(CoCa)
+MODELS.register("video_classifier")(VideoClassifier)
 
 
 def build_model(name: str, config) -> "flax.linen.Module":  # noqa: F821
@@ -16,4 +20,4 @@ def build_model(name: str, config) -> "flax.linen.Module":  # noqa: F821
   return MODELS.get(name)(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "TextTransformer", "TwoTower", "VIT_VARIANTS", "ViT", "build_model", "decode_variant"]
+__all__ = ["MODELS", "CoCa", "CoCaTextDecoder", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VideoClassifier", "ViT", "build_model", "decode_variant"]

@@ -1,0 +1,76 @@
+"""Top-1 of a classifier's logits over a split (e.g. VideoClassifier on the scenes' motion labels),
+and the helpers it shares with the frozen-feature probe (vlm.evals.probe)."""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from vlm import parallel
+from vlm.data import load_split_numpy
+from vlm.evals.base import EVALS, batched_apply
+
+
+def jit_on_mesh(fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh, rules) -> Callable:
+  """jax.jit(fn)(params, x), run inside `mesh` and the logical axis `rules` (for batched_apply)."""
+  rules = parallel.filter_rules(rules, mesh)
+  jitted = jax.jit(fn)
+
+  def run(params, x):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(params, x)
+
+  return run
+
+
+def data_config(config, frames: bool) -> ml_collections.ConfigDict:
+  """config.data, copied with with_frames=True where `frames` asks for clips it does not load."""
+  if not frames or config.data.get("with_frames", False):
+    return config.data
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.with_frames = True
+  return data
+
+
+def top1_metrics(pred: np.ndarray, arrays: dict[str, np.ndarray], label_key: str, prefix: str) -> dict[str, float]:
+  """{prefix}/top1 of pred [N] against arrays[label_key] [N] (negative labels skipped), and
+  {prefix}/top1_seen, top1_unseen on seen / held-out attribute combinations where arrays has 'seen'."""
+  labels = arrays[label_key]
+  valid = labels >= 0
+  correct = pred == labels
+  out = {f"{prefix}/top1": float(correct[valid].mean()) if valid.any() else 0.0}
+  if "seen" in arrays:
+    seen = arrays["seen"].astype(bool)
+    for name, mask in (("seen", seen & valid), ("unseen", ~seen & valid)):
+      if mask.any():
+        out[f"{prefix}/top1_{name}"] = float(correct[mask].mean())
+  return out
+
+
+@EVALS.register("classify")
+class Classify:
+  """Top-1 of argmax model.apply(params, arrays[input_key])[0] against arrays[label_key] on `split`."""
+
+  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", input_key: str = "frames",
+               label_key: str = "motion", batch_size: int = 256, max_examples: int | None = None):
+    self.prefix, self.mesh, self.split = prefix, mesh, split
+    self.input_key, self.label_key = input_key, label_key
+    self.batch_size, self.max_examples = batch_size, max_examples
+    self.data_config = data_config(config, frames=input_key == "frames")
+    self.logits = jit_on_mesh(lambda p, x: model.apply({"params": p}, x)[0], mesh,
+                              config.get("rules", parallel.DEFAULT_RULES))
+    self._data = None
+
+  def data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if self._data is None:  # loaded once, on first use
+      self._data = load_split_numpy(self.data_config, self.split, max_examples=self.max_examples)
+    return self._data
+
+  def __call__(self, params) -> dict[str, float]:
+    arrays, _ = self.data()
+    logits = batched_apply(self.logits, params, arrays[self.input_key], self.mesh, self.batch_size)
+    return top1_metrics(np.argmax(logits, axis=-1), arrays, self.label_key, self.prefix)

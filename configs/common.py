@@ -66,9 +66,10 @@ def demo_data(c: ml_collections.ConfigDict) -> None:
   c.data.pp_eval = "decode|resize(32)|value_range(-1, 1)"
   c.data.text_length = 16
   c.data.caption_key = "caption_varied"  # varied phrasings for training (vlm.data.scenes.CAPTION_PHRASINGS)
+  # Evaluated halfway and at the end of the 1.5k-step demos (each round costs ~10-20 s of a 10-minute run).
   c.evals = ml_collections.ConfigDict(dict(
-      zeroshot=dict(type="zeroshot", every=500, split="test", max_examples=ml_collections.config_dict.placeholder(int)),
+      zeroshot=dict(type="zeroshot", every=750, split="test", max_examples=ml_collections.config_dict.placeholder(int)),
       # Retrieval on the canonical captions: each names size, colour, shape and position.
-      retrieval=dict(type="retrieval", every=500, split="test", caption_key="caption",
+      retrieval=dict(type="retrieval", every=750, split="test", caption_key="caption",
                      max_examples=ml_collections.config_dict.placeholder(int)),
   ))

@@ -114,7 +114,7 @@ def _video_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   demo_data(c)
   c.data.builder.update(num_frames=4, num_train=4000, image_size=16)
   c.data.with_frames = True
-  c.data.pp_train = "decode|value_range(-1, 1)"  # no flip_lr: it would mirror left/right motion
+  c.data.pp_train = "decode|value_range(-1, 1)"  # as measured; flip_lr would be safe (it swaps the left/right labels)
   c.data.pp_eval = "decode|value_range(-1, 1)"
   c.model_name = "video_classifier"
   c.objective_name = "classification"

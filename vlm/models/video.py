@@ -26,8 +26,8 @@ class AttentionalProbe(nn.Module):
   do not change when the frames are permuted, so a clip played backwards (the opposite
   direction of motion) would get the same class.
   temporal_std: init scale of the temporal embedding, commensurate with layer-normed tokens.
-  At 0.02 the pooler's heads start blind to the frame index and, trained from scratch on the
-  scenes' motion, stayed at chance for longer than 175 steps where 1.0 learned in about 125.
+  At 0.02 the heads start blind to the frame index: a VideoClassifier trained from scratch on
+  the scenes' motion was still at chance after 175 steps, where 1.0 reached 95% top-1.
   """
 
   num_classes: int

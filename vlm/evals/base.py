@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -38,3 +39,15 @@ def batched_apply(fn: Callable[[Any, np.ndarray], jax.Array], params: Any, x: np
     out = fn(params, parallel.shard_batch(chunk, mesh))
     outs.append(np.asarray(jax.device_get(out))[: len(chunk) - pad])
   return np.concatenate(outs)
+
+
+def jit_on_mesh(fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh, rules) -> Callable:
+  """jax.jit(fn)(params, x), run inside `mesh` and the logical axis `rules` (for batched_apply)."""
+  rules = parallel.filter_rules(rules, mesh)
+  jitted = jax.jit(fn)
+
+  def run(params, x):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(params, x)
+
+  return run

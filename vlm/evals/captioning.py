@@ -16,7 +16,7 @@ from vlm import decoding, parallel
 from vlm.data import get_tokenizer, load_split_numpy
 from vlm.data.pipeline import make_source
 from vlm.data.sources import _to_str
-from vlm.evals.base import EVALS, batched_apply
+from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
 from vlm.evals.caption_metrics import caption_scores
 
 
@@ -72,7 +72,7 @@ class Captioning:
     self.tok = None
     self.max_len = int(max_len or config.data.text_length)
     self.method, self.seed, self.decode_kw = method, seed, decode_kw
-    self.rules = parallel.filter_rules(config.get("rules", parallel.DEFAULT_RULES), mesh)
+    self.rules = config.get("rules", parallel.DEFAULT_RULES)
     self._data = None
     self._generate = None
     self.last_captions: list[str] = []
@@ -83,15 +83,10 @@ class Captioning:
       return self._generate
     tok = self.tokenizer()
     rng = jax.random.key(self.seed) if self.method == "sample" else None
-    gen = jax.jit(lambda p, x: generate_captions(
+    self._generate = jit_on_mesh(lambda p, x: generate_captions(
         self.model, p, x, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=self.max_len,
-        method=self.method, rng=rng, **self.decode_kw).tokens)
-
-    def run(p, x):
-      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        return gen(p, x)
-    self._generate = run
-    return run
+        method=self.method, rng=rng, **self.decode_kw).tokens, self.mesh, self.rules)
+    return self._generate
 
   def tokenizer(self):
     if self.tok is None:

@@ -1,30 +1,14 @@
 """Top-1 of a classifier's logits over a split (e.g. VideoClassifier on the scenes' motion labels),
 and the helpers it shares with the frozen-feature probe (vlm.evals.probe)."""
 
-from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
-import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
 from vlm import parallel
 from vlm.data import load_split_numpy
-from vlm.evals.base import EVALS, batched_apply
-
-
-def jit_on_mesh(fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh, rules) -> Callable:
-  """jax.jit(fn)(params, x), run inside `mesh` and the logical axis `rules` (for batched_apply)."""
-  rules = parallel.filter_rules(rules, mesh)
-  jitted = jax.jit(fn)
-
-  def run(params, x):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jitted(params, x)
-
-  return run
+from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
 
 
 def data_config(config, frames: bool) -> ml_collections.ConfigDict:

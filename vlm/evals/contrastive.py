@@ -3,26 +3,18 @@
 from typing import Any
 
 import flax.linen as nn
-import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
 from vlm import parallel
 from vlm.data import get_tokenizer, load_split_numpy
-from vlm.evals.base import EVALS, batched_apply
+from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
 
 
 def _encoders(model: nn.Module, mesh: Mesh, rules):
-  rules = parallel.filter_rules(rules, mesh)
-
   def wrap(method):
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=method)[0])
-
-    def run(p, x):
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return fn(p, x)
-    return run
+    return jit_on_mesh(lambda p, x: model.apply({"params": p}, x, method=method)[0], mesh, rules)
 
   return wrap(model.encode_image), wrap(model.encode_text)
 

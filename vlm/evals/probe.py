@@ -16,8 +16,8 @@ import optax
 
 from vlm import parallel
 from vlm.data import load_split_numpy
-from vlm.evals.base import EVALS, batched_apply
-from vlm.evals.classification import data_config, jit_on_mesh, top1_metrics
+from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
+from vlm.evals.classification import data_config, top1_metrics
 from vlm.models.video import AttentionalProbe
 
 

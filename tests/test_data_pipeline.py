@@ -134,6 +134,30 @@ def test_load_split_numpy_and_metadata(config):
     assert meta["stats"]["skipped"] == 0
 
 
+def test_answer_labels_index_the_answer_vocab(config, tmp_path):
+    from vlm.data import get_tokenizer, scenes
+    c = config.copy_and_resolve_references()
+    c.extra_text_keys = ("question", "answer")
+    c.answer_vocab = scenes.answer_vocab()
+    arrays, _ = load_split_numpy(c, "test")
+    tok = get_tokenizer(c)
+    answers = [tok.decode(a) for a in arrays["answer"]]
+    assert [c.answer_vocab[i] for i in arrays["answer_label"]] == answers
+    (tmp_path / "answers.txt").write_text("red\nblue\n")
+    with c.ignore_type():
+        c.answer_vocab = str(tmp_path / "answers.txt")  # a file works too; answers outside it get -1
+    arrays, _ = load_split_numpy(c, "test")
+    expect = [{"red": 0, "blue": 1}.get(a, -1) for a in answers]
+    assert arrays["answer_label"].tolist() == expect and -1 in expect
+    with c.ignore_type():
+        c.answer_vocab = ["red", "red"]
+    with pytest.raises(ValueError, match="duplicate answers"):
+        check_config(c)
+    c.extra_text_keys = ()
+    with pytest.raises(ValueError, match="needs 'question'"):
+        check_config(c)
+
+
 def test_check_config_names_bad_op_and_argument(config):
     c = config.copy_and_resolve_references()
     c.pp_train = "decode|flipp|value_range(-1, 1)"

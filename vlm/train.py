@@ -8,7 +8,8 @@ Config keys (besides `model`, `objective`, `data`, and the optimiser keys of vlm
   seed, batch_size (global), total_steps, mesh [(axis, size)], rules [(logical, mesh axes)],
   model_name, objective_name, accum_steps, log_every, checkpoint_every, keep_checkpoints,
   async_checkpoint, evals {name: {type, every, ...}}, eval_at_start (also evaluate the initial
-  parameters, logged as step 0), init {path, mapping, step},
+  parameters, logged as step 0), init {path, mapping, step, hint: added to the error when path has
+  no checkpoint},
   tensorboard, wandb {project, ...}, peak_flops_per_device (for MFU; known accelerators are looked up),
   coordinator_address / num_processes / process_id (multi-host; or pass them as flags).
 """
@@ -89,7 +90,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   else:
     start, pending = 0, first
     if config.get("init") and config.init.get("path"):
-      loaded = checkpoint.load_params(config.init.path, config.init.get("step"))
+      try:
+        loaded = checkpoint.load_params(config.init.path, config.init.get("step"))
+      except FileNotFoundError as e:  # init.hint: how to make the missing checkpoint (e.g. a tokenizer run)
+        if not config.init.get("hint"):
+          raise
+        raise FileNotFoundError(f"{e}. {config.init.hint}") from e
       mapping = dict(config.init.mapping) if config.init.get("mapping") else None
       state = state.replace(params=checkpoint.merge_params(state.params, loaded, mapping))
       print(f"Initialised parameters from {config.init.path}", flush=True)

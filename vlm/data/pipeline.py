@@ -30,6 +30,8 @@ Config keys (`config.data`, see `get_default_config`):
     tokenizer     SentencePiece .model path (None: the embedded dataset's tokenizer)
     add_bos, add_eos
     extra_text_keys   subset of ('caption_detailed', 'question', 'answer')
+    answer_vocab  VQA as classification: a list of answers or a text file (one per line); with
+                  'question' in extra_text_keys, batches get 'answer_label' (index, -1 if absent)
     with_boxes, max_boxes, with_frames
     worker_count  grain worker processes (0: in the main process)
     strict        raise on a bad example instead of skipping it
@@ -95,8 +97,29 @@ def check_config(data: ml_collections.ConfigDict) -> None:
     for key in ("text_length", "detailed_text_length", "max_boxes"):
         if key in data and not (isinstance(data[key], int) and data[key] > 0):
             raise ValueError(f"data.{key}: must be a positive int, got {data[key]!r}")
+    if data.get("answer_vocab") is not None:
+        if "question" not in data.get("extra_text_keys", ()):
+            raise ValueError("data.answer_vocab needs 'question' in data.extra_text_keys")
+        load_answer_vocab(data.answer_vocab)
     if int(data.get("worker_count", 0)) < 0:
         raise ValueError(f"data.worker_count: must be >= 0, got {data.worker_count}")
+
+
+def load_answer_vocab(vocab: Any) -> dict[str, int]:
+    """data.answer_vocab (a list of answers, or a path to a file with one per line) -> {answer: index}."""
+    if isinstance(vocab, str):
+        try:
+            with open(vocab, encoding="utf-8") as f:
+                vocab = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise ValueError(f"data.answer_vocab: cannot read {vocab!r}: {e}") from None
+    answers = [str(a) for a in vocab]
+    if not answers:
+        raise ValueError("data.answer_vocab is empty")
+    dup = sorted(a for a, n in collections.Counter(answers).items() if n > 1)
+    if dup:
+        raise ValueError(f"data.answer_vocab: duplicate answers {dup[:5]}")
+    return {a: i for i, a in enumerate(answers)}
 
 
 def _builder_kwargs(data) -> dict:
@@ -155,6 +178,8 @@ class _Process:
         self.extra = tuple(data.get("extra_text_keys", ()))
         self.with_boxes, self.max_boxes = bool(data.get("with_boxes", False)), int(data.get("max_boxes", 8))
         self.with_frames = bool(data.get("with_frames", False))
+        vocab = data.get("answer_vocab")
+        self.answers = load_answer_vocab(vocab) if vocab is not None else None
 
     def _tok(self, text: str, length: int) -> np.ndarray:
         return self.tok.encode(text, length, self.add_bos, self.add_eos)
@@ -185,6 +210,8 @@ class _Process:
             j = int(rng.integers(len(qs))) if qs else -1
             out["question"] = self._tok(qs[j] if j >= 0 else "", self.length)
             out["answer"] = self._tok(ans[j] if j >= 0 else "", self.length)
+            if self.answers is not None:
+                out["answer_label"] = np.int32(self.answers.get(ans[j], -1) if j >= 0 else -1)
         if self.with_boxes:
             boxes = np.zeros((self.max_boxes, 4), np.float32)
             labels = np.full((self.max_boxes,), -1, np.int32)

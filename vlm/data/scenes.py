@@ -259,6 +259,13 @@ def varied_caption(scene: Scene, rng: np.random.Generator) -> str:
                            pos=POSITION_PHRASES[scene.position])
 
 
+def answer_vocab() -> list[str]:
+    """Every answer `questions` can give, in a fixed order (the classes of VQA as classification)."""
+    answers = [*COLOUR_NAMES, *SHAPES, "1", "2", "3", *POSITIONS, *SIZES, *MOTIONS,
+               *(str(i) for i in range(100)), *WORDS]
+    return list(dict.fromkeys(answers))
+
+
 def questions(scene: Scene) -> tuple[list[str], list[str]]:
     """VQA pairs about the scene: (questions, answers)."""
     m = scene.main

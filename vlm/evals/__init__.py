@@ -5,6 +5,6 @@ config.evals = {'<name>': dict(type='zeroshot'|'retrieval'|'captioning'|'probe'|
 """
 
 from vlm.evals.base import EVALS, build_evals
-from vlm.evals import captioning, classification, contrastive, probe  # noqa: F401  (register them)
+from vlm.evals import captioning, classification, contrastive, probe, reconstruction  # noqa: F401  (register them)
 
 __all__ = ["EVALS", "build_evals"]

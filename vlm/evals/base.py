@@ -25,19 +25,24 @@ def build_evals(config, model, mesh: Mesh) -> dict[str, Any]:
   return out
 
 
-def batched_apply(fn: Callable[[Any, np.ndarray], jax.Array], params: Any, x: np.ndarray, mesh: Mesh,
+def batched_apply(fn: Callable[[Any, Any], jax.Array], params: Any, x: Any, mesh: Mesh,
                   batch_size: int) -> np.ndarray:
-  """Runs jitted fn(params, batch) over x in batches sharded on the data axes; pads the last one."""
+  """Runs jitted fn(params, batch) over x (an array [N, ...] or a tuple/pytree of them) in batches
+  sharded on the data axes; pads the last one."""
   n_data = int(np.prod([mesh.shape[a] for a in parallel.data_axes(mesh)])) // max(jax.process_count(), 1)
   bs = max(n_data, batch_size - batch_size % n_data)
+  n = len(jax.tree.leaves(x)[0])
   outs = []
-  for i in range(0, len(x), bs):
-    chunk = x[i:i + bs]
-    pad = (-len(chunk)) % n_data
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out = fn(params, parallel.shard_batch(chunk, mesh))
-    outs.append(np.asarray(jax.device_get(out))[: len(chunk) - pad])
+  for i in range(0, n, bs):
+    rows = min(bs, n - i)
+    pad = (-rows) % n_data
+
+    def chunk(a):
+      c = a[i:i + bs]
+      return np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) if pad else c
+
+    out = fn(params, parallel.shard_batch(jax.tree.map(chunk, x), mesh))
+    outs.append(np.asarray(jax.device_get(out))[:rows])
   return np.concatenate(outs)
 
 

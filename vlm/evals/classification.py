@@ -37,16 +37,30 @@ def top1_metrics(pred: np.ndarray, arrays: dict[str, np.ndarray], label_key: str
 
 @EVALS.register("classify")
 class Classify:
-  """Top-1 of argmax model.apply(params, arrays[input_key])[0] against arrays[label_key] on `split`."""
+  """Top-1 of a classifier's logits against arrays[label_key] on `split`.
 
-  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", input_key: str = "frames",
-               label_key: str = "motion", batch_size: int = 256, max_examples: int | None = None):
+  input_key: one batch key or a tuple of keys passed in order; method: the model method that
+  returns the logits (or (logits, aux)), e.g. 'vqa_logits' with input_key ('image', 'question')
+  and label_key 'answer_label' for VQA as answer classification; None calls the model.
+  """
+
+  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test",
+               input_key: str | tuple[str, ...] = "frames", label_key: str = "motion", method: str | None = None,
+               batch_size: int = 256, max_examples: int | None = None):
     self.prefix, self.mesh, self.split = prefix, mesh, split
-    self.input_key, self.label_key = input_key, label_key
+    self.input_keys = (input_key,) if isinstance(input_key, str) else tuple(input_key)
+    self.label_key = label_key
     self.batch_size, self.max_examples = batch_size, max_examples
-    self.data_config = data_config(config, frames=input_key == "frames")
-    self.logits = jit_on_mesh(lambda p, x: model.apply({"params": p}, x)[0], mesh,
-                              config.get("rules", parallel.DEFAULT_RULES))
+    self.data_config = data_config(config, frames="frames" in self.input_keys)
+    fn = getattr(type(model), method) if method else None
+    if method and not callable(fn):
+      raise ValueError(f"evals.{prefix}.method: {type(model).__name__} has no method {method!r}")
+
+    def logits(p, xs):
+      out = model.apply({"params": p}, *xs, method=fn)
+      return out[0] if isinstance(out, tuple) else out
+
+    self.logits = jit_on_mesh(logits, mesh, config.get("rules", parallel.DEFAULT_RULES))
     self._data = None
 
   def data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -56,5 +70,9 @@ class Classify:
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()
-    logits = batched_apply(self.logits, params, arrays[self.input_key], self.mesh, self.batch_size)
+    missing = [k for k in (*self.input_keys, self.label_key) if k not in arrays]
+    if missing:
+      raise ValueError(f"evals.{self.prefix}: the {self.split} batches have no {missing} (have {sorted(arrays)})")
+    inputs = tuple(arrays[k] for k in self.input_keys)
+    logits = batched_apply(self.logits, params, inputs, self.mesh, self.batch_size)
     return top1_metrics(np.argmax(logits, axis=-1), arrays, self.label_key, self.prefix)

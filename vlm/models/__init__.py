@@ -4,7 +4,9 @@ from vlm.models.coca import CoCa, CoCaTextDecoder
 from vlm.models.text import TextTransformer
 from vlm.models.two_tower import TwoTower
 from vlm.models.video import VideoClassifier
+from vlm.models.vlmo import VLMo
 from vlm.models.vit import VIT_VARIANTS, ViT, decode_variant
+from vlm.models.vq import VQTokenizer
 from vlm.registry import Registry, to_kwargs
 
 MODELS: Registry = Registry("model")
@@ -13,6 +15,8 @@ MODELS.register("text")(TextTransformer)
 MODELS.register("two_tower")(TwoTower)
 MODELS.register("coca")(CoCa)
 MODELS.register("video_classifier")(VideoClassifier)
+MODELS.register("vlmo")(VLMo)
+MODELS.register("vq_tokenizer")(VQTokenizer)
 
 
 def build_model(name: str, config) -> "flax.linen.Module":  # noqa: F821
@@ -20,4 +24,4 @@ def build_model(name: str, config) -> "flax.linen.Module":  # noqa: F821
   return MODELS.get(name)(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "CoCa", "CoCaTextDecoder", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VideoClassifier", "ViT", "build_model", "decode_variant"]
+__all__ = ["MODELS", "CoCa", "CoCaTextDecoder", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VQTokenizer", "ViT", "build_model", "decode_variant"]

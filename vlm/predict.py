@@ -11,6 +11,12 @@ A caption (captioning models, e.g. CoCa), when no --labels are given:
 
     python -m vlm.predict --workdir=DIR --image=cat.png [--method=beam --num_beams=4]
 
+An answer (VQA as answer classification, e.g. VLMo fine-tuned by configs/vlmo_vqa.py):
+
+    python -m vlm.predict --workdir=DIR --image=cat.png --question="what colour is the cat?"
+
+prints the top answers of data.answer_vocab with their probabilities.
+
 The image goes through `data.pp_eval`; the workdir's config and latest checkpoint are used.
 """
 
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm.data import get_metadata, get_tokenizer
+from vlm.data.pipeline import load_answer_vocab
 from vlm.data.preprocess import apply_ops, parse_pp
 from vlm.data.sources import decode_image
 from vlm.evals.captioning import generate_captions
@@ -79,11 +86,32 @@ def caption(workdir: str | Path, image: str | Path, method: str = "greedy", step
   return tok.decode(np.asarray(out.tokens)[0])
 
 
+def answer(workdir: str | Path, image: str | Path, question: str, top_k: int = 3,
+           step: int | None = None) -> list[tuple[str, float]]:
+  """The top_k answers of data.answer_vocab (softmax probabilities) of a model with `vqa_logits`."""
+  config = load_workdir_config(workdir)
+  model, _, params = load_model_and_params(config, workdir, step)
+  if not hasattr(model, "vqa_logits") or config.data.get("answer_vocab") is None:
+    raise ValueError(f"{workdir}: model {config.model_name!r} has no VQA classifier and answer vocabulary "
+                     "(train one with configs/vlmo_vqa.py)")
+  answers = list(load_answer_vocab(config.data.answer_vocab))
+  tok = get_tokenizer(config.data)
+  q = tok.encode_batch([question], config.data.text_length, config.data.add_bos, config.data.add_eos)
+  x = jnp.asarray(load_image(image, config.data.pp_eval))
+  probs = jax.nn.softmax(model.apply({"params": params}, x, jnp.asarray(q), method=model.vqa_logits)[0])
+  order = np.argsort(-np.asarray(probs))[:top_k]
+  return [(answers[i], float(probs[i])) for i in order]
+
+
 def main(argv) -> None:
   del argv
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
+  if f.question is not None:
+    ranked = answer(f.workdir, f.image, f.question, step=f.step)
+    print(json.dumps([{"answer": a, "prob": round(p, 4)} for a, p in ranked], indent=2), flush=True)
+    return
   if f.labels is None:
     kw = {"num_beams": f.num_beams} if f.method == "beam" else {}
     print(json.dumps({"caption": caption(f.workdir, f.image, f.method, f.step, **kw)}), flush=True)
@@ -100,6 +128,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Workdir of a training run.")
   flags.DEFINE_string("image", None, "Path to an image file.")
   flags.DEFINE_string("labels", None, "Comma-separated candidate labels (zero-shot); without: a caption.")
+  flags.DEFINE_string("question", None, "A question about the image (VQA classifiers).")
   flags.DEFINE_enum("method", "greedy", ["greedy", "beam", "sample"], "Caption decoding method.")
   flags.DEFINE_integer("num_beams", 4, "Beams for --method=beam.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")

@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from vlm import checkpoint, parallel
 from vlm.data import check_config, make_pipeline
@@ -65,6 +64,16 @@ def setup(config):
   return mesh, rules, model, objective, tx, schedule, evals
 
 
+def _load_init(config) -> dict:
+  """The parameters of config.init.path; init.hint (how to make them) joins the error if there are none."""
+  try:
+    return checkpoint.load_params(config.init.path, config.init.get("step"))
+  except FileNotFoundError as e:
+    if not config.init.get("hint"):
+      raise
+    raise FileNotFoundError(f"{e}. {config.init.hint}") from e
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the last logged metrics (incl. the final evaluations)."""
   _check(config)
@@ -74,13 +83,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   mesh, rules, model, objective, tx, schedule, evals = setup(config)
   total = int(config.total_steps)
 
-  data_iter = make_pipeline(config.data, split="train", batch_size=config.batch_size, mesh=mesh, seed=config.seed)
-  first = next(data_iter)
-  state, shardings = create_train_state(model, tx, mesh, rules, objective.init_args(first), seed=config.seed)
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.get("checkpoint_every", 1000),
                                  keep=config.get("keep_checkpoints", 3),
                                  async_save=config.get("async_checkpoint", True))
   start = ckpt.latest_step()
+  loaded = None
+  if start is None and config.get("init") and config.init.get("path"):
+    loaded = _load_init(config)  # before the data and the compiled init: a wrong path fails at once
+
+  data_iter = make_pipeline(config.data, split="train", batch_size=config.batch_size, mesh=mesh, seed=config.seed)
+  first = next(data_iter)
+  state, shardings = create_train_state(model, tx, mesh, rules, objective.init_args(first), seed=config.seed)
   pending = None
   if start is not None:  # resume: state, RNG and the data iterator exactly where they were
     state, data_state = ckpt.restore(start, checkpoint.abstract_like(state))
@@ -89,13 +102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     print(f"Resumed from {ckpt.directory / str(start)}", flush=True)
   else:
     start, pending = 0, first
-    if config.get("init") and config.init.get("path"):
-      try:
-        loaded = checkpoint.load_params(config.init.path, config.init.get("step"))
-      except FileNotFoundError as e:  # init.hint: how to make the missing checkpoint (e.g. a tokenizer run)
-        if not config.init.get("hint"):
-          raise
-        raise FileNotFoundError(f"{e}. {config.init.hint}") from e
+    if loaded is not None:
       mapping = dict(config.init.mapping) if config.init.get("mapping") else None
       state = state.replace(params=checkpoint.merge_params(state.params, loaded, mapping))
       print(f"Initialised parameters from {config.init.path}", flush=True)

@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vlm import parallel
+from vlm.data import load_split_numpy
 from vlm.registry import Registry, to_kwargs
 
 EVALS: Registry = Registry("evaluation")
@@ -28,7 +29,7 @@ def build_evals(config, model, mesh: Mesh) -> dict[str, Any]:
 def batched_apply(fn: Callable[[Any, Any], jax.Array], params: Any, x: Any, mesh: Mesh,
                   batch_size: int) -> np.ndarray:
   """Runs jitted fn(params, batch) over x (an array [N, ...] or a tuple/pytree of them) in batches
-  sharded on the data axes; pads the last one."""
+  sharded on the data axes; pads the last one. fn may return an array or a pytree of arrays [n, ...]."""
   n_data = int(np.prod([mesh.shape[a] for a in parallel.data_axes(mesh)])) // max(jax.process_count(), 1)
   bs = max(n_data, batch_size - batch_size % n_data)
   n = len(jax.tree.leaves(x)[0])
@@ -41,9 +42,21 @@ def batched_apply(fn: Callable[[Any, Any], jax.Array], params: Any, x: Any, mesh
       c = a[i:i + bs]
       return np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) if pad else c
 
-    out = fn(params, parallel.shard_batch(jax.tree.map(chunk, x), mesh))
-    outs.append(np.asarray(jax.device_get(out))[:rows])
-  return np.concatenate(outs)
+    out = jax.device_get(fn(params, parallel.shard_batch(jax.tree.map(chunk, x), mesh)))
+    outs.append(jax.tree.map(lambda o: np.asarray(o)[:rows], out))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+
+class SplitData:
+  """Mixin for evaluators: `data()` loads `self.data_config`'s `self.split` (at most
+  `self.max_examples` rows) with load_split_numpy once, on first use, and keeps it."""
+
+  _data = None
+
+  def data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if self._data is None:
+      self._data = load_split_numpy(self.data_config, self.split, max_examples=self.max_examples)
+    return self._data
 
 
 def jit_on_mesh(fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh, rules) -> Callable:

@@ -1,14 +1,12 @@
 """Top-1 of a classifier's logits over a split (e.g. VideoClassifier on the scenes' motion labels),
 and the helpers it shares with the frozen-feature probe (vlm.evals.probe)."""
 
-from typing import Any
 
 import ml_collections
 import numpy as np
 
 from vlm import parallel
-from vlm.data import load_split_numpy
-from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
+from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
 
 
 def data_config(config, frames: bool) -> ml_collections.ConfigDict:
@@ -36,7 +34,7 @@ def top1_metrics(pred: np.ndarray, arrays: dict[str, np.ndarray], label_key: str
 
 
 @EVALS.register("classify")
-class Classify:
+class Classify(SplitData):
   """Top-1 of a classifier's logits against arrays[label_key] on `split`.
 
   input_key: one batch key or a tuple of keys passed in order; method: the model method that
@@ -61,12 +59,6 @@ class Classify:
       return out[0] if isinstance(out, tuple) else out
 
     self.logits = jit_on_mesh(logits, mesh, config.get("rules", parallel.DEFAULT_RULES))
-    self._data = None
-
-  def data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    if self._data is None:  # loaded once, on first use
-      self._data = load_split_numpy(self.data_config, self.split, max_examples=self.max_examples)
-    return self._data
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()

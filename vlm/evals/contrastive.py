@@ -1,6 +1,5 @@
 """Zero-shot classification (prompt ensembling) and image-text retrieval for two-tower models."""
 
-from typing import Any
 
 import flax.linen as nn
 import ml_collections
@@ -8,8 +7,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vlm import parallel
-from vlm.data import get_tokenizer, load_split_numpy
-from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
+from vlm.data import get_tokenizer
+from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
 
 
 def _encoders(model: nn.Module, mesh: Mesh, rules):
@@ -19,7 +18,7 @@ def _encoders(model: nn.Module, mesh: Mesh, rules):
   return wrap(model.encode_image), wrap(model.encode_text)
 
 
-class _Base:
+class _Base(SplitData):
   def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
                max_examples: int | None = None, caption_key: str | None = None):
     """caption_key: evaluate on this caption field instead of `data.caption_key`."""
@@ -30,12 +29,6 @@ class _Base:
       self.data_config.caption_key = caption_key
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.enc_image, self.enc_text = _encoders(model, mesh, config.get("rules", parallel.DEFAULT_RULES))
-    self._data = None
-
-  def data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    if self._data is None:  # loaded once, on first use
-      self._data = load_split_numpy(self.data_config, self.split, max_examples=self.max_examples)
-    return self._data
 
   def image_embeddings(self, params) -> np.ndarray:
     return batched_apply(self.enc_image, params, self.data()[0]["image"], self.mesh, self.batch_size)

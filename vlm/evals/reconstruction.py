@@ -1,17 +1,15 @@
 """Reconstruction quality and codebook use of an image tokenizer (vlm.models.vq.VQTokenizer) on a split."""
 
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from vlm import parallel
-from vlm.data import load_split_numpy
-from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
+from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
 
 
 @EVALS.register("reconstruction")
-class Reconstruction:
+class Reconstruction(SplitData):
   """Images of `split` (data.pp_eval, in [-1, 1]) through model(images) -> (recon, aux with 'codes').
 
   Reports {prefix}/mse (per-pixel, averaged over images), {prefix}/psnr (mean over images of
@@ -30,21 +28,14 @@ class Reconstruction:
     def per_image(params, images):
       recon, aux = model.apply({"params": params}, images, train=False)
       mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images.astype(jnp.float32)), axis=(1, 2, 3))
-      codes = aux["codes"].reshape(images.shape[0], -1).astype(jnp.float32)  # exact below 2^24
-      return jnp.concatenate([mse[:, None], codes], axis=1)  # one array for batched_apply
+      return mse, aux["codes"].reshape(images.shape[0], -1)
 
     self.apply = jit_on_mesh(per_image, mesh, config.get("rules", parallel.DEFAULT_RULES))
-    self._data = None
-
-  def data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    if self._data is None:  # loaded once, on first use
-      self._data = load_split_numpy(self.data_config, self.split, max_examples=self.max_examples)
-    return self._data
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()
-    out = batched_apply(self.apply, params, arrays[self.image_key], self.mesh, self.batch_size)
-    mse, codes = out[:, 0].astype(np.float64), out[:, 1:].astype(np.int64)
+    mse, codes = batched_apply(self.apply, params, arrays[self.image_key], self.mesh, self.batch_size)
+    mse, codes = mse.astype(np.float64), codes.astype(np.int64)
     counts = np.bincount(codes.reshape(-1), minlength=self.codebook_size)
     probs = counts[counts > 0] / counts.sum()
     psnr = 10.0 * np.log10(4.0 / np.maximum(mse, 1e-10))

@@ -4,7 +4,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from vlm.models.vit import resolve_dims
 from vlm.nn import Encoder, LearnedPosEmb, MAPHead, make_attention_mask, make_norm, pool

@@ -26,14 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm.models.two_tower import l2_normalize
 from vlm.nn import Encoder, LearnedPosEmb, PatchEmbed, make_norm
 from vlm.nn.mlp import dense
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / max(|x|, eps) along the last axis, in float32."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class _Tower(nn.Module):
@@ -112,11 +107,11 @@ class VQTokenizer(nn.Module):
     """l2-normalised low-dimensional latents z [B, gh, gw, code_dim] (float32) of images."""
     self._check(images)
     x = self.embedding(jnp.asarray(images, self.dtype or jnp.float32))
-    return l2_normalize(self.encoder(x))
+    return l2_normalize(self.encoder(x).astype(jnp.float32))
 
   def normalized_codebook(self) -> jax.Array:
     """The codebook with unit rows, [codebook_size, code_dim] float32."""
-    return l2_normalize(self.codebook)
+    return l2_normalize(self.codebook.astype(jnp.float32))
 
   def similarity(self, z: jax.Array) -> jax.Array:
     """Cosines [..., codebook_size] between unit latents z [..., code_dim] and the codebook."""

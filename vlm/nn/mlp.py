@@ -4,7 +4,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 Dtype = Any
 

@@ -191,7 +191,7 @@ def _params(workdir):
 @pytest.fixture(scope="module")
 def stages(data_dir, tmp_path_factory):
   """Tokenizer -> stage 1 (MIM) -> stage 2 (text-only MLM), a few steps each, chained by init.path."""
-  from configs import vlmo_stage1_mim, vlmo_stage2_mlm, vq_tokenizer
+  from configs import vlmo_stage1_mim, vlmo_stage2_mlm, vlmo_vqa, vq_tokenizer
   root = tmp_path_factory.mktemp("vlmo")
   vq = vq_tokenizer.get_config("demo")
   vq.data.data_dir = str(data_dir)
@@ -203,6 +203,7 @@ def stages(data_dir, tmp_path_factory):
   s1.model.tokenizer = dict(vq.model)
   out1 = train(s1, root / "stage1")
   out2 = train(_stage(data_dir, vlmo_stage2_mlm, 3, root / "stage1"), root / "stage2")
+  train(_stage(data_dir, vlmo_vqa, 2, root / "stage2"), root / "vqa")  # (stage 3 has stage 2's parameters)
   return root, out1, out2
 
 
@@ -251,3 +252,20 @@ def test_pairs_then_vqa_learn(data_dir, tmp_path):
   out = train(v, tmp_path / "vqa")
   # The most frequent answer of the 250-way answer vocabulary covers under 15% of the questions.
   assert out["vqa/top1"] > 0.3, out
+
+
+def test_vqa_classifier_answers_a_question_from_the_command_line_api(stages, tmp_path):
+  from PIL import Image
+
+  from vlm.data import scenes
+  from vlm.predict import answer
+  root = stages[0]
+  rows = _read(root / "vqa")
+  assert any("vqa/top1" in r for r in rows)  # the classify evaluation ran on the fusion encoder
+  img = tmp_path / "x.png"
+  Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(img)
+  ranked = answer(root / "vqa", img, "what colour is the large circle?", top_k=3)
+  assert len(ranked) == 3 and all(a in scenes.answer_vocab() for a, _ in ranked)
+  assert ranked[0][1] >= ranked[1][1] >= ranked[2][1] and sum(p for _, p in ranked) <= 1.0 + 1e-6
+  with pytest.raises(ValueError, match="no VQA classifier"):
+    answer(root / "stage2", img, "what colour?")

@@ -1,6 +1,7 @@
 """Model families. Configs name them through MODELS: `config.model_name = 'two_tower'`."""
 
 from vlm.models.coca import CoCa, CoCaTextDecoder
+from vlm.models.flava import FLAVA
 from vlm.models.text import TextTransformer
 from vlm.models.two_tower import TwoTower
 from vlm.models.video import VideoClassifier
@@ -14,6 +15,7 @@ MODELS.register("vit")(ViT)
 MODELS.register("text")(TextTransformer)
 MODELS.register("two_tower")(TwoTower)
 MODELS.register("coca")(CoCa)
+MODELS.register("flava")(FLAVA)
 MODELS.register("video_classifier")(VideoClassifier)
 MODELS.register("vlmo")(VLMo)
 MODELS.register("vq_tokenizer")(VQTokenizer)
@@ -24,4 +26,4 @@ def build_model(name: str, config) -> "flax.linen.Module":  # noqa: F821
   return MODELS.get(name)(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "CoCa", "CoCaTextDecoder", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VQTokenizer", "ViT", "build_model", "decode_variant"]
+__all__ = ["MODELS", "CoCa", "CoCaTextDecoder", "FLAVA", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VQTokenizer", "ViT", "build_model", "decode_variant"]

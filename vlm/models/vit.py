@@ -65,6 +65,12 @@ class ViT(nn.Module):
   (pooled, before the head) and, with return_all_layers, 'hidden' ([depth, B, T, width],
   each block's output before the final norm) for penultimate-layer features.
   Explicit width/depth/mlp_dim/num_heads/patch_size override those of `variant`.
+
+  mask_token=True adds a learned parameter 'mask_token' [1, 1, width] (BEiT, Bao et al. 2022,
+  sec. 2.2): a call with patch_mask [B, gh * gw] bool (row-major patches) replaces the patch
+  embeddings of the masked patches by it before the class token and the position embeddings are
+  added, so masked pixels never reach the encoder. Without mask_token (the default) the module,
+  its parameters and its outputs are exactly those of a plain ViT.
   """
 
   variant: str | None = None
@@ -89,6 +95,7 @@ class ViT(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   return_all_layers: bool = False
+  mask_token: bool = False
   dtype: Any = None
 
   def dims(self) -> dict[str, Any]:
@@ -98,13 +105,24 @@ class ViT(nn.Module):
     return d
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, images: jax.Array, train: bool = False,
+               patch_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     dims = self.dims()
+    if patch_mask is not None and not self.mask_token:
+      raise ValueError("ViT got a patch_mask but has no mask token: set mask_token=True")
     images = jnp.asarray(images, self.dtype or jnp.float32)
     x = PatchEmbed(dims["width"], tuple(dims["patch_size"]), use_bias=self.patch_bias, dtype=self.dtype,
                    name="embedding")(images)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
+    if self.mask_token:
+      token = self.param("mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                    (None, None, "embed")), (1, 1, d))
+      if patch_mask is not None:
+        if patch_mask.shape != (b, gh * gw):
+          raise ValueError(f"patch_mask has shape {patch_mask.shape}; this image gives {(b, gh * gw)} "
+                           f"(a {gh}x{gw} patch grid)")
+        x = jnp.where(patch_mask[..., None], token.astype(x.dtype), x)
     if self.posemb == "learn":
       grid = self.posemb_grid or (gh, gw)
       if tuple(grid) != (gh, gw):

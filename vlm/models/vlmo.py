@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm.models.two_tower import CLIP_TEMPERATURE_INIT, LearnedScaleAndBias, l2_normalize
-from vlm.nn import PatchEmbed, make_attention_mask, make_norm
+from vlm.nn import MaskedPredictionHead, PatchEmbed, make_attention_mask, make_norm
 from vlm.nn.mlp import dense, get_activation
 from vlm.nn.mome import MoMEEncoder
 
@@ -86,10 +86,7 @@ class VLMo(LearnedScaleAndBias, nn.Module):
     self.itc_text = dense(out, ("embed", "proj"), use_bias=False, dtype=self.dtype, name="itc_text")
     self.pooler = dense(d, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="pooler")
     self.itm_head = dense(2, ("mlp", None), use_bias=True, dtype=self.dtype, name="itm_head")
-    # BERT's MLM head: dense -> GELU -> LN -> vocabulary.
-    self.mlm_dense = dense(d, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="mlm_dense")
-    self.mlm_norm = make_norm("layer", self.norm_eps, self.dtype, name="mlm_norm")
-    self.mlm_head = dense(self.vocab_size, ("mlp", "vocab"), use_bias=True, dtype=self.dtype, name="mlm_head")
+    self.mlm_head = MaskedPredictionHead(self.vocab_size, norm_eps=self.norm_eps, dtype=self.dtype, name="mlm_head")
     if self.codebook_size:
       self.mim_head = dense(self.codebook_size, ("embed", "vocab"), use_bias=True, dtype=self.dtype, name="mim_head")
     if self.num_answers:
@@ -173,7 +170,6 @@ class VLMo(LearnedScaleAndBias, nn.Module):
       x = self.text_tokens(tokens, train)
     else:
       x = self.fused_tokens(images, tokens, train)[:, : tokens.shape[1]]
-    x = self.mlm_norm(get_activation("gelu")(self.mlm_dense(x)))
     return self.mlm_head(x)
 
   def mim_logits(self, images: jax.Array, patch_mask: jax.Array, train: bool = False) -> jax.Array:

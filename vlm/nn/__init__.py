@@ -1,6 +1,7 @@
 """Building blocks shared by every model family (Flax linen, logical axis names on every parameter)."""
 
 from vlm.nn.attention import MultiHeadAttention, make_attention_mask
+from vlm.nn.heads import MaskedPredictionHead
 from vlm.nn.mlp import Mlp
 from vlm.nn.norms import make_norm
 from vlm.nn.patch import PatchEmbed
@@ -16,6 +17,7 @@ __all__ = [
     "EncoderBlock",
     "LearnedPosEmb",
     "MAPHead",
+    "MaskedPredictionHead",
     "Mlp",
     "MultiHeadAttention",
     "PatchEmbed",

@@ -83,10 +83,13 @@ class VLMoObjective:
         neg_txt, neg_img = hard_negative_indices(zimg, ztxt, r_neg, scale=scale, tokens=text,
                                                  hard=self.itm_hard_negatives, mesh=self.mesh)
         neg_text, neg_images = take_rows(text, neg_txt, self.mesh), take_rows(images, neg_img, self.mesh)
-        pos = apply(type(model).itm_logits, images, text, salt=3)
-        neg = apply(type(model).itm_logits, jnp.concatenate([images, neg_images]),
-                    jnp.concatenate([neg_text, text]), salt=4)
-        itm, m = itm_loss(pos, neg)
+        # Each pair with its negative text and its negative image, [B, 3, ...] -> [3B, ...]: every
+        # device keeps its own rows (a concatenation along the batch would reshuffle them).
+        b = text.shape[0]
+        triple = lambda x, y, z: jnp.stack([x, y, z], axis=1).reshape(3 * b, *x.shape[1:])  # noqa: E731
+        logits = apply(type(model).itm_logits, triple(images, images, neg_images), triple(text, neg_text, text),
+                       salt=3).reshape(b, 3, 2)
+        itm, m = itm_loss(logits[:, 0], logits[:, 1:].reshape(2 * b, 2))
         metrics.update({f"itm/{k}": v for k, v in m.items()}, itm_loss=itm)
         total += self.itm_weight * itm
     if self.mlm_weight:

@@ -86,10 +86,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init.hint = tokenizer_hint("")
   c.model = dict(
       image=dict(variant="B/16", norm_eps=1e-12),
-      text=dict(variant="B", vocab_size=30_523, max_len=512, norm_eps=1e-12),  # 30,522 pieces + [MASK]
+      # 30,522 pieces + [MASK]; BERT's LayerNorm on the embeddings, as FLAVA's text encoder.
+      text=dict(variant="B", vocab_size=30_523, max_len=512, norm_eps=1e-12, embed_norm=True),
       multimodal=dict(variant="B", depth=6, norm_eps=1e-12),
       tokenizer=dict(vq_tokenizer.get_config().model),  # 16-px patches, 8192 codes
       embed_dim=768, temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0,
+      fuse_prenorm=True,  # the multimodal encoder reads the towers' states before their final norm (as HF)
   )
   c.batch_size = 8_192
   c.total_steps = 450_000
@@ -119,10 +121,11 @@ def _demo(c: ml_collections.ConfigDict, opts: dict[str, str]) -> ml_collections.
   w = dict(width=128, mlp_dim=512, num_heads=4)
   c.model = dict(
       image=dict(depth=4, patch_size=8, **w),
-      text=dict(vocab_size=1001, depth=2, max_len=16, **w),
+      text=dict(vocab_size=1001, depth=2, max_len=16, embed_norm=True, **w),
       multimodal=dict(depth=1, **w),  # FLAVA-base: half the text encoder's depth (6 of 12); here 1 of 2
       tokenizer=dict(vq_tokenizer.get_config("demo").model),  # 8-px patches, 512 codes
       embed_dim=128, temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0,
+      fuse_prenorm=True,
   )
   # One step costs about 3.6 CLIP-demo steps (58 vs 16 GFLOP: two passes of each encoder, the
   # multimodal encoder over each pair and its two ITM negatives, the tokenizer, five heads), so

@@ -1,4 +1,5 @@
-"""Import and export of Hugging Face format CLIP and SigLIP checkpoints (config.json + safetensors).
+"""Import and export of Hugging Face format CLIP and SigLIP checkpoints (config.json + safetensors);
+import_hf also imports FLAVA (vlm.convert.flava, import only).
 
 `import_hf(path)` returns our model name, model kwargs and params; `export_hf(...)` writes a
 directory that `transformers.{CLIP,Siglip}Model.from_pretrained` loads. One table of
@@ -193,9 +194,13 @@ def _heads(config: dict, tower: str) -> int:
 
 
 def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
-  """HF directory -> ('two_tower', model kwargs, params). Raises listing missing/unused tensors."""
+  """HF directory -> ('two_tower', model kwargs, params) for CLIP / SigLIP, ('flava', ...) for FLAVA
+  (vlm.convert.flava). Raises listing missing/unused tensors."""
   path = Path(path)
   config = json.loads((path / "config.json").read_text())
+  if config.get("model_type") == "flava":
+    from vlm.convert.flava import import_hf_flava
+    return import_hf_flava(path, scan=scan)
   kwargs = model_kwargs_from_hf(config)
   tensors = _split_in_proj(load_safetensors_dir(path))
   table = _table(config)

@@ -103,6 +103,13 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
   embed_dim: contrastive embedding size E.
   temperature_init / bias_init / max_scale: the LearnedScaleAndBias fields (CLIP's by default:
     FLAVA's contrastive loss follows CLIP, sec. 3.3).
+  fuse_prenorm: False (default): the multimodal encoder takes the unimodal states after their
+    towers' final LayerNorms. True: as transformers' FlavaModel (`image_to_mm_projection(
+    image_states[-1])`, the last block's output), it takes them before; the towers then have no
+    final norm of their own (final_norm=False) and FLAVA holds it as 'img_norm' / 'txt_norm',
+    applied by the contrastive embeddings, MLM / MIM heads and encode_*. image_states /
+    text_states then return the un-normalised states; image_normed / text_normed normalise them.
+    vlm.convert.import_hf sets it for FLAVA checkpoints.
 
   __call__(images [B,H,W,3], tokens [B,L], patch_mask [B,N] | None, masked_tokens [B,L] | None)
   -> (z_img [B,E], z_txt [B,E], out) with out['scale'], out['bias'] and the heads' logits on the
@@ -118,16 +125,19 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
   temperature_init: float = CLIP_TEMPERATURE_INIT
   bias_init: float | None = None
   max_scale: float | None = 100.0
+  fuse_prenorm: bool = False
 
   def image_kwargs(self) -> dict:
-    return dict(self.image or {}, class_token=True, pool_type="cls", out_dim=None, mask_token=True)
+    kw = dict(self.image or {}, class_token=True, pool_type="cls", out_dim=None, mask_token=True)
+    return dict(kw, final_norm=False) if self.fuse_prenorm else kw
 
   def text_kwargs(self) -> dict:
     kw = dict(pool_type="first", padding_mask=True)
     kw.update(self.text or {})
     if "vocab_size" not in kw:
       raise ValueError("FLAVA needs text=dict(vocab_size=..., ...) (the tokenizer's pieces + 1 for [MASK])")
-    return dict(kw, causal=False, out_dim=None)
+    kw = dict(kw, causal=False, out_dim=None)
+    return dict(kw, final_norm=False) if self.fuse_prenorm else kw
 
   def text_vocab_size(self) -> int:
     """Rows of the text embedding (and MLM logits); usable on an unbound module."""
@@ -136,6 +146,10 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
   def setup(self):
     self.img = ViT(**self.image_kwargs())
     self.txt = TextTransformer(**self.text_kwargs())
+    if self.fuse_prenorm:
+      ik, tk = self.image_kwargs(), self.text_kwargs()
+      self.img_norm = make_norm("layer", ik.get("norm_eps", 1e-6), ik.get("dtype"), name="img_norm")
+      self.txt_norm = make_norm("layer", tk.get("norm_eps", 1e-6), tk.get("dtype"), name="txt_norm")
     self.mm = MultimodalEncoder(**(self.multimodal or {}))
     width = self.mm.dims()["width"]
     self.image_to_mm = dense(width, ("embed", "mlp"), use_bias=True, dtype=None, name="image_to_mm")
@@ -161,31 +175,40 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
     return images.shape[1] // p[0], images.shape[2] // p[1]
 
   def image_states(self, images: jax.Array, patch_mask: jax.Array | None = None, train: bool = False) -> jax.Array:
-    """h_I [B, 1 + N, Wi] after the final norm; patch_mask [B, N] bool puts the mask token at masked patches."""
+    """h_I [B, 1 + N, Wi] after the final norm (before it with fuse_prenorm); patch_mask [B, N] bool puts the
+    mask token at masked patches."""
     return self.img(images, train=train, patch_mask=patch_mask)[1]["encoded"]
 
   def text_states(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-    """h_T [B, L, Wt] after the final norm (position 0, BOS, is [CLS_T])."""
+    """h_T [B, L, Wt] after the final norm (before it with fuse_prenorm); position 0, BOS, is [CLS_T]."""
     return self.txt(tokens, train=train)[1]["encoded"]
+
+  def image_normed(self, h_img: jax.Array) -> jax.Array:
+    """image_states' output after the image tower's final norm (the identity unless fuse_prenorm)."""
+    return self.img_norm(h_img) if self.fuse_prenorm else h_img
+
+  def text_normed(self, h_txt: jax.Array) -> jax.Array:
+    """text_states' output after the text tower's final norm (the identity unless fuse_prenorm)."""
+    return self.txt_norm(h_txt) if self.fuse_prenorm else h_txt
 
   def text_valid(self, tokens: jax.Array) -> jax.Array:
     return tokens != self.txt.pad_id
 
   def embed_image_states(self, h_img: jax.Array) -> jax.Array:
     """Contrastive image embedding, l2-normalised [B, E], from [CLS_I]."""
-    return l2_normalize(self.img_proj(h_img[:, 0]).astype(jnp.float32))
+    return l2_normalize(self.img_proj(self.image_normed(h_img[:, 0])).astype(jnp.float32))
 
   def embed_text_states(self, h_txt: jax.Array) -> jax.Array:
     """Contrastive text embedding, l2-normalised [B, E], from [CLS_T]."""
-    return l2_normalize(self.txt_proj(h_txt[:, 0]).astype(jnp.float32))
+    return l2_normalize(self.txt_proj(self.text_normed(h_txt[:, 0])).astype(jnp.float32))
 
   def encode_image(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
     h = self.image_states(images, train=train)
-    return self.embed_image_states(h), {"encoded": h}
+    return self.embed_image_states(h), {"encoded": self.image_normed(h)}
 
   def encode_text(self, tokens: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
     h = self.text_states(tokens, train)
-    return self.embed_text_states(h), {"encoded": h}
+    return self.embed_text_states(h), {"encoded": self.text_normed(h)}
 
   # --- tokenizer -----------------------------------------------------------------------------
 
@@ -205,17 +228,18 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
   # --- multimodal encoder and heads ----------------------------------------------------------
 
   def fuse(self, h_img: jax.Array, h_txt: jax.Array, text_valid: jax.Array, train: bool = False) -> jax.Array:
-    """h_M [B, 1 + (1 + N) + L, Wm] over [cls_M; proj(h_I); proj(h_T)]; padding keys masked."""
+    """h_M [B, 1 + (1 + N) + L, Wm] over [cls_M; proj(h_I); proj(h_T)] (image_states / text_states' outputs);
+    padding keys masked."""
     x = jnp.concatenate([self.image_to_mm(h_img), self.text_to_mm(h_txt)], axis=1)
     valid = jnp.concatenate([jnp.ones(h_img.shape[:2], bool), text_valid], axis=1)
     return self.mm(x, valid, train)
 
   def mlm_logits(self, h_txt: jax.Array) -> jax.Array:
-    return self.mlm_head(h_txt)
+    return self.mlm_head(self.text_normed(h_txt))
 
   def mim_logits(self, h_img: jax.Array) -> jax.Array:
     """Codebook logits [B, N, K] at the patches (the class token dropped)."""
-    return self.mim_head(h_img[:, 1:])
+    return self.mim_head(self.image_normed(h_img[:, 1:]))
 
   def mmm_text_logits(self, h_mm: jax.Array, text_len: int) -> jax.Array:
     return self.mmm_text_head(h_mm[:, h_mm.shape[1] - text_len:])

@@ -18,6 +18,9 @@ class TextTransformer(nn.Module):
   padding_mask=True masks keys whose id is pad_id (CLIP's attention_mask); SigLIP was
   trained without one (fixed-length padding, last-token pooling).
   aux: 'encoded' [B, L, width] after the final norm, 'pre_logits' [B, width].
+  embed_norm=True adds BERT's LayerNorm 'embed_norm' on token + position embeddings (FLAVA's
+  text encoder; fold a constant token-type embedding into pos_embedding). final_norm=False drops
+  the final LayerNorm ('encoded' is then the last block's output; the owner normalises).
   """
 
   vocab_size: int
@@ -34,6 +37,8 @@ class TextTransformer(nn.Module):
   padding_mask: bool = False
   out_dim: int | None = None
   head_bias: bool = True
+  embed_norm: bool = False
+  final_norm: bool = True
   mlp_act: str = "gelu"
   norm_eps: float = 1e-6
   dropout: float = 0.0
@@ -55,6 +60,8 @@ class TextTransformer(nn.Module):
     )
     x = embed(tokens)
     x = LearnedPosEmb(self.max_len, stddev=0.01, name="pos_embedding")(x)
+    if self.embed_norm:
+      x = make_norm("layer", self.norm_eps, self.dtype, name="embed_norm")(x)
     x = nn.Dropout(self.dropout)(x, not train)
     valid = tokens != self.pad_id
     mask = make_attention_mask(None, valid) if self.padding_mask else None
@@ -63,7 +70,8 @@ class TextTransformer(nn.Module):
         norm_eps=self.norm_eps, dropout=self.dropout, droppath=self.droppath, causal=self.causal,
         scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype, name="encoder",
     )(x, mask, not train)
-    x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
+    if self.final_norm:
+      x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
     aux = {"encoded": x}
     if self.pool_type == "map":
       x = MAPHead(num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,

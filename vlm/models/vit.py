@@ -71,6 +71,9 @@ class ViT(nn.Module):
   embeddings of the masked patches by it before the class token and the position embeddings are
   added, so masked pixels never reach the encoder. Without mask_token (the default) the module,
   its parameters and its outputs are exactly those of a plain ViT.
+
+  final_norm=False drops the final LayerNorm: 'encoded' (and what is pooled) is then the last
+  block's output, for an owner that normalises itself (FLAVA with fuse_prenorm).
   """
 
   variant: str | None = None
@@ -96,6 +99,7 @@ class ViT(nn.Module):
   remat_policy: str = "none"
   return_all_layers: bool = False
   mask_token: bool = False
+  final_norm: bool = True
   dtype: Any = None
 
   def dims(self) -> dict[str, Any]:
@@ -154,7 +158,8 @@ class ViT(nn.Module):
       x, aux["hidden"] = enc
     else:
       x = enc
-    x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
+    if self.final_norm:
+      x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
     aux["encoded"] = x
     if self.pool_type == "map":
       x = MAPHead(num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,

@@ -1,0 +1,143 @@
+"""Import of Hugging Face FLAVA checkpoints (transformers' FlavaModel: config.json + safetensors).
+
+`import_hf_flava(path)` -> ('flava', FLAVA kwargs, params); `vlm.convert.import_hf` dispatches here
+for model_type 'flava'. Never unpickles. What maps where (transformers' modeling_flava.py):
+
+- image: conv patch embedding with bias, [CLS] + patches + learned positions (no pre-norm),
+  pre-LN blocks, LayerNorm eps 1e-12, exact GELU; its mask token -> img/mask_token.
+- text (BERT embeddings): word + position + token_type + LayerNorm. Token types are always 0 in
+  our model, so token_type_embeddings[0] is folded into pos_embedding and the LayerNorm becomes
+  TextTransformer(embed_norm=True)'s 'embed_norm'. The key mask comes from pad_token_id.
+- the multimodal encoder takes `image_to_mm_projection(image_states[-1])` and the text analogue:
+  the last block's output *before* the towers' final LayerNorm, hence FLAVA(fuse_prenorm=True)
+  with the final norms as img_norm / txt_norm.
+- contrastive: get_image_features / get_text_features are `image_projection` / `text_projection`
+  (with bias) on every token of the normed states; FLAVA's embeddings take [CLS] and l2-normalise.
+  logit_scale -> t; max_scale=100 as FlavaForPreTraining clamps logit_scale to [0, log 100].
+- the towers' and the multimodal poolers (dense + tanh) feed nothing in FlavaModel's outputs and are
+  not imported. FLAVA's pretraining heads (MLM, MMM, ITM) are not in a FlavaModel checkpoint: the
+  params hold the encoders and projections only (use them with init.mapping or apply with a
+  method). The DALL-E image codebook is out of scope: tokenizer=None.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from vlm.convert.hf import ACT_FROM_HF, _fwd, _linear, _norm, stack_encoder_blocks
+from vlm.convert.safetensors_io import load_safetensors_dir
+
+# Present in FlavaModel checkpoints, used by none of its embeddings outputs.
+_UNUSED_PREFIXES = ("image_model.pooler.", "text_model.pooler.", "multimodal_model.pooler.")
+_UNUSED_KEYS = ("text_model.embeddings.position_ids", "text_model.embeddings.token_type_ids")
+
+
+def _pair(x) -> tuple[int, int]:
+  return (int(x), int(x)) if isinstance(x, (int, float)) else (int(x[0]), int(x[1]))
+
+
+def _encoder(hf: str, ours: str, depth: int):
+  rows = []
+  for i in range(depth):
+    h, o = f"{hf}.layer.{i}", f"{ours}/block_{i}"
+    rows += _norm(f"{h}.layernorm_before", f"{o}/norm1")
+    for a, b in (("query", "query"), ("key", "key"), ("value", "value")):
+      rows += _linear(f"{h}.attention.attention.{a}", f"{o}/attn/{b}", "qkv", bias_kind="qkv_bias")
+    rows += _linear(f"{h}.attention.output.dense", f"{o}/attn/out", "out")
+    rows += _norm(f"{h}.layernorm_after", f"{o}/norm2")
+    rows += _linear(f"{h}.intermediate.dense", f"{o}/mlp/fc1") + _linear(f"{h}.output.dense", f"{o}/mlp/fc2")
+  return rows
+
+
+def _table(config: dict) -> list[tuple[str, str, str, str]]:
+  """Rows (hf_key, our_path, layout, tower) for FlavaModel; text position rows are handled apart."""
+  ic, tc, mc = config["image_config"], config["text_config"], config["multimodal_config"]
+  img = [("image_model.embeddings.cls_token", "img/cls", "id"),
+         ("image_model.embeddings.position_embeddings", "img/pos_embedding/pos_embedding", "id")]
+  img += _linear("image_model.embeddings.patch_embeddings.projection", "img/embedding/conv", "conv")
+  img += _encoder("image_model.encoder", "img/encoder", ic["num_hidden_layers"])
+  img += _norm("image_model.layernorm", "img_norm")
+  txt = [("text_model.embeddings.word_embeddings.weight", "txt/embedding/embedding", "id")]
+  txt += _norm("text_model.embeddings.LayerNorm", "txt/embed_norm")
+  txt += _encoder("text_model.encoder", "txt/encoder", tc["num_hidden_layers"])
+  txt += _norm("text_model.layernorm", "txt_norm")
+  mm = [("multimodal_model.cls_token", "mm/cls", "id")]
+  mm += _encoder("multimodal_model.encoder", "mm/encoder", mc["num_hidden_layers"])
+  mm += _norm("multimodal_model.layernorm", "mm/encoder_norm")
+  top = _linear("image_projection", "img_proj") + _linear("text_projection", "txt_proj")
+  top += _linear("image_to_mm_projection", "image_to_mm") + _linear("text_to_mm_projection", "text_to_mm")
+  top += [("logit_scale", "t", "scalar")]
+  return ([r + ("image",) for r in img] + [r + ("text",) for r in txt] + [r + ("multimodal",) for r in mm]
+          + [r + ("none",) for r in top])
+
+
+def _tower(c: dict) -> dict[str, Any]:
+  act = c.get("hidden_act", "gelu")
+  if act not in ACT_FROM_HF:
+    raise ValueError(f"config.json: hidden_act {act!r} is not supported; known: {sorted(ACT_FROM_HF)}")
+  if not c.get("qkv_bias", True):
+    raise ValueError("config.json: FLAVA with qkv_bias=False is not supported")
+  return dict(width=c["hidden_size"], depth=c["num_hidden_layers"], mlp_dim=c["intermediate_size"],
+              num_heads=c["num_attention_heads"], mlp_act=ACT_FROM_HF[act], norm_eps=c.get("layer_norm_eps", 1e-12))
+
+
+def flava_kwargs_from_hf(config: dict) -> dict[str, Any]:
+  """Our FLAVA kwargs for an HF FlavaModel config.json."""
+  ic, tc, mc = config["image_config"], config["text_config"], config["multimodal_config"]
+  if not mc.get("use_cls_token", True):
+    raise ValueError("config.json: FLAVA's multimodal_config.use_cls_token=False is not supported")
+  size, patch = _pair(ic.get("image_size", 224)), _pair(ic.get("patch_size", 16))
+  image = dict(_tower(ic), patch_size=patch, posemb="learn", posemb_grid=(size[0] // patch[0], size[1] // patch[1]),
+               patch_bias=True, pre_norm=False)
+  pad = tc.get("pad_token_id")
+  text = dict(_tower(tc), vocab_size=tc["vocab_size"], max_len=tc.get("max_position_embeddings", 512),
+              pad_id=0 if pad is None else int(pad), pool_type="first", padding_mask=True, embed_norm=True)
+  return dict(image=image, text=text, multimodal=_tower(mc), tokenizer=None,
+              embed_dim=config.get("projection_dim", 768),
+              temperature_init=config.get("logit_scale_init_value", 2.6592), bias_init=None, max_scale=100.0,
+              fuse_prenorm=True)
+
+
+def _heads(config: dict, tower: str) -> int:
+  key = {"image": "image_config", "text": "text_config", "multimodal": "multimodal_config"}.get(tower)
+  return config[key]["num_attention_heads"] if key else 1
+
+
+def import_hf_flava(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
+  """HF FlavaModel directory -> ('flava', kwargs, params). Raises listing missing/unused tensors."""
+  path = Path(path)
+  config = json.loads((path / "config.json").read_text())
+  if config.get("model_type") != "flava":
+    raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not 'flava'")
+  kwargs = flava_kwargs_from_hf(config)
+  tensors = load_safetensors_dir(path)
+  if any(k.startswith("flava.") for k in tensors):
+    raise ValueError(f"{path}: a FlavaForPreTraining checkpoint ('flava.' prefix); only FlavaModel's layout is "
+                     "supported (its heads and the image codebook are not imported)")
+  table = _table(config)
+  pos_keys = ["text_model.embeddings.position_embeddings.weight", "text_model.embeddings.token_type_embeddings.weight"]
+  missing = [hf for hf, *_ in table if hf not in tensors] + [k for k in pos_keys if k not in tensors]
+  if missing:
+    raise ValueError(f"{path}: tensors expected for flava but absent: {missing[:20]}")
+  flat = {}
+  for hf, ours, kind, tower in table:
+    flat[tuple(ours.split("/"))] = np.asarray(_fwd(kind, tensors[hf], _heads(config, tower)), np.float32)
+  # BERT embeddings with token type 0 everywhere: word + (position + token_type[0]), then LayerNorm.
+  pos = tensors[pos_keys[0]] + tensors[pos_keys[1]][0][None]
+  flat[("txt", "pos_embedding", "pos_embedding")] = np.asarray(pos[None], np.float32)
+  mask_key = "image_model.embeddings.mask_token"
+  width = config["image_config"]["hidden_size"]
+  flat[("img", "mask_token")] = np.asarray(tensors.get(mask_key, np.zeros((1, 1, width))), np.float32)
+  used = {hf for hf, *_ in table} | set(pos_keys) | {mask_key} | set(_UNUSED_KEYS)
+  unused = sorted(k for k in set(tensors) - used if not k.startswith(_UNUSED_PREFIXES))
+  if unused:
+    raise ValueError(f"{path}: tensors not used by the importer (unsupported layout?): {unused[:20]}")
+  params = traverse_util.unflatten_dict(flat)
+  if scan:
+    for k in ("image", "text", "multimodal"):
+      kwargs[k]["scan"] = True
+    params = stack_encoder_blocks(params)
+  return "flava", kwargs, params

@@ -1,5 +1,6 @@
 """Import and export of Hugging Face format CLIP and SigLIP checkpoints (config.json + safetensors);
-import_hf also imports FLAVA (vlm.convert.flava, import only).
+import_hf also imports FLAVA (vlm.convert.flava) and Llama / Qwen2 / Gemma causal LMs
+(vlm.convert.llm), import only.
 
 `import_hf(path)` returns our model name, model kwargs and params; `export_hf(...)` writes a
 directory that `transformers.{CLIP,Siglip}Model.from_pretrained` loads. One table of
@@ -195,12 +196,16 @@ def _heads(config: dict, tower: str) -> int:
 
 def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF directory -> ('two_tower', model kwargs, params) for CLIP / SigLIP, ('flava', ...) for FLAVA
-  (vlm.convert.flava). Raises listing missing/unused tensors."""
+  (vlm.convert.flava), ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm).
+  Raises listing missing/unused tensors."""
   path = Path(path)
   config = json.loads((path / "config.json").read_text())
   if config.get("model_type") == "flava":
     from vlm.convert.flava import import_hf_flava
     return import_hf_flava(path, scan=scan)
+  if config.get("model_type") in ("llama", "qwen2", "gemma"):
+    from vlm.convert.llm import import_hf_llm
+    return import_hf_llm(path, scan=scan)
   kwargs = model_kwargs_from_hf(config)
   tensors = _split_in_proj(load_safetensors_dir(path))
   table = _table(config)

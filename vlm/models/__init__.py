@@ -1,6 +1,7 @@
 """Model families. Configs name them through MODELS: `config.model_name = 'two_tower'`."""
 
 from vlm.models.coca import CoCa, CoCaTextDecoder
+from vlm.models.decoder import DecoderLM
 from vlm.models.flava import FLAVA
 from vlm.models.text import TextTransformer
 from vlm.models.two_tower import TwoTower
@@ -19,6 +20,7 @@ MODELS.register("flava")(FLAVA)
 MODELS.register("video_classifier")(VideoClassifier)
 MODELS.register("vlmo")(VLMo)
 MODELS.register("vq_tokenizer")(VQTokenizer)
+MODELS.register("decoder_lm")(DecoderLM)
 
 
 def build_model(name: str, config) -> "flax.linen.Module":  # noqa: F821
@@ -26,4 +28,4 @@ def build_model(name: str, config) -> "flax.linen.Module":  # noqa: F821
   return MODELS.get(name)(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "CoCa", "CoCaTextDecoder", "FLAVA", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VQTokenizer", "ViT", "build_model", "decode_variant"]
+__all__ = ["MODELS", "CoCa", "CoCaTextDecoder", "DecoderLM", "FLAVA", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VQTokenizer", "ViT", "build_model", "decode_variant"]

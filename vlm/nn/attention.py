@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm.nn.norms import make_norm
+from vlm.nn.rope import apply_rope
 
 Dtype = Any
 
@@ -67,6 +68,10 @@ class MultiHeadAttention(nn.Module):
     head_dim: per-head width; default D // N.
     qk_norm: None, 'layer' or 'rms': normalise queries and keys per head (Dehghani et al. 2023).
     use_bias: biases on the q/k/v/out projections.
+    out_bias: bias on the output projection (default: use_bias; Qwen2 has q/k/v biases only).
+    rope_theta: if set, rotary position embeddings (vlm.nn.rope, base theta) on queries and keys of
+      self-attention, at absolute positions: `positions` if given, else the cache slots
+      (index + t) when decoding, else 0..T-1. Keys are cached rotated. None: no rotation.
 
   Autoregressive decoding (`decode=True`) keeps keys and values in the 'cache' collection, every
   leaf batch-major (vlm.decoding's convention):
@@ -84,6 +89,8 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   qk_norm: str | None = None
   norm_eps: float = 1e-6
+  out_bias: bool | None = None
+  rope_theta: float | None = None
   dtype: Dtype = None
 
   @nn.compact
@@ -98,6 +105,7 @@ class MultiHeadAttention(nn.Module):
       index: jax.Array | int = 0,
       cache_len: int | None = None,
       cross: bool | None = None,
+      positions: jax.Array | None = None,
   ) -> jax.Array:
     """mask: boolean, broadcastable to [B, N, Tq, Tk]; True = may attend.
 
@@ -105,6 +113,7 @@ class MultiHeadAttention(nn.Module):
     token; `mask`, if given, is then broadcastable to [B, N, Tq, cache_len] (self) or [B, N, Tq, S].
     cross: whether this is cross-attention (default: `kv is not None`; needed when decoding
     reuses cached cross keys with kv=None).
+    positions: rotary positions [B, Tq] or [Tq] of x's tokens (self-attention; rope_theta only).
     """
     cross = (kv is not None) if cross is None else cross
     kv = x if kv is None else kv
@@ -131,6 +140,11 @@ class MultiHeadAttention(nn.Module):
       k, v = self._cached_cross_kv(kv, key_value)
     else:
       k, v = key_value(kv)
+    if self.rope_theta is not None and not cross:
+      if positions is None:
+        positions = jnp.arange(x.shape[1]) + (jnp.asarray(index, jnp.int32) if decode else 0)
+      q = apply_rope(q, positions, self.rope_theta)
+      k = apply_rope(k, positions, self.rope_theta)
     if decode and not cross:
       k, v, mask = self._update_self_cache(k, v, mask, index, cache_len)
       causal = False  # the cache mask is causal in slot coordinates
@@ -142,7 +156,8 @@ class MultiHeadAttention(nn.Module):
     if mask is not None:
       mask = mask.astype(bool)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
-    return HeadsDense((self.out_dim or d,), ("heads", "kv", "embed"), self.use_bias, self.dtype, in_dims=2,
+    out_bias = self.use_bias if self.out_bias is None else self.out_bias
+    return HeadsDense((self.out_dim or d,), ("heads", "kv", "embed"), out_bias, self.dtype, in_dims=2,
                       name="out")(out)
 
   def _cached_cross_kv(self, kv, key_value):

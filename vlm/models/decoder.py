@@ -1,0 +1,262 @@
+"""Decoder-only language model (Llama / Qwen2 / Gemma family) with a KV cache for vlm.decoding.
+
+    tokens -> embed (x sqrt(width) for Gemma) -> depth x [x + Attn(RMS x); x + MLP(RMS x)] -> RMS -> head
+
+Attention is causal self-attention with grouped KV heads and rotary position embeddings
+(vlm.nn.rope, HF's half-rotation layout); optional q/k/v biases (Qwen2); gated MLP ('swiglu' for
+Llama/Qwen2, 'geglu' = tanh-GELU gate for Gemma); the LM head is the transposed embedding when
+`tie_embeddings`. Gemma's RMSNorm `x_hat * (1 + w)` is our `x_hat * scale` with scale = 1 + w
+(the importer adds the 1; a fresh init of ones is Gemma's init of zeros).
+
+Padding: a `mask` [B, T] (True/1 = real token) masks padded keys and sets rotary positions to
+the number of real tokens before each one (as HF generate does for left-padded prompts), so a
+left- or right-padded row gives the logits of its unpadded tokens at its real positions.
+
+Decoding (vlm.decoding's step protocol) goes through `decode_step`; `init_cache` / `make_step_fn`
+/ `generate` below wire it up::
+
+    cache = init_cache(model, params, prompt, cache_len, mask=prompt_mask)
+    out = decoding.generate(make_step_fn(model, params), cache, prompt, max_new_tokens=..., eos_id=...)
+
+The cache holds every block's keys/values [B, cache_len, K, hd] and, at the top level, 'valid'
+[B, cache_len] (the prompt's padding mask, True after it), all batch-major.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm import decoding
+from vlm.nn.attention import MultiHeadAttention
+from vlm.nn.mlp import Mlp
+from vlm.nn.norms import make_norm
+from vlm.nn.transformer import REMAT_POLICIES
+
+Dtype = Any
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Rotary positions [B, T] from a padding mask [B, T]: real tokens before this one (pads get 0)."""
+  mask = mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+
+class LMBlock(nn.Module):
+  """Pre-RMSNorm block: x + Attn(norm1 x); x + Mlp(norm2 x). x: [B, T, D]."""
+
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  mlp_act: str = "swiglu"
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  rope_theta: float | None = 10000.0
+  norm_eps: float = 1e-6
+  dropout: float = 0.0
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x, mask=None, positions=None, deterministic: bool = True, decode: bool = False,
+               index: jax.Array | int = 0, cache_len: int | None = None):
+    x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+    y = make_norm("rms", self.norm_eps, self.dtype, name="norm1")(x)
+    y = MultiHeadAttention(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        use_bias=self.qkv_bias, out_bias=self.out_bias, rope_theta=self.rope_theta, dtype=self.dtype,
+        name="attn",
+    )(y, mask=mask, causal=True, decode=decode, index=index, cache_len=cache_len, positions=positions)
+    x = x + nn.Dropout(self.dropout)(y, deterministic)
+    y = make_norm("rms", self.norm_eps, self.dtype, name="norm2")(x)
+    y = Mlp(self.mlp_dim, act=self.mlp_act, use_bias=self.mlp_bias, dropout=self.dropout, dtype=self.dtype,
+            name="mlp")(y, deterministic)
+    x = x + nn.Dropout(self.dropout)(y, deterministic)
+    return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+
+
+class LMStack(nn.Module):
+  """`depth` LMBlocks (`block_{i}`); remat (training only) by a REMAT_POLICIES name."""
+
+  depth: int
+  block: dict
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, x, mask=None, positions=None, deterministic: bool = True, decode: bool = False,
+               index: jax.Array | int = 0, cache_len: int | None = None):
+    block = LMBlock
+    if self.remat_policy != "none" and not decode:
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4, 5, 7))
+    for i in range(self.depth):
+      x = block(**self.block, name=f"block_{i}")(x, mask, positions, deterministic, decode, index, cache_len)
+    return x
+
+
+class DecoderLM(nn.Module):
+  """Causal LM: tokens [B, T] -> logits [B, T, vocab] (float32); position t predicts token t+1.
+
+  Attributes:
+    vocab_size, width (D), depth, num_heads, num_kv_heads (GQA), head_dim (default D // heads),
+    mlp_dim, mlp_act ('swiglu' | 'geglu').
+    qkv_bias / out_bias / mlp_bias: biases of the q/k/v, output and MLP projections.
+    rope_theta: rotary base (None: no position information at all).
+    embed_scale: multiply token embeddings by sqrt(D), rounded to the activation dtype (Gemma).
+    tie_embeddings: logits = h @ embedding.T; otherwise a bias-free 'head' Dense.
+    remat_policy: a key of vlm.nn.transformer.REMAT_POLICIES (training only).
+
+  Params: embedding/embedding [V, D] ('vocab', 'embed'), decoder/block_{i}/{norm1,attn,norm2,mlp}, norm,
+  head/kernel [D, V] (untied only).
+  """
+
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  mlp_act: str = "swiglu"
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  rope_theta: float | None = 10000.0
+  norm_eps: float = 1e-6
+  embed_scale: bool = False
+  tie_embeddings: bool = False
+  dropout: float = 0.0
+  remat_policy: str = "none"
+  dtype: Dtype = None
+
+  def setup(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
+    self.embedding = nn.Embed(
+        self.vocab_size, self.width, dtype=self.dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+    )
+    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
+              head_dim=self.head_dim, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias, out_bias=self.out_bias,
+              mlp_bias=self.mlp_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps, dropout=self.dropout,
+              dtype=self.dtype)
+    self.decoder = LMStack(depth=self.depth, block=kw, remat_policy=self.remat_policy, name="decoder")
+    self.norm = make_norm("rms", self.norm_eps, self.dtype, name="norm")
+    if not self.tie_embeddings:
+      self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head",
+                           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                    ("embed", "vocab")))
+
+  # ------------------------------------------------------------------------ pieces
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [B, T, D] (Gemma's sqrt(D) scaling included: HF scales inside its embedding)."""
+    x = self.embedding(tokens)
+    if self.embed_scale:
+      x = x * jnp.asarray(self.width ** 0.5, x.dtype)
+    return x
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Final hidden states [B, T, D] (after `norm`) -> logits [B, T, V] float32."""
+    out = self.embedding.attend(h) if self.tie_embeddings else self.head(h)
+    return out.astype(jnp.float32)
+
+  def _blocks(self, x, mask, positions, train, decode=False, index=0, cache_len=None):
+    return self.norm(self.decoder(x, mask, positions, not train, decode, index, cache_len))
+
+  # ------------------------------------------------------------------------ forward
+
+  def hidden_states(self, inputs_embeds: jax.Array, mask: jax.Array | None = None,
+                    positions: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """inputs_embeds [B, T, D] -> final normed states [B, T, D].
+
+    mask: padding [B, T] (True = real); positions: rotary positions [B, T] (default: from mask,
+    else 0..T-1).
+    """
+    t = inputs_embeds.shape[1]
+    attn_mask = None
+    if mask is not None:
+      mask = mask.astype(bool)
+      if positions is None:
+        positions = positions_from_mask(mask)
+      # Keys: real tokens, plus the query itself so a padded row never attends to nothing.
+      attn_mask = (mask[:, None, None, :] | jnp.eye(t, dtype=bool)[None, None])
+    if positions is None:
+      positions = jnp.arange(t)
+    x = inputs_embeds.astype(self.dtype) if self.dtype is not None else inputs_embeds
+    return self._blocks(x, attn_mask, positions, train)
+
+  def __call__(self, tokens: jax.Array | None = None, train: bool = False, *, mask: jax.Array | None = None,
+               positions: jax.Array | None = None, inputs_embeds: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, V] from tokens [B, T] or from inputs_embeds [B, T, D] (e.g. `embed(tokens)` with
+    image embeddings written at placeholder positions). mask / positions: see hidden_states."""
+    if (tokens is None) == (inputs_embeds is None):
+      raise ValueError("DecoderLM: pass exactly one of tokens and inputs_embeds")
+    if inputs_embeds is None:
+      inputs_embeds = self.embed(tokens)
+    return self.logits(self.hidden_states(inputs_embeds, mask, positions, train))
+
+  # ------------------------------------------------------------------------ cached decoding
+
+  def decode_step(self, tokens: jax.Array | None, index: jax.Array | int, cache_len: int | None = None,
+                  mask: jax.Array | None = None, inputs_embeds: jax.Array | None = None) -> jax.Array:
+    """Cached decoding: tokens [B, T] (or inputs_embeds [B, T, D]) at cache slots [index, index + T)
+    -> logits [B, T, V].
+
+    The call that creates the cache (mutable=['cache']) gives `cache_len` and, for padded prompts,
+    the prompt's padding `mask` [B, T] (T <= cache_len; slots after it count as real). Later calls
+    pass neither: padded slots stay masked and rotary positions skip them.
+    """
+    if inputs_embeds is None:
+      inputs_embeds = self.embed(tokens)
+    b, t = inputs_embeds.shape[:2]
+    index = jnp.asarray(index, jnp.int32)
+    is_new = not self.has_variable("cache", "valid")
+    if is_new:
+      length = cache_len or t
+      valid = jnp.ones((b, length), bool)
+      if mask is not None:
+        valid = jax.lax.dynamic_update_slice(valid, mask.astype(bool), (0, 0))
+    else:
+      valid = self.get_variable("cache", "valid")
+    self.put_variable("cache", "valid", valid)
+    slots = index + jnp.arange(t)
+    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+    positions = jnp.take(positions, slots, axis=1)  # [B, T]
+    own = jnp.arange(valid.shape[1])[None, :] == slots[:, None]  # [T, cache_len]
+    attn_mask = valid[:, None, None, :] | own[None, None]
+    x = inputs_embeds.astype(self.dtype) if self.dtype is not None else inputs_embeds
+    h = self._blocks(x, attn_mask, positions, False, decode=True, index=index, cache_len=valid.shape[1])
+    return self.logits(h)
+
+
+def init_cache(model: DecoderLM, params: Any, prompt: jax.Array, cache_len: int,
+               mask: jax.Array | None = None) -> Any:
+  """A fresh cache for `prompt` [B, P] (+ its padding mask) with room for cache_len slots.
+
+  vlm.decoding then prefills the prompt again from slot 0 (overwriting the same keys/values).
+  """
+  _, variables = model.apply({"params": params}, prompt, 0, cache_len, mask, method=DecoderLM.decode_step,
+                             mutable=["cache"])
+  return variables["cache"]
+
+
+def make_step_fn(model: DecoderLM, params: Any) -> decoding.StepFn:
+  """vlm.decoding's step_fn(cache, tokens, index) -> (logits, cache) for DecoderLM."""
+
+  def step_fn(cache, tokens, index):
+    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, method=DecoderLM.decode_step,
+                              mutable=["cache"])
+    return logits, new["cache"]
+
+  return step_fn
+
+
+def generate(model: DecoderLM, params: Any, prompt: jax.Array, *, max_new_tokens: int, eos_id: int,
+             pad_id: int = 0, mask: jax.Array | None = None, method: str = "greedy",
+             **decode_kw) -> decoding.DecodeOutput:
+  """Decodes after prompt [B, P] (left-padded rows: pass `mask`), jit-able with static sizes."""
+  cache = init_cache(model, params, prompt, prompt.shape[1] + max_new_tokens, mask)
+  return decoding.generate(make_step_fn(model, params), cache, prompt, method=method,
+                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, **decode_kw)

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from vlm import parallel
+from vlm import parallel, peft
 from vlm.data import get_default_config as data_config
 
 
@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=100))
   c.grad_clip_norm = 1.0
   c.frozen = []
+  c.trainable = ()  # regexes; parameters matching none are frozen (vlm.optim)
+  c.peft = peft.default_config()  # LoRA / adapters (vlm.peft): off until peft.method is set
   c.lr_mults = []
   c.log_every = 50
   c.checkpoint_every = 1000

@@ -26,7 +26,7 @@ def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
 def load_model_and_params(config, workdir: str | Path, step: int | None = None):
   """(model, mesh, params placed on the mesh) for the checkpoint of `workdir`."""
   mesh = parallel.make_mesh(config.get("mesh", [("data", -1)]))
-  model = build_model(config.model_name, config.model)
+  model = build_model(config.model_name, config.model, peft=config.get("peft"))
   params = checkpoint.load_params(workdir, step)
   params = jax.device_put(params, parallel.replicated(mesh))
   return model, mesh, params

@@ -11,6 +11,9 @@ Config keys (all under the trainer config):
       paths (default: kernels and embeddings, i.e. not biases, norms, temperature and bias scalars)
   grad_clip_norm: clip by global norm (None: off)
   frozen: list of regexes; matching parameters get no update and no optimiser state
+  trainable: list of regexes; parameters matching none of them are frozen (the complement of
+      `frozen`; both may be given: frozen wins). Each regex must match some parameter.
+  peft: a vlm.peft config implies trainable += its LoRA / adapter leaves and peft.train_also
   lr_mults: list of (regex, multiplier); the first match wins
 """
 
@@ -100,10 +103,49 @@ def scale_by_regex(rules: Sequence[tuple[str, float]]) -> optax.GradientTransfor
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def frozen_labels(frozen: Sequence[str]) -> Callable[[Any], Any]:
+def frozen_labels(frozen: Sequence[str], trainable: Sequence[tuple[str, str]] | None = None) -> Callable[[Any], Any]:
+  """params -> a tree of 'train' / 'frozen' labels.
+
+  trainable: None (everything not frozen trains) or (regex, config key) pairs; a parameter that
+  matches none of them is frozen, and a regex that matches no parameter is an error naming its key.
+  """
   regexes = _compile(frozen, "frozen")
-  return lambda params: jax.tree.map(
-      lambda p: "frozen" if any(r.fullmatch(p) for r in regexes) else "train", tree_paths(params))
+  train_re = None
+  if trainable is not None:
+    train_re = [(_compile([p], key)[0], key) for p, key in trainable]
+
+  def labels(params):
+    paths = tree_paths(params)
+    if train_re is not None:
+      flat = jax.tree.leaves(paths)
+      for r, key in train_re:
+        if not any(r.fullmatch(p) for p in flat):
+          hint = (" (was the model built with build_model(..., peft=config.peft)?)"
+                  if key == "peft" else "")
+          raise ValueError(f"config.{key}: {r.pattern!r} matches no parameter{hint}; parameters are e.g. "
+                           f"{', '.join(flat[:8])}")
+
+    def label(p):
+      if any(r.fullmatch(p) for r in regexes):
+        return "frozen"
+      if train_re is not None and not any(r.fullmatch(p) for r, _ in train_re):
+        return "frozen"
+      return "train"
+
+    return jax.tree.map(label, paths)
+
+  return labels
+
+
+def trainable_patterns(config) -> list[tuple[str, str]] | None:
+  """(regex, config key) pairs of config.trainable and the PEFT-implied ones; None if neither is set."""
+  pats = [(p, "trainable") for p in (config.get("trainable") or [])]
+  from vlm import peft
+  cfg = peft.parse_config(config.get("peft")) if config.get("peft") else None
+  if cfg is not None:
+    train_also = set(cfg.train_also)
+    pats += [(p, "peft.train_also" if p in train_also else "peft") for p in peft.trainable_regexes(cfg)]
+  return pats or None
 
 
 def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -122,6 +164,8 @@ def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformat
   if config.get("lr_mults"):
     chain.append(scale_by_regex([tuple(x) for x in config.lr_mults]))
   tx = optax.chain(*chain)
-  if config.get("frozen"):
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels(list(config.frozen)))
+  trainable = trainable_patterns(config)
+  if config.get("frozen") or trainable is not None:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               frozen_labels(list(config.get("frozen") or []), trainable))
   return tx, sched

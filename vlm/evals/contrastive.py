@@ -59,7 +59,7 @@ class ZeroShot(_Base):
     arrays, meta = self.data()
     templates = list(self.templates or meta.get("templates") or ["{}"])
     zcls = self.class_embeddings(params, list(meta["class_names"]), templates)
-    pred = np.argmax(self.image_embeddings(params) @ zcls.T, axis=-1)
+    pred = np.argmax(similarity(self.image_embeddings(params), zcls), axis=-1)
     correct = pred == arrays["label"]
     out = {f"{self.prefix}/top1": float(correct.mean())}
     if "seen" in arrays:
@@ -70,6 +70,13 @@ class ZeroShot(_Base):
         out[f"{self.prefix}/top1_unseen"] = float(correct[~seen].mean())
         out[f"{self.prefix}/chance"] = 1.0 / len(meta["class_names"])
     return out
+
+
+def similarity(zimg: np.ndarray, ztxt: np.ndarray) -> np.ndarray:
+  """Scores [N, M] of image embeddings [N, E] (or [N, Q, E]: several per image, scored by their
+  maximum, BLIP-2's max over queries) against text embeddings [M, E]."""
+  sim = zimg @ ztxt.T
+  return sim.max(axis=1) if zimg.ndim == 3 else sim
 
 
 def recall_at_k(sim: np.ndarray, relevant: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
@@ -94,7 +101,7 @@ class Retrieval(_Base):
     inverse = inverse.reshape(-1)
     zimg = self.image_embeddings(params)
     ztxt = self.text_embeddings(params, uniq)
-    sim = zimg @ ztxt.T  # [images, unique captions]
+    sim = similarity(zimg, ztxt)  # [images, unique captions]
     relevant = inverse[:, None] == np.arange(len(uniq))[None, :]
     i2t = recall_at_k(sim, relevant)
     t2i = recall_at_k(sim.T, relevant.T)

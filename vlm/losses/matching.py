@@ -36,6 +36,7 @@ def hard_negative_indices(zimg: jax.Array, ztxt: jax.Array, rng: jax.Array, *, s
   """Global indices of one negative text and one negative image per pair.
 
   zimg, ztxt [B, D] (global, sharded over the mesh's data axes) -> (neg_text [B], neg_image [B]),
+  or zimg [B, Q, D] with BLIP-2's similarity max_q <zimg[i, q], ztxt[j]> (one embedding per query),
   int32 indices into the global batch, never i itself. hard=False draws uniformly (random
   negatives). tokens [B, T]: if given, pairs whose text equals pair i's text are not drawn either
   (they would be false negatives: the same caption also describes image i); a row where that
@@ -44,7 +45,7 @@ def hard_negative_indices(zimg: jax.Array, ztxt: jax.Array, rng: jax.Array, *, s
   if zimg.shape[0] < 2:
     raise ValueError(f"hard negatives need a global batch of at least 2 pairs, got {zimg.shape[0]}")
   axes = _axes(mesh)
-  zimg, ztxt = jax.lax.stop_gradient(zimg), jax.lax.stop_gradient(ztxt)
+  zimg, ztxt = jax.lax.stop_gradient(zimg.astype(jnp.float32)), jax.lax.stop_gradient(ztxt.astype(jnp.float32))
   scale = jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32))
   if tokens is None:
     tokens = jnp.zeros((zimg.shape[0], 0), jnp.int32)
@@ -61,16 +62,26 @@ def hard_negative_indices(zimg: jax.Array, ztxt: jax.Array, rng: jax.Array, *, s
     excluded = jnp.where(jnp.all(excluded, axis=1, keepdims=True), positive, excluded)
     key = jax.random.fold_in(key, index)
     k_txt, k_img = jax.random.split(key)
+    i2t, t2i = similarities(zi, zt, zi_all, zt_all)
 
     def draw(k, logits):
       logits = (s * logits if hard else jnp.zeros_like(logits)).astype(jnp.float32)
       return jax.random.categorical(k, jnp.where(excluded, -jnp.inf, logits), axis=-1).astype(jnp.int32)
 
-    return draw(k_txt, zi @ zt_all.T), draw(k_img, zt @ zi_all.T)
+    return draw(k_txt, i2t), draw(k_img, t2i)
 
   spec = P(axes if axes else None)
+  img_spec = P(axes if axes else None, *([None] * (zimg.ndim - 1)))
   return _run(per_device, mesh, (zimg, ztxt, tokens, rng, scale),
-              (P(axes, None), P(axes, None), P(axes, None), P(), P()), (spec, spec))
+              (img_spec, P(axes, None), P(axes, None), P(), P()), (spec, spec))
+
+
+def similarities(zi: jax.Array, zt: jax.Array, zi_all: jax.Array, zt_all: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Local rows against the global batch: (i2t [b, B], t2i [b, B]). zi [b, D] or [b, Q, D] (max over
+  queries, BLIP-2 sec. 3.2), zt [b, D]; zi_all / zt_all the gathered global batch."""
+  if zi.ndim == 3:
+    return jnp.einsum("iqe,je->ijq", zi, zt_all).max(-1), jnp.einsum("ie,jqe->ijq", zt, zi_all).max(-1)
+  return zi @ zt_all.T, zt @ zi_all.T
 
 
 def take_rows(x: Any, index: jax.Array, mesh: Mesh | None = None) -> Any:

@@ -17,6 +17,13 @@ An answer (VQA as answer classification, e.g. VLMo fine-tuned by configs/vlmo_vq
 
 prints the top answers of data.answer_vocab with their probabilities.
 
+A generated answer (VLMs on a language model, e.g. configs/llava_stage2.py):
+
+    python -m vlm.predict --workdir=DIR --image=cat.png --prompt="what colour is the cat?"
+
+wraps the prompt in the chat template of data.conversation (the image placeholder first, as in
+training) and prints the greedy answer (--method/--num_beams as for captions).
+
 The image goes through `data.pp_eval`; the workdir's config and latest checkpoint are used.
 """
 
@@ -103,11 +110,36 @@ def answer(workdir: str | Path, image: str | Path, question: str, top_k: int = 3
   return [(answers[i], float(probs[i])) for i in order]
 
 
+def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "greedy", max_new_tokens: int = 32,
+         step: int | None = None, **decode_kw) -> str:
+  """The answer of a VLM on a language model (vlm.models.vision_lm) to `prompt` about the image."""
+  from vlm.data.conversation import IMAGE, chat_tokenizer_from_config
+  from vlm.models.vision_lm import generate
+  config = load_workdir_config(workdir)
+  conv = config.data.get("conversation")
+  if config.model_name != "vision_lm" or not conv:
+    raise ValueError(f"{workdir}: model {config.model_name!r} is not a VLM on a language model with "
+                     "data.conversation (train one with configs/llava_stage2.py); use --question or --labels")
+  model, _, params = load_model_and_params(config, workdir, step)
+  tok = get_tokenizer(config.data)
+  turns = ([("system", conv.system)] if conv.get("system") else []) + [("user", IMAGE + prompt)]
+  ids = np.asarray(chat_tokenizer_from_config(conv, tok).encode_prompt(turns), np.int32)[None]
+  x = jnp.asarray(load_image(image, config.data.pp_eval))
+  rng = jax.random.key(0) if method == "sample" else None
+  out = generate(model, params, x, jnp.asarray(ids), max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                 pad_id=tok.pad_id, method=method, rng=rng, **decode_kw)
+  return tok.decode(np.asarray(out.tokens)[0])
+
+
 def main(argv) -> None:
   del argv
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
+  if f.prompt is not None:
+    kw = {"num_beams": f.num_beams} if f.method == "beam" else {}
+    print(json.dumps({"answer": chat(f.workdir, f.image, f.prompt, f.method, step=f.step, **kw)}), flush=True)
+    return
   if f.question is not None:
     ranked = answer(f.workdir, f.image, f.question, step=f.step)
     print(json.dumps([{"answer": a, "prob": round(p, 4)} for a, p in ranked], indent=2), flush=True)
@@ -129,6 +161,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("image", None, "Path to an image file.")
   flags.DEFINE_string("labels", None, "Comma-separated candidate labels (zero-shot); without: a caption.")
   flags.DEFINE_string("question", None, "A question about the image (VQA classifiers).")
+  flags.DEFINE_string("prompt", None, "A prompt about the image (VLMs on a language model: generated answer).")
   flags.DEFINE_enum("method", "greedy", ["greedy", "beam", "sample"], "Caption decoding method.")
   flags.DEFINE_integer("num_beams", 4, "Beams for --method=beam.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")

@@ -8,10 +8,13 @@ Config keys (besides `model`, `objective`, `data`, and the optimiser keys of vlm
   seed, batch_size (global), total_steps, mesh [(axis, size)], rules [(logical, mesh axes)],
   model_name, objective_name, accum_steps, log_every, checkpoint_every, keep_checkpoints,
   async_checkpoint, evals {name: {type, every, ...}}, eval_at_start (also evaluate the initial
-  parameters, logged as step 0), init {path, mapping, step, hint: added to the error when path has
-  no checkpoint},
+  parameters, logged as step 0), init {path (orbax workdir/checkpoint or HF directory), mapping,
+  step, hint: added to the error when path has no checkpoint}, or a dict of such named blocks
+  applied in order (init.lm, init.vision),
   tensorboard, wandb {project, ...}, peak_flops_per_device (for MFU; known accelerators are looked up),
-  coordinator_address / num_processes / process_id (multi-host; or pass them as flags).
+  coordinator_address / num_processes / process_id (multi-host; or pass them as flags),
+  peft (LoRA / adapters, vlm.peft: only those parameters train; save_only_peft also writes
+  <workdir>/peft_params/ with just the trainable leaves at the end).
 """
 
 import time
@@ -21,13 +24,13 @@ from typing import Any
 import jax
 import ml_collections
 
-from vlm import checkpoint, parallel
+from vlm import checkpoint, parallel, peft
 from vlm.data import check_config, make_pipeline
 from vlm.evals import build_evals
 from vlm.metrics_writer import MetricWriter
 from vlm.models import build_model
 from vlm.objectives import build_objective
-from vlm.optim import build_optimizer
+from vlm.optim import build_optimizer, trainable_patterns
 from vlm.train_step import create_train_state, make_train_step
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate.
@@ -57,21 +60,33 @@ def setup(config):
   """Mesh, model, objective, optimiser and evaluators from the config (no data, no state)."""
   mesh = parallel.make_mesh(config.get("mesh", [("data", -1)]))
   rules = tuple(tuple(r) for r in config.get("rules", parallel.DEFAULT_RULES))
-  model = build_model(config.model_name, config.model)
+  model = build_model(config.model_name, config.model, peft=config.get("peft"))
   objective = build_objective(config.objective_name, config.get("objective"), mesh=mesh)
   tx, schedule = build_optimizer(config, config.total_steps)
   evals = build_evals(config, model, mesh)
   return mesh, rules, model, objective, tx, schedule, evals
 
 
-def _load_init(config) -> dict:
-  """The parameters of config.init.path; init.hint (how to make them) joins the error if there are none."""
+def init_blocks(config) -> list:
+  """config.init as a list of blocks {path, mapping, step, hint}: one block, or a dict of named
+  blocks (e.g. init.lm and init.vision for a VLM), applied in order; blocks without a path skipped."""
+  init = config.get("init")
+  if not init:
+    return []
+  if "path" in init:
+    return [init] if init.path else []
+  return [block for block in init.values() if block and block.get("path")]
+
+
+def _load_init(block) -> dict:
+  """The parameters of block.path (an orbax workdir or checkpoint, or an HF directory); block.hint
+  (how to make them) joins the error if there are none."""
   try:
-    return checkpoint.load_params(config.init.path, config.init.get("step"))
+    return checkpoint.load_params(block.path, block.get("step"))
   except FileNotFoundError as e:
-    if not config.init.get("hint"):
+    if not block.get("hint"):
       raise
-    raise FileNotFoundError(f"{e}. {config.init.hint}") from e
+    raise FileNotFoundError(f"{e}. {block.hint}") from e
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -87,9 +102,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                                  keep=config.get("keep_checkpoints", 3),
                                  async_save=config.get("async_checkpoint", True))
   start = ckpt.latest_step()
-  loaded = None
-  if start is None and config.get("init") and config.init.get("path"):
-    loaded = _load_init(config)  # before the data and the compiled init: a wrong path fails at once
+  loaded = []
+  if start is None:  # before the data and the compiled init: a wrong path fails at once
+    loaded = [(block, _load_init(block)) for block in init_blocks(config)]
 
   data_iter = make_pipeline(config.data, split="train", batch_size=config.batch_size, mesh=mesh, seed=config.seed)
   first = next(data_iter)
@@ -102,10 +117,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     print(f"Resumed from {ckpt.directory / str(start)}", flush=True)
   else:
     start, pending = 0, first
-    if loaded is not None:
-      mapping = dict(config.init.mapping) if config.init.get("mapping") else None
-      state = state.replace(params=checkpoint.merge_params(state.params, loaded, mapping))
-      print(f"Initialised parameters from {config.init.path}", flush=True)
+    for block, params in loaded:
+      mapping = dict(block.mapping) if block.get("mapping") else None
+      state = state.replace(params=checkpoint.merge_params(state.params, params, mapping))
+      print(f"Initialised parameters from {block.path}", flush=True)
+
+  trainable = trainable_patterns(config)
+  if trainable is not None and jax.process_index() == 0:
+    n_train, n_total = peft.count_params(state.params, [p for p, _ in trainable], list(config.get("frozen") or []))
+    print(f"Trainable parameters: {n_train:,} of {n_total:,} ({100.0 * n_train / max(n_total, 1):.3f}%)", flush=True)
 
   step_fn = make_train_step(model, objective, tx, mesh, rules, shardings, accum_steps=config.get("accum_steps", 1))
   writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True), wandb=config.get("wandb"))
@@ -146,7 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         metrics["train/tflops_per_s_per_device"] = flops / dt / n_dev / 1e12
         if peak:
           metrics["train/mfu"] = flops / dt / n_dev / peak
-      metrics.update({f"data/{k}": v for k, v in data_iter.stats().items() if k.startswith("skipped")})
+      metrics.update({f"data/{k}": v for k, v in data_iter.stats().items() if k.startswith(("skipped", "packed"))})
       last.update(metrics)
       writer.write(step, metrics)
       progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", ex_s=f"{config.batch_size / dt:.0f}")
@@ -156,6 +176,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     progress.update(1)
   progress.close()
   ckpt.close()
+  peft_cfg = peft.parse_config(config.get("peft"))
+  if peft_cfg is not None and peft_cfg.save_only_peft:  # every process: orbax saves are collective
+    peft.save_peft(workdir / "peft_params", state.params, peft.trainable_regexes(peft_cfg), step=total)
   writer.close()
   return last
 

@@ -206,6 +206,12 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   if config.get("model_type") in ("llama", "qwen2", "gemma"):
     from vlm.convert.llm import import_hf_llm
     return import_hf_llm(path, scan=scan)
+  if config.get("model_type") == "llava":
+    from vlm.convert.llava import import_hf_llava
+    return import_hf_llava(path, scan=scan)
+  if config.get("model_type") == "blip-2":
+    from vlm.convert.blip2 import import_hf_blip2
+    return import_hf_blip2(path, scan=scan)
   kwargs = model_kwargs_from_hf(config)
   tensors = _split_in_proj(load_safetensors_dir(path))
   table = _table(config)

@@ -32,6 +32,12 @@ Config keys (`config.data`, see `get_default_config`):
     extra_text_keys   subset of ('caption_detailed', 'question', 'answer')
     answer_vocab  VQA as classification: a list of answers or a text file (one per line); with
                   'question' in extra_text_keys, batches get 'answer_label' (index, -1 if absent)
+    conversation  VLMs on a language model (vlm.data.conversation): a block with tasks
+                  ('caption' | 'detailed' | 'qa' | 'text'), task_weights, template, specials,
+                  system, image_tokens, with_image, length, prompt_length, max_turns, add_bos; batches
+                  get 'tokens', 'loss_mask' [B, length] and 'prompt', 'prompt_mask'
+                  [B, prompt_length] (left-padded question prompt, for generation evals)
+                  pack = k > 1: k examples per row, + 'segment_ids', others [B, k, ...] (train only)
     with_boxes, max_boxes, with_frames
     worker_count  grain worker processes (0: in the main process)
     strict        raise on a bad example instead of skipping it
@@ -48,7 +54,7 @@ import ml_collections
 import numpy as np
 
 from vlm import parallel
-from vlm.data import preprocess, sources
+from vlm.data import conversation, preprocess, sources
 from vlm.data.tokenizer import Tokenizer
 
 EXTRA_TEXT_KEYS = ("caption_detailed", "question", "answer")
@@ -101,6 +107,8 @@ def check_config(data: ml_collections.ConfigDict) -> None:
         if "question" not in data.get("extra_text_keys", ()):
             raise ValueError("data.answer_vocab needs 'question' in data.extra_text_keys")
         load_answer_vocab(data.answer_vocab)
+    if data.get("conversation") is not None:
+        conversation.check_conversation_config(data.conversation)
     if int(data.get("worker_count", 0)) < 0:
         raise ValueError(f"data.worker_count: must be >= 0, got {data.worker_count}")
 
@@ -180,6 +188,8 @@ class _Process:
         self.with_frames = bool(data.get("with_frames", False))
         vocab = data.get("answer_vocab")
         self.answers = load_answer_vocab(vocab) if vocab is not None else None
+        self.conv = data.get("conversation")
+        self.chat = conversation.chat_tokenizer_from_config(self.conv, tokenizer) if self.conv else None
 
     def _tok(self, text: str, length: int) -> np.ndarray:
         return self.tok.encode(text, length, self.add_bos, self.add_eos)
@@ -205,6 +215,7 @@ class _Process:
         }
         if "caption_detailed" in self.extra:
             out["text_detailed"] = self._tok(ex.get("caption_detailed", ex["caption"]), self.detailed_length)
+        j = None
         if "question" in self.extra or "answer" in self.extra:
             qs, ans = ex.get("questions", []), ex.get("answers", [])
             j = int(rng.integers(len(qs))) if qs else -1
@@ -212,6 +223,10 @@ class _Process:
             out["answer"] = self._tok(ans[j] if j >= 0 else "", self.length)
             if self.answers is not None:
                 out["answer_label"] = np.int32(self.answers.get(ans[j], -1) if j >= 0 else -1)
+        if self.chat is not None:  # its own stream, so the draws above stay as they were
+            conv_rng = np.random.default_rng([self.seed, 1, position])
+            out.update(conversation.conversation_example(ex, self.conv, self.chat, conv_rng,
+                                                         j if j is not None and j >= 0 else None))
         if self.with_boxes:
             boxes = np.zeros((self.max_boxes, 4), np.float32)
             labels = np.full((self.max_boxes,), -1, np.int32)
@@ -270,7 +285,7 @@ class DataIterator(Iterator[dict[str, Any]]):
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._it)
-        self._counts["examples"] += len(batch["label"])
+        self._counts["examples"] += int(np.size(batch["label"]))  # packed: label [rows, k]
         self._counts["batches"] += 1
         if self._mesh is None:
             return batch
@@ -283,7 +298,8 @@ class DataIterator(Iterator[dict[str, Any]]):
         self._it.set_state(state)
 
     def stats(self) -> dict[str, int]:
-        """Counters since this iterator was made: examples, batches, skipped[/reason]."""
+        """Counters since this iterator was made: examples, batches, skipped[/reason] and, when
+        packing, packed_dropped / packed_truncated (see conversation.pack_examples)."""
         out = {k: int(v) for k, v in self._counts.items()}
         out["skipped"] = sum(v for k, v in out.items() if k.startswith("skipped/"))
         return out
@@ -293,7 +309,7 @@ def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: 
                   mesh: jax.sharding.Mesh | None, seed: int, tokenizer: Tokenizer | None = None,
                   shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
                   pp: str | list[str] | None = None, process_index: int | None = None,
-                  process_count: int | None = None) -> DataIterator:
+                  process_count: int | None = None, pack: int | None = None) -> DataIterator:
     """Batches of `split`: 'image' [B, H, W, 3] f32, 'text' [B, L] i32, 'label' [B] i32, 'seen' [B] bool.
 
     `config` is `config.data` (or a config holding it as `.data`); `batch_size` is
@@ -303,6 +319,9 @@ def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: 
     With drop_remainder, a finite stream is cut to whole global batches, so every process
     yields the same number of batches (bad examples aside).
     `pp` defaults to data.pp_train for split 'train', else data.pp_eval.
+    `pack` (default: data.conversation.pack for split 'train', else 1): k > 1 packs k consecutive
+    examples into each row (conversation.pack_examples): batch_size stays the number of rows, each
+    of k examples, so a batch holds batch_size * k examples.
     """
     data = config.data if "data" in config else config
     check_config(data)
@@ -323,11 +342,21 @@ def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: 
     if num_epochs != 1:
         order = order.repeat(num_epochs)
     local_batch = batch_size // process_count
+    conv = data.get("conversation")
+    if pack is None:
+        pack = int(conv.get("pack", 1)) if conv is not None and split == "train" else 1
+    if not (isinstance(pack, int) and pack > 0):
+        raise ValueError(f"make_pipeline: pack must be a positive int, got {pack!r}")
+    if pack > 1 and conv is None:
+        raise ValueError(f"make_pipeline: pack={pack} needs data.conversation (it packs conversations)")
+    # Packing: a global batch of batch_size rows reads batch_size * pack stream elements, row r
+    # elements [r * pack, (r + 1) * pack) of them, so processes still split it into contiguous rows.
+    ex_batch, ex_local = batch_size * pack, local_batch * pack
     stream_length = len(order)
     if drop_remainder:
-        stream_length -= stream_length % batch_size
-    n_local = _ProcessRows.local_length(stream_length, batch_size, local_batch, process_index)
-    rows = _ProcessRows(order, batch_size, local_batch, process_index)
+        stream_length -= stream_length % ex_batch
+    n_local = _ProcessRows.local_length(stream_length, ex_batch, ex_local, process_index)
+    rows = _ProcessRows(order, ex_batch, ex_local, process_index)
     ds = grain.MapDataset.range(n_local).map(rows).map(_Process(source, data, ops, tokenizer, seed))
     ids = ds.to_iter_dataset()
     if int(data.get("worker_count", 0)) > 0:
@@ -342,8 +371,38 @@ def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: 
             return False
         return True
 
-    ids = ids.filter(keep).batch(local_batch, drop_remainder=drop_remainder)
+    ids = ids.filter(keep)
+    if pack > 1:
+        packer = _Packer(pack, int(conv.get("length", 64)), tokenizer.pad_id,
+                         conversation.chat_tokenizer_from_config(conv, tokenizer).image_id, counts)
+        ids = ids.batch(ex_local, drop_remainder=drop_remainder).map(packer)
+    else:
+        ids = ids.batch(local_batch, drop_remainder=drop_remainder)
     return DataIterator(ids, counts, mesh, batch_size)
+
+
+class _Packer:
+    """A batch of rows * k examples -> rows packed rows (conversation.pack_examples), counting
+    dropped / truncated examples. Runs in the main process. A short final batch (drop_remainder
+    False) fills its last row's missing examples with empty (all-zero, all-padding) ones."""
+
+    def __init__(self, k: int, length: int, pad_id: int, image_id: int, counts: collections.Counter):
+        self.k, self.length, self.pad_id, self.image_id, self.counts = k, length, pad_id, image_id, counts
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["tokens"])
+        rows = []
+        for start in range(0, n, self.k):
+            examples = [{key: v[i] for key, v in batch.items()} for i in range(start, min(start + self.k, n))]
+            while len(examples) < self.k:
+                empty = {key: np.zeros_like(v) for key, v in examples[0].items()}
+                empty["tokens"] = np.full_like(examples[0]["tokens"], self.pad_id)
+                examples.append(empty)
+            row = conversation.pack_examples(examples, self.length, self.pad_id, self.image_id)
+            self.counts["packed_dropped"] += row.pop("packed_dropped")
+            self.counts["packed_truncated"] += row.pop("packed_truncated")
+            rows.append(row)
+        return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
 
 def load_split_numpy(config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer | None = None,
@@ -356,7 +415,7 @@ def load_split_numpy(config: ml_collections.ConfigDict, split: str, tokenizer: T
     data = config.data if "data" in config else config
     it = make_pipeline(data, split=split, batch_size=chunk, mesh=None, seed=0, tokenizer=tokenizer,
                        shuffle=False, num_epochs=1, drop_remainder=False, pp=data.pp_eval,
-                       process_index=0, process_count=1)
+                       process_index=0, process_count=1, pack=1)  # never packed: evals read examples
     parts: list[dict] = []
     total = 0
     for batch in it:

@@ -1,10 +1,12 @@
 """Model families. Configs name them through MODELS: `config.model_name = 'two_tower'`."""
 
+from vlm.models.blip2 import Blip2QFormer
 from vlm.models.coca import CoCa, CoCaTextDecoder
 from vlm.models.decoder import DecoderLM
 from vlm.models.flava import FLAVA
 from vlm.models.text import TextTransformer
 from vlm.models.two_tower import TwoTower
+from vlm.models.vision_lm import VisionLanguageModel
 from vlm.models.video import VideoClassifier
 from vlm.models.vlmo import VLMo
 from vlm.models.vit import VIT_VARIANTS, ViT, decode_variant
@@ -20,12 +22,22 @@ MODELS.register("flava")(FLAVA)
 MODELS.register("video_classifier")(VideoClassifier)
 MODELS.register("vlmo")(VLMo)
 MODELS.register("vq_tokenizer")(VQTokenizer)
+MODELS.register("blip2_qformer")(Blip2QFormer)
 MODELS.register("decoder_lm")(DecoderLM)
+MODELS.register("vision_lm")(VisionLanguageModel)
 
 
-def build_model(name: str, config) -> "flax.linen.Module":  # noqa: F821
-  """MODELS[name](**config): a linen Module from a config's `model` block."""
-  return MODELS.get(name)(**to_kwargs(config))
+def build_model(name: str, config, peft=None) -> "flax.linen.Module":  # noqa: F821
+  """MODELS[name](**config): a linen Module from a config's `model` block.
+
+  peft: the trainer's `config.peft` (vlm.peft; None or empty: the plain model). With it, the model
+  is an instance of a same-named subclass whose init/apply add LoRA / adapter parameters.
+  """
+  cls = MODELS.get(name)
+  if peft:
+    from vlm.peft import peft_class
+    cls = peft_class(cls, peft)
+  return cls(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "CoCa", "CoCaTextDecoder", "DecoderLM", "FLAVA", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VQTokenizer", "ViT", "build_model", "decode_variant"]
+__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "FLAVA", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]

@@ -12,6 +12,12 @@ Padding: a `mask` [B, T] (True/1 = real token) masks padded keys and sets rotary
 the number of real tokens before each one (as HF generate does for left-padded prompts), so a
 left- or right-padded row gives the logits of its unpadded tokens at its real positions.
 
+Packing: `segment_ids` [B, T] int (0 = padding, 1..k = the packed sequence a token belongs to; each
+segment one contiguous run) makes attention causal within a segment only (block-diagonal causal;
+padding keys masked, a query always sees itself) and restarts rotary positions at 0 at each
+segment's first token, so each packed sequence gets the logits it would get alone. Training only:
+decoding (`decode_step`) never packs.
+
 Decoding (vlm.decoding's step protocol) goes through `decode_step`; `init_cache` / `make_step_fn`
 / `generate` below wire it up::
 
@@ -41,6 +47,37 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
   """Rotary positions [B, T] from a padding mask [B, T]: real tokens before this one (pads get 0)."""
   mask = mask.astype(jnp.int32)
   return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+
+def positions_from_segments(segment_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Rotary positions [B, T] of packed rows: real tokens before this one in its own segment.
+
+  segment_ids [B, T] (0 = padding; segments contiguous); mask: optional extra padding mask
+  (True = real). Padding gets 0.
+  """
+  seg = segment_ids.astype(jnp.int32)
+  valid = seg > 0
+  if mask is not None:
+    valid = valid & mask.astype(bool)
+  v = valid.astype(jnp.int32)
+  before = jnp.cumsum(v, axis=1) - v  # real tokens before t in the row
+  start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  base = jax.lax.cummax(jnp.where(start, before, 0), axis=1)  # `before` at the segment's first token
+  return jnp.where(valid, before - base, 0)
+
+
+def segment_attention_mask(segment_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, 1, T, T]: key in the query's segment and real (segment > 0, mask), or the query itself.
+
+  Combined with causal attention this is block-diagonal causal attention over packed sequences.
+  """
+  seg = segment_ids.astype(jnp.int32)
+  valid = seg > 0
+  if mask is not None:
+    valid = valid & mask.astype(bool)
+  t = seg.shape[1]
+  same = (seg[:, :, None] == seg[:, None, :]) & valid[:, None, :]
+  return (same | jnp.eye(t, dtype=bool)[None])[:, None]
 
 
 class LMBlock(nn.Module):
@@ -168,15 +205,21 @@ class DecoderLM(nn.Module):
   # ------------------------------------------------------------------------ forward
 
   def hidden_states(self, inputs_embeds: jax.Array, mask: jax.Array | None = None,
-                    positions: jax.Array | None = None, train: bool = False) -> jax.Array:
+                    positions: jax.Array | None = None, train: bool = False,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
     """inputs_embeds [B, T, D] -> final normed states [B, T, D].
 
-    mask: padding [B, T] (True = real); positions: rotary positions [B, T] (default: from mask,
-    else 0..T-1).
+    mask: padding [B, T] (True = real); positions: rotary positions [B, T] (default: from
+    segment_ids, else from mask, else 0..T-1); segment_ids: packed sequences [B, T] (0 = padding,
+    see the module docstring): attention stays within a segment and positions restart per segment.
     """
     t = inputs_embeds.shape[1]
     attn_mask = None
-    if mask is not None:
+    if segment_ids is not None:
+      if positions is None:
+        positions = positions_from_segments(segment_ids, mask)
+      attn_mask = segment_attention_mask(segment_ids, mask)
+    elif mask is not None:
       mask = mask.astype(bool)
       if positions is None:
         positions = positions_from_mask(mask)
@@ -188,14 +231,16 @@ class DecoderLM(nn.Module):
     return self._blocks(x, attn_mask, positions, train)
 
   def __call__(self, tokens: jax.Array | None = None, train: bool = False, *, mask: jax.Array | None = None,
-               positions: jax.Array | None = None, inputs_embeds: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """Logits [B, T, V] from tokens [B, T] or from inputs_embeds [B, T, D] (e.g. `embed(tokens)` with
-    image embeddings written at placeholder positions). mask / positions: see hidden_states."""
+    image embeddings written at placeholder positions). mask / positions / segment_ids (packed
+    rows): see hidden_states."""
     if (tokens is None) == (inputs_embeds is None):
       raise ValueError("DecoderLM: pass exactly one of tokens and inputs_embeds")
     if inputs_embeds is None:
       inputs_embeds = self.embed(tokens)
-    return self.logits(self.hidden_states(inputs_embeds, mask, positions, train))
+    return self.logits(self.hidden_states(inputs_embeds, mask, positions, train, segment_ids))
 
   # ------------------------------------------------------------------------ cached decoding
 

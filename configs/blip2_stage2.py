@@ -1,0 +1,67 @@
+r"""BLIP-2 stage 2 (Li et al. 2023, sec. 3.3): vision-to-language generative learning. The frozen image
+encoder and the stage-1 Q-Former give 32 query outputs; a fully-connected layer projects them to
+the LLM's width, and they are written at the `<image>` placeholders (a soft visual prompt in front
+of the text); the LLM is frozen. The Q-Former and the projection learn; the loss is the language
+modelling loss on the text after the prompt (vlm.models.vision_lm with vision_model='blip2_qformer').
+
+  python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir=/tmp/vlm_lm_demo
+  python -m vlm.train --config=configs/blip2_stage1.py:demo --workdir=/tmp/blip2_demo
+  python -m vlm.train --config=configs/blip2_stage2.py:demo --workdir=/tmp/blip2_demo/stage2
+
+The demo mixes captions (the paper's stage-2 data) with question/answer chats: BLIP-2 fine-tunes
+for VQA in a separate step with the LLM frozen (sec. 4.3); one run keeps the demo short. It
+reports `vqa/accuracy` (exact match of greedy answers) on the test split.
+
+Demo result (2026-11-24, 800 steps): 44.0% exact match, below LLaVA's 86.4%. By question type:
+size 92%, count 61%, position 39%, colour 15%, shape 15%. The frozen 0.9M-parameter demo LM does
+not learn to read a soft visual prompt: LLaVA after its stage 1 (LM frozen, connector trained)
+scores 15% too, and training the image encoder in this stage as well (BLIP-2's VQA fine-tuning,
+sec. 4.3) gave 42.7%. The paper's frozen LLMs are billions of parameters.
+
+MiniGPT-4 (Zhu et al. 2023) is this model with the Q-Former frozen too, so that only the
+projection learns: `--config.frozen='("vision/.*", "lm/.*")'`.
+"""
+
+import ml_collections
+
+from configs import blip2_stage1, llava_base
+from configs.lm_pretrain import conversation
+
+BLIP2_DEMO = "/tmp/blip2_demo"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "", "demo"):
+    raise ValueError(f"configs/blip2_stage2.py: unknown variant {arg!r}; known: demo")
+  demo = arg == "demo"
+  c = llava_base.stage_config("align", arg)  # LM, data and chat template as the LLaVA recipe
+  stage1 = blip2_stage1.get_config(arg).model
+  queries = int(stage1.num_query_tokens)
+  c.model = dict(lm_config=c.model.lm_config.to_dict(), vision_model="blip2_qformer",
+                 vision_config=dict(stage1.to_dict(), freeze_image=True), vision_method="query_features",
+                 connector_type="linear", image_token_id=c.model.image_token_id)
+  # Frozen: the image encoder, the LLM, and the stage-1 parts that generation does not use.
+  c.frozen = [r"vision/img/.*", r"lm/.*", r"vision/(vision_proj|text_proj|itm_head|lm_transform|lm_norm|lm_bias|t)(/.*)?",
+              r"vision/qformer/(word_embed|pos_embed)/.*", r"vision/qformer/.*mlp_text.*"]
+  c.init = ml_collections.ConfigDict(dict(
+      vision=dict(path=BLIP2_DEMO if demo else None, mapping={"vision/": ""}, step=None,
+                  hint=f"Run BLIP-2 stage 1 first: python -m vlm.train --config=configs/blip2_stage1.py:demo "
+                       f"--workdir={BLIP2_DEMO}"),
+      lm=c.init.lm))
+  if demo:
+    c.data.conversation = conversation(("caption", "qa"), image_tokens=queries, length=72, task_weights=(1.0, 3.0))
+    c.data.caption_key = "caption"
+    c.total_steps = 800
+    c.lr = 1e-3
+    c.schedule.warmup_steps = 30
+  else:  # sec. 3.4: 80k steps at batch 1920 (OPT) / 1520 (FlanT5), lr 1e-4, wd 0.05
+    c.data.conversation.update(tasks=("caption",), image_tokens=queries,
+                               prompt_length=c.data.conversation.prompt_length - c.data.conversation.image_tokens
+                               + queries)
+    c.batch_size = 1920
+    c.total_steps = 80_000
+    c.lr = 1e-4
+    c.wd = 0.05
+    c.schedule.warmup_steps = 2000
+  c.checkpoint_every = c.total_steps
+  return c

@@ -1,0 +1,195 @@
+"""HF LlavaForConditionalGeneration import (vlm.convert.llava) against small random transformers models."""
+
+import functools
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from vlm.convert import import_hf  # noqa: E402
+from vlm.models import build_model  # noqa: E402
+from vlm.models.vision_lm import generate  # noqa: E402
+
+TOL = 1e-4
+VOCAB, IMAGE, PAD, EOS = 200, 150, 0, 2
+SIZE, PATCH = 32, 8
+NUM_PATCHES = (SIZE // PATCH) ** 2
+NEW = 6
+# (vision_feature_layer, vision_feature_select_strategy, sharded, vision tower)
+CASES = {"penultimate_default": (-2, "default", False, "clip"), "last_full_sharded": (-1, "full", True, "clip"),
+         "siglip_tower_full": (-2, "full", False, "siglip")}
+
+
+def _make(layer, strategy, tower="clip"):
+  torch.manual_seed(0)
+  vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE,
+                patch_size=PATCH)
+  if tower == "clip":
+    vc = transformers.CLIPVisionConfig(**vision, projection_dim=16)
+  else:  # a SigLIP tower (no class token; its MAP head is saved but unused by LLaVA)
+    vc = transformers.SiglipVisionConfig(**vision)
+  tc = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False)
+  cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE, projector_hidden_act="gelu",
+                                 vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+  model = transformers.LlavaForConditionalGeneration(cfg).eval()
+  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
+    for name, p in model.named_parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("hf_llava"))
+
+
+@functools.cache
+def _imported(case, tmp_root):
+  layer, strategy, sharded, tower = CASES[case]
+  hf = _make(layer, strategy, tower)
+  path = f"{tmp_root}/{case}"
+  hf.save_pretrained(path, safe_serialization=True, **({"max_shard_size": "20KB"} if sharded else {}))
+  name, kwargs, params = import_hf(path)
+  assert name == "vision_lm"
+  return hf, build_model(name, kwargs), params, kwargs, path
+
+
+def _num_image_tokens(strategy, tower="clip"):  # LlavaProcessor: patches + CLS, minus the CLS for 'default'
+  return NUM_PATCHES + (strategy == "full" and tower == "clip")
+
+
+def _prompt(rng, strategy, n_images=1, before=3, after=4, tower="clip"):
+  n = _num_image_tokens(strategy, tower)
+  parts = [rng.integers(3, 100, size=before)]
+  for _ in range(n_images):
+    parts += [np.full(n, IMAGE), rng.integers(3, 100, size=2)]
+  parts.append(rng.integers(3, 100, size=after))
+  return np.concatenate(parts)
+
+
+def _pixels(rng, n):
+  return rng.normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)  # NCHW
+
+
+def _nhwc(pixels):
+  return jnp.asarray(pixels.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_hf(case, tmp_root):
+  hf, model, params, kwargs, path = _imported(case, tmp_root)
+  layer, strategy, sharded, tower = CASES[case]
+  assert kwargs["feature_layer"] == layer and kwargs["keep_cls"] == (strategy == "full")
+  assert kwargs["image_token_id"] == IMAGE
+  assert kwargs["vision_config"]["mlp_act"] == {"clip": "quick_gelu", "siglip": "gelu_tanh"}[tower]
+  if sharded:
+    assert len(json.load(open(f"{path}/model.safetensors.index.json"))["weight_map"]) > 0
+  rng = np.random.default_rng(0)
+  ids = np.stack([_prompt(rng, strategy, tower=tower) for _ in range(2)])  # one image per row
+  pixels = _pixels(rng, 2)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+  ours = np.asarray(model.apply({"params": params}, _nhwc(pixels), jnp.asarray(ids)))
+  diff = float(np.abs(ours - theirs).max())
+  print(f"{case}: max |logits diff| {diff:.2e}")
+  assert ours.shape == theirs.shape and diff <= TOL
+  # Two images in one row: HF fills the placeholders in order, ours takes images [B, M, H, W, 3].
+  ids2 = _prompt(rng, strategy, n_images=2, tower=tower)[None]
+  pixels2 = _pixels(rng, 2)
+  with torch.no_grad():
+    theirs2 = hf(input_ids=torch.tensor(ids2), pixel_values=torch.tensor(pixels2)).logits.numpy()
+  ours2 = np.asarray(model.apply({"params": params}, _nhwc(pixels2)[None], jnp.asarray(ids2)))
+  diff2 = float(np.abs(ours2 - theirs2).max())
+  print(f"{case}: two images, max |logits diff| {diff2:.2e}")
+  assert diff2 <= TOL
+
+
+def test_greedy_generation_matches_hf(tmp_root):
+  hf, model, params, _, _ = _imported("penultimate_default", tmp_root)
+  rng = np.random.default_rng(1)
+  ids = np.stack([_prompt(rng, "default") for _ in range(2)])
+  pixels = _pixels(rng, 2)
+  with torch.no_grad():
+    out = hf.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
+                      attention_mask=torch.ones(ids.shape, dtype=torch.long), do_sample=False, max_new_tokens=NEW,
+                      eos_token_id=EOS, pad_token_id=PAD).numpy()
+  theirs = out[:, ids.shape[1]:]
+  theirs = np.pad(theirs, ((0, 0), (0, NEW - theirs.shape[1])), constant_values=PAD)
+  ours = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
+      params, _nhwc(pixels), jnp.asarray(ids))
+  print(f"HF {theirs.tolist()} ours {np.asarray(ours.tokens).tolist()}")
+  np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
+
+
+def _rewrite(src, dst, rename=lambda k: k, drop=(), add=None, config=None):
+  """Copies the single-file checkpoint src to dst with keys renamed / dropped / added and the config edited."""
+  dst = pathlib.Path(dst)
+  dst.mkdir()
+  tensors = {rename(k): v for k, v in load_file(f"{src}/model.safetensors").items() if k not in drop}
+  tensors.update(add or {})
+  save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+  cfg = json.load(open(f"{src}/config.json"))
+  cfg.update(config or {})
+  (dst / "config.json").write_text(json.dumps(cfg))
+  return str(dst)
+
+
+def _new_layout(k):  # transformers >= 4.52 names
+  for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                   ("vision_tower.", "model.vision_tower."),
+                   ("multi_modal_projector.", "model.multi_modal_projector.")):
+    if k.startswith(old):
+      return new + k[len(old):]
+  raise AssertionError(k)
+
+
+def test_both_key_layouts_import_the_same(tmp_root, tmp_path):
+  _, _, params, kwargs, path = _imported("penultimate_default", tmp_root)
+  keys = load_file(f"{path}/model.safetensors").keys()
+  assert any(k.startswith("language_model.model.") for k in keys)  # this transformers saves the old layout
+  for variant, fn in (("new", _new_layout),
+                      ("vision_model", lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1))):
+    _, kw2, params2 = import_hf(_rewrite(path, tmp_path / variant, rename=fn))
+    assert kw2 == kwargs
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_unsupported_and_missing_raise(tmp_root, tmp_path):
+  _, _, _, _, path = _imported("penultimate_default", tmp_root)
+  with pytest.raises(ValueError, match="projector_hidden_act 'gelu_pytorch_tanh'"):
+    import_hf(_rewrite(path, tmp_path / "act", config={"projector_hidden_act": "gelu_pytorch_tanh"}))
+  for i, key in enumerate(("language_model.model.layers.1.mlp.up_proj.weight",
+                           "vision_tower.encoder.layers.0.self_attn.k_proj.bias",
+                           "multi_modal_projector.linear_2.weight")):
+    with pytest.raises(ValueError, match=rf"absent: \['{key}'\]"):
+      import_hf(_rewrite(path, tmp_path / f"missing{i}", drop=(key,)))
+  extra = "multi_modal_projector.linear_3.weight"
+  with pytest.raises(ValueError, match=rf"not used .*\['{extra}'\]"):
+    import_hf(_rewrite(path, tmp_path / "extra", add={extra: np.zeros((2, 2), np.float32)}))
+  with pytest.raises(NotImplementedError, match="several layers"):
+    import_hf(_rewrite(path, tmp_path / "layers", config={"vision_feature_layer": [-2, -1]}))
+
+
+def test_partial_config_takes_transformers_defaults():
+  """Old llava-hf config.json files (llava-1.5-7b-hf's, here) list only the overrides."""
+  from vlm.convert import model_kwargs_from_hf_llava
+  partial = dict(model_type="llava", image_token_index=32000, projector_hidden_act="gelu", vocab_size=32064,
+                 text_config=dict(model_type="llama", max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                  vocab_size=32064),
+                 vision_config=dict(model_type="clip_vision_model", hidden_size=1024, image_size=336,
+                                    intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                                    patch_size=14, projection_dim=768))
+  for cfg in (partial, {"model_type": "llava"}):
+    ours = model_kwargs_from_hf_llava(cfg)
+    assert ours == model_kwargs_from_hf_llava(transformers.LlavaConfig(**cfg).to_dict())
+  assert ours["vision_config"]["posemb_grid"] == (24, 24) and ours["lm_config"]["width"] == 4096

@@ -1,0 +1,208 @@
+"""VLMs on a language model: chat data and loss masks, image placeholders, cached generation, the
+LLaVA stage chain (LM pretraining -> stage 1 -> stage 2) and `predict --prompt`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import TINY_DATA
+from vlm import checkpoint
+from vlm.data.conversation import IMAGE, ChatTokenizer, build_turns
+from vlm.models.vision_lm import VisionLanguageModel, generate
+from vlm.train import train
+
+LM = dict(vocab_size=1008, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64, tie_embeddings=True)
+VISION = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8)
+N = 16  # image tokens of a 32 px image with 8 px patches
+
+
+class _FakeSP:
+  """A stand-in SentencePiece tokenizer: one id per character ('a' -> 100, ...)."""
+
+  pad_id, eos_id, bos_id = 0, 1, 3
+
+  def encode(self, text, length=None, add_bos=False, add_eos=True):
+    return np.asarray([100 + ord(ch) - ord("a") if ch.isalpha() else 50 for ch in text], np.int32)
+
+
+EX = {"caption": "a red star", "caption_detailed": "a large red star at the top",
+      "questions": ["what colour?", "what shape?", "where?"], "answers": ["red", "star", "top"]}
+
+
+def test_loss_mask_covers_exactly_the_assistant_answers_and_their_end_markers():
+  chat = ChatTokenizer(_FakeSP(), image_tokens=3)
+  turns = build_turns(EX, "qa", np.random.default_rng(0), max_turns=2, question_index=1, system="sys")
+  assert [r for r, _ in turns] == ["system", "user", "assistant", "user", "assistant"]
+  assert turns[1][1] == IMAGE + "what shape?" and IMAGE not in turns[3][1]  # the image goes in the first turn
+  ids, loss = chat.encode(turns)
+  ids, loss = np.asarray(ids), np.asarray(loss)
+  assert ids[0] == 3 and np.sum(ids == 1000) == 3  # BOS; <image> expanded to image_tokens ids
+  marked = ids[loss == 1]
+  answers = [turns[2][1], turns[4][1]]
+  expected = np.concatenate([np.r_[_FakeSP().encode(a), 1] for a in answers])  # answer + <|end|> (EOS)
+  np.testing.assert_array_equal(marked, expected)
+  # The role markers (<|assistant|> 1003) never carry loss; the plain-text task marks every token.
+  assert not loss[ids == 1003].any()
+  ids_t, loss_t = chat.encode(build_turns(EX, "text", np.random.default_rng(0)))
+  assert all(loss_t[1:]) and IMAGE not in build_turns(EX, "text", np.random.default_rng(0))[0][1]
+
+
+def test_prompts_are_left_padded_and_never_cut():
+  chat = ChatTokenizer(_FakeSP(), image_tokens=3)
+  ids = chat.encode_prompt([("user", IMAGE + "what colour?")])
+  assert ids[-1] == 1003  # ends with the generation prefix <|assistant|>
+  tokens, mask = chat.pad(ids, None, len(ids) + 4, left=True)
+  assert list(tokens[:4]) == [0] * 4 and list(mask) == [0] * 4 + [1] * len(ids)
+  with pytest.raises(ValueError, match="prompt_length"):
+    chat.pad(ids, None, len(ids) - 1, left=True, where="data.conversation.prompt_length")
+  with pytest.raises(ValueError, match="cuts an image"):  # truncating a conversation may not cut an image
+    chat.pad(ids, [0] * len(ids), 3)
+  with pytest.raises(ValueError, match="template.user"):
+    ChatTokenizer(_FakeSP(), template=dict(system="{content}", user="USER:", assistant="{content}"))
+
+
+def _model(**kw):
+  return VisionLanguageModel(lm_config=LM, vision_config=VISION, feature_layer=-2, **kw)
+
+
+def _tokens(b, images_per_row=1, tail=(270, 268, 301)):
+  row = [3, 1002] + [1000] * (N * images_per_row) + list(tail)
+  return jnp.asarray(np.tile(row, (b, 1)), jnp.int32)
+
+
+def test_image_embeddings_land_at_the_placeholders_in_order():
+  m = _model()
+  rng = np.random.default_rng(0)
+  imgs = jnp.asarray(rng.uniform(-1, 1, (2, 2, 32, 32, 3)), jnp.float32)  # two images per row
+  toks = _tokens(2, images_per_row=2)
+  params = m.init(jax.random.key(0), imgs, toks)["params"]
+  emb = m.apply({"params": params}, toks, imgs, method=VisionLanguageModel.embed)
+  feats = m.apply({"params": params}, imgs, method=VisionLanguageModel.encode_images)  # [B, 2N, D]
+  np.testing.assert_allclose(emb[:, 2:2 + 2 * N], feats, atol=1e-6)
+  text = m.apply({"params": params}, toks, method=VisionLanguageModel.embed)  # no images: token embeddings
+  np.testing.assert_allclose(emb[:, :2], text[:, :2]) and np.testing.assert_allclose(emb[:, -3:], text[:, -3:])
+  # Changing the second image changes the second block of placeholders only.
+  emb2 = m.apply({"params": params}, toks, imgs.at[:, 1].multiply(-1), method=VisionLanguageModel.embed)
+  np.testing.assert_allclose(emb2[:, :2 + N], emb[:, :2 + N])
+  assert not np.allclose(emb2[:, 2 + N:2 + 2 * N], emb[:, 2 + N:2 + 2 * N])
+  _, stats = m.apply({"params": params}, imgs, toks, return_stats=True)
+  assert float(stats["image_token_mismatch"]) == 0.0
+  _, stats = m.apply({"params": params}, imgs, _tokens(2, images_per_row=1), return_stats=True)
+  assert float(stats["image_token_mismatch"]) == 1.0  # N placeholders for 2N image tokens
+
+
+def test_cached_generation_equals_uncached_greedy_and_ignores_left_padding():
+  m = _model()
+  imgs = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  prompt = _tokens(2)
+  params = m.init(jax.random.key(0), imgs, prompt)["params"]
+  out = generate(m, params, imgs, prompt, mask=jnp.ones_like(prompt), max_new_tokens=4, eos_id=-1)
+  seq = prompt
+  for _ in range(4):
+    seq = jnp.concatenate([seq, jnp.argmax(m.apply({"params": params}, imgs, seq)[:, -1], -1)[:, None]], 1)
+  np.testing.assert_array_equal(out.tokens, seq[:, prompt.shape[1]:])
+  padded = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), prompt], 1)
+  mask = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), jnp.ones_like(prompt)], 1)
+  out2 = generate(m, params, imgs, padded, mask=mask, max_new_tokens=4, eos_id=-1)
+  np.testing.assert_array_equal(out2.tokens, out.tokens)
+
+
+def test_soft_prompts_fill_their_placeholders_after_bos():
+  chat = ChatTokenizer(_FakeSP(), image_tokens=N, soft_prompts=2)
+  ids, loss = chat.encode([("user", IMAGE + "what?"), ("assistant", "red")])
+  assert ids[:3] == [3, 1004, 1004] and loss[:3] == [0, 0, 0]
+  m = _model(num_soft_prompts=2)
+  toks = jnp.asarray([ids], jnp.int32)
+  imgs = jnp.zeros((1, 32, 32, 3))
+  params = m.init(jax.random.key(0), imgs, toks)["params"]
+  emb = m.apply({"params": params}, toks, imgs, method=VisionLanguageModel.embed)
+  np.testing.assert_allclose(emb[0, 1:3], params["soft_prompt"].value if hasattr(params["soft_prompt"], "value")
+                             else params["soft_prompt"])
+
+
+def test_connectors_and_frozen_style_prefix():
+  imgs = jnp.zeros((1, 32, 32, 3))
+  for kind, shapes in (("linear", {"proj"}), ("mlp", {"fc1", "fc2"})):
+    m = _model(connector_type=kind)
+    p = m.init(jax.random.key(0), imgs, _tokens(1))["params"]
+    assert set(p["connector"]) == shapes
+  # Frozen: one pooled feature -> 4 prefix embeddings.
+  m = VisionLanguageModel(lm_config=LM, vision_config=VISION, pool="gap", connector_type="linear", prefix_tokens=4)
+  p = m.init(jax.random.key(0), imgs, _tokens(1))["params"]
+  assert m.apply({"params": p}, imgs, method=VisionLanguageModel.encode_images).shape == (1, 4, LM["width"])
+
+
+# ----------------------------------------------------------------------------- the stage chain
+
+
+def _tiny(c, data_dir, steps):
+  c.data.data_dir = str(data_dir)
+  c.data.builder.update(TINY_DATA)
+  c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, steps, 1, 1000
+  c.schedule.warmup_steps = 1
+  c.tensorboard = False
+  return c
+
+
+@pytest.fixture(scope="module")
+def llava(data_dir, tmp_path_factory):
+  """CLIP tower -> LM pretraining -> LLaVA stage 1 -> stage 2, a few steps each (tiny widths)."""
+  from configs import clip_b16, llava_stage1, llava_stage2, lm_pretrain
+  root = tmp_path_factory.mktemp("llava")
+  clip = _tiny(clip_b16.get_config("demo"), data_dir, 2)
+  clip.model.image.update(VISION)
+  clip.model.text.update(width=32, num_heads=2, mlp_dim=64, out_dim=32)
+  clip.evals = {}
+  train(clip, root / "clip")
+  lm = _tiny(lm_pretrain.get_config("demo"), data_dir, 3)
+  lm.model.update(LM)
+  train(lm, root / "lm")
+  s1 = _tiny(llava_stage1.get_config("demo"), data_dir, 3)
+  s1.model.lm_config.update(LM)
+  s1.model.vision_config.update(VISION)
+  s1.init.vision.path, s1.init.lm.path = str(root / "clip"), str(root / "lm")
+  s1.evals = {}
+  out1 = train(s1, root / "stage1")
+  s2 = _tiny(llava_stage2.get_config("demo"), data_dir, 3)
+  s2.model.lm_config.update(LM)
+  s2.model.vision_config.update(VISION)
+  s2.init.path = str(root / "stage1")
+  s2.evals.vqa.max_examples = 32
+  out2 = train(s2, root / "stage2")
+  return root, out1, out2
+
+
+def _params(workdir):
+  return traverse_util.flatten_dict(checkpoint.load_params(workdir), sep="/")
+
+
+def test_stage1_trains_the_connector_only_from_the_clip_tower_and_the_lm(llava):
+  root, out1, _ = llava
+  assert np.isfinite(out1["train/loss"]) and out1["train/image_token_mismatch"] == 0.0
+  clip, lm, s1 = _params(root / "clip"), _params(root / "lm"), _params(root / "stage1")
+  vision = [k for k in s1 if k.startswith("vision/")]
+  assert vision and all(np.array_equal(s1[k], clip["img/" + k[len("vision/"):]]) for k in vision)
+  assert all(np.array_equal(s1[k], lm[k[len("lm/"):]]) for k in s1 if k.startswith("lm/"))
+  assert out1["train/grad_norm"] > 0  # ... so the connector, the only trainable part, moved
+
+
+def test_stage2_tunes_lm_and_connector_keeps_vision_and_reports_vqa(llava):
+  root, _, out2 = llava
+  s1, s2 = _params(root / "stage1"), _params(root / "stage2")
+  assert all(np.array_equal(s2[k], s1[k]) for k in s2 if k.startswith("vision/"))
+  assert not np.array_equal(s2["lm/embedding/embedding"], s1["lm/embedding/embedding"])
+  assert 0.0 <= out2["vqa/accuracy"] <= 1.0
+
+
+def test_predict_prompt_answers_in_words(llava, tmp_path):
+  from PIL import Image
+
+  from vlm.predict import chat
+  img = tmp_path / "x.png"
+  Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(img)
+  text = chat(llava[0] / "stage2", img, "what colour is the large circle?", max_new_tokens=4)
+  assert isinstance(text, str)
+  with pytest.raises(ValueError, match="not a VLM on a language model"):
+    chat(llava[0] / "clip", img, "what colour?")

@@ -1,0 +1,243 @@
+"""Import of Hugging Face LlavaForConditionalGeneration into vlm.models.vision_lm.VisionLanguageModel.
+
+`import_hf_llava(path)` -> ('vision_lm', VisionLanguageModel kwargs, params float32) from config.json +
+model.safetensors (or sharded model.safetensors.index.json); `vlm.convert.import_hf` dispatches here
+for model_type 'llava'. Never unpickles. The three parts reuse the existing per-part tables:
+
+- vision tower (CLIP or SigLIP vision model) -> vision/...: vlm.convert.hf's CLIP / SigLIP image rows
+  (`_clip_table` / `_siglip_table`, tower 'image', our 'img/' prefix dropped). CLIP's pre_layrnorm is
+  our ViT's pre_norm; post_layernorm is imported as encoder_norm (LLaVA never applies it; absent, it
+  is filled with the identity). A SigLIP tower's MAP head is unused by LLaVA and ignored.
+- language model (Llama / Qwen2 / Gemma) -> lm/...: vlm.convert.llm's table and kwargs. Keys are
+  accepted in both layouts: `language_model.model.*` + `language_model.lm_head.*` (transformers < 4.52
+  and the llava-hf checkpoints) and `model.language_model.*` + `lm_head.*` (newer).
+- multi_modal_projector.linear_{1,2} -> connector/fc{1,2} (connector 'mlp': Dense - exact GELU - Dense);
+  only projector_hidden_act 'gelu' is expressible. Without projector biases
+  (multimodal_projector_bias=False) the biases are zeros.
+
+Features: HF takes vision hidden_states[vision_feature_layer] (block outputs, no post_layernorm), which
+is our feature_layer (negative; a non-negative index i is converted to i - depth - 1; hidden_states[0],
+the embeddings, is not expressible). Strategy 'default' drops the CLS token (keep_cls=False), 'full'
+keeps it. A prompt holds one `image_token_index` placeholder per feature: num_patches for 'default',
+num_patches + 1 for 'full' (CLIP), as LlavaProcessor expands `<image>`.
+
+Config fields missing from config.json take transformers' defaults (LlavaConfig, CLIPVisionConfig,
+LlamaConfig), as `from_pretrained` does for the old llava-hf configs that list only the overrides.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from vlm.convert import llm
+from vlm.convert.hf import _clip_table, _fwd, _siglip_table, _tower_kwargs
+from vlm.convert.safetensors_io import load_safetensors_dir
+
+# transformers' defaults for fields that older config.json files leave out.
+_LLAVA_DEFAULTS = dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                       vision_feature_layer=-2, multimodal_projector_bias=True)
+_LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, patch_size=14,
+                     image_size=336, num_hidden_layers=24, num_attention_heads=16)  # LlavaConfig's own default
+_VISION_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, image_size=224, patch_size=16,
+                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+}
+_TEXT_DEFAULTS = {"llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0,
+                                tie_word_embeddings=False)}
+
+# Where the parts live in the two key layouts (longest prefix first), and the prefix our tables use.
+_VISION_PREFIXES = ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.",
+                    "vision_tower.")
+_LM_LAYOUTS = ({"language_model.model.": "model.", "language_model.lm_head.": "lm_head."},  # old
+               {"model.language_model.": "model.", "lm_head.": "lm_head."})  # new
+_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+_IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
+
+
+def _configs(config: dict) -> tuple[dict, dict, dict]:
+  """(llava, vision, text) config dicts with transformers' defaults filled in."""
+  top = {**_LLAVA_DEFAULTS, **config}
+  if "image_token_id" in config and "image_token_index" not in config:
+    top["image_token_index"] = config["image_token_id"]
+  vc = dict(config.get("vision_config") or _LLAVA_VISION)
+  vc.setdefault("model_type", "clip_vision_model")
+  vc = {**_VISION_DEFAULTS.get(vc["model_type"], {}), **vc}
+  tc = dict(config.get("text_config") or {})
+  tc.setdefault("model_type", "llama")
+  tc = {**_TEXT_DEFAULTS.get(tc["model_type"], {}), **tc}
+  return top, vc, tc
+
+
+def _vision_kwargs(vc: dict) -> dict[str, Any]:
+  """ViT kwargs for an HF CLIP / SigLIP vision config (the layouts of vlm.convert.hf.model_kwargs_from_hf)."""
+  mt = vc.get("model_type")
+  size, patch = vc["image_size"], vc["patch_size"]
+  size = size if isinstance(size, int) else size[0]
+  patch = patch if isinstance(patch, int) else patch[0]
+  grid = size // patch
+  kw = dict(_tower_kwargs(vc), patch_size=patch, posemb="learn", posemb_grid=(grid, grid))
+  if mt == "clip_vision_model":
+    return dict(kw, class_token=True, pre_norm=True, patch_bias=False)
+  if mt == "siglip_vision_model":
+    return dict(kw, class_token=False)
+  raise ValueError(f"config.json: vision_config.model_type {mt!r} is not supported; known: 'clip_vision_model', "
+                   "'siglip_vision_model'")
+
+
+def _vision_rows(vc: dict) -> list[tuple[str, str, str]]:
+  """(canonical HF key 'vision_model.*', path under our 'vision', layout) for the image tower."""
+  no_text = {"num_hidden_layers": 0}
+  if vc["model_type"] == "clip_vision_model":
+    table = _clip_table(vc, no_text)
+  else:
+    table = _siglip_table(dict(vc, vision_use_head=False), no_text)
+  return [(hf, ours[len("img/"):], kind) for hf, ours, kind, tower in table
+          if tower == "image" and hf.startswith("vision_model.")]
+
+
+def _feature_layer(layer, depth: int) -> int:
+  """HF's vision_feature_layer (an index into depth + 1 hidden_states) -> our feature_layer in [-depth, -1]."""
+  if not isinstance(layer, int):
+    raise NotImplementedError(f"vision_feature_layer {layer!r}: several layers concatenated (VipLlava-style) "
+                              "are not expressible by VisionLanguageModel (one feature_layer)")
+  ours = layer - (depth + 1) if layer >= 0 else layer  # hidden_states[0] = the embeddings
+  if ours == -(depth + 1):
+    raise NotImplementedError(f"vision_feature_layer {layer}: the embedding output of a {depth}-block tower, which "
+                              "VisionLanguageModel cannot select (block outputs only)")
+  if not -depth <= ours < 0:
+    raise ValueError(f"vision_feature_layer {layer} is out of range for a {depth}-block tower")
+  return ours
+
+
+class _Part:
+  """One part of the checkpoint under canonical keys (our tables' prefixes), able to name keys as stored."""
+
+  def __init__(self, what: str, renames: dict[str, str]):
+    self.what, self.renames, self.tensors = what, renames, {}  # renames: stored prefix -> canonical prefix
+
+  def take(self, key: str, value: np.ndarray) -> bool:
+    for theirs, ours in self.renames.items():
+      if key.startswith(theirs):
+        self.tensors[ours + key[len(theirs):]] = value
+        return True
+    return False
+
+  def stored(self, key: str) -> str:
+    """The checkpoint's name for a canonical key."""
+    for theirs, ours in self.renames.items():
+      if key.startswith(ours):
+        return theirs + key[len(ours):]
+    return key
+
+
+def _split(tensors: dict[str, np.ndarray]) -> tuple[_Part, _Part, _Part, list[str]]:
+  """The checkpoint as (vision 'vision_model.*', LM 'model.*' / 'lm_head.*', projector 'linear_*', other keys)."""
+  vp = next((p for p in _VISION_PREFIXES if f"{p}embeddings.patch_embedding.weight" in tensors), None)
+  lm_map = next((m for m in _LM_LAYOUTS if any(k.startswith(next(iter(m))) for k in tensors)), None)
+  if vp is None or lm_map is None:
+    raise ValueError("not a LlavaForConditionalGeneration checkpoint: no vision tower under "
+                     f"{_VISION_PREFIXES} or no language model under 'language_model.model.' / "
+                     f"'model.language_model.'; keys: {sorted(tensors)[:10]}")
+  pp = next((p for p in _PROJECTOR_PREFIXES if any(k.startswith(p) for k in tensors)),
+            "model.multi_modal_projector." if vp.startswith("model.") else "multi_modal_projector.")
+  vision = _Part("vision tower", {vp: "vision_model."})
+  lm = _Part("language model", lm_map)
+  proj = _Part("multi_modal_projector", {pp: ""})
+  rest = [k for k, v in tensors.items() if not (vision.take(k, v) or lm.take(k, v) or proj.take(k, v))]
+  return vision, lm, proj, rest
+
+
+def _apply(part: _Part, rows, where: Path, gemma_norm: bool = False) -> dict:
+  """{our path tuple: float32 array} for rows (canonical key, our path, layout, heads); raises naming the
+  absent tensors as the checkpoint would store them."""
+  missing = [part.stored(r[0]) for r in rows if r[0] not in part.tensors]
+  if missing:
+    raise ValueError(f"{where}: {part.what} tensors expected but absent: {missing[:20]}")
+  flat = {}
+  for key, ours, kind, heads in rows:
+    x = np.asarray(part.tensors[key], np.float32)
+    if kind == "norm":  # vlm.convert.llm's RMSNorm scale (Gemma stores weight - 1)
+      x = x + np.float32(1.0) if gemma_norm else x
+    else:
+      x = _fwd(kind, x, heads)
+    flat[tuple(ours.split("/"))] = np.ascontiguousarray(x, np.float32)
+  return flat
+
+
+def model_kwargs_from_hf_llava(config: dict, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """VisionLanguageModel kwargs from an HF LlavaConfig dict (tensors, if given, decide LM biases / tying)."""
+  top, vc, tc = _configs(config)
+  act = top["projector_hidden_act"]
+  if act != "gelu":
+    raise ValueError(f"config.json: projector_hidden_act {act!r} is not supported: our 'mlp' connector uses exact "
+                     "GELU ('gelu')")
+  strategy = top["vision_feature_select_strategy"]
+  if strategy not in ("default", "full"):
+    raise ValueError(f"config.json: vision_feature_select_strategy {strategy!r}; known: 'default', 'full'")
+  vit = _vision_kwargs(vc)
+  if strategy == "default" and not vit["class_token"]:
+    raise NotImplementedError("vision_feature_select_strategy 'default' on a tower without a class token drops the "
+                              "first patch in HF; VisionLanguageModel drops only a class token")
+  return dict(lm_config=llm.model_kwargs_from_hf_llm(tc, tensors), vision_config=vit, vision_model="vit",
+              feature_layer=_feature_layer(top["vision_feature_layer"], vit["depth"]),
+              keep_cls=strategy == "full", pool=None, connector_type="mlp", prefix_tokens=1,
+              image_token_id=int(top["image_token_index"]))
+
+
+def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
+  """HF LlavaForConditionalGeneration directory -> ('vision_lm', VisionLanguageModel kwargs, params float32).
+
+  Raises naming the tensors that are absent or left unused, and for what the model cannot express.
+  """
+  if scan:
+    raise NotImplementedError("VisionLanguageModel's DecoderLM has no scanned layout; import with scan=False")
+  path = Path(path)
+  config = json.loads((path / "config.json").read_text())
+  if config.get("model_type") != "llava":
+    raise ValueError(f"{path}: model_type {config.get('model_type')!r}, expected 'llava'")
+  vision, lm, proj, rest = _split(load_safetensors_dir(path))
+  top, vc, tc = _configs(config)
+  kwargs = model_kwargs_from_hf_llava(config, lm.tensors)
+  vit, lm_kw = kwargs["vision_config"], kwargs["lm_config"]
+
+  # Vision tower. post_layernorm (our encoder_norm) is never used by LLaVA: the identity when pruned.
+  width = vit["width"]
+  if "vision_model.post_layernorm.weight" not in vision.tensors:
+    vision.tensors["vision_model.post_layernorm.weight"] = np.ones((width,), np.float32)
+    vision.tensors["vision_model.post_layernorm.bias"] = np.zeros((width,), np.float32)
+  vrows = [(hf, ours, kind, vit["num_heads"]) for hf, ours, kind in _vision_rows(vc)]
+  flat = {("vision",) + k: v for k, v in _apply(vision, vrows, path).items()}
+
+  # Language model: vlm.convert.llm's table on the canonical keys.
+  lrows = llm._table(lm_kw)
+  flat.update({("lm",) + k: v for k, v in _apply(lm, lrows, path, gemma_norm=tc["model_type"] == "gemma").items()})
+
+  # Projector: Linear - GELU - Linear; zero biases when the checkpoint has none.
+  if not top["multimodal_projector_bias"]:
+    for i in (1, 2):
+      proj.tensors.setdefault(f"linear_{i}.bias", np.zeros((lm_kw["width"],), np.float32))
+  prows = [(f"linear_{i}.{w}", f"fc{i}/{o}", kind, 0)
+           for i in (1, 2) for w, o, kind in (("weight", "kernel", "dense"), ("bias", "bias", "id"))]
+  flat.update({("connector",) + k: v for k, v in _apply(proj, prows, path).items()})
+  fc1 = flat[("connector", "fc1", "kernel")]
+  if fc1.shape != (width, lm_kw["width"]):
+    raise ValueError(f"{path}: {proj.stored('linear_1.weight')} maps {fc1.shape[0]} -> {fc1.shape[1]}; the "
+                     f"vision tower has width {width} and the LM {lm_kw['width']}")
+
+  # Everything else must be accounted for.
+  ignored = {"lm_head.weight"} if lm_kw["tie_embeddings"] else set()  # a tied head saved anyway
+  unused = list(rest)
+  for part, rows in ((vision, vrows), (lm, lrows), (proj, prows)):
+    used = {r[0] for r in rows} | ignored
+    unused += [part.stored(k) for k in part.tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+               and not k.startswith("vision_model.head.")]  # a SigLIP tower's MAP head: unused by LLaVA
+  if unused:
+    raise ValueError(f"{path}: tensors not used by the LLaVA importer (unsupported layout?): {sorted(unused)[:20]}")
+  return "vision_lm", kwargs, traverse_util.unflatten_dict(flat)

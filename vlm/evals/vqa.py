@@ -1,0 +1,69 @@
+"""Open-ended VQA by generation: exact-match accuracy of generated answers (VLMs on an LM)."""
+
+from typing import Any
+
+import numpy as np
+
+from vlm import parallel
+from vlm.data import get_tokenizer
+from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
+
+
+def normalize_answer(text: str) -> str:
+  """Lower case, surrounding whitespace and a final full stop removed (VQA-style light normalisation)."""
+  return text.strip().lower().rstrip(".").strip()
+
+
+@EVALS.register("vqa_generate")
+class VQAGenerate(SplitData):
+  """Greedy answers to data.conversation's prompt (left-padded 'prompt' / 'prompt_mask': the question
+  about the image, then the template's generation prefix) scored by exact match against 'answer'.
+
+  Needs data.conversation and 'question', 'answer' in data.extra_text_keys (the prompt asks the
+  same drawn question as 'answer' holds). The model needs `generate`-compatible `decode_step`
+  (vlm.models.vision_lm). Reports {prefix}/accuracy, and /accuracy_unseen for examples whose
+  main-object combination is held out of training; keeps the last answers in `last_answers`.
+  """
+
+  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
+               max_examples: int | None = None, max_new_tokens: int = 8):
+    self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
+    self.data_config = config.data
+    if not config.data.get("conversation"):
+      raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs data.conversation")
+    if not {"question", "answer"} <= set(config.data.get("extra_text_keys", ())):
+      raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs 'question' and 'answer' in data.extra_text_keys")
+    self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
+    self.max_new_tokens = max_new_tokens
+    self.rules = config.get("rules", parallel.DEFAULT_RULES)
+    self._fn = None
+    self.last_answers: list[str] = []
+
+  def _generate_fn(self):
+    if self._fn is None:
+      from vlm.models.vision_lm import generate
+      tok = get_tokenizer(self.config.data)
+
+      def fn(params, x):
+        images, prompt, mask = x
+        return generate(self.model, params, images, prompt, mask=mask, max_new_tokens=self.max_new_tokens,
+                        eos_id=tok.eos_id, pad_id=tok.pad_id).tokens
+
+      self._fn = jit_on_mesh(fn, self.mesh, self.rules)
+    return self._fn
+
+  def answers(self, params: Any, images: np.ndarray, prompt: np.ndarray, mask: np.ndarray) -> list[str]:
+    tokens = batched_apply(self._generate_fn(), params, (images, prompt, mask), self.mesh, self.batch_size)
+    return get_tokenizer(self.config.data).decode_batch(tokens)
+
+  def __call__(self, params) -> dict[str, float]:
+    arrays, _ = self.data()
+    tok = get_tokenizer(self.config.data)
+    self.last_answers = self.answers(params, arrays["image"], arrays["prompt"], arrays["prompt_mask"])
+    refs = [normalize_answer(a) for a in tok.decode_batch(arrays["answer"])]
+    hit = np.array([normalize_answer(a) == r for a, r in zip(self.last_answers, refs)], np.float64)
+    out = {f"{self.prefix}/accuracy": float(hit.mean())}
+    unseen = ~arrays["seen"].astype(bool)
+    if unseen.any():
+      out[f"{self.prefix}/accuracy_unseen"] = float(hit[unseen].mean())
+    return out

@@ -1,0 +1,220 @@
+"""Vision-language models on a (pretrained) decoder-only LM: LLaVA, Frozen, BLIP-2 / MiniGPT-4 stage 2.
+
+    images [B, M, H, W, 3] -> image encoder (features of a chosen layer, CLS kept or dropped)
+      -> connector -> [B, M * N, D_lm]  written at the `image_token_id` placeholders of tokens [B, T]
+      -> DecoderLM (vlm.models.decoder) -> logits [B, T, V]
+
+The k-th placeholder of a row receives the k-th image token of that row (images in order, N per
+image), so a row holds any number of images up to M and the data decides where they go
+(vlm.data.conversation expands each `<image>` to N placeholders). Rows with fewer images leave
+the surplus features unused; `images` [B, H, W, 3] means one image per row.
+
+Packed rows (vlm.data.conversation.pack_examples): `segment_ids` [B, T] goes to the LM (attention
+within each packed example, positions restarting per example); the row's images [B, k, H, W, 3]
+are ordered as their placeholder runs appear in the row, so the in-order fill above puts each
+example's image at its own placeholders; images of examples absent from the row are surplus.
+
+Connectors (`connector`):
+  'linear'  one Dense vision -> LM width (LLaVA v1, Liu et al. 2023 sec. 4; Frozen, Tsimpoukelli
+            et al. 2021 sec. 3.1 maps the pooled feature to n prefix embeddings: 'linear' with
+            `prefix_tokens` = n)
+  'mlp'     Dense - GELU - Dense (LLaVA-1.5, Liu et al. 2023b sec. 3.2: "mlp2x_gelu")
+  'none'    the encoder already outputs LM-width tokens.
+Q-Former connectors use `vision_model='blip2_qformer'` (its `query_features`, 32 query outputs)
+followed by 'linear' (BLIP-2 sec. 3.3's fully-connected projection; MiniGPT-4's single layer).
+
+Soft prompts (prompt tuning, Lester et al. 2021): `num_soft_prompts` learned vectors written at
+`soft_prompt_token_id` placeholders, in order (the chat template puts them in the system turn).
+
+Params: vision/..., connector/..., lm/... (a DecoderLM tree: load a pretrained LM with
+config.init mapping {'lm': ''}), soft_prompt [P, D].
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm import decoding
+from vlm.models.decoder import DecoderLM
+from vlm.models.vit import ViT
+from vlm.nn.mlp import dense
+
+Dtype = Any
+
+
+class Connector(nn.Module):
+  """Image features [B, N, Dv] -> LM embeddings [B, N * prefix_tokens, D]."""
+
+  kind: str
+  width: int
+  prefix_tokens: int = 1
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, _ = x.shape
+    if self.kind == "none":
+      if x.shape[-1] != self.width:
+        raise ValueError(f"connector 'none': image features have width {x.shape[-1]}, the LM {self.width}")
+      return x
+    out = self.width * self.prefix_tokens
+    if self.kind == "linear":
+      x = dense(out, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="proj")(x)
+    elif self.kind == "mlp":
+      x = dense(self.width, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(x)
+      x = nn.gelu(x, approximate=False)
+      x = dense(out, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(x)
+    else:
+      raise ValueError(f"unknown connector {self.kind!r}; known: 'linear', 'mlp', 'none'")
+    return x.reshape(b, n * self.prefix_tokens, self.width)
+
+
+class VisionLanguageModel(nn.Module):
+  """Image encoder + connector + DecoderLM. Logits [B, T, V] float32; position t predicts t+1.
+
+  Attributes:
+    lm_config: DecoderLM kwargs.
+    vision_config: kwargs of the image encoder: a ViT (`vision_model='vit'`) or any registered
+      model (e.g. 'blip2_qformer') whose `vision_method` returns [B, N, Dv].
+    feature_layer: ViT only: None = the encoder's output after its final norm; -k = the output of
+      the k-th block from the top, unnormed (HF's hidden_states[-k]; LLaVA takes -2).
+    keep_cls: ViT only: keep the class token's feature (LLaVA drops it).
+    pool: ViT only: None, or 'gap' / 'cls' / 'map' pooling to one feature (Frozen; with
+      `prefix_tokens` it becomes a prefix of that many embeddings).
+    connector, prefix_tokens: see Connector.
+    image_token_id: the placeholder id; soft_prompt_token_id / num_soft_prompts: prompt tuning.
+  """
+
+  lm_config: dict
+  vision_config: dict
+  vision_model: str = "vit"
+  vision_method: str = "query_features"
+  feature_layer: int | None = None
+  keep_cls: bool = False
+  pool: str | None = None
+  connector_type: str = "mlp"
+  prefix_tokens: int = 1
+  image_token_id: int = 1000
+  soft_prompt_token_id: int = 1004
+  num_soft_prompts: int = 0
+  dtype: Dtype = None
+
+  def setup(self):
+    if self.vision_model == "vit":
+      kw = dict(self.vision_config)
+      if self.pool is not None:
+        kw.update(pool_type=self.pool)
+      else:
+        kw.update(pool_type="none", return_all_layers=self.feature_layer is not None)
+      self.vision = ViT(**kw, dtype=self.dtype)
+    else:
+      from vlm.models import MODELS
+      self.vision = MODELS.get(self.vision_model)(**self.vision_config)
+    self.lm = DecoderLM(**self.lm_config, dtype=self.dtype)
+    self.connector = Connector(self.connector_type, self.lm_config["width"], self.prefix_tokens, self.dtype)
+    if self.num_soft_prompts:
+      self.soft_prompt = self.param("soft_prompt", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), (None, "embed")), (self.num_soft_prompts, self.lm_config["width"]))
+
+  # ------------------------------------------------------------------------ images
+
+  def image_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """images [B, H, W, 3] -> encoder features [B, N, Dv] (the chosen layer, CLS per keep_cls)."""
+    if self.vision_model != "vit":
+      return getattr(self.vision, self.vision_method)(images)
+    pooled, aux = self.vision(images, train=train)
+    if self.pool is not None:
+      return pooled[:, None]
+    if self.feature_layer is None:
+      feats = aux["encoded"]
+    else:
+      hidden = aux["hidden"]  # [depth, B, L, D]: every block's output
+      if not -hidden.shape[0] <= self.feature_layer < 0:
+        raise ValueError(f"feature_layer {self.feature_layer}: must be in [-{hidden.shape[0]}, -1] or None")
+      feats = hidden[hidden.shape[0] + self.feature_layer]
+    if self.vision_config.get("class_token") and not self.keep_cls:
+      feats = feats[:, 1:]
+    return feats
+
+  def encode_images(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """images [B, H, W, 3] or [B, M, H, W, 3] -> LM-width image tokens [B, M * N, D]."""
+    if images.ndim == 4:
+      images = images[:, None]
+    b, m = images.shape[:2]
+    feats = self.connector(self.image_features(images.reshape(b * m, *images.shape[2:]), train))
+    return feats.reshape(b, m * feats.shape[1], feats.shape[2])
+
+  # ------------------------------------------------------------------------ sequence
+
+  @staticmethod
+  def _scatter(x: jax.Array, is_slot: jax.Array, values: jax.Array) -> jax.Array:
+    """Writes values [B, K, D] (k-th to the k-th True of is_slot [B, T]) into x [B, T, D]."""
+    idx = jnp.clip(jnp.cumsum(is_slot, axis=1) - 1, 0, values.shape[1] - 1)
+    gathered = jnp.take_along_axis(values, idx[..., None], axis=1).astype(x.dtype)
+    return jnp.where(is_slot[..., None], gathered, x)
+
+  def embed(self, tokens: jax.Array, images: jax.Array | None = None, train: bool = False,
+            stats: dict | None = None, surplus_images: bool = False) -> jax.Array:
+    """tokens [B, T] -> LM input embeddings [B, T, D] with image tokens and soft prompts written in.
+    stats: a dict that receives image_token_mismatch (see vlm.objectives.lm); surplus_images (packed
+    rows, whose examples may be absent or have no image): a row may use any whole number of its
+    images, so only a placeholder count that is not a multiple of one image's tokens, or exceeds
+    all of them, counts as a mismatch."""
+    x = self.lm.embed(tokens)
+    if images is not None:
+      feats = self.encode_images(images, train)
+      is_img = tokens == self.image_token_id
+      x = self._scatter(x, is_img, feats)
+      if stats is not None:
+        found = jnp.sum(is_img, axis=1)
+        total = feats.shape[1]
+        if surplus_images:
+          per_image = total // (images.shape[1] if images.ndim == 5 else 1)
+          bad = (found % per_image != 0) | (found > total)
+        else:
+          bad = (found != total) & (found > 0)
+        stats["image_token_mismatch"] = jnp.mean(bad.astype(jnp.float32))
+    if self.num_soft_prompts:
+      prompts = jnp.broadcast_to(self.soft_prompt[None], (tokens.shape[0], *self.soft_prompt.shape))
+      x = self._scatter(x, tokens == self.soft_prompt_token_id, prompts)
+    return x
+
+  def __call__(self, images: jax.Array | None, tokens: jax.Array, train: bool = False,
+               mask: jax.Array | None = None, return_stats: bool = False,
+               segment_ids: jax.Array | None = None):
+    """Logits [B, T, V] of tokens [B, T] with the images at their placeholders (mask: padding [B, T];
+    segment_ids: packed rows [B, T], see DecoderLM); with return_stats also {'image_token_mismatch':
+    fraction of rows whose placeholders do not match the images' token count (a row with several
+    images must hold all of them; a packed row a whole number of them)}."""
+    stats: dict = {}
+    x = self.embed(tokens, images, train, stats, surplus_images=segment_ids is not None)
+    logits = self.lm(inputs_embeds=x, train=train, mask=mask, segment_ids=segment_ids)
+    return (logits, stats) if return_stats else logits
+
+  def decode_step(self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None,
+                  mask: jax.Array | None = None, images: jax.Array | None = None) -> jax.Array:
+    """DecoderLM.decode_step on embeddings: pass images with the prompt (prefill), not after."""
+    return self.lm.decode_step(None, index, cache_len, mask, inputs_embeds=self.embed(tokens, images))
+
+
+def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt: jax.Array, *,
+             max_new_tokens: int, eos_id: int, pad_id: int = 0, mask: jax.Array | None = None,
+             method: str = "greedy", rng: jax.Array | None = None, **decode_kw) -> decoding.DecodeOutput:
+  """Answers after prompt [B, P] (left-padded: pass `mask`) about images, with the KV cache (jit-able).
+
+  The prefill (T = P > 1) embeds the images; single-token steps do not.
+  """
+  p = prompt.shape[1]
+  _, variables = model.apply({"params": params}, prompt, 0, p + max_new_tokens, mask, images,
+                             method=VisionLanguageModel.decode_step, mutable=["cache"])
+
+  def step_fn(cache, tokens, index):
+    imgs = images if tokens.shape[1] == p and p > 1 else None
+    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, None, None, imgs,
+                              method=VisionLanguageModel.decode_step, mutable=["cache"])
+    return logits, new["cache"]
+
+  return decoding.generate(step_fn, variables["cache"], prompt, method=method, rng=rng,
+                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, **decode_kw)

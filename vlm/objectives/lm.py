@@ -1,0 +1,64 @@
+"""Language modelling on (image-)text sequences: next-token loss on the tokens that carry loss."""
+
+import dataclasses
+
+import flax.linen as nn
+from jax.sharding import Mesh
+
+from vlm.losses import caption_loss
+from vlm.objectives.base import OBJECTIVES
+
+
+@OBJECTIVES.register("lm")
+@dataclasses.dataclass(frozen=True)
+class LanguageModeling:
+  """Cross-entropy of logits[:, t] against tokens[:, t + 1] where loss_mask[:, t + 1] is set.
+
+  With vlm.data.conversation batches that is the assistant's answers only (instruction tuning)
+  or every token of a plain document (LM pretraining). image_key: None for a text-only DecoderLM
+  (`model(tokens)`), else the batch key of the images (`model(images, tokens)`, e.g.
+  VisionLanguageModel, called with return_stats=True). Right padding needs no attention mask:
+  attention is causal. Metrics: token_accuracy on the loss tokens, and (with images) the model's
+  image_token_mismatch: the fraction of rows whose image placeholder count is neither 0 nor what
+  the images give (data.conversation.image_tokens disagrees with the model).
+
+  Packed batches (data.conversation.pack > 1) hold `segment_ids_key` [B, T]: it goes to the model
+  (`model(tokens, segment_ids=...)` / `model(images, tokens, segment_ids=...)`: attention within
+  each packed sequence), and a target counts only when it is in the same segment as the position
+  predicting it, so no sequence's last token is trained to predict the next sequence's first.
+  """
+
+  image_key: str | None = "image"
+  tokens_key: str = "tokens"
+  loss_mask_key: str = "loss_mask"
+  segment_ids_key: str = "segment_ids"
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0
+  mesh: Mesh | None = None
+
+  def _inputs(self, batch) -> tuple:
+    keys = ((self.image_key,) if self.image_key else ()) + (self.tokens_key, self.loss_mask_key)
+    missing = [k for k in keys if k not in batch]
+    if missing:
+      raise ValueError(f"objective 'lm': the batch has no {missing} (has {sorted(batch)}); set "
+                       "data.conversation (vlm.data.conversation) or objective.image_key / tokens_key")
+    return tuple(batch[k] for k in keys[:-1])
+
+  def init_args(self, batch) -> tuple:
+    return tuple(x[:1] for x in self._inputs(batch))
+
+  def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
+    inputs = self._inputs(batch)
+    kw = {"return_stats": True} if self.image_key else {}
+    segments = batch.get(self.segment_ids_key) if self.segment_ids_key else None
+    if segments is not None:
+      kw["segment_ids"] = segments
+    out = model.apply({"params": params}, *inputs, train=train, rngs={"dropout": rng}, **kw)
+    logits, stats = out if self.image_key else (out, {})
+    tokens, weights = batch[self.tokens_key], batch[self.loss_mask_key]
+    targets = weights[:, 1:] > 0
+    if segments is not None:
+      targets = targets & (segments[:, 1:] == segments[:, :-1])
+    loss, metrics = caption_loss(logits[:, :-1], tokens[:, 1:], targets,
+                                 label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+    return loss, dict(metrics, **stats)

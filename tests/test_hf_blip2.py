@@ -3,7 +3,6 @@ transformers model with a Llama LM: logits and greedy generations of our VisionL
 
 import functools
 import json
-import pathlib
 import re
 
 import numpy as np
@@ -16,8 +15,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import traverse_util  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
+from conftest import rewrite_checkpoint  # noqa: E402
 from vlm.convert import import_hf, import_hf_blip2  # noqa: E402
 from vlm.models import build_model  # noqa: E402
 from vlm.models.vision_lm import generate  # noqa: E402
@@ -121,19 +121,6 @@ def test_greedy_generation_matches_hf(imported):
   np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
 
 
-def _rewrite(src, dst, rename=lambda k: k, drop=(), add=None, config=None):
-  """Copies the checkpoint src to dst with keys renamed / dropped / added and the config edited."""
-  dst = pathlib.Path(dst)
-  dst.mkdir()
-  tensors = {rename(k): v for k, v in load_file(f"{src}/model.safetensors").items() if k not in drop}
-  tensors.update(add or {})
-  save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-  cfg = json.load(open(f"{src}/config.json"))
-  cfg.update(config or {})
-  (dst / "config.json").write_text(json.dumps(cfg))
-  return str(dst)
-
-
 def _new_layout(k):  # LLaVA-style names of transformers >= 4.52 (model.language_model.*, lm_head.*, model.*)
   if k.startswith("language_model.model."):
     return "model.language_model." + k[len("language_model.model."):]
@@ -145,7 +132,7 @@ def _new_layout(k):  # LLaVA-style names of transformers >= 4.52 (model.language
 def test_new_key_layout_imports_the_same(imported, tmp_path):
   _, _, params, kwargs, path = imported
   assert any(k.startswith("language_model.model.") for k in load_file(f"{path}/model.safetensors"))
-  _, kw2, params2 = import_hf(_rewrite(path, tmp_path / "new", rename=_new_layout))
+  _, kw2, params2 = import_hf(rewrite_checkpoint(path, tmp_path / "new", rename=_new_layout))
   assert kw2 == kwargs
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   hf = imported[0]  # a state dict (torch tensors) with the transformers config
@@ -160,15 +147,15 @@ def test_missing_unused_and_unsupported_raise(imported, tmp_path):
                            "qformer.encoder.layer.2.crossattention.attention.value.bias",
                            "vision_model.encoder.layers.1.mlp.fc2.weight", "language_projection.bias")):
     with pytest.raises(ValueError, match=rf"absent: \['{key}'\]"):
-      import_hf(_rewrite(path, tmp_path / f"missing{i}", drop=(key,)))
+      import_hf(rewrite_checkpoint(path, tmp_path / f"missing{i}", drop=(key,)))
   extra = ["qformer.embeddings.word_embeddings.weight", "language_model.model.layers.9.mlp.up_proj.weight"]
   with pytest.raises(ValueError, match=rf"not used .*{re.escape(str(sorted(extra)))}"):
-    import_hf(_rewrite(path, tmp_path / "extra", add={k: np.zeros((2, 2), np.float32) for k in extra}))
+    import_hf(rewrite_checkpoint(path, tmp_path / "extra", add={k: np.zeros((2, 2), np.float32) for k in extra}))
   opt = json.loads(json.dumps(_config(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32)).to_dict()))
   with pytest.raises(NotImplementedError, match="text_config.model_type 'opt'"):
-    import_hf(_rewrite(path, tmp_path / "opt", config=opt))
+    import_hf(rewrite_checkpoint(path, tmp_path / "opt", config=opt))
   with pytest.raises(ValueError, match="image_token_index"):
-    import_hf(_rewrite(path, tmp_path / "no_token", config={"image_token_index": None}))
+    import_hf(rewrite_checkpoint(path, tmp_path / "no_token", config={"image_token_index": None}))
 
 
 def test_queries_only_qformer_builds_with_exactly_the_checkpoint_params(imported):

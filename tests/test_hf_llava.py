@@ -2,7 +2,6 @@
 
 import functools
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
+from conftest import rewrite_checkpoint  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
 from vlm.models import build_model  # noqa: E402
 from vlm.models.vision_lm import generate  # noqa: E402
@@ -131,19 +131,6 @@ def test_greedy_generation_matches_hf(tmp_root):
   np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
 
 
-def _rewrite(src, dst, rename=lambda k: k, drop=(), add=None, config=None):
-  """Copies the single-file checkpoint src to dst with keys renamed / dropped / added and the config edited."""
-  dst = pathlib.Path(dst)
-  dst.mkdir()
-  tensors = {rename(k): v for k, v in load_file(f"{src}/model.safetensors").items() if k not in drop}
-  tensors.update(add or {})
-  save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-  cfg = json.load(open(f"{src}/config.json"))
-  cfg.update(config or {})
-  (dst / "config.json").write_text(json.dumps(cfg))
-  return str(dst)
-
-
 def _new_layout(k):  # transformers >= 4.52 names
   for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
                    ("vision_tower.", "model.vision_tower."),
@@ -159,7 +146,7 @@ def test_both_key_layouts_import_the_same(tmp_root, tmp_path):
   assert any(k.startswith("language_model.model.") for k in keys)  # this transformers saves the old layout
   for variant, fn in (("new", _new_layout),
                       ("vision_model", lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1))):
-    _, kw2, params2 = import_hf(_rewrite(path, tmp_path / variant, rename=fn))
+    _, kw2, params2 = import_hf(rewrite_checkpoint(path, tmp_path / variant, rename=fn))
     assert kw2 == kwargs
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
@@ -167,17 +154,17 @@ def test_both_key_layouts_import_the_same(tmp_root, tmp_path):
 def test_unsupported_and_missing_raise(tmp_root, tmp_path):
   _, _, _, _, path = _imported("penultimate_default", tmp_root)
   with pytest.raises(ValueError, match="projector_hidden_act 'gelu_pytorch_tanh'"):
-    import_hf(_rewrite(path, tmp_path / "act", config={"projector_hidden_act": "gelu_pytorch_tanh"}))
+    import_hf(rewrite_checkpoint(path, tmp_path / "act", config={"projector_hidden_act": "gelu_pytorch_tanh"}))
   for i, key in enumerate(("language_model.model.layers.1.mlp.up_proj.weight",
                            "vision_tower.encoder.layers.0.self_attn.k_proj.bias",
                            "multi_modal_projector.linear_2.weight")):
     with pytest.raises(ValueError, match=rf"absent: \['{key}'\]"):
-      import_hf(_rewrite(path, tmp_path / f"missing{i}", drop=(key,)))
+      import_hf(rewrite_checkpoint(path, tmp_path / f"missing{i}", drop=(key,)))
   extra = "multi_modal_projector.linear_3.weight"
   with pytest.raises(ValueError, match=rf"not used .*\['{extra}'\]"):
-    import_hf(_rewrite(path, tmp_path / "extra", add={extra: np.zeros((2, 2), np.float32)}))
+    import_hf(rewrite_checkpoint(path, tmp_path / "extra", add={extra: np.zeros((2, 2), np.float32)}))
   with pytest.raises(NotImplementedError, match="several layers"):
-    import_hf(_rewrite(path, tmp_path / "layers", config={"vision_feature_layer": [-2, -1]}))
+    import_hf(rewrite_checkpoint(path, tmp_path / "layers", config={"vision_feature_layer": [-2, -1]}))
 
 
 def test_partial_config_takes_transformers_defaults():

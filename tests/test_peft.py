@@ -243,6 +243,10 @@ def test_clear_errors():
     tx.init(_base_of(params))
   with pytest.raises(ValueError, match=r"config\.peft\.train_also: 'nothing' matches no parameter"):
     tx.init(params)
+  # A frozen regex with a typo would silently train what it meant to freeze.
+  tx, _ = build_optimizer(ml_collections.ConfigDict(dict(lr=0.1, optimizer="sgd", frozen=["decodr/.*"])), 10)
+  with pytest.raises(ValueError, match=r"config\.frozen\[0\]: 'decodr/\.\*' matches no parameter"):
+    tx.init(params)
 
 
 @pytest.mark.slow

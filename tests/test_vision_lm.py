@@ -1,6 +1,7 @@
 """VLMs on a language model: chat data and loss masks, image placeholders, cached generation, the
 LLaVA stage chain (LM pretraining -> stage 1 -> stage 2) and `predict --prompt`."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,3 +207,33 @@ def test_predict_prompt_answers_in_words(llava, tmp_path):
   assert isinstance(text, str)
   with pytest.raises(ValueError, match="not a VLM on a language model"):
     chat(llava[0] / "clip", img, "what colour?")
+
+
+@pytest.mark.parametrize("name,arg", [("llava_stage1", "demo"), ("llava_stage2", "demo"), ("frozen", "demo"),
+                                      ("blip2_stage2", "demo"), ("blip2_stage2", "minigpt4_demo"),
+                                      ("llava_stage1", None), ("llava_stage2", None), ("frozen", None),
+                                      ("blip2_stage2", None), ("blip2_stage2", "minigpt4")])
+def test_recipes_build_and_their_frozen_patterns_match(name, arg):
+  """Every VLM recipe's config is valid; demo models init (abstractly) with as many placeholders as
+  image tokens, and every frozen regex names existing parameters."""
+  import importlib
+  import re
+
+  from vlm.data.pipeline import check_config
+  from vlm.models import build_model
+  from vlm.optim import tree_paths
+  c = importlib.import_module(f"configs.{name}").get_config(arg)
+  check_config(c.data)
+  if arg is None or not arg.endswith("demo"):
+    return
+  model = build_model(c.model_name, c.model)
+  conv = c.data.conversation
+  toks = jnp.asarray([[3, 1002] + [1000] * conv.image_tokens + [270, 1]], jnp.int32)
+  imgs = jnp.zeros((1, 32, 32, 3))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), imgs, toks))["params"]
+  feats = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), imgs, toks), imgs,
+                                             method=VisionLanguageModel.encode_images))
+  assert feats.shape[1] == conv.image_tokens
+  paths = jax.tree.leaves(tree_paths(nn.unbox(shapes)))
+  for pattern in c.frozen:
+    assert any(re.fullmatch(pattern, p) for p in paths), pattern

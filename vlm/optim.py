@@ -116,8 +116,12 @@ def frozen_labels(frozen: Sequence[str], trainable: Sequence[tuple[str, str]] | 
 
   def labels(params):
     paths = tree_paths(params)
+    flat = jax.tree.leaves(paths)
+    for i, r in enumerate(regexes):  # a typo would otherwise silently train what it meant to freeze
+      if not any(r.fullmatch(p) for p in flat):
+        raise ValueError(f"config.frozen[{i}]: {r.pattern!r} matches no parameter; parameters are e.g. "
+                         f"{', '.join(flat[:8])}")
     if train_re is not None:
-      flat = jax.tree.leaves(paths)
       for r, key in train_re:
         if not any(r.fullmatch(p) for p in flat):
           hint = (" (was the model built with build_model(..., peft=config.peft)?)"

@@ -1,5 +1,7 @@
 """Model families. Configs name them through MODELS: `config.model_name = 'two_tower'`."""
 
+from flax import linen as nn
+
 from vlm.models.blip2 import Blip2QFormer
 from vlm.models.coca import CoCa, CoCaTextDecoder
 from vlm.models.decoder import DecoderLM
@@ -27,7 +29,7 @@ MODELS.register("decoder_lm")(DecoderLM)
 MODELS.register("vision_lm")(VisionLanguageModel)
 
 
-def build_model(name: str, config, peft=None) -> "flax.linen.Module":  # noqa: F821
+def build_model(name: str, config, peft=None) -> nn.Module:
   """MODELS[name](**config): a linen Module from a config's `model` block.
 
   peft: the trainer's `config.peft` (vlm.peft; None or empty: the plain model). With it, the model

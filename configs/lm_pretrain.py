@@ -30,13 +30,14 @@ def demo_lm() -> dict:
 
 def conversation(tasks: tuple[str, ...], *, image_tokens: int = 16, with_image: bool = True,
                  length: int = 96, task_weights: tuple[float, ...] | None = None,
-                 pack: int = 1) -> ml_collections.ConfigDict:
+                 pack: int = 1, instruction_length: int = 0) -> ml_collections.ConfigDict:
   """data.conversation with the default chat template (vlm.data.conversation.DEFAULT_TEMPLATE);
   pack > 1 packs that many examples into each training row of `length` tokens (raise it with pack;
-  vlm.data.conversation.pack_examples)."""
+  vlm.data.conversation.pack_examples); instruction_length > 0 also gives the image encoder the user's
+instruction (an instruction-aware Q-Former: configs/blip2_stage2.py)."""
   return ml_collections.ConfigDict(dict(
       tasks=tasks, task_weights=task_weights, image_tokens=image_tokens, with_image=with_image, length=length,
-      pack=pack, soft_prompts=0,
+      pack=pack, soft_prompts=0, instruction_length=instruction_length,
       prompt_length=image_tokens + 24, max_turns=3, add_bos=True, system=None,
       template=ml_collections.ConfigDict(dict(
           system="<|system|>{content}<|end|>", user="<|user|>{content}<|end|>",

@@ -25,7 +25,8 @@ class _FakeSP:
   pad_id, eos_id, bos_id = 0, 1, 3
 
   def encode(self, text, length=None, add_bos=False, add_eos=True):
-    return np.asarray([100 + ord(ch) - ord("a") if ch.isalpha() else 50 for ch in text], np.int32)
+    ids = [3] * add_bos + [100 + ord(ch) - ord("a") if ch.isalpha() else 50 for ch in text]
+    return np.asarray(ids if length is None else (ids + [0] * length)[:length], np.int32)
 
 
 EX = {"caption": "a red star", "caption_detailed": "a large red star at the top",
@@ -62,6 +63,54 @@ def test_prompts_are_left_padded_and_never_cut():
     chat.pad(ids, [0] * len(ids), 3)
   with pytest.raises(ValueError, match="template.user"):
     ChatTokenizer(_FakeSP(), template=dict(system="{content}", user="USER:", assistant="{content}"))
+
+
+def test_instructions_are_the_image_turns_text_for_training_and_prompt():
+  from vlm.data.conversation import check_conversation_config, conversation_example
+  conv = dict(tasks=("qa",), image_tokens=3, length=64, prompt_length=32, instruction_length=8)
+  out = conversation_example(EX, conv, ChatTokenizer(_FakeSP(), image_tokens=3), np.random.default_rng(0), 1)
+  # The training conversation's first question is question 1, as is the prompt's.
+  np.testing.assert_array_equal(out["instruction"], _FakeSP().encode("what shape?", 8, add_bos=True))
+  np.testing.assert_array_equal(out["prompt_instruction"], out["instruction"])
+  cap = conversation_example(EX, dict(conv, tasks=("caption",)), ChatTokenizer(_FakeSP(), image_tokens=3),
+                             np.random.default_rng(0), 2)
+  assert cap["instruction"][0] == 3 and 1000 not in cap["instruction"]  # the brief-caption instruction
+  np.testing.assert_array_equal(cap["prompt_instruction"], _FakeSP().encode("where?", 8, add_bos=True))
+  with pytest.raises(ValueError, match="instruction_length > 0 does not work with data.conversation.pack"):
+    check_conversation_config(dict(conv, pack=2))
+  with pytest.raises(ValueError, match="data.conversation.instruction_length: must be an int >= 0"):
+    check_conversation_config(dict(conv, instruction_length=-1))
+
+
+QFORMER = dict(image=dict(VISION, class_token=True, pool_type="none"),
+               qformer=dict(width=32, depth=2, num_heads=2, mlp_dim=64, cross_attention_frequency=2,
+                            vocab_size=1001, max_len=16),
+               num_query_tokens=4, embed_dim=16, freeze_image=True, dec_id=1000)
+
+
+def test_instruction_aware_qformer_reads_the_instruction():
+  """The BLIP-2 connector with an instruction: queries and instruction attend to each other, so
+  different instructions give different image tokens; an all-padding instruction equals none."""
+  m = VisionLanguageModel(lm_config=LM, vision_config=QFORMER, vision_model="blip2_qformer",
+                          connector_type="linear")
+  imgs = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  prompt = jnp.asarray([[3, 1002] + [1000] * 4 + [270, 268, 1003]] * 2, jnp.int32)
+  instr = jnp.asarray([[3, 270, 268, 301, 0, 0], [3, 280, 290, 0, 0, 0]], jnp.int32)
+  params = m.init(jax.random.key(0), imgs, prompt, instr)["params"]
+  enc = lambda i: m.apply({"params": params}, imgs, False, i, method=VisionLanguageModel.encode_images)
+  assert enc(instr).shape == (2, 4, LM["width"])
+  np.testing.assert_allclose(enc(jnp.zeros_like(instr)), enc(None), atol=1e-5)
+  assert float(jnp.max(jnp.abs(enc(instr) - enc(instr[::-1])))) > 1e-3
+  out = generate(m, params, imgs, prompt, mask=jnp.ones_like(prompt), max_new_tokens=3, eos_id=-1, instruction=instr)
+  seq = prompt
+  for _ in range(3):
+    nxt = jnp.argmax(m.apply({"params": params}, imgs, seq, instr)[:, -1], -1)
+    seq = jnp.concatenate([seq, nxt[:, None]], 1)
+  np.testing.assert_array_equal(out.tokens, seq[:, prompt.shape[1]:])
+  vit = _model()
+  vparams = vit.init(jax.random.key(0), imgs, _tokens(2))["params"]
+  with pytest.raises(ValueError, match="a ViT image encoder reads no text"):
+    vit.apply({"params": vparams}, imgs, _tokens(2), instr)
 
 
 def _model(**kw):
@@ -173,6 +222,40 @@ def llava(data_dir, tmp_path_factory):
   s2.evals.vqa.max_examples = 32
   out2 = train(s2, root / "stage2")
   return root, out1, out2
+
+
+def test_blip2_stage2_chain_with_instruction_aware_qformer(llava, data_dir, tmp_path):
+  """BLIP-2 stage 1 -> stage 2 on the pretrained LM (tiny): the image encoder and the LM stay frozen,
+  the Q-Former (its text side too: it reads the instruction) and the projection learn, and the
+  VQA eval and `predict --prompt` feed the question to the Q-Former."""
+  from PIL import Image
+
+  from configs import blip2_stage1, blip2_stage2
+  from vlm.predict import chat
+  s1 = _tiny(blip2_stage1.get_config("demo"), data_dir, 2)
+  s1.model.update(QFORMER, freeze_image=False)
+  s1.evals = {}
+  train(s1, tmp_path / "stage1")
+  s2 = _tiny(blip2_stage2.get_config("demo"), data_dir, 2)
+  assert s2.data.conversation.instruction_length == 16
+  s2.model.lm_config.update(LM)
+  s2.model.vision_config.update(QFORMER)
+  s2.data.conversation.update(image_tokens=4, prompt_length=28)
+  s2.init.vision.path, s2.init.lm.path = str(tmp_path / "stage1"), str(llava[0] / "lm")
+  s2.evals.vqa.max_examples = 16
+  out = train(s2, tmp_path / "stage2")
+  assert 0.0 <= out["vqa/accuracy"] <= 1.0
+  p1, p2, lm = _params(tmp_path / "stage1"), _params(tmp_path / "stage2"), _params(llava[0] / "lm")
+  for k, v in p2.items():
+    if k.startswith("lm/"):
+      np.testing.assert_array_equal(v, lm[k[3:]], err_msg=k)
+    elif k.startswith("vision/img/"):
+      np.testing.assert_array_equal(v, p1[k[7:]], err_msg=k)
+  word = "vision/qformer/word_embed/embedding"
+  assert not np.array_equal(p2[word], p1[word[7:]])
+  img = tmp_path / "x.png"
+  Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(img)
+  assert isinstance(chat(tmp_path / "stage2", img, "what colour is the large circle?", max_new_tokens=3), str)
 
 
 def _params(workdir):

@@ -113,7 +113,7 @@ def answer(workdir: str | Path, image: str | Path, question: str, top_k: int = 3
 def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "greedy", max_new_tokens: int = 32,
          step: int | None = None, **decode_kw) -> str:
   """The answer of a VLM on a language model (vlm.models.vision_lm) to `prompt` about the image."""
-  from vlm.data.conversation import IMAGE, chat_tokenizer_from_config
+  from vlm.data.conversation import IMAGE, chat_tokenizer_from_config, instruction_tokens
   from vlm.models.vision_lm import generate
   config = load_workdir_config(workdir)
   conv = config.data.get("conversation")
@@ -126,8 +126,11 @@ def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "gre
   ids = np.asarray(chat_tokenizer_from_config(conv, tok).encode_prompt(turns), np.int32)[None]
   x = jnp.asarray(load_image(image, config.data.pp_eval))
   rng = jax.random.key(0) if method == "sample" else None
+  instruction = None
+  if conv.get("instruction_length"):  # an instruction-aware Q-Former reads the prompt too
+    instruction = jnp.asarray(instruction_tokens(turns, tok, int(conv.instruction_length)))[None]
   out = generate(model, params, x, jnp.asarray(ids), max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                 pad_id=tok.pad_id, method=method, rng=rng, **decode_kw)
+                 pad_id=tok.pad_id, method=method, rng=rng, instruction=instruction, **decode_kw)
   return tok.decode(np.asarray(out.tokens)[0])
 
 

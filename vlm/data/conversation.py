@@ -30,6 +30,13 @@ Prompt tuning (Lester et al. 2021): `data.conversation.soft_prompts` = P puts P 
 ids after BOS; VisionLanguageModel(num_soft_prompts=P) writes its learned vectors there, and
 `config.trainable = ('soft_prompt',)` trains only them (see configs/llava_base.py).
 
+Instructions for the image encoder (`data.conversation.instruction_length` = L > 0): every
+example also gets 'instruction' [L] (the text of the user turn that holds the image, without
+the placeholder: BOS + SentencePiece ids, pad_id padded, truncated to L) and, beside its prompt,
+'prompt_instruction' [L] (the prompt's question). vlm.objectives.lm and the vqa_generate eval pass
+them to the model, whose instruction-aware Q-Former reads them (vlm.models.vision_lm; BLIP-2
+sec. 4.3, InstructBLIP). Not with packing.
+
 Packing (`data.conversation.pack` = k > 1, training split only; `pack_examples`): each batch row
 holds k consecutive examples' unpadded conversations back to back, with 'segment_ids' (example j
 of the row is segment j + 1, 0 = padding) for block-diagonal attention and per-segment positions
@@ -194,6 +201,12 @@ def check_conversation_config(conv: Mapping[str, Any]) -> None:
     for key in ("length", "prompt_length", "image_tokens", "max_turns", "pack"):
         if key in conv and not (isinstance(conv[key], int) and conv[key] > 0):
             raise ValueError(f"data.conversation.{key}: must be a positive int, got {conv[key]!r}")
+    ilen = conv.get("instruction_length", 0)
+    if isinstance(ilen, bool) or not isinstance(ilen, int) or ilen < 0:
+        raise ValueError(f"data.conversation.instruction_length: must be an int >= 0, got {ilen!r}")
+    if ilen and conv.get("pack", 1) > 1:
+        raise ValueError("data.conversation.instruction_length > 0 does not work with data.conversation.pack > 1 "
+                         "(a packed row would need one instruction per example); set one of them off")
     weights = conv.get("task_weights")
     if weights is not None and (len(weights) != len(tasks) or min(weights) < 0 or sum(weights) <= 0):
         raise ValueError(f"data.conversation.task_weights: {len(tasks)} non-negative weights, got {weights!r}")
@@ -216,13 +229,27 @@ def conversation_example(ex: Mapping[str, Any], conv: Mapping[str, Any], chat: C
     ids, loss = chat.encode(turns)
     tokens, loss_mask = chat.pad(ids, loss, int(conv.get("length", 64)))
     out = {"tokens": tokens, "loss_mask": loss_mask}
+    ilen = int(conv.get("instruction_length", 0))
+    if ilen:
+        out["instruction"] = instruction_tokens(turns, chat.tok, ilen)
     if ex.get("questions"):
         j = 0 if question_index is None else question_index
         prompt_turns = ([("system", system)] if system else []) + [("user", IMAGE + ex["questions"][j])]
         out["prompt"], out["prompt_mask"] = chat.pad(chat.encode_prompt(prompt_turns), None,
                                                      int(conv.get("prompt_length", 48)), left=True,
                                                      where="data.conversation.prompt_length")
+        if ilen:
+            out["prompt_instruction"] = instruction_tokens(prompt_turns, chat.tok, ilen)
     return out
+
+
+def instruction_tokens(turns: Sequence[Turn], tokenizer: Tokenizer, length: int) -> np.ndarray:
+    """[length] ids of the first user turn holding `<image>`, the placeholder removed (BOS + text,
+    pad_id padded, truncated): the image encoder's instruction. No such turn: all padding."""
+    for role, content in turns:
+        if role == "user" and IMAGE in content:
+            return tokenizer.encode(content.replace(IMAGE, "").strip(), length, add_bos=True, add_eos=False)
+    return np.full((length,), tokenizer.pad_id, np.int32)
 
 
 PACKED_KEYS = ("tokens", "loss_mask", "segment_ids")  # per row [length]; every other key per example

@@ -38,6 +38,8 @@ Config keys (`config.data`, see `get_default_config`):
                   get 'tokens', 'loss_mask' [B, length] and 'prompt', 'prompt_mask'
                   [B, prompt_length] (left-padded question prompt, for generation evals)
                   pack = k > 1: k examples per row, + 'segment_ids', others [B, k, ...] (train only)
+                  instruction_length = L > 0: + 'instruction', 'prompt_instruction' [B, L] (the
+                  user's instruction for an instruction-aware image encoder)
     with_boxes, max_boxes, with_frames
     worker_count  grain worker processes (0: in the main process)
     strict        raise on a bad example instead of skipping it

@@ -20,7 +20,8 @@ class VQAGenerate(SplitData):
   about the image, then the template's generation prefix) scored by exact match against 'answer'.
 
   Needs data.conversation and 'question', 'answer' in data.extra_text_keys (the prompt asks the
-  same drawn question as 'answer' holds). The model needs `generate`-compatible `decode_step`
+  same drawn question as 'answer' holds; with data.conversation.instruction_length, the question
+  also goes to the image encoder as 'prompt_instruction'). The model needs `generate`-compatible `decode_step`
   (vlm.models.vision_lm). Reports {prefix}/accuracy, and /accuracy_unseen for examples whose
   main-object combination is held out of training; keeps the last answers in `last_answers`.
   """
@@ -45,21 +46,25 @@ class VQAGenerate(SplitData):
       tok = get_tokenizer(self.config.data)
 
       def fn(params, x):
-        images, prompt, mask = x
+        images, prompt, mask, *instruction = x
         return generate(self.model, params, images, prompt, mask=mask, max_new_tokens=self.max_new_tokens,
-                        eos_id=tok.eos_id, pad_id=tok.pad_id).tokens
+                        eos_id=tok.eos_id, pad_id=tok.pad_id, instruction=instruction[0] if instruction else None).tokens
 
       self._fn = jit_on_mesh(fn, self.mesh, self.rules)
     return self._fn
 
-  def answers(self, params: Any, images: np.ndarray, prompt: np.ndarray, mask: np.ndarray) -> list[str]:
-    tokens = batched_apply(self._generate_fn(), params, (images, prompt, mask), self.mesh, self.batch_size)
+  def answers(self, params: Any, images: np.ndarray, prompt: np.ndarray, mask: np.ndarray,
+              instruction: np.ndarray | None = None) -> list[str]:
+    """Greedy answers; instruction [N, L]: the image encoder's ('prompt_instruction' of the data)."""
+    inputs = (images, prompt, mask) + (() if instruction is None else (instruction,))
+    tokens = batched_apply(self._generate_fn(), params, inputs, self.mesh, self.batch_size)
     return get_tokenizer(self.config.data).decode_batch(tokens)
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()
     tok = get_tokenizer(self.config.data)
-    self.last_answers = self.answers(params, arrays["image"], arrays["prompt"], arrays["prompt_mask"])
+    self.last_answers = self.answers(params, arrays["image"], arrays["prompt"], arrays["prompt_mask"],
+                                     arrays.get("prompt_instruction"))
     refs = [normalize_answer(a) for a in tok.decode_batch(arrays["answer"])]
     hit = np.array([normalize_answer(a) == r for a, r in zip(self.last_answers, refs)], np.float64)
     out = {f"{self.prefix}/accuracy": float(hit.mean())}

@@ -122,13 +122,22 @@ class Blip2QFormer(LearnedScaleAndBias, nn.Module):
     return features
 
   def query_features(self, images: jax.Array | None, train: bool = False,
-                     features: jax.Array | None = None) -> jax.Array:
+                     features: jax.Array | None = None, instruction: jax.Array | None = None) -> jax.Array:
     """Raw Q-Former query outputs [B, Q, D] (what stage 2 projects into the LLM).
 
-    images [B, H, W, 3], or features [B, N, Dv] from `image_features`.
+    images [B, H, W, 3], or features [B, N, Dv] from `image_features`. instruction [B, L] tokens
+    (Q-Former vocabulary, BOS first, pad_id padding), or None: with it, the queries and the
+    instruction attend to each other (mode 'bidirectional') so the queries extract the features
+    the instruction asks for: the question-conditioned Q-Former of BLIP-2's VQA fine-tuning
+    (sec. 4.3) and InstructBLIP's instruction-aware Q-Former (Dai et al. 2023, sec. 2.2). Only
+    the query outputs are returned.
     """
     feats = self._features(images, features, train)
-    return self.qformer_module(self.queries(feats.shape[0]), None, feats, mode="unimodal", train=train)
+    queries = self.queries(feats.shape[0])
+    if instruction is None:
+      return self.qformer_module(queries, None, feats, mode="unimodal", train=train)
+    out = self.qformer_module(queries, instruction, feats, mode="bidirectional", train=train)
+    return out[:, :queries.shape[1]]
 
   def embed_queries(self, query_out: jax.Array) -> jax.Array:
     """Query outputs [B, Q, D] -> L2-normalised ITC embeddings [B, Q, E]."""

@@ -22,6 +22,9 @@ Connectors (`connector`):
   'none'    the encoder already outputs LM-width tokens.
 Q-Former connectors use `vision_model='blip2_qformer'` (its `query_features`, 32 query outputs)
 followed by 'linear' (BLIP-2 sec. 3.3's fully-connected projection; MiniGPT-4's single layer).
+Given `instruction` tokens [B, L] (data.conversation.instruction_length > 0), the Q-Former's
+queries also attend to the instruction: BLIP-2's question-conditioned Q-Former for VQA (sec. 4.3),
+InstructBLIP's instruction-aware Q-Former (Dai et al. 2023).
 
 Soft prompts (prompt tuning, Lester et al. 2021): `num_soft_prompts` learned vectors written at
 `soft_prompt_token_id` placeholders, in order (the chat template puts them in the system turn).
@@ -120,10 +123,20 @@ class VisionLanguageModel(nn.Module):
 
   # ------------------------------------------------------------------------ images
 
-  def image_features(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """images [B, H, W, 3] -> encoder features [B, N, Dv] (the chosen layer, CLS per keep_cls)."""
+  def image_features(self, images: jax.Array, train: bool = False,
+                     instruction: jax.Array | None = None) -> jax.Array:
+    """images [B, H, W, 3] -> encoder features [B, N, Dv] (the chosen layer, CLS per keep_cls).
+
+    instruction [B, L]: the vision model's text input (instruction-aware Q-Former:
+    Blip2QFormer.query_features); only a vision model whose method takes `instruction` reads one.
+    """
     if self.vision_model != "vit":
-      return getattr(self.vision, self.vision_method)(images)
+      if instruction is None:
+        return getattr(self.vision, self.vision_method)(images)
+      return getattr(self.vision, self.vision_method)(images, instruction=instruction)
+    if instruction is not None:
+      raise ValueError("instruction: a ViT image encoder reads no text; an instruction-aware encoder is "
+                       "vision_model='blip2_qformer' (data.conversation.instruction_length > 0 feeds it)")
     pooled, aux = self.vision(images, train=train)
     if self.pool is not None:
       return pooled[:, None]
@@ -138,12 +151,17 @@ class VisionLanguageModel(nn.Module):
       feats = feats[:, 1:]
     return feats
 
-  def encode_images(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """images [B, H, W, 3] or [B, M, H, W, 3] -> LM-width image tokens [B, M * N, D]."""
+  def encode_images(self, images: jax.Array, train: bool = False,
+                    instruction: jax.Array | None = None) -> jax.Array:
+    """images [B, H, W, 3] or [B, M, H, W, 3] -> LM-width image tokens [B, M * N, D].
+
+    instruction [B, L] (optional): every image of row b is encoded with row b's instruction."""
     if images.ndim == 4:
       images = images[:, None]
     b, m = images.shape[:2]
-    feats = self.connector(self.image_features(images.reshape(b * m, *images.shape[2:]), train))
+    if instruction is not None:
+      instruction = jnp.repeat(instruction, m, axis=0)
+    feats = self.connector(self.image_features(images.reshape(b * m, *images.shape[2:]), train, instruction))
     return feats.reshape(b, m * feats.shape[1], feats.shape[2])
 
   # ------------------------------------------------------------------------ sequence
@@ -156,7 +174,8 @@ class VisionLanguageModel(nn.Module):
     return jnp.where(is_slot[..., None], gathered, x)
 
   def embed(self, tokens: jax.Array, images: jax.Array | None = None, train: bool = False,
-            stats: dict | None = None, surplus_images: bool = False) -> jax.Array:
+            stats: dict | None = None, surplus_images: bool = False,
+            instruction: jax.Array | None = None) -> jax.Array:
     """tokens [B, T] -> LM input embeddings [B, T, D] with image tokens and soft prompts written in.
     stats: a dict that receives image_token_mismatch (see vlm.objectives.lm); surplus_images (packed
     rows, whose examples may be absent or have no image): a row may use any whole number of its
@@ -164,7 +183,7 @@ class VisionLanguageModel(nn.Module):
     all of them, counts as a mismatch."""
     x = self.lm.embed(tokens)
     if images is not None:
-      feats = self.encode_images(images, train)
+      feats = self.encode_images(images, train, instruction)
       is_img = tokens == self.image_token_id
       x = self._scatter(x, is_img, feats)
       if stats is not None:
@@ -181,38 +200,45 @@ class VisionLanguageModel(nn.Module):
       x = self._scatter(x, tokens == self.soft_prompt_token_id, prompts)
     return x
 
-  def __call__(self, images: jax.Array | None, tokens: jax.Array, train: bool = False,
-               mask: jax.Array | None = None, return_stats: bool = False,
+  def __call__(self, images: jax.Array | None, tokens: jax.Array, instruction: jax.Array | None = None,
+               train: bool = False, mask: jax.Array | None = None, return_stats: bool = False,
                segment_ids: jax.Array | None = None):
     """Logits [B, T, V] of tokens [B, T] with the images at their placeholders (mask: padding [B, T];
-    segment_ids: packed rows [B, T], see DecoderLM); with return_stats also {'image_token_mismatch':
+    segment_ids: packed rows [B, T], see DecoderLM; instruction [B, L]: the image encoder's text
+    input, see encode_images); with return_stats also {'image_token_mismatch':
     fraction of rows whose placeholders do not match the images' token count (a row with several
     images must hold all of them; a packed row a whole number of them)}."""
     stats: dict = {}
-    x = self.embed(tokens, images, train, stats, surplus_images=segment_ids is not None)
+    x = self.embed(tokens, images, train, stats, surplus_images=segment_ids is not None, instruction=instruction)
     logits = self.lm(inputs_embeds=x, train=train, mask=mask, segment_ids=segment_ids)
     return (logits, stats) if return_stats else logits
 
   def decode_step(self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None,
-                  mask: jax.Array | None = None, images: jax.Array | None = None) -> jax.Array:
-    """DecoderLM.decode_step on embeddings: pass images with the prompt (prefill), not after."""
-    return self.lm.decode_step(None, index, cache_len, mask, inputs_embeds=self.embed(tokens, images))
+                  mask: jax.Array | None = None, images: jax.Array | None = None,
+                  instruction: jax.Array | None = None) -> jax.Array:
+    """DecoderLM.decode_step on embeddings: pass images (and instruction) with the prompt (prefill),
+    not after."""
+    x = self.embed(tokens, images, instruction=instruction)
+    return self.lm.decode_step(None, index, cache_len, mask, inputs_embeds=x)
 
 
 def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt: jax.Array, *,
              max_new_tokens: int, eos_id: int, pad_id: int = 0, mask: jax.Array | None = None,
-             method: str = "greedy", rng: jax.Array | None = None, **decode_kw) -> decoding.DecodeOutput:
+             method: str = "greedy", rng: jax.Array | None = None, instruction: jax.Array | None = None,
+             **decode_kw) -> decoding.DecodeOutput:
   """Answers after prompt [B, P] (left-padded: pass `mask`) about images, with the KV cache (jit-able).
 
-  The prefill (T = P > 1) embeds the images; single-token steps do not.
+  The prefill (T = P > 1) embeds the images (with `instruction` [B, L] for an instruction-aware
+  image encoder); single-token steps do not.
   """
   p = prompt.shape[1]
-  _, variables = model.apply({"params": params}, prompt, 0, p + max_new_tokens, mask, images,
+  _, variables = model.apply({"params": params}, prompt, 0, p + max_new_tokens, mask, images, instruction,
                              method=VisionLanguageModel.decode_step, mutable=["cache"])
 
   def step_fn(cache, tokens, index):
-    imgs = images if tokens.shape[1] == p and p > 1 else None
-    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, None, None, imgs,
+    prefill = tokens.shape[1] == p and p > 1
+    imgs, instr = (images, instruction) if prefill else (None, None)
+    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, None, None, imgs, instr,
                               method=VisionLanguageModel.decode_step, mutable=["cache"])
     return logits, new["cache"]
 

@@ -26,12 +26,16 @@ class LanguageModeling:
   (`model(tokens, segment_ids=...)` / `model(images, tokens, segment_ids=...)`: attention within
   each packed sequence), and a target counts only when it is in the same segment as the position
   predicting it, so no sequence's last token is trained to predict the next sequence's first.
+
+  A batch with `instruction_key` [B, L] (data.conversation.instruction_length > 0) passes it to the
+  model as `instruction` (the instruction-aware Q-Former of vlm.models.vision_lm).
   """
 
   image_key: str | None = "image"
   tokens_key: str = "tokens"
   loss_mask_key: str = "loss_mask"
   segment_ids_key: str = "segment_ids"
+  instruction_key: str = "instruction"
   label_smoothing: float = 0.0
   z_loss: float = 0.0
   mesh: Mesh | None = None
@@ -44,11 +48,16 @@ class LanguageModeling:
                        "data.conversation (vlm.data.conversation) or objective.image_key / tokens_key")
     return tuple(batch[k] for k in keys[:-1])
 
+  def _instruction(self, batch) -> tuple:
+    if self.image_key and self.instruction_key and self.instruction_key in batch:
+      return (batch[self.instruction_key],)
+    return ()
+
   def init_args(self, batch) -> tuple:
-    return tuple(x[:1] for x in self._inputs(batch))
+    return tuple(x[:1] for x in self._inputs(batch) + self._instruction(batch))
 
   def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
-    inputs = self._inputs(batch)
+    inputs = self._inputs(batch) + self._instruction(batch)
     kw = {"return_stats": True} if self.image_key else {}
     segments = batch.get(self.segment_ids_key) if self.segment_ids_key else None
     if segments is not None:

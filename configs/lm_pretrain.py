@@ -38,6 +38,7 @@ instruction (an instruction-aware Q-Former: configs/blip2_stage2.py)."""
   return ml_collections.ConfigDict(dict(
       tasks=tasks, task_weights=task_weights, image_tokens=image_tokens, with_image=with_image, length=length,
       pack=pack, soft_prompts=0, instruction_length=instruction_length,
+      instructions=ml_collections.ConfigDict(), question_format="{question}",
       prompt_length=image_tokens + 24, max_turns=3, add_bos=True, system=None,
       template=ml_collections.ConfigDict(dict(
           system="<|system|>{content}<|end|>", user="<|user|>{content}<|end|>",

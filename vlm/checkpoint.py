@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from vlm.peft import is_peft_path
+
 
 class DataStateHandler(ocp.CheckpointHandler):
   """Saves `iterator.get_state()` (JSON) once per process: process_{i}-of-{n}.json.
@@ -126,7 +128,7 @@ def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = No
 
   mapping: {target_prefix_regex: loaded_prefix}, e.g. {'img/': 'img/'} initialises the image
   tower only; None copies every path present in both. Raises ValueError listing each target
-  path that has no source or whose shape differs.
+  path that has no source (except PEFT parameters, vlm.peft.is_peft_path) or whose shape differs.
   """
   tflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(target).items()}
   lflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(loaded).items()}
@@ -137,7 +139,7 @@ def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = No
       if tpath.startswith(tprefix):
         src = lprefix + tpath[len(tprefix):]
         if src not in lflat:
-          if mapping != {"": ""}:
+          if mapping != {"": ""} and not is_peft_path(tpath):  # PEFT params keep their init
             problems.append(f"{tpath}: no parameter {src!r} in the checkpoint")
           break
         if tuple(lflat[src].shape) != tuple(tval.shape):

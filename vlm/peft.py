@@ -60,6 +60,7 @@ from flax import traverse_util
 from vlm.nn.attention import HeadsDense
 
 LORA_PARAMS = ("lora_a", "lora_b")
+LORA_SET_PARAMS = ("lora_sets_a", "lora_sets_b")  # per-example LoRA sets (lora_sets; Monkey)
 ADAPTER_NAME = "adapter"
 LORA_TRAINABLE = r"(.*/)?lora_(a|b)"
 ADAPTER_TRAINABLE = r"(.*/)?adapter/.*"
@@ -275,8 +276,20 @@ def _kernel_names(m: nn.Module, ndim: int) -> tuple | None:
   return tuple(names) if names is not None and len(names) == ndim else None
 
 
-def _lora(m: nn.Module, y: jax.Array, x: jax.Array, tracker: _Tracker) -> jax.Array:
-  cfg = tracker.cfg
+def lora_update(m: nn.Module, y: jax.Array, x: jax.Array, *, rank: int, scale: float,
+                names: tuple[str, str] = LORA_PARAMS, dropout_keep: float | None = None,
+                num_sets: int = 0, set_index: jax.Array | None = None) -> jax.Array:
+  """y + scale * x A B for the linear layer `m` that mapped x to y, creating A and B on `m`.
+
+  A [in, r] (kaiming-uniform, as loralib / HF PEFT), B [r, out] (zeros: the update starts at 0);
+  in/out are the layer's flattened contracted input and output feature axes. dropout_keep:
+  LoRA dropout's keep probability (None: none; needs the 'dropout' rng).
+
+  num_sets = S > 0: S independent LoRA sets, A [S, in, r] and B [S, r, out], and set_index [N]
+  int picks one per example of the leading batch axis (-1: no update for that example). Monkey
+  (Li et al. 2024, sec. 3.1) gives each window position its own set on one shared encoder: all
+  views run as one batch, each with its own LoRA.
+  """
   in_axes, n_out = _linear_geometry(m, x)
   k = len(in_axes)
   trailing = tuple(range(x.ndim - k, x.ndim))
@@ -284,24 +297,89 @@ def _lora(m: nn.Module, y: jax.Array, x: jax.Array, tracker: _Tracker) -> jax.Ar
     x = jnp.moveaxis(x, in_axes, trailing)
   in_shape, out_shape = x.shape[x.ndim - k:], y.shape[y.ndim - n_out:]
   n_in, n_out_flat = math.prod(in_shape), math.prod(out_shape)
-  names = _kernel_names(m, k + n_out) if m.is_initializing() else None
-  a_names = (names[0] if names else None, None)
-  b_names = (None, names[k] if names else None)
+  kernel_names = _kernel_names(m, k + n_out) if m.is_initializing() else None
+  lead = ((None,), (num_sets,)) if num_sets else ((), ())
+  a_names = lead[0] + (kernel_names[0] if kernel_names else None, None)
+  b_names = lead[0] + (None, kernel_names[k] if kernel_names else None)
   param_dtype = getattr(m, "param_dtype", jnp.float32)
-  # kaiming_uniform(a=sqrt(5)) as loralib / HF PEFT: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-  a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-  a = m.param("lora_a", nn.with_logical_partitioning(a_init, a_names), (n_in, cfg.rank), param_dtype)
-  b = m.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, b_names), (cfg.rank, n_out_flat),
+  a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # U(+-1/sqrt(fan_in))
+  a = m.param(names[0], nn.with_logical_partitioning(a_init, a_names), lead[1] + (n_in, rank), param_dtype)
+  b = m.param(names[1], nn.with_logical_partitioning(nn.initializers.zeros, b_names), lead[1] + (rank, n_out_flat),
               param_dtype)
   dtype = getattr(m, "dtype", None) or jnp.result_type(x)
   h = jnp.asarray(x, dtype).reshape(x.shape[:x.ndim - k] + (n_in,))
-  if cfg.dropout > 0.0 and tracker.train_stack and tracker.train_stack[-1]:
-    keep = 1.0 - cfg.dropout
-    mask = jax.random.bernoulli(m.make_rng("dropout"), keep, h.shape)
-    h = jnp.where(mask, h / keep, 0.0).astype(dtype)
-  h = (h @ jnp.asarray(a, dtype)) @ jnp.asarray(b, dtype)
-  h = (h * jnp.asarray(cfg.scale, dtype)).reshape(h.shape[:-1] + tuple(out_shape))
+  if dropout_keep is not None:
+    mask = jax.random.bernoulli(m.make_rng("dropout"), dropout_keep, h.shape)
+    h = jnp.where(mask, h / dropout_keep, 0.0).astype(dtype)
+  if num_sets:
+    if set_index is None or set_index.shape != (h.shape[0],):
+      raise ValueError(f"LoRA sets at {'/'.join(m.path)}: set_index must be [{h.shape[0]}] (one per example), "
+                       f"got {None if set_index is None else set_index.shape}")
+    idx = jnp.clip(set_index, 0, num_sets - 1)
+    flat = h.reshape(h.shape[0], -1, n_in)
+    u = jnp.einsum("bti,bir->btr", flat, jnp.asarray(a, dtype)[idx])
+    u = jnp.einsum("btr,bro->bto", u, jnp.asarray(b, dtype)[idx])
+    u = jnp.where((set_index >= 0)[:, None, None], u, 0.0)
+    h = u.reshape(h.shape[:-1] + (n_out_flat,))
+  else:
+    h = (h @ jnp.asarray(a, dtype)) @ jnp.asarray(b, dtype)
+  h = (h * jnp.asarray(scale, dtype)).reshape(h.shape[:-1] + tuple(out_shape))
   return y + h.astype(y.dtype)
+
+
+def _lora(m: nn.Module, y: jax.Array, x: jax.Array, tracker: _Tracker) -> jax.Array:
+  cfg = tracker.cfg
+  train = cfg.dropout > 0.0 and tracker.train_stack and tracker.train_stack[-1]
+  return lora_update(m, y, x, rank=cfg.rank, scale=cfg.scale, dropout_keep=1.0 - cfg.dropout if train else None)
+
+
+def lora_sets(targets: Sequence[tuple[str, int]], num_sets: int, set_index: jax.Array, alpha: float | None = None):
+  """A context (`with lora_sets(...): y = module(x)`, inside a compact method) adding per-example
+  LoRA sets (lora_update with num_sets) to the targeted linear layers that run inside it.
+
+  targets: (regex, rank) pairs; a layer is targeted when a regex fullmatches a trailing part of its
+  module path (r'attn/(query|key|value|out)' matches 'img/encoder/block_0/attn/query'); the
+  first matching pair decides the rank. alpha: the LoRA scale numerator (alpha / rank; None: alpha = rank, scale 1).
+  Parameters `lora_sets_a`, `lora_sets_b` [num_sets, ...] sit on the targeted layers (apart from
+  config.peft's `lora_a` / `lora_b`, which may be added on top). A regex that matches no
+  layer raises when the context exits.
+  """
+  compiled = [(re.compile(p), int(r)) for p, r in targets]
+  hits = {p.pattern: 0 for p, _ in compiled}
+  seen: list[str] = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    m = context.module
+    if context.method_name != "__call__" or not isinstance(m, LINEAR_TYPES):
+      return next_fun(*args, **kwargs)
+    path = "/".join(m.path)
+    seen.append(path)
+    match = next(((r, rank) for r, rank in compiled if any(r.fullmatch("/".join(m.path[i:]))
+                                                           for i in range(len(m.path)))), None)
+    out = next_fun(*args, **kwargs)
+    if match is None:
+      return out
+    r, rank = match
+    hits[r.pattern] += 1
+    x = args[0] if args else next(iter(kwargs.values()))
+    scale = (alpha if alpha is not None else rank) / rank
+    return lora_update(m, out, x, rank=rank, scale=scale, names=LORA_SET_PARAMS, num_sets=num_sets,
+                       set_index=set_index)
+
+  class _Ctx:
+    def __enter__(self):
+      self._cm = nn.intercept_methods(interceptor)
+      self._cm.__enter__()
+
+    def __exit__(self, exc_type, exc, tb):
+      self._cm.__exit__(exc_type, exc, tb)
+      if exc_type is None:
+        missing = [p for p, n in hits.items() if n == 0]
+        if missing:
+          raise ValueError(f"LoRA set targets {missing} match no linear layer; layers are e.g. {seen[:6]}")
+      return False
+
+  return _Ctx()
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -471,7 +549,10 @@ def count_params(params: Any, trainable: Sequence[str] | None, frozen: Sequence[
 
 
 def is_peft_path(path: str) -> bool:
-  return bool(re.fullmatch(LORA_TRAINABLE, path) or re.fullmatch(ADAPTER_TRAINABLE, path))
+  """Whether a parameter path is a PEFT parameter (LoRA, LoRA sets or adapters): such parameters are
+  not in a base checkpoint, so loading one leaves them at their init."""
+  return bool(re.fullmatch(LORA_TRAINABLE, path) or re.fullmatch(ADAPTER_TRAINABLE, path)
+              or path.rsplit("/", 1)[-1] in LORA_SET_PARAMS)
 
 
 def peft_params(params: Any, regexes: Sequence[str] | None = None) -> dict:

@@ -196,7 +196,8 @@ def _heads(config: dict, tower: str) -> int:
 
 def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF directory -> ('two_tower', model kwargs, params) for CLIP / SigLIP, ('flava', ...) for FLAVA
-  (vlm.convert.flava), ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm).
+  (vlm.convert.flava), ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm),
+  ('vision_lm', ...) for LLaVA and BLIP-2, ('flamingo', ...) for IDEFICS (vlm.convert.idefics).
   Raises listing missing/unused tensors."""
   path = Path(path)
   config = json.loads((path / "config.json").read_text())
@@ -209,6 +210,11 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   if config.get("model_type") == "llava":
     from vlm.convert.llava import import_hf_llava
     return import_hf_llava(path, scan=scan)
+  if config.get("model_type") == "idefics":  # Flamingo-style; the <image> id is the tokenizer's
+    from vlm.convert.idefics import import_hf_idefics
+    if scan:
+      raise NotImplementedError("Flamingo's LM has no scanned layout; import IDEFICS with scan=False")
+    return import_hf_idefics(path)
   if config.get("model_type") == "blip-2":
     from vlm.convert.blip2 import import_hf_blip2
     return import_hf_blip2(path, scan=scan)

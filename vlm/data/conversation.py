@@ -74,9 +74,15 @@ Turn = tuple[str, str]
 
 
 def build_turns(ex: Mapping[str, Any], task: str, rng: np.random.Generator, *, max_turns: int = 3,
-                question_index: int | None = None, system: str | None = None) -> list[Turn]:
+                question_index: int | None = None, system: str | None = None,
+                instructions: Mapping[str, Sequence[str]] | None = None,
+                question_format: str = "{question}") -> list[Turn]:
     """One conversation of `task` about example `ex` (keys caption, caption_detailed, questions,
-    answers). question_index fixes the first question (the eval's drawn question)."""
+    answers). question_index fixes the first question (the eval's drawn question).
+
+    instructions: per task ('caption', 'detailed') the instructions to draw from (default
+    BRIEF_INSTRUCTIONS / DETAILED_INSTRUCTIONS); question_format: how a question is written in the
+    user's turn (Monkey's VQA prompt: '{question} Answer:')."""
     if task not in TASKS:
         raise ValueError(f"data.conversation.tasks: unknown task {task!r}; known: {TASKS}")
     qs, ans = list(ex.get("questions", [])), list(ex.get("answers", []))
@@ -84,18 +90,21 @@ def build_turns(ex: Mapping[str, Any], task: str, rng: np.random.Generator, *, m
     if task == "text":
         return [("text", ". ".join([detailed, *(f"{q} {a}" for q, a in zip(qs, ans))]))]
     turns: list[Turn] = [("system", system)] if system else []
+    instructions = instructions or {}
     if task == "caption":
-        instruction = BRIEF_INSTRUCTIONS[int(rng.integers(len(BRIEF_INSTRUCTIONS)))]
+        options = tuple(instructions.get("caption", BRIEF_INSTRUCTIONS))
+        instruction = options[int(rng.integers(len(options)))]
         return turns + [("user", f"{IMAGE}{instruction}"), ("assistant", ex["caption"])]
     if task == "detailed":
-        instruction = DETAILED_INSTRUCTIONS[int(rng.integers(len(DETAILED_INSTRUCTIONS)))]
+        options = tuple(instructions.get("detailed", DETAILED_INSTRUCTIONS))
+        instruction = options[int(rng.integers(len(options)))]
         return turns + [("user", f"{IMAGE}{instruction}"), ("assistant", detailed)]
     if not qs:
         raise ValueError("data.conversation: task 'qa' needs questions; this example has none")
     first = int(rng.integers(len(qs))) if question_index is None else question_index
     rest = [i for i in rng.permutation(len(qs)).tolist() if i != first][: max(max_turns - 1, 0)]
     for k, i in enumerate([first, *rest]):
-        turns += [("user", (IMAGE if k == 0 else "") + qs[i]), ("assistant", ans[i])]
+        turns += [("user", (IMAGE if k == 0 else "") + question_format.format(question=qs[i])), ("assistant", ans[i])]
     return turns
 
 
@@ -201,6 +210,13 @@ def check_conversation_config(conv: Mapping[str, Any]) -> None:
     for key in ("length", "prompt_length", "image_tokens", "max_turns", "pack"):
         if key in conv and not (isinstance(conv[key], int) and conv[key] > 0):
             raise ValueError(f"data.conversation.{key}: must be a positive int, got {conv[key]!r}")
+    qformat = conv.get("question_format") or "{question}"
+    if "{question}" not in qformat:
+        raise ValueError(f"data.conversation.question_format must contain '{{question}}', got {qformat!r}")
+    for task, options in dict(conv.get("instructions") or {}).items():
+        if task not in ("caption", "detailed") or isinstance(options, str) or not options:
+            raise ValueError(f"data.conversation.instructions.{task}: a non-empty tuple of instructions for "
+                             f"task 'caption' or 'detailed', got {options!r}")
     ilen = conv.get("instruction_length", 0)
     if isinstance(ilen, bool) or not isinstance(ilen, int) or ilen < 0:
         raise ValueError(f"data.conversation.instruction_length: must be an int >= 0, got {ilen!r}")
@@ -222,8 +238,9 @@ def conversation_example(ex: Mapping[str, Any], conv: Mapping[str, Any], chat: C
     p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
     task = tasks[int(rng.choice(len(tasks), p=p))]
     system = conv.get("system")
+    qformat = conv.get("question_format") or "{question}"
     turns = build_turns(ex, task, rng, max_turns=int(conv.get("max_turns", 3)), question_index=question_index,
-                        system=system)
+                        system=system, instructions=conv.get("instructions"), question_format=qformat)
     if not conv.get("with_image", True):  # text-only data, e.g. the language model's pretraining
         turns = [(role, content.replace(IMAGE, "")) for role, content in turns]
     ids, loss = chat.encode(turns)
@@ -234,7 +251,8 @@ def conversation_example(ex: Mapping[str, Any], conv: Mapping[str, Any], chat: C
         out["instruction"] = instruction_tokens(turns, chat.tok, ilen)
     if ex.get("questions"):
         j = 0 if question_index is None else question_index
-        prompt_turns = ([("system", system)] if system else []) + [("user", IMAGE + ex["questions"][j])]
+        prompt_turns = ([("system", system)] if system else []) + [
+            ("user", IMAGE + qformat.format(question=ex["questions"][j]))]
         out["prompt"], out["prompt_mask"] = chat.pad(chat.encode_prompt(prompt_turns), None,
                                                      int(conv.get("prompt_length", 48)), left=True,
                                                      where="data.conversation.prompt_length")

@@ -48,13 +48,16 @@ class BuildArgs:
     num_frames: int = 0  # >0 adds a `frames` clip of the main object moving
     seed: int = 0
     vocab_size: int = 1000
+    text_rich: int = 0  # 1: every image has small text (vlm.data.scenes.TEXT_RICH_SCALE); same tokenizer
 
     @property
     def config_name(self) -> str:
         if self == BuildArgs():
             return "default"
+        if self == BuildArgs(text_rich=1):
+            return "textrich"
         return (f"n{self.num_train}-{self.num_validation}-{self.num_test}_px{self.image_size}"
-                f"_f{self.num_frames}_s{self.seed}_v{self.vocab_size}")
+                f"_f{self.num_frames}_s{self.seed}_v{self.vocab_size}" + ("_textrich" if self.text_rich else ""))
 
 
 def default_data_dir() -> str:
@@ -83,7 +86,7 @@ def metadata(args: BuildArgs) -> dict:
 def make_example(args: BuildArgs, split: str, index: int) -> dict:
     """Renders example `index` of `split` (a pure function of its arguments)."""
     rng = np.random.default_rng([args.seed, SPLITS.index(split), index])
-    scene = scenes.sample_scene(rng, combos(split), video=args.num_frames > 0)
+    scene = scenes.sample_scene(rng, combos(split), video=args.num_frames > 0, text_rich=bool(args.text_rich))
     short, detailed = scenes.captions(scene)
     qs, ans = scenes.questions(scene)
     size = args.image_size

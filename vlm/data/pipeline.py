@@ -21,7 +21,8 @@ Config keys (`config.data`, see `get_default_config`):
                   (PATH/GLOB may contain '{split}')
     data_dir      TFDS / embedded data dir (None: $VLM_DATA_DIR or ~/.cache/vlm/data)
     builder       embedded-dataset build kwargs (num_train, num_validation, num_test,
-                  image_size, num_frames, seed, vocab_size)
+                  image_size, num_frames, seed, vocab_size, text_rich: 1 = every image has small
+                  text, the high-resolution test bed of vlm.data.scenes)
     image_size    digits upsampling size (pp strings carry their own sizes)
     pp_train, pp_eval   preprocessing strings (vlm.data.preprocess); a list of op strings
                   works too (set it with `with config.ignore_type():` on a default config)
@@ -30,6 +31,8 @@ Config keys (`config.data`, see `get_default_config`):
     tokenizer     SentencePiece .model path (None: the embedded dataset's tokenizer)
     add_bos, add_eos
     extra_text_keys   subset of ('caption_detailed', 'question', 'answer')
+    question_regex    None, or keep only the question/answer pairs whose question matches it
+                  (re.search), e.g. 'text say' for the text-reading VQA of the text-rich scenes
     answer_vocab  VQA as classification: a list of answers or a text file (one per line); with
                   'question' in extra_text_keys, batches get 'answer_label' (index, -1 if absent)
     conversation  VLMs on a language model (vlm.data.conversation): a block with tasks
@@ -47,6 +50,7 @@ Config keys (`config.data`, see `get_default_config`):
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,7 +73,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.builder = ml_collections.ConfigDict(dict(
         num_train=20000, num_validation=1000, num_test=2000, image_size=64, num_frames=0, seed=0,
-        vocab_size=1000))
+        vocab_size=1000, text_rich=0))
     c.image_size = 64
     c.pp_train = "decode|random_resized_crop(64, scale=(0.8, 1))|flip_lr|value_range(-1, 1)"
     c.pp_eval = "decode|resize(64)|value_range(-1, 1)"
@@ -80,6 +84,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.add_bos = False
     c.add_eos = True
     c.extra_text_keys = ()
+    c.question_regex = ml_collections.config_dict.placeholder(str)
     c.with_boxes = False
     c.max_boxes = 8
     c.with_frames = False
@@ -111,6 +116,11 @@ def check_config(data: ml_collections.ConfigDict) -> None:
         load_answer_vocab(data.answer_vocab)
     if data.get("conversation") is not None:
         conversation.check_conversation_config(data.conversation)
+    if data.get("question_regex"):
+        try:
+            re.compile(data.question_regex)
+        except re.error as e:
+            raise ValueError(f"data.question_regex: bad regex {data.question_regex!r}: {e}") from None
     if int(data.get("worker_count", 0)) < 0:
         raise ValueError(f"data.worker_count: must be >= 0, got {data.worker_count}")
 
@@ -188,6 +198,8 @@ class _Process:
         self.extra = tuple(data.get("extra_text_keys", ()))
         self.with_boxes, self.max_boxes = bool(data.get("with_boxes", False)), int(data.get("max_boxes", 8))
         self.with_frames = bool(data.get("with_frames", False))
+        regex = data.get("question_regex")
+        self.question_re = re.compile(regex) if regex else None
         vocab = data.get("answer_vocab")
         self.answers = load_answer_vocab(vocab) if vocab is not None else None
         self.conv = data.get("conversation")
@@ -208,6 +220,10 @@ class _Process:
                 raise ValueError(f"bad example {where}: {e} (data.strict=True)") from None
             return {"_bad": e.reason, "_where": where}
         ex = preprocess.apply_ops(self.ops, ex, rng)
+        if self.question_re is not None:
+            pairs = [(q, a) for q, a in zip(ex.get("questions", []), ex.get("answers", []))
+                     if self.question_re.search(q)]
+            ex = dict(ex, questions=[q for q, _ in pairs], answers=[a for _, a in pairs])
         image = ex["image"]
         out = {
             "image": (image.astype(np.float32) / 255 if image.dtype == np.uint8 else image.astype(np.float32)),

@@ -93,6 +93,7 @@ class Scene:
     text_xy: tuple[float, float]
     background: tuple[int, int, int]
     motion: int  # index into MOTIONS, -1 if no video
+    text_scale: float = 0.2  # font size, fraction of the image width
 
     @property
     def objects(self) -> list[SceneObject]:
@@ -113,8 +114,15 @@ def _position_centre(position: str, radius: float, rng: np.random.Generator) -> 
     return 0.5 + jitter(), 0.5 + jitter()
 
 
-def sample_scene(rng: np.random.Generator, combos: list[tuple[str, str]], *, video: bool) -> Scene:
-    """Samples a scene whose main object is one of `combos` (colour, shape)."""
+# Text-rich scenes: every image has its text, small (TEXT_RICH_SCALE of the width: legible at 64 px,
+# a blur at 32 px), centred in the left or right half so that it lies inside one 2x2 window.
+TEXT_RICH_SCALE = 0.11
+
+
+def sample_scene(rng: np.random.Generator, combos: list[tuple[str, str]], *, video: bool,
+                 text_rich: bool = False) -> Scene:
+    """Samples a scene whose main object is one of `combos` (colour, shape); text_rich: always with
+    small text (the high-resolution test bed; the draws before the text are the same)."""
     colour, shape = combos[int(rng.integers(len(combos)))]
     size_word = SIZES[int(rng.integers(2))]
     position = POSITIONS[int(rng.integers(len(POSITIONS)))]
@@ -132,14 +140,17 @@ def sample_scene(rng: np.random.Generator, combos: list[tuple[str, str]], *, vid
             ds = SHAPES[int(rng.integers(len(SHAPES)))]
             distractors.append(SceneObject(ds, dc, corners[k][0], corners[k][1], 0.075))
     text, text_xy = None, (0.0, 0.0)
-    if rng.random() < 0.3:
+    if rng.random() < 0.3 or text_rich:
         text = str(int(rng.integers(100))) if rng.random() < 0.5 else WORDS[int(rng.integers(len(WORDS)))]
         # Put the text in the half opposite to the main object.
         text_xy = (0.5, 0.12) if cy > 0.5 or position == "center" and rng.random() < 0.5 else (0.5, 0.88)
+        if text_rich:
+            text_xy = (0.25 if rng.random() < 0.5 else 0.75, text_xy[1])
     grey = int(rng.integers(70, 110))
     background = (grey, grey, grey)
     motion = int(rng.integers(len(MOTIONS))) if video else -1
-    return Scene(main, size_word, position, distractors, text, text_xy, background, motion)
+    return Scene(main, size_word, position, distractors, text, text_xy, background, motion,
+                 TEXT_RICH_SCALE if text_rich else 0.2)
 
 
 def _polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]] | None:
@@ -195,7 +206,7 @@ def render(scene: Scene, size: int, *, shift: tuple[float, float] = (0.0, 0.0)) 
     _draw_object(draw, scene.main, px, *shift)
     if scene.text is not None:
         draw.text((scene.text_xy[0] * px, scene.text_xy[1] * px), scene.text, fill=(255, 255, 255),
-                  font=_font(int(0.2 * px)), anchor="mm")
+                  font=_font(int(scene.text_scale * px)), anchor="mm")
     return np.asarray(img.resize((size, size), Image.Resampling.BOX))
 
 

@@ -5,7 +5,9 @@ from flax import linen as nn
 from vlm.models.blip2 import Blip2QFormer
 from vlm.models.coca import CoCa, CoCaTextDecoder
 from vlm.models.decoder import DecoderLM
+from vlm.models.flamingo import Flamingo
 from vlm.models.flava import FLAVA
+from vlm.models.monkey import Monkey
 from vlm.models.text import TextTransformer
 from vlm.models.two_tower import TwoTower
 from vlm.models.vision_lm import VisionLanguageModel
@@ -27,6 +29,8 @@ MODELS.register("vq_tokenizer")(VQTokenizer)
 MODELS.register("blip2_qformer")(Blip2QFormer)
 MODELS.register("decoder_lm")(DecoderLM)
 MODELS.register("vision_lm")(VisionLanguageModel)
+MODELS.register("monkey")(Monkey)
+MODELS.register("flamingo")(Flamingo)
 
 
 def build_model(name: str, config, peft=None) -> nn.Module:
@@ -42,4 +46,4 @@ def build_model(name: str, config, peft=None) -> nn.Module:
   return cls(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "FLAVA", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]
+__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "Flamingo", "FLAVA", "Monkey", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]

@@ -167,6 +167,10 @@ class DecoderLM(nn.Module):
   remat_policy: str = "none"
   dtype: Dtype = None
 
+  # The module running the blocks (fields depth, block, remat_policy); a subclass may swap it
+  # (vlm.models.flamingo interleaves cross-attention between the blocks). Not a dataclass field.
+  stack_class = LMStack
+
   def setup(self):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
@@ -178,7 +182,7 @@ class DecoderLM(nn.Module):
               head_dim=self.head_dim, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias, out_bias=self.out_bias,
               mlp_bias=self.mlp_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps, dropout=self.dropout,
               dtype=self.dtype)
-    self.decoder = LMStack(depth=self.depth, block=kw, remat_policy=self.remat_policy, name="decoder")
+    self.decoder = self.stack_class(depth=self.depth, block=kw, remat_policy=self.remat_policy, name="decoder")
     self.norm = make_norm("rms", self.norm_eps, self.dtype, name="norm")
     if not self.tie_embeddings:
       self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head",

@@ -106,6 +106,7 @@ class MultiHeadAttention(nn.Module):
       cache_len: int | None = None,
       cross: bool | None = None,
       positions: jax.Array | None = None,
+      values: jax.Array | None = None,
   ) -> jax.Array:
     """mask: boolean, broadcastable to [B, N, Tq, Tk]; True = may attend.
 
@@ -114,7 +115,11 @@ class MultiHeadAttention(nn.Module):
     cross: whether this is cross-attention (default: `kv is not None`; needed when decoding
     reuses cached cross keys with kv=None).
     positions: rotary positions [B, Tq] or [Tq] of x's tokens (self-attention; rope_theta only).
+    values: the value projection's input [B, Tk, Dkv] when it differs from the keys' `kv` (Qwen-VL's
+    resampler adds position embeddings to the keys only); not with decode.
     """
+    if values is not None and decode:
+      raise ValueError("MultiHeadAttention: `values` does not work with decode=True")
     cross = (kv is not None) if cross is None else cross
     kv = x if kv is None else kv
     d = x.shape[-1]
@@ -128,7 +133,7 @@ class MultiHeadAttention(nn.Module):
       return HeadsDense((heads, hd), ("embed", "heads", "kv"), self.use_bias, self.dtype, name=name)(inp)
 
     def key_value(inp):
-      k, v = proj("key", inp, k_heads), proj("value", inp, k_heads)
+      k, v = proj("key", inp, k_heads), proj("value", inp if values is None else values, k_heads)
       if self.qk_norm:
         k = make_norm(self.qk_norm, self.norm_eps, self.dtype, name="key_norm")(k)
       return k, v

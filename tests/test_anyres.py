@@ -1,0 +1,223 @@
+"""LLaVA-NeXT AnyRes (vlm.data.anyres, vlm.nn.anyres) against transformers' implementation.
+
+Oracles: image_processing_utils.select_best_resolution, LlavaNextImageProcessorPil (views, pixel-exact:
+both resize uint8 images with PIL), modeling_llava_next.unpad_image, and a tiny random
+LlavaNextModel's pack_image_features (token counts and packed values).
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from transformers.image_processing_utils import select_best_resolution as hf_select  # noqa: E402
+from transformers.models.llava_next import modeling_llava_next as hf_mod  # noqa: E402
+
+from vlm.data import anyres  # noqa: E402
+from vlm.nn.anyres import AnyResPack, compact_tokens, pack_anyres_features  # noqa: E402
+
+DEFAULT = [list(p) for p in anyres.LLAVA_NEXT_PINPOINTS]
+TILE, PATCH = 32, 4  # tiny encoder: 32-pixel tiles, 8x8 features per tile
+GRID = TILE // PATCH
+SMALL = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # LLaVA-NeXT's pinpoints scaled 336 -> 32
+WIDE = [[32, 32], [32, 64], [64, 32], [64, 64], [96, 96], [32, 128], [128, 64]]
+
+
+def _sizes(rng, n, hi):
+  """Random (h, w): uniform sides plus extreme aspect ratios and tiny images."""
+  sizes = [tuple(int(v) for v in rng.integers(1, hi, 2)) for _ in range(n)]
+  sizes += [(int(rng.integers(1, 20)), int(rng.integers(1, hi))) for _ in range(n // 4)]
+  sizes += [(int(rng.integers(1, hi)), int(rng.integers(1, 20))) for _ in range(n // 4)]
+  return sizes
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+  torch.manual_seed(0)
+  vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=TILE, patch_size=PATCH, projection_dim=8)
+  tc = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+  cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=tc, image_grid_pinpoints=SMALL,
+                                     image_token_index=63)
+  return transformers.LlavaNextModel(cfg).eval()
+
+
+# ------------------------------------------------------------------ grid choice
+
+
+@pytest.mark.parametrize("hw,best", [((336, 672), (336, 672)), ((1000, 1000), (672, 672)),
+                                     ((100, 1000), (336, 1008)), ((1000, 100), (1008, 336)),
+                                     ((480, 640), (672, 672)), ((224, 224), (336, 672)), ((1, 1), (336, 672))])
+def test_select_best_resolution_known(hw, best):
+  assert anyres.select_best_resolution(hw, DEFAULT) == best
+  assert anyres.anyres_grid_shape(hw, DEFAULT, 336) == (best[0] // 336, best[1] // 336)
+
+
+@pytest.mark.parametrize("points,hi", [(DEFAULT, 3000), (SMALL, 300), (WIDE, 300)])
+def test_select_best_resolution_matches_hf(points, hi):
+  rng = np.random.default_rng(0)
+  for hw in _sizes(rng, 800, hi):
+    assert anyres.select_best_resolution(hw, points) == hf_select(hw, points), hw
+    assert anyres.select_best_resolution(np.array(hw), points) == hf_select(hw, points), hw
+
+
+# ------------------------------------------------------------------ pixels
+
+
+@pytest.mark.parametrize("hw", [(50, 37), (20, 90), (64, 64), (13, 7), (100, 31), (33, 95), (1, 200), (3, 2)])
+def test_views_match_hf_processor(hw):
+  """Global view first, then the tiles: pixel-exact against HF's PIL LLaVA-NeXT processor."""
+  from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+  proc = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                    image_grid_pinpoints=SMALL, do_rescale=False, do_normalize=False)
+  img = np.random.default_rng(hw[0] * 1000 + hw[1]).integers(0, 256, (*hw, 3), dtype=np.uint8)
+  ref = proc(images=[img], return_tensors="np", input_data_format="channels_last")["pixel_values"][0]
+  ref = ref.transpose(0, 2, 3, 1)
+  views, n, (rows, cols) = anyres.anyres_views(img, SMALL, TILE)
+  assert views.shape == (1 + anyres.max_tiles(SMALL, TILE), TILE, TILE, 3) and views.dtype == np.uint8
+  assert n == rows * cols == len(ref) - 1 == hf_mod.image_size_to_num_patches(hw, SMALL, TILE) - 1
+  assert (rows, cols) == hf_mod.get_anyres_image_grid_shape(hw, SMALL, TILE)
+  np.testing.assert_array_equal(views[:1 + n], ref)
+  assert not views[1 + n:].any()
+
+
+@pytest.mark.parametrize("hw,target", [((50, 37), (64, 64)), ((20, 90), (32, 96)), ((7, 13), (96, 32)),
+                                       ((64, 64), (64, 64)), ((31, 100), (32, 128))])
+def test_tiles_round_trip(hw, target):
+  img = np.random.default_rng(0).random((*hw, 3)).astype(np.float32)
+  padded = anyres.resize_and_pad(img, target, fill=-5.0)
+  nh, nw = anyres.fit_size(hw, target)
+  assert (nh == target[0] or nw == target[1]) and nh <= target[0] and nw <= target[1]
+  top, left = (target[0] - nh) // 2, (target[1] - nw) // 2  # an odd padding's extra pixel: bottom / right
+  content = np.zeros(target, bool)
+  content[top:top + nh, left:left + nw] = True
+  np.testing.assert_array_equal(padded[..., 0] != -5.0, content)
+  tiles = anyres.divide_into_tiles(padded, TILE)
+  rows, cols = target[0] // TILE, target[1] // TILE
+  assert tiles.shape == (rows * cols, TILE, TILE, 3)
+  np.testing.assert_array_equal(tiles[1], padded[:TILE, TILE:2 * TILE] if cols > 1
+                                else padded[TILE:2 * TILE, :TILE])  # row-major
+  back = tiles.reshape(rows, cols, TILE, TILE, 3).transpose(0, 2, 1, 3, 4).reshape(*target, 3)
+  np.testing.assert_array_equal(back, padded)
+
+
+# ------------------------------------------------------------------ unpadding and counts
+
+
+def test_unpad_matches_hf():
+  """Kept region of a [gh, gw] grid (numpy and the jitted gather) vs HF unpad_image on random sizes."""
+  rng = np.random.default_rng(1)
+  cases = [(hw, tuple(int(v) for v in rng.integers(1, 13, 2))) for hw in _sizes(rng, 240, 2000)]
+  cases += [((336, 672), (1, 2)), ((3, 5), (4, 4)), ((5, 3), (4, 4)), ((100, 100), (2, 3)), ((7, 1), (3, 1))]
+  ph, pw = 3, 2  # non-square feature grids per tile
+  max_tokens = ph * pw + 12 * ph * (12 * pw + 1)
+  grids, hws, refs = [], [], []
+  for hw, (rows, cols) in cases:
+    gh, gw = rows * ph, cols * pw
+    ref = hf_mod.unpad_image(torch.arange(gh * gw).reshape(1, gh, gw), torch.tensor(hw))[0].numpy()
+    (top, left), (uh, uw) = anyres.unpadded_shape(hw, (gh, gw))
+    np.testing.assert_array_equal(np.arange(gh * gw).reshape(gh, gw)[top:top + uh, left:left + uw], ref)
+    grids.append((rows, cols))
+    hws.append(hw)
+    refs.append(ref)
+  # features: view 0 = -1 - position, tile t position p = its (y, x) in the [gh, gw] grid numbered row-major
+  b, v = len(cases), 1 + 144
+  feats = np.zeros((b, v, ph * pw, 1), np.float32)
+  feats[:, 0, :, 0] = -1 - np.arange(ph * pw)
+  for i, (rows, cols) in enumerate(grids):
+    canvas = np.arange(rows * ph * cols * pw).reshape(rows, ph, cols, pw).transpose(0, 2, 1, 3)
+    feats[i, 1:1 + rows * cols, :, 0] = canvas.reshape(rows * cols, ph * pw)
+  fn = jax.jit(lambda f, g, s: pack_anyres_features(f, g, s, jnp.full((1,), -1000.0), patch_grid=(ph, pw),
+                                                    max_tokens=max_tokens))
+  tokens, count = fn(feats, np.array(grids), np.array(hws))
+  tokens = np.asarray(tokens)[..., 0]
+  for i, ref in enumerate(refs):
+    want = np.concatenate([-1 - np.arange(ph * pw), np.pad(ref, ((0, 0), (0, 1)), constant_values=-1000).ravel()])
+    assert int(count[i]) == len(want), cases[i]
+    np.testing.assert_array_equal(tokens[i, :len(want)], want, err_msg=str(cases[i]))
+    assert not tokens[i, len(want):].any()
+
+
+def test_token_counts_match_hf(hf_model):
+  """num_image_tokens == len of HF pack_image_features' output for the same sizes (and the processor's count)."""
+  rng = np.random.default_rng(2)
+  sizes = _sizes(rng, 120, 400) + [(32, 64), (64, 64), (96, 32), (1, 1)]
+  feats = [torch.zeros(hf_mod.image_size_to_num_patches(hw, SMALL, TILE), GRID * GRID, 1) for hw in sizes]
+  with torch.no_grad():
+    _, lens = hf_model.pack_image_features(feats, torch.tensor(sizes), "default", torch.zeros(1))
+  ours = [anyres.num_image_tokens(hw, SMALL, TILE, GRID) for hw in sizes]
+  assert ours == lens.tolist()
+  proc = transformers.LlavaNextProcessor.__new__(transformers.LlavaNextProcessor)
+  proc.image_processor = type("P", (), {"image_grid_pinpoints": SMALL})()
+  proc.patch_size, proc.num_additional_image_tokens = PATCH, 0
+  assert ours == [proc._get_number_of_features(h, w, TILE, TILE) for h, w in sizes]
+  bound = anyres.max_image_tokens(SMALL, TILE, GRID)
+  assert max(ours) <= bound == max(anyres.num_image_tokens(p, SMALL, TILE, GRID) for p in SMALL)
+  assert anyres.max_image_tokens(DEFAULT, 336, 24) == 2928  # LLaVA-NeXT's documented maximum
+
+
+def test_pack_matches_hf(hf_model):
+  """Same per-view features and newline -> the same tokens, in the same order, as HF."""
+  sizes = [(50, 37), (20, 90), (64, 64), (100, 31), (13, 7), (45, 200)]
+  d, max_views = 16, 1 + anyres.max_tiles(SMALL, TILE)
+  max_tokens = anyres.max_image_tokens(SMALL, TILE, GRID)
+  rng = np.random.default_rng(3)
+  feats = rng.normal(size=(len(sizes), max_views, GRID * GRID, d)).astype(np.float32)
+  grids = np.array([anyres.anyres_grid_shape(hw, SMALL, TILE) for hw in sizes])
+  nviews = [1 + int(r * c) for r, c in grids]
+  feats[np.arange(max_views)[None] >= np.array(nviews)[:, None]] = 0.0  # padding views are zeros
+  newline = hf_model.image_newline.detach().numpy()
+  with torch.no_grad():
+    ref, lens = hf_model.pack_image_features([torch.from_numpy(f[:n]) for f, n in zip(feats, nviews)],
+                                             torch.tensor(sizes), "default", hf_model.image_newline)
+  model = AnyResPack(patch_grid=GRID, max_tokens=max_tokens)
+  params = model.init(jax.random.key(0), feats, grids, np.array(sizes))["params"]
+  assert params["image_newline"].value.shape == (d,)
+  params = {"image_newline": jnp.asarray(newline)}
+  tokens, count = jax.jit(model.apply)({"params": params}, feats, grids, np.array(sizes))
+  assert tokens.shape == (len(sizes), max_tokens, d)
+  np.testing.assert_array_equal(np.asarray(count), lens.numpy())
+  for i, r in enumerate(ref):
+    np.testing.assert_allclose(np.asarray(tokens[i, :len(r)]), r.numpy(), rtol=0, atol=0)
+    assert not np.asarray(tokens[i, len(r):]).any()
+  # several images per row: compact [B, M * max_tokens] into one in-order run
+  valid = np.arange(max_tokens)[None] < np.asarray(count)[:, None]
+  joined, n = compact_tokens(tokens.reshape(3, 2 * max_tokens, d), valid.reshape(3, 2 * max_tokens))
+  for row in range(3):
+    want = torch.cat([ref[2 * row], ref[2 * row + 1]]).numpy()
+    assert int(n[row]) == len(want)
+    np.testing.assert_array_equal(np.asarray(joined[row, :len(want)]), want)
+    assert not np.asarray(joined[row, len(want):]).any()
+
+
+def test_newline_init_std():
+  d = 4096
+  params = AnyResPack(patch_grid=2, max_tokens=8).init(
+      jax.random.key(0), jnp.zeros((1, 2, 4, d)), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))
+  std = float(jnp.std(params["params"]["image_newline"].value))
+  assert abs(std - d ** -0.5) < 0.1 * d ** -0.5
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="image_hw"):
+    anyres.select_best_resolution((0, 10), SMALL)
+  with pytest.raises(ValueError, match="grid_pinpoints"):
+    anyres.select_best_resolution((10, 10), [])
+  with pytest.raises(ValueError, match="multiples of tile_size"):
+    anyres.anyres_views(np.zeros((10, 10, 3), np.uint8), [[32, 48]], TILE)
+  with pytest.raises(ValueError, match="tile_size"):
+    anyres.divide_into_tiles(np.zeros((33, 32, 3)), TILE)
+  with pytest.raises(ValueError, match="resample"):
+    anyres.resize_and_pad(np.zeros((10, 10, 3), np.uint8), (32, 32), resample="lanczos9")
+  with pytest.raises(ValueError, match="patch_grid"):
+    anyres.num_image_tokens((10, 10), SMALL, TILE, 0)
+  with pytest.raises(ValueError, match="features"):
+    pack_anyres_features(jnp.zeros((1, 2, 5, 3)), jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros(3), patch_grid=2,
+                         max_tokens=8)
+  with pytest.raises(ValueError, match="max_tokens"):
+    pack_anyres_features(jnp.zeros((1, 2, 4, 3)), jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros(3), patch_grid=2,
+                         max_tokens=3)

@@ -1,0 +1,267 @@
+"""Import of Hugging Face IDEFICS weights (transformers' models/idefics) into our Flamingo modules.
+
+- `import_hf_idefics_perceiver`: IdeficsPerceiverResampler -> vlm.nn.perceiver.PerceiverResampler.
+- `import_hf_idefics_gated_xattn`: IdeficsGatedCrossAttentionLayer -> GatedCrossAttentionBlock.
+- `import_hf_idefics`: IdeficsForVisionText2Text / IdeficsModel -> ('flamingo', vlm.models.flamingo.Flamingo
+  kwargs, params): vision tower, resampler, gated blocks and the Llama-style LM.
+
+Sources: an HF directory (config.json + safetensors) or a state dict {key: torch tensor or array}
+with the HF config (an IdeficsConfig or its dict). The module importers accept the module's own
+state dict or that of a model holding it ('model.perceiver_resampler.*',
+'model.gated_cross_attn_layers.{j}.*', with or without 'model.').
+
+Where IDEFICS differs from the Flamingo paper, the kwargs select IDEFICS's choice:
+  resampler  FFW: LayerNorm -> Linear -> ReLU -> Linear, hidden 4 x vision width (paper: squared
+             ReLU) -> mlp_act='relu'; optional per-head qk LayerNorms
+             (`qk_layer_norms_perceiver`) -> qk_norm='layer'; no time embeddings -> max_frames=None.
+             Same as the paper: keys/values from [LN(media); LN(latents)], no biases, final LayerNorm.
+  gated      RMSNorm pre-norms (paper: LayerNorm) -> norm='rms'; LlamaMLP FFW (gate/up/down, SiLU)
+             -> mlp_act='swiglu', mlp_dim=intermediate_size; heads and head width of the LM;
+             optional per-head RMSNorm of queries and keys (`qk_layer_norms`) -> qk_norm='rms';
+             alpha_type 'float' (the paper's scalar gates) or 'vector' (per-channel) -> alpha_shape;
+             alpha_initializer 'zeros' / 'ones' -> alpha_init 0 / 1 ('normal' has no fixed value: 0).
+  model      the resampler reads the ViT's final tokens *before* its post_layernorm, class token
+             included (-> vision final_norm=False, keep_cls=True); a gated block before LM layers
+             0, k, 2k, ... (k = cross_layer_interval; HF needs depth % k == 0).
+Not supported (raise): use_resampler=False (cross-attention to raw ViT tokens), non-default rope.
+
+Layouts (vlm.convert.hf): `dense` torch [out, in] -> [in, out]; `qkv` [h*hd, D] -> [D, h, hd];
+`out` [D, h*hd] -> [h, hd, D]; `alpha` [1] or [1, 1, D] -> [1] or [D].
+"""
+
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from vlm.convert.blip2 import _load, _sub_config
+from vlm.convert.hf import ACT_FROM_HF, _encoder, _fwd, _linear, _norm
+from vlm.convert.llm import _GATED_FROM_HF, _rope_theta
+
+Row = tuple[str, str, str]  # (HF key, our path, layout)
+
+
+def _cfg(config: Any) -> dict:
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return dict(config)
+
+
+# -- kwargs ---------------------------------------------------------------------------------------
+
+
+def perceiver_kwargs_from_hf(config: Any) -> dict[str, Any]:
+  """PerceiverResampler kwargs for an IdeficsConfig (its perceiver_config and vision_config)."""
+  config = _cfg(config)
+  pc, vc = _sub_config(config, "perceiver_config"), _sub_config(config, "vision_config")
+  width = vc.get("embed_dim", config.get("hidden_size"))
+  return dict(num_latents=pc.get("resampler_n_latents", 64), depth=pc.get("resampler_depth", 6),
+              num_heads=pc.get("resampler_n_heads", 16), head_dim=pc.get("resampler_head_dim", 96),
+              mlp_dim=4 * width, mlp_act="relu", max_frames=None,
+              qk_norm="layer" if pc.get("qk_layer_norms_perceiver") else None, use_bias=False, norm_eps=1e-5)
+
+
+def gated_xattn_kwargs_from_hf(config: Any) -> dict[str, Any]:
+  """GatedCrossAttentionBlock kwargs for an IdeficsConfig."""
+  config = _cfg(config)
+  act = config.get("hidden_act", "silu")
+  if act not in _GATED_FROM_HF:
+    raise ValueError(f"IdeficsConfig.hidden_act {act!r} is not supported; known: {sorted(_GATED_FROM_HF)}")
+  alpha_type = config.get("alpha_type", "float")
+  if alpha_type not in ("float", "vector"):
+    raise ValueError(f"IdeficsConfig.alpha_type {alpha_type!r}: expected 'float' or 'vector'")
+  init = {"zeros": 0.0, "ones": 1.0}.get(config.get("alpha_initializer", "zeros"), 0.0)
+  width, heads = config["hidden_size"], config["num_attention_heads"]
+  return dict(num_heads=heads, head_dim=width // heads, mlp_dim=config["intermediate_size"],
+              mlp_act=_GATED_FROM_HF[act], norm="rms", norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+              qk_norm="rms" if config.get("qk_layer_norms") else None, use_bias=False,
+              alpha_shape="scalar" if alpha_type == "float" else "vector", alpha_init=init)
+
+
+# -- rows -----------------------------------------------------------------------------------------
+
+
+def _join(prefix: str, name: str, sep: str) -> str:
+  return f"{prefix}{sep}{name}" if prefix else name
+
+
+def perceiver_rows(depth: int, qk_norm: bool, *, hf: str = "", ours: str = "") -> list[Row]:
+  """IdeficsPerceiverResampler at HF prefix `hf` -> our PerceiverResampler at `ours`."""
+  h_, o_ = (lambda n: _join(hf, n, ".")), (lambda n: _join(ours, n, "/"))
+  rows = [(h_("latents"), o_("latents"), "id")] + _norm(h_("layer_norm"), o_("norm"))
+  for i in range(depth):
+    a, f, b = h_(f"blocks.{i}.0"), h_(f"blocks.{i}.1"), o_(f"block_{i}")
+    rows += _norm(f"{a}.context_layer_norm", f"{b}/norm_media") + _norm(f"{a}.latents_layer_norm", f"{b}/norm_latents")
+    for name, our in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+      rows += _linear(f"{a}.{name}", f"{b}/attn/{our}", "qkv", bias=False)
+    rows += _linear(f"{a}.output_proj", f"{b}/attn/out", "out", bias=False)
+    if qk_norm:
+      rows += _norm(f"{a}.q_layer_norm", f"{b}/attn/query_norm") + _norm(f"{a}.k_layer_norm", f"{b}/attn/key_norm")
+    rows += _norm(f"{f}.ln", f"{b}/norm_mlp")
+    rows += _linear(f"{f}.fc", f"{b}/mlp/fc1", bias=False) + _linear(f"{f}.c_proj", f"{b}/mlp/fc2", bias=False)
+  return rows
+
+
+def gated_xattn_rows(qk_norm: bool, *, hf: str = "", ours: str = "") -> list[Row]:
+  """IdeficsGatedCrossAttentionLayer at HF prefix `hf` -> our GatedCrossAttentionBlock at `ours`."""
+  h_, o_ = (lambda n: _join(hf, n, ".")), (lambda n: _join(ours, n, "/"))
+  rows = [(h_("alpha_cross_attn"), o_("alpha_attn"), "alpha"), (h_("alpha_dense"), o_("alpha_ffw"), "alpha"),
+          (h_("input_layernorm.weight"), o_("norm_attn/scale"), "id"),
+          (h_("post_attention_layernorm.weight"), o_("norm_ffw/scale"), "id")]
+  for name, our in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+    rows += _linear(h_(f"cross_attn.{name}"), o_(f"attn/{our}"), "qkv", bias=False)
+  rows += _linear(h_("cross_attn.o_proj"), o_("attn/out"), "out", bias=False)
+  if qk_norm:
+    rows += [(h_("cross_attn.q_layer_norm.weight"), o_("attn/query_norm/scale"), "id"),
+             (h_("cross_attn.k_layer_norm.weight"), o_("attn/key_norm/scale"), "id")]
+  for name, our in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
+    rows += _linear(h_(f"mlp.{name}"), o_(f"mlp/{our}"), bias=False)
+  return rows
+
+
+def _apply(tensors: dict[str, np.ndarray], rows: list[Row], heads: dict[str, int], what: str) -> dict:
+  """Flat params {path tuple: float32 array}; heads maps an our-path prefix to its head count."""
+  missing = [hf for hf, _, _ in rows if hf not in tensors]
+  if missing:
+    raise ValueError(f"{what}: tensors expected but absent: {missing[:20]}")
+  flat = {}
+  for hf, ours, kind in rows:
+    x = np.asarray(tensors[hf], np.float32)
+    if kind == "alpha":
+      x = x.reshape(-1)
+    else:
+      x = _fwd(kind, x, next((n for prefix, n in heads.items() if ours.startswith(prefix)), 1))
+    flat[tuple(ours.split("/"))] = np.ascontiguousarray(x, np.float32)
+  return flat
+
+
+def _find_prefix(tensors: dict[str, np.ndarray], marker: str, candidates: tuple[str, ...], what: str) -> str:
+  for c in candidates:
+    if _join(c, marker, ".") in tensors:
+      return c
+  raise ValueError(f"{what}: no {marker!r} under any of the prefixes {candidates}; keys: {sorted(tensors)[:10]}")
+
+
+# -- importers ------------------------------------------------------------------------------------
+
+
+def import_hf_idefics_perceiver(source, config=None) -> tuple[dict[str, Any], dict]:
+  """IdeficsPerceiverResampler weights -> (PerceiverResampler kwargs, params)."""
+  tensors, config = _load(source, config)
+  kw = perceiver_kwargs_from_hf(config)
+  hf = _find_prefix(tensors, "latents", ("", "perceiver_resampler", "model.perceiver_resampler"),
+                    "IdeficsPerceiverResampler")
+  depth = kw["depth"]
+  rows = perceiver_rows(depth, kw["qk_norm"] is not None, hf=hf)
+  return kw, traverse_util.unflatten_dict(_apply(tensors, rows, {"": kw["num_heads"]}, "IdeficsPerceiverResampler"))
+
+
+def import_hf_idefics_gated_xattn(source, config=None, index: int = 0) -> tuple[dict[str, Any], dict]:
+  """IdeficsGatedCrossAttentionLayer weights (the `index`-th of a model) -> (GatedCrossAttentionBlock kwargs,
+  params)."""
+  tensors, config = _load(source, config)
+  kw = gated_xattn_kwargs_from_hf(config)
+  hf = _find_prefix(tensors, "alpha_cross_attn",
+                    ("", f"gated_cross_attn_layers.{index}", f"model.gated_cross_attn_layers.{index}"),
+                    "IdeficsGatedCrossAttentionLayer")
+  rows = gated_xattn_rows(kw["qk_norm"] is not None, hf=hf)
+  return kw, traverse_util.unflatten_dict(_apply(tensors, rows, {"": kw["num_heads"]},
+                                                 "IdeficsGatedCrossAttentionLayer"))
+
+
+def flamingo_kwargs_from_hf(config: Any, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """vlm.models.flamingo.Flamingo kwargs for an IdeficsConfig (tensors, if given, decide the LM's head tying)."""
+  config = _cfg(config)
+  vc = _sub_config(config, "vision_config")
+  if not config.get("use_resampler"):
+    raise NotImplementedError("IDEFICS with use_resampler=False (cross-attention to the raw ViT tokens) is not "
+                              "supported: our Flamingo always resamples")
+  depth, every = config["num_hidden_layers"], config.get("cross_layer_interval", 1)
+  if depth % every:
+    raise ValueError(f"IdeficsConfig: num_hidden_layers={depth} is not a multiple of cross_layer_interval={every}")
+  act = vc.get("hidden_act", "gelu")
+  if act not in ACT_FROM_HF:
+    raise ValueError(f"vision hidden_act {act!r} is not supported; known: {sorted(ACT_FROM_HF)}")
+  size, patch = vc.get("image_size", 224), vc.get("patch_size", 14)
+  size = size if isinstance(size, int) else size[0]
+  patch = patch if isinstance(patch, int) else patch[0]
+  vision = dict(width=vc["embed_dim"], depth=vc["num_hidden_layers"], mlp_dim=vc["intermediate_size"],
+                num_heads=vc["num_attention_heads"], patch_size=patch, class_token=True, posemb="learn",
+                posemb_grid=(size // patch,) * 2, pre_norm=True, patch_bias=False, final_norm=False,
+                norm_eps=float(vc.get("layer_norm_eps", 1e-5)), mlp_act=ACT_FROM_HF[act])
+  width, heads = config["hidden_size"], config["num_attention_heads"]
+  vocab = config["vocab_size"] + config.get("additional_vocab_size", 0)
+  tie = bool(config.get("tie_word_embeddings")) or (tensors is not None and "lm_head.weight" not in tensors)
+  lm = dict(vocab_size=vocab, width=width, depth=depth, num_heads=heads, num_kv_heads=heads,
+            head_dim=width // heads, mlp_dim=config["intermediate_size"],
+            mlp_act=_GATED_FROM_HF[config.get("hidden_act", "silu")], rope_theta=_rope_theta(config),
+            norm_eps=float(config.get("rms_norm_eps", 1e-6)), tie_embeddings=tie)
+  return dict(lm_config=lm, vision_config=vision, resampler_config=perceiver_kwargs_from_hf(config),
+              xattn_config=gated_xattn_kwargs_from_hf(config), cross_attention_every=every, keep_cls=True)
+
+
+def _merge_decoupled(tensors: dict[str, np.ndarray], p: str) -> dict[str, np.ndarray]:
+  """IdeficsDecoupledEmbedding / Linear: the additional rows (additional_vocab_size) appended to the vocabulary."""
+  out = dict(tensors)
+  extra = out.pop(f"{p}embed_tokens.additional_embedding.weight", None)
+  if extra is not None:
+    out[f"{p}embed_tokens.weight"] = np.concatenate([out[f"{p}embed_tokens.weight"], extra], axis=0)
+  extra = out.pop("lm_head.additional_fc.weight", None)
+  if extra is not None and "lm_head.weight" in out:
+    out["lm_head.weight"] = np.concatenate([out["lm_head.weight"], extra], axis=0)
+  return out
+
+
+def import_hf_idefics(source, config=None, *, image_token_id: int | None = None,
+                      eod_token_id: int | None = None) -> tuple[str, dict[str, Any], dict]:
+  """IdeficsForVisionText2Text (or IdeficsModel) -> ('flamingo', Flamingo kwargs, params float32).
+
+  image_token_id / eod_token_id: the tokenizer's `<image>` and end-of-document ids (not in the model's
+  config; IdeficsProcessor resets the image attention after the EOS token): added to the kwargs if given.
+
+  The vision tower's post_layernorm (which IDEFICS applies to the pooled CLS only, never to what the
+  resampler reads) is not imported. Raises listing tensors that were not used.
+  """
+  tensors, config = _load(source, config)
+  p = "model." if "model.embed_tokens.weight" in tensors else ""
+  tensors = _merge_decoupled(tensors, p)
+  kw = flamingo_kwargs_from_hf(config, tensors)
+  for key, value in (("image_token_id", image_token_id), ("eod_token_id", eod_token_id)):
+    if value is not None:
+      kw[key] = value
+  lm, vis, res, xa = kw["lm_config"], kw["vision_config"], kw["resampler_config"], kw["xattn_config"]
+  v = f"{p}vision_model"
+  rows = [(f"{v}.embeddings.class_embedding", "vision/cls", "cls"),
+          (f"{v}.embeddings.patch_embedding.weight", "vision/embedding/conv/kernel", "conv"),
+          (f"{v}.embeddings.position_embedding.weight", "vision/pos_embedding/pos_embedding", "batch1")]
+  rows += _norm(f"{v}.pre_layrnorm", "vision/pre_norm") + _encoder(f"{v}.encoder", "vision/encoder", vis["depth"])
+  rows += perceiver_rows(res["depth"], res["qk_norm"] is not None, hf=f"{p}perceiver_resampler", ours="resampler")
+  for j in range(lm["depth"] // kw["cross_attention_every"]):
+    rows += gated_xattn_rows(xa["qk_norm"] is not None, hf=f"{p}gated_cross_attn_layers.{j}", ours=f"xattn_{j}")
+  rows += [(f"{p}embed_tokens.weight", "lm/embedding/embedding", "id"), (f"{p}norm.weight", "lm/norm/scale", "id")]
+  if not lm["tie_embeddings"]:
+    rows.append(("lm_head.weight", "lm/head/kernel", "dense"))
+  for i in range(lm["depth"]):
+    h, o = f"{p}layers.{i}", f"lm/decoder/block_{i}"
+    rows += [(f"{h}.input_layernorm.weight", f"{o}/norm1/scale", "id"),
+             (f"{h}.post_attention_layernorm.weight", f"{o}/norm2/scale", "id")]
+    for a, b in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+      rows += _linear(f"{h}.self_attn.{a}", f"{o}/attn/{b}", "qkv", bias=False)
+    rows += _linear(f"{h}.self_attn.o_proj", f"{o}/attn/out", "out", bias=False)
+    for a, b in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
+      rows += _linear(f"{h}.mlp.{a}", f"{o}/mlp/{b}", bias=False)
+  heads = {"vision/": vis["num_heads"], "resampler/": res["num_heads"], "xattn_": xa["num_heads"],
+           "lm/": lm["num_heads"]}
+  flat = _apply(tensors, rows, heads, "IdeficsForVisionText2Text")
+  used = {hf for hf, _, _ in rows} | {f"{v}.post_layernorm.weight", f"{v}.post_layernorm.bias"}
+  if lm["tie_embeddings"]:
+    used.add("lm_head.weight")
+  unused = sorted(k for k in set(tensors) - used if not k.endswith(("rotary_emb.inv_freq", "position_ids")))
+  if unused:
+    raise ValueError(f"IdeficsForVisionText2Text: tensors not used by the importer: {unused[:20]}")
+  return "flamingo", kw, traverse_util.unflatten_dict(flat)
+
+
+__all__ = ["flamingo_kwargs_from_hf", "gated_xattn_kwargs_from_hf", "gated_xattn_rows", "import_hf_idefics",
+           "import_hf_idefics_gated_xattn", "import_hf_idefics_perceiver", "perceiver_kwargs_from_hf",
+           "perceiver_rows"]

@@ -79,3 +79,21 @@ def test_render_is_deterministic():
     a = embedded.make_example(embedded.BuildArgs(image_size=32), "train", 7)
     b = embedded.make_example(embedded.BuildArgs(image_size=32), "train", 7)
     assert a["image"] == b["image"] and a["caption"] == b["caption"]
+
+
+def test_text_rich_scenes_keep_the_scene_and_always_carry_small_text():
+    """text_rich=1: the same objects as the default build, plus text in every image, inside one half;
+    the corpus (hence the tokenizer) is unchanged."""
+    from vlm.data import scenes
+    assert embedded.BuildArgs(text_rich=1).config_name == "textrich"
+    assert embedded.BuildArgs().config_name == "default"
+    for i in range(20):
+        plain = scenes.sample_scene(np.random.default_rng([0, 0, i]), embedded.combos("train"), video=False)
+        rich = scenes.sample_scene(np.random.default_rng([0, 0, i]), embedded.combos("train"), video=False,
+                                   text_rich=True)
+        assert rich.main == plain.main and rich.distractors == plain.distractors
+        assert rich.text and rich.text_xy[0] in (0.25, 0.75) and rich.text_scale < plain.text_scale
+        ex = embedded.make_example(embedded.BuildArgs(text_rich=1), "test", i)
+        assert ex["text"] and "what does the text say?" in ex["questions"]
+    assert embedded.corpus(embedded.BuildArgs(num_train=50, text_rich=1)) == embedded.corpus(
+        embedded.BuildArgs(num_train=50))

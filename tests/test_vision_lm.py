@@ -288,6 +288,59 @@ def test_monkey_demo_chain_trains_lora_sets_resampler_and_lm(llava, data_dir, tm
   assert prompt.endswith("what does the text say? Answer:"), prompt
 
 
+def test_interleave_builds_a_document_around_the_example():
+  from vlm.data.conversation import conversation_example, interleave
+  other = dict(EX, caption="a blue circle", image=np.zeros((4, 4, 3), np.uint8))
+  me = dict(EX, image=np.ones((4, 4, 3), np.uint8))
+  seen = set()
+  for seed in range(8):
+    doc = interleave(me, [other], np.random.default_rng(seed))
+    k = doc["image_position"]
+    seen.add(k)
+    assert doc["image"].shape == (2, 4, 4, 3) and doc["image"][k].min() == 1 and doc["image"][1 - k].max() == 0
+    first = me if k == 0 else other
+    assert doc["image_context"] == f"{IMAGE}{first['caption']}. {IMAGE}"
+    assert doc["questions"][0] == f"what colour in the {('first', 'second')[k]} image?"
+    assert doc["answers"] == EX["answers"]
+  assert seen == {0, 1}
+  conv = dict(tasks=("qa",), image_tokens=1, length=96, prompt_length=64, max_turns=1)
+  out = conversation_example(doc, conv, ChatTokenizer(_FakeSP(), image_tokens=1), np.random.default_rng(0), 0)
+  assert np.sum(out["tokens"] == 1000) == 2 and np.sum(out["prompt"] == 1000) == 2
+
+
+def test_flamingo_demo_chain_trains_only_the_resampler_and_gated_blocks(llava, data_dir, tmp_path):
+  """Flamingo (tiny) on two-image documents from the CLIP tower and the LM, both frozen: the
+  resampler and the gated cross-attention learn; the VQA eval and predict --prompt run."""
+  from PIL import Image
+
+  from configs import flamingo
+  from vlm.data.pipeline import check_config
+  from vlm.predict import chat
+  c = _tiny(flamingo.get_config("demo"), data_dir, 2)
+  c.model.lm_config.update(LM)
+  c.model.vision_config.update(VISION)
+  c.model.resampler_config.update(num_latents=4, depth=1, num_heads=2, head_dim=16)
+  c.model.xattn_config.update(num_heads=2, head_dim=16)
+  c.init.vision.path, c.init.lm.path = str(llava[0] / "clip"), str(llava[0] / "lm")
+  c.evals.vqa.max_examples = 16
+  out = train(c, tmp_path / "flamingo")
+  assert out["train/image_token_mismatch"] == 0.0 and 0.0 <= out["vqa/accuracy"] <= 1.0
+  p, clip, lm = _params(tmp_path / "flamingo"), _params(llava[0] / "clip"), _params(llava[0] / "lm")
+  for k, v in p.items():
+    if k.startswith("lm/"):
+      np.testing.assert_array_equal(v, lm[k[3:]], err_msg=k)
+    elif k.startswith("vision/"):
+      np.testing.assert_array_equal(v, clip["img/" + k[7:]], err_msg=k)
+  assert any(np.abs(v).max() > 0 for k, v in p.items() if k.startswith("xattn_") and "alpha" in k)  # gates opened
+  img = tmp_path / "x.png"
+  Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(img)
+  assert isinstance(chat(tmp_path / "flamingo", img, "what colour is the large circle?", max_new_tokens=3), str)
+  bad = flamingo.get_config("demo")
+  bad.data.conversation.tasks = ("qa", "caption")
+  with pytest.raises(ValueError, match=r"interleaved_images > 1 needs data.conversation with tasks=\('qa',\)"):
+    check_config(bad.data)
+
+
 def _params(workdir):
   return traverse_util.flatten_dict(checkpoint.load_params(workdir), sep="/")
 
@@ -326,7 +379,8 @@ def test_predict_prompt_answers_in_words(llava, tmp_path):
                                       ("blip2_stage2", "demo"), ("blip2_stage2", "minigpt4_demo"),
                                       ("llava_stage1", None), ("llava_stage2", None), ("frozen", None),
                                       ("blip2_stage2", None), ("blip2_stage2", "minigpt4"),
-                                      ("monkey", "demo"), ("monkey", "demo_global"), ("monkey", None)])
+                                      ("monkey", "demo"), ("monkey", "demo_global"), ("monkey", None),
+                                      ("qwen_vl", "demo"), ("qwen_vl", None)])
 def test_recipes_build_and_their_frozen_patterns_match(name, arg):
   """Every VLM recipe's config is valid; demo models init (abstractly) with as many placeholders as
   image tokens, and every frozen regex names existing parameters."""

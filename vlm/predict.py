@@ -117,7 +117,7 @@ def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "gre
   from vlm.models.vision_lm import generate
   config = load_workdir_config(workdir)
   conv = config.data.get("conversation")
-  if config.model_name != "vision_lm" or not conv:
+  if config.model_name not in ("vision_lm", "flamingo") or not conv:
     raise ValueError(f"{workdir}: model {config.model_name!r} is not a VLM on a language model with "
                      "data.conversation (train one with configs/llava_stage2.py); use --question or --labels")
   model, _, params = load_model_and_params(config, workdir, step)
@@ -129,8 +129,12 @@ def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "gre
   instruction = None
   if conv.get("instruction_length"):  # an instruction-aware Q-Former reads the prompt too
     instruction = jnp.asarray(instruction_tokens(turns, tok, int(conv.instruction_length)))[None]
-  out = generate(model, params, x, jnp.asarray(ids), max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                 pad_id=tok.pad_id, method=method, rng=rng, instruction=instruction, **decode_kw)
+  kw = dict(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, method=method, rng=rng, **decode_kw)
+  if config.model_name == "flamingo":
+    from vlm.models import flamingo
+    out = flamingo.generate(model, params, x, jnp.asarray(ids), **kw)
+  else:
+    out = generate(model, params, x, jnp.asarray(ids), instruction=instruction, **kw)
   return tok.decode(np.asarray(out.tokens)[0])
 
 

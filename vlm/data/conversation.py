@@ -91,20 +91,21 @@ def build_turns(ex: Mapping[str, Any], task: str, rng: np.random.Generator, *, m
         return [("text", ". ".join([detailed, *(f"{q} {a}" for q, a in zip(qs, ans))]))]
     turns: list[Turn] = [("system", system)] if system else []
     instructions = instructions or {}
+    images = ex.get("image_context") or IMAGE  # an interleaved document before the question (interleave)
     if task == "caption":
         options = tuple(instructions.get("caption", BRIEF_INSTRUCTIONS))
         instruction = options[int(rng.integers(len(options)))]
-        return turns + [("user", f"{IMAGE}{instruction}"), ("assistant", ex["caption"])]
+        return turns + [("user", f"{images}{instruction}"), ("assistant", ex["caption"])]
     if task == "detailed":
         options = tuple(instructions.get("detailed", DETAILED_INSTRUCTIONS))
         instruction = options[int(rng.integers(len(options)))]
-        return turns + [("user", f"{IMAGE}{instruction}"), ("assistant", detailed)]
+        return turns + [("user", f"{images}{instruction}"), ("assistant", detailed)]
     if not qs:
         raise ValueError("data.conversation: task 'qa' needs questions; this example has none")
     first = int(rng.integers(len(qs))) if question_index is None else question_index
     rest = [i for i in rng.permutation(len(qs)).tolist() if i != first][: max(max_turns - 1, 0)]
     for k, i in enumerate([first, *rest]):
-        turns += [("user", (IMAGE if k == 0 else "") + question_format.format(question=qs[i])), ("assistant", ans[i])]
+        turns += [("user", (images if k == 0 else "") + question_format.format(question=qs[i])), ("assistant", ans[i])]
     return turns
 
 
@@ -252,13 +253,36 @@ def conversation_example(ex: Mapping[str, Any], conv: Mapping[str, Any], chat: C
     if ex.get("questions"):
         j = 0 if question_index is None else question_index
         prompt_turns = ([("system", system)] if system else []) + [
-            ("user", IMAGE + qformat.format(question=ex["questions"][j]))]
+            ("user", (ex.get("image_context") or IMAGE) + qformat.format(question=ex["questions"][j]))]
         out["prompt"], out["prompt_mask"] = chat.pad(chat.encode_prompt(prompt_turns), None,
                                                      int(conv.get("prompt_length", 48)), left=True,
                                                      where="data.conversation.prompt_length")
         if ilen:
             out["prompt_instruction"] = instruction_tokens(prompt_turns, chat.tok, ilen)
     return out
+
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+
+
+def interleave(ex: Mapping[str, Any], others: Sequence[Mapping[str, Any]], rng: np.random.Generator) -> dict:
+    """An interleaved image-text document (Flamingo, Alayrac et al. 2022, sec. 2.3) around example ex.
+
+    ex's image goes at a drawn position k among the M = 1 + len(others) images; 'image' becomes
+    [M, H, W, 3]; 'image_context' is '<image>caption. ' for every image but the last, then '<image>'
+    (what the user turn holds before the question, build_turns); ex's questions become "... in the
+    k-th image?" (its answers unchanged). Text after an image sees that image (Flamingo's masking),
+    so a question about an earlier image must be answered from the document's text.
+    """
+    m = 1 + len(others)
+    if m > len(ORDINALS):
+        raise ValueError(f"data.interleaved_images: at most {len(ORDINALS)} images, got {m}")
+    k = int(rng.integers(m))
+    order = [*others[:k], ex, *others[k:]]
+    context = "".join(IMAGE + (f"{o['caption']}. " if p < m - 1 else "") for p, o in enumerate(order))
+    questions = [f"{q.rstrip('?').rstrip()} in the {ORDINALS[k]} image?" for q in ex.get("questions", [])]
+    return dict(ex, image=np.stack([np.asarray(o["image"]) for o in order]), image_context=context,
+                questions=questions, image_position=k)
 
 
 def instruction_tokens(turns: Sequence[Turn], tokenizer: Tokenizer, length: int) -> np.ndarray:

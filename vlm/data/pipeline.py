@@ -31,6 +31,11 @@ Config keys (`config.data`, see `get_default_config`):
     tokenizer     SentencePiece .model path (None: the embedded dataset's tokenizer)
     add_bos, add_eos
     extra_text_keys   subset of ('caption_detailed', 'question', 'answer')
+    interleaved_images  M > 1: each example becomes an interleaved document of M images (Flamingo):
+                  M - 1 other random examples of the split join it, 'image' is [M, H, W, 3], the
+                  example's own image sits at a drawn position k, its questions ask "... in the
+                  k-th image?", and data.conversation writes '<image>caption. <image>...' before
+                  the question (conversation.interleave; conversation task 'qa' only)
     question_regex    None, or keep only the question/answer pairs whose question matches it
                   (re.search), e.g. 'text say' for the text-reading VQA of the text-rich scenes
     answer_vocab  VQA as classification: a list of answers or a text file (one per line); with
@@ -85,6 +90,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.add_eos = True
     c.extra_text_keys = ()
     c.question_regex = ml_collections.config_dict.placeholder(str)
+    c.interleaved_images = 1
     c.with_boxes = False
     c.max_boxes = 8
     c.with_frames = False
@@ -116,6 +122,12 @@ def check_config(data: ml_collections.ConfigDict) -> None:
         load_answer_vocab(data.answer_vocab)
     if data.get("conversation") is not None:
         conversation.check_conversation_config(data.conversation)
+    m = data.get("interleaved_images", 1)
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"data.interleaved_images: must be an int >= 1, got {m!r}")
+    if (m or 1) > 1 and (data.get("conversation") is None or tuple(data.conversation.get("tasks", ())) != ("qa",)):
+        raise ValueError("data.interleaved_images > 1 needs data.conversation with tasks=('qa',) (the question "
+                         "names the image it is about)")
     if data.get("question_regex"):
         try:
             re.compile(data.question_regex)
@@ -198,12 +210,28 @@ class _Process:
         self.extra = tuple(data.get("extra_text_keys", ()))
         self.with_boxes, self.max_boxes = bool(data.get("with_boxes", False)), int(data.get("max_boxes", 8))
         self.with_frames = bool(data.get("with_frames", False))
+        self.num_images = int(data.get("interleaved_images", 1) or 1)
         regex = data.get("question_regex")
         self.question_re = re.compile(regex) if regex else None
         vocab = data.get("answer_vocab")
         self.answers = load_answer_vocab(vocab) if vocab is not None else None
         self.conv = data.get("conversation")
         self.chat = conversation.chat_tokenizer_from_config(self.conv, tokenizer) if self.conv else None
+
+    def _others(self, rng: np.random.Generator) -> list[dict]:
+        """num_images - 1 random other examples of the split, decoded and preprocessed."""
+        out = []
+        for _ in range(100 * self.num_images):
+            if len(out) == self.num_images - 1:
+                break
+            i = int(rng.integers(len(self.source)))
+            try:
+                out.append(preprocess.apply_ops(self.ops, sources.decode_record(self.source[i], self.caption_key), rng))
+            except sources.BadExample:
+                continue
+        if len(out) < self.num_images - 1:
+            raise ValueError("data.interleaved_images: could not find enough readable examples to interleave")
+        return out
 
     def _tok(self, text: str, length: int) -> np.ndarray:
         return self.tok.encode(text, length, self.add_bos, self.add_eos)
@@ -224,6 +252,8 @@ class _Process:
             pairs = [(q, a) for q, a in zip(ex.get("questions", []), ex.get("answers", []))
                      if self.question_re.search(q)]
             ex = dict(ex, questions=[q for q, _ in pairs], answers=[a for _, a in pairs])
+        if self.num_images > 1:
+            ex = conversation.interleave(ex, self._others(rng), rng)
         image = ex["image"]
         out = {
             "image": (image.astype(np.float32) / 255 if image.dtype == np.uint8 else image.astype(np.float32)),

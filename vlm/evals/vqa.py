@@ -21,8 +21,8 @@ class VQAGenerate(SplitData):
 
   Needs data.conversation and 'question', 'answer' in data.extra_text_keys (the prompt asks the
   same drawn question as 'answer' holds; with data.conversation.instruction_length, the question
-  also goes to the image encoder as 'prompt_instruction'). The model needs `generate`-compatible `decode_step`
-  (vlm.models.vision_lm). Reports {prefix}/accuracy, and /accuracy_unseen for examples whose
+  also goes to the image encoder as 'prompt_instruction'). The model is a vlm.models.vision_lm or a vlm.models.flamingo
+  model (each with its cached `generate`). Reports {prefix}/accuracy, and /accuracy_unseen for examples whose
   main-object combination is held out of training; keeps the last answers in `last_answers`.
   """
 
@@ -42,13 +42,16 @@ class VQAGenerate(SplitData):
 
   def _generate_fn(self):
     if self._fn is None:
-      from vlm.models.vision_lm import generate
+      from vlm.models import flamingo, vision_lm
       tok = get_tokenizer(self.config.data)
 
       def fn(params, x):
         images, prompt, mask, *instruction = x
-        return generate(self.model, params, images, prompt, mask=mask, max_new_tokens=self.max_new_tokens,
-                        eos_id=tok.eos_id, pad_id=tok.pad_id, instruction=instruction[0] if instruction else None).tokens
+        kw = dict(mask=mask, max_new_tokens=self.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        if isinstance(self.model, flamingo.Flamingo):  # images reach the text by cross-attention
+          return flamingo.generate(self.model, params, images, prompt, **kw).tokens
+        return vision_lm.generate(self.model, params, images, prompt,
+                                  instruction=instruction[0] if instruction else None, **kw).tokens
 
       self._fn = jit_on_mesh(fn, self.mesh, self.rules)
     return self._fn

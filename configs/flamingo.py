@@ -4,7 +4,8 @@ layers; keys/values from [media; latents]) -> a frozen LM with gated cross-atten
 (vlm.models.flamingo, vlm.nn.perceiver). Only the resampler and the gated blocks learn (sec. 2).
 
 Data: interleaved image-text documents (data.interleaved_images = M; vlm.data.conversation.interleave):
-`<image>caption of image 1. <image>question about image k?` -> answer. A question about the
+`<image>caption of image 1.<|endofchunk|><image>question about image k?` -> answer, each text chunk
+closed by the end-of-chunk marker (sec. 2.3's <EOC>; data.conversation.end_of_chunk, one special id). A question about the
 second image is answered through the cross-attention to it; one about the first image must be
 answered from the document's text (that image is out of the question's view).
 
@@ -59,6 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.interleaved_images = 2
     c.data.conversation = conversation(("qa",), image_tokens=1, length=80)
     c.data.conversation.prompt_length = 48
+    c.data.conversation.specials["<|endofchunk|>"] = 1005
+    c.data.conversation.end_of_chunk = "<|endofchunk|>"
     c.init = ml_collections.ConfigDict(dict(
         vision=dict(path=CLIP_DEMO, mapping={"vision/": "img/"}, step=None,
                     hint=f"Train the vision encoder first: python -m vlm.train --config=configs/clip_b16.py:demo "
@@ -76,6 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.extra_text_keys = ("question", "answer")
     c.data.interleaved_images = 2
     c.data.conversation = conversation(("qa",), image_tokens=1, length=512)
+    c.data.conversation.specials = ml_collections.ConfigDict({"<image>": 32_000, "<|endofchunk|>": 32_001,
+                                                              "<|end|>": 2})
+    c.data.conversation.end_of_chunk = "<|endofchunk|>"
     c.init = ml_collections.ConfigDict(dict(path=None, mapping=None, step=None))
     c.batch_size = 256
     c.total_steps = 100_000

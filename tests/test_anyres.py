@@ -221,3 +221,110 @@ def test_errors():
   with pytest.raises(ValueError, match="max_tokens"):
     pack_anyres_features(jnp.zeros((1, 2, 4, 3)), jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros(3), patch_grid=2,
                          max_tokens=3)
+
+
+# ------------------------------------------------------------------ the whole model, imported
+
+
+def _hf_llava_next(path):
+  torch.manual_seed(1)
+  vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=TILE, patch_size=PATCH, projection_dim=8)
+  tc = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                tie_word_embeddings=False)
+  cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=tc, image_grid_pinpoints=SMALL,
+                                     image_token_index=63, vision_feature_layer=-2,
+                                     vision_feature_select_strategy="default")
+  hf = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
+    for p in hf.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  hf.save_pretrained(path, safe_serialization=True)
+  return hf
+
+
+def test_llava_next_logits_match_hf(tmp_path):
+  """LlavaNextForConditionalGeneration imported by vlm.convert: the pp op `anyres`'s views, layout and
+  placeholder count + VisionLanguageModel(anyres=...) give HF's logits for images of several shapes."""
+  from vlm.convert import import_hf
+  from vlm.data.preprocess import parse_pp, apply_ops
+  from vlm.models import build_model
+  from vlm.models.vision_lm import generate
+
+  hf = _hf_llava_next(tmp_path)
+  name, kwargs, params = import_hf(tmp_path)
+  assert name == "vision_lm" and kwargs["anyres"] == dict(grid_pinpoints=tuple(map(tuple, SMALL)), tile_size=TILE,
+                                                          patch_grid=GRID)
+  model = build_model(name, kwargs)
+  op = f"anyres({SMALL}, {TILE}, {GRID})|value_range(0, 1)"
+  rng = np.random.default_rng(4)
+  sizes = [(50, 37), (20, 90), (64, 64), (100, 31)]
+  exs = [apply_ops(parse_pp(op), {"image": rng.integers(0, 256, (*hw, 3), dtype=np.uint8)}, rng) for hw in sizes]
+  counts = [ex["image_tokens"] for ex in exs]
+  length = 5 + max(counts) + 6
+  ids = np.zeros((len(sizes), length), np.int64)
+  for i, n in enumerate(counts):  # text, the image's placeholders, text, then right padding
+    ids[i, :5 + n + 6] = np.concatenate([rng.integers(3, 60, 5), np.full(n, 63), rng.integers(3, 60, 6)])
+  views = np.stack([ex["image"] for ex in exs]).astype(np.float32)  # [B, V, t, t, 3]
+  layout = np.stack([ex["image_layout"] for ex in exs])
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(views.transpose(0, 1, 4, 2, 3)),
+                image_sizes=torch.tensor(layout[:, 2:])).logits.numpy()
+  ours, stats = model.apply({"params": params}, jnp.asarray(views), jnp.asarray(ids), None, jnp.asarray(layout),
+                            return_stats=True)
+  assert float(stats["image_token_mismatch"]) == 0.0
+  for i, n in enumerate(counts):  # right padding: compare the real positions
+    diff = float(np.abs(np.asarray(ours)[i, :5 + n + 6] - theirs[i, :5 + n + 6]).max())
+    print(f"{sizes[i]}: {n} image tokens, max |logits diff| {diff:.2e}")
+    assert diff <= 1e-4
+  # One placeholder too few: the model reports the mismatch.
+  short = ids.copy()
+  short[0, 5] = 7
+  _, stats = model.apply({"params": params}, jnp.asarray(views), jnp.asarray(short), None, jnp.asarray(layout),
+                         return_stats=True)
+  assert float(stats["image_token_mismatch"]) == pytest.approx(1 / len(sizes))
+  # Cached greedy generation (the prompt left-padded) equals HF's.
+  n = counts[1]
+  prompt = ids[1:2, :5 + n + 6]
+  with torch.no_grad():
+    out = hf.generate(input_ids=torch.tensor(prompt), pixel_values=torch.tensor(views[1:2].transpose(0, 1, 4, 2, 3)),
+                      image_sizes=torch.tensor(layout[1:2, 2:]), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                      do_sample=False, max_new_tokens=5, eos_token_id=2, pad_token_id=0).numpy()[:, prompt.shape[1]:]
+  mine = generate(model, params, jnp.asarray(views[1:2]), jnp.asarray(prompt), max_new_tokens=5, eos_id=2, pad_id=0,
+                  image_layout=jnp.asarray(layout[1:2]))
+  np.testing.assert_array_equal(np.asarray(mine.tokens)[:, :out.shape[1]], out)
+  with pytest.raises(ValueError, match="image_layout"):
+    model.apply({"params": params}, jnp.asarray(views), jnp.asarray(ids))
+
+
+def test_anyres_pp_op():
+  from vlm.data.preprocess import apply_ops, parse_pp
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (40, 90, 3), dtype=np.uint8)
+  ex = apply_ops(parse_pp(f"anyres({SMALL}, {TILE}, {GRID})"), {"image": img}, rng)
+  views, n, grid = anyres.anyres_views(img, SMALL, TILE)
+  np.testing.assert_array_equal(ex["image"], views)
+  assert ex["image_layout"].tolist() == [*grid, 40, 90] and ex["image_layout"].dtype == np.int32
+  assert ex["image_tokens"] == anyres.num_image_tokens((40, 90), SMALL, TILE, GRID)
+  with pytest.raises(ValueError, match=r"op 'flip_lr' at position 2 comes after 'anyres'"):
+    parse_pp(f"anyres({SMALL}, {TILE}, {GRID})|flip_lr|value_range(-1, 1)", "data.pp_train")
+  with pytest.raises(ValueError, match="multiples of tile_size"):
+    parse_pp(f"anyres([[32, 48]], {TILE}, {GRID})", "data.pp_train")
+  with pytest.raises(ValueError, match="uint8"):
+    apply_ops(parse_pp(f"value_range(0, 1)|anyres({SMALL}, {TILE}, {GRID})"), {"image": img}, rng)
+
+
+@pytest.mark.parametrize("ratio,shape", [(2.0, (30, 60)), (0.5, (60, 30)), (1.0, (30, 30))])
+def test_random_aspect_pad(ratio, shape):
+  from vlm.data.preprocess import apply_ops, parse_pp
+  img = np.full((30, 30, 3), 100, np.uint8)
+  img[10:20, 10:20] = 250
+  boxes = np.array([[10, 10, 20, 20]], np.float32)
+  ex = apply_ops(parse_pp(f"random_aspect_pad(({ratio},))"), {"image": img, "boxes": boxes}, np.random.default_rng(0))
+  assert ex["image"].shape == (*shape, 3)
+  assert set(np.unique(ex["image"])) == {100, 250}  # the border is replicated: the background colour
+  x0, y0, x1, y1 = ex["boxes"][0].astype(int)
+  assert (ex["image"][y0:y1, x0:x1] == 250).all() and (ex["image"] == 250).sum() == 300
+  with pytest.raises(ValueError, match="ratios"):
+    parse_pp("random_aspect_pad((0,))")

@@ -10,7 +10,7 @@ from flax import traverse_util
 
 from conftest import TINY_DATA
 from vlm import checkpoint
-from vlm.data.conversation import IMAGE, ChatTokenizer, build_turns
+from vlm.data.conversation import DEFAULT_SPECIALS, IMAGE, ChatTokenizer, build_turns, check_conversation_config
 from vlm.models.vision_lm import VisionLanguageModel, generate
 from vlm.train import train
 
@@ -306,6 +306,17 @@ def test_interleave_builds_a_document_around_the_example():
   conv = dict(tasks=("qa",), image_tokens=1, length=96, prompt_length=64, max_turns=1)
   out = conversation_example(doc, conv, ChatTokenizer(_FakeSP(), image_tokens=1), np.random.default_rng(0), 0)
   assert np.sum(out["tokens"] == 1000) == 2 and np.sum(out["prompt"] == 1000) == 2
+  # Flamingo's end-of-chunk marker closes the caption chunk: one special id right before the next image.
+  doc = interleave(me, [other], np.random.default_rng(0), end_of_chunk="<|endofchunk|>")
+  first = me if doc["image_position"] == 0 else other
+  assert doc["image_context"] == f"{IMAGE}{first['caption']}.<|endofchunk|>{IMAGE}"
+  specials = dict(DEFAULT_SPECIALS, **{"<|endofchunk|>": 1005})
+  out = conversation_example(doc, dict(conv, end_of_chunk="<|endofchunk|>"),
+                             ChatTokenizer(_FakeSP(), specials=specials, image_tokens=1), np.random.default_rng(0), 0)
+  (at,) = np.flatnonzero(out["prompt"] == 1005)
+  assert out["prompt"][at + 1] == 1000 and np.sum(out["tokens"] == 1005) == 1
+  with pytest.raises(ValueError, match="end_of_chunk"):
+    check_conversation_config(dict(conv, end_of_chunk="<eoc>"))
 
 
 def test_flamingo_demo_chain_trains_only_the_resampler_and_gated_blocks(llava, data_dir, tmp_path):
@@ -406,3 +417,71 @@ def test_recipes_build_and_their_frozen_patterns_match(name, arg):
   paths = jax.tree.leaves(tree_paths(nn.unbox(shapes)))
   for pattern in c.frozen:
     assert any(re.fullmatch(pattern, p) for p in paths), pattern
+
+
+@pytest.mark.parametrize("arg", ["demo", "demo_base", None])
+def test_llava_next_recipes_agree_with_their_anyres_op(arg):
+  """configs/llava_next.py: the data's `anyres` op uses the model's pinpoints, tile and feature grid;
+  a wide image's views, layout and placeholder count init the model with no mismatch; the frozen
+  pattern names parameters."""
+  import re
+
+  from configs import llava_next
+  from vlm.data.pipeline import check_config
+  from vlm.data.preprocess import apply_ops, parse_pp
+  from vlm.models import build_model
+  from vlm.optim import tree_paths
+  c = llava_next.get_config(arg)
+  check_config(c.data)
+  a = c.model["anyres"]
+  points = [list(p) for p in a["grid_pinpoints"]]
+  assert f"anyres({points}, {a['tile_size']}, {a['patch_grid']})" in c.data.pp_train
+  assert c.data.pp_eval == c.data.pp_train
+  if arg is None:
+    assert dict(a) == dict(grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+                           tile_size=336, patch_grid=24)
+    assert [tuple(m) for m in c.lr_mults] == [(r"vision/.*", 0.1)]
+    return
+  ex = apply_ops(parse_pp(c.data.pp_eval), {"image": np.full((64, 64, 3), 90, np.uint8)}, np.random.default_rng(1))
+  model = build_model(c.model_name, c.model)
+  n = int(ex["image_tokens"])
+  toks = jnp.asarray([[3, 1002] + [1000] * n + [270, 1]], jnp.int32)
+  views, layout = jnp.asarray(ex["image"])[None], jnp.asarray(ex["image_layout"])[None]
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), views, toks, None, layout))["params"]
+  _, stats = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), views, toks, None, layout), views,
+                                                toks, None, layout, return_stats=True))
+  assert n <= c.data.conversation.image_tokens and c.data.conversation.length >= n + 40
+  paths = jax.tree.leaves(tree_paths(nn.unbox(params)))
+  assert "anyres/image_newline" in paths
+  for pattern in c.frozen:
+    assert any(re.fullmatch(pattern, p) for p in paths), pattern
+
+
+def test_llava_next_demo_chain_trains_connector_newline_and_lm(llava, data_dir, tmp_path):
+  """LLaVA-NeXT (tiny) on aspect-padded text-rich scenes: every example's placeholders match its AnyRes
+  token count, the vision tower stays frozen, the connector, image_newline and LM learn, and the
+  VQA eval and `predict --prompt` feed the views' layout to the model."""
+  from PIL import Image
+
+  from configs import llava_next
+  from vlm.predict import chat
+  c = _tiny(llava_next.get_config("demo"), data_dir, 2)
+  c.model.lm_config.update(LM)
+  c.model.vision_config.update(VISION)
+  c.init.vision.path, c.init.lm.path = str(llava[0] / "clip"), str(llava[0] / "lm")
+  c.evals.vqa.max_examples = 16
+  out = train(c, tmp_path / "next")
+  assert out["train/image_token_mismatch"] == 0.0 and 0.0 <= out["vqa/accuracy"] <= 1.0
+  p, clip, lm = _params(tmp_path / "next"), _params(llava[0] / "clip"), _params(llava[0] / "lm")
+  for k, v in p.items():
+    if k.startswith("vision/"):
+      np.testing.assert_array_equal(v, clip["img/" + k[7:]], err_msg=k)
+  assert any(not np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
+  from vlm.data.pipeline import make_pipeline
+  batch = next(make_pipeline(c.data, split="train", batch_size=16, mesh=None, seed=0))
+  layout = np.asarray(batch["image_layout"])
+  assert np.asarray(batch["image"]).shape[1:] == (9, 32, 32, 3)
+  assert {tuple(r) for r in layout[:, :2].tolist()} >= {(4, 2), (2, 4)}  # tall and wide images
+  img = tmp_path / "x.png"
+  Image.fromarray(np.full((40, 90, 3), 120, np.uint8)).save(img)
+  assert isinstance(chat(tmp_path / "next", img, "what does the text say?", max_new_tokens=3), str)

@@ -44,14 +44,19 @@ from vlm.evaluate import load_model_and_params, load_workdir_config
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def load_image(path: str | Path, pp: str) -> np.ndarray:
-  """An image file -> [1, H, W, 3] float32 through the pp string (geometric ops, value range)."""
+def load_example(path: str | Path, pp: str) -> dict:
+  """An image file -> the example dict after the pp string ('image' and what the ops add, e.g. the
+  `anyres` op's 'image_layout' and 'image_tokens')."""
   try:
     img = decode_image(Path(path).read_bytes())
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: cannot read the image: {e}") from None
-  ex = apply_ops(parse_pp(pp, "data.pp_eval"), {"image": img}, np.random.default_rng(0))
-  return np.asarray(ex["image"], np.float32)[None]
+  return apply_ops(parse_pp(pp, "data.pp_eval"), {"image": img}, np.random.default_rng(0))
+
+
+def load_image(path: str | Path, pp: str) -> np.ndarray:
+  """An image file -> [1, H, W, 3] float32 through the pp string (geometric ops, value range)."""
+  return np.asarray(load_example(path, pp)["image"], np.float32)[None]
 
 
 def predict(workdir: str | Path, image: str | Path, labels: list[str], templates: list[str] | None = None,
@@ -123,8 +128,13 @@ def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "gre
   model, _, params = load_model_and_params(config, workdir, step)
   tok = get_tokenizer(config.data)
   turns = ([("system", conv.system)] if conv.get("system") else []) + [("user", IMAGE + prompt)]
-  ids = np.asarray(chat_tokenizer_from_config(conv, tok).encode_prompt(turns), np.int32)[None]
-  x = jnp.asarray(load_image(image, config.data.pp_eval))
+  ex = load_example(image, config.data.pp_eval)
+  chat_tok = chat_tokenizer_from_config(conv, tok)
+  if "image_tokens" in ex:  # AnyRes: the image's own placeholder count
+    chat_tok = chat_tok.with_image_tokens(ex["image_tokens"])
+  ids = np.asarray(chat_tok.encode_prompt(turns), np.int32)[None]
+  x = jnp.asarray(np.asarray(ex["image"], np.float32)[None])
+  layout = jnp.asarray(ex["image_layout"])[None] if "image_layout" in ex else None
   rng = jax.random.key(0) if method == "sample" else None
   instruction = None
   if conv.get("instruction_length"):  # an instruction-aware Q-Former reads the prompt too
@@ -134,7 +144,7 @@ def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "gre
     from vlm.models import flamingo
     out = flamingo.generate(model, params, x, jnp.asarray(ids), **kw)
   else:
-    out = generate(model, params, x, jnp.asarray(ids), instruction=instruction, **kw)
+    out = generate(model, params, x, jnp.asarray(ids), instruction=instruction, image_layout=layout, **kw)
   return tok.decode(np.asarray(out.tokens)[0])
 
 

@@ -197,7 +197,7 @@ def _heads(config: dict, tower: str) -> int:
 def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF directory -> ('two_tower', model kwargs, params) for CLIP / SigLIP, ('flava', ...) for FLAVA
   (vlm.convert.flava), ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm),
-  ('vision_lm', ...) for LLaVA and BLIP-2, ('flamingo', ...) for IDEFICS (vlm.convert.idefics).
+  ('vision_lm', ...) for LLaVA, LLaVA-NeXT and BLIP-2, ('flamingo', ...) for IDEFICS (vlm.convert.idefics).
   Raises listing missing/unused tensors."""
   path = Path(path)
   config = json.loads((path / "config.json").read_text())
@@ -207,7 +207,7 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   if config.get("model_type") in ("llama", "qwen2", "gemma"):
     from vlm.convert.llm import import_hf_llm
     return import_hf_llm(path, scan=scan)
-  if config.get("model_type") == "llava":
+  if config.get("model_type") in ("llava", "llava_next"):
     from vlm.convert.llava import import_hf_llava
     return import_hf_llava(path, scan=scan)
   if config.get("model_type") == "idefics":  # Flamingo-style; the <image> id is the tokenizer's

@@ -1,4 +1,5 @@
-"""Import of Hugging Face LlavaForConditionalGeneration into vlm.models.vision_lm.VisionLanguageModel.
+"""Import of Hugging Face LlavaForConditionalGeneration (and LlavaNextForConditionalGeneration) into
+vlm.models.vision_lm.VisionLanguageModel.
 
 `import_hf_llava(path)` -> ('vision_lm', VisionLanguageModel kwargs, params float32) from config.json +
 model.safetensors (or sharded model.safetensors.index.json); `vlm.convert.import_hf` dispatches here
@@ -20,6 +21,11 @@ is our feature_layer (negative; a non-negative index i is converted to i - depth
 the embeddings, is not expressible). Strategy 'default' drops the CLS token (keep_cls=False), 'full'
 keeps it. A prompt holds one `image_token_index` placeholder per feature: num_patches for 'default',
 num_patches + 1 for 'full' (CLIP), as LlavaProcessor expands `<image>`.
+
+LLaVA-NeXT (model_type 'llava_next'): the same three parts plus `image_newline` -> anyres/image_newline,
+and `anyres` = dict(grid_pinpoints=config.image_grid_pinpoints, tile_size=vision image_size,
+patch_grid=image_size / patch_size); the data's pp op `anyres` takes the same three values. Only
+strategy 'default' (HF's packing reshapes the per-tile features into a grid, which a CLS token breaks).
 
 Config fields missing from config.json take transformers' defaults (LlavaConfig, CLIPVisionConfig,
 LlamaConfig), as `from_pretrained` does for the old llava-hf configs that list only the overrides.
@@ -58,6 +64,7 @@ _VISION_PREFIXES = ("model.vision_tower.vision_model.", "model.vision_tower.", "
 _LM_LAYOUTS = ({"language_model.model.": "model.", "language_model.lm_head.": "lm_head."},  # old
                {"model.language_model.": "model.", "lm_head.": "lm_head."})  # new
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+_NEWLINE_KEYS = ("model.image_newline", "image_newline")
 _IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
 
 
@@ -185,10 +192,20 @@ def model_kwargs_from_hf_llava(config: dict, tensors: dict[str, np.ndarray] | No
   if strategy == "default" and not vit["class_token"]:
     raise NotImplementedError("vision_feature_select_strategy 'default' on a tower without a class token drops the "
                               "first patch in HF; VisionLanguageModel drops only a class token")
-  return dict(lm_config=llm.model_kwargs_from_hf_llm(tc, tensors), vision_config=vit, vision_model="vit",
-              feature_layer=_feature_layer(top["vision_feature_layer"], vit["depth"]),
-              keep_cls=strategy == "full", pool=None, connector_type="mlp", prefix_tokens=1,
-              image_token_id=int(top["image_token_index"]))
+  kwargs = dict(lm_config=llm.model_kwargs_from_hf_llm(tc, tensors), vision_config=vit, vision_model="vit",
+                feature_layer=_feature_layer(top["vision_feature_layer"], vit["depth"]),
+                keep_cls=strategy == "full", pool=None, connector_type="mlp", prefix_tokens=1,
+                image_token_id=int(top["image_token_index"]))
+  if top.get("model_type") == "llava_next":
+    if strategy != "default":
+      raise NotImplementedError(f"LLaVA-NeXT with vision_feature_select_strategy {strategy!r}: the tiles' features "
+                                "form a grid only without the CLS token ('default')")
+    tile = vc["image_size"] if isinstance(vc["image_size"], int) else vc["image_size"][0]
+    patch = vc["patch_size"] if isinstance(vc["patch_size"], int) else vc["patch_size"][0]
+    points = top.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    kwargs["anyres"] = dict(grid_pinpoints=tuple(tuple(int(v) for v in p) for p in points), tile_size=int(tile),
+                            patch_grid=int(tile) // int(patch))
+  return kwargs
 
 
 def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
@@ -200,9 +217,16 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
     raise NotImplementedError("VisionLanguageModel's DecoderLM has no scanned layout; import with scan=False")
   path = Path(path)
   config = json.loads((path / "config.json").read_text())
-  if config.get("model_type") != "llava":
-    raise ValueError(f"{path}: model_type {config.get('model_type')!r}, expected 'llava'")
-  vision, lm, proj, rest = _split(load_safetensors_dir(path))
+  if config.get("model_type") not in ("llava", "llava_next"):
+    raise ValueError(f"{path}: model_type {config.get('model_type')!r}, expected 'llava' or 'llava_next'")
+  tensors = load_safetensors_dir(path)
+  newline = None
+  if config["model_type"] == "llava_next":
+    key = next((k for k in _NEWLINE_KEYS if k in tensors), None)
+    if key is None:
+      raise ValueError(f"{path}: a llava_next checkpoint without its image_newline ({' or '.join(_NEWLINE_KEYS)})")
+    newline = tensors.pop(key)
+  vision, lm, proj, rest = _split(tensors)
   top, vc, tc = _configs(config)
   kwargs = model_kwargs_from_hf_llava(config, lm.tensors)
   vit, lm_kw = kwargs["vision_config"], kwargs["lm_config"]
@@ -230,6 +254,11 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
   if fc1.shape != (width, lm_kw["width"]):
     raise ValueError(f"{path}: {proj.stored('linear_1.weight')} maps {fc1.shape[0]} -> {fc1.shape[1]}; the "
                      f"vision tower has width {width} and the LM {lm_kw['width']}")
+
+  if newline is not None:
+    if newline.shape != (lm_kw["width"],):
+      raise ValueError(f"{path}: image_newline has shape {newline.shape}, expected ({lm_kw['width']},)")
+    flat[("anyres", "image_newline")] = np.asarray(newline, np.float32)
 
   # Everything else must be accounted for.
   ignored = {"lm_head.weight"} if lm_kw["tie_embeddings"] else set()  # a tied head saved anyway

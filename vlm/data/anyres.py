@@ -32,7 +32,7 @@ from PIL import Image
 
 # LLaVA-NeXT's default pinpoints for a 336-pixel CLIP tile (HF LlavaNextImageProcessor), (height, width).
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST}
 
 
@@ -49,7 +49,7 @@ def _check_hw(hw: Sequence[int], name: str) -> tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
-def _check_pinpoints(grid_pinpoints: Sequence[Sequence[int]], tile_size: int | None = None) -> list[tuple[int, int]]:
+def check_pinpoints(grid_pinpoints: Sequence[Sequence[int]], tile_size: int | None = None) -> list[tuple[int, int]]:
     if isinstance(grid_pinpoints, (str, bytes)) or not isinstance(grid_pinpoints, Sequence) or not grid_pinpoints:
         raise ValueError(f"grid_pinpoints must be a non-empty list of (height, width), got {grid_pinpoints!r}")
     points = [_check_hw(p, "grid_pinpoints entry") for p in grid_pinpoints]
@@ -62,7 +62,7 @@ def _check_pinpoints(grid_pinpoints: Sequence[Sequence[int]], tile_size: int | N
     return points
 
 
-def _check_patch_grid(patch_grid: int | Sequence[int]) -> tuple[int, int]:
+def check_patch_grid(patch_grid: int | Sequence[int]) -> tuple[int, int]:
     if _pos_int(patch_grid):
         return int(patch_grid), int(patch_grid)
     return _check_hw(patch_grid, "patch_grid")
@@ -81,7 +81,7 @@ def select_best_resolution(image_hw: Sequence[int], grid_pinpoints: Sequence[Seq
     original_height, original_width = _check_hw(image_hw, "image_hw")
     best_fit = None
     max_effective, min_wasted = 0, float("inf")
-    for height, width in _check_pinpoints(grid_pinpoints):
+    for height, width in check_pinpoints(grid_pinpoints):
         scale = min(width / original_width, height / original_height)
         down_w, down_h = int(original_width * scale), int(original_height * scale)
         effective = min(down_w * down_h, original_width * original_height)
@@ -94,14 +94,14 @@ def select_best_resolution(image_hw: Sequence[int], grid_pinpoints: Sequence[Seq
 def anyres_grid_shape(image_hw: Sequence[int], grid_pinpoints: Sequence[Sequence[int]],
                       tile_size: int) -> tuple[int, int]:
     """(rows, cols) of tiles for an image of image_hw (HF get_anyres_image_grid_shape, (H, W) order)."""
-    _check_pinpoints(grid_pinpoints, tile_size)
+    check_pinpoints(grid_pinpoints, tile_size)
     h, w = select_best_resolution(image_hw, grid_pinpoints)
     return h // tile_size, w // tile_size
 
 
 def max_tiles(grid_pinpoints: Sequence[Sequence[int]], tile_size: int) -> int:
     """The most tiles any pinpoint gives: views per image = 1 + max_tiles (static shape)."""
-    return max((h // tile_size) * (w // tile_size) for h, w in _check_pinpoints(grid_pinpoints, tile_size))
+    return max((h // tile_size) * (w // tile_size) for h, w in check_pinpoints(grid_pinpoints, tile_size))
 
 
 # ----------------------------------------------------------------- pixels
@@ -119,12 +119,12 @@ def fit_size(image_hw: Sequence[int], target_hw: Sequence[int]) -> tuple[int, in
 
 def _resize(image: np.ndarray, hw: tuple[int, int], resample: str) -> np.ndarray:
     """image [H, W, C] -> [h, w, C] with PIL (uint8 as RGB/L like HF's PIL backend, floats per channel)."""
-    if resample not in _RESAMPLE:
-        raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}")
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
     h, w = hw
     if image.shape[:2] == (h, w):
         return image.copy()
-    mode = _RESAMPLE[resample]
+    mode = RESAMPLE[resample]
     if image.dtype == np.uint8 and image.shape[2] in (1, 3):
         pil = Image.fromarray(image if image.shape[2] == 3 else image[..., 0])
         out = np.asarray(pil.resize((w, h), mode))
@@ -179,7 +179,7 @@ def anyres_views(image: np.ndarray, grid_pinpoints: Sequence[Sequence[int]], til
     pinpoints so shapes are static). The model also needs the original size image.shape[:2].
     """
     image = _check_image(image)
-    _check_pinpoints(grid_pinpoints, tile_size)
+    check_pinpoints(grid_pinpoints, tile_size)
     best = select_best_resolution(image.shape[:2], grid_pinpoints)
     tiles = divide_into_tiles(resize_and_pad(image, best, resample), tile_size)
     views = np.zeros((1 + max_tiles(grid_pinpoints, tile_size), tile_size, tile_size, image.shape[2]), image.dtype)
@@ -214,7 +214,7 @@ def num_image_tokens(image_hw: Sequence[int], grid_pinpoints: Sequence[Sequence[
     """LM image tokens LLaVA-NeXT gives an image of image_hw: global view h*w + unpadded tiles + one
     newline per remaining row. patch_grid: the encoder's feature grid per tile, h or (h, w) (24 for
     CLIP-L/14 at 336, class token dropped)."""
-    ph, pw = _check_patch_grid(patch_grid)
+    ph, pw = check_patch_grid(patch_grid)
     rows, cols = anyres_grid_shape(image_hw, grid_pinpoints, tile_size)
     _, (uh, uw) = unpadded_shape(image_hw, (rows * ph, cols * pw))
     return ph * pw + uh * (uw + 1)
@@ -225,6 +225,6 @@ def max_image_tokens(grid_pinpoints: Sequence[Sequence[int]], tile_size: int,
     """An upper bound of num_image_tokens over all image sizes (the static length of the packed
     tokens): h*w + max over pinpoints of rows*h * (cols*w + 1), reached by an image of a pinpoint's
     exact shape (2928 for LLaVA-NeXT's defaults with 24x24 features)."""
-    ph, pw = _check_patch_grid(patch_grid)
-    points = _check_pinpoints(grid_pinpoints, tile_size)
+    ph, pw = check_patch_grid(patch_grid)
+    points = check_pinpoints(grid_pinpoints, tile_size)
     return ph * pw + max((h // tile_size) * ph * ((w // tile_size) * pw + 1) for h, w in points)

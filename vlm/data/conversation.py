@@ -10,7 +10,9 @@ given by `data.conversation.specials`, everything else goes through the Sentence
     specials = {"<image>": 1000, "<|system|>": 1001, "<|user|>": 1002, "<|assistant|>": 1003, "<|end|>": 1}
 
 `<image>` expands to `image_tokens` copies of its id (the connector's output length): the model
-writes the image embeddings at exactly those positions (LLaVA's convention). Mapping `<|end|>` to
+writes the image embeddings at exactly those positions (LLaVA's convention). An example whose
+preprocessing set 'image_tokens' (the pp op `anyres`: LLaVA-NeXT's count depends on the image's
+size) gets that many instead. Mapping `<|end|>` to
 the tokenizer's EOS makes generation stop at the end of the assistant's turn.
 
 Loss: only the assistant's content and its end marker carry loss (`loss_mask` = 1), as in
@@ -47,6 +49,7 @@ is the packed row's: raise it with k (at the unpacked length most rows would cut
 """
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -132,6 +135,13 @@ class ChatTokenizer:
             raise ValueError(f"data.conversation.soft_prompts needs an id for {SOFT_PROMPT!r} in data.conversation.specials")
         names = sorted(self.specials, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
+
+    def with_image_tokens(self, image_tokens: int) -> "ChatTokenizer":
+        """A copy whose `<image>` expands to image_tokens ids (an example whose image gives its own
+        count: LLaVA-NeXT AnyRes, the pp op `anyres`)."""
+        chat = copy.copy(self)
+        chat.image_tokens = int(image_tokens)
+        return chat
 
     def encode_text(self, text: str) -> list[int]:
         """Text with special markers -> ids (`<image>` expanded to image_tokens ids)."""
@@ -224,6 +234,11 @@ def check_conversation_config(conv: Mapping[str, Any]) -> None:
     if ilen and conv.get("pack", 1) > 1:
         raise ValueError("data.conversation.instruction_length > 0 does not work with data.conversation.pack > 1 "
                          "(a packed row would need one instruction per example); set one of them off")
+    eoc = conv.get("end_of_chunk")
+    specials = conv.get("specials") or DEFAULT_SPECIALS
+    if eoc and eoc not in specials:
+        raise ValueError(f"data.conversation.end_of_chunk {eoc!r} must be one of data.conversation.specials "
+                         f"(a single-token marker), got specials {sorted(specials)}")
     weights = conv.get("task_weights")
     if weights is not None and (len(weights) != len(tasks) or min(weights) < 0 or sum(weights) <= 0):
         raise ValueError(f"data.conversation.task_weights: {len(tasks)} non-negative weights, got {weights!r}")
@@ -244,6 +259,8 @@ def conversation_example(ex: Mapping[str, Any], conv: Mapping[str, Any], chat: C
                         system=system, instructions=conv.get("instructions"), question_format=qformat)
     if not conv.get("with_image", True):  # text-only data, e.g. the language model's pretraining
         turns = [(role, content.replace(IMAGE, "")) for role, content in turns]
+    if "image_tokens" in ex:  # this example's own placeholder count (pp op `anyres`)
+        chat = chat.with_image_tokens(ex["image_tokens"])
     ids, loss = chat.encode(turns)
     tokens, loss_mask = chat.pad(ids, loss, int(conv.get("length", 64)))
     out = {"tokens": tokens, "loss_mask": loss_mask}
@@ -265,12 +282,15 @@ def conversation_example(ex: Mapping[str, Any], conv: Mapping[str, Any], chat: C
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
 
 
-def interleave(ex: Mapping[str, Any], others: Sequence[Mapping[str, Any]], rng: np.random.Generator) -> dict:
+def interleave(ex: Mapping[str, Any], others: Sequence[Mapping[str, Any]], rng: np.random.Generator,
+               end_of_chunk: str = "") -> dict:
     """An interleaved image-text document (Flamingo, Alayrac et al. 2022, sec. 2.3) around example ex.
 
     ex's image goes at a drawn position k among the M = 1 + len(others) images; 'image' becomes
     [M, H, W, 3]; 'image_context' is '<image>caption. ' for every image but the last, then '<image>'
-    (what the user turn holds before the question, build_turns); ex's questions become "... in the
+    (what the user turn holds before the question, build_turns); with `end_of_chunk` (a special
+    marker, Flamingo's <EOC> / OpenFlamingo's '<|endofchunk|>') each caption chunk ends with it
+    instead: '<image>caption.<|endofchunk|><image>...'; ex's questions become "... in the
     k-th image?" (its answers unchanged). Text after an image sees that image (Flamingo's masking),
     so a question about an earlier image must be answered from the document's text.
     """
@@ -279,7 +299,8 @@ def interleave(ex: Mapping[str, Any], others: Sequence[Mapping[str, Any]], rng: 
         raise ValueError(f"data.interleaved_images: at most {len(ORDINALS)} images, got {m}")
     k = int(rng.integers(m))
     order = [*others[:k], ex, *others[k:]]
-    context = "".join(IMAGE + (f"{o['caption']}. " if p < m - 1 else "") for p, o in enumerate(order))
+    chunk_end = end_of_chunk or " "
+    context = "".join(IMAGE + (f"{o['caption']}.{chunk_end}" if p < m - 1 else "") for p, o in enumerate(order))
     questions = [f"{q.rstrip('?').rstrip()} in the {ORDINALS[k]} image?" for q in ex.get("questions", [])]
     return dict(ex, image=np.stack([np.asarray(o["image"]) for o in order]), image_context=context,
                 questions=questions, image_position=k)

@@ -35,7 +35,13 @@ Config keys (`config.data`, see `get_default_config`):
                   M - 1 other random examples of the split join it, 'image' is [M, H, W, 3], the
                   example's own image sits at a drawn position k, its questions ask "... in the
                   k-th image?", and data.conversation writes '<image>caption. <image>...' before
-                  the question (conversation.interleave; conversation task 'qa' only)
+                  the question (conversation.interleave; conversation task 'qa' only);
+                  data.conversation.end_of_chunk (a special marker, e.g. '<|endofchunk|>') ends
+                  each caption chunk
+    pp op anyres  LLaVA-NeXT views: 'image' becomes [1 + max_tiles, tile, tile, 3] and batches get
+                  'image_layout' [B, 4] (tile rows, cols, original height, width); the conversation
+                  writes each example's own number of `<image>` placeholders (not with packing or
+                  interleaved_images)
     question_regex    None, or keep only the question/answer pairs whose question matches it
                   (re.search), e.g. 'text say' for the text-reading VQA of the text-rich scenes
     answer_vocab  VQA as classification: a list of answers or a text file (one per line); with
@@ -128,6 +134,10 @@ def check_config(data: ml_collections.ConfigDict) -> None:
     if (m or 1) > 1 and (data.get("conversation") is None or tuple(data.conversation.get("tasks", ())) != ("qa",)):
         raise ValueError("data.interleaved_images > 1 needs data.conversation with tasks=('qa',) (the question "
                          "names the image it is about)")
+    anyres = any("anyres" in preprocess.op_names(data[k]) for k in ("pp_train", "pp_eval") if k in data)
+    if anyres and ((m or 1) > 1 or int((data.get("conversation") or {}).get("pack", 1)) > 1):
+        raise ValueError("the pp op 'anyres' gives one image per example with its own token count: it does not "
+                         "work with data.interleaved_images > 1 or data.conversation.pack > 1")
     if data.get("question_regex"):
         try:
             re.compile(data.question_regex)
@@ -253,7 +263,8 @@ class _Process:
                      if self.question_re.search(q)]
             ex = dict(ex, questions=[q for q, _ in pairs], answers=[a for _, a in pairs])
         if self.num_images > 1:
-            ex = conversation.interleave(ex, self._others(rng), rng)
+            ex = conversation.interleave(ex, self._others(rng), rng,
+                                         end_of_chunk=(self.conv or {}).get("end_of_chunk") or "")
         image = ex["image"]
         out = {
             "image": (image.astype(np.float32) / 255 if image.dtype == np.uint8 else image.astype(np.float32)),
@@ -271,6 +282,8 @@ class _Process:
             out["answer"] = self._tok(ans[j] if j >= 0 else "", self.length)
             if self.answers is not None:
                 out["answer_label"] = np.int32(self.answers.get(ans[j], -1) if j >= 0 else -1)
+        if "image_layout" in ex:  # pp op `anyres`: the tile grid and original size
+            out["image_layout"] = ex["image_layout"]
         if self.chat is not None:  # its own stream, so the draws above stay as they were
             conv_rng = np.random.default_rng([self.seed, 1, position])
             out.update(conversation.conversation_example(ex, self.conv, self.chat, conv_rng,

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vlm.data import anyres as ar  # LLaVA-NeXT views, matched to transformers
+
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
 
@@ -237,6 +239,70 @@ def normalize(stats: str = "clip") -> Op:
     return lambda ex, rng: _images(ex, lambda img: (_to_unit(img) - mean) / std)
 
 
+@register
+def random_aspect_pad(ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> Op:
+    """Pads the image (centred, replicating its border) to a width / height ratio drawn from `ratios`.
+
+    Makes non-square images from square ones (the embedded scenes, whose background is uniform) to
+    train and test aspect-ratio handling (`anyres`). Centred, so 'left' / 'right' of the centre stay
+    true; boxes move with the image. A ratio the image already has leaves it unchanged.
+    """
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios):
+        raise ValueError(f"ratios must be a non-empty list of positive width/height ratios, got {ratios!r}")
+
+    def op(ex, rng):
+        r = float(ratios[int(rng.integers(len(ratios)))])
+        h, w = _size(ex)
+        th, tw = (h, max(w, round(h * r))) if r >= w / h else (max(h, round(w / r)), w)
+        top, left = (th - h) // 2, (tw - w) // 2
+        if (th, tw) == (h, w):
+            return ex
+        pad = ((top, th - h - top), (left, tw - w - left), (0, 0))
+        ex = _images(ex, lambda img: np.pad(img, pad, mode="edge"))
+        if "boxes" in ex and len(ex["boxes"]):
+            ex["boxes"] = (np.asarray(ex["boxes"], np.float32) + [left, top, left, top]).astype(np.float32)
+        return ex
+    return op
+
+
+@register
+def anyres(grid_pinpoints: Sequence[Sequence[int]], tile_size: int, patch_grid: int | Sequence[int],
+           resample: str = "bicubic") -> Op:
+    """LLaVA-NeXT AnyRes views (vlm.data.anyres): 'image' [H, W, 3] -> [1 + max_tiles, tile, tile, 3].
+
+    The global view, then the tiles of the best-fitting grid of `grid_pinpoints` ((height, width)
+    pixels, multiples of tile_size), then zero views up to the most tiles any pinpoint gives. Adds
+    'image_layout' int32 [4] = (rows, cols, height, width): the tile grid and the image's size
+    before this op (the model's unpadding needs both), and 'image_tokens': how many `<image>`
+    placeholders the conversation writes (vlm.data.anyres.num_image_tokens with the encoder's
+    `patch_grid` features per tile). Runs on uint8 pixels; only value_range / normalize may follow.
+    """
+    points = ar.check_pinpoints(grid_pinpoints, tile_size)
+    ar.check_patch_grid(patch_grid)
+    if resample not in ar.RESAMPLE:
+        raise ValueError(f"resample must be one of {sorted(ar.RESAMPLE)}, got {resample!r}")
+
+    def op(ex, rng):
+        image = ex["image"]
+        if image.dtype != np.uint8 or image.ndim != 3:
+            raise ValueError(f"anyres needs one uint8 image [H, W, 3] (before value_range / normalize), "
+                             f"got {image.dtype} {image.shape}")
+        if "frames" in ex and len(ex["frames"]):
+            raise ValueError("anyres: examples with frames are not supported")
+        views, _, (rows, cols) = ar.anyres_views(image, points, tile_size, resample)
+        h, w = image.shape[:2]
+        ex["image"] = views
+        ex["image_layout"] = np.asarray([rows, cols, h, w], np.int32)
+        ex["image_tokens"] = ar.num_image_tokens((h, w), points, tile_size, patch_grid)
+        return ex
+    return op
+
+
+# Ops that may follow `anyres` (they act on pixel values, not geometry).
+_AFTER_ANYRES = ("decode", "value_range", "normalize")
+
+
 # ----------------------------------------------------------------- parsing
 
 
@@ -261,7 +327,7 @@ def _split(spec: str | Sequence[str]) -> list[str]:
 
 def parse_pp(spec: str | Sequence[str], where: str = "pp") -> list[Op]:
     """Parses and checks a pp spec; ValueError names the bad op (1-based position)."""
-    ops = []
+    ops, anyres_at = [], None
     for pos, text in enumerate(_split(spec), start=1):
         try:
             name, args, kwargs = _parse_one(text)
@@ -270,6 +336,11 @@ def parse_pp(spec: str | Sequence[str], where: str = "pp") -> list[Op]:
         if name not in _OPS:
             raise ValueError(f"{where}: unknown op {name!r} at position {pos}; known ops: "
                              f"{', '.join(known_ops())}")
+        if anyres_at is not None and name not in _AFTER_ANYRES:
+            raise ValueError(f"{where}: op {name!r} at position {pos} comes after 'anyres' (position {anyres_at}), "
+                             f"which turns the image into tiles; only {', '.join(_AFTER_ANYRES)} may follow it")
+        if name == "anyres":
+            anyres_at = pos
         factory = _OPS[name]
         try:
             inspect.signature(factory).bind(*args, **kwargs)
@@ -278,6 +349,11 @@ def parse_pp(spec: str | Sequence[str], where: str = "pp") -> list[Op]:
             raise ValueError(f"{where}: bad argument for op {name!r} at position {pos} "
                              f"({text!r}): {e}; signature {name}{inspect.signature(factory)}") from None
     return ops
+
+
+def op_names(spec: str | Sequence[str]) -> list[str]:
+    """The op names of a pp spec, in order (parse_pp checks them)."""
+    return [_parse_one(text)[0] for text in _split(spec)]
 
 
 def apply_ops(ops: Sequence[Op], ex: Example, rng: np.random.Generator) -> Example:

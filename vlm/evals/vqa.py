@@ -21,7 +21,7 @@ class VQAGenerate(SplitData):
 
   Needs data.conversation and 'question', 'answer' in data.extra_text_keys (the prompt asks the
   same drawn question as 'answer' holds; with data.conversation.instruction_length, the question
-  also goes to the image encoder as 'prompt_instruction'). The model is a vlm.models.vision_lm or a vlm.models.flamingo
+  also goes to the image encoder as 'prompt_instruction'; AnyRes views come with 'image_layout'). The model is a vlm.models.vision_lm or a vlm.models.flamingo
   model (each with its cached `generate`). Reports {prefix}/accuracy, and /accuracy_unseen for examples whose
   main-object combination is held out of training; keeps the last answers in `last_answers`.
   """
@@ -46,20 +46,21 @@ class VQAGenerate(SplitData):
       tok = get_tokenizer(self.config.data)
 
       def fn(params, x):
-        images, prompt, mask, *instruction = x
+        images, prompt, mask, extra = x
         kw = dict(mask=mask, max_new_tokens=self.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
         if isinstance(self.model, flamingo.Flamingo):  # images reach the text by cross-attention
           return flamingo.generate(self.model, params, images, prompt, **kw).tokens
-        return vision_lm.generate(self.model, params, images, prompt,
-                                  instruction=instruction[0] if instruction else None, **kw).tokens
+        return vision_lm.generate(self.model, params, images, prompt, **extra, **kw).tokens
 
       self._fn = jit_on_mesh(fn, self.mesh, self.rules)
     return self._fn
 
   def answers(self, params: Any, images: np.ndarray, prompt: np.ndarray, mask: np.ndarray,
-              instruction: np.ndarray | None = None) -> list[str]:
-    """Greedy answers; instruction [N, L]: the image encoder's ('prompt_instruction' of the data)."""
-    inputs = (images, prompt, mask) + (() if instruction is None else (instruction,))
+              instruction: np.ndarray | None = None, image_layout: np.ndarray | None = None) -> list[str]:
+    """Greedy answers; instruction [N, L]: the image encoder's ('prompt_instruction' of the data);
+    image_layout [N, 4]: AnyRes views' layout ('image_layout' of the data)."""
+    extra = {k: v for k, v in (("instruction", instruction), ("image_layout", image_layout)) if v is not None}
+    inputs = (images, prompt, mask, extra)
     tokens = batched_apply(self._generate_fn(), params, inputs, self.mesh, self.batch_size)
     return get_tokenizer(self.config.data).decode_batch(tokens)
 
@@ -67,7 +68,7 @@ class VQAGenerate(SplitData):
     arrays, _ = self.data()
     tok = get_tokenizer(self.config.data)
     self.last_answers = self.answers(params, arrays["image"], arrays["prompt"], arrays["prompt_mask"],
-                                     arrays.get("prompt_instruction"))
+                                     arrays.get("prompt_instruction"), arrays.get("image_layout"))
     refs = [normalize_answer(a) for a in tok.decode_batch(arrays["answer"])]
     hit = np.array([normalize_answer(a) == r for a, r in zip(self.last_answers, refs)], np.float64)
     out = {f"{self.prefix}/accuracy": float(hit.mean())}

@@ -26,6 +26,13 @@ Given `instruction` tokens [B, L] (data.conversation.instruction_length > 0), th
 queries also attend to the instruction: BLIP-2's question-conditioned Q-Former for VQA (sec. 4.3),
 InstructBLIP's instruction-aware Q-Former (Dai et al. 2023).
 
+LLaVA-NeXT AnyRes (`anyres` = dict(grid_pinpoints, tile_size, patch_grid); Liu et al. 2024): an
+image arrives as its views [B, 1 + max_tiles, tile, tile, 3] (the pp op `anyres`: global view, tiles
+of the best-fitting grid, zero views) with `image_layout` [B, 4] (tile rows, cols, original height,
+width). Every view goes through the encoder and connector as one batch; vlm.nn.anyres.AnyResPack
+lays out [global tokens; unpadded tile grid with an `image_newline` after each row] and the row's
+placeholders (as many as the data wrote for that image) receive them in order.
+
 Soft prompts (prompt tuning, Lester et al. 2021): `num_soft_prompts` learned vectors written at
 `soft_prompt_token_id` placeholders, in order (the chat template puts them in the system turn).
 
@@ -41,7 +48,9 @@ import jax.numpy as jnp
 
 from vlm import decoding
 from vlm.models.decoder import DecoderLM
+from vlm.data import anyres as anyres_data
 from vlm.models.vit import ViT
+from vlm.nn.anyres import AnyResPack
 from vlm.nn.mlp import dense
 
 Dtype = Any
@@ -88,6 +97,8 @@ class VisionLanguageModel(nn.Module):
       `prefix_tokens` it becomes a prefix of that many embeddings).
     connector, prefix_tokens: see Connector.
     image_token_id: the placeholder id; soft_prompt_token_id / num_soft_prompts: prompt tuning.
+    anyres: None, or LLaVA-NeXT's dict(grid_pinpoints=((h, w), ...), tile_size=t, patch_grid=g): the
+      same values as the data's pp op `anyres`; g = the encoder's feature grid per tile (t / patch).
   """
 
   lm_config: dict
@@ -102,6 +113,7 @@ class VisionLanguageModel(nn.Module):
   image_token_id: int = 1000
   soft_prompt_token_id: int = 1004
   num_soft_prompts: int = 0
+  anyres: dict | None = None
   dtype: Dtype = None
 
   def setup(self):
@@ -117,6 +129,14 @@ class VisionLanguageModel(nn.Module):
       self.vision = MODELS.get(self.vision_model)(**self.vision_config)
     self.lm = DecoderLM(**self.lm_config, dtype=self.dtype)
     self.connector = Connector(self.connector_type, self.lm_config["width"], self.prefix_tokens, self.dtype)
+    if self.anyres is not None:
+      unknown = set(self.anyres) - {"grid_pinpoints", "tile_size", "patch_grid"}
+      if unknown or not {"grid_pinpoints", "tile_size", "patch_grid"} <= set(self.anyres):
+        raise ValueError(f"model.anyres: needs exactly grid_pinpoints, tile_size, patch_grid; got {sorted(self.anyres)}")
+      a = self.anyres
+      self.anyres_pack = AnyResPack(
+          self._patch_grid(), anyres_data.max_image_tokens(a["grid_pinpoints"], a["tile_size"], a["patch_grid"]),
+          dtype=self.dtype, name="anyres")
     if self.num_soft_prompts:
       self.soft_prompt = self.param("soft_prompt", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (None, "embed")), (self.num_soft_prompts, self.lm_config["width"]))
@@ -164,6 +184,33 @@ class VisionLanguageModel(nn.Module):
     feats = self.connector(self.image_features(images.reshape(b * m, *images.shape[2:]), train, instruction))
     return feats.reshape(b, m * feats.shape[1], feats.shape[2])
 
+  def _patch_grid(self) -> tuple[int, int]:
+    g = self.anyres["patch_grid"]
+    return (int(g), int(g)) if isinstance(g, int) else (int(g[0]), int(g[1]))
+
+  def encode_anyres(self, views: jax.Array, image_layout: jax.Array,
+                    train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """LLaVA-NeXT: views [B, 1 + max_tiles, t, t, 3], image_layout [B, 4] (rows, cols, height, width)
+    -> (tokens [B, max_tokens, D]: global view, then the unpadded tile grid with a newline per row,
+    zeros after; count [B]: how many are valid). All views run through the encoder as one batch
+    (the zero padding views too: static shapes)."""
+    a = self.anyres
+    views_per_image = 1 + anyres_data.max_tiles(a["grid_pinpoints"], a["tile_size"])
+    if views.ndim != 5 or views.shape[1] != views_per_image or views.shape[2:4] != (a["tile_size"],) * 2:
+      raise ValueError(f"model.anyres: images must be the pp op anyres's views [B, {views_per_image}, "
+                       f"{a['tile_size']}, {a['tile_size']}, C], got shape {views.shape}")
+    if image_layout is None or image_layout.shape != (views.shape[0], 4):
+      raise ValueError(f"model.anyres: needs image_layout [B={views.shape[0]}, 4] (rows, cols, height, width; "
+                       f"the pp op anyres puts it in the batch), got "
+                       f"{None if image_layout is None else image_layout.shape}")
+    b, v = views.shape[:2]
+    feats = self.connector(self.image_features(views.reshape(b * v, *views.shape[2:]), train))
+    gh, gw = self._patch_grid()
+    if feats.shape[1] != gh * gw:
+      raise ValueError(f"model.anyres.patch_grid {(gh, gw)}: the encoder gives {feats.shape[1]} features per "
+                       f"{a['tile_size']} px tile, not {gh * gw}")
+    return self.anyres_pack(feats.reshape(b, v, *feats.shape[1:]), image_layout[:, :2], image_layout[:, 2:])
+
   # ------------------------------------------------------------------------ sequence
 
   @staticmethod
@@ -175,21 +222,30 @@ class VisionLanguageModel(nn.Module):
 
   def embed(self, tokens: jax.Array, images: jax.Array | None = None, train: bool = False,
             stats: dict | None = None, surplus_images: bool = False,
-            instruction: jax.Array | None = None) -> jax.Array:
+            instruction: jax.Array | None = None, image_layout: jax.Array | None = None) -> jax.Array:
     """tokens [B, T] -> LM input embeddings [B, T, D] with image tokens and soft prompts written in.
     stats: a dict that receives image_token_mismatch (see vlm.objectives.lm); surplus_images (packed
     rows, whose examples may be absent or have no image): a row may use any whole number of its
     images, so only a placeholder count that is not a multiple of one image's tokens, or exceeds
-    all of them, counts as a mismatch."""
+    all of them, counts as a mismatch. image_layout [B, 4]: with `anyres` (each row's image then
+    has its own token count, which the placeholders must equal)."""
     x = self.lm.embed(tokens)
     if images is not None:
-      feats = self.encode_images(images, train, instruction)
+      count = None
+      if self.anyres is not None:
+        if instruction is not None:
+          raise ValueError("model.anyres: an instruction for the image encoder is not supported with AnyRes")
+        feats, count = self.encode_anyres(images, image_layout, train)
+      else:
+        feats = self.encode_images(images, train, instruction)
       is_img = tokens == self.image_token_id
       x = self._scatter(x, is_img, feats)
       if stats is not None:
         found = jnp.sum(is_img, axis=1)
         total = feats.shape[1]
-        if surplus_images:
+        if count is not None:
+          bad = (found != count) & (found > 0)
+        elif surplus_images:
           per_image = total // (images.shape[1] if images.ndim == 5 else 1)
           bad = (found % per_image != 0) | (found > total)
         else:
@@ -201,44 +257,45 @@ class VisionLanguageModel(nn.Module):
     return x
 
   def __call__(self, images: jax.Array | None, tokens: jax.Array, instruction: jax.Array | None = None,
-               train: bool = False, mask: jax.Array | None = None, return_stats: bool = False,
-               segment_ids: jax.Array | None = None):
+               image_layout: jax.Array | None = None, train: bool = False, mask: jax.Array | None = None,
+               return_stats: bool = False, segment_ids: jax.Array | None = None):
     """Logits [B, T, V] of tokens [B, T] with the images at their placeholders (mask: padding [B, T];
     segment_ids: packed rows [B, T], see DecoderLM; instruction [B, L]: the image encoder's text
-    input, see encode_images); with return_stats also {'image_token_mismatch':
+    input, see encode_images; image_layout [B, 4]: AnyRes, see encode_anyres); with return_stats also {'image_token_mismatch':
     fraction of rows whose placeholders do not match the images' token count (a row with several
     images must hold all of them; a packed row a whole number of them)}."""
     stats: dict = {}
-    x = self.embed(tokens, images, train, stats, surplus_images=segment_ids is not None, instruction=instruction)
+    x = self.embed(tokens, images, train, stats, surplus_images=segment_ids is not None, instruction=instruction,
+                   image_layout=image_layout)
     logits = self.lm(inputs_embeds=x, train=train, mask=mask, segment_ids=segment_ids)
     return (logits, stats) if return_stats else logits
 
   def decode_step(self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None,
                   mask: jax.Array | None = None, images: jax.Array | None = None,
-                  instruction: jax.Array | None = None) -> jax.Array:
-    """DecoderLM.decode_step on embeddings: pass images (and instruction) with the prompt (prefill),
-    not after."""
-    x = self.embed(tokens, images, instruction=instruction)
+                  instruction: jax.Array | None = None, image_layout: jax.Array | None = None) -> jax.Array:
+    """DecoderLM.decode_step on embeddings: pass images (and instruction, image_layout) with the
+    prompt (prefill), not after."""
+    x = self.embed(tokens, images, instruction=instruction, image_layout=image_layout)
     return self.lm.decode_step(None, index, cache_len, mask, inputs_embeds=x)
 
 
 def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt: jax.Array, *,
              max_new_tokens: int, eos_id: int, pad_id: int = 0, mask: jax.Array | None = None,
              method: str = "greedy", rng: jax.Array | None = None, instruction: jax.Array | None = None,
-             **decode_kw) -> decoding.DecodeOutput:
+             image_layout: jax.Array | None = None, **decode_kw) -> decoding.DecodeOutput:
   """Answers after prompt [B, P] (left-padded: pass `mask`) about images, with the KV cache (jit-able).
 
   The prefill (T = P > 1) embeds the images (with `instruction` [B, L] for an instruction-aware
-  image encoder); single-token steps do not.
+  image encoder, and `image_layout` [B, 4] for AnyRes views); single-token steps do not.
   """
   p = prompt.shape[1]
   _, variables = model.apply({"params": params}, prompt, 0, p + max_new_tokens, mask, images, instruction,
-                             method=VisionLanguageModel.decode_step, mutable=["cache"])
+                             image_layout, method=VisionLanguageModel.decode_step, mutable=["cache"])
 
   def step_fn(cache, tokens, index):
     prefill = tokens.shape[1] == p and p > 1
-    imgs, instr = (images, instruction) if prefill else (None, None)
-    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, None, None, imgs, instr,
+    imgs, instr, layout = (images, instruction, image_layout) if prefill else (None, None, None)
+    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, None, None, imgs, instr, layout,
                               method=VisionLanguageModel.decode_step, mutable=["cache"])
     return logits, new["cache"]
 

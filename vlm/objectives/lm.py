@@ -28,7 +28,8 @@ class LanguageModeling:
   predicting it, so no sequence's last token is trained to predict the next sequence's first.
 
   A batch with `instruction_key` [B, L] (data.conversation.instruction_length > 0) passes it to the
-  model as `instruction` (the instruction-aware Q-Former of vlm.models.vision_lm).
+  model as `instruction` (the instruction-aware Q-Former of vlm.models.vision_lm); one with
+  `layout_key` [B, 4] (the pp op `anyres`) passes it as `image_layout` (LLaVA-NeXT AnyRes).
   """
 
   image_key: str | None = "image"
@@ -36,6 +37,7 @@ class LanguageModeling:
   loss_mask_key: str = "loss_mask"
   segment_ids_key: str = "segment_ids"
   instruction_key: str = "instruction"
+  layout_key: str = "image_layout"
   label_smoothing: float = 0.0
   z_loss: float = 0.0
   mesh: Mesh | None = None
@@ -49,12 +51,17 @@ class LanguageModeling:
     return tuple(batch[k] for k in keys[:-1])
 
   def _instruction(self, batch) -> tuple:
-    if self.image_key and self.instruction_key and self.instruction_key in batch:
-      return (batch[self.instruction_key],)
-    return ()
+    """(instruction, image_layout) as far as the batch has them (None where only the layout is there)."""
+    if not self.image_key:
+      return ()
+    instruction = batch.get(self.instruction_key) if self.instruction_key else None
+    layout = batch.get(self.layout_key) if self.layout_key else None
+    if layout is not None:
+      return (instruction, layout)
+    return () if instruction is None else (instruction,)
 
   def init_args(self, batch) -> tuple:
-    return tuple(x[:1] for x in self._inputs(batch) + self._instruction(batch))
+    return tuple(None if x is None else x[:1] for x in self._inputs(batch) + self._instruction(batch))
 
   def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
     inputs = self._inputs(batch) + self._instruction(batch)

@@ -27,7 +27,7 @@ import ml_collections
 
 from configs.common import base_config, demo_data
 from configs.lm_pretrain import conversation, demo_lm
-from configs.llava_base import CLIP_DEMO, LM_DEMO, demo_vision, vqa_eval
+from configs.llava_base import demo_init, demo_vision, vqa_eval
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -62,12 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.conversation.prompt_length = 48
     c.data.conversation.specials["<|endofchunk|>"] = 1005
     c.data.conversation.end_of_chunk = "<|endofchunk|>"
-    c.init = ml_collections.ConfigDict(dict(
-        vision=dict(path=CLIP_DEMO, mapping={"vision/": "img/"}, step=None,
-                    hint=f"Train the vision encoder first: python -m vlm.train --config=configs/clip_b16.py:demo "
-                         f"--workdir={CLIP_DEMO}"),
-        lm=dict(path=LM_DEMO, mapping={"lm/": ""}, step=None,
-                hint=f"Train the LM first: python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir={LM_DEMO}")))
+    c.init = demo_init()
     c.batch_size = 64
     c.total_steps = 800
     c.lr = 1e-3

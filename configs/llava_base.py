@@ -43,6 +43,28 @@ def demo_vision() -> dict:
   return dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8)
 
 
+def demo_init(vision_prefix: str = "vision/", demo: bool = True) -> ml_collections.ConfigDict:
+  """config.init of a demo VLM: the CLIP demo's image tower (its 'img/' params) at `vision_prefix` and
+  the LM demo at 'lm/'. demo=False: the same two slots with no path (give HF directories)."""
+  return ml_collections.ConfigDict(dict(
+      vision=dict(path=CLIP_DEMO if demo else None, mapping={vision_prefix: "img/" if demo else ""}, step=None,
+                  hint=f"Train the vision encoder first: python -m vlm.train --config=configs/clip_b16.py:demo "
+                       f"--workdir={CLIP_DEMO}"),
+      lm=dict(path=LM_DEMO if demo else None, mapping={"lm/": ""}, step=None,
+              hint=f"Train the LM first: python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir={LM_DEMO}")))
+
+
+def vicuna_chat(conv: ml_collections.ConfigDict) -> None:
+  """Vicuna v1's template, specials and system prompt on data.conversation (LLaVA-1.5 / LLaVA-NeXT at
+  scale; the tokenizer must be the LM's own: data.tokenizer = its tokenizer.model)."""
+  conv.template = ml_collections.ConfigDict(dict(
+      system="{content} ", user="USER: {content} ", assistant="ASSISTANT: {content}</s>",
+      generation_prefix="ASSISTANT:"))
+  conv.specials = ml_collections.ConfigDict({"<image>": 32_000, "</s>": 2})
+  conv.system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the human's questions.")
+
+
 def vqa_eval(every: int, max_examples: int | None = 1000) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(vqa=dict(type="vqa_generate", every=every, split="test",
                                                  max_examples=max_examples, max_new_tokens=6)))
@@ -90,25 +112,12 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
     c.data.extra_text_keys = ("caption_detailed", "question", "answer")
     c.data.conversation = conversation(("caption",) if stage == "align" else ("qa", "detailed"),
                                        image_tokens=576, length=2048)
-    # Vicuna v1 template; the tokenizer must be the LM's own (data.tokenizer = its tokenizer.model).
-    c.data.conversation.template = ml_collections.ConfigDict(dict(
-        system="{content} ", user="USER: {content} ", assistant="ASSISTANT: {content}</s>",
-        generation_prefix="ASSISTANT:"))
-    c.data.conversation.specials = ml_collections.ConfigDict({"<image>": 32_000, "</s>": 2})
-    c.data.conversation.system = ("A chat between a curious human and an artificial intelligence assistant. "
-                                  "The assistant gives helpful, detailed, and polite answers to the human's "
-                                  "questions.")
+    vicuna_chat(c.data.conversation)
     c.evals = vqa_eval(every=5000, max_examples=None)
   if stage == "align":
     # Stage 1: vision encoder and LM frozen, the connector learns (LLaVA-1.5: batch 256, lr 1e-3, 1 epoch).
     c.frozen = [r"vision/.*", r"lm/.*"]
-    c.init = ml_collections.ConfigDict(dict(
-        vision=dict(path=CLIP_DEMO if demo else None, mapping={"vision/": "img/"} if demo else {"vision/": ""},
-                    step=None, hint=f"Train the vision encoder first: python -m vlm.train "
-                                    f"--config=configs/clip_b16.py:demo --workdir={CLIP_DEMO}"),
-        lm=dict(path=LM_DEMO if demo else None, mapping={"lm/": ""}, step=None,
-                hint=f"Train the LM first: python -m vlm.train --config=configs/lm_pretrain.py:demo "
-                     f"--workdir={LM_DEMO}")))
+    c.init = demo_init(demo=demo)
     c.lr = 1e-3
     c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=20 if demo else 65))
     c.total_steps = 300 if demo else 2170  # 558k LCS-558K pairs / 256

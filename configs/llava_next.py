@@ -19,8 +19,8 @@ instruction examples, the vision encoder at 2e-6 and the rest at 2e-5 (lr_mults)
 
 Demo (`:demo`, the embedded text-rich scenes: small text legible at 64 px, a blur at 32 px), padded
 to a random aspect ratio of 1:2, 1:1 or 2:1 (pp op `random_aspect_pad`) so the grids differ per
-image. The encoder is the CLIP demo's image tower (32 px tiles, 4 x 4 features), the LM
-configs/lm_pretrain.py's. Pinpoints: LLaVA-NeXT's set scaled 336 -> 32 px plus 2 x 4 and 4 x 2 tiles,
+image. The encoder is the CLIP demo's image tower (32 px tiles, 4 x 4 features; it learns at a tenth
+of the rate, as in stage 2 at scale), the LM configs/lm_pretrain.py's. Pinpoints: LLaVA-NeXT's set scaled 336 -> 32 px plus 2 x 4 and 4 x 2 tiles,
 so that the demo's wide and tall images, like its square ones, are seen at twice the tile's
 resolution (the paper's set would give a 1:2 image only 1 x 2 tiles). The test bed is reading the
 text (questions filtered to "what does the text say?", data.question_regex), as Monkey's demo.
@@ -42,7 +42,7 @@ import ml_collections
 
 from configs.common import base_config, demo_data
 from configs.lm_pretrain import conversation, demo_lm
-from configs.llava_base import CLIP_DEMO, LM_DEMO, demo_vision, model, vqa_eval
+from configs.llava_base import demo_init, demo_vision, model, vicuna_chat, vqa_eval
 from vlm.data import anyres
 
 DEMO_TILE = 32
@@ -89,13 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.conversation = conversation(("qa", "detailed"), image_tokens=max_tokens, length=max_tokens + 40,
                                        task_weights=(3.0, 1.0))
     c.data.conversation.max_turns = 1
-    c.frozen = [r"vision/.*"]
-    c.init = ml_collections.ConfigDict(dict(
-        vision=dict(path=CLIP_DEMO, mapping={"vision/": "img/"}, step=None,
-                    hint=f"Train the vision encoder first: python -m vlm.train --config=configs/clip_b16.py:demo "
-                         f"--workdir={CLIP_DEMO}"),
-        lm=dict(path=LM_DEMO, mapping={"lm/": ""}, step=None,
-                hint=f"Train the LM first: python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir={LM_DEMO}")))
+    # As LLaVA-NeXT's stage 2, the whole model learns, the vision tower at a tenth of the rate.
+    c.frozen = []
+    c.lr_mults = [(r"vision/.*", 0.1)]
+    c.init = demo_init()
     c.batch_size = 64
     c.total_steps = 800
     c.lr = 1e-3
@@ -108,14 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.pp_train = anyres_pp(c.model["anyres"])
     c.data.pp_eval = c.data.pp_train
     c.data.conversation = conversation(("qa", "detailed"), image_tokens=max_tokens, length=max_tokens + 1024)
-    # Vicuna v1 template, as configs/llava_base.py (the tokenizer must be the LM's own).
-    c.data.conversation.template = ml_collections.ConfigDict(dict(
-        system="{content} ", user="USER: {content} ", assistant="ASSISTANT: {content}</s>",
-        generation_prefix="ASSISTANT:"))
-    c.data.conversation.specials = ml_collections.ConfigDict({"<image>": 32_000, "</s>": 2})
-    c.data.conversation.system = ("A chat between a curious human and an artificial intelligence assistant. "
-                                  "The assistant gives helpful, detailed, and polite answers to the human's "
-                                  "questions.")
+    vicuna_chat(c.data.conversation)
     # Stage 2 from a stage-1 checkpoint (configs/llava_stage1.py) or an imported LLaVA-NeXT.
     c.init = ml_collections.ConfigDict(dict(path=None, mapping=None, step=None))
     c.frozen = []  # the whole model learns; the vision encoder at a tenth of the rate (2e-6 vs 2e-5)

@@ -32,7 +32,7 @@ import ml_collections
 
 from configs.common import base_config, demo_data
 from configs.lm_pretrain import conversation, demo_lm
-from configs.llava_base import CLIP_DEMO, LM_DEMO, demo_vision, vqa_eval
+from configs.llava_base import demo_init, demo_vision, vqa_eval
 
 INSTRUCTIONS = dict(caption=("Generate the caption in English:",),
                     detailed=("Generate the detailed caption in English:",))
@@ -81,12 +81,7 @@ def build(demo: bool, windows: bool) -> ml_collections.ConfigDict:
     c.data.conversation = conversation(("qa", "detailed"), image_tokens=views * queries, length=views * queries + 40,
                                        task_weights=(3.0, 1.0))
     c.data.conversation.max_turns = 1
-    c.init = ml_collections.ConfigDict(dict(
-        vision=dict(path=CLIP_DEMO, mapping={"vision/img/": "img/"}, step=None,
-                    hint=f"Train the vision encoder first: python -m vlm.train --config=configs/clip_b16.py:demo "
-                         f"--workdir={CLIP_DEMO}"),
-        lm=dict(path=LM_DEMO, mapping={"lm/": ""}, step=None,
-                hint=f"Train the LM first: python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir={LM_DEMO}")))
+    c.init = demo_init("vision/img/")
     c.batch_size = 64
     c.total_steps = 800
     c.lr = 1e-3

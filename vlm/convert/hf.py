@@ -197,7 +197,8 @@ def _heads(config: dict, tower: str) -> int:
 def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF directory -> ('two_tower', model kwargs, params) for CLIP / SigLIP, ('flava', ...) for FLAVA
   (vlm.convert.flava), ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm),
-  ('vision_lm', ...) for LLaVA, LLaVA-NeXT and BLIP-2, ('flamingo', ...) for IDEFICS (vlm.convert.idefics).
+  ('vision_lm', ...) for LLaVA, LLaVA-NeXT, BLIP-2 and Fuyu (vlm.convert.fuyu), ('flamingo', ...) for IDEFICS
+  (vlm.convert.idefics).
   Raises listing missing/unused tensors."""
   path = Path(path)
   config = json.loads((path / "config.json").read_text())
@@ -218,6 +219,9 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   if config.get("model_type") == "blip-2":
     from vlm.convert.blip2 import import_hf_blip2
     return import_hf_blip2(path, scan=scan)
+  if config.get("model_type") == "fuyu":
+    from vlm.convert.fuyu import import_hf_fuyu
+    return import_hf_fuyu(path, scan=scan)
   kwargs = model_kwargs_from_hf(config)
   tensors = _split_in_proj(load_safetensors_dir(path))
   table = _table(config)

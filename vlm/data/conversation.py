@@ -12,7 +12,9 @@ given by `data.conversation.specials`, everything else goes through the Sentence
 `<image>` expands to `image_tokens` copies of its id (the connector's output length): the model
 writes the image embeddings at exactly those positions (LLaVA's convention). An example whose
 preprocessing set 'image_tokens' (the pp op `anyres`: LLaVA-NeXT's count depends on the image's
-size) gets that many instead. Mapping `<|end|>` to
+size) gets that many instead. With `image_row_break` (a special marker) and `image_rows` = R, the
+placeholders come in R rows each followed by that marker (Fuyu: a `|NEWLINE|` token after every row
+of patches), still image_tokens placeholders in all. Mapping `<|end|>` to
 the tokenizer's EOS makes generation stop at the end of the assistant's turn.
 
 Loss: only the assistant's content and its end marker carry loss (`loss_mask` = 1), as in
@@ -117,7 +119,7 @@ class ChatTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, template: Mapping[str, str] | None = None,
                  specials: Mapping[str, int] | None = None, image_tokens: int = 1, add_bos: bool = True,
-                 soft_prompts: int = 0):
+                 soft_prompts: int = 0, image_row_break: str | None = None, image_rows: int = 1):
         self.tok = tokenizer
         self.template = dict(DEFAULT_TEMPLATE if template is None else template)
         self.specials = {str(k): int(v) for k, v in (DEFAULT_SPECIALS if specials is None else specials).items()}
@@ -129,6 +131,16 @@ class ChatTokenizer:
             raise ValueError(f"data.conversation.specials needs an id for {IMAGE!r}")
         self.image_id = self.specials[IMAGE]
         self.image_tokens = int(image_tokens)
+        self.image_rows = int(image_rows)
+        self.row_break = None
+        if image_row_break:
+            if image_row_break not in self.specials:
+                raise ValueError(f"data.conversation.image_row_break {image_row_break!r} must be one of "
+                                 f"data.conversation.specials, got {sorted(self.specials)}")
+            if self.image_rows < 1 or self.image_tokens % self.image_rows:
+                raise ValueError(f"data.conversation.image_rows={image_rows} must divide image_tokens="
+                                 f"{self.image_tokens} (one row of patches per row break)")
+            self.row_break = self.specials[image_row_break]
         self.add_bos = add_bos
         self.soft_prompts = int(soft_prompts)
         if self.soft_prompts and SOFT_PROMPT not in self.specials:
@@ -150,10 +162,17 @@ class ChatTokenizer:
             if not piece:
                 continue
             if piece in self.specials:
-                out += [self.specials[piece]] * (self.image_tokens if piece == IMAGE else 1)
+                out += self._image_ids() if piece == IMAGE else [self.specials[piece]]
             else:
                 out += self.tok.encode(piece, None, add_bos=False, add_eos=False).tolist()
         return out
+
+    def _image_ids(self) -> list[int]:
+        """What one `<image>` becomes: image_tokens placeholders, in rows closed by the row break if set."""
+        if self.row_break is None:
+            return [self.image_id] * self.image_tokens
+        row = [self.image_id] * (self.image_tokens // self.image_rows) + [self.row_break]
+        return row * self.image_rows
 
     def _prefix(self) -> tuple[list[int], list[int]]:
         """BOS, then `soft_prompts` placeholders for prompt tuning's learned vectors (no loss)."""
@@ -204,7 +223,8 @@ class ChatTokenizer:
 def chat_tokenizer_from_config(conv: Mapping[str, Any], tokenizer: Tokenizer) -> ChatTokenizer:
     """The ChatTokenizer that `data.conversation` describes."""
     return ChatTokenizer(tokenizer, conv.get("template"), conv.get("specials"), int(conv.get("image_tokens", 1)),
-                         bool(conv.get("add_bos", True)), int(conv.get("soft_prompts", 0)))
+                         bool(conv.get("add_bos", True)), int(conv.get("soft_prompts", 0)),
+                         conv.get("image_row_break"), int(conv.get("image_rows", 1) or 1))
 
 
 def check_conversation_config(conv: Mapping[str, Any]) -> None:
@@ -218,7 +238,7 @@ def check_conversation_config(conv: Mapping[str, Any]) -> None:
     soft = conv.get("soft_prompts", 0)
     if isinstance(soft, bool) or not isinstance(soft, int) or soft < 0:
         raise ValueError(f"data.conversation.soft_prompts: must be an int >= 0, got {soft!r}")
-    for key in ("length", "prompt_length", "image_tokens", "max_turns", "pack"):
+    for key in ("length", "prompt_length", "image_tokens", "image_rows", "max_turns", "pack"):
         if key in conv and not (isinstance(conv[key], int) and conv[key] > 0):
             raise ValueError(f"data.conversation.{key}: must be a positive int, got {conv[key]!r}")
     qformat = conv.get("question_format") or "{question}"

@@ -54,6 +54,8 @@ Config keys (`config.data`, see `get_default_config`):
                   pack = k > 1: k examples per row, + 'segment_ids', others [B, k, ...] (train only)
                   instruction_length = L > 0: + 'instruction', 'prompt_instruction' [B, L] (the
                   user's instruction for an instruction-aware image encoder)
+                  image_row_break (a special marker) + image_rows = R: the placeholders in R rows,
+                  each closed by the marker (Fuyu's |NEWLINE| after every row of patches)
     with_boxes, max_boxes, with_frames
     worker_count  grain worker processes (0: in the main process)
     strict        raise on a bad example instead of skipping it

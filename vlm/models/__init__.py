@@ -7,6 +7,7 @@ from vlm.models.coca import CoCa, CoCaTextDecoder
 from vlm.models.decoder import DecoderLM
 from vlm.models.flamingo import Flamingo
 from vlm.models.flava import FLAVA
+from vlm.models.fuyu import FuyuPatchEmbed
 from vlm.models.monkey import Monkey
 from vlm.models.text import TextTransformer
 from vlm.models.two_tower import TwoTower
@@ -31,6 +32,7 @@ MODELS.register("decoder_lm")(DecoderLM)
 MODELS.register("vision_lm")(VisionLanguageModel)
 MODELS.register("monkey")(Monkey)
 MODELS.register("flamingo")(Flamingo)
+MODELS.register("fuyu_patches")(FuyuPatchEmbed)
 
 
 def build_model(name: str, config, peft=None) -> nn.Module:
@@ -46,4 +48,4 @@ def build_model(name: str, config, peft=None) -> nn.Module:
   return cls(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "Flamingo", "FLAVA", "Monkey", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]
+__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "Flamingo", "FLAVA", "FuyuPatchEmbed", "Monkey", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]

@@ -1,4 +1,4 @@
-"""Decoder-only language model (Llama / Qwen2 / Gemma family) with a KV cache for vlm.decoding.
+"""Decoder-only language model (Llama / Qwen2 / Gemma / Persimmon family) with a KV cache for vlm.decoding.
 
     tokens -> embed (x sqrt(width) for Gemma) -> depth x [x + Attn(RMS x); x + MLP(RMS x)] -> RMS -> head
 
@@ -7,6 +7,13 @@ Attention is causal self-attention with grouped KV heads and rotary position emb
 Llama/Qwen2, 'geglu' = tanh-GELU gate for Gemma); the LM head is the transposed embedding when
 `tie_embeddings`. Gemma's RMSNorm `x_hat * (1 + w)` is our `x_hat * scale` with scale = 1 + w
 (the importer adds the 1; a fresh init of ones is Gemma's init of zeros).
+
+Persimmon (Adept; Fuyu's decoder) sets the optional fields that default to the Llama layout:
+`norm_type='layer'` (LayerNorm with bias for norm1, norm2 and the final norm), `qk_norm='layer'`
+(a LayerNorm over head_dim of every query and key head, before rotary), `rotary_fraction=0.5`
+(rotary on the first half of each head's channels only) and `mlp_act='relu2'` with biases
+(dense_h_to_4h -> relu^2 -> dense_4h_to_h, not gated). With the defaults the parameters are exactly
+the Llama ones (no bias in the norms, no query_norm / key_norm).
 
 Padding: a `mask` [B, T] (True/1 = real token) masks padded keys and sets rotary positions to
 the number of real tokens before each one (as HF generate does for left-padded prompts), so a
@@ -81,7 +88,7 @@ def segment_attention_mask(segment_ids: jax.Array, mask: jax.Array | None = None
 
 
 class LMBlock(nn.Module):
-  """Pre-RMSNorm block: x + Attn(norm1 x); x + Mlp(norm2 x). x: [B, T, D]."""
+  """Pre-norm block: x + Attn(norm1 x); x + Mlp(norm2 x). x: [B, T, D]. Fields: see DecoderLM."""
 
   num_heads: int
   mlp_dim: int
@@ -93,6 +100,9 @@ class LMBlock(nn.Module):
   mlp_bias: bool = False
   rope_theta: float | None = 10000.0
   norm_eps: float = 1e-6
+  norm_type: str = "rms"
+  qk_norm: str | None = None
+  rotary_fraction: float = 1.0
   dropout: float = 0.0
   dtype: Dtype = None
 
@@ -100,14 +110,14 @@ class LMBlock(nn.Module):
   def __call__(self, x, mask=None, positions=None, deterministic: bool = True, decode: bool = False,
                index: jax.Array | int = 0, cache_len: int | None = None):
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
-    y = make_norm("rms", self.norm_eps, self.dtype, name="norm1")(x)
+    y = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm1")(x)
     y = MultiHeadAttention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        use_bias=self.qkv_bias, out_bias=self.out_bias, rope_theta=self.rope_theta, dtype=self.dtype,
-        name="attn",
+        use_bias=self.qkv_bias, out_bias=self.out_bias, qk_norm=self.qk_norm, norm_eps=self.norm_eps,
+        rope_theta=self.rope_theta, rotary_fraction=self.rotary_fraction, dtype=self.dtype, name="attn",
     )(y, mask=mask, causal=True, decode=decode, index=index, cache_len=cache_len, positions=positions)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
-    y = make_norm("rms", self.norm_eps, self.dtype, name="norm2")(x)
+    y = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm2")(x)
     y = Mlp(self.mlp_dim, act=self.mlp_act, use_bias=self.mlp_bias, dropout=self.dropout, dtype=self.dtype,
             name="mlp")(y, deterministic)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
@@ -137,9 +147,16 @@ class DecoderLM(nn.Module):
 
   Attributes:
     vocab_size, width (D), depth, num_heads, num_kv_heads (GQA), head_dim (default D // heads),
-    mlp_dim, mlp_act ('swiglu' | 'geglu').
+    mlp_dim, mlp_act ('swiglu' | 'geglu' gated; or a plain vlm.nn.mlp activation, e.g. 'relu2' = Persimmon's
+    squared ReLU: fc1 -> act -> fc2).
     qkv_bias / out_bias / mlp_bias: biases of the q/k/v, output and MLP projections.
     rope_theta: rotary base (None: no position information at all).
+    norm_eps, norm_type: 'rms' (RMSNorm, default) or 'layer' (LayerNorm with bias: Persimmon) for
+      norm1, norm2 and the final norm.
+    qk_norm: None (default), 'layer' or 'rms': per-head norm over head_dim of queries and keys before
+      rotary (params attn/query_norm, attn/key_norm [hd]; Persimmon's q_layernorm / k_layernorm).
+    rotary_fraction: rotate only the first int(head_dim * fraction) channels of each head
+      (Persimmon's partial_rotary_factor 0.5); 1.0 (default) rotates all.
     embed_scale: multiply token embeddings by sqrt(D), rounded to the activation dtype (Gemma).
     tie_embeddings: logits = h @ embedding.T; otherwise a bias-free 'head' Dense.
     remat_policy: a key of vlm.nn.transformer.REMAT_POLICIES (training only).
@@ -161,6 +178,9 @@ class DecoderLM(nn.Module):
   mlp_bias: bool = False
   rope_theta: float | None = 10000.0
   norm_eps: float = 1e-6
+  norm_type: str = "rms"
+  qk_norm: str | None = None
+  rotary_fraction: float = 1.0
   embed_scale: bool = False
   tie_embeddings: bool = False
   dropout: float = 0.0
@@ -180,10 +200,10 @@ class DecoderLM(nn.Module):
     )
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
               head_dim=self.head_dim, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias, out_bias=self.out_bias,
-              mlp_bias=self.mlp_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps, dropout=self.dropout,
-              dtype=self.dtype)
+              mlp_bias=self.mlp_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps, norm_type=self.norm_type,
+              qk_norm=self.qk_norm, rotary_fraction=self.rotary_fraction, dropout=self.dropout, dtype=self.dtype)
     self.decoder = self.stack_class(depth=self.depth, block=kw, remat_policy=self.remat_policy, name="decoder")
-    self.norm = make_norm("rms", self.norm_eps, self.dtype, name="norm")
+    self.norm = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm")
     if not self.tie_embeddings:
       self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head",
                            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),

@@ -19,7 +19,8 @@ Connectors (`connector`):
             et al. 2021 sec. 3.1 maps the pooled feature to n prefix embeddings: 'linear' with
             `prefix_tokens` = n)
   'mlp'     Dense - GELU - Dense (LLaVA-1.5, Liu et al. 2023b sec. 3.2: "mlp2x_gelu")
-  'none'    the encoder already outputs LM-width tokens.
+  'none'    the encoder already outputs LM-width tokens (Fuyu: `vision_model='fuyu_patches'`, the image
+            patches linearly projected, vlm.models.fuyu).
 Q-Former connectors use `vision_model='blip2_qformer'` (its `query_features`, 32 query outputs)
 followed by 'linear' (BLIP-2 sec. 3.3's fully-connected projection; MiniGPT-4's single layer).
 Given `instruction` tokens [B, L] (data.conversation.instruction_length > 0), the Q-Former's

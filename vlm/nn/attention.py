@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm.nn.norms import make_norm
-from vlm.nn.rope import apply_rope
+from vlm.nn.rope import apply_rope, rotary_dims
 
 Dtype = Any
 
@@ -72,6 +72,8 @@ class MultiHeadAttention(nn.Module):
     rope_theta: if set, rotary position embeddings (vlm.nn.rope, base theta) on queries and keys of
       self-attention, at absolute positions: `positions` if given, else the cache slots
       (index + t) when decoding, else 0..T-1. Keys are cached rotated. None: no rotation.
+    rotary_fraction: rotate only the first int(hd * fraction) channels of each head (Persimmon's
+      partial_rotary_factor 0.5; vlm.nn.rope); 1.0 rotates all of them.
 
   Autoregressive decoding (`decode=True`) keeps keys and values in the 'cache' collection, every
   leaf batch-major (vlm.decoding's convention):
@@ -91,6 +93,7 @@ class MultiHeadAttention(nn.Module):
   norm_eps: float = 1e-6
   out_bias: bool | None = None
   rope_theta: float | None = None
+  rotary_fraction: float = 1.0
   dtype: Dtype = None
 
   @nn.compact
@@ -148,8 +151,9 @@ class MultiHeadAttention(nn.Module):
     if self.rope_theta is not None and not cross:
       if positions is None:
         positions = jnp.arange(x.shape[1]) + (jnp.asarray(index, jnp.int32) if decode else 0)
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, positions, self.rope_theta)
+      rd = rotary_dims(hd, self.rotary_fraction)
+      q = apply_rope(q, positions, self.rope_theta, rd)
+      k = apply_rope(k, positions, self.rope_theta, rd)
     if decode and not cross:
       k, v, mask = self._update_self_cache(k, v, mask, index, cache_len)
       causal = False  # the cache mask is causal in slot coordinates

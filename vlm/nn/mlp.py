@@ -1,9 +1,10 @@
-"""Transformer feed-forward blocks: GELU-family MLPs and gated (SwiGLU/GeGLU) MLPs."""
+"""Transformer feed-forward blocks: GELU-family / squared-ReLU MLPs and gated (SwiGLU/GeGLU) MLPs."""
 
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 Dtype = Any
 
@@ -13,11 +14,17 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def relu2(x: jax.Array) -> jax.Array:
+  """Squared ReLU, relu(x)^2 (So et al. 2021, Primer; Persimmon / Fuyu's MLP, HF "relu2")."""
+  return jnp.square(jax.nn.relu(x))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf), torch "gelu"
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # torch "gelu_pytorch_tanh"
     "quick_gelu": quick_gelu,
     "relu": jax.nn.relu,
+    "relu2": relu2,
     "silu": jax.nn.silu,
 }
 GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}
@@ -46,7 +53,7 @@ def dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: Dtype,
 class Mlp(nn.Module):
   """Feed-forward block [..., D] -> [..., D or out_dim].
 
-  act: 'gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'silu' (fc1 -> act -> fc2), or gated
+  act: 'gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'relu2' (squared ReLU), 'silu' (fc1 -> act -> fc2), or gated
   'swiglu' / 'geglu' (act(wi_0 x) * wi_1 x -> wo; Shazeer 2020).
   """
 

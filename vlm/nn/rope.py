@@ -2,6 +2,11 @@
 
 Channel i of the first half of each head pairs with channel i + hd/2 of the second half, rotated by
 angle `pos * theta ** (-2i / hd)`. Angles are computed in float32; the rotated tensor keeps its dtype.
+
+Partial rotary (GPT-NeoX / Persimmon's `partial_rotary_factor`): only the first r = int(hd * fraction)
+channels of each head are rotated, in the same half-rotation layout with hd replaced by r (pairs i and
+i + r/2, angle `pos * theta ** (-2i / r)`); channels r.. pass through unchanged, as in HF's
+`query_rot, query_pass = q[..., :r], q[..., r:]`.
 """
 
 import jax
@@ -20,8 +25,25 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotates x [B, T, H, hd] by integer (or float) positions [B, T] or [T]."""
+def rotary_dims(head_dim: int, fraction: float = 1.0) -> int:
+  """Rotated channels per head: int(head_dim * fraction), truncated as HF's rotary_ndims."""
+  r = int(head_dim * fraction)
+  if not 0 < r <= head_dim or r % 2:
+    raise ValueError(f"rotary fraction {fraction} of head_dim {head_dim} gives {r} rotated channels; "
+                     "need an even number in (0, head_dim]")
+  return r
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, rotary_dim: int | None = None) -> jax.Array:
+  """Rotates x [B, T, H, hd] by integer (or float) positions [B, T] or [T].
+
+  rotary_dim: rotate only the first r channels of each head (partial rotary; default all hd).
+  """
+  hd = x.shape[-1]
+  if rotary_dim is not None and rotary_dim != hd:
+    if not 0 < rotary_dim < hd:
+      raise ValueError(f"rotary_dim={rotary_dim} must be in (0, head_dim={hd}]")
+    return jnp.concatenate([apply_rope(x[..., :rotary_dim], positions, theta), x[..., rotary_dim:]], axis=-1)
   positions = jnp.asarray(positions)
   if positions.ndim == 1:
     positions = positions[None]

@@ -4,6 +4,10 @@ configs/frozen.py), since no pretrained LM can be downloaded here.
 
   python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir=/tmp/vlm_lm_demo
 
+`:demo_cm3` trains the same LM on the documents alone with the CM3 objective (Aghajanyan et al.
+2022; vlm.data.cm3): Poisson(1) spans (at most 3, up to 8 tokens) replaced by sentinels <mask:i>
+(ids 1005-1007) and moved to the end, all trained left to right.
+
 Data (vlm.data.conversation): plain documents (detailed caption, then the scene's question/answer
 pairs; loss on every token) and text-only chats in the VLM's chat template (loss on the answers),
 so the LM knows the template, the vocabulary and the answer formats before it ever sees an image.
@@ -49,9 +53,9 @@ instruction (an instruction-aware Q-Former: configs/blip2_stage2.py)."""
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg != "demo":
-    raise ValueError("configs/lm_pretrain.py: only the 'demo' variant exists; at scale, import a pretrained "
-                     "LM (vlm.convert.import_hf) and give its directory to the VLM config's init.path")
+  if arg not in ("demo", "demo_cm3"):
+    raise ValueError("configs/lm_pretrain.py: only the 'demo' and 'demo_cm3' variants exist; at scale, import a "
+                     "pretrained LM (vlm.convert.import_hf) and give its directory to the VLM config's init.path")
   c = base_config()
   c.model_name = "decoder_lm"
   c.model = demo_lm()
@@ -60,6 +64,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   demo_data(c)
   c.data.extra_text_keys = ("caption_detailed",)
   c.data.conversation = conversation(("text", "qa"), with_image=False, task_weights=(1.0, 1.0))
+  if arg == "demo_cm3":
+    c.data.conversation.update(tasks=("text",), task_weights=None)
+    c.data.cm3 = ml_collections.ConfigDict(dict(
+        sentinel_ids=(1005, 1006, 1007), num_spans=ml_collections.config_dict.placeholder(int),
+        poisson_lambda=1.0, max_spans=3, max_span_len=8, protected_ids=()))
   c.evals = ml_collections.ConfigDict()
   c.batch_size = 64
   c.total_steps = 400

@@ -56,6 +56,9 @@ Config keys (`config.data`, see `get_default_config`):
                   user's instruction for an instruction-aware image encoder)
                   image_row_break (a special marker) + image_rows = R: the placeholders in R rows,
                   each closed by the marker (Fuyu's |NEWLINE| after every row of patches)
+    cm3           None, or the CM3 objective's span transform of every document (vlm.data.cm3:
+                  sentinel_ids, num_spans / poisson_lambda / max_spans, max_span_len, protected_ids;
+                  needs conversation tasks=('text',))
     with_boxes, max_boxes, with_frames
     worker_count  grain worker processes (0: in the main process)
     strict        raise on a bad example instead of skipping it
@@ -73,7 +76,7 @@ import ml_collections
 import numpy as np
 
 from vlm import parallel
-from vlm.data import conversation, preprocess, sources
+from vlm.data import cm3, conversation, preprocess, sources
 from vlm.data.tokenizer import Tokenizer
 
 EXTRA_TEXT_KEYS = ("caption_detailed", "question", "answer")
@@ -140,6 +143,11 @@ def check_config(data: ml_collections.ConfigDict) -> None:
     if anyres and ((m or 1) > 1 or int((data.get("conversation") or {}).get("pack", 1)) > 1):
         raise ValueError("the pp op 'anyres' gives one image per example with its own token count: it does not "
                          "work with data.interleaved_images > 1 or data.conversation.pack > 1")
+    if data.get("cm3"):
+        if data.get("conversation") is None or tuple(data.conversation.get("tasks", ())) != ("text",):
+            raise ValueError("data.cm3 needs data.conversation with tasks=('text',): it rearranges whole documents, "
+                             "every token trained")
+        cm3.check_cm3_config(data.cm3)
     if data.get("question_regex"):
         try:
             re.compile(data.question_regex)
@@ -229,6 +237,7 @@ class _Process:
         self.answers = load_answer_vocab(vocab) if vocab is not None else None
         self.conv = data.get("conversation")
         self.chat = conversation.chat_tokenizer_from_config(self.conv, tokenizer) if self.conv else None
+        self.cm3 = data.get("cm3")
 
     def _others(self, rng: np.random.Generator) -> list[dict]:
         """num_images - 1 random other examples of the split, decoded and preprocessed."""
@@ -290,6 +299,10 @@ class _Process:
             conv_rng = np.random.default_rng([self.seed, 1, position])
             out.update(conversation.conversation_example(ex, self.conv, self.chat, conv_rng,
                                                          j if j is not None and j >= 0 else None))
+            if self.cm3:  # CM3: spans moved to the end (its own stream too)
+                out["tokens"], out["loss_mask"] = cm3.apply_cm3(
+                    out["tokens"], out["loss_mask"], self.cm3, np.random.default_rng([self.seed, 2, position]),
+                    pad_id=self.tok.pad_id, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id)
         if self.with_boxes:
             boxes = np.zeros((self.max_boxes, 4), np.float32)
             labels = np.full((self.max_boxes,), -1, np.int32)

@@ -16,8 +16,8 @@ frozen) reports `vqa/accuracy`: exact match of greedy answers to "... in the fir
   python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir=/tmp/vlm_lm_demo
   python -m vlm.train --config=configs/flamingo.py:demo --workdir=/tmp/flamingo_demo
 
-Demo result (2026-11-24, 800 steps, 19 min 30 s on 2 shared cores): 81.7% exact match (held-out
-combinations 74.8%); second-image questions 82%, first-image 84% (600 questions).
+Demo result (2026-11-24, 800 steps, 23 min 23 s on 2 shared cores): 82.7% exact match (held-out
+combinations 75.7%); second-image questions 84%, first-image 83% (600 questions).
 
 At scale (no `:demo`): an NFNet-F6 / ViT encoder and a Chinchilla-style LM are not downloadable
 here; import an IDEFICS checkpoint (vlm.convert.import_hf on its directory) into `init.path`.

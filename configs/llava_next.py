@@ -35,7 +35,9 @@ resized to 32 px (LLaVA-1.5's "pad" preprocessing) beside the global view, the r
 
 (predict applies data.pp_eval, so the demo pads the given image to a drawn aspect ratio too.)
 
-Demo result: see README (LLaVA-NeXT).
+Demo result (2026-11-24, 800 steps, 2 cores shared with another job): text-reading exact match
+55.9% (held-out combinations 52.8%; wide 55.3%, square 57.1%, tall 55.2%) in 30 min 11 s, against
+2.9% for `:demo_base` (19 min 25 s); with the vision tower frozen, `:demo` gave 29.8%.
 """
 
 import ml_collections

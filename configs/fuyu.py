@@ -18,6 +18,9 @@ architecture point is the encoder-free input) and the patch projection from scra
   python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir=/tmp/vlm_lm_demo
   python -m vlm.train --config=configs/fuyu.py:demo --workdir=/tmp/fuyu_demo
   python -m vlm.predict --workdir=/tmp/fuyu_demo --image=PATH --prompt="what colour is the large star?"
+
+Demo result (2026-11-24, 1200 steps, 12 min 55 s on 2 idle cores): 90.8% VQA exact match on the test
+split (held-out combinations 78.0%).
 """
 
 import ml_collections

@@ -27,7 +27,7 @@ import ml_collections
 
 from configs.common import base_config, demo_data
 from configs.lm_pretrain import conversation, demo_lm
-from configs.llava_base import LM_DEMO, vqa_eval
+from configs.llava_base import demo_init, vqa_eval
 
 DEMO_PATCH, DEMO_SIZE = 8, 32
 
@@ -60,9 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.conversation = conversation(("qa", "detailed"), image_tokens=rows * rows, length=96,
                                        task_weights=(3.0, 1.0))
     c.data.conversation.prompt_length = rows * (rows + 1) + 24
-    c.init = ml_collections.ConfigDict(dict(lm=dict(
-        path=LM_DEMO, mapping={"lm/": ""}, step=None,
-        hint=f"Train the LM first: python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir={LM_DEMO}")))
+    c.init = ml_collections.ConfigDict(dict(lm=demo_init().lm))  # the LM demo; no image encoder to load
     c.batch_size = 64
     c.total_steps = 1200
     c.lr = 1e-3

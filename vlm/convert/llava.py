@@ -41,6 +41,7 @@ from flax import traverse_util
 from vlm.convert import llm
 from vlm.convert.hf import _clip_table, _fwd, _siglip_table, _tower_kwargs
 from vlm.convert.safetensors_io import load_safetensors_dir
+from vlm.data.anyres import LLAVA_NEXT_PINPOINTS
 
 # transformers' defaults for fields that older config.json files leave out.
 _LLAVA_DEFAULTS = dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
@@ -202,7 +203,7 @@ def model_kwargs_from_hf_llava(config: dict, tensors: dict[str, np.ndarray] | No
                                 "form a grid only without the CLS token ('default')")
     tile = vc["image_size"] if isinstance(vc["image_size"], int) else vc["image_size"][0]
     patch = vc["patch_size"] if isinstance(vc["patch_size"], int) else vc["patch_size"][0]
-    points = top.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    points = top.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS  # LlavaNextConfig's default
     kwargs["anyres"] = dict(grid_pinpoints=tuple(tuple(int(v) for v in p) for p in points), tile_size=int(tile),
                             patch_grid=int(tile) // int(patch))
   return kwargs

@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 
 from vlm import decoding
-from vlm.models.decoder import DecoderLM
 from vlm.data import anyres as anyres_data
+from vlm.models.decoder import DecoderLM
 from vlm.models.vit import ViT
 from vlm.nn.anyres import AnyResPack
 from vlm.nn.mlp import dense
@@ -131,8 +131,7 @@ class VisionLanguageModel(nn.Module):
     self.lm = DecoderLM(**self.lm_config, dtype=self.dtype)
     self.connector = Connector(self.connector_type, self.lm_config["width"], self.prefix_tokens, self.dtype)
     if self.anyres is not None:
-      unknown = set(self.anyres) - {"grid_pinpoints", "tile_size", "patch_grid"}
-      if unknown or not {"grid_pinpoints", "tile_size", "patch_grid"} <= set(self.anyres):
+      if set(self.anyres) != {"grid_pinpoints", "tile_size", "patch_grid"}:
         raise ValueError(f"model.anyres: needs exactly grid_pinpoints, tile_size, patch_grid; got {sorted(self.anyres)}")
       a = self.anyres
       self.anyres_pack = AnyResPack(

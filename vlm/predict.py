@@ -1,6 +1,6 @@
 """Predictions for your own image from a trained workdir.
 
-Zero-shot labels (any contrastive model: SigLIP, CLIP, LiT, CoCa):
+Zero-shot labels (any contrastive model: SigLIP, CLIP, LiT, CoCa, Llip):
 
     python -m vlm.predict --workdir=DIR --image=cat.png --labels="a,b,c"
 
@@ -75,9 +75,13 @@ def predict(workdir: str | Path, image: str | Path, labels: list[str], templates
   zimg = model.apply({"params": params}, x, method=model.encode_image)[0]
   ztxt = model.apply({"params": params}, jnp.asarray(ids), method=model.encode_text)[0]
   scale, bias = model.apply({"params": params}, method=model.scale_and_bias)
-  ztxt = ztxt.reshape(len(labels), len(templates), -1).mean(1)
-  ztxt = ztxt / jnp.linalg.norm(ztxt, axis=-1, keepdims=True)
-  logits = scale * (zimg @ ztxt.T)[0]
+  ztxt = jax.tree.map(lambda z: z.reshape(len(labels), len(templates), *z.shape[1:]).mean(1), ztxt)
+  if hasattr(model, "pair_similarity"):  # Llip: caption-conditioned image embeddings
+    sim = model.apply({"params": params}, zimg, ztxt, method="pair_similarity")
+  else:
+    ztxt = ztxt / jnp.linalg.norm(ztxt, axis=-1, keepdims=True)
+    sim = zimg @ ztxt.T
+  logits = scale * sim[0]
   probs = jax.nn.sigmoid(logits + bias) if bias is not None else jax.nn.softmax(logits)
   order = np.argsort(-np.asarray(logits))
   return [(labels[i], float(probs[i])) for i in order]

@@ -1,5 +1,11 @@
-"""Zero-shot classification (prompt ensembling) and image-text retrieval for two-tower models."""
+"""Zero-shot classification (prompt ensembling) and image-text retrieval for contrastive models.
 
+Two-tower models score by dot products of embeddings; a model with `pair_similarity` (Llip) hands
+out pytrees for the two sides and scores every (image, text) pair with that method, so zero-shot
+and retrieval use its caption-conditioned image embeddings.
+"""
+
+import jax
 
 import flax.linen as nn
 import ml_collections
@@ -28,7 +34,20 @@ class _Base(SplitData):
       self.data_config = ml_collections.ConfigDict(config.data.to_dict())
       self.data_config.caption_key = caption_key
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
-    self.enc_image, self.enc_text = _encoders(model, mesh, config.get("rules", parallel.DEFAULT_RULES))
+    rules = config.get("rules", parallel.DEFAULT_RULES)
+    self.enc_image, self.enc_text = _encoders(model, mesh, rules)
+    self.pair_sim = None
+    if hasattr(model, "pair_similarity"):
+      self.pair_sim = jit_on_mesh(lambda p, it: model.apply({"params": p}, *it, method="pair_similarity"), mesh,
+                                  rules)
+
+  def scores(self, params, zimg, ztxt, chunk: int = 64) -> np.ndarray:
+    """[N, M] scores of N images against M texts (embeddings or pytree sides)."""
+    if self.pair_sim is None:
+      return similarity(zimg, ztxt)
+    n = len(jax.tree.leaves(zimg)[0])
+    return np.concatenate([np.asarray(self.pair_sim(params, (jax.tree.map(lambda x: x[i:i + chunk], zimg), ztxt)))
+                           for i in range(0, n, chunk)])
 
   def image_embeddings(self, params) -> np.ndarray:
     return batched_apply(self.enc_image, params, self.data()[0]["image"], self.mesh, self.batch_size)
@@ -52,14 +71,17 @@ class ZeroShot(_Base):
     tok = get_tokenizer(self.config.data)
     texts = [t.format(c) for c in class_names for t in templates]
     ids = tok.encode_batch(texts, self.config.data.text_length, self.config.data.add_bos, self.config.data.add_eos)
-    z = self.text_embeddings(params, ids).reshape(len(class_names), len(templates), -1).mean(1)
-    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+    z = jax.tree.map(lambda x: x.reshape(len(class_names), len(templates), *x.shape[1:]).mean(1),
+                     self.text_embeddings(params, ids))
+    if isinstance(z, np.ndarray):
+      return z / np.linalg.norm(z, axis=-1, keepdims=True)
+    return z  # pytree sides (Llip: mean query and caption embedding over the templates)
 
   def __call__(self, params) -> dict[str, float]:
     arrays, meta = self.data()
     templates = list(self.templates or meta.get("templates") or ["{}"])
     zcls = self.class_embeddings(params, list(meta["class_names"]), templates)
-    pred = np.argmax(similarity(self.image_embeddings(params), zcls), axis=-1)
+    pred = np.argmax(self.scores(params, self.image_embeddings(params), zcls), axis=-1)
     correct = pred == arrays["label"]
     out = {f"{self.prefix}/top1": float(correct.mean())}
     if "seen" in arrays:
@@ -101,7 +123,7 @@ class Retrieval(_Base):
     inverse = inverse.reshape(-1)
     zimg = self.image_embeddings(params)
     ztxt = self.text_embeddings(params, uniq)
-    sim = similarity(zimg, ztxt)  # [images, unique captions]
+    sim = self.scores(params, zimg, ztxt)  # [images, unique captions]
     relevant = inverse[:, None] == np.arange(len(uniq))[None, :]
     i2t = recall_at_k(sim, relevant)
     t2i = recall_at_k(sim.T, relevant.T)

@@ -8,6 +8,7 @@ from vlm.losses.contrastive import (
     contrastive_loss,
     contrastive_metrics,
     get_loss_fn,
+    pairwise_contrastive_loss,
     sigmoid_loss,
     softmax_loss,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "hard_negative_indices",
     "itm_loss",
     "mask_tokens",
+    "pairwise_contrastive_loss",
     "masked_prediction_loss",
     "random_patch_mask",
     "sigmoid_loss",

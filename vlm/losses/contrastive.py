@@ -329,3 +329,162 @@ def contrastive_loss(zimg: Array, ztxt: Array, scale: Array | float,
     return jax.shard_map(per_device, mesh=mesh,
                          in_specs=(batch_spec, batch_spec, P(), P()),
                          out_specs=P())(zimg, ztxt, scale, bias)
+
+
+# ------------------------------------------------- pairwise similarities --
+#
+# Models whose logit for a pair is not a dot product of two fixed embeddings
+# (Llip: the image embedding depends on the caption) give a similarity
+# function ``sim(img, txt) -> [bi, bt]`` over pytrees of per-example arrays
+# ``img`` [bi, ...] and ``txt`` [bt, ...]; logits = scale * sim + bias.
+# The same three implementations: ``'local'``, ``'all_gather'`` (each device
+# gathers the text side, [b, B] blocks; softmax also gathers the image side
+# for the columns) and ``'ring'`` (sigmoid only: the text side travels, only
+# [b, b] blocks exist, and the backward pass recomputes each block's
+# similarity and pulls its cotangent back with ``jax.vjp``).
+
+SimFn = Callable[[Any, Any], Array]
+
+
+def _batch_size(tree: Any) -> int:
+    return jax.tree.leaves(tree)[0].shape[0]
+
+
+def _gather_tree(tree: Any, axes: Axes) -> Any:
+    return jax.tree.map(lambda x: all_gather_batch(x, axes), tree)
+
+
+def _sum_metrics(logits: Array, labels: Array) -> Array:
+    """[2]: sums of the positive and of the negative logits of a block (no gradient)."""
+    logits = jax.lax.stop_gradient(logits)
+    pos = labels > 0
+    return jnp.stack([jnp.sum(jnp.where(pos, logits, 0.0)), jnp.sum(jnp.where(pos, 0.0, logits))])
+
+
+def _pairwise_labels(b: int, big_b: int, offset: Array, dtype) -> Array:
+    cols = jnp.arange(big_b)[None, :]
+    rows = offset + jnp.arange(b)[:, None]
+    return jnp.where(cols == rows, 1.0, -1.0).astype(dtype)
+
+
+def _pairwise_sigmoid_gather(sim_fn, img, txt, scale, bias, axes: Axes, n: int):
+    b = _batch_size(img)
+    logits = scale * sim_fn(img, _gather_tree(txt, axes)) + bias  # [b, B]
+    labels = _pairwise_labels(b, b * n, _axis_index(axes) * b, logits.dtype)
+    loss = _psum(-jnp.sum(jax.nn.log_sigmoid(labels * logits)), axes) / (b * n)
+    return loss, _psum(_sum_metrics(logits, labels), axes)
+
+
+def _pairwise_softmax_gather(sim_fn, img, txt, scale, bias, axes: Axes, n: int):
+    b = _batch_size(img)
+    offset = _axis_index(axes) * b
+    rows = scale * sim_fn(img, _gather_tree(txt, axes)) + bias  # [b, B]: local images
+    cols = scale * sim_fn(_gather_tree(img, axes), txt) + bias  # [B, b]: local texts
+    labels = _pairwise_labels(b, b * n, offset, rows.dtype)
+    pos = jnp.sum(jnp.where(labels > 0, rows, 0.0), axis=1)
+    local = (jnp.sum(jax.nn.logsumexp(rows, axis=1) - pos)
+             + jnp.sum(jax.nn.logsumexp(cols, axis=0) - pos))
+    return 0.5 * _psum(local, axes) / (b * n), _psum(_sum_metrics(rows, labels), axes)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6))
+def _pairwise_sigmoid_ring(sim_fn, img, txt, scale, bias, axes: Axes, n: int):
+    return _pairwise_sigmoid_ring_fwd(sim_fn, img, txt, scale, bias, axes, n)[0]
+
+
+def _pairwise_sigmoid_ring_fwd(sim_fn, img, txt, scale, bias, axes, n):
+    b = _batch_size(img)
+    labels_pos = 2.0 * jnp.eye(b, dtype=scale.dtype) - 1.0
+    labels_neg = -jnp.ones((b, b), scale.dtype)
+
+    def block(txt_block, travel, acc, positives):
+        loss, sums = acc
+        logits = scale * sim_fn(img, txt_block) + bias  # [b, b]
+        labels = labels_pos if positives else labels_neg
+        return travel, (loss - jnp.sum(jax.nn.log_sigmoid(labels * logits)),
+                        sums + _sum_metrics(logits, labels))
+
+    zero = (jnp.zeros((), scale.dtype), jnp.zeros((2,), scale.dtype))
+    _, (loss, sums) = _ring(block, txt, (), zero, axes, n)
+    out = (_psum(loss, axes) / (b * n), _psum(sums, axes))
+    return out, (img, txt, scale, bias)
+
+
+def _pairwise_sigmoid_ring_bwd(sim_fn, axes, n, res, g):
+    img, txt, scale, bias = res
+    b = _batch_size(img)
+    c = g[0] / (b * n)  # the metrics carry no gradient
+    labels_pos = 2.0 * jnp.eye(b, dtype=scale.dtype) - 1.0
+
+    def block(txt_block, dtxt, local, positives):
+        dimg, ds, db = local
+        sim, pullback = jax.vjp(sim_fn, img, txt_block)  # [b, b], recomputed
+        logits = scale * sim + bias
+        if positives:  # d/dx -log_sigmoid(l x) = -l sigmoid(-l x)
+            dlogits = -labels_pos * jax.nn.sigmoid(-labels_pos * logits) * c
+        else:
+            dlogits = jax.nn.sigmoid(logits) * c
+        di, dt = pullback(scale * dlogits)
+        dimg = jax.tree.map(jnp.add, dimg, di)
+        dtxt = jax.tree.map(jnp.add, dtxt, dt)
+        return dtxt, (dimg, ds + jnp.sum(dlogits * sim), db + jnp.sum(dlogits))
+
+    zero = jnp.zeros((), scale.dtype)
+    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+    dtxt, (dimg, ds, db) = _ring(block, txt, zeros(txt), (zeros(img), zero, zero), axes, n)
+    return (dimg, dtxt, _cotangent_like(_psum(ds, axes), scale),
+            _cotangent_like(_psum(db, axes), bias))
+
+
+_pairwise_sigmoid_ring.defvjp(_pairwise_sigmoid_ring_fwd, _pairwise_sigmoid_ring_bwd)
+
+PAIRWISE_LOSSES = {
+    ("sigmoid", "all_gather"): _pairwise_sigmoid_gather,
+    ("softmax", "all_gather"): _pairwise_softmax_gather,
+    ("sigmoid", "ring"): _pairwise_sigmoid_ring,
+}
+
+
+def pairwise_contrastive_loss(img: Any, txt: Any, sim_fn: SimFn, scale: Array | float,
+                              bias: Array | float | None = None, *, kind: str = "sigmoid",
+                              impl: str = "all_gather", mesh: Mesh | None = None,
+                              axes: Sequence[str] = ("data", "fsdp")) -> tuple[Array, dict[str, Array]]:
+    """Contrastive loss on logits ``scale * sim_fn(img, txt) + bias`` over the global batch.
+
+    img, txt: pytrees of arrays with the global batch first, [B, ...]; sim_fn(img [bi], txt [bt])
+    -> [bi, bt] must treat rows independently (it is called on blocks). Same kinds, impls, mesh
+    handling and metrics as ``contrastive_loss``; ``('softmax', 'ring')`` is not implemented.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"Unknown contrastive loss kind {kind!r}; valid: {KINDS}.")
+    if impl not in IMPLS:
+        raise ValueError(f"Unknown contrastive loss impl {impl!r}; valid: {IMPLS}.")
+    leaf = jax.tree.leaves(img)[0]
+    scale = jnp.asarray(scale, dtype=jnp.result_type(leaf.dtype, jnp.float32))
+    bias = jnp.zeros((), scale.dtype) if bias is None else jnp.asarray(bias, dtype=scale.dtype)
+    sharded = mesh is not None and impl != "local"
+    if not sharded:
+        axes, n, impl = (), 1, "all_gather"  # one device: gathering is the identity
+    else:
+        axes = tuple(a for a in axes if a in mesh.axis_names)
+        n = math.prod(mesh.shape[a] for a in axes)
+    if (kind, impl) not in PAIRWISE_LOSSES:
+        raise ValueError(f"pairwise contrastive loss ({kind!r}, {impl!r}) is not implemented; "
+                         f"use one of {sorted(PAIRWISE_LOSSES)} or impl='local'.")
+    batch = _batch_size(img)
+    if _batch_size(txt) != batch or batch % n:
+        raise ValueError(f"image side (batch {batch}) and text side (batch {_batch_size(txt)}) must "
+                         f"have equal batches divisible by {n} (mesh axes {axes}).")
+    fn = PAIRWISE_LOSSES[(kind, impl)]
+
+    def per_device(i, t, s, b):
+        loss, sums = fn(sim_fn, i, t, s, b, axes, n)
+        big_b = float(batch)
+        return loss, {"pos_logit": sums[0] / big_b,
+                      "neg_logit": sums[1] / max(big_b * big_b - big_b, 1.0)}
+
+    if not sharded:
+        return per_device(img, txt, scale, bias)
+    spec = lambda tree: jax.tree.map(lambda x: P(axes if axes else None), tree)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(spec(img), spec(txt), P(), P()),
+                         out_specs=P())(img, txt, scale, bias)

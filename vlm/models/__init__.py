@@ -7,6 +7,7 @@ from vlm.models.coca import CoCa, CoCaTextDecoder
 from vlm.models.decoder import DecoderLM
 from vlm.models.flamingo import Flamingo
 from vlm.models.flava import FLAVA
+from vlm.models.llip import Llip
 from vlm.models.fuyu import FuyuPatchEmbed
 from vlm.models.monkey import Monkey
 from vlm.models.text import TextTransformer
@@ -22,6 +23,7 @@ MODELS: Registry = Registry("model")
 MODELS.register("vit")(ViT)
 MODELS.register("text")(TextTransformer)
 MODELS.register("two_tower")(TwoTower)
+MODELS.register("llip")(Llip)
 MODELS.register("coca")(CoCa)
 MODELS.register("flava")(FLAVA)
 MODELS.register("video_classifier")(VideoClassifier)
@@ -48,4 +50,4 @@ def build_model(name: str, config, peft=None) -> nn.Module:
   return cls(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "Flamingo", "FLAVA", "FuyuPatchEmbed", "Monkey", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]
+__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "Flamingo", "FLAVA", "FuyuPatchEmbed", "Llip", "Monkey", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]

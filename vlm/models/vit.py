@@ -72,6 +72,11 @@ class ViT(nn.Module):
   added, so masked pixels never reach the encoder. Without mask_token (the default) the module,
   its parameters and its outputs are exactly those of a plain ViT.
 
+  extra_tokens=K > 0 adds K learned tokens ('extra_tokens' [1, K, width]) in front of the
+  sequence after the position embeddings (Llip's visual mixture tokens, Lavoie et al. 2024
+  sec. 3; ViT registers). Their outputs are aux['extra'] [B, K, width]; 'encoded' and the
+  pooling see the other tokens only.
+
   final_norm=False drops the final LayerNorm: 'encoded' (and what is pooled) is then the last
   block's output, for an owner that normalises itself (FLAVA with fuse_prenorm).
   """
@@ -100,6 +105,7 @@ class ViT(nn.Module):
   return_all_layers: bool = False
   mask_token: bool = False
   final_norm: bool = True
+  extra_tokens: int = 0
   dtype: Any = None
 
   def dims(self) -> dict[str, Any]:
@@ -145,6 +151,11 @@ class ViT(nn.Module):
       x = x + pe
     else:
       raise ValueError(f"unknown posemb {self.posemb!r}; known: 'learn', 'sincos2d'")
+    k = self.extra_tokens
+    if k:
+      extra = self.param("extra_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                      (None, None, "embed")), (1, k, d))
+      x = jnp.concatenate([jnp.tile(extra, (b, 1, 1)).astype(x.dtype), x], axis=1)
     if self.pre_norm:
       x = make_norm("layer", self.norm_eps, self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout)(x, not train)
@@ -160,6 +171,8 @@ class ViT(nn.Module):
       x = enc
     if self.final_norm:
       x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
+    if k:
+      aux["extra"], x = x[:, :k], x[:, k:]
     aux["encoded"] = x
     if self.pool_type == "map":
       x = MAPHead(num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,

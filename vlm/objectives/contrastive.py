@@ -1,4 +1,5 @@
-"""Contrastive image-text objective for two-tower models (CLIP softmax / SigLIP sigmoid)."""
+"""Contrastive image-text objective (CLIP softmax / SigLIP sigmoid) for two-tower models and for
+models whose pair logits come from a similarity function (Llip: `model.similarity_fn()`)."""
 
 import dataclasses
 
@@ -6,14 +7,18 @@ import flax.linen as nn
 from jax.sharding import Mesh
 
 from vlm import parallel
-from vlm.losses import contrastive_loss
+from vlm.losses import contrastive_loss, pairwise_contrastive_loss
 from vlm.objectives.base import OBJECTIVES
 
 
 @OBJECTIVES.register("contrastive")
 @dataclasses.dataclass(frozen=True)
 class Contrastive:
-  """loss: 'sigmoid' or 'softmax'; impl: 'all_gather' or 'ring' across the mesh's data axes."""
+  """loss: 'sigmoid' or 'softmax'; impl: 'all_gather' or 'ring' across the mesh's data axes.
+
+  A model with `similarity_fn()` returns per-example pytrees for the two sides, and the loss is
+  `pairwise_contrastive_loss` on `similarity_fn()(img, txt)` (the ring passes the text side).
+  """
 
   loss: str = "sigmoid"
   impl: str = "all_gather"
@@ -26,17 +31,24 @@ class Contrastive:
   def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
     zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=train,
                                   rngs={"dropout": rng})
-    return contrastive_term(zimg, ztxt, out, loss=self.loss, impl=self.impl, mesh=self.mesh)
+    sim_fn = model.similarity_fn() if hasattr(model, "similarity_fn") else None
+    return contrastive_term(zimg, ztxt, out, loss=self.loss, impl=self.impl, mesh=self.mesh, sim_fn=sim_fn)
 
 
-def contrastive_term(zimg, ztxt, out: dict, *, loss: str, impl: str, mesh: Mesh | None):
+def contrastive_term(zimg, ztxt, out: dict, *, loss: str, impl: str, mesh: Mesh | None, sim_fn=None):
   """The shared contrastive loss on a model's embeddings and out['scale'] / out['bias'] (all devices).
 
+  sim_fn: pair similarity sim(zimg, ztxt) -> [I, J] of pytree sides (None: dot products).
   Returns (loss, metrics) with the loss's pos/neg logits, the scale and the bias.
   """
   axes = parallel.data_axes(mesh) if mesh is not None else ()
-  value, metrics = contrastive_loss(zimg, ztxt, out["scale"], out["bias"], kind=loss,
-                                    impl=impl if mesh is not None else "local", mesh=mesh, axes=axes)
+  impl = impl if mesh is not None else "local"
+  if sim_fn is None:
+    value, metrics = contrastive_loss(zimg, ztxt, out["scale"], out["bias"], kind=loss, impl=impl, mesh=mesh,
+                                      axes=axes)
+  else:
+    value, metrics = pairwise_contrastive_loss(zimg, ztxt, sim_fn, out["scale"], out["bias"], kind=loss,
+                                               impl=impl, mesh=mesh, axes=axes)
   metrics = dict(metrics, scale=out["scale"])
   if out["bias"] is not None:
     metrics["bias"] = out["bias"]

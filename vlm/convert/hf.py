@@ -196,7 +196,8 @@ def _heads(config: dict, tower: str) -> int:
 
 def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF directory -> ('two_tower', model kwargs, params) for CLIP / SigLIP, ('flava', ...) for FLAVA
-  (vlm.convert.flava), ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm),
+  (vlm.convert.flava), ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm) and
+  Chameleon's text decoder (vlm.convert.chameleon),
   ('vision_lm', ...) for LLaVA, LLaVA-NeXT, BLIP-2 and Fuyu (vlm.convert.fuyu), ('flamingo', ...) for IDEFICS
   (vlm.convert.idefics).
   Raises listing missing/unused tensors."""
@@ -222,6 +223,9 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   if config.get("model_type") == "fuyu":
     from vlm.convert.fuyu import import_hf_fuyu
     return import_hf_fuyu(path, scan=scan)
+  if config.get("model_type") == "chameleon":  # the text decoder only (the VQ-VAE is not imported)
+    from vlm.convert.chameleon import import_hf_chameleon
+    return import_hf_chameleon(path, scan=scan)
   kwargs = model_kwargs_from_hf(config)
   tensors = _split_in_proj(load_safetensors_dir(path))
   table = _table(config)

@@ -1,7 +1,9 @@
 """Captioning: generate captions with the KV-cached decoder and score them (BLEU-4, CIDEr).
 
 Works for any captioner with two methods: `caption_context(images) -> context` and
-`decode_step(tokens [B, T], index, context=None, cache_len=None) -> logits [B, T, V]` (CoCa today).
+`decode_step(tokens [B, T], index, context=None, cache_len=None) -> logits [B, T, V]` (CoCa), or
+`caption_prompt(images) -> prompt [B, P]` and `decode_step(tokens, index, cache_len=None)` (early
+fusion: the image is part of the token prompt, vlm.models.early_fusion).
 """
 
 from collections.abc import Sequence
@@ -28,10 +30,15 @@ def generate_captions(model: nn.Module, params: Any, images: jax.Array, *, bos_i
   The cache is created by one decode_step on the BOS token with the image context (which also
   projects the cross-attention keys once); the generic decoder then prefills from slot 0.
   """
-  context = model.apply({"params": params}, images, method=model.caption_context)
-  prompt = jnp.full((images.shape[0], 1), bos_id, jnp.int32)
-  _, variables = model.apply({"params": params}, prompt, 0, context, max_len, method=model.decode_step,
-                             mutable=["cache"])
+  if hasattr(model, "caption_prompt"):  # early fusion: [BOS, image tokens] is the prompt
+    prompt = model.apply({"params": params}, images, method=model.caption_prompt)
+    _, variables = model.apply({"params": params}, prompt, 0, prompt.shape[1] + max_len,
+                               method=model.decode_step, mutable=["cache"])
+  else:
+    context = model.apply({"params": params}, images, method=model.caption_context)
+    prompt = jnp.full((images.shape[0], 1), bos_id, jnp.int32)
+    _, variables = model.apply({"params": params}, prompt, 0, context, max_len, method=model.decode_step,
+                               mutable=["cache"])
 
   def step_fn(cache, tokens, index):
     logits, new = model.apply({"params": params, "cache": cache}, tokens, index, method=model.decode_step,
@@ -59,7 +66,8 @@ class Captioning:
   method: 'greedy' | 'beam' | 'sample' (vlm.decoding), with decode_kw (num_beams, top_k, ...).
   reference_keys: record fields used as references (several per image).
   max_len: decoded length including BOS (default: data.text_length).
-  Reports {prefix}/bleu4, /bleu1, /cider and keeps the last captions in `self.last_captions`.
+  Reports {prefix}/bleu4, /bleu1, /cider, /exact_match (the caption equals one of its references,
+  case and surrounding spaces ignored) and keeps the last captions in `self.last_captions`.
   """
 
   def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
@@ -109,5 +117,7 @@ class Captioning:
     images, refs = self.data()
     self.last_captions = self.captions(params, images)
     scores = caption_scores(self.last_captions, refs)
+    scores["exact_match"] = float(np.mean([c.strip().lower() in {r.strip().lower() for r in rs}
+                                           for c, rs in zip(self.last_captions, refs)]))
     return {f"{self.prefix}/{k}": float(v) for k, v in scores.items()}
 

@@ -5,6 +5,7 @@ from flax import linen as nn
 from vlm.models.blip2 import Blip2QFormer
 from vlm.models.coca import CoCa, CoCaTextDecoder
 from vlm.models.decoder import DecoderLM
+from vlm.models.early_fusion import EarlyFusionLM
 from vlm.models.flamingo import Flamingo
 from vlm.models.flava import FLAVA
 from vlm.models.llip import Llip
@@ -35,6 +36,7 @@ MODELS.register("vision_lm")(VisionLanguageModel)
 MODELS.register("monkey")(Monkey)
 MODELS.register("flamingo")(Flamingo)
 MODELS.register("fuyu_patches")(FuyuPatchEmbed)
+MODELS.register("early_fusion")(EarlyFusionLM)
 
 
 def build_model(name: str, config, peft=None) -> nn.Module:
@@ -50,4 +52,4 @@ def build_model(name: str, config, peft=None) -> nn.Module:
   return cls(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "Flamingo", "FLAVA", "FuyuPatchEmbed", "Llip", "Monkey", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]
+__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "EarlyFusionLM", "Flamingo", "FLAVA", "FuyuPatchEmbed", "Llip", "Monkey", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]

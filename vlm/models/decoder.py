@@ -1,4 +1,4 @@
-"""Decoder-only language model (Llama / Qwen2 / Gemma / Persimmon family) with a KV cache for vlm.decoding.
+"""Decoder-only LM (Llama / Qwen2 / Gemma / Persimmon / Chameleon family) with a KV cache for vlm.decoding.
 
     tokens -> embed (x sqrt(width) for Gemma) -> depth x [x + Attn(RMS x); x + MLP(RMS x)] -> RMS -> head
 
@@ -14,6 +14,12 @@ Persimmon (Adept; Fuyu's decoder) sets the optional fields that default to the L
 (rotary on the first half of each head's channels only) and `mlp_act='relu2'` with biases
 (dense_h_to_4h -> relu^2 -> dense_4h_to_h, not gated). With the defaults the parameters are exactly
 the Llama ones (no bias in the norms, no query_norm / key_norm).
+
+Chameleon (Meta; its text decoder, vlm.convert.chameleon) is Llama plus `qk_norm='layer_per_head'`
+(LayerNorm over head_dim of every query and key head, before rotary, with a per-head scale and bias
+[heads, hd], not shared across heads) and, where its config sets swin_norm (the paper's norm reordering
+for the 34B model), `swin_norm=True`: the block's norms move to the outputs of attention and MLP,
+x + norm1(Attn(x)); x + norm2(Mlp(x)) (same parameters).
 
 Padding: a `mask` [B, T] (True/1 = real token) masks padded keys and sets rotary positions to
 the number of real tokens before each one (as HF generate does for left-padded prompts), so a
@@ -88,7 +94,8 @@ def segment_attention_mask(segment_ids: jax.Array, mask: jax.Array | None = None
 
 
 class LMBlock(nn.Module):
-  """Pre-norm block: x + Attn(norm1 x); x + Mlp(norm2 x). x: [B, T, D]. Fields: see DecoderLM."""
+  """Pre-norm block: x + Attn(norm1 x); x + Mlp(norm2 x), or with swin_norm x + norm1(Attn x);
+  x + norm2(Mlp x). x: [B, T, D]. Fields: see DecoderLM."""
 
   num_heads: int
   mlp_dim: int
@@ -103,6 +110,7 @@ class LMBlock(nn.Module):
   norm_type: str = "rms"
   qk_norm: str | None = None
   rotary_fraction: float = 1.0
+  swin_norm: bool = False
   dropout: float = 0.0
   dtype: Dtype = None
 
@@ -110,16 +118,21 @@ class LMBlock(nn.Module):
   def __call__(self, x, mask=None, positions=None, deterministic: bool = True, decode: bool = False,
                index: jax.Array | int = 0, cache_len: int | None = None):
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
-    y = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm1")(x)
-    y = MultiHeadAttention(
+    norm1 = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm1")
+    attn = MultiHeadAttention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         use_bias=self.qkv_bias, out_bias=self.out_bias, qk_norm=self.qk_norm, norm_eps=self.norm_eps,
-        rope_theta=self.rope_theta, rotary_fraction=self.rotary_fraction, dtype=self.dtype, name="attn",
-    )(y, mask=mask, causal=True, decode=decode, index=index, cache_len=cache_len, positions=positions)
+        rope_theta=self.rope_theta, rotary_fraction=self.rotary_fraction, dtype=self.dtype, name="attn")
+    norm2 = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm2")
+    mlp = Mlp(self.mlp_dim, act=self.mlp_act, use_bias=self.mlp_bias, dropout=self.dropout, dtype=self.dtype,
+              name="mlp")
+
+    def attend(h):
+      return attn(h, mask=mask, causal=True, decode=decode, index=index, cache_len=cache_len, positions=positions)
+
+    y = norm1(attend(x)) if self.swin_norm else attend(norm1(x))
     x = x + nn.Dropout(self.dropout)(y, deterministic)
-    y = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm2")(x)
-    y = Mlp(self.mlp_dim, act=self.mlp_act, use_bias=self.mlp_bias, dropout=self.dropout, dtype=self.dtype,
-            name="mlp")(y, deterministic)
+    y = norm2(mlp(x, deterministic)) if self.swin_norm else mlp(norm2(x), deterministic)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
@@ -154,9 +167,14 @@ class DecoderLM(nn.Module):
     norm_eps, norm_type: 'rms' (RMSNorm, default) or 'layer' (LayerNorm with bias: Persimmon) for
       norm1, norm2 and the final norm.
     qk_norm: None (default), 'layer' or 'rms': per-head norm over head_dim of queries and keys before
-      rotary (params attn/query_norm, attn/key_norm [hd]; Persimmon's q_layernorm / k_layernorm).
+      rotary (params attn/query_norm, attn/key_norm [hd], shared by the heads; Persimmon's q_layernorm /
+      k_layernorm); 'layer_per_head': the same LayerNorm but with a scale and bias per head,
+      attn/query_norm [num_heads, hd] and attn/key_norm [num_kv_heads, hd] (Chameleon's q_norm / k_norm).
+      The qk norms use norm_eps too.
     rotary_fraction: rotate only the first int(head_dim * fraction) channels of each head
       (Persimmon's partial_rotary_factor 0.5); 1.0 (default) rotates all.
+    swin_norm: False (default): pre-norm blocks x + Attn(norm1 x); x + Mlp(norm2 x). True: norms on the
+      branch outputs, x + norm1(Attn x); x + norm2(Mlp x) (Chameleon's swin_norm; same parameters).
     embed_scale: multiply token embeddings by sqrt(D), rounded to the activation dtype (Gemma).
     tie_embeddings: logits = h @ embedding.T; otherwise a bias-free 'head' Dense.
     remat_policy: a key of vlm.nn.transformer.REMAT_POLICIES (training only).
@@ -181,6 +199,7 @@ class DecoderLM(nn.Module):
   norm_type: str = "rms"
   qk_norm: str | None = None
   rotary_fraction: float = 1.0
+  swin_norm: bool = False
   embed_scale: bool = False
   tie_embeddings: bool = False
   dropout: float = 0.0
@@ -201,7 +220,8 @@ class DecoderLM(nn.Module):
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
               head_dim=self.head_dim, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias, out_bias=self.out_bias,
               mlp_bias=self.mlp_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps, norm_type=self.norm_type,
-              qk_norm=self.qk_norm, rotary_fraction=self.rotary_fraction, dropout=self.dropout, dtype=self.dtype)
+              qk_norm=self.qk_norm, rotary_fraction=self.rotary_fraction, swin_norm=self.swin_norm,
+              dropout=self.dropout, dtype=self.dtype)
     self.decoder = self.stack_class(depth=self.depth, block=kw, remat_policy=self.remat_policy, name="decoder")
     self.norm = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm")
     if not self.tie_embeddings:

@@ -15,6 +15,24 @@ from vlm.nn.rope import apply_rope, rotary_dims
 
 Dtype = Any
 
+QK_NORMS = (None, "layer", "rms", "layer_per_head")
+
+
+def make_qk_norm(kind: str, eps: float = 1e-6, dtype: Dtype = None, name: str | None = None) -> nn.Module:
+  """The norm of queries or keys [..., heads, hd], over hd (see MultiHeadAttention.qk_norm).
+
+  'layer' / 'rms': vlm.nn.norms.make_norm, params scale (+ bias) [hd] shared by all heads.
+  'layer_per_head': LayerNorm statistics over hd, then a per-head affine: scale and bias [heads, hd]
+  (logical axes 'heads', 'kv'), as Chameleon's ChameleonLayerNorm.
+  """
+  if kind == "layer_per_head":
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, reduction_axes=-1, feature_axes=(-2, -1), name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("heads", "kv")),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+  if kind not in QK_NORMS:
+    raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {kind!r}")
+  return make_norm(kind, eps, dtype, name=name)
+
 
 def make_attention_mask(q_valid: jax.Array | None, kv_valid: jax.Array | None) -> jax.Array | None:
   """Boolean mask [B, 1, Tq, Tk] from per-token validity [B, Tq] / [B, Tk] (either may be None)."""
@@ -66,7 +84,10 @@ class MultiHeadAttention(nn.Module):
     num_heads: query heads N.
     num_kv_heads: key/value heads K (N % K == 0); K < N is grouped-query attention.
     head_dim: per-head width; default D // N.
-    qk_norm: None, 'layer' or 'rms': normalise queries and keys per head (Dehghani et al. 2023).
+    qk_norm: None, 'layer' or 'rms': normalise queries and keys per head over head_dim, before rotary
+      (Dehghani et al. 2023), one scale (and bias) [hd] shared by all heads (params query_norm,
+      key_norm); 'layer_per_head': LayerNorm over head_dim with a per-head scale and bias, [N, hd]
+      for query_norm and [K, hd] for key_norm (Chameleon). See make_qk_norm.
     use_bias: biases on the q/k/v/out projections.
     out_bias: bias on the output projection (default: use_bias; Qwen2 has q/k/v biases only).
     rope_theta: if set, rotary position embeddings (vlm.nn.rope, base theta) on queries and keys of
@@ -138,12 +159,12 @@ class MultiHeadAttention(nn.Module):
     def key_value(inp):
       k, v = proj("key", inp, k_heads), proj("value", inp if values is None else values, k_heads)
       if self.qk_norm:
-        k = make_norm(self.qk_norm, self.norm_eps, self.dtype, name="key_norm")(k)
+        k = make_qk_norm(self.qk_norm, self.norm_eps, self.dtype, name="key_norm")(k)
       return k, v
 
     q = proj("query", x, n)
     if self.qk_norm:
-      q = make_norm(self.qk_norm, self.norm_eps, self.dtype, name="query_norm")(q)
+      q = make_qk_norm(self.qk_norm, self.norm_eps, self.dtype, name="query_norm")(q)
     if decode and cross:
       k, v = self._cached_cross_kv(kv, key_value)
     else:

@@ -1,0 +1,156 @@
+"""Early fusion (Chameleon-style): mixed-modal rows, cached decoding both ways, the objective, training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import chameleon, vq_tokenizer
+from vlm import checkpoint
+from vlm.evals.captioning import generate_captions
+from vlm.metrics_writer import read_metrics
+from vlm.models.early_fusion import EarlyFusionLM, concat_ragged, generate_images
+from vlm.objectives import build_objective
+from vlm.train import train
+
+from conftest import TINY_DATA
+from test_train import siglip_workdir  # noqa: F401  (the judge of text-to-image)
+
+OFFSET, BOI, EOI = 1008, 1000, 1001
+
+
+def _model(**kw) -> EarlyFusionLM:
+  return EarlyFusionLM(lm=dict(vocab_size=OFFSET + 64, width=32, depth=2, num_heads=2, mlp_dim=64, qk_norm="layer_per_head"),
+                       tokenizer=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, codebook_size=64),
+                       image_token_offset=OFFSET, boi_id=BOI, eoi_id=EOI, **kw)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = _model()
+  images = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3), minval=-1, maxval=1)
+  text = jnp.array([[3, 10, 11, 12, 1, 0], [3, 20, 1, 0, 0, 0], [3, 30, 31, 32, 33, 1]])
+  params = model.init(jax.random.key(1), images, text)["params"]
+  return model, params, images, text
+
+
+def test_concat_ragged():
+  a = jnp.array([[1, 2, 3], [4, 5, 6]])
+  b = jnp.array([[7, 8], [9, 10]])
+  tokens, mask = concat_ragged([(a, jnp.array([1, 3])), (b, jnp.array([2, 0]))], 6)
+  np.testing.assert_array_equal(tokens, [[1, 7, 8, 0, 0, 0], [4, 5, 6, 0, 0, 0]])
+  np.testing.assert_array_equal(mask.sum(1), [3, 3])
+
+
+def test_mixed_modal_rows(setup):
+  model, params, images, text = setup
+  codes = model.apply({"params": params}, images, method=model.image_tokens)  # [3, 4]
+  assert codes.shape == (3, 4) and bool(((codes >= OFFSET) & (codes < OFFSET + 64)).all())
+  tokens, mask = model.apply({"params": params}, images, text, jnp.array([True, False, True]),
+                             method=model.sequences)
+  c = np.asarray(codes)
+  np.testing.assert_array_equal(tokens[0, :11], [3, BOI, *c[0], EOI, 10, 11, 12, 1])
+  np.testing.assert_array_equal(tokens[1, :9], [3, 20, BOI, *c[1], EOI, 1])
+  np.testing.assert_array_equal(tokens[2, :12], [3, BOI, *c[2], EOI, 30, 31, 32, 33, 1])
+  np.testing.assert_array_equal(mask.sum(1), [11, 9, 12])
+  assert not np.asarray(tokens)[~np.asarray(mask)].any()  # padding after EOS
+
+
+def _greedy_uncached(model, params, prompt, steps, allowed):
+  """Argmax over `allowed` ids, re-running the full decoder on the growing row each step."""
+  rows = prompt
+  for _ in range(steps):
+    logits = model.apply({"params": params}, rows, method=lambda m, t: m.lm_model(t))
+    nxt = jnp.argmax(jnp.where(allowed, logits[:, -1], -jnp.inf), axis=-1)
+    rows = jnp.concatenate([rows, nxt[:, None].astype(jnp.int32)], axis=1)
+  return rows[:, prompt.shape[1]:]
+
+
+def test_cached_generation_matches_uncached_both_ways(setup):
+  model, params, images, text = setup
+  vocab = jnp.arange(OFFSET + 64)
+  # Text from image: [BOS, BOI, codes, EOI] then text ids only.
+  out = generate_captions(model, params, images, bos_id=3, eos_id=-1, pad_id=0, max_len=6).tokens
+  prompt = model.apply({"params": params}, images, method=model.caption_prompt)
+  text_ids = (vocab < OFFSET) & (vocab != BOI) & (vocab != EOI)
+  np.testing.assert_array_equal(out, _greedy_uncached(model, params, prompt, 5, text_ids))
+  # Image from text, one row at a time (no left padding in the uncached reference).
+  ids, pixels = generate_images(model, params, text, (2, 2))
+  assert ids.shape == (3, 4) and pixels.shape == (3, 16, 16, 3)
+  for i, row in enumerate(np.asarray(text)):
+    content = [t for t in row if t not in (0, 1, 3)]
+    prompt = jnp.array([[3, *content, BOI]], jnp.int32)
+    want = _greedy_uncached(model, params, prompt, 4, vocab >= OFFSET)
+    np.testing.assert_array_equal(ids[i:i + 1], want)
+
+
+def test_objective_trains_the_decoder_not_the_tokenizer(setup):
+  model, params, images, text = setup
+  objective = build_objective("early_fusion", dict(image_first_prob=0.5))
+  batch = {"image": images, "text": text}
+  (loss, metrics), grads = jax.value_and_grad(
+      lambda p: objective(model, p, batch, rng=jax.random.key(3), train=True), has_aux=True)(params)
+  assert np.isfinite(loss) and metrics["image_loss"] > 0 and metrics["text_loss"] > 0
+  tok_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["tokenizer"]))
+  lm_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["lm"]))
+  assert tok_norm == 0.0 and lm_norm > 0.0
+  # z-loss is part of the loss: switching it off lowers it.
+  loss0, _ = build_objective("early_fusion", dict(z_loss=0.0))(model, params, batch, rng=jax.random.key(3),
+                                                               train=True)
+  assert float(loss0) < float(loss)
+
+
+def test_config_errors():
+  images, text = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 4), jnp.int32)
+  small = EarlyFusionLM(lm=dict(vocab_size=1050, width=32, depth=1, num_heads=2, mlp_dim=64),
+                        tokenizer=dict(width=32, depth=1, mlp_dim=64, num_heads=2, codebook_size=64),
+                        image_token_offset=OFFSET, boi_id=BOI, eoi_id=EOI)
+  with pytest.raises(ValueError, match="model.lm.vocab_size=1050"):
+    small.init(jax.random.key(0), images, text)
+  with pytest.raises(ValueError, match="model.boi_id=1010"):
+    _model().clone(boi_id=1010).init(jax.random.key(0), images, text)
+
+
+@pytest.mark.slow
+def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir):  # noqa: F811
+  """A lighter demo: the tokenizer from its own short run, the decoder from scratch; both loss terms
+  fall and the captioning and text-to-image evaluations run from the trainer (caption quality and
+  judged images need the full demo's 2000 steps: README)."""
+  vq = tmp_path / "vq"
+  c = vq_tokenizer.get_config("demo")
+  c.data.data_dir = str(data_dir)
+  c.data.builder.update(TINY_DATA)
+  c.total_steps, c.batch_size, c.log_every, c.tensorboard, c.eval_at_start = 40, 32, 10, False, False
+  c.evals = {}
+  train(c, vq)
+  c = chameleon.get_config("demo")
+  c.data.data_dir = str(data_dir)
+  c.data.builder.update(TINY_DATA)
+  c.init.path = str(vq)
+  c.model["lm"].update(width=64, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
+  c.total_steps, c.batch_size, c.log_every, c.tensorboard = 120, 32, 10, False
+  c.schedule.warmup_steps = 10
+  for name in c.evals:
+    c.evals[name].every = 120
+    c.evals[name].max_examples = 64
+  c.evals.text_to_image.judge = str(siglip_workdir)
+  train(c, tmp_path / "ef")
+  rows = read_metrics(tmp_path / "ef")
+  losses = [r for r in rows if "train/text_loss" in r]
+  assert losses[-1]["train/text_loss"] < 0.6 * losses[0]["train/text_loss"], losses[-1]
+  assert losses[-1]["train/image_loss"] < 0.9 * losses[0]["train/image_loss"], losses[-1]
+  assert any(r["step"] == 0 and "captioning/cider" in r for r in rows)  # eval_at_start: the untrained row
+  end = [r for r in rows if "captioning/cider" in r][-1]
+  assert end["step"] == 120 and 0.0 <= end["captioning/exact_match"] <= 1.0
+  for key in ("text_to_image/match", "text_to_image/colour", "text_to_image/judge_real", "text_to_image/judge_recon"):
+    assert 0.0 <= end[key] <= 1.0
+  # The tokenizer is the loaded one and stayed frozen.
+  np.testing.assert_array_equal(checkpoint.load_params(tmp_path / "ef")["tokenizer"]["codebook"],
+                                checkpoint.load_params(vq)["codebook"])
+
+
+def test_text_to_image_names_a_missing_judge(setup):
+  from vlm.evals.text_to_image import TextToImage
+  model = setup[0]
+  with pytest.raises(FileNotFoundError, match="evals.t2i.judge='/nonexistent'"):
+    TextToImage(config=chameleon.get_config("demo"), model=model, mesh=None, prefix="t2i", judge="/nonexistent")

@@ -1,0 +1,105 @@
+"""Text-to-image evaluation of early-fusion models: do generated images show what the prompt says?
+
+For each test example the model generates the image tokens after [BOS, caption, BOI]; the VQ
+tokenizer renders them; a separately trained contrastive model (the "judge": a SigLIP, CLIP or
+Llip run, given by its workdir) classifies the result zero-shot among the split's "<colour>
+<shape>" classes. Reported, as fractions of examples:
+
+  match: colour and shape both right; colour, shape: each alone
+  match_seen / match_unseen: on combinations seen / held out in training
+  judge_real: the judge on the real test images (its own ceiling)
+  judge_recon: the judge on the tokenizer's reconstructions of them (the image tokens' ceiling)
+"""
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlm import parallel
+from vlm.data import load_split_numpy
+from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
+from vlm.evals.contrastive import ZeroShot
+from vlm.models.early_fusion import generate_images
+
+
+@EVALS.register("text_to_image")
+class TextToImage:
+  """judge: workdir of a trained contrastive run (its config and latest checkpoint are loaded).
+  method / decode_kw: vlm.decoding's ('greedy', or 'sample' with temperature / top_k / top_p).
+  caption_key: the prompts' field (default: data.caption_key's canonical 'caption')."""
+
+  def __init__(self, *, config, model, mesh, prefix: str, judge: str, split: str = "test",
+               batch_size: int = 256, max_examples: int | None = 512, method: str = "greedy", seed: int = 0,
+               caption_key: str = "caption", **decode_kw):
+    from vlm.predict import load_model_and_params, load_workdir_config  # vlm.predict imports vlm.evals
+    self.model, self.mesh, self.prefix = model, mesh, prefix
+    self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
+    self.method, self.seed, self.decode_kw = method, seed, decode_kw
+    self.data_config = ml_collections.ConfigDict(config.data.to_dict())
+    self.data_config.caption_key = caption_key
+    self.rules = config.get("rules", parallel.DEFAULT_RULES)
+    try:
+      judge_config = load_workdir_config(judge)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"evals.{prefix}.judge={judge!r}: no trained contrastive run there ({e}); train "
+                              "one first, e.g. configs/llip_b16.py:demo") from e
+    self.judge_model, _, self.judge_params = load_model_and_params(judge_config, judge, None)
+    self.judge = ZeroShot(config=judge_config, model=self.judge_model, mesh=mesh, prefix="judge", split=split,
+                          batch_size=batch_size, max_examples=max_examples)
+    self._data = None
+    self._generate = None
+    self._recon = None
+    self.last_images: np.ndarray | None = None
+
+  def data(self) -> dict[str, np.ndarray]:
+    if self._data is None:
+      self._data, self.meta = load_split_numpy(self.data_config, self.split, max_examples=self.max_examples)
+    return self._data
+
+  def _grid(self, images: np.ndarray) -> tuple[int, int]:
+    p = self.model.tokenizer.get("patch_size", 8)
+    return images.shape[1] // p, images.shape[2] // p
+
+  def _fns(self, grid):
+    if self._generate is None:
+      rng = jax.random.key(self.seed) if self.method == "sample" else None
+      self._generate = jit_on_mesh(lambda p, t: generate_images(
+          self.model, p, t, grid, method=self.method, rng=rng, **self.decode_kw)[1], self.mesh, self.rules)
+      model = self.model
+      self._recon = jit_on_mesh(lambda p, x: model.apply(
+          {"params": p}, model.apply({"params": p}, x, method=model.image_tokens), grid,
+          method=model.decode_image), self.mesh, self.rules)
+    return self._generate, self._recon
+
+  def judge_labels(self, images: np.ndarray) -> np.ndarray:
+    """The judge's zero-shot class of each image [N, H, W, 3] (value range of data.pp_eval)."""
+    meta = self.judge.data()[1]
+    templates = list(meta.get("templates") or ["{}"])
+    zcls = self.judge.class_embeddings(self.judge_params, list(meta["class_names"]), templates)
+    zimg = batched_apply(self.judge.enc_image, self.judge_params, images, self.mesh, self.batch_size)
+    return np.argmax(self.judge.scores(self.judge_params, zimg, zcls), axis=-1)
+
+  def __call__(self, params) -> dict[str, float]:
+    arrays = self.data()
+    generate, recon = self._fns(self._grid(arrays["image"]))
+    generated = batched_apply(generate, params, arrays["text"], self.mesh, self.batch_size)
+    self.last_images = generated
+    names = list(self.judge.data()[1]["class_names"])
+    colour = np.array([n.split(" ", 1)[0] for n in names])
+    shape = np.array([n.split(" ", 1)[1] for n in names])
+    label = arrays["label"]
+    pred = self.judge_labels(np.clip(generated, -1.0, 1.0))
+    out: dict[str, Any] = {
+        "match": pred == label, "colour": colour[pred] == colour[label], "shape": shape[pred] == shape[label]}
+    res = {f"{self.prefix}/{k}": float(v.mean()) for k, v in out.items()}
+    if "seen" in arrays:
+      seen = arrays["seen"].astype(bool)
+      for name, rows in (("seen", seen), ("unseen", ~seen)):
+        if rows.any():
+          res[f"{self.prefix}/match_{name}"] = float(out["match"][rows].mean())
+    res[f"{self.prefix}/judge_real"] = float((self.judge_labels(arrays["image"]) == label).mean())
+    recon_images = batched_apply(recon, params, arrays["image"], self.mesh, self.batch_size)
+    res[f"{self.prefix}/judge_recon"] = float((self.judge_labels(np.clip(recon_images, -1, 1)) == label).mean())
+    return res

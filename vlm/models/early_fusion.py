@@ -1,0 +1,188 @@
+"""Early fusion (Chameleon Team 2024, "Chameleon: Mixed-Modal Early-Fusion Foundation Models").
+
+Images become discrete tokens: the codes of a VQ image tokenizer (vlm.models.vq), shifted by
+`image_token_offset`, share one vocabulary with the text and sit between begin- and end-of-image
+markers. One decoder (DecoderLM, with Chameleon's qk-norm and z-loss options) models the whole
+mixed-modal sequence left to right, so the same weights read images (captioning: text after the
+image) and write them (generation: image tokens after the text, rendered by the tokenizer's
+decoder).
+
+Sequences built from an (image, caption) pair, each row in one of two orders:
+
+  image first: [BOS, BOI, c_1 ... c_N, EOI, caption ..., EOS, PAD ...]
+  text first:  [BOS, caption ..., BOI, c_1 ... c_N, EOI, EOS, PAD ...]
+
+with N = (H / patch) * (W / patch) codes per image. The tokenizer is trained separately
+(configs/vq_tokenizer.py) and frozen here: its codes are stop-gradient'ed and configs freeze
+its parameters.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm.models.decoder import DecoderLM
+from vlm.models.vq import VQTokenizer
+
+_NEG = -1e9  # logit of a token a generation step may not emit
+
+
+def concat_ragged(segments: list[tuple[jax.Array, jax.Array]], length: int) -> tuple[jax.Array, jax.Array]:
+  """Concatenates per-row segments without gaps: [(ids [B, L_s] int, n [B] int), ...] -> (tokens
+  [B, length] (the first n[b] ids of each segment in turn, then 0), mask [B, length] bool)."""
+  b = segments[0][0].shape[0]
+  out = jnp.zeros((b, length), jnp.int32)
+  start = jnp.zeros((b,), jnp.int32)
+  pos = jnp.arange(length)[None, :]
+  for ids, n in segments:
+    rel = pos - start[:, None]
+    inside = (rel >= 0) & (rel < n[:, None])
+    gathered = jnp.take_along_axis(ids.astype(jnp.int32), jnp.clip(rel, 0, ids.shape[1] - 1), axis=1)
+    out = jnp.where(inside, gathered, out)
+    start = start + n.astype(jnp.int32)
+  return out, pos < start[:, None]
+
+
+class EarlyFusionLM(nn.Module):
+  """VQ tokenizer ('tokenizer') + one decoder ('lm') over a shared text + image-code vocabulary.
+
+  lm: DecoderLM kwargs; its vocab_size must hold image_token_offset + the tokenizer's codebook.
+  tokenizer: VQTokenizer kwargs. boi_id / eoi_id: the begin- / end-of-image markers; bos_id,
+  eos_id, pad_id: the text tokenizer's.
+
+  __call__(images [B,H,W,3], text [B,L], image_first [B] bool | None, train) -> (logits [B,T,V],
+  tokens [B,T], mask [B,T]) with T = L + N + 3: the mixed-modal rows (module docstring) and the
+  model's next-token logits on them. `text` is a tokenised caption; its pad / BOS / EOS are dropped.
+  """
+
+  lm: dict
+  tokenizer: dict
+  image_token_offset: int
+  boi_id: int
+  eoi_id: int
+  bos_id: int = 3
+  eos_id: int = 1
+  pad_id: int = 0
+
+  def setup(self):
+    codebook = self.codebook_size
+    if self.lm["vocab_size"] < self.image_token_offset + codebook:
+      raise ValueError(f"model.lm.vocab_size={self.lm['vocab_size']} cannot hold the image codes: "
+                       f"model.image_token_offset={self.image_token_offset} + codebook_size={codebook}")
+    for key in ("boi_id", "eoi_id"):
+      if self.image_token_offset <= getattr(self, key) < self.image_token_offset + codebook:
+        raise ValueError(f"model.{key}={getattr(self, key)} falls inside the image-code range "
+                         f"[{self.image_token_offset}, {self.image_token_offset + codebook})")
+    self.lm_model = DecoderLM(**self.lm, name="lm")
+    self.vq = VQTokenizer(**self.tokenizer, name="tokenizer")
+
+  @property
+  def codebook_size(self) -> int:
+    return self.tokenizer.get("codebook_size", VQTokenizer.codebook_size)
+
+  # ------------------------------------------------------------------------ images <-> tokens
+
+  def image_tokens(self, images: jax.Array) -> jax.Array:
+    """Images [B, H, W, 3] -> image token ids [B, N] (row-major codes + image_token_offset)."""
+    codes = jax.lax.stop_gradient(self.vq.encode(images))
+    return codes.reshape(codes.shape[0], -1) + self.image_token_offset
+
+  def decode_image(self, ids: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Image token ids [B, gh * gw] -> pixels [B, gh * patch, gw * patch, 3] by the tokenizer's decoder."""
+    codes = jnp.clip(ids - self.image_token_offset, 0, self.codebook_size - 1)
+    return self.vq.decode(codes.reshape(ids.shape[0], *grid))
+
+  def is_image_token(self, ids: jax.Array) -> jax.Array:
+    """Whether ids are image codes (usable on an unbound module)."""
+    return (ids >= self.image_token_offset) & (ids < self.image_token_offset + self.codebook_size)
+
+  def _image_block(self, images: jax.Array) -> jax.Array:
+    codes = self.image_tokens(images)
+    b = codes.shape[0]
+    return jnp.concatenate([jnp.full((b, 1), self.boi_id, jnp.int32), codes,
+                            jnp.full((b, 1), self.eoi_id, jnp.int32)], axis=1)
+
+  def caption_tokens(self, text: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The caption's content tokens moved to the front of each row, and their count."""
+    keep = (text != self.pad_id) & (text != self.bos_id) & (text != self.eos_id)
+    order = jnp.argsort(~keep, axis=1, stable=True)
+    return jnp.take_along_axis(text, order, axis=1), keep.sum(axis=1)
+
+  def sequences(self, images: jax.Array, text: jax.Array,
+                image_first: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mixed-modal rows (module docstring) -> (tokens [B, L + N + 3], mask [B, L + N + 3])."""
+    b = images.shape[0]
+    if image_first is None:
+      image_first = jnp.ones((b,), bool)
+    img = self._image_block(images)
+    cap, n_cap = self.caption_tokens(text)
+    one = jnp.ones((b,), jnp.int32)
+    zero = jnp.zeros((b,), jnp.int32)
+    n_img = jnp.full((b,), img.shape[1], jnp.int32)
+    bos = jnp.full((b, 1), self.bos_id, jnp.int32)
+    eos = jnp.full((b, 1), self.eos_id, jnp.int32)
+    first = image_first.astype(bool)
+    length = text.shape[1] + img.shape[1] + 1
+    # image first: BOS, image, caption, EOS. text first: BOS, caption, image, EOS.
+    return concat_ragged([(bos, one), (img, jnp.where(first, n_img, zero)), (cap, n_cap),
+                          (img, jnp.where(first, zero, n_img)), (eos, one)], length)
+
+  # ------------------------------------------------------------------------ forward and decoding
+
+  def __call__(self, images: jax.Array, text: jax.Array, image_first: jax.Array | None = None,
+               train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    if self.is_initializing():
+      self.vq(images)  # creates the tokenizer's decoder too (encoding alone does not touch it)
+    tokens, mask = self.sequences(images, text, image_first)
+    return self.lm_model(tokens, train=train, mask=mask), tokens, mask
+
+  def caption_prompt(self, images: jax.Array) -> jax.Array:
+    """The prompt of text-from-image generation: [BOS, BOI, codes, EOI], [B, N + 3]."""
+    bos = jnp.full((images.shape[0], 1), self.bos_id, jnp.int32)
+    return jnp.concatenate([bos, self._image_block(images)], axis=1)
+
+  def decode_step(self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None,
+                  mask: jax.Array | None = None) -> jax.Array:
+    """Cached text decoding (DecoderLM.decode_step) with image codes and markers masked out."""
+    logits = self.lm_model.decode_step(tokens, index, cache_len, mask)
+    vocab = jnp.arange(logits.shape[-1])
+    banned = self.is_image_token(vocab) | (vocab == self.boi_id) | (vocab == self.eoi_id)
+    return jnp.where(banned, _NEG, logits)
+
+  def decode_image_step(self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None,
+                        mask: jax.Array | None = None) -> jax.Array:
+    """Cached image decoding: logits of everything but the image codes masked out."""
+    logits = self.lm_model.decode_step(tokens, index, cache_len, mask)
+    return jnp.where(self.is_image_token(jnp.arange(logits.shape[-1])), logits, _NEG)
+
+
+def generate_images(model: EarlyFusionLM, params: Any, text: jax.Array, grid: tuple[int, int], *,
+                    method: str = "greedy", rng: jax.Array | None = None,
+                    **decode_kw) -> tuple[jax.Array, jax.Array]:
+  """Text-to-image: prompts [BOS, caption, BOI] from tokenised captions text [B, L] (left-padded
+  inside the cache), then gh * gw image tokens -> (ids [B, gh * gw], pixels [B, H, W, 3])."""
+  from vlm import decoding
+  cap, n = model.apply({"params": params}, text, method=model.caption_tokens)
+  b, length = cap.shape
+  # Left-pad: the caption ends right before BOI in every row.
+  shift = length - n
+  idx = jnp.arange(length)[None, :] - shift[:, None]
+  body = jnp.where(idx >= 0, jnp.take_along_axis(cap, jnp.clip(idx, 0, length - 1), axis=1), model.pad_id)
+  prompt = jnp.concatenate([jnp.full((b, 1), model.bos_id, jnp.int32), body.astype(jnp.int32),
+                            jnp.full((b, 1), model.boi_id, jnp.int32)], axis=1)
+  mask = jnp.concatenate([jnp.ones((b, 1), bool), idx >= 0, jnp.ones((b, 1), bool)], axis=1)
+  count = grid[0] * grid[1]
+  _, variables = model.apply({"params": params}, prompt, 0, prompt.shape[1] + count, mask,
+                             method=model.decode_image_step, mutable=["cache"])
+
+  def step_fn(cache, tokens, index):
+    logits, new = model.apply({"params": params, "cache": cache}, tokens, index,
+                              method=model.decode_image_step, mutable=["cache"])
+    return logits, new["cache"]
+
+  out = decoding.generate(step_fn, variables["cache"], prompt, method=method, rng=rng, max_new_tokens=count,
+                          eos_id=-1, pad_id=model.pad_id, **decode_kw)
+  pixels = model.apply({"params": params}, out.tokens, grid, method=model.decode_image)
+  return out.tokens, pixels

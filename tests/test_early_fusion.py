@@ -154,3 +154,20 @@ def test_text_to_image_names_a_missing_judge(setup):
   model = setup[0]
   with pytest.raises(FileNotFoundError, match="evals.t2i.judge='/nonexistent'"):
     TextToImage(config=chameleon.get_config("demo"), model=model, mesh=None, prefix="t2i", judge="/nonexistent")
+
+
+def test_classifier_free_guidance_matches_uncached(setup):
+  """guidance g: argmax of l_u + g (l_c - l_u), l_u continuing [BOS, BOI], row by row without a cache."""
+  model, params, _, text = setup
+  ids, _ = generate_images(model, params, text, (2, 2), guidance=3.0)
+  image_ids = jnp.arange(OFFSET + 64) >= OFFSET
+  lm = lambda t: model.apply({"params": params}, t, method=lambda m, x: m.lm_model(x))[:, -1]
+  for i, row in enumerate(np.asarray(text)):
+    cond = jnp.array([[3, *[t for t in row if t not in (0, 1, 3)], BOI]], jnp.int32)
+    free = jnp.array([[3, BOI]], jnp.int32)
+    for _ in range(4):
+      lc, lu = lm(cond), lm(free)
+      nxt = jnp.argmax(jnp.where(image_ids, lu + 3.0 * (lc - lu), -jnp.inf), axis=-1)[:, None].astype(jnp.int32)
+      cond, free = jnp.concatenate([cond, nxt], 1), jnp.concatenate([free, nxt], 1)
+    np.testing.assert_array_equal(ids[i], cond[0, -4:])
+  assert not np.array_equal(ids, generate_images(model, params, text, (2, 2))[0])  # guidance changed something

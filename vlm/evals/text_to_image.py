@@ -28,15 +28,16 @@ from vlm.models.early_fusion import generate_images
 class TextToImage:
   """judge: workdir of a trained contrastive run (its config and latest checkpoint are loaded).
   method / decode_kw: vlm.decoding's ('greedy', or 'sample' with temperature / top_k / top_p).
+  guidance: classifier-free guidance scale (1: none; vlm.models.early_fusion.generate_images).
   caption_key: the prompts' field (default: data.caption_key's canonical 'caption')."""
 
   def __init__(self, *, config, model, mesh, prefix: str, judge: str, split: str = "test",
                batch_size: int = 256, max_examples: int | None = 512, method: str = "greedy", seed: int = 0,
-               caption_key: str = "caption", **decode_kw):
+               caption_key: str = "caption", guidance: float = 1.0, **decode_kw):
     from vlm.predict import load_model_and_params, load_workdir_config  # vlm.predict imports vlm.evals
     self.model, self.mesh, self.prefix = model, mesh, prefix
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
-    self.method, self.seed, self.decode_kw = method, seed, decode_kw
+    self.method, self.seed, self.guidance, self.decode_kw = method, seed, guidance, decode_kw
     self.data_config = ml_collections.ConfigDict(config.data.to_dict())
     self.data_config.caption_key = caption_key
     self.rules = config.get("rules", parallel.DEFAULT_RULES)
@@ -66,7 +67,8 @@ class TextToImage:
     if self._generate is None:
       rng = jax.random.key(self.seed) if self.method == "sample" else None
       self._generate = jit_on_mesh(lambda p, t: generate_images(
-          self.model, p, t, grid, method=self.method, rng=rng, **self.decode_kw)[1], self.mesh, self.rules)
+          self.model, p, t, grid, method=self.method, rng=rng, guidance=self.guidance, **self.decode_kw)[1],
+          self.mesh, self.rules)
       model = self.model
       self._recon = jit_on_mesh(lambda p, x: model.apply(
           {"params": p}, model.apply({"params": p}, x, method=model.image_tokens), grid,

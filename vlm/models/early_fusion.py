@@ -159,10 +159,15 @@ class EarlyFusionLM(nn.Module):
 
 
 def generate_images(model: EarlyFusionLM, params: Any, text: jax.Array, grid: tuple[int, int], *,
-                    method: str = "greedy", rng: jax.Array | None = None,
+                    method: str = "greedy", rng: jax.Array | None = None, guidance: float = 1.0,
                     **decode_kw) -> tuple[jax.Array, jax.Array]:
   """Text-to-image: prompts [BOS, caption, BOI] from tokenised captions text [B, L] (left-padded
-  inside the cache), then gh * gw image tokens -> (ids [B, gh * gw], pixels [B, H, W, 3])."""
+  inside the cache), then gh * gw image tokens -> (ids [B, gh * gw], pixels [B, H, W, 3]).
+
+  guidance > 1: classifier-free guidance (Ho & Salimans 2022; CM3Leon's decoding) with logits
+  l_u + guidance * (l_c - l_u), where l_u continues the caption-free prompt [BOS, BOI] (the
+  image-first rows of training teach that distribution); 'greedy' and 'sample' only.
+  """
   from vlm import decoding
   cap, n = model.apply({"params": params}, text, method=model.caption_tokens)
   b, length = cap.shape
@@ -170,19 +175,43 @@ def generate_images(model: EarlyFusionLM, params: Any, text: jax.Array, grid: tu
   shift = length - n
   idx = jnp.arange(length)[None, :] - shift[:, None]
   body = jnp.where(idx >= 0, jnp.take_along_axis(cap, jnp.clip(idx, 0, length - 1), axis=1), model.pad_id)
-  prompt = jnp.concatenate([jnp.full((b, 1), model.bos_id, jnp.int32), body.astype(jnp.int32),
-                            jnp.full((b, 1), model.boi_id, jnp.int32)], axis=1)
-  mask = jnp.concatenate([jnp.ones((b, 1), bool), idx >= 0, jnp.ones((b, 1), bool)], axis=1)
+  bos = jnp.full((b, 1), model.bos_id, jnp.int32)
+  boi = jnp.full((b, 1), model.boi_id, jnp.int32)
+  ones = jnp.ones((b, 1), bool)
+  prompt = jnp.concatenate([bos, body.astype(jnp.int32), boi], axis=1)
+  mask = jnp.concatenate([ones, idx >= 0, ones], axis=1)
   count = grid[0] * grid[1]
-  _, variables = model.apply({"params": params}, prompt, 0, prompt.shape[1] + count, mask,
-                             method=model.decode_image_step, mutable=["cache"])
+  cache_len = prompt.shape[1] + count
 
-  def step_fn(cache, tokens, index):
+  def run(cache, tokens, index):
     logits, new = model.apply({"params": params, "cache": cache}, tokens, index,
                               method=model.decode_image_step, mutable=["cache"])
     return logits, new["cache"]
 
-  out = decoding.generate(step_fn, variables["cache"], prompt, method=method, rng=rng, max_new_tokens=count,
+  if guidance == 1.0:
+    _, variables = model.apply({"params": params}, prompt, 0, cache_len, mask,
+                               method=model.decode_image_step, mutable=["cache"])
+    cache, step_fn = variables["cache"], run
+  else:
+    if method not in ("greedy", "sample"):
+      raise ValueError(f"classifier-free guidance decodes with 'greedy' or 'sample', not {method!r}")
+    uncond = jnp.concatenate([bos, jnp.full_like(body, model.pad_id, dtype=jnp.int32), boi], axis=1)
+    umask = jnp.concatenate([ones, jnp.zeros_like(mask[:, 1:-1]), ones], axis=1)
+    _, variables = model.apply({"params": params}, jnp.concatenate([prompt, uncond]), 0, cache_len,
+                               jnp.concatenate([mask, umask]), method=model.decode_image_step, mutable=["cache"])
+    # Rows [B, 2, ...]: each example's conditional and unconditional streams stay together, so the
+    # cache stays batch-major for vlm.decoding.
+    pair = lambda x: x.reshape(2, b, *x.shape[1:]).swapaxes(0, 1)
+    unpair = lambda x: x.swapaxes(0, 1).reshape(2 * x.shape[0], *x.shape[2:])
+    cache = jax.tree.map(pair, variables["cache"])
+
+    def step_fn(cache, tokens, index):
+      second = uncond if tokens.shape[1] == prompt.shape[1] else tokens  # the prefill feeds [BOS, BOI]
+      logits, new = run(jax.tree.map(unpair, cache), jnp.concatenate([tokens, second]), index)
+      cond, free = logits[:b], logits[b:]
+      return free + guidance * (cond - free), jax.tree.map(pair, new)
+
+  out = decoding.generate(step_fn, cache, prompt, method=method, rng=rng, max_new_tokens=count,
                           eos_id=-1, pad_id=model.pad_id, **decode_kw)
   pixels = model.apply({"params": params}, out.tokens, grid, method=model.decode_image)
   return out.tokens, pixels

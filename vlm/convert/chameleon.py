@@ -40,6 +40,7 @@ from flax import traverse_util
 from vlm import decoding
 from vlm.convert.hf import _fwd
 from vlm.convert.llm import _GATED_FROM_HF, _rope_theta
+from vlm.convert.llm import _table as _llm_table
 from vlm.convert.safetensors_io import load_safetensors_dir
 
 # ChameleonConfig's defaults (facebook/chameleon-7b).
@@ -93,29 +94,14 @@ def model_kwargs_from_hf_chameleon(config: dict, tensors: dict[str, np.ndarray] 
 
 
 def _table(kw: dict) -> list[tuple[str, str, str, int]]:
-  """Rows (hf_key, our_path, layout, heads)."""
-  n, k = kw["num_heads"], kw["num_kv_heads"]
-  rows = [("model.embed_tokens.weight", "embedding/embedding", "id", 0), ("model.norm.weight", "norm/scale", "id", 0)]
-  if not kw["tie_embeddings"]:
-    rows.append(("lm_head.weight", "head/kernel", "dense", 0))
+  """Rows (hf_key, our_path, layout, heads): the Llama table (vlm.convert.llm; RMSNorm scales as they
+  are) plus the per-head q/k LayerNorms."""
+  rows = [(hf, ours, "id" if kind == "norm" else kind, heads) for hf, ours, kind, heads in _llm_table(kw)]
   for i in range(kw["depth"]):
     h, o = f"model.layers.{i}", f"decoder/block_{i}"
-    rows += [(f"{h}.input_layernorm.weight", f"{o}/norm1/scale", "id", 0),
-             (f"{h}.post_attention_layernorm.weight", f"{o}/norm2/scale", "id", 0)]
-    for a, b, heads in (("q_proj", "query", n), ("k_proj", "key", k), ("v_proj", "value", k)):
-      rows.append((f"{h}.self_attn.{a}.weight", f"{o}/attn/{b}/kernel", "qkv", heads))
-      if kw["qkv_bias"]:
-        rows.append((f"{h}.self_attn.{a}.bias", f"{o}/attn/{b}/bias", "qkv_bias", heads))
-    rows.append((f"{h}.self_attn.o_proj.weight", f"{o}/attn/out/kernel", "out", n))
-    if kw["out_bias"]:
-      rows.append((f"{h}.self_attn.o_proj.bias", f"{o}/attn/out/bias", "id", 0))
     for a, b in (("q_norm", "query_norm"), ("k_norm", "key_norm")):
       rows += [(f"{h}.self_attn.{a}.weight", f"{o}/attn/{b}/scale", "id", 0),
                (f"{h}.self_attn.{a}.bias", f"{o}/attn/{b}/bias", "id", 0)]
-    for a, b in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
-      rows.append((f"{h}.mlp.{a}.weight", f"{o}/mlp/{b}/kernel", "dense", 0))
-      if kw["mlp_bias"]:
-        rows.append((f"{h}.mlp.{a}.bias", f"{o}/mlp/{b}/bias", "id", 0))
   return rows
 
 

@@ -266,19 +266,19 @@ def test_pairs_then_vqa_learn(data_dir, tmp_path):
   """A lighter demo: image-text pretraining lifts retrieval far above chance, then VQA fine-tuning
   from it answers well above the majority answer."""
   from configs import vlmo_base, vlmo_vqa
-  c = _stage(data_dir, vlmo_base, 150, None)
+  c = _stage(data_dir, vlmo_base, 100, None)
   c.model.update(width=64, depth=2, num_heads=4, mlp_dim=128)
   c.batch_size = 64
   c.evals.retrieval.max_examples = c.evals.zeroshot.max_examples = 256
   out = train(c, tmp_path / "pairs")
-  assert out["retrieval/i2t_r1"] > 0.1, out  # 0.20 measured; chance is below 1%
-  v = _stage(data_dir, vlmo_vqa, 150, tmp_path / "pairs")
+  assert out["retrieval/i2t_r1"] > 0.1, out  # 0.21 measured at 100 steps; chance is below 1%
+  v = _stage(data_dir, vlmo_vqa, 100, tmp_path / "pairs")
   v.model.update(width=64, depth=2, num_heads=4, mlp_dim=128)
   v.batch_size = 64
   v.evals.vqa.max_examples = 256
   out = train(v, tmp_path / "vqa")
   # The most frequent answer of the 250-way answer vocabulary covers under 15% of the questions.
-  assert out["vqa/top1"] > 0.3, out
+  assert out["vqa/top1"] > 0.3, out  # 0.44 measured at 100 steps
 
 
 def test_vqa_classifier_answers_a_question_from_the_command_line_api(stages, tmp_path):

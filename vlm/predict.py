@@ -76,8 +76,8 @@ def predict(workdir: str | Path, image: str | Path, labels: list[str], templates
   ztxt = model.apply({"params": params}, jnp.asarray(ids), method=model.encode_text)[0]
   scale, bias = model.apply({"params": params}, method=model.scale_and_bias)
   ztxt = jax.tree.map(lambda z: z.reshape(len(labels), len(templates), *z.shape[1:]).mean(1), ztxt)
-  if hasattr(model, "pair_similarity"):  # Llip: caption-conditioned image embeddings
-    sim = model.apply({"params": params}, zimg, ztxt, method="pair_similarity")
+  if hasattr(model, "similarity_fn"):  # Llip: caption-conditioned image embeddings
+    sim = model.similarity_fn()(zimg, ztxt)
   else:
     ztxt = ztxt / jnp.linalg.norm(ztxt, axis=-1, keepdims=True)
     sim = zimg @ ztxt.T

@@ -1,7 +1,7 @@
 """Zero-shot classification (prompt ensembling) and image-text retrieval for contrastive models.
 
-Two-tower models score by dot products of embeddings; a model with `pair_similarity` (Llip) hands
-out pytrees for the two sides and scores every (image, text) pair with that method, so zero-shot
+Two-tower models score by dot products of embeddings; a model with `similarity_fn()` (Llip) hands
+out pytrees for the two sides and scores every (image, text) pair with that function, so zero-shot
 and retrieval use its caption-conditioned image embeddings.
 """
 
@@ -37,9 +37,9 @@ class _Base(SplitData):
     rules = config.get("rules", parallel.DEFAULT_RULES)
     self.enc_image, self.enc_text = _encoders(model, mesh, rules)
     self.pair_sim = None
-    if hasattr(model, "pair_similarity"):
-      self.pair_sim = jit_on_mesh(lambda p, it: model.apply({"params": p}, *it, method="pair_similarity"), mesh,
-                                  rules)
+    if hasattr(model, "similarity_fn"):
+      sim_fn = model.similarity_fn()
+      self.pair_sim = jit_on_mesh(lambda _, it: sim_fn(*it), mesh, rules)
 
   def scores(self, params, zimg, ztxt, chunk: int = 64) -> np.ndarray:
     """[N, M] scores of N images against M texts (embeddings or pytree sides)."""

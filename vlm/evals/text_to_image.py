@@ -18,14 +18,13 @@ import ml_collections
 import numpy as np
 
 from vlm import parallel
-from vlm.data import load_split_numpy
-from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
+from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
 from vlm.evals.contrastive import ZeroShot
 from vlm.models.early_fusion import generate_images
 
 
 @EVALS.register("text_to_image")
-class TextToImage:
+class TextToImage(SplitData):
   """judge: workdir of a trained contrastive run (its config and latest checkpoint are loaded).
   method / decode_kw: vlm.decoding's ('greedy', or 'sample' with temperature / top_k / top_p).
   guidance: classifier-free guidance scale (1: none; vlm.models.early_fusion.generate_images).
@@ -49,18 +48,14 @@ class TextToImage:
     self.judge_model, _, self.judge_params = load_model_and_params(judge_config, judge, None)
     self.judge = ZeroShot(config=judge_config, model=self.judge_model, mesh=mesh, prefix="judge", split=split,
                           batch_size=batch_size, max_examples=max_examples)
-    self._data = None
     self._generate = None
     self._recon = None
+    self._zcls = None  # the judge's class embeddings and its accuracy on the real images: fixed
+    self._judge_real = None
     self.last_images: np.ndarray | None = None
 
-  def data(self) -> dict[str, np.ndarray]:
-    if self._data is None:
-      self._data, self.meta = load_split_numpy(self.data_config, self.split, max_examples=self.max_examples)
-    return self._data
-
   def _grid(self, images: np.ndarray) -> tuple[int, int]:
-    p = self.model.tokenizer.get("patch_size", 8)
+    p = self.model.patch_size
     return images.shape[1] // p, images.shape[2] // p
 
   def _fns(self, grid):
@@ -77,14 +72,15 @@ class TextToImage:
 
   def judge_labels(self, images: np.ndarray) -> np.ndarray:
     """The judge's zero-shot class of each image [N, H, W, 3] (value range of data.pp_eval)."""
-    meta = self.judge.data()[1]
-    templates = list(meta.get("templates") or ["{}"])
-    zcls = self.judge.class_embeddings(self.judge_params, list(meta["class_names"]), templates)
+    if self._zcls is None:
+      meta = self.judge.data()[1]
+      templates = list(meta.get("templates") or ["{}"])
+      self._zcls = self.judge.class_embeddings(self.judge_params, list(meta["class_names"]), templates)
     zimg = batched_apply(self.judge.enc_image, self.judge_params, images, self.mesh, self.batch_size)
-    return np.argmax(self.judge.scores(self.judge_params, zimg, zcls), axis=-1)
+    return np.argmax(self.judge.scores(self.judge_params, zimg, self._zcls), axis=-1)
 
   def __call__(self, params) -> dict[str, float]:
-    arrays = self.data()
+    arrays = self.data()[0]
     generate, recon = self._fns(self._grid(arrays["image"]))
     generated = batched_apply(generate, params, arrays["text"], self.mesh, self.batch_size)
     self.last_images = generated
@@ -101,7 +97,9 @@ class TextToImage:
       for name, rows in (("seen", seen), ("unseen", ~seen)):
         if rows.any():
           res[f"{self.prefix}/match_{name}"] = float(out["match"][rows].mean())
-    res[f"{self.prefix}/judge_real"] = float((self.judge_labels(arrays["image"]) == label).mean())
+    if self._judge_real is None:
+      self._judge_real = float((self.judge_labels(arrays["image"]) == label).mean())
+    res[f"{self.prefix}/judge_real"] = self._judge_real
     recon_images = batched_apply(recon, params, arrays["image"], self.mesh, self.batch_size)
     res[f"{self.prefix}/judge_recon"] = float((self.judge_labels(np.clip(recon_images, -1, 1)) == label).mean())
     return res

@@ -268,12 +268,16 @@ LOSSES: dict[tuple[str, str], LossFn] = {
 }
 
 
-def get_loss_fn(kind: str, impl: str) -> LossFn:
-    """Looks up ``LOSSES[(kind, impl)]``; ValueError names the valid choices."""
+def _check_kind_impl(kind: str, impl: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"Unknown contrastive loss kind {kind!r}; valid: {KINDS}.")
     if impl not in IMPLS:
         raise ValueError(f"Unknown contrastive loss impl {impl!r}; valid: {IMPLS}.")
+
+
+def get_loss_fn(kind: str, impl: str) -> LossFn:
+    """Looks up ``LOSSES[(kind, impl)]``; ValueError names the valid choices."""
+    _check_kind_impl(kind, impl)
     return LOSSES[(kind, impl)]
 
 
@@ -455,10 +459,7 @@ def pairwise_contrastive_loss(img: Any, txt: Any, sim_fn: SimFn, scale: Array | 
     -> [bi, bt] must treat rows independently (it is called on blocks). Same kinds, impls, mesh
     handling and metrics as ``contrastive_loss``; ``('softmax', 'ring')`` is not implemented.
     """
-    if kind not in KINDS:
-        raise ValueError(f"Unknown contrastive loss kind {kind!r}; valid: {KINDS}.")
-    if impl not in IMPLS:
-        raise ValueError(f"Unknown contrastive loss impl {impl!r}; valid: {IMPLS}.")
+    _check_kind_impl(kind, impl)
     leaf = jax.tree.leaves(img)[0]
     scale = jnp.asarray(scale, dtype=jnp.result_type(leaf.dtype, jnp.float32))
     bias = jnp.zeros((), scale.dtype) if bias is None else jnp.asarray(bias, dtype=scale.dtype)

@@ -82,6 +82,10 @@ class EarlyFusionLM(nn.Module):
   def codebook_size(self) -> int:
     return self.tokenizer.get("codebook_size", VQTokenizer.codebook_size)
 
+  @property
+  def patch_size(self) -> int:
+    return self.tokenizer.get("patch_size", VQTokenizer.patch_size)
+
   # ------------------------------------------------------------------------ images <-> tokens
 
   def image_tokens(self, images: jax.Array) -> jax.Array:

@@ -102,11 +102,8 @@ class Llip(LearnedScaleAndBias, nn.Module):
     return {"query": self._heads(self.query_proj(t)), "z": l2_normalize(t.astype(jnp.float32))}, aux
 
   def similarity_fn(self) -> Callable[[dict, dict], jax.Array]:
+    """sim(img [I], txt [J]) -> [I, J] cosines; parameter-free, so usable on the unbound module."""
     return partial(llip_similarity, temperature=self.attn_temperature)
-
-  def pair_similarity(self, img: dict, txt: dict) -> jax.Array:
-    """[I, J] cosine similarities (for `model.apply(..., method='pair_similarity')`)."""
-    return llip_similarity(img, txt, self.attn_temperature)
 
   def __call__(self, images: jax.Array | None, tokens: jax.Array | None, train: bool = False):
     out: dict[str, Any] = {}

@@ -335,6 +335,29 @@ def generate(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, method: str = 
   return _METHODS[method](step_fn, cache, prompt, **kw)
 
 
+def guided_step_fn(run: StepFn, cache: Cache, batch: int, guidance: float,
+                   second: Callable[[jax.Array], jax.Array] = lambda tokens: tokens) -> tuple[Cache, StepFn]:
+  """Decodes two streams per example and mixes their logits: l_2 + guidance * (l_1 - l_2).
+
+  `run` steps a model whose `cache` holds 2 * batch rows: rows [0, batch) the primary stream
+  (e.g. conditioned on the caption, or the full image), rows [batch, 2 * batch) the contrasting
+  one (caption-free; the image with a region masked). `second(tokens)` is what the contrasting
+  stream is fed (default: the same tokens). Classifier-free guidance (Ho & Salimans 2022) and
+  contrastive region guidance (Wan et al. 2024: (1 + a) l_full - a l_masked, guidance = 1 + a)
+  are both this. Returns (cache, step_fn) for `generate` ('greedy' or 'sample'): the cache is
+  regrouped [batch, 2, ...] so that it stays batch-major.
+  """
+  pair = lambda x: x.reshape(2, batch, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+  unpair = lambda x: x.swapaxes(0, 1).reshape(2 * x.shape[0], *x.shape[2:])  # noqa: E731
+
+  def step_fn(cache, tokens, index):
+    logits, new = run(jax.tree.map(unpair, cache), jnp.concatenate([tokens, second(tokens)]), index)
+    primary, contrast = logits[:batch], logits[batch:]
+    return contrast + guidance * (primary - contrast), jax.tree.map(pair, new)
+
+  return jax.tree.map(pair, cache), step_fn
+
+
 # ----------------------------------------------------------------------------- testing helpers
 
 

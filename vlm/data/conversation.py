@@ -196,6 +196,22 @@ class ChatTokenizer:
                 loss += [int(carries)] * len(piece)
         return ids, loss
 
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Ids -> text up to the first EOS, with special-marker ids written back as their markers
+        (e.g. Qwen-VL's `<box>` as a single id); text between them through the tokenizer."""
+        names = {v: k for k, v in self.specials.items() if v != self.tok.eos_id}
+        parts: list[str] = []
+        run: list[int] = []
+        for i in np.asarray(ids).reshape(-1).tolist():
+            if i == self.tok.eos_id:
+                break
+            if i in names:
+                parts += [self.tok.decode(run), names[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts + [self.tok.decode(run)])
+
     def encode_prompt(self, turns: Sequence[Turn]) -> list[int]:
         """Turns up to a user turn, then the generation prefix: what the model answers after."""
         ids, _ = self.encode(turns)

@@ -33,6 +33,31 @@ def open_source(spec: str, caption_key: str = "caption"):
     raise ValueError(f"--source: expected 'wds:GLOB', 'jsonl:PATH' or 'csv:PATH', got {spec!r}")
 
 
+def plain_features():
+    """Features of a converted image-text set: encoded image bytes, caption, label."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "caption": tfds.features.Text(),
+        "label": tfds.features.Scalar(dtype=np.int32),
+    })
+
+
+def plain_example(rec: dict, caption_key: str = "caption") -> dict:
+    """A source record -> {'image': encoded bytes, 'caption', 'label'}; raises sources.BadExample."""
+    ex = sources.decode_record(rec, caption_key)  # checks image and caption
+    data = rec.get("image")
+    if data is None:
+        with open(rec["image_path"], "rb") as f:
+            data = f.read()
+    if isinstance(data, np.ndarray) and data.dtype == object:
+        data = data.item()
+    if not isinstance(data, bytes):  # arrays: store as PNG
+        buf = io.BytesIO()
+        Image.fromarray(ex["image"]).save(buf, format="PNG")
+        data = buf.getvalue()
+    return {"image": data, "caption": ex["caption"], "label": np.int32(ex["label"])}
+
+
 class VlmImageText(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__main__"):
     """Image-text pairs converted from files; one builder config per converted set."""
 
@@ -47,35 +72,21 @@ class VlmImageText(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ =
         super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
     def _info(self):
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "caption": tfds.features.Text(),
-                "label": tfds.features.Scalar(dtype=np.int32),
-            }), disable_shuffling=True)
+        return self.dataset_info_from_configs(features=plain_features(), disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(src) for split, src in self._split_sources.items()}
 
     def _generate_examples(self, src):
         for i in range(len(src)):
-            rec = src[i]
             try:
-                ex = sources.decode_record(rec, self._caption_key)  # checks image and caption
-                data = rec.get("image")
-                if data is None:
-                    with open(rec["image_path"], "rb") as f:
-                        data = f.read()
-                if not isinstance(data, bytes):  # arrays: store as PNG
-                    buf = io.BytesIO()
-                    Image.fromarray(ex["image"]).save(buf, format="PNG")
-                    data = buf.getvalue()
+                ex = plain_example(src[i], self._caption_key)
             except sources.BadExample as e:
                 if self._strict:
                     raise ValueError(f"bad example {src.describe(i)}: {e}") from None
                 self.skipped[e.reason] += 1
                 continue
-            yield i, {"image": data, "caption": ex["caption"], "label": np.int32(ex["label"])}
+            yield i, ex
 
 
 def convert(source: str, name: str, data_dir: str, split: str = "train", caption_key: str = "caption",

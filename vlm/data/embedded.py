@@ -49,6 +49,12 @@ class BuildArgs:
     seed: int = 0
     vocab_size: int = 1000
     text_rich: int = 0  # 1: every image has small text (vlm.data.scenes.TEXT_RICH_SCALE); same tokenizer
+    # Injected noise for curation experiments (train split only; see `noise_of`): percent of
+    # examples whose captions belong to another random example, and percent that are near-duplicates
+    # (a re-encoded copy: brightness and pixel noise, same captions) of an earlier example. The
+    # tokenizer is unchanged.
+    noise_shuffled: int = 0
+    noise_duplicates: int = 0
 
     @property
     def config_name(self) -> str:
@@ -57,7 +63,9 @@ class BuildArgs:
         if self == BuildArgs(text_rich=1):
             return "textrich"
         return (f"n{self.num_train}-{self.num_validation}-{self.num_test}_px{self.image_size}"
-                f"_f{self.num_frames}_s{self.seed}_v{self.vocab_size}" + ("_textrich" if self.text_rich else ""))
+                f"_f{self.num_frames}_s{self.seed}_v{self.vocab_size}" + ("_textrich" if self.text_rich else "")
+                + (f"_noise{self.noise_shuffled}-{self.noise_duplicates}"
+                   if self.noise_shuffled or self.noise_duplicates else ""))
 
 
 def default_data_dir() -> str:
@@ -83,11 +91,52 @@ def metadata(args: BuildArgs) -> dict:
     }
 
 
+def noise_of(args: BuildArgs, split: str, index: int) -> tuple[int, int]:
+    """(duplicate_of, captions_from) of example `index`: -1 where it is clean (always outside train).
+
+    duplicate_of = j < index: the image is example j's with its brightness scaled by 0.9-1.1 and
+    +-4 levels of pixel noise (as a re-encoded copy), with j's captions; captions_from = k: the captions are those of (clean) example k, the image is not.
+    A pure function of its arguments, so experiments can score a filter against the truth.
+    """
+    if split != "train" or not (args.noise_shuffled or args.noise_duplicates):
+        return -1, -1
+    rng = np.random.default_rng([args.seed, 0, index, 2])
+    u_dup, u_cap = rng.random(2) * 100
+    j, k = int(rng.integers(max(index, 1))), int(rng.integers(args.num_train - 1))
+    dup = j if index > 0 and u_dup < args.noise_duplicates else -1
+    if dup >= 0:  # a duplicate of a duplicate shows the same scene as the first one
+        root = noise_of(args, split, dup)[0]
+        dup = root if root >= 0 else dup
+    cap = (k + (k >= index)) if u_cap < args.noise_shuffled else -1  # never its own captions
+    return dup, cap
+
+
+def _scene(args: BuildArgs, split: str, index: int) -> scenes.Scene:
+    rng = np.random.default_rng([args.seed, SPLITS.index(split), index])
+    return scenes.sample_scene(rng, combos(split), video=args.num_frames > 0, text_rich=bool(args.text_rich))
+
+
+def _captions(args: BuildArgs, split: str, index: int, scene: scenes.Scene) -> dict:
+    short, detailed = scenes.captions(scene)
+    varied = scenes.varied_caption(scene, np.random.default_rng([args.seed, SPLITS.index(split), index, 1]))
+    return {"caption": short, "caption_detailed": detailed, "caption_varied": varied}
+
+
+def _near_copy(image: np.ndarray, seed: list[int]) -> np.ndarray:
+    """A near-duplicate, not a byte copy: brightness x U(0.9, 1.1) and U(-4, 4) pixel noise."""
+    rng = np.random.default_rng(seed)
+    out = image.astype(np.float32) * rng.uniform(0.9, 1.1) + rng.uniform(-4, 4, image.shape)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def make_example(args: BuildArgs, split: str, index: int) -> dict:
     """Renders example `index` of `split` (a pure function of its arguments)."""
-    rng = np.random.default_rng([args.seed, SPLITS.index(split), index])
-    scene = scenes.sample_scene(rng, combos(split), video=args.num_frames > 0, text_rich=bool(args.text_rich))
-    short, detailed = scenes.captions(scene)
+    dup, cap = noise_of(args, split, index)
+    shown = dup if dup >= 0 else index
+    scene = _scene(args, split, shown)
+    texts = _captions(args, split, shown, scene)
+    if cap >= 0:
+        texts = _captions(args, split, cap, _scene(args, split, cap))
     qs, ans = scenes.questions(scene)
     size = args.image_size
     frames = []
@@ -96,11 +145,9 @@ def make_example(args: BuildArgs, split: str, index: int) -> dict:
                   for sh in scenes.motion_shifts(scene.motion, args.num_frames)]
     m = scene.main
     return {
-        "image": scenes.encode_png(scenes.render(scene, size)),
-        "caption": short,
-        "caption_detailed": detailed,
-        "caption_varied": scenes.varied_caption(
-            scene, np.random.default_rng([args.seed, SPLITS.index(split), index, 1])),
+        "image": scenes.encode_png(_near_copy(scenes.render(scene, size), [args.seed, 0, index, 3])
+                                   if dup >= 0 else scenes.render(scene, size)),
+        **texts,
         "label": np.int32(scenes.class_index(m.colour, m.shape)),
         "seen": not scenes.is_held_out(m.colour, m.shape),
         "questions": qs,

@@ -22,10 +22,15 @@ Config keys (`config.data`, see `get_default_config`):
     data_dir      TFDS / embedded data dir (None: $VLM_DATA_DIR or ~/.cache/vlm/data)
     builder       embedded-dataset build kwargs (num_train, num_validation, num_test,
                   image_size, num_frames, seed, vocab_size, text_rich: 1 = every image has small
-                  text, the high-resolution test bed of vlm.data.scenes)
+                  text, the high-resolution test bed of vlm.data.scenes; noise_shuffled /
+                  noise_duplicates: percent of train pairs with another example's captions / that
+                  near-duplicate an earlier example, for curation experiments)
     image_size    digits upsampling size (pp strings carry their own sizes)
     pp_train, pp_eval   preprocessing strings (vlm.data.preprocess); a list of op strings
                   works too (set it with `with config.ignore_type():` on a default config)
+    mixgen        MixGen (Hao et al. 2023): probability (default 0.0, off) that an example, after its pp
+                  ops, is mixed with one other random example of the split (through the same ops):
+                  image 0.5 * own + 0.5 * other, caption "own other"; label, boxes, questions stay its own
     text_length, detailed_text_length   token lengths
     caption_key   record key tokenized into 'text'
     tokenizer     SentencePiece .model path (None: the embedded dataset's tokenizer)
@@ -56,6 +61,9 @@ Config keys (`config.data`, see `get_default_config`):
                   user's instruction for an instruction-aware image encoder)
                   image_row_break (a special marker) + image_rows = R: the placeholders in R rows,
                   each closed by the marker (Fuyu's |NEWLINE| after every row of patches)
+    grounding     None, or a block adding grounding question/answer pairs built from the boxes
+                  (vlm.data.grounding: tasks from ('refer', 'region', 'grounded'), boxes as text in
+                  0-1000 coordinates; only=True keeps only those questions); needs box_labels
     cm3           None, or the CM3 objective's span transform of every document (vlm.data.cm3:
                   sentinel_ids, num_spans / poisson_lambda / max_spans, max_span_len, protected_ids;
                   needs conversation tasks=('text',))
@@ -76,7 +84,7 @@ import ml_collections
 import numpy as np
 
 from vlm import parallel
-from vlm.data import cm3, conversation, preprocess, sources
+from vlm.data import cm3, conversation, grounding, preprocess, sources
 from vlm.data.tokenizer import Tokenizer
 
 EXTRA_TEXT_KEYS = ("caption_detailed", "question", "answer")
@@ -89,7 +97,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.builder = ml_collections.ConfigDict(dict(
         num_train=20000, num_validation=1000, num_test=2000, image_size=64, num_frames=0, seed=0,
-        vocab_size=1000, text_rich=0))
+        vocab_size=1000, text_rich=0, noise_shuffled=0, noise_duplicates=0))
     c.image_size = 64
     c.pp_train = "decode|random_resized_crop(64, scale=(0.8, 1))|flip_lr|value_range(-1, 1)"
     c.pp_eval = "decode|resize(64)|value_range(-1, 1)"
@@ -102,6 +110,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.extra_text_keys = ()
     c.question_regex = ml_collections.config_dict.placeholder(str)
     c.interleaved_images = 1
+    c.mixgen = 0.0
     c.with_boxes = False
     c.max_boxes = 8
     c.with_frames = False
@@ -133,6 +142,12 @@ def check_config(data: ml_collections.ConfigDict) -> None:
         load_answer_vocab(data.answer_vocab)
     if data.get("conversation") is not None:
         conversation.check_conversation_config(data.conversation)
+    if data.get("grounding") is not None:
+        tasks = tuple(data.grounding.get("tasks", grounding.GROUNDING_TASKS))
+        bad = [t for t in tasks if t not in grounding.GROUNDING_TASKS]
+        if bad or not tasks:
+            raise ValueError(f"data.grounding.tasks: {tasks!r}; expected a non-empty subset of "
+                             f"{grounding.GROUNDING_TASKS}")
     m = data.get("interleaved_images", 1)
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise ValueError(f"data.interleaved_images: must be an int >= 1, got {m!r}")
@@ -140,6 +155,12 @@ def check_config(data: ml_collections.ConfigDict) -> None:
         raise ValueError("data.interleaved_images > 1 needs data.conversation with tasks=('qa',) (the question "
                          "names the image it is about)")
     anyres = any("anyres" in preprocess.op_names(data[k]) for k in ("pp_train", "pp_eval") if k in data)
+    mixgen = data.get("mixgen", 0.0)
+    if mixgen is not None and (isinstance(mixgen, bool) or not isinstance(mixgen, (int, float))
+                               or not 0 <= mixgen <= 1):
+        raise ValueError(f"data.mixgen: must be a probability in [0, 1], got {mixgen!r}")
+    if anyres and mixgen:
+        raise ValueError("data.mixgen does not work with the pp op 'anyres' (examples have their own tile grids)")
     if anyres and ((m or 1) > 1 or int((data.get("conversation") or {}).get("pack", 1)) > 1):
         raise ValueError("the pp op 'anyres' gives one image per example with its own token count: it does not "
                          "work with data.interleaved_images > 1 or data.conversation.pack > 1")
@@ -231,6 +252,7 @@ class _Process:
         self.with_boxes, self.max_boxes = bool(data.get("with_boxes", False)), int(data.get("max_boxes", 8))
         self.with_frames = bool(data.get("with_frames", False))
         self.num_images = int(data.get("interleaved_images", 1) or 1)
+        self.mixgen = float(data.get("mixgen", 0.0) or 0.0)
         regex = data.get("question_regex")
         self.question_re = re.compile(regex) if regex else None
         vocab = data.get("answer_vocab")
@@ -238,21 +260,45 @@ class _Process:
         self.conv = data.get("conversation")
         self.chat = conversation.chat_tokenizer_from_config(self.conv, tokenizer) if self.conv else None
         self.cm3 = data.get("cm3")
+        self.grounding = data.get("grounding")
 
-    def _others(self, rng: np.random.Generator) -> list[dict]:
-        """num_images - 1 random other examples of the split, decoded and preprocessed."""
+    def _others(self, rng: np.random.Generator, n: int | None = None) -> list[dict]:
+        """n (default num_images - 1) random other examples of the split, decoded and preprocessed."""
+        n = self.num_images - 1 if n is None else n
         out = []
-        for _ in range(100 * self.num_images):
-            if len(out) == self.num_images - 1:
+        for _ in range(100 * (n + 1)):
+            if len(out) == n:
                 break
             i = int(rng.integers(len(self.source)))
             try:
                 out.append(preprocess.apply_ops(self.ops, sources.decode_record(self.source[i], self.caption_key), rng))
             except sources.BadExample:
                 continue
-        if len(out) < self.num_images - 1:
-            raise ValueError("data.interleaved_images: could not find enough readable examples to interleave")
+        if len(out) < n:
+            raise ValueError("data.interleaved_images / data.mixgen: could not find enough readable examples")
         return out
+
+    def _mixgen(self, ex: dict, position: int) -> dict:
+        """MixGen (Hao et al. 2023, "MixGen: A New Multi-Modal Data Augmentation", sec. 3), with
+        probability data.mixgen: image (and frames) lam * own + (1 - lam) * other's with lam = 0.5 as in
+        the paper, in float (rounded back to uint8 if the pp ops left uint8); caption "own other". Its own
+        rng stream, so every other draw is the same with and without data.mixgen."""
+        rng = np.random.default_rng([self.seed, 3, position])
+        if rng.random() >= self.mixgen:
+            return ex
+        other = self._others(rng, 1)[0]
+        lam = 0.5
+        ex = dict(ex, caption=f"{ex['caption']} {other['caption']}")
+        for key in ("image", "frames"):
+            if key not in ex or key not in other:
+                continue
+            a, b = ex[key], other[key]
+            if a.shape != b.shape:
+                raise ValueError(f"data.mixgen: the pp ops must give every example's {key} the same shape "
+                                 f"(e.g. end with resize), got {a.shape} and {b.shape}")
+            mixed = lam * a.astype(np.float32) + (1 - lam) * b.astype(np.float32)
+            ex[key] = np.round(mixed).astype(np.uint8) if a.dtype == np.uint8 else mixed
+        return ex
 
     def _tok(self, text: str, length: int) -> np.ndarray:
         return self.tok.encode(text, length, self.add_bos, self.add_eos)
@@ -269,6 +315,13 @@ class _Process:
                 raise ValueError(f"bad example {where}: {e} (data.strict=True)") from None
             return {"_bad": e.reason, "_where": where}
         ex = preprocess.apply_ops(self.ops, ex, rng)
+        if self.mixgen > 0:
+            ex = self._mixgen(ex, position)
+        if self.grounding is not None:  # after the pp ops: boxes are in the final image's pixels
+            gq, ga = grounding.grounding_pairs(ex, tuple(self.grounding.get("tasks", grounding.GROUNDING_TASKS)))
+            keep = not self.grounding.get("only", False)
+            ex = dict(ex, questions=(list(ex.get("questions", [])) if keep else []) + gq,
+                      answers=(list(ex.get("answers", [])) if keep else []) + ga)
         if self.question_re is not None:
             pairs = [(q, a) for q, a in zip(ex.get("questions", []), ex.get("answers", []))
                      if self.question_re.search(q)]

@@ -17,10 +17,21 @@ Flipping and positions: `flip_lr` mirrors the image, frames and boxes and
 swaps the words "left" and "right" in every text field, so "a red circle on
 the left" stays true (rendered text in the image is mirrored, though: leave
 `flip_lr` out of pipelines for text reading).
+
+Ops: decode, resize, resize_small, center_crop, random_crop, random_resized_crop, flip_lr,
+value_range, normalize, random_aspect_pad, anyres, and the augmentations of vlm.data.augment
+(registered here when this module is imported):
+    randaugment(num_ops=2, magnitude=9, ops=None, geometric=True, fill=128)   RandAugment, uint8;
+        its geometric ops do not update 'boxes' (geometric=False for grounding)
+    caption_dropout(p=0.1), word_dropout(p=0.1), synonyms(p=0.5, table='scenes'),
+    template_caption(p=0.5, templates=None, class_names=None)   on ex['caption']
+e.g. "decode|randaugment(2, 9)|resize(64)|synonyms(0.5)|value_range(-1, 1)". MixGen (image-text
+mixup of pairs) is the pipeline key `data.mixgen`, off by default.
 """
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import math
 import re
@@ -360,3 +371,7 @@ def apply_ops(ops: Sequence[Op], ex: Example, rng: np.random.Generator) -> Examp
     for op in ops:
         ex = op(ex, rng)
     return ex
+
+
+# The augmentation ops register themselves in _OPS (imported last: vlm.data.augment imports this module).
+importlib.import_module("vlm.data.augment")

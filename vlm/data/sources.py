@@ -5,7 +5,9 @@ A source has `__len__`, `__getitem__(i) -> record dict`, `describe(i) -> str`
 templates, ...). Sources:
 
 - `TfdsSource`: any prepared TFDS dataset by name (`tfds.data_source`, no
-  TensorFlow needed to *read* ArrayRecord datasets). Preparing many catalogue
+  TensorFlow needed to *read* ArrayRecord datasets); without a data_dir, TFDS' default
+  directories, then $VLM_DATA_DIR or ~/.cache/vlm/data (where `vlm.data.convert` and `vlm.curate`
+  write by default). Preparing many catalogue
   datasets (`tfds build NAME`) needs TensorFlow, which this project does not
   install: prepare them on a machine that has it, in ArrayRecord format
   (`--file_format=array_record`), and point `data.data_dir` at the result.
@@ -129,9 +131,19 @@ class TfdsSource:
         try:  # read the prepared files; needs no builder class (nor TensorFlow)
             builder = tfds.core.read_only_builder.builder_from_files(name, data_dir=data_dir)
         except Exception:  # noqa: BLE001  (e.g. not found: let tfds.builder explain)
-            builder = tfds.builder(name, data_dir=data_dir)
+            builder = None
+            if data_dir is None:  # then where vlm.data.convert and vlm.curate write by default
+                from vlm.data.embedded import default_data_dir
+
+                try:
+                    builder = tfds.core.read_only_builder.builder_from_files(name, data_dir=default_data_dir())
+                except Exception:  # noqa: BLE001
+                    builder = None
+            if builder is None:
+                builder = tfds.builder(name, data_dir=data_dir)
         self._ds = builder.as_data_source(split=split)
         info = builder.info
+        self.features = info.features  # the TFDS FeaturesDict (curation writes records back with it)
         self.metadata = dict(info.metadata or {})
         label = info.features.get("label") if hasattr(info.features, "get") else None
         if "class_names" not in self.metadata and getattr(label, "names", None):

@@ -5,7 +5,7 @@ from typing import Any
 import numpy as np
 
 from vlm import parallel
-from vlm.data import get_tokenizer
+from vlm.data import conversation, get_tokenizer
 from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
 
 
@@ -14,8 +14,58 @@ def normalize_answer(text: str) -> str:
   return text.strip().lower().rstrip(".").strip()
 
 
+class GenerateAnswers(SplitData):
+  """Greedy answers of a VLM on an LM (vlm.models.vision_lm or vlm.models.flamingo, each with its
+  cached `generate`) to left-padded prompts, batched on the mesh; the base of the generation evals."""
+
+  def _setup(self, config, model, mesh, prefix: str, split: str, batch_size: int, max_examples: int | None,
+             max_new_tokens: int) -> None:
+    self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
+    self.data_config = config.data
+    self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
+    self.max_new_tokens = max_new_tokens
+    self.rules = config.get("rules", parallel.DEFAULT_RULES)
+    self._fns: dict[float | None, Any] = {}
+
+  def _generate_fn(self, crg_alpha: float | None = None):
+    if crg_alpha not in self._fns:
+      from vlm.models import flamingo, vision_lm
+      tok = get_tokenizer(self.config.data)
+      if crg_alpha is not None and isinstance(self.model, flamingo.Flamingo):
+        raise ValueError(f"evals.{self.prefix}: contrastive region guidance needs a vision_lm model")
+
+      def fn(params, x):
+        images, prompt, mask, extra = x
+        kw = dict(mask=mask, max_new_tokens=self.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        if isinstance(self.model, flamingo.Flamingo):  # images reach the text by cross-attention
+          return flamingo.generate(self.model, params, images, prompt, **kw).tokens
+        if crg_alpha is not None:
+          kw.update(crg_alpha=crg_alpha)
+        return vision_lm.generate(self.model, params, images, prompt, **extra, **kw).tokens
+
+      self._fns[crg_alpha] = jit_on_mesh(fn, self.mesh, self.rules)
+    return self._fns[crg_alpha]
+
+  def answers(self, params: Any, images: np.ndarray, prompt: np.ndarray, mask: np.ndarray,
+              instruction: np.ndarray | None = None, image_layout: np.ndarray | None = None,
+              contrast_images: np.ndarray | None = None, crg_alpha: float = 1.0) -> list[str]:
+    """Greedy answers; instruction [N, L]: the image encoder's ('prompt_instruction' of the data);
+    image_layout [N, 4]: AnyRes views' layout ('image_layout' of the data); contrast_images: decode
+    with contrastive region guidance against them (vlm.models.vision_lm.generate)."""
+    extra = {k: v for k, v in (("instruction", instruction), ("image_layout", image_layout),
+                               ("contrast_images", contrast_images)) if v is not None}
+    inputs = (images, prompt, mask, extra)
+    fn = self._generate_fn(None if contrast_images is None else float(crg_alpha))
+    tokens = batched_apply(fn, params, inputs, self.mesh, self.batch_size)
+    tok = get_tokenizer(self.config.data)
+    if not self.config.data.get("conversation"):
+      return tok.decode_batch(tokens)
+    chat = conversation.chat_tokenizer_from_config(self.config.data.conversation, tok)
+    return [chat.decode(row) for row in tokens]  # special markers (e.g. <box>) as text
+
+
 @EVALS.register("vqa_generate")
-class VQAGenerate(SplitData):
+class VQAGenerate(GenerateAnswers):
   """Greedy answers to data.conversation's prompt (left-padded 'prompt' / 'prompt_mask': the question
   about the image, then the template's generation prefix) scored by exact match against 'answer'.
 
@@ -28,41 +78,12 @@ class VQAGenerate(SplitData):
 
   def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
                max_examples: int | None = None, max_new_tokens: int = 8):
-    self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
-    self.data_config = config.data
     if not config.data.get("conversation"):
       raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs data.conversation")
     if not {"question", "answer"} <= set(config.data.get("extra_text_keys", ())):
       raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs 'question' and 'answer' in data.extra_text_keys")
-    self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
-    self.max_new_tokens = max_new_tokens
-    self.rules = config.get("rules", parallel.DEFAULT_RULES)
-    self._fn = None
+    self._setup(config, model, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
     self.last_answers: list[str] = []
-
-  def _generate_fn(self):
-    if self._fn is None:
-      from vlm.models import flamingo, vision_lm
-      tok = get_tokenizer(self.config.data)
-
-      def fn(params, x):
-        images, prompt, mask, extra = x
-        kw = dict(mask=mask, max_new_tokens=self.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
-        if isinstance(self.model, flamingo.Flamingo):  # images reach the text by cross-attention
-          return flamingo.generate(self.model, params, images, prompt, **kw).tokens
-        return vision_lm.generate(self.model, params, images, prompt, **extra, **kw).tokens
-
-      self._fn = jit_on_mesh(fn, self.mesh, self.rules)
-    return self._fn
-
-  def answers(self, params: Any, images: np.ndarray, prompt: np.ndarray, mask: np.ndarray,
-              instruction: np.ndarray | None = None, image_layout: np.ndarray | None = None) -> list[str]:
-    """Greedy answers; instruction [N, L]: the image encoder's ('prompt_instruction' of the data);
-    image_layout [N, 4]: AnyRes views' layout ('image_layout' of the data)."""
-    extra = {k: v for k, v in (("instruction", instruction), ("image_layout", image_layout)) if v is not None}
-    inputs = (images, prompt, mask, extra)
-    tokens = batched_apply(self._generate_fn(), params, inputs, self.mesh, self.batch_size)
-    return get_tokenizer(self.config.data).decode_batch(tokens)
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()

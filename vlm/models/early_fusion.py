@@ -203,17 +203,9 @@ def generate_images(model: EarlyFusionLM, params: Any, text: jax.Array, grid: tu
     umask = jnp.concatenate([ones, jnp.zeros_like(mask[:, 1:-1]), ones], axis=1)
     _, variables = model.apply({"params": params}, jnp.concatenate([prompt, uncond]), 0, cache_len,
                                jnp.concatenate([mask, umask]), method=model.decode_image_step, mutable=["cache"])
-    # Rows [B, 2, ...]: each example's conditional and unconditional streams stay together, so the
-    # cache stays batch-major for vlm.decoding.
-    pair = lambda x: x.reshape(2, b, *x.shape[1:]).swapaxes(0, 1)
-    unpair = lambda x: x.swapaxes(0, 1).reshape(2 * x.shape[0], *x.shape[2:])
-    cache = jax.tree.map(pair, variables["cache"])
-
-    def step_fn(cache, tokens, index):
-      second = uncond if tokens.shape[1] == prompt.shape[1] else tokens  # the prefill feeds [BOS, BOI]
-      logits, new = run(jax.tree.map(unpair, cache), jnp.concatenate([tokens, second]), index)
-      cond, free = logits[:b], logits[b:]
-      return free + guidance * (cond - free), jax.tree.map(pair, new)
+    cache, step_fn = decoding.guided_step_fn(
+        run, variables["cache"], b, guidance,
+        second=lambda t: uncond if t.shape[1] == prompt.shape[1] else t)  # the prefill feeds [BOS, BOI]
 
   out = decoding.generate(step_fn, cache, prompt, method=method, rng=rng, max_new_tokens=count,
                           eos_id=-1, pad_id=model.pad_id, **decode_kw)

@@ -282,14 +282,30 @@ class VisionLanguageModel(nn.Module):
 def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt: jax.Array, *,
              max_new_tokens: int, eos_id: int, pad_id: int = 0, mask: jax.Array | None = None,
              method: str = "greedy", rng: jax.Array | None = None, instruction: jax.Array | None = None,
-             image_layout: jax.Array | None = None, **decode_kw) -> decoding.DecodeOutput:
+             image_layout: jax.Array | None = None, contrast_images: jax.Array | None = None,
+             crg_alpha: float = 1.0, **decode_kw) -> decoding.DecodeOutput:
   """Answers after prompt [B, P] (left-padded: pass `mask`) about images, with the KV cache (jit-able).
 
   The prefill (T = P > 1) embeds the images (with `instruction` [B, L] for an instruction-aware
   image encoder, and `image_layout` [B, 4] for AnyRes views); single-token steps do not.
+
+  contrast_images (same shape as images): contrastive region guidance (Wan et al. 2024, eq. 1),
+  no training: every step's logits are (1 + crg_alpha) l(images) - crg_alpha l(contrast_images),
+  where contrast_images are the images with the asked-about regions masked (vlm.evals.grounding);
+  evidence that comes from the region counts more, priors that survive its removal less.
   """
   p = prompt.shape[1]
-  _, variables = model.apply({"params": params}, prompt, 0, p + max_new_tokens, mask, images, instruction,
+  b = prompt.shape[0]
+  crg = contrast_images is not None
+  if crg:
+    if method not in ("greedy", "sample"):
+      raise ValueError(f"contrastive region guidance decodes with 'greedy' or 'sample', not {method!r}")
+    two = lambda x: None if x is None else jnp.concatenate([x, x])  # noqa: E731
+    images, prompt2, mask2 = jnp.concatenate([images, contrast_images]), two(prompt), two(mask)
+    instruction, image_layout = two(instruction), two(image_layout)
+  else:
+    prompt2, mask2 = prompt, mask
+  _, variables = model.apply({"params": params}, prompt2, 0, p + max_new_tokens, mask2, images, instruction,
                              image_layout, method=VisionLanguageModel.decode_step, mutable=["cache"])
 
   def step_fn(cache, tokens, index):
@@ -299,5 +315,8 @@ def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt:
                               method=VisionLanguageModel.decode_step, mutable=["cache"])
     return logits, new["cache"]
 
-  return decoding.generate(step_fn, variables["cache"], prompt, method=method, rng=rng,
+  cache = variables["cache"]
+  if crg:
+    cache, step_fn = decoding.guided_step_fn(step_fn, cache, b, 1.0 + crg_alpha)
+  return decoding.generate(step_fn, cache, prompt, method=method, rng=rng,
                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, **decode_kw)

@@ -1,0 +1,53 @@
+r"""Grounding on a language model: boxes as text (Qwen-VL, Bai et al. 2023, sec. 2.2 and 3.2) with
+referring expressions, region questions and grounded captions, evaluated by box IoU and by region
+questions with and without contrastive region guidance (CRG, Wan et al. 2024).
+
+The model is LLaVA-1.5's (configs/llava_base.py): its stage 2 (visual instruction tuning) with the
+embedded scenes' boxes turned into extra question/answer pairs (`data.grounding`,
+vlm/data/grounding.py), boxes written `<box>(x1,y1),(x2,y2)</box>` in [0, 1000) coordinates:
+
+  "where is the large red circle?"                     -> "<box>(250,171),(735,656)</box>"
+  "what colour is the object in <box>(25,25),(174,174)</box>?" -> "yellow"
+  "describe the image with boxes."                     -> "<ref>a large red circle</ref><box>...</box>
+                                                           and <ref>a small blue star</ref><box>...</box>"
+
+`<box>` and `</box>` are single special ids (Qwen-VL adds them to its vocabulary); `<ref>` stays
+text. The evaluations: `grounding` (RefCOCO-style accuracy: IoU >= 0.5 of the first box of the
+answer) and `region_qa` (exact match; `accuracy_crg` answers with logits (1 + a) l(image) -
+a l(image with the box blacked out), a = crg_alpha, no training).
+
+  python -m vlm.train --config=configs/llava_stage1.py:demo --workdir=/tmp/llava_demo/stage1
+  python -m vlm.train --config=configs/grounding.py:demo --workdir=/tmp/grounding_demo
+
+At scale (no `:demo`) it is LLaVA-1.5-7B's stage 2 with the same data option (point data at a
+source with boxes and box_labels, or at RefCOCO converted to that layout).
+"""
+
+import ml_collections
+
+from configs import llava_base
+
+BOX_IDS = {"<box>": 1005, "</box>": 1006}  # Qwen-VL's box markers as single ids (demo LM vocabulary: 1008)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = llava_base.stage_config("instruct", arg)
+  demo = arg == "demo"
+  c.data.grounding = ml_collections.ConfigDict(dict(tasks=("refer", "region", "grounded"), only=False))
+  c.data.max_boxes = 8
+  if demo:
+    c.data.conversation.specials.update(BOX_IDS)
+    c.data.conversation.length = 128
+    c.data.conversation.prompt_length = 64
+    c.total_steps = 1000
+    c.checkpoint_every = c.total_steps
+    every, n = 500, 400
+  else:
+    c.data.conversation.specials.update({"<box>": 32_001, "</box>": 32_002})
+    every, n = 5000, None
+  c.evals = ml_collections.ConfigDict(dict(
+      grounding=dict(type="grounding", every=every, split="test", max_examples=n, max_new_tokens=16),
+      region_qa=dict(type="region_qa", every=every, split="test", max_examples=n, max_new_tokens=4,
+                     crg_alpha=1.0),
+  ))
+  return c

@@ -1,0 +1,135 @@
+"""Grounding evaluations of VLMs on an LM: referring-expression boxes (IoU >= 0.5) and region
+questions, the latter also with contrastive region guidance (CRG, Wan et al. 2024).
+
+Both ask about every object of the split's images that has a unique referring phrase
+(vlm.data.grounding.object_phrases), in the chat template of data.conversation (the image, then
+the question; greedy answers), and report the main objects and the small corner distractors
+apart as well (`_main`, `_distractor`).
+"""
+
+import ml_collections
+import numpy as np
+
+from vlm.data import conversation, get_tokenizer, grounding
+from vlm.data.preprocess import apply_ops, parse_pp
+from vlm.evals.base import EVALS
+from vlm.evals.vqa import GenerateAnswers, normalize_answer
+
+
+class _Objects(GenerateAnswers):
+  """Queries about the uniquely named objects of the split (images with data.pp_eval, boxes)."""
+
+  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
+               max_examples: int | None = None, max_new_tokens: int = 24):
+    if not config.data.get("conversation"):
+      raise ValueError(f"evals.{prefix}: grounding evaluations need data.conversation (the chat template)")
+    self._setup(config, model, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
+    self.data_config = ml_collections.ConfigDict(config.data.to_dict())
+    self.data_config.with_boxes = True
+    self.data_config.grounding = None  # the pipeline's own questions are not used here
+    self.data_config.max_boxes = max(int(config.data.get("max_boxes", 8)), 8)
+    self.last_answers: list[str] = []
+
+  def objects(self) -> list[tuple[int, int, str, tuple[int, int, int, int], np.ndarray]]:
+    """(example, box index, phrase, 0-1000 box, pixel box) of every uniquely named object."""
+    arrays, _ = self.data()
+    out = []
+    for i, (img, boxes, labels) in enumerate(zip(arrays["image"], arrays["boxes"], arrays["box_labels"])):
+      valid = labels >= 0
+      ex = {"image": img, "boxes": boxes[valid], "box_labels": labels[valid]}
+      h, w = img.shape[-3:-1]
+      for k, phrase in enumerate(grounding.object_phrases(ex)):
+        if phrase is not None:
+          out.append((i, k, phrase, grounding.to_1000(boxes[valid][k], w, h), boxes[valid][k]))
+    return out
+
+  def prompts(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts [N, prompt_length] of the chat template: (system), the image, the question."""
+    conv = self.config.data.conversation
+    chat = conversation.chat_tokenizer_from_config(conv, get_tokenizer(self.config.data))
+    system = conv.get("system")
+    rows = [chat.pad(chat.encode_prompt(([("system", system)] if system else []) + [("user", conversation.IMAGE + q)]),
+                     None, int(conv.get("prompt_length", 48)), left=True, where="data.conversation.prompt_length")
+            for q in questions]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+  @staticmethod
+  def _split_scores(name: str, hits: np.ndarray, main: np.ndarray) -> dict[str, float]:
+    out = {name: float(hits.mean()) if len(hits) else 0.0}
+    for tag, sel in (("main", main), ("distractor", ~main)):
+      if sel.any():
+        out[f"{name}_{tag}"] = float(hits[sel].mean())
+    return out
+
+
+@EVALS.register("grounding")
+class Grounding(_Objects):
+  """Referring-expression comprehension: "where is the {phrase}?" -> the first `<box>(x1,y1),(x2,y2)</box>`
+  of the answer (0-1000 coordinates). Reports {prefix}/iou50 (IoU >= 0.5 with the true box, the
+  RefCOCO accuracy), /miou and /parsed (answers holding a well-formed box)."""
+
+  def __call__(self, params) -> dict[str, float]:
+    arrays, _ = self.data()
+    objs = self.objects()
+    prompt, mask = self.prompts([f"where is the {phrase}?" for _, _, phrase, _, _ in objs])
+    images = arrays["image"][[o[0] for o in objs]]
+    self.last_answers = self.answers(params, images, prompt, mask)
+    ious, parsed = [], []
+    for (_, _, _, truth, _), ans in zip(objs, self.last_answers):
+      boxes = grounding.parse_boxes(ans)
+      parsed.append(bool(boxes))
+      ious.append(grounding.iou(boxes[0], truth) if boxes else 0.0)
+    ious, main = np.asarray(ious), np.asarray([o[1] == 0 for o in objs])
+    out = self._split_scores(f"{self.prefix}/iou50", ious >= 0.5, main)
+    out[f"{self.prefix}/miou"] = float(ious.mean()) if len(ious) else 0.0
+    out[f"{self.prefix}/parsed"] = float(np.mean(parsed)) if parsed else 0.0
+    return out
+
+
+@EVALS.register("region_qa")
+class RegionQA(_Objects):
+  """Region questions, "what colour / shape is the object in <box>..</box>?", exact match.
+
+  crg_alpha > 0 also answers with contrastive region guidance (Wan et al. 2024): the contrast image
+  is the image with the asked-about box filled black (data.pp_eval's value of a black pixel), the
+  logits (1 + a) l(image) - a l(masked image). Reports {prefix}/accuracy and, with CRG,
+  /accuracy_crg (each also _main / _distractor); keeps the answers in last_answers / last_answers_crg.
+  """
+
+  def __init__(self, *, crg_alpha: float = 1.0, **kw):
+    super().__init__(**kw)
+    self.crg_alpha = float(crg_alpha)
+    self.last_answers_crg: list[str] = []
+
+  def black(self, shape: tuple[int, ...]) -> np.ndarray:
+    """A black pixel after data.pp_eval (e.g. -1 for value_range(-1, 1))."""
+    ops = parse_pp(self.config.data.pp_eval, where="pp_eval")
+    img = apply_ops(ops, {"image": np.zeros((64, 64, 3), np.uint8)}, np.random.default_rng(0))["image"]
+    return np.asarray(img, np.float32)[0, 0]
+
+  def __call__(self, params) -> dict[str, float]:
+    arrays, _ = self.data()
+    objs = self.objects()
+    questions, refs, main, rows, boxes = [], [], [], [], []
+    for i, k, phrase, box, pixels in objs:
+      colour, shape = phrase.split()[1:3]
+      for kind, ref in (("colour", colour), ("shape", shape)):
+        questions.append(f"what {kind} is the object in {grounding.box_text(box)}?")
+        refs.append(ref), main.append(k == 0), rows.append(i), boxes.append(pixels)
+    prompt, mask = self.prompts(questions)
+    images = arrays["image"][rows]
+    self.last_answers = self.answers(params, images, prompt, mask)
+    main = np.asarray(main)
+    hits = np.asarray([normalize_answer(a) == r for a, r in zip(self.last_answers, refs)])
+    out = self._split_scores(f"{self.prefix}/accuracy", hits, main)
+    if self.crg_alpha > 0:
+      masked = images.copy()
+      black = self.black(images.shape)
+      for j, (x1, y1, x2, y2) in enumerate(boxes):
+        masked[j, int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = black
+      self.last_answers_crg = self.answers(params, images, prompt, mask, contrast_images=masked,
+                                           crg_alpha=self.crg_alpha)
+      hits = np.asarray([normalize_answer(a) == r for a, r in zip(self.last_answers_crg, refs)])
+      out.update(self._split_scores(f"{self.prefix}/accuracy_crg", hits, main))
+    return out
+

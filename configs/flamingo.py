@@ -19,6 +19,11 @@ frozen) reports `vqa/accuracy`: exact match of greedy answers to "... in the fir
 Demo result (2026-11-24, 800 steps, 23 min 23 s on 2 shared cores): 82.7% exact match (held-out
 combinations 75.7%); second-image questions 84%, first-image 83% (600 questions).
 
+`:demo_docs` trains the same model on stored interleaved documents (2-4 images between paragraphs,
+`data.builder.documents = 4`, `data.max_images = 4`; README "Interleaved documents"):
+
+  python -m vlm.train --config=configs/flamingo.py:demo_docs --workdir=/tmp/flamingo_docs
+
 At scale (no `:demo`): an NFNet-F6 / ViT encoder and a Chinchilla-style LM are not downloadable
 here; import an IDEFICS checkpoint (vlm.convert.import_hf on its directory) into `init.path`.
 """
@@ -31,8 +36,10 @@ from configs.llava_base import demo_init, demo_vision, vqa_eval
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "demo"):
-    raise ValueError(f"configs/flamingo.py: unknown variant {arg!r}; known: demo")
+  if arg not in (None, "", "demo", "demo_docs"):
+    raise ValueError(f"configs/flamingo.py: unknown variant {arg!r}; known: demo, demo_docs")
+  if arg == "demo_docs":
+    return demo_docs()
   demo = arg == "demo"
   c = base_config()
   c.model_name = "flamingo"
@@ -84,4 +91,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=5000))
     c.evals = vqa_eval(every=5000, max_examples=None)
   c.checkpoint_every = c.total_steps
+  return c
+
+
+def demo_docs() -> ml_collections.ConfigDict:
+  """The demo on stored interleaved documents (the embedded scenes built with builder.documents = 4:
+  an opening line, then 2-4 images each followed by a paragraph, OBELICS' layout): half document
+  modelling (task 'document', loss on the text), half questions about the k-th image after the
+  whole document (task 'qa'); no flips (a document's paragraphs are not mirrored with its images)."""
+  c = get_config("demo")
+  c.data.builder.documents = 4
+  c.data.interleaved_images = 1
+  c.data.max_images = 4
+  c.data.pp_train = c.data.pp_eval = "decode|resize(32)|value_range(-1, 1)"
+  c.data.conversation.tasks = ("document", "qa")
+  c.data.conversation.task_weights = (1.0, 1.0)
+  c.data.conversation.length = 144  # a document and its first question: up to ~115 tokens
+  c.data.conversation.prompt_length = 128
   return c

@@ -15,7 +15,7 @@ from vlm.curation import dedup, filters
 from vlm.curation.store import ChunkStore
 from vlm.data import embedded
 
-NOISY = dict(TINY_DATA, num_train=512, noise_shuffled=50, noise_duplicates=20)
+NOISY = dict(TINY_DATA, num_train=256, noise_shuffled=50, noise_duplicates=20)
 
 
 def _png(h, w):
@@ -112,8 +112,8 @@ def test_chunk_store_resumes_after_an_interruption(tmp_path):
 
 def test_noisy_builder_flag_shuffles_captions_and_duplicates_images():
   args = embedded.BuildArgs(**NOISY)
-  clean = embedded.BuildArgs(**dict(TINY_DATA, num_train=512))
-  noise = np.array([embedded.noise_of(args, "train", i) for i in range(512)])
+  clean = embedded.BuildArgs(**dict(TINY_DATA, num_train=256))
+  noise = np.array([embedded.noise_of(args, "train", i) for i in range(256)])
   assert 0.4 < (noise[:, 1] >= 0).mean() < 0.6 and 0.12 < (noise[:, 0] >= 0).mean() < 0.28
   assert embedded.noise_of(args, "test", 5) == (-1, -1)
   i = int(np.flatnonzero((noise[:, 0] >= 0) & (noise[:, 1] < 0))[0])
@@ -138,7 +138,7 @@ def _config(data_dir, scorer, captioner, name):
   c.data.builder.update(NOISY)
   c.clip_score.workdir = str(scorer)
   c.recaption.workdir = str(captioner)
-  c.balance.max_per_concept = 40
+  c.balance.max_per_concept = 20
   c.chunk_size = 128
   c.batch_size = 64
   c.output.name = name
@@ -158,7 +158,7 @@ def test_curate_end_to_end_writes_a_dataset_the_trainer_reads(data_dir, siglip_w
   assert steps["clip_score"]["kept"] == round(0.5 * steps["heuristic"]["kept"])
   assert steps["dedup"]["removed"] > 0 and steps["balance"]["concepts"]["red"][1] <= steps["balance"]["concepts"]["red"][0]
   noise = report["injected_noise"]
-  assert sum(noise[k]["total"] for k in ("duplicate", "shuffled", "clean")) == 512
+  assert sum(noise[k]["total"] for k in ("duplicate", "shuffled", "clean")) == 256
   assert json.loads((tmp_path / "wd" / "report.json").read_text())["output"] == report["output"]
 
   # The result is a TFDS dataset with the source's features, metadata and the synthetic captions.

@@ -139,8 +139,14 @@ def test_image_embeddings_land_at_the_placeholders_in_order():
   assert not np.allclose(emb2[:, 2 + N:2 + 2 * N], emb[:, 2 + N:2 + 2 * N])
   _, stats = m.apply({"params": params}, imgs, toks, return_stats=True)
   assert float(stats["image_token_mismatch"]) == 0.0
+  # A row of M images may use a whole number of them (documents with fewer images than M), no more.
   _, stats = m.apply({"params": params}, imgs, _tokens(2, images_per_row=1), return_stats=True)
-  assert float(stats["image_token_mismatch"]) == 1.0  # N placeholders for 2N image tokens
+  assert float(stats["image_token_mismatch"]) == 0.0  # the first image's N placeholders
+  half = jnp.asarray(np.tile([3, 1002] + [1000] * (N // 2) + [270], (2, 1)), jnp.int32)
+  _, stats = m.apply({"params": params}, imgs, half, return_stats=True)
+  assert float(stats["image_token_mismatch"]) == 1.0  # half an image's tokens
+  _, stats = m.apply({"params": params}, imgs[:, 0], half, return_stats=True)
+  assert float(stats["image_token_mismatch"]) == 1.0  # one image per row: all N placeholders
 
 
 def test_cached_generation_equals_uncached_greedy_and_ignores_left_padding():

@@ -37,7 +37,7 @@ from ml_collections import config_flags
 
 from vlm.curation import dedup, filters, store
 from vlm.data import make_source
-from vlm.data.sources import BadExample, _to_str, decode_record
+from vlm.data.sources import BadExample, to_str, decode_record
 
 STEPS = ("heuristic", "clip_score", "dedup", "balance", "recaption")
 
@@ -146,7 +146,7 @@ def curate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, 
         for i in range(start, stop):
           rec = source[i]
           image = rec.get("image", rec.get("image_path"))
-          cap = _to_str(rec.get(caption_key, rec.get("caption", "")))
+          cap = to_str(rec.get(caption_key, rec.get("caption", "")))
           codes.append(filters.REASONS.index(filters.heuristic_reason(image, cap, **rules)))
         return {"reason": np.asarray(codes, np.int8)}
 
@@ -210,7 +210,7 @@ def curate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, 
       if isinstance(concepts, str):
         concepts = [line.strip() for line in Path(concepts).read_text().splitlines() if line.strip()]
       alive = np.flatnonzero(keep)
-      caps = [_to_str(source[int(i)].get(caption_key, "")) for i in alive]
+      caps = [to_str(source[int(i)].get(caption_key, "")) for i in alive]
       matches = filters.find_concepts(caps, list(concepts))
       sel, counts = filters.balance(matches, len(concepts), int(bl.max_per_concept), int(bl.seed),
                                     bool(bl.keep_unmatched))

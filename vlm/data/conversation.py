@@ -29,6 +29,9 @@ Tasks built from an embedded-dataset example (`build_turns`):
               question/answer turns without image (LLaVA stage 2, multi-turn instruction tuning)
     text      a plain document (detailed caption, then the question/answer pairs) with no
               template and no image: the language model's pretraining text.
+    document  an interleaved image-text document (data.max_images; its 'image_context': paragraphs
+              and `<image>` placeholders) as one text with no template: loss on every text token,
+              none on the placeholders (OBELICS / Flamingo pretraining on web documents).
 
 Prompt tuning (Lester et al. 2021): `data.conversation.soft_prompts` = P puts P `<|soft_prompt|>`
 ids after BOS; VisionLanguageModel(num_soft_prompts=P) writes its learned vectors there, and
@@ -62,7 +65,7 @@ from vlm.data.tokenizer import Tokenizer
 
 IMAGE = "<image>"
 SOFT_PROMPT = "<|soft_prompt|>"
-TASKS = ("caption", "detailed", "qa", "text")
+TASKS = ("caption", "detailed", "qa", "text", "document")
 BRIEF_INSTRUCTIONS = ("describe the image briefly.", "give a short description of the image.",
                       "what is in this picture?")
 DETAILED_INSTRUCTIONS = ("describe the image in detail.", "give a detailed description of the image.")
@@ -94,6 +97,11 @@ def build_turns(ex: Mapping[str, Any], task: str, rng: np.random.Generator, *, m
     detailed = ex.get("caption_detailed") or ex["caption"]
     if task == "text":
         return [("text", ". ".join([detailed, *(f"{q} {a}" for q, a in zip(qs, ans))]))]
+    if task == "document":
+        if not ex.get("image_context"):
+            raise ValueError("data.conversation: task 'document' needs interleaved documents "
+                             "(records with 'texts' and 'images'; see data.max_images)")
+        return [("text", ex["image_context"])]
     turns: list[Turn] = [("system", system)] if system else []
     instructions = instructions or {}
     images = ex.get("image_context") or IMAGE  # an interleaved document before the question (interleave)
@@ -184,10 +192,10 @@ class ChatTokenizer:
         """Whole conversation -> (ids, loss) lists; loss marks the assistant's content + end marker."""
         ids, loss = self._prefix()
         for role, content in turns:
-            if role == "text":
+            if role == "text":  # loss on every token but image placeholders (inputs, never targets)
                 piece = self.encode_text(content) + [self.tok.eos_id]
                 ids += piece
-                loss += [1] * len(piece)
+                loss += [int(i != self.image_id and i != self.row_break) for i in piece]
                 continue
             head, _, tail = self.template[role].partition("{content}")
             for part, carries in ((head, False), (content, role == "assistant"), (tail, role == "assistant")):

@@ -55,6 +55,8 @@ class BuildArgs:
     # tokenizer is unchanged.
     noise_shuffled: int = 0
     noise_duplicates: int = 0
+    # > 1: every example is an interleaved document (`make_document`) of 2..documents images
+    documents: int = 0
 
     @property
     def config_name(self) -> str:
@@ -65,7 +67,8 @@ class BuildArgs:
         return (f"n{self.num_train}-{self.num_validation}-{self.num_test}_px{self.image_size}"
                 f"_f{self.num_frames}_s{self.seed}_v{self.vocab_size}" + ("_textrich" if self.text_rich else "")
                 + (f"_noise{self.noise_shuffled}-{self.noise_duplicates}"
-                   if self.noise_shuffled or self.noise_duplicates else ""))
+                   if self.noise_shuffled or self.noise_duplicates else "")
+                + (f"_docs{self.documents}" if self.documents else ""))
 
 
 def default_data_dir() -> str:
@@ -160,6 +163,32 @@ def make_example(args: BuildArgs, split: str, index: int) -> dict:
     }
 
 
+def make_document(args: BuildArgs, split: str, index: int) -> dict:
+    """Interleaved document `index` of `split` (OBELICS layout: parallel lists `texts` / `images`,
+    each position one text paragraph or one image, '' / b'' at the other kind's): an opening line,
+    then 2..args.documents images, each followed by a paragraph about it (its varied caption);
+    `questions` / `answers` ask about the k-th image ("what colour is the large star in the second
+    image?"), `labels` are the images' classes."""
+    from vlm.data.conversation import ORDINALS
+
+    rng = np.random.default_rng([args.seed, SPLITS.index(split), index, 4])
+    m = 2 + int(rng.integers(max(args.documents - 1, 1)))
+    texts, images, labels, questions, answers = [f"{DIGIT_WORDS[m]} pictures follow."], [b""], [], [], []
+    size = args.image_size
+    for k in range(m):
+        scene = _scene(args, split, index * args.documents + k)
+        varied = scenes.varied_caption(scene, np.random.default_rng([args.seed, SPLITS.index(split), index, 5, k]))
+        texts += ["", varied]
+        images += [scenes.encode_png(scenes.render(scene, size)), b""]
+        labels.append(scenes.class_index(scene.main.colour, scene.main.shape))
+        qs, ans = scenes.questions(scene)
+        questions += [f"{q.rstrip('?').rstrip()} in the {ORDINALS[k]} image?" for q in qs[:2]]
+        answers += ans[:2]
+    return {"texts": texts, "images": images, "labels": np.asarray(labels, np.int32), "questions": questions,
+            "answers": answers, "label": np.int32(labels[0]),
+            "seen": all(not scenes.is_held_out(*scenes.colour_shape(lab)) for lab in labels)}
+
+
 def corpus(args: BuildArgs) -> list[str]:
     """Sentences the tokenizer is trained on (train texts, class names, templates, digits)."""
     out = []
@@ -190,6 +219,18 @@ class VlmScenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "
 
     def _info(self):
         bytes_ = tfds.features.Tensor(shape=(), dtype=np.object_)
+        if self.build_args.documents:
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict({
+                    "texts": tfds.features.Sequence(tfds.features.Text()),
+                    "images": tfds.features.Sequence(bytes_),
+                    "labels": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "questions": tfds.features.Sequence(tfds.features.Text()),
+                    "answers": tfds.features.Sequence(tfds.features.Text()),
+                    "label": tfds.features.Scalar(dtype=np.int32),
+                    "seen": tfds.features.Scalar(dtype=np.bool_),
+                }), disable_shuffling=True, metadata=tfds.core.MetadataDict(metadata(self.build_args)),
+                description="Interleaved image-text documents of the procedural scenes.")
         features = tfds.features.FeaturesDict({
             "image": bytes_,
             "caption": tfds.features.Text(),
@@ -217,8 +258,9 @@ class VlmScenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "
         return {s: self._generate_examples(s, n) for s, n in sizes.items()}
 
     def _generate_examples(self, split: str, n: int):
+        make = make_document if self.build_args.documents else make_example
         for i in range(n):
-            yield i, make_example(self.build_args, split, i)
+            yield i, make(self.build_args, split, i)
 
     def _download_and_prepare(self, dl_manager, download_config=None):
         super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)

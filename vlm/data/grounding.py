@@ -118,10 +118,6 @@ def kosmos2_entities(text: str, num_patches_per_side: int = 32) -> list[tuple[st
 # ----------------------------------------------------------------- questions from the scenes' boxes
 
 
-def _names(label: int) -> tuple[str, str]:
-    return scenes.COLOUR_NAMES[label // len(scenes.SHAPES)], scenes.SHAPES[label % len(scenes.SHAPES)]
-
-
 def object_phrases(ex: dict) -> list[str | None]:
     """A unique referring phrase per box ('large red circle'), None where two objects would share
     it. Size from the box: the scenes' large objects span over 0.45 of the width (radius >= 0.26),
@@ -131,7 +127,7 @@ def object_phrases(ex: dict) -> list[str | None]:
     boxes = np.asarray(ex.get("boxes", np.zeros((0, 4))), np.float64)
     phrases = []
     for label, box in zip(labels, boxes):
-        colour, shape = _names(label)
+        colour, shape = scenes.colour_shape(label)
         size = "large" if (box[2] - box[0]) > 0.45 * width else "small"
         phrases.append(f"{size} {colour} {shape}")
     return [p if phrases.count(p) == 1 else None for p in phrases]
@@ -151,7 +147,7 @@ def grounding_pairs(ex: dict, tasks: Sequence[str] = GROUNDING_TASKS) -> tuple[l
     for k, (box, phrase) in enumerate(zip(boxes, phrases)):
         if phrase is None:
             continue
-        colour, shape = _names(labels[k])
+        colour, shape = scenes.colour_shape(labels[k])
         if "refer" in tasks:
             qs.append(f"where is the {phrase}?")
             ans.append(box_text(box))

@@ -17,8 +17,9 @@ resumed iterator (`set_state`) continues with exactly the examples and augmentat
 would have produced.
 
 Config keys (`config.data`, see `get_default_config`):
-    source        'embedded' | 'digits' | 'tfds:NAME' | 'jsonl:PATH' | 'csv:PATH' | 'wds:GLOB'
-                  (PATH/GLOB may contain '{split}')
+    source        'embedded' | 'digits' | 'tfds:NAME' | 'jsonl:PATH' | 'csv:PATH' | 'wds:GLOB' |
+                  'docs:PATH' (interleaved documents, sources.DocumentSource) (PATH/GLOB may contain
+                  '{split}')
     data_dir      TFDS / embedded data dir (None: $VLM_DATA_DIR or ~/.cache/vlm/data)
     builder       embedded-dataset build kwargs (num_train, num_validation, num_test,
                   image_size, num_frames, seed, vocab_size, text_rich: 1 = every image has small
@@ -36,6 +37,13 @@ Config keys (`config.data`, see `get_default_config`):
     tokenizer     SentencePiece .model path (None: the embedded dataset's tokenizer)
     add_bos, add_eos
     extra_text_keys   subset of ('caption_detailed', 'question', 'answer')
+    max_images    documents (records with 'texts' / 'images': the embedded set built with
+                  builder.documents = n, or docs:PATH): each image goes through the pp ops on its
+                  own (text-editing ops such as flip_lr's left/right swap do not reach the document),
+                  'image' becomes [max_images, H, W, 3] (zeros after the document's last image; a
+                  longer document is cut before its (max_images + 1)-th image), and the document's
+                  text with '<image>' placeholders is what the conversation writes before a question
+                  (task 'qa') or trains on whole (task 'document')
     interleaved_images  M > 1: each example becomes an interleaved document of M images (Flamingo):
                   M - 1 other random examples of the split join it, 'image' is [M, H, W, 3], the
                   example's own image sits at a drawn position k, its questions ask "... in the
@@ -97,7 +105,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.builder = ml_collections.ConfigDict(dict(
         num_train=20000, num_validation=1000, num_test=2000, image_size=64, num_frames=0, seed=0,
-        vocab_size=1000, text_rich=0, noise_shuffled=0, noise_duplicates=0))
+        vocab_size=1000, text_rich=0, noise_shuffled=0, noise_duplicates=0, documents=0))
     c.image_size = 64
     c.pp_train = "decode|random_resized_crop(64, scale=(0.8, 1))|flip_lr|value_range(-1, 1)"
     c.pp_eval = "decode|resize(64)|value_range(-1, 1)"
@@ -110,6 +118,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.extra_text_keys = ()
     c.question_regex = ml_collections.config_dict.placeholder(str)
     c.interleaved_images = 1
+    c.max_images = 4
     c.mixgen = 0.0
     c.with_boxes = False
     c.max_boxes = 8
@@ -122,10 +131,12 @@ def get_default_config() -> ml_collections.ConfigDict:
 def check_config(data: ml_collections.ConfigDict) -> None:
     """Validates `config.data`; ValueError names the bad key, op or argument."""
     kind = str(data.source).split(":", 1)[0]
-    if kind not in ("embedded", "digits", "tfds", "jsonl", "csv", "wds"):
+    if kind not in ("embedded", "digits", "tfds", "jsonl", "csv", "wds", "docs"):
         raise ValueError(f"data.source: unknown source {data.source!r}; expected 'embedded', 'digits', "
-                         "'tfds:NAME', 'jsonl:PATH', 'csv:PATH' or 'wds:GLOB'")
-    if kind in ("tfds", "jsonl", "csv", "wds") and not str(data.source).partition(":")[2]:
+                         "'tfds:NAME', 'jsonl:PATH', 'csv:PATH', 'wds:GLOB' or 'docs:PATH'")
+    if int(data.get("max_images", 4)) < 1:
+        raise ValueError(f"data.max_images: must be >= 1, got {data.max_images!r}")
+    if kind in ("tfds", "jsonl", "csv", "wds", "docs") and not str(data.source).partition(":")[2]:
         raise ValueError(f"data.source: {data.source!r} needs a name or path after ':'")
     for key in ("pp_train", "pp_eval"):
         if key in data:
@@ -161,6 +172,10 @@ def check_config(data: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.mixgen: must be a probability in [0, 1], got {mixgen!r}")
     if anyres and mixgen:
         raise ValueError("data.mixgen does not work with the pp op 'anyres' (examples have their own tile grids)")
+    documents = kind == "docs" or (kind == "embedded" and int((data.get("builder") or {}).get("documents", 0) or 0))
+    if documents and (mixgen or int(data.get("interleaved_images", 1) or 1) > 1 or anyres):
+        raise ValueError("data.mixgen, data.interleaved_images > 1 and the pp op 'anyres' do not work with "
+                         "interleaved documents (data.source docs:, or data.builder.documents > 0)")
     if anyres and ((m or 1) > 1 or int((data.get("conversation") or {}).get("pack", 1)) > 1):
         raise ValueError("the pp op 'anyres' gives one image per example with its own token count: it does not "
                          "work with data.interleaved_images > 1 or data.conversation.pack > 1")
@@ -219,6 +234,8 @@ def make_source(data: ml_collections.ConfigDict, split: str):
         return sources.ManifestSource(arg, data.get("caption_key", "caption"))
     if kind == "wds":
         return sources.WebDatasetSource(arg)
+    if kind == "docs":
+        return sources.DocumentSource(arg)
     raise ValueError(f"data.source: unknown source {data.source!r}")
 
 
@@ -261,6 +278,7 @@ class _Process:
         self.chat = conversation.chat_tokenizer_from_config(self.conv, tokenizer) if self.conv else None
         self.cm3 = data.get("cm3")
         self.grounding = data.get("grounding")
+        self.max_images = int(data.get("max_images", 4))
 
     def _others(self, rng: np.random.Generator, n: int | None = None) -> list[dict]:
         """n (default num_images - 1) random other examples of the split, decoded and preprocessed."""
@@ -300,6 +318,22 @@ class _Process:
             ex[key] = np.round(mixed).astype(np.uint8) if a.dtype == np.uint8 else mixed
         return ex
 
+    def _document(self, ex: dict, rng: np.random.Generator) -> dict:
+        """A decoded document -> 'image' [max_images, ...] and 'image_context' (text + placeholders)."""
+        images, parts = [], []
+        eoc = (self.conv or {}).get("end_of_chunk") or ""
+        for kind, value in ex.pop("document"):
+            if kind == "image":
+                if len(images) == self.max_images:
+                    break
+                images.append(preprocess.apply_ops(self.ops, {"image": value}, rng)["image"])
+                parts.append(conversation.IMAGE)
+            else:  # a paragraph after an image closes its chunk (Flamingo's <EOC>) when one is set
+                parts.append(value + (eoc if images and eoc else " "))
+        pad = [np.zeros_like(images[0])] * (self.max_images - len(images))
+        return dict(ex, image=np.stack(images + pad), image_context="".join(parts),
+                    num_images=len(images))
+
     def _tok(self, text: str, length: int) -> np.ndarray:
         return self.tok.encode(text, length, self.add_bos, self.add_eos)
 
@@ -314,7 +348,10 @@ class _Process:
             if self.strict:
                 raise ValueError(f"bad example {where}: {e} (data.strict=True)") from None
             return {"_bad": e.reason, "_where": where}
-        ex = preprocess.apply_ops(self.ops, ex, rng)
+        if "document" in ex:
+            ex = self._document(ex, rng)
+        else:
+            ex = preprocess.apply_ops(self.ops, ex, rng)
         if self.mixgen > 0:
             ex = self._mixgen(ex, position)
         if self.grounding is not None:  # after the pp ops: boxes are in the final image's pixels

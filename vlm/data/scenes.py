@@ -60,6 +60,11 @@ def class_index(colour: str, shape: str) -> int:
     return COLOUR_NAMES.index(colour) * len(SHAPES) + SHAPES.index(shape)
 
 
+def colour_shape(label: int) -> tuple[str, str]:
+    """Class index -> (colour, shape): the inverse of class_index."""
+    return COLOUR_NAMES[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
+
+
 def is_held_out(colour: str, shape: str) -> bool:
     """Fixed ~20% of (colour, shape) combos never appear in train.
 

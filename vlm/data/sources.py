@@ -15,6 +15,8 @@ templates, ...). Sources:
   path (`image`, `image_path`, `path` or `file`; relative to the manifest) and a
   caption (`data.caption_key`, else `caption` or `text`), optional `label`.
   Malformed lines raise ValueError "FILE:LINE: ...".
+- `DocumentSource`: interleaved image-text documents, JSONL in OBELICS' layout (parallel lists
+  `texts` / `images`, null where the position holds the other kind).
 - `WebDatasetSource`: webdataset tar shards as img2dataset writes them
   (`KEY.jpg` + `KEY.txt` and/or `KEY.json` with a "caption"), read in place
   through an index of member offsets (stdlib `tarfile`).
@@ -39,7 +41,7 @@ from vlm.data.tfds_compat import import_tfds
 
 IMAGE_KEYS = ("image", "image_path", "path", "file")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-BAD_REASONS = ("missing_image", "corrupt_image", "empty_caption")
+BAD_REASONS = ("missing_image", "corrupt_image", "empty_caption", "bad_document")
 
 
 class BadExample(Exception):
@@ -54,11 +56,11 @@ class BadExample(Exception):
 # ----------------------------------------------------------------- decoding
 
 
-def _to_str(value: Any) -> str:
+def to_str(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
     if isinstance(value, np.ndarray) and value.ndim == 0:
-        return _to_str(value.item())
+        return to_str(value.item())
     return "" if value is None else str(value)
 
 
@@ -77,8 +79,52 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
         return np.asarray(pil.convert("RGB"))
 
 
+def _read_image(data: Any, where: str) -> np.ndarray:
+    if isinstance(data, str):  # a path (document manifests)
+        try:
+            with open(data, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise BadExample("missing_image", f"{where}: {e}") from None
+    try:
+        return decode_image(data)
+    except Exception as e:  # noqa: BLE001  (PIL raises many types on bad data)
+        raise BadExample("corrupt_image", f"{where}: {type(e).__name__}: {e}") from None
+
+
+def decode_document(rec: dict) -> dict:
+    """An interleaved document in OBELICS' layout (parallel lists 'texts' and 'images', each position
+    a paragraph or an image: bytes, a path, or '' / None) -> example with 'document' [(kind, value)]
+    in order ('text', str) / ('image', uint8 [H, W, 3]), 'caption' (its text), and questions,
+    answers, label, seen if given. Raises BadExample for mismatched lists or no image."""
+    texts, images = list(rec["texts"]), list(rec["images"])
+    if len(texts) != len(images):
+        raise BadExample("bad_document", f"{len(texts)} texts but {len(images)} images (parallel lists)")
+    items: list[tuple[str, Any]] = []
+    for pos, (text, image) in enumerate(zip(texts, images)):
+        text = to_str(text).strip()
+        has_image = image is not None and not (isinstance(image, (bytes, str)) and len(image) == 0)
+        if has_image and text:
+            raise BadExample("bad_document", f"position {pos} holds both a text and an image")
+        if has_image:
+            items.append(("image", _read_image(image, f"image at position {pos}")))
+        elif text:
+            items.append(("text", text))
+    if not any(kind == "image" for kind, _ in items):
+        raise BadExample("missing_image", "document has no image")
+    ex: dict[str, Any] = {"document": items, "caption": " ".join(v for k, v in items if k == "text"),
+                          "label": np.int32(rec.get("label", -1)), "seen": bool(rec.get("seen", True))}
+    for key in ("questions", "answers"):
+        if key in rec:
+            ex[key] = [to_str(v) for v in rec[key]]
+    return ex
+
+
 def decode_record(rec: dict, caption_key: str = "caption") -> dict:
-    """Record -> example with 'image' uint8 [H, W, 3] and str texts; raises BadExample."""
+    """Record -> example with 'image' uint8 [H, W, 3] and str texts; raises BadExample.
+    A document (a record with 'texts' and 'images') goes through decode_document."""
+    if "texts" in rec and "images" in rec:
+        return decode_document(rec)
     ex: dict[str, Any] = {}
     data = rec.get("image")
     if data is None and rec.get("image_path") is not None:
@@ -94,16 +140,16 @@ def decode_record(rec: dict, caption_key: str = "caption") -> dict:
         ex["image"] = decode_image(data)
     except Exception as e:  # noqa: BLE001  (PIL raises many types on bad data)
         raise BadExample("corrupt_image", f"{type(e).__name__}: {e}") from None
-    caption = _to_str(rec.get(caption_key, rec.get("caption", ""))).strip()
+    caption = to_str(rec.get(caption_key, rec.get("caption", ""))).strip()
     if not caption:
         raise BadExample("empty_caption", f"empty {caption_key!r}")
     ex["caption"] = caption
     for key in ("caption_detailed", "text"):
         if key in rec:
-            ex[key] = _to_str(rec[key])
+            ex[key] = to_str(rec[key])
     for key in ("questions", "answers"):
         if key in rec:
-            ex[key] = [_to_str(v) for v in rec[key]]
+            ex[key] = [to_str(v) for v in rec[key]]
     ex["label"] = np.int32(rec.get("label", -1))
     ex["seen"] = bool(rec.get("seen", True))
     if "boxes" in rec:
@@ -219,6 +265,44 @@ class ManifestSource:
         self.path = path
         self.records = read_manifest(path, caption_key)
         self.metadata: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.records[i])
+
+    def describe(self, i: int) -> str:
+        return self.records[i]["_where"]
+
+
+class DocumentSource:
+    """Interleaved documents from a JSONL file, one per line in OBELICS' layout:
+    {"texts": ["para", null, "para", ...], "images": [null, "a.png", null, ...]} (paths relative to
+    the file), optional "questions" / "answers" / "label". Malformed lines raise "FILE:LINE: ..."."""
+
+    def __init__(self, path: str):
+        self.path, self.records, self.metadata = path, [], {}
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("texts"), list) \
+                        or not isinstance(obj.get("images"), list):
+                    raise ValueError(f"{where}: expected an object with lists 'texts' and 'images'")
+                if len(obj["texts"]) != len(obj["images"]):
+                    raise ValueError(f"{where}: 'texts' has {len(obj['texts'])} entries, 'images' "
+                                     f"{len(obj['images'])}; they are parallel lists")
+                obj["images"] = [os.path.join(base, im) if isinstance(im, str) and im else None
+                                 for im in obj["images"]]
+                obj["_where"] = where
+                self.records.append(obj)
 
     def __len__(self) -> int:
         return len(self.records)

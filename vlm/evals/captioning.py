@@ -17,7 +17,7 @@ import numpy as np
 from vlm import decoding, parallel
 from vlm.data import get_tokenizer, load_split_numpy
 from vlm.data.pipeline import make_source
-from vlm.data.sources import _to_str
+from vlm.data.sources import to_str
 from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
 from vlm.evals.caption_metrics import caption_scores
 
@@ -55,7 +55,7 @@ def reference_captions(data_config, split: str, keys: Sequence[str], n: int) -> 
   refs = []
   for i in range(min(n, len(source))):
     rec = source[i]
-    refs.append([s for s in (_to_str(rec.get(k, "")).strip() for k in keys) if s])
+    refs.append([s for s in (to_str(rec.get(k, "")).strip() for k in keys) if s])
   return refs
 
 

@@ -20,7 +20,7 @@ class _Objects(GenerateAnswers):
   """Queries about the uniquely named objects of the split (images with data.pp_eval, boxes)."""
 
   def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
-               max_examples: int | None = None, max_new_tokens: int = 24):
+               max_examples: int | None = None, max_new_tokens: int = 32):
     if not config.data.get("conversation"):
       raise ValueError(f"evals.{prefix}: grounding evaluations need data.conversation (the chat template)")
     self._setup(config, model, mesh, prefix, split, batch_size, max_examples, max_new_tokens)

@@ -24,6 +24,9 @@ combinations 75.7%); second-image questions 84%, first-image 83% (600 questions)
 
   python -m vlm.train --config=configs/flamingo.py:demo_docs --workdir=/tmp/flamingo_docs
 
+Result (2026-11-25, 800 steps): 68.6% exact match on the test documents' questions (held-out
+combinations 60.1%).
+
 At scale (no `:demo`): an NFNet-F6 / ViT encoder and a Chinchilla-style LM are not downloadable
 here; import an IDEFICS checkpoint (vlm.convert.import_hf on its directory) into `init.path`.
 """

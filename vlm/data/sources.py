@@ -246,16 +246,21 @@ def read_manifest(path: str, caption_key: str = "caption") -> list[dict]:
                     raise ValueError(f"{where}: expected {len(header)} fields {header}, got {len(row)}")
                 records.append(_manifest_record(dict(zip(header, row)), base, caption_key, where))
         else:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
+            for where, obj in _jsonl_lines(f, path):
                 records.append(_manifest_record(obj, base, caption_key, where))
     return records
+
+
+def _jsonl_lines(f, path: str):
+    """(where 'FILE:LINE', parsed object) of each non-blank line; ValueError naming the line."""
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
 
 
 class ManifestSource:
@@ -276,23 +281,16 @@ class ManifestSource:
         return self.records[i]["_where"]
 
 
-class DocumentSource:
+class DocumentSource(ManifestSource):
     """Interleaved documents from a JSONL file, one per line in OBELICS' layout:
     {"texts": ["para", null, "para", ...], "images": [null, "a.png", null, ...]} (paths relative to
     the file), optional "questions" / "answers" / "label". Malformed lines raise "FILE:LINE: ..."."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str):  # ManifestSource's __len__, __getitem__ and describe serve these records
         self.path, self.records, self.metadata = path, [], {}
         base = os.path.dirname(os.path.abspath(path))
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
+            for where, obj in _jsonl_lines(f, path):
                 if not isinstance(obj, dict) or not isinstance(obj.get("texts"), list) \
                         or not isinstance(obj.get("images"), list):
                     raise ValueError(f"{where}: expected an object with lists 'texts' and 'images'")
@@ -303,15 +301,6 @@ class DocumentSource:
                                  for im in obj["images"]]
                 obj["_where"] = where
                 self.records.append(obj)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        return dict(self.records[i])
-
-    def describe(self, i: int) -> str:
-        return self.records[i]["_where"]
 
 
 # ----------------------------------------------------------------- webdataset

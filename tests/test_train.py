@@ -156,6 +156,29 @@ def test_init_mismatch_lists_parameter_paths(siglip_workdir, data_dir, tmp_path)
     train(c, tmp_path)
 
 
+def test_init_resamples_the_position_embedding_for_a_new_resolution(siglip_workdir, data_dir, tmp_path):
+  """A tower trained at 32 px initialises one at 64 px with init.resample_posemb (4x4 -> 8x8 grid)."""
+  c = tiny(lit_b16, data_dir, steps=1)
+  c.init.path = str(siglip_workdir)
+  c.data.pp_train = c.data.pp_train.replace("resize(32)", "resize(64)")
+  c.data.pp_eval = c.data.pp_eval.replace("resize(32)", "resize(64)")
+  with pytest.raises(ValueError, match=r"img/pos_embedding/pos_embedding: shape \(1, 64, 32\) != checkpoint"):
+    train(c, tmp_path / "plain")
+  c.init.resample_posemb = True
+  train(c, tmp_path / "resampled")
+  before = checkpoint.load_params(siglip_workdir)["img"]["pos_embedding"]["pos_embedding"]
+  after = checkpoint.load_params(tmp_path / "resampled")["img"]["pos_embedding"]["pos_embedding"]
+  assert before.shape == (1, 16, 32) and after.shape == (1, 64, 32)
+  np.testing.assert_allclose(after, checkpoint.resample_grid_posemb(before, 64), atol=1e-6)  # LiT: tower frozen
+  # a class token's row stays in front and is not interpolated
+  with_cls = np.concatenate([np.full((1, 1, 32), 7.0, np.float32), before], axis=1)
+  out = checkpoint.resample_grid_posemb(with_cls, 65)
+  np.testing.assert_array_equal(out[:, 0], with_cls[:, 0])
+  np.testing.assert_allclose(out[:, 1:], checkpoint.resample_grid_posemb(before, 64), atol=1e-6)
+  with pytest.raises(ValueError, match="class token"):
+    checkpoint.resample_grid_posemb(with_cls, 64)
+
+
 def test_evaluate_and_predict_commands(siglip_workdir, data_dir, tmp_path):
   ev = subprocess.run([sys.executable, "-m", "vlm.evaluate", f"--workdir={siglip_workdir}"], cwd=ROOT,
                       env=_env(1), capture_output=True, text=True, timeout=300)

@@ -8,15 +8,18 @@ complete, so an interrupted save is never listed as a checkpoint.
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from vlm.nn.posemb import resample_posemb
 from vlm.peft import is_peft_path
 
 
@@ -98,20 +101,29 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _checkpoint_dir(path: Path) -> Path:
+  return (path / "checkpoints" if (path / "checkpoints").exists() else path).absolute()
+
+
+def latest_step(path: str | Path) -> int | None:
+  """The newest checkpoint step of a workdir (or of its checkpoints/ dir); None if there is none."""
+  mngr = ocp.CheckpointManager(_checkpoint_dir(Path(path)), options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step()
+  mngr.close()
+  return step
+
+
 def load_params(path: str | Path, step: int | None = None) -> dict:
   """Parameters (numpy) from one of our workdirs/checkpoint dirs, or an HF directory (config.json)."""
   path = Path(path)
   if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
     from vlm.convert import import_hf
     return import_hf(path)[2]
-  ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
-  mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step() if step is None else step
-  mngr.close()
+  step = latest_step(path) if step is None else step
   if step is None:
     raise FileNotFoundError(f"{path}: no checkpoint found")
   # Restore onto this process's first device, whatever topology the checkpoint was saved with.
-  item = ckpt_dir.absolute() / str(step) / "state"
+  item = _checkpoint_dir(path) / str(step) / "state"
   ckptr = ocp.StandardCheckpointer()
   meta = ckptr.metadata(item)
   meta = getattr(meta, "item_metadata", meta)
@@ -123,12 +135,35 @@ def load_params(path: str | Path, step: int | None = None) -> dict:
   return jax.tree.map(np.asarray, params)
 
 
-def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = None) -> dict:
+def resample_grid_posemb(posemb: np.ndarray, length: int) -> np.ndarray:
+  """A ViT's learned position embedding [1, N, D] (a square grid, after a class token's row when
+  N - 1 is the square) resampled bicubically to [1, length, D] for another image resolution (the
+  class token's row kept): what big_vision and timm do when fine-tuning at a new resolution."""
+  n = posemb.shape[1]
+  def split(count: int) -> tuple[int, int]:
+    for extra in (0, 1):
+      g = int(round(math.sqrt(count - extra)))
+      if g * g == count - extra and g > 0:
+        return extra, g
+    raise ValueError(f"position embedding of length {count} is neither a square grid nor one plus a class token")
+  extra, g = split(n)
+  new_extra, new_g = split(length)
+  if extra != new_extra:
+    raise ValueError(f"position embedding: {n} -> {length} changes whether a class token leads it")
+  grid = resample_posemb(jnp.asarray(posemb[:, extra:], jnp.float32), (new_g, new_g), method="cubic")
+  return np.concatenate([np.asarray(posemb[:, :extra], np.float32), np.asarray(grid)], axis=1)
+
+
+def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = None,
+                 resample_posemb: bool = False) -> dict:
   """Copies `loaded` parameters into `target` (a tree of arrays with the model's shapes).
 
   mapping: {target_prefix_regex: loaded_prefix}, e.g. {'img/': 'img/'} initialises the image
-  tower only; None copies every path present in both. Raises ValueError listing each target
-  path that has no source (except PEFT parameters, vlm.peft.is_peft_path) or whose shape differs.
+  tower only; None copies every path present in both. resample_posemb: a learned ViT position
+  embedding (`.../pos_embedding`, [1, N, D]) of another grid is resampled to the model's
+  (`resample_grid_posemb`; a tower trained at 32 px used at 64 px). Raises ValueError listing each
+  target path that has no source (except PEFT parameters, vlm.peft.is_peft_path) or whose shape
+  differs.
   """
   tflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(target).items()}
   lflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(loaded).items()}
@@ -142,10 +177,18 @@ def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = No
           if mapping != {"": ""} and not is_peft_path(tpath):  # PEFT params keep their init
             problems.append(f"{tpath}: no parameter {src!r} in the checkpoint")
           break
-        if tuple(lflat[src].shape) != tuple(tval.shape):
+        value = lflat[src]
+        if (resample_posemb and tpath.endswith("pos_embedding") and tuple(value.shape) != tuple(tval.shape)
+            and value.ndim == 3 and value.shape[::2] == tval.shape[::2]):
+          try:
+            value = resample_grid_posemb(np.asarray(value), tval.shape[1])
+          except ValueError as e:
+            problems.append(f"{tpath}: {e}")
+            break
+        if tuple(value.shape) != tuple(tval.shape):
           problems.append(f"{tpath}: shape {tuple(tval.shape)} != checkpoint {src!r} {tuple(lflat[src].shape)}")
           break
-        out[tpath] = jax.device_put(np.asarray(lflat[src], tval.dtype), getattr(tval, "sharding", None))
+        out[tpath] = jax.device_put(np.asarray(value, tval.dtype), getattr(tval, "sharding", None))
         used += 1
         break
   if not used:

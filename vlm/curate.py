@@ -48,6 +48,13 @@ def _source_key(config) -> list:
           config.split, str(config.caption_key)]
 
 
+def _model_key(workdir: str) -> list:
+  """What identifies a model's results in the cache: its workdir and newest checkpoint step."""
+  from vlm.checkpoint import latest_step
+
+  return [str(Path(workdir).resolve()), latest_step(workdir)]
+
+
 def _check(config) -> None:
   unknown = [s for s in config.steps if s not in STEPS]
   if unknown:
@@ -169,9 +176,7 @@ def curate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, 
         out["image_embedding"] = out["image_embedding"].astype(np.float16)
         return out
 
-      ckpt = sorted(p.name for p in (Path(cs.workdir) / "checkpoints").glob("*"))[-1:]
-      res = store.ChunkStore(cache, "clip_score", [key, str(Path(cs.workdir).resolve()), ckpt], n, chunk).compute(
-          run, "clip_score")
+      res = store.ChunkStore(cache, "clip_score", [key, *_model_key(cs.workdir)], n, chunk).compute(run, "clip_score")
       scores, embeddings = res["score"], res["image_embedding"].astype(np.float32)
       alive = np.flatnonzero(keep)
       if cs.get("keep_fraction") is not None:
@@ -233,8 +238,7 @@ def curate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, 
         images, _, _ = _pairs(source, alive[start:stop], caption_key)
         return {"caption": np.asarray(captioner(images), dtype=np.str_)}
 
-      ckpt = sorted(p.name for p in (Path(rc.workdir) / "checkpoints").glob("*"))[-1:]
-      caps = store.ChunkStore(cache, "recaption", [key, str(Path(rc.workdir).resolve()), ckpt, rc.method,
+      caps = store.ChunkStore(cache, "recaption", [key, *_model_key(rc.workdir), rc.method,
                                                    store.fingerprint(alive.tolist())], len(alive), chunk)
       caps = caps.compute(run, "recaption")["caption"] if len(alive) else np.zeros(0, np.str_)
       overrides[rc.field] = dict(zip(alive.tolist(), caps.tolist()))

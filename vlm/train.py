@@ -119,7 +119,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     start, pending = 0, first
     for block, params in loaded:
       mapping = dict(block.mapping) if block.get("mapping") else None
-      state = state.replace(params=checkpoint.merge_params(state.params, params, mapping))
+      state = state.replace(params=checkpoint.merge_params(state.params, params, mapping,
+                                                            resample_posemb=bool(block.get("resample_posemb"))))
       print(f"Initialised parameters from {block.path}", flush=True)
 
   trainable = trainable_patterns(config)

@@ -10,9 +10,10 @@ import numpy as np
 
 from vlm import parallel
 from vlm.data import get_tokenizer
-from vlm.data.preprocess import apply_ops, parse_pp
-from vlm.evals.base import batched_apply, jit_on_mesh
-from vlm.evals.captioning import generate_captions
+from vlm.data.preprocess import eval_images
+from vlm.evals.base import batched_apply
+from vlm.evals.captioning import caption_fn
+from vlm.evals.contrastive import encoders
 
 
 def _load(workdir: str | Path):
@@ -21,13 +22,6 @@ def _load(workdir: str | Path):
   config = load_workdir_config(workdir)
   model, mesh, params = load_model_and_params(config, workdir)
   return config, model, mesh, params
-
-
-def preprocess(images: Sequence[np.ndarray], pp: str) -> np.ndarray:
-  """uint8 images -> [N, ...] float arrays through a pp string (deterministic ops, as pp_eval)."""
-  ops = parse_pp(pp, where="pp_eval")
-  rng = np.random.default_rng(0)
-  return np.stack([apply_ops(ops, {"image": img}, rng)["image"] for img in images]).astype(np.float32)
 
 
 class ContrastiveScorer:
@@ -44,18 +38,12 @@ class ContrastiveScorer:
       raise ValueError(f"{workdir}: model {config.model_name!r} is not a contrastive model (no encode_text)")
     self.data, self.batch_size = config.data, batch_size
     self.tok = get_tokenizer(config.data)
-    rules = config.get("rules", parallel.DEFAULT_RULES)
-    wrap = lambda method: jit_on_mesh(  # noqa: E731
-        lambda p, x: self.model.apply({"params": p}, x, method=method)[0], self.mesh, rules)
-    self.enc_image, self.enc_text = wrap(self.model.encode_image), wrap(self.model.encode_text)
-    self.pair_sim = None
-    if hasattr(self.model, "similarity_fn"):
-      sim_fn = self.model.similarity_fn()
-      self.pair_sim = jit_on_mesh(lambda _, it: sim_fn(*it), self.mesh, rules)
+    self.enc_image, self.enc_text, self.pair_sim = encoders(
+        self.model, self.mesh, config.get("rules", parallel.DEFAULT_RULES))
 
   def __call__(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> dict[str, np.ndarray]:
     """{'score': [N], 'image_embedding': [N, D] (flattened for pytree sides)} for N pairs."""
-    x = preprocess(images, self.data.pp_eval)
+    x = eval_images(images, self.data.pp_eval)
     ids = self.tok.encode_batch(list(captions), int(self.data.text_length), self.data.add_bos, self.data.add_eos)
     zi = batched_apply(self.enc_image, self.params, x, self.mesh, self.batch_size)
     zt = batched_apply(self.enc_text, self.params, ids, self.mesh, self.batch_size)
@@ -79,13 +67,10 @@ class Captioner:
     if not (hasattr(self.model, "caption_context") or hasattr(self.model, "caption_prompt")):
       raise ValueError(f"{workdir}: model {config.model_name!r} does not caption")
     self.data, self.batch_size = config.data, batch_size
-    tok = self.tok = get_tokenizer(config.data)
-    rng = jax.random.key(seed) if method == "sample" else None
-    self.generate = jit_on_mesh(lambda p, x: generate_captions(
-        self.model, p, x, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-        max_len=int(config.data.text_length), method=method, rng=rng, **decode_kw).tokens,
-        self.mesh, config.get("rules", parallel.DEFAULT_RULES))
+    self.tok = get_tokenizer(config.data)
+    self.generate = caption_fn(self.model, self.mesh, config.get("rules", parallel.DEFAULT_RULES), self.tok,
+                               int(config.data.text_length), method, seed, **decode_kw)
 
   def __call__(self, images: Sequence[np.ndarray]) -> list[str]:
-    x = preprocess(images, self.data.pp_eval)
+    x = eval_images(images, self.data.pp_eval)
     return self.tok.decode_batch(batched_apply(self.generate, self.params, x, self.mesh, self.batch_size))

@@ -326,6 +326,11 @@ def conversation_example(ex: Mapping[str, Any], conv: Mapping[str, Any], chat: C
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
 
 
+def about_image(question: str, k: int) -> str:
+    """'what colour is the star?' -> 'what colour is the star in the second image?' (k = 1)."""
+    return f"{question.rstrip('?').rstrip()} in the {ORDINALS[k]} image?"
+
+
 def interleave(ex: Mapping[str, Any], others: Sequence[Mapping[str, Any]], rng: np.random.Generator,
                end_of_chunk: str = "") -> dict:
     """An interleaved image-text document (Flamingo, Alayrac et al. 2022, sec. 2.3) around example ex.
@@ -345,7 +350,7 @@ def interleave(ex: Mapping[str, Any], others: Sequence[Mapping[str, Any]], rng: 
     order = [*others[:k], ex, *others[k:]]
     chunk_end = end_of_chunk or " "
     context = "".join(IMAGE + (f"{o['caption']}.{chunk_end}" if p < m - 1 else "") for p, o in enumerate(order))
-    questions = [f"{q.rstrip('?').rstrip()} in the {ORDINALS[k]} image?" for q in ex.get("questions", [])]
+    questions = [about_image(q, k) for q in ex.get("questions", [])]
     return dict(ex, image=np.stack([np.asarray(o["image"]) for o in order]), image_context=context,
                 questions=questions, image_position=k)
 

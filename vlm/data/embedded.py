@@ -169,7 +169,7 @@ def make_document(args: BuildArgs, split: str, index: int) -> dict:
     then 2..args.documents images, each followed by a paragraph about it (its varied caption);
     `questions` / `answers` ask about the k-th image ("what colour is the large star in the second
     image?"), `labels` are the images' classes."""
-    from vlm.data.conversation import ORDINALS
+    from vlm.data.conversation import about_image
 
     rng = np.random.default_rng([args.seed, SPLITS.index(split), index, 4])
     m = 2 + int(rng.integers(max(args.documents - 1, 1)))
@@ -182,7 +182,7 @@ def make_document(args: BuildArgs, split: str, index: int) -> dict:
         images += [scenes.encode_png(scenes.render(scene, size)), b""]
         labels.append(scenes.class_index(scene.main.colour, scene.main.shape))
         qs, ans = scenes.questions(scene)
-        questions += [f"{q.rstrip('?').rstrip()} in the {ORDINALS[k]} image?" for q in qs[:2]]
+        questions += [about_image(q, k) for q in qs[:2]]
         answers += ans[:2]
     return {"texts": texts, "images": images, "labels": np.asarray(labels, np.int32), "questions": questions,
             "answers": answers, "label": np.int32(labels[0]),

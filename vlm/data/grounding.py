@@ -133,12 +133,17 @@ def object_phrases(ex: dict) -> list[str | None]:
     return [p if phrases.count(p) == 1 else None for p in phrases]
 
 
+def check_tasks(tasks: Sequence[str]) -> None:
+    """ValueError naming data.grounding.tasks unless it is a non-empty subset of GROUNDING_TASKS."""
+    bad = [t for t in tasks if t not in GROUNDING_TASKS]
+    if bad or not tasks:
+        raise ValueError(f"data.grounding.tasks: {tuple(tasks)!r}; expected a non-empty subset of {GROUNDING_TASKS}")
+
+
 def grounding_pairs(ex: dict, tasks: Sequence[str] = GROUNDING_TASKS) -> tuple[list[str], list[str]]:
     """Grounding question/answer pairs of an example with 'image' (preprocessed, [H, W, C]), 'boxes'
     (pixels of that image) and 'box_labels'; see the module docstring."""
-    for t in tasks:
-        if t not in GROUNDING_TASKS:
-            raise ValueError(f"data.grounding.tasks: unknown task {t!r}; known: {GROUNDING_TASKS}")
+    check_tasks(tasks)
     h, w = np.asarray(ex["image"]).shape[-3:-1]
     boxes = [to_1000(b, w, h) for b in np.asarray(ex.get("boxes", np.zeros((0, 4))), np.float64)]
     phrases = object_phrases(ex)

@@ -154,11 +154,7 @@ def check_config(data: ml_collections.ConfigDict) -> None:
     if data.get("conversation") is not None:
         conversation.check_conversation_config(data.conversation)
     if data.get("grounding") is not None:
-        tasks = tuple(data.grounding.get("tasks", grounding.GROUNDING_TASKS))
-        bad = [t for t in tasks if t not in grounding.GROUNDING_TASKS]
-        if bad or not tasks:
-            raise ValueError(f"data.grounding.tasks: {tasks!r}; expected a non-empty subset of "
-                             f"{grounding.GROUNDING_TASKS}")
+        grounding.check_tasks(tuple(data.grounding.get("tasks", grounding.GROUNDING_TASKS)))
     m = data.get("interleaved_images", 1)
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise ValueError(f"data.interleaved_images: must be an int >= 1, got {m!r}")
@@ -331,8 +327,7 @@ class _Process:
             else:  # a paragraph after an image closes its chunk (Flamingo's <EOC>) when one is set
                 parts.append(value + (eoc if images and eoc else " "))
         pad = [np.zeros_like(images[0])] * (self.max_images - len(images))
-        return dict(ex, image=np.stack(images + pad), image_context="".join(parts),
-                    num_images=len(images))
+        return dict(ex, image=np.stack(images + pad), image_context="".join(parts))
 
     def _tok(self, text: str, length: int) -> np.ndarray:
         return self.tok.encode(text, length, self.add_bos, self.add_eos)

@@ -373,5 +373,12 @@ def apply_ops(ops: Sequence[Op], ex: Example, rng: np.random.Generator) -> Examp
     return ex
 
 
+def eval_images(images: Sequence[np.ndarray], pp: str | Sequence[str]) -> np.ndarray:
+    """uint8 images [H, W, 3] -> float32 [N, ...] through a pp string with a fixed rng (as pp_eval)."""
+    ops = parse_pp(pp, where="pp_eval")
+    rng = np.random.default_rng(0)
+    return np.stack([apply_ops(ops, {"image": img}, rng)["image"] for img in images]).astype(np.float32)
+
+
 # The augmentation ops register themselves in _OPS (imported last: vlm.data.augment imports this module).
 importlib.import_module("vlm.data.augment")

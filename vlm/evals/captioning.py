@@ -6,7 +6,7 @@ Works for any captioner with two methods: `caption_context(images) -> context` a
 fusion: the image is part of the token prompt, vlm.models.early_fusion).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -59,6 +59,15 @@ def reference_captions(data_config, split: str, keys: Sequence[str], n: int) -> 
   return refs
 
 
+def caption_fn(model: nn.Module, mesh, rules, tok, max_len: int, method: str = "greedy", seed: int = 0,
+               **decode_kw) -> Callable:
+  """Jitted fn(params, images [B, H, W, 3]) -> caption tokens [B, max_len], for batched_apply."""
+  rng = jax.random.key(seed) if method == "sample" else None
+  return jit_on_mesh(lambda p, x: generate_captions(
+      model, p, x, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=max_len, method=method,
+      rng=rng, **decode_kw).tokens, mesh, rules)
+
+
 @EVALS.register("captioning")
 class Captioning:
   """BLEU-1/4 and CIDEr-D of generated captions against a split's reference captions.
@@ -87,13 +96,9 @@ class Captioning:
 
   def _generate_fn(self):
     """The jitted generation, built once (evaluations every N steps reuse its compilation)."""
-    if self._generate is not None:
-      return self._generate
-    tok = self.tokenizer()
-    rng = jax.random.key(self.seed) if self.method == "sample" else None
-    self._generate = jit_on_mesh(lambda p, x: generate_captions(
-        self.model, p, x, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=self.max_len,
-        method=self.method, rng=rng, **self.decode_kw).tokens, self.mesh, self.rules)
+    if self._generate is None:
+      self._generate = caption_fn(self.model, self.mesh, self.rules, self.tokenizer(), self.max_len,
+                                  self.method, self.seed, **self.decode_kw)
     return self._generate
 
   def tokenizer(self):

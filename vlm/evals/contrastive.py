@@ -5,6 +5,8 @@ out pytrees for the two sides and scores every (image, text) pair with that func
 and retrieval use its caption-conditioned image embeddings.
 """
 
+from collections.abc import Callable
+
 import jax
 
 import flax.linen as nn
@@ -17,11 +19,18 @@ from vlm.data import get_tokenizer
 from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
 
 
-def _encoders(model: nn.Module, mesh: Mesh, rules):
+def encoders(model: nn.Module, mesh: Mesh, rules) -> tuple[Callable, Callable, Callable | None]:
+  """Jitted (image encoder, text encoder, pair similarity or None) of a contrastive model, each
+  fn(params, x) for batched_apply; the pair similarity (Llip's `similarity_fn`) takes x = (image
+  side, text side)."""
   def wrap(method):
     return jit_on_mesh(lambda p, x: model.apply({"params": p}, x, method=method)[0], mesh, rules)
 
-  return wrap(model.encode_image), wrap(model.encode_text)
+  pair_sim = None
+  if hasattr(model, "similarity_fn"):
+    sim_fn = model.similarity_fn()
+    pair_sim = jit_on_mesh(lambda _, it: sim_fn(*it), mesh, rules)
+  return wrap(model.encode_image), wrap(model.encode_text), pair_sim
 
 
 class _Base(SplitData):
@@ -35,11 +44,7 @@ class _Base(SplitData):
       self.data_config.caption_key = caption_key
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     rules = config.get("rules", parallel.DEFAULT_RULES)
-    self.enc_image, self.enc_text = _encoders(model, mesh, rules)
-    self.pair_sim = None
-    if hasattr(model, "similarity_fn"):
-      sim_fn = model.similarity_fn()
-      self.pair_sim = jit_on_mesh(lambda _, it: sim_fn(*it), mesh, rules)
+    self.enc_image, self.enc_text, self.pair_sim = encoders(model, mesh, rules)
 
   def scores(self, params, zimg, ztxt, chunk: int = 64) -> np.ndarray:
     """[N, M] scores of N images against M texts (embeddings or pytree sides)."""

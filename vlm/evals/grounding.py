@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from vlm.data import conversation, get_tokenizer, grounding
-from vlm.data.preprocess import apply_ops, parse_pp
+from vlm.data.preprocess import eval_images
 from vlm.evals.base import EVALS
 from vlm.evals.vqa import GenerateAnswers, normalize_answer
 
@@ -101,11 +101,9 @@ class RegionQA(_Objects):
     self.crg_alpha = float(crg_alpha)
     self.last_answers_crg: list[str] = []
 
-  def black(self, shape: tuple[int, ...]) -> np.ndarray:
+  def black(self) -> np.ndarray:
     """A black pixel after data.pp_eval (e.g. -1 for value_range(-1, 1))."""
-    ops = parse_pp(self.config.data.pp_eval, where="pp_eval")
-    img = apply_ops(ops, {"image": np.zeros((64, 64, 3), np.uint8)}, np.random.default_rng(0))["image"]
-    return np.asarray(img, np.float32)[0, 0]
+    return eval_images([np.zeros((64, 64, 3), np.uint8)], self.config.data.pp_eval)[0, 0, 0]
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()
@@ -124,7 +122,7 @@ class RegionQA(_Objects):
     out = self._split_scores(f"{self.prefix}/accuracy", hits, main)
     if self.crg_alpha > 0:
       masked = images.copy()
-      black = self.black(images.shape)
+      black = self.black()
       for j, (x1, y1, x2, y2) in enumerate(boxes):
         masked[j, int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = black
       self.last_answers_crg = self.answers(params, images, prompt, mask, contrast_images=masked,

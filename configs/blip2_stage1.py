@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo_trainer(c, steps=400)
     c.batch_size = 64
     c.schedule.warmup_steps = 50
-    c.lr_mults = [("t", 10.0)]  # as the CLIP demo: the temperature must move far in few steps
+    c.lr_mults = (("t", 10.0),)  # as the CLIP demo: the temperature must move far in few steps
     c.evals.zeroshot.every = c.evals.retrieval.every = 200
     c.checkpoint_every = 200
     return c
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/blip2_stage1.py: unknown variant {arg!r}; known: demo")
   c.model = dict(image=dict(EVA_VIT_G), qformer=dict(BERT_BASE_QFORMER), num_query_tokens=32, embed_dim=256,
                  freeze_image=True, dec_id=30522, temperature_init=BLIP2_TEMPERATURE_INIT, max_scale=1000.0)
-  c.frozen = [r"img/.*"]
+  c.frozen = (r"img/.*",)
   c.init = ml_collections.ConfigDict(dict(path=ml_collections.config_dict.placeholder(str), mapping=None, step=None))
   c.batch_size = 1680
   c.total_steps = 250_000

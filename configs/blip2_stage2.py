@@ -48,9 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Frozen: the image encoder, the LLM, and the stage-1 parameters that exist without being used
   # here (ITC temperature, ITG bias). Modules generation never calls (text embeddings, text FFNs,
   # ITC/ITM heads) are not instantiated, so their stage-1 weights are simply not loaded.
-  c.frozen = [r"vision/img/.*", r"lm/.*", r"vision/(lm_bias|t)"]
+  c.frozen = (r"vision/img/.*", r"lm/.*", r"vision/(lm_bias|t)")
   if minigpt4:  # the whole BLIP-2 visual side (ViT + Q-Former) frozen; one linear layer learns
-    c.frozen = [r"vision/.*", r"lm/.*"]
+    c.frozen = (r"vision/.*", r"lm/.*")
   c.init = ml_collections.ConfigDict(dict(
       vision=dict(path=BLIP2_DEMO if demo else None, mapping={"vision/": ""}, step=None,
                   hint=f"Run BLIP-2 stage 1 first: python -m vlm.train --config=configs/blip2_stage1.py:demo "

@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_name = "early_fusion"
   c.objective_name = "early_fusion"
   c.objective = ml_collections.ConfigDict(dict(image_first_prob=0.5, z_loss=1e-5, image_weight=1.0))
-  c.frozen = ["tokenizer/.*"]
+  c.frozen = ("tokenizer/.*",)
   c.init = ml_collections.ConfigDict(dict(path=None, mapping={"tokenizer/": ""}, step=None))
   if arg == "demo":
     return _demo(c)

@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo_data(c)
     c.model = demo_two_tower(temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0)
     demo_trainer(c)
-    c.lr_mults = [("t", 10.0)]  # 1.5k steps, not ~400k: let the temperature travel its range
+    c.lr_mults = (("t", 10.0),)  # 1.5k steps, not ~400k: let the temperature travel its range
     return c
   if arg not in (None, ""):
     raise ValueError(f"configs/clip_b16.py: unknown variant {arg!r}; known: demo")

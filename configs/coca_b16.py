@@ -95,7 +95,7 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # steps); 600 steps fit the 15-minute budget with the evaluations.
   demo_trainer(c, steps=600)
   c.schedule.warmup_steps = 50
-  c.lr_mults = [("t", 10.0)]  # as the CLIP demo: 600 steps, not 500k
+  c.lr_mults = (("t", 10.0),)  # as the CLIP demo: 600 steps, not 500k
   c.eval_at_start = True  # the untrained model's CIDEr and zero-shot, logged as step 0
   c.evals.zeroshot.every = 300
   c.evals.retrieval.every = 300

@@ -23,10 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.wd_mask = r".*(kernel|embedding)$"
   c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=100))
   c.grad_clip_norm = 1.0
-  c.frozen = []
+  c.frozen = ()
   c.trainable = ()  # regexes; parameters matching none are frozen (vlm.optim)
   c.peft = peft.default_config()  # LoRA / adapters (vlm.peft): off until peft.method is set
-  c.lr_mults = []
+  c.lr_mults = ()
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3

@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(lm_config=lm, vision_config=dict(variant="L/14", class_token=True, pre_norm=True),
                    resampler_config=dict(num_latents=64, depth=6), xattn_config=dict(),
                    cross_attention_every=1, image_token_id=32_000)
-  c.frozen = [r"vision/.*", r"lm/.*"]  # sec. 2: vision encoder and LM frozen
+  c.frozen = (r"vision/.*", r"lm/.*")  # sec. 2: vision encoder and LM frozen
   c.wd = 0.0
   if demo:
     demo_data(c)

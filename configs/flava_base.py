@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       itm_weight=1.0, mask_id=30_522, mlm_rate=0.15, mim_ratio=0.4, mim_masking="blockwise",
       itm_hard_negatives=False, special_ids=(0, 1, 3), impl="all_gather"))
   c.init.mapping = {"tokenizer/": ""}
-  c.frozen = ["tokenizer/.*"]
+  c.frozen = ("tokenizer/.*",)
   c.data.add_bos = True  # BOS is the text encoder's [CLS_T]
   if variant == "demo":
     return _demo(c, opts)
@@ -132,7 +132,7 @@ def _demo(c: ml_collections.ConfigDict, opts: dict[str, str]) -> ml_collections.
   # 450 steps take about the compute of the CLIP demo's 1,500.
   demo_trainer(c, steps=450)
   c.schedule.warmup_steps = 50
-  c.lr_mults = [("t", 10.0)]  # as the CLIP demo: a few hundred steps, not 450k
+  c.lr_mults = (("t", 10.0),)  # as the CLIP demo: a few hundred steps, not 450k
   c.evals.zeroshot.every = 225
   c.evals.retrieval.every = 225
   return c

@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = dict(lm_config=lm, vision_model="fuyu_patches", vision_method="patch_features", connector_type="none",
                  vision_config=dict(patch_size=patch, width=lm["width"]),
                  image_token_id=1000 if demo else 71_011)
-  c.frozen = []  # Fuyu trains the patch projection and the decoder together
+  c.frozen = ()  # Fuyu trains the patch projection and the decoder together
   c.data.extra_text_keys = ("caption_detailed", "question", "answer")
   if demo:
     demo_data(c)

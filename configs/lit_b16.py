@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_name = "two_tower"
   c.objective_name = "contrastive"
   c.objective = ml_collections.ConfigDict(dict(loss="softmax", impl="all_gather"))
-  c.frozen = [r"img/.*"]  # no update, no optimiser state
+  c.frozen = (r"img/.*",)  # no update, no optimiser state
   c.init = ml_collections.ConfigDict(dict(path=ml_collections.config_dict.placeholder(str),
                                           mapping={"img/": "img/"}, step=None))
   if arg == "demo":

@@ -116,7 +116,7 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
     c.evals = vqa_eval(every=5000, max_examples=None)
   if stage == "align":
     # Stage 1: vision encoder and LM frozen, the connector learns (LLaVA-1.5: batch 256, lr 1e-3, 1 epoch).
-    c.frozen = [r"vision/.*", r"lm/.*"]
+    c.frozen = (r"vision/.*", r"lm/.*")
     c.init = demo_init(demo=demo)
     c.lr = 1e-3
     c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=20 if demo else 65))
@@ -125,7 +125,7 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
       c.batch_size = 256
   elif stage == "instruct":
     # Stage 2: the connector and the LM learn, the vision encoder stays frozen (LLaVA-1.5: batch 128, lr 2e-5).
-    c.frozen = [r"vision/.*"]
+    c.frozen = (r"vision/.*",)
     c.init = ml_collections.ConfigDict(dict(
         path=f"{DEMO_ROOT}/stage1" if demo else None, mapping=None, step=None,
         hint=f"Run stage 1 first: python -m vlm.train --config=configs/llava_stage1.py:demo "

@@ -92,8 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                        task_weights=(3.0, 1.0))
     c.data.conversation.max_turns = 1
     # As LLaVA-NeXT's stage 2, the whole model learns, the vision tower at a tenth of the rate.
-    c.frozen = []
-    c.lr_mults = [(r"vision/.*", 0.1)]
+    c.frozen = ()
+    c.lr_mults = ((r"vision/.*", 0.1),)
     c.init = demo_init()
     c.batch_size = 64
     c.total_steps = 800
@@ -110,8 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     vicuna_chat(c.data.conversation)
     # Stage 2 from a stage-1 checkpoint (configs/llava_stage1.py) or an imported LLaVA-NeXT.
     c.init = ml_collections.ConfigDict(dict(path=None, mapping=None, step=None))
-    c.frozen = []  # the whole model learns; the vision encoder at a tenth of the rate (2e-6 vs 2e-5)
-    c.lr_mults = [(r"vision/.*", 0.1)]
+    c.frozen = ()  # the whole model learns; the vision encoder at a tenth of the rate (2e-6 vs 2e-5)
+    c.lr_mults = ((r"vision/.*", 0.1),)
     c.lr = 2e-5
     c.wd = 0.0
     c.grad_clip_norm = 1.0

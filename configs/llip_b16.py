@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(towers, num_mixture_tokens=8, num_heads=8, attn_temperature=5.0)
     c.objective.impl = "all_gather"  # batch 128: the [b, B, D] blocks are small
     demo_trainer(c)
-    c.lr_mults = [("t", 10.0), ("b", 10.0)]  # as the SigLIP demo: 1.5k steps, not ~300k
+    c.lr_mults = (("t", 10.0), ("b", 10.0))  # as the SigLIP demo: 1.5k steps, not ~300k
     return c
   if arg not in (None, ""):
     raise ValueError(f"configs/llip_b16.py: unknown variant {arg!r}; known: demo")

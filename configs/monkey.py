@@ -69,7 +69,7 @@ def build(demo: bool, windows: bool) -> ml_collections.ConfigDict:
                  image_token_id=1000 if demo else 151_859,  # Qwen-VL's image pad id (<imgpad>)
                  vision_config=dict(vision, window_size=window, lora_attn_rank=16, lora_mlp_rank=32, windows=windows))
   # The ViT is frozen; its per-window LoRA sets, the resampler and the LLM learn (sec. 3.3).
-  c.frozen = [r"vision/img/(?!.*lora_sets_).*"]
+  c.frozen = (r"vision/img/(?!.*lora_sets_).*",)
   if demo:
     demo_data(c)
     c.data.builder.text_rich = 1

@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo_trainer(c)
     # The demo trains 1.5k steps, not ~300k: the temperature and bias get a 10x learning rate to
     # travel their range (at the init, scale 10 and bias -10, a positive logit is at most 0).
-    c.lr_mults = [("t", 10.0), ("b", 10.0)]
+    c.lr_mults = (("t", 10.0), ("b", 10.0))
     return c
   if arg not in (None, ""):
     raise ValueError(f"configs/siglip_b16.py: unknown variant {arg!r}; known: demo")

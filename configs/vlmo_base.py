@@ -93,7 +93,7 @@ def stage_config(stage: str, arg: str | None, init_path: str | None) -> ml_colle
     # varied phrasings ("a red circle."), the hardest ITM negatives are paraphrases or captions that
     # also fit the image, and at 600 steps image->text R@1 was 32% (hard-negative ITM at chance).
     c.data.caption_key = "caption"
-    c.lr_mults = [("t", 10.0)]  # as the CLIP demo: the temperature must move far in few steps
+    c.lr_mults = (("t", 10.0),)  # as the CLIP demo: the temperature must move far in few steps
   else:
     c.data.pp_train = "decode|random_resized_crop(224, scale=(0.5, 1))|flip_lr|value_range(-1, 1)"
     c.data.pp_eval = "decode|resize(224)|value_range(-1, 1)"
@@ -114,7 +114,7 @@ def stage_config(stage: str, arg: str | None, init_path: str | None) -> ml_colle
     vq = _vq_tokenizer(demo)
     c.model.update(tokenizer=vq, codebook_size=vq["codebook_size"])
     c.init.mapping = {"tokenizer/": ""}  # only the tokenizer comes from init.path
-    c.frozen = [r"tokenizer/.*"]
+    c.frozen = (r"tokenizer/.*",)
     c.evals = ml_collections.ConfigDict()
     if demo:
       c.objective.mim_masking = "random"  # a 4x4 grid is too small for BEiT's blocks of >= 4 patches

@@ -2,6 +2,11 @@
 as the oracle), grounding questions through the pipeline, contrastive region guidance, and the
 grounding / region_qa evaluations of a (tiny) trained model."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +127,14 @@ def test_guided_step_fn_mixes_the_two_streams():
   logits, _ = step(paired, jnp.zeros((2, 1), jnp.int32), 0)
   np.testing.assert_allclose(logits[:, 0], [[0, 5 + 3 * (1 - 5), 2 * (5 + 3 * (1 - 5))],
                                             [0, 7 + 3 * (2 - 7), 2 * (7 + 3 * (2 - 7))]])
+  # The plausibility cut: row 0's primary logits [0, 1, 2] give token 0 e^-2 = 0.14 of the top
+  # probability and token 1 e^-1 = 0.37; at 0.2 token 0 (the guided argmax above) is ruled out.
+  paired, step = decoding.guided_step_fn(run, cache, 2, 3.0, plausibility=0.2)
+  logits, _ = step(paired, jnp.zeros((2, 1), jnp.int32), 0)
+  assert logits[0, 0, 0] < -1e30 and logits[0, 0, 1] == 5 + 3 * (1 - 5)
+  assert int(jnp.argmax(logits[0, 0])) == 1
+  assert logits[1, 0, 0] < -1e30  # row 1 ([0, 2, 4]): e^-4 and e^-2 of the top, both below 0.2
+  assert logits[1, 0, 1] < -1e30 and int(jnp.argmax(logits[1, 0])) == 2
 
 
 def test_crg_is_plain_decoding_against_the_same_image_and_the_formula_otherwise():
@@ -193,3 +206,18 @@ def test_region_qa_masks_the_asked_box_in_the_contrast_image(grounding_workdir, 
   inside = changed[0, int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))]
   assert changed[0].sum() == inside.sum() and inside.mean() > 0.5  # only (and most of) the box
   np.testing.assert_allclose(seen["masked"][0][changed[0]], -1.0)  # black after value_range(-1, 1)
+
+
+def test_crg_sweep_script_prints_plain_and_each_setting(grounding_workdir):
+  root = Path(__file__).resolve().parents[1]
+  wd, _ = grounding_workdir
+  run = subprocess.run([sys.executable, "experiments/crg_sweep.py", f"--workdir={wd}", "--split=test",
+                        "--max_examples=8", "--settings=2:0.1"], cwd=root, capture_output=True, text=True,
+                       timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+  assert [r["setting"] for r in rows] == ["plain", "crg a=2 plausibility=0.1"]
+  assert all(0.0 <= r["all"] <= 1.0 and "main" in r for r in rows)
+  bad = subprocess.run([sys.executable, "experiments/crg_sweep.py", f"--workdir={wd}", "--settings=2"],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "ALPHA:PLAUSIBILITY" in bad.stderr

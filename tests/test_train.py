@@ -101,8 +101,10 @@ def test_demo_learns(module, data_dir, tmp_path):
 def test_fsdp_on_8_devices_matches_one_device(data_dir, tmp_path):
   c = tiny(siglip_b16, data_dir, steps=4)
   c.mesh = [("data", 1), ("fsdp", 8), ("tensor", 1)]
+  c.lr_mults = (("t", 10.0), ("b", 3.0))  # the CLI run below overrides the same (tuple-valued) key
   train(c, tmp_path / "fsdp")
-  ref = subprocess.run(_cli_args("configs/siglip_b16.py:demo", tmp_path / "one", data_dir, 4),
+  ref = subprocess.run(_cli_args("configs/siglip_b16.py:demo", tmp_path / "one", data_dir, 4,
+                                 ["--config.lr_mults=(('t', 10.0), ('b', 3.0))"]),
                        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
   assert ref.returncode == 0, ref.stderr[-3000:]
   a = [r["train/loss"] for r in read_metrics(tmp_path / "fsdp") if "train/loss" in r]

@@ -336,7 +336,8 @@ def generate(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, method: str = 
 
 
 def guided_step_fn(run: StepFn, cache: Cache, batch: int, guidance: float,
-                   second: Callable[[jax.Array], jax.Array] = lambda tokens: tokens) -> tuple[Cache, StepFn]:
+                   second: Callable[[jax.Array], jax.Array] = lambda tokens: tokens,
+                   plausibility: float = 0.0) -> tuple[Cache, StepFn]:
   """Decodes two streams per example and mixes their logits: l_2 + guidance * (l_1 - l_2).
 
   `run` steps a model whose `cache` holds 2 * batch rows: rows [0, batch) the primary stream
@@ -344,8 +345,11 @@ def guided_step_fn(run: StepFn, cache: Cache, batch: int, guidance: float,
   one (caption-free; the image with a region masked). `second(tokens)` is what the contrasting
   stream is fed (default: the same tokens). Classifier-free guidance (Ho & Salimans 2022) and
   contrastive region guidance (Wan et al. 2024: (1 + a) l_full - a l_masked, guidance = 1 + a)
-  are both this. Returns (cache, step_fn) for `generate` ('greedy' or 'sample'): the cache is
-  regrouped [batch, 2, ...] so that it stays batch-major.
+  are both this. plausibility = b > 0 adds contrastive decoding's adaptive plausibility constraint
+  (Li et al. 2023, eq. 2 and sec. 3.2; VCD, Leng et al. 2024, eq. 4): only tokens with
+  p_primary >= b * max p_primary may win, so guidance re-ranks what the primary stream finds
+  plausible instead of promoting tokens it rules out. Returns (cache, step_fn) for `generate`
+  ('greedy' or 'sample'): the cache is regrouped [batch, 2, ...] so that it stays batch-major.
   """
   pair = lambda x: x.reshape(2, batch, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
   unpair = lambda x: x.swapaxes(0, 1).reshape(2 * x.shape[0], *x.shape[2:])  # noqa: E731
@@ -353,7 +357,12 @@ def guided_step_fn(run: StepFn, cache: Cache, batch: int, guidance: float,
   def step_fn(cache, tokens, index):
     logits, new = run(jax.tree.map(unpair, cache), jnp.concatenate([tokens, second(tokens)]), index)
     primary, contrast = logits[:batch], logits[batch:]
-    return contrast + guidance * (primary - contrast), jax.tree.map(pair, new)
+    mixed = contrast + guidance * (primary - contrast)
+    if plausibility > 0:
+      logp = jax.nn.log_softmax(primary.astype(jnp.float32), axis=-1)
+      keep = logp >= jnp.log(plausibility) + logp.max(axis=-1, keepdims=True)
+      mixed = jnp.where(keep, mixed, jnp.finfo(mixed.dtype).min)
+    return mixed, jax.tree.map(pair, new)
 
   return jax.tree.map(pair, cache), step_fn
 

@@ -92,13 +92,15 @@ class RegionQA(_Objects):
 
   crg_alpha > 0 also answers with contrastive region guidance (Wan et al. 2024): the contrast image
   is the image with the asked-about box filled black (data.pp_eval's value of a black pixel), the
-  logits (1 + a) l(image) - a l(masked image). Reports {prefix}/accuracy and, with CRG,
+  logits (1 + a) l(image) - a l(masked image), among the tokens whose plain probability is at least
+  crg_plausibility times the top one's (0: all; decoding.guided_step_fn). Reports {prefix}/accuracy and, with CRG,
   /accuracy_crg (each also _main / _distractor); keeps the answers in last_answers / last_answers_crg.
   """
 
-  def __init__(self, *, crg_alpha: float = 1.0, **kw):
+  def __init__(self, *, crg_alpha: float = 1.0, crg_plausibility: float = 0.0, **kw):
     super().__init__(**kw)
     self.crg_alpha = float(crg_alpha)
+    self.crg_plausibility = float(crg_plausibility)
     self.last_answers_crg: list[str] = []
 
   def black(self) -> np.ndarray:
@@ -126,7 +128,7 @@ class RegionQA(_Objects):
       for j, (x1, y1, x2, y2) in enumerate(boxes):
         masked[j, int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = black
       self.last_answers_crg = self.answers(params, images, prompt, mask, contrast_images=masked,
-                                           crg_alpha=self.crg_alpha)
+                                           crg_alpha=self.crg_alpha, crg_plausibility=self.crg_plausibility)
       hits = np.asarray([normalize_answer(a) == r for a, r in zip(self.last_answers_crg, refs)])
       out.update(self._split_scores(f"{self.prefix}/accuracy_crg", hits, main))
     return out

@@ -25,13 +25,14 @@ class GenerateAnswers(SplitData):
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.max_new_tokens = max_new_tokens
     self.rules = config.get("rules", parallel.DEFAULT_RULES)
-    self._fns: dict[float | None, Any] = {}
+    self._fns: dict[tuple[float, float] | None, Any] = {}
 
-  def _generate_fn(self, crg_alpha: float | None = None):
-    if crg_alpha not in self._fns:
+  def _generate_fn(self, crg: tuple[float, float] | None = None):
+    """The jitted answer function; crg = (alpha, plausibility) decodes with contrastive region guidance."""
+    if crg not in self._fns:
       from vlm.models import flamingo, vision_lm
       tok = get_tokenizer(self.config.data)
-      if crg_alpha is not None and isinstance(self.model, flamingo.Flamingo):
+      if crg is not None and isinstance(self.model, flamingo.Flamingo):
         raise ValueError(f"evals.{self.prefix}: contrastive region guidance needs a vision_lm model")
 
       def fn(params, x):
@@ -39,23 +40,24 @@ class GenerateAnswers(SplitData):
         kw = dict(mask=mask, max_new_tokens=self.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
         if isinstance(self.model, flamingo.Flamingo):  # images reach the text by cross-attention
           return flamingo.generate(self.model, params, images, prompt, **kw).tokens
-        if crg_alpha is not None:
-          kw.update(crg_alpha=crg_alpha)
+        if crg is not None:
+          kw.update(crg_alpha=crg[0], crg_plausibility=crg[1])
         return vision_lm.generate(self.model, params, images, prompt, **extra, **kw).tokens
 
-      self._fns[crg_alpha] = jit_on_mesh(fn, self.mesh, self.rules)
-    return self._fns[crg_alpha]
+      self._fns[crg] = jit_on_mesh(fn, self.mesh, self.rules)
+    return self._fns[crg]
 
   def answers(self, params: Any, images: np.ndarray, prompt: np.ndarray, mask: np.ndarray,
               instruction: np.ndarray | None = None, image_layout: np.ndarray | None = None,
-              contrast_images: np.ndarray | None = None, crg_alpha: float = 1.0) -> list[str]:
+              contrast_images: np.ndarray | None = None, crg_alpha: float = 1.0,
+              crg_plausibility: float = 0.0) -> list[str]:
     """Greedy answers; instruction [N, L]: the image encoder's ('prompt_instruction' of the data);
     image_layout [N, 4]: AnyRes views' layout ('image_layout' of the data); contrast_images: decode
     with contrastive region guidance against them (vlm.models.vision_lm.generate)."""
     extra = {k: v for k, v in (("instruction", instruction), ("image_layout", image_layout),
                                ("contrast_images", contrast_images)) if v is not None}
     inputs = (images, prompt, mask, extra)
-    fn = self._generate_fn(None if contrast_images is None else float(crg_alpha))
+    fn = self._generate_fn(None if contrast_images is None else (float(crg_alpha), float(crg_plausibility)))
     tokens = batched_apply(fn, params, inputs, self.mesh, self.batch_size)
     tok = get_tokenizer(self.config.data)
     if not self.config.data.get("conversation"):

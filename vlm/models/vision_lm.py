@@ -286,7 +286,7 @@ def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt:
              max_new_tokens: int, eos_id: int, pad_id: int = 0, mask: jax.Array | None = None,
              method: str = "greedy", rng: jax.Array | None = None, instruction: jax.Array | None = None,
              image_layout: jax.Array | None = None, contrast_images: jax.Array | None = None,
-             crg_alpha: float = 1.0, **decode_kw) -> decoding.DecodeOutput:
+             crg_alpha: float = 1.0, crg_plausibility: float = 0.0, **decode_kw) -> decoding.DecodeOutput:
   """Answers after prompt [B, P] (left-padded: pass `mask`) about images, with the KV cache (jit-able).
 
   The prefill (T = P > 1) embeds the images (with `instruction` [B, L] for an instruction-aware
@@ -296,6 +296,8 @@ def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt:
   no training: every step's logits are (1 + crg_alpha) l(images) - crg_alpha l(contrast_images),
   where contrast_images are the images with the asked-about regions masked (vlm.evals.grounding);
   evidence that comes from the region counts more, priors that survive its removal less.
+  crg_plausibility > 0: only tokens within that factor of the plain model's most probable one may
+  win (the adaptive plausibility constraint, decoding.guided_step_fn).
   """
   p = prompt.shape[1]
   b = prompt.shape[0]
@@ -320,6 +322,6 @@ def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt:
 
   cache = variables["cache"]
   if crg:
-    cache, step_fn = decoding.guided_step_fn(step_fn, cache, b, 1.0 + crg_alpha)
+    cache, step_fn = decoding.guided_step_fn(step_fn, cache, b, 1.0 + crg_alpha, plausibility=crg_plausibility)
   return decoding.generate(step_fn, cache, prompt, method=method, rng=rng,
                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, **decode_kw)

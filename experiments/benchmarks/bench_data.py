@@ -9,7 +9,6 @@ flip_lr -> normalize('clip') -> tokenize -> batch (numpy; no device transfer).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tempfile

@@ -22,7 +22,9 @@ and codebook use on the test split before and after training:
   python -m vlm.train --config=configs/vq_tokenizer.py:demo --workdir=/tmp/vq_demo
 
 `:demo_long` trains the same tokenizer 1500 steps (about 6 minutes) for sharper reconstructions;
-the early-fusion demo (configs/chameleon.py) generates images with its codes.
+the early-fusion demo (configs/chameleon.py) generates images with its codes. `:demo_1d` is
+`:demo_long` as a 1-D tokenizer (TiTok, Yu et al. 2024): 16 codes read from 16 learned latent
+tokens instead of one per patch (model.latent_tokens), the same count as the 4 x 4 grid.
 
 Use the trained codes elsewhere with `model.apply({'params': p}, images, method=VQTokenizer.encode)`;
 a model that holds the tokenizer as a submodule named 'tokenizer' loads it with
@@ -50,8 +52,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = _demo(c)
     c.total_steps = c.checkpoint_every = 1500
     return c
+  if arg == "demo_1d":
+    # Same 16 codes per image, not tied to patches. Measured (test, 1500 steps, 7 min 55 s): PSNR 24.6
+    # vs 26.2 for the grid, and the Llip demo recognises 33% of the reconstructions vs 46%: with the
+    # l2 loss alone the 1-D codes blur more (TiTok trains its 1-D tokenizer on proxy codes, sec. 3.3).
+    c = get_config("demo_long")
+    c.model.update(latent_tokens=16, image_size=32)
+    return c
   if arg not in (None, ""):
-    raise ValueError(f"configs/vq_tokenizer.py: unknown variant {arg!r}; known: demo, demo_long")
+    raise ValueError(f"configs/vq_tokenizer.py: unknown variant {arg!r}; known: demo, demo_long, demo_1d")
   c.model = dict(width=512, depth=8, mlp_dim=2048, num_heads=8, patch_size=16, codebook_size=8192, code_dim=32)
   c.batch_size = 256
   c.total_steps = 500_000

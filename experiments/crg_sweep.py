@@ -45,13 +45,12 @@ def main() -> None:
   model, mesh, params = load_model_and_params(config, args.workdir)
   ev = RegionQA(config=config, model=model, mesh=mesh, prefix="r", split=args.split,
                 max_examples=args.max_examples, max_new_tokens=4, crg_alpha=0.0)
-  short = lambda out, key: {k.split("/")[1].replace(key, "").strip("_") or "all": round(v, 4)  # noqa: E731
-                            for k, v in out.items() if k.startswith(f"r/{key}") and ("crg" in k) == ("crg" in key)}
-  print(json.dumps(dict(setting="plain", **short(ev(params), "accuracy"))), flush=True)
-  for a, b in settings:
-    ev.crg_alpha, ev.crg_plausibility = a, b
-    print(json.dumps(dict(setting=f"crg a={a:g} plausibility={b:g}", **short(ev(params), "accuracy_crg"))), flush=True)
+  def short(out: dict[str, float]) -> dict[str, float]:  # r/accuracy_crg_main -> main
+    return {(k.split("_")[-1] if k.endswith(("_main", "_distractor")) else "all"): round(v, 4) for k, v in out.items()}
 
+  print(json.dumps(dict(setting="plain", **short(ev(params)))), flush=True)
+  for a, b in settings:  # the questions and prompts are built once; only CRG decoding runs again
+    print(json.dumps(dict(setting=f"crg a={a:g} plausibility={b:g}", **short(ev.crg_scores(params, a, b)))), flush=True)
 
 if __name__ == "__main__":
   main()

@@ -1,5 +1,9 @@
 """Early fusion (Chameleon-style): mixed-modal rows, cached decoding both ways, the objective, training."""
 
+import json
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +93,23 @@ def test_cached_generation_matches_uncached_both_ways(setup):
     np.testing.assert_array_equal(ids[i:i + 1], want)
 
 
+def test_one_dimensional_tokenizer():
+  """With a 1-D (latent-token) tokenizer, rows hold K codes and generation renders K codes."""
+  model = EarlyFusionLM(lm=dict(vocab_size=OFFSET + 64, width=32, depth=1, num_heads=2, mlp_dim=64),
+                        tokenizer=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, codebook_size=64,
+                                       latent_tokens=3, image_size=16),
+                        image_token_offset=OFFSET, boi_id=BOI, eoi_id=EOI)
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+  text = jnp.array([[3, 10, 11, 1], [3, 20, 1, 0]])
+  params = model.init(jax.random.key(1), images, text)["params"]
+  assert model.code_grid((16, 16)) == (1, 3)
+  tokens, _ = model.apply({"params": params}, images, text, method=model.sequences)
+  np.testing.assert_array_equal(tokens[1, :6], [3, BOI, *np.asarray(tokens[1, 2:5]), EOI])
+  assert bool(model.is_image_token(tokens[1, 2:5]).all())
+  ids, pixels = generate_images(model, params, text, model.code_grid((16, 16)))
+  assert ids.shape == (2, 3) and pixels.shape == (2, 16, 16, 3)
+
+
 def test_objective_trains_the_decoder_not_the_tokenizer(setup):
   model, params, images, text = setup
   objective = build_objective("early_fusion", dict(image_first_prob=0.5))
@@ -117,7 +138,7 @@ def test_config_errors():
 
 
 @pytest.mark.slow
-def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir):  # noqa: F811
+def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir, monkeypatch, capsys):  # noqa: F811
   """A lighter demo: the tokenizer from its own short run, the decoder from scratch; both loss terms
   fall and the captioning and text-to-image evaluations run from the trainer (caption quality and
   judged images need the full demo's 2000 steps: README)."""
@@ -151,6 +172,18 @@ def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir):  # noqa:
   # The tokenizer is the loaded one and stayed frozen.
   np.testing.assert_array_equal(checkpoint.load_params(tmp_path / "ef")["tokenizer"]["codebook"],
                                 checkpoint.load_params(vq)["codebook"])
+  # experiments/t2i_probe.py on the run: one JSON line per image set.
+  import importlib.util
+  script = Path(__file__).resolve().parents[1] / "experiments" / "t2i_probe.py"
+  spec = importlib.util.spec_from_file_location("t2i_probe", script)
+  probe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(probe)
+  monkeypatch.setattr(sys, "argv", ["t2i_probe", f"--workdir={tmp_path / 'ef'}", "--train_examples=64", "--steps=2",
+                                    "--test_examples=16"])
+  probe.main()
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"images"')]
+  assert [r["images"] for r in rows] == ["real", "reconstructed", "generated"]
+  assert all(0.0 <= r["both"] <= min(r["colour"], r["shape"]) for r in rows)
 
 
 def test_text_to_image_names_a_missing_judge(setup):

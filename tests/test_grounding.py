@@ -190,10 +190,11 @@ def test_region_qa_masks_the_asked_box_in_the_contrast_image(grounding_workdir, 
   config = load_workdir_config(wd)
   model, mesh, params = load_model_and_params(config, wd)
   ev = RegionQA(config=config, model=model, mesh=mesh, prefix="r", max_examples=8, max_new_tokens=2)
-  seen = {}
+  seen, calls = {}, []
   real = ev.answers
 
   def spy(params, images, prompt, mask, contrast_images=None, **kw):
+    calls.append(contrast_images is not None)
     if contrast_images is not None:
       seen["images"], seen["masked"] = images, contrast_images
     return real(params, images, prompt, mask, contrast_images=contrast_images, **kw)
@@ -206,6 +207,9 @@ def test_region_qa_masks_the_asked_box_in_the_contrast_image(grounding_workdir, 
   inside = changed[0, int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))]
   assert changed[0].sum() == inside.sum() and inside.mean() > 0.5  # only (and most of) the box
   np.testing.assert_allclose(seen["masked"][0][changed[0]], -1.0)  # black after value_range(-1, 1)
+  # Another CRG setting decodes the CRG stream only (what experiments/crg_sweep.py relies on).
+  out = ev.crg_scores(params, 2.0, 0.1)
+  assert calls == [False, True, True] and set(out) >= {"r/accuracy_crg", "r/accuracy_crg_main"}
 
 
 def test_crg_sweep_script_prints_plain_and_each_setting(grounding_workdir):

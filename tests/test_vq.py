@@ -90,6 +90,32 @@ def test_shapes_and_errors():
   assert out.shape == (3, 16, 16, 3)
 
 
+def test_latent_tokens_one_dimensional_codes():
+  """TiTok mode: K codes per image read from learned latent tokens, not one per patch."""
+  model = VQTokenizer(**TINY, latent_tokens=5, image_size=16)
+  x = _images((2, 16, 16, 3))
+  params = _init(model, x)
+  assert params["latents"].shape == (5, 32) and params["mask_token"].shape == (1, 32)
+  assert model.code_grid((16, 16)) == (1, 5) and VQTokenizer(**TINY).code_grid((16, 24)) == (2, 3)
+  assert VQTokenizer(**vq_tokenizer.get_config("demo_1d").model).code_grid((32, 32)) == (1, 16)
+  recon, aux = model.apply({"params": params}, x)
+  codes = model.apply({"params": params}, x, method=VQTokenizer.encode)
+  assert recon.shape == x.shape and codes.shape == (2, 1, 5)
+  np.testing.assert_array_equal(np.asarray(aux["codes"]), np.asarray(codes))
+  np.testing.assert_allclose(np.asarray(recon), np.asarray(
+      model.apply({"params": params}, codes, method=VQTokenizer.decode)), atol=1e-5)
+  # Every latent code sees the whole image: a change in one corner patch reaches each latent.
+  z = model.apply({"params": params}, x, method=VQTokenizer.embed)
+  z2 = model.apply({"params": params}, x.at[:, :8, :8].set(0.0), method=VQTokenizer.embed)
+  assert float(jnp.abs(z - z2).max(axis=-1).min()) > 0
+  grads = jax.grad(lambda p: jnp.mean(jnp.square(model.apply({"params": p}, x, train=True)[0] - x)))(params)
+  assert float(jnp.abs(grads["latents"]).max()) > 0 and float(jnp.abs(grads["mask_token"]).max()) > 0
+  with pytest.raises(ValueError, match="image_size"):
+    _init(VQTokenizer(**TINY, latent_tokens=5), x)
+  with pytest.raises(ValueError, match=r"image_size=16.*\(24, 24\)"):
+    model.apply({"params": params}, _images((1, 24, 24, 3)), method=VQTokenizer.encode)
+
+
 def test_objective_metrics():
   model = VQTokenizer(**TINY)
   x = _images((4, 16, 16, 3))

@@ -7,6 +7,8 @@ the question; greedy answers), and report the main objects and the small corner 
 apart as well (`_main`, `_distractor`).
 """
 
+from typing import Any
+
 import ml_collections
 import numpy as np
 
@@ -102,34 +104,49 @@ class RegionQA(_Objects):
     self.crg_alpha = float(crg_alpha)
     self.crg_plausibility = float(crg_plausibility)
     self.last_answers_crg: list[str] = []
+    self._questions: dict[str, Any] | None = None
 
   def black(self) -> np.ndarray:
     """A black pixel after data.pp_eval (e.g. -1 for value_range(-1, 1))."""
     return eval_images([np.zeros((64, 64, 3), np.uint8)], self.config.data.pp_eval)[0, 0, 0]
 
+  def questions(self) -> dict[str, Any]:
+    """Two questions (colour, shape) per named object: images [Q, H, W, 3], prompt / mask, the
+    reference answers, whether each asks about a main object, and the asked box in pixels."""
+    if self._questions is None:
+      arrays, _ = self.data()
+      questions, refs, main, rows, boxes = [], [], [], [], []
+      for i, k, phrase, box, pixels in self.objects():
+        colour, shape = phrase.split()[1:3]
+        for kind, ref in (("colour", colour), ("shape", shape)):
+          questions.append(f"what {kind} is the object in {grounding.box_text(box)}?")
+          refs.append(ref), main.append(k == 0), rows.append(i), boxes.append(pixels)
+      prompt, mask = self.prompts(questions)
+      self._questions = dict(images=arrays["image"][rows], prompt=prompt, mask=mask, refs=refs,
+                             main=np.asarray(main), boxes=boxes)
+    return self._questions
+
+  def _score(self, answers: list[str], key: str) -> dict[str, float]:
+    q = self.questions()
+    hits = np.asarray([normalize_answer(a) == r for a, r in zip(answers, q["refs"])])
+    return self._split_scores(f"{self.prefix}/{key}", hits, q["main"])
+
+  def crg_scores(self, params, alpha: float, plausibility: float) -> dict[str, float]:
+    """/accuracy_crg (and _main / _distractor) with CRG at (alpha, plausibility)."""
+    q = self.questions()
+    masked = q["images"].copy()
+    black = self.black()
+    for j, (x1, y1, x2, y2) in enumerate(q["boxes"]):
+      masked[j, int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = black
+    self.last_answers_crg = self.answers(params, q["images"], q["prompt"], q["mask"], contrast_images=masked,
+                                         crg_alpha=alpha, crg_plausibility=plausibility)
+    return self._score(self.last_answers_crg, "accuracy_crg")
+
   def __call__(self, params) -> dict[str, float]:
-    arrays, _ = self.data()
-    objs = self.objects()
-    questions, refs, main, rows, boxes = [], [], [], [], []
-    for i, k, phrase, box, pixels in objs:
-      colour, shape = phrase.split()[1:3]
-      for kind, ref in (("colour", colour), ("shape", shape)):
-        questions.append(f"what {kind} is the object in {grounding.box_text(box)}?")
-        refs.append(ref), main.append(k == 0), rows.append(i), boxes.append(pixels)
-    prompt, mask = self.prompts(questions)
-    images = arrays["image"][rows]
-    self.last_answers = self.answers(params, images, prompt, mask)
-    main = np.asarray(main)
-    hits = np.asarray([normalize_answer(a) == r for a, r in zip(self.last_answers, refs)])
-    out = self._split_scores(f"{self.prefix}/accuracy", hits, main)
+    q = self.questions()
+    self.last_answers = self.answers(params, q["images"], q["prompt"], q["mask"])
+    out = self._score(self.last_answers, "accuracy")
     if self.crg_alpha > 0:
-      masked = images.copy()
-      black = self.black()
-      for j, (x1, y1, x2, y2) in enumerate(boxes):
-        masked[j, int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = black
-      self.last_answers_crg = self.answers(params, images, prompt, mask, contrast_images=masked,
-                                           crg_alpha=self.crg_alpha, crg_plausibility=self.crg_plausibility)
-      hits = np.asarray([normalize_answer(a) == r for a, r in zip(self.last_answers_crg, refs)])
-      out.update(self._split_scores(f"{self.prefix}/accuracy_crg", hits, main))
+      out.update(self.crg_scores(params, self.crg_alpha, self.crg_plausibility))
     return out
 

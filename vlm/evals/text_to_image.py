@@ -54,10 +54,6 @@ class TextToImage(SplitData):
     self._judge_real = None
     self.last_images: np.ndarray | None = None
 
-  def _grid(self, images: np.ndarray) -> tuple[int, int]:
-    p = self.model.patch_size
-    return images.shape[1] // p, images.shape[2] // p
-
   def _fns(self, grid):
     if self._generate is None:
       rng = jax.random.key(self.seed) if self.method == "sample" else None
@@ -81,7 +77,7 @@ class TextToImage(SplitData):
 
   def __call__(self, params) -> dict[str, float]:
     arrays = self.data()[0]
-    generate, recon = self._fns(self._grid(arrays["image"]))
+    generate, recon = self._fns(self.model.code_grid(arrays["image"].shape[1:3]))
     generated = batched_apply(generate, params, arrays["text"], self.mesh, self.batch_size)
     self.last_images = generated
     names = list(self.judge.data()[1]["class_names"])

@@ -12,9 +12,9 @@ Sequences built from an (image, caption) pair, each row in one of two orders:
   image first: [BOS, BOI, c_1 ... c_N, EOI, caption ..., EOS, PAD ...]
   text first:  [BOS, caption ..., BOI, c_1 ... c_N, EOI, EOS, PAD ...]
 
-with N = (H / patch) * (W / patch) codes per image. The tokenizer is trained separately
-(configs/vq_tokenizer.py) and frozen here: its codes are stop-gradient'ed and configs freeze
-its parameters.
+with N = (H / patch) * (W / patch) codes per image (K for a 1-D tokenizer: VQTokenizer's
+latent_tokens). The tokenizer is trained separately (configs/vq_tokenizer.py) and frozen here:
+its codes are stop-gradient'ed and configs freeze its parameters.
 """
 
 from typing import Any
@@ -82,9 +82,10 @@ class EarlyFusionLM(nn.Module):
   def codebook_size(self) -> int:
     return self.tokenizer.get("codebook_size", VQTokenizer.codebook_size)
 
-  @property
-  def patch_size(self) -> int:
-    return self.tokenizer.get("patch_size", VQTokenizer.patch_size)
+  def code_grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The tokenizer's code grid for images of size image_hw: (H / p, W / p), or (1, K) for a 1-D
+    (latent-token) tokenizer; usable on an unbound module."""
+    return VQTokenizer(**self.tokenizer, parent=None).code_grid(image_hw)
 
   # ------------------------------------------------------------------------ images <-> tokens
 

@@ -57,7 +57,8 @@ class _Tower(nn.Module):
 
 
 class VQTokenizer(nn.Module):
-  """Images [B, H, W, 3] in [-1, 1] <-> codes int32 [B, H/patch_size, W/patch_size].
+  """Images [B, H, W, 3] in [-1, 1] <-> codes int32 [B, H/patch_size, W/patch_size] (or [B, 1, K] with
+  latent_tokens = K: a 1-D tokenizer, TiTok).
 
   Methods (each usable as `model.apply({'params': p}, x, method=VQTokenizer.<name>)`):
     encode(images) -> codes [B, gh, gw] int32
@@ -70,7 +71,7 @@ class VQTokenizer(nn.Module):
     embed(images) -> unit latents z [B, gh, gw, code_dim]; lookup(codes) -> unit code vectors.
   __call__ creates every parameter. The learned position grids are sized by the first input
   (init) and fixed afterwards. Parameters: 'embedding' (patches), 'encoder', 'codebook'
-  [codebook_size, code_dim], 'decoder_in', 'decoder'.
+  [codebook_size, code_dim], 'decoder_in', 'decoder' (and 'latents', 'mask_token' with latent_tokens).
   """
 
   width: int
@@ -80,6 +81,12 @@ class VQTokenizer(nn.Module):
   patch_size: int = 8
   codebook_size: int = 8192
   code_dim: int = 32
+  # TiTok (Yu et al. 2024, "An Image is Worth 32 Tokens for Reconstruction and Generation", sec. 3.2):
+  # latent_tokens = K > 0 quantises K learned latent tokens read out of the encoder instead of one code
+  # per patch; the decoder fills (image_size / patch_size)^2 mask tokens from them. Codes are then a
+  # 1-D sequence, [B, 1, K], not tied to image positions. image_size is required with it.
+  latent_tokens: int = 0
+  image_size: int | None = None
   norm_eps: float = 1e-6
   dtype: Any = None
 
@@ -95,6 +102,19 @@ class VQTokenizer(nn.Module):
         (self.codebook_size, self.code_dim))
     self.decoder_in = dense(self.width, ("proj", "embed"), use_bias=True, dtype=self.dtype, name=None)
     self.decoder = _Tower(out_dim=p * p * 3, **tower)
+    if self.latent_tokens:
+      if not self.image_size or self.image_size % p:
+        raise ValueError(f"VQTokenizer(latent_tokens={self.latent_tokens}) needs image_size divisible by "
+                         f"patch_size={p}, got image_size={self.image_size}")
+      init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
+      self.latents = self.param("latents", init, (self.latent_tokens, self.width))
+      self.mask_token = self.param("mask_token", init, (1, self.width))
+
+  def code_grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """Shape of the code grid of images of size image_hw: (H / p, W / p), or (1, K) with latent tokens."""
+    if self.latent_tokens:
+      return 1, self.latent_tokens
+    return image_hw[0] // self.patch_size, image_hw[1] // self.patch_size
 
   def _check(self, images: jax.Array) -> None:
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -107,6 +127,13 @@ class VQTokenizer(nn.Module):
     """l2-normalised low-dimensional latents z [B, gh, gw, code_dim] (float32) of images."""
     self._check(images)
     x = self.embedding(jnp.asarray(images, self.dtype or jnp.float32))
+    if self.latent_tokens:  # [patches; latents] through the encoder, the latents' outputs kept
+      b, gh, gw, d = x.shape
+      if (gh * self.patch_size, gw * self.patch_size) != (self.image_size,) * 2:
+        raise ValueError(f"VQTokenizer(image_size={self.image_size}) got images of size {images.shape[1:3]}")
+      lat = jnp.broadcast_to(self.latents.astype(x.dtype), (b, self.latent_tokens, d))
+      x = jnp.concatenate([x.reshape(b, gh * gw, d), lat], axis=1)[:, None]
+      return l2_normalize(self.encoder(x)[:, :, gh * gw:].astype(jnp.float32))
     return l2_normalize(self.encoder(x).astype(jnp.float32))
 
   def normalized_codebook(self) -> jax.Array:
@@ -130,10 +157,18 @@ class VQTokenizer(nn.Module):
     return jnp.take(self.normalized_codebook(), codes, axis=0)
 
   def render(self, q: jax.Array) -> jax.Array:
-    """Code vectors [B, gh, gw, code_dim] -> images [B, gh * p, gw * p, 3]."""
-    x = self.decoder(self.decoder_in(q.astype(self.dtype or jnp.float32)))
-    b, gh, gw, _ = x.shape
+    """Code vectors [B, gh, gw, code_dim] -> images [B, gh * p, gw * p, 3] (with latent tokens: [B, 1,
+    K, code_dim] -> [B, image_size, image_size, 3])."""
+    x = self.decoder_in(q.astype(self.dtype or jnp.float32))
     p = self.patch_size
+    if self.latent_tokens:  # [mask tokens; latents] through the decoder, the mask tokens' outputs kept
+      b, g = x.shape[0], self.image_size // p
+      masks = jnp.broadcast_to(self.mask_token.astype(x.dtype), (b, g * g, x.shape[-1]))
+      x = jnp.concatenate([masks, x.reshape(b, -1, x.shape[-1])], axis=1)[:, None]
+      x = self.decoder(x)[:, 0, :g * g].reshape(b, g, g, -1)
+    else:
+      x = self.decoder(x)
+    b, gh, gw, _ = x.shape
     x = x.reshape(b, gh, gw, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, gh * p, gw * p, 3).astype(jnp.float32)
 

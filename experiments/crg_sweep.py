@@ -52,5 +52,6 @@ def main() -> None:
   for a, b in settings:  # the questions and prompts are built once; only CRG decoding runs again
     print(json.dumps(dict(setting=f"crg a={a:g} plausibility={b:g}", **short(ev.crg_scores(params, a, b)))), flush=True)
 
+
 if __name__ == "__main__":
   main()

@@ -74,8 +74,8 @@ def main() -> None:
   test, _ = load_split_numpy(config, "test", max_examples=args.test_examples)
   grid = model.code_grid(test["image"].shape[1:3])
   rules = config.get("rules", parallel.DEFAULT_RULES)
-  recon_fn = jit_on_mesh(lambda p, x: model.apply({"params": p}, model.apply(
-      {"params": p}, x, method=model.image_tokens), grid, method=model.decode_image), mesh, rules)
+  recon_fn = jit_on_mesh(lambda p, x: model.apply({"params": p}, x, method=model.reconstruct), mesh, rules)
+
   def recon(x):
     return np.clip(batched_apply(recon_fn, params, x, mesh, 256), -1, 1)
 

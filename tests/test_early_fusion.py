@@ -141,7 +141,7 @@ def test_config_errors():
 def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir, monkeypatch, capsys):  # noqa: F811
   """A lighter demo: the tokenizer from its own short run, the decoder from scratch; both loss terms
   fall and the captioning and text-to-image evaluations run from the trainer (caption quality and
-  judged images need the full demo's 2000 steps: README)."""
+  judged images need the full demo's 5000 steps: README)."""
   vq = tmp_path / "vq"
   c = vq_tokenizer.get_config("demo")
   c.data.data_dir = str(data_dir)

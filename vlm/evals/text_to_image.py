@@ -61,9 +61,8 @@ class TextToImage(SplitData):
           self.model, p, t, grid, method=self.method, rng=rng, guidance=self.guidance, **self.decode_kw)[1],
           self.mesh, self.rules)
       model = self.model
-      self._recon = jit_on_mesh(lambda p, x: model.apply(
-          {"params": p}, model.apply({"params": p}, x, method=model.image_tokens), grid,
-          method=model.decode_image), self.mesh, self.rules)
+      self._recon = jit_on_mesh(lambda p, x: model.apply({"params": p}, x, method=model.reconstruct),
+                                self.mesh, self.rules)
     return self._generate, self._recon
 
   def judge_labels(self, images: np.ndarray) -> np.ndarray:

@@ -99,6 +99,10 @@ class EarlyFusionLM(nn.Module):
     codes = jnp.clip(ids - self.image_token_offset, 0, self.codebook_size - 1)
     return self.vq.decode(codes.reshape(ids.shape[0], *grid))
 
+  def reconstruct(self, images: jax.Array) -> jax.Array:
+    """Images [B, H, W, 3] -> what their image tokens render to, [B, H, W, 3] (the tokens' ceiling)."""
+    return self.vq.decode(self.vq.encode(images))
+
   def is_image_token(self, ids: jax.Array) -> jax.Array:
     """Whether ids are image codes (usable on an unbound module)."""
     return (ids >= self.image_token_offset) & (ids < self.image_token_offset + self.codebook_size)

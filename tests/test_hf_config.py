@@ -78,3 +78,24 @@ def test_missing_key_and_bad_value_name_the_file(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "clip",\n "x": }')
   with pytest.raises(ConfigError, match=r"config.json:2: not valid JSON"):
     read_config(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", sorted(hf_config.DEFAULTS))
+def test_every_derived_default_is_declared(model_type):
+  """Changing one numeric field of a transformers config class changes no other field of vlm's table,
+  unless vlm marks that field DERIVED (computed from the others when absent, as transformers does)."""
+  cls = transformers.CONFIG_MAPPING[model_type]
+  table = hf_config.DEFAULTS[model_type]
+  base = cls().to_dict()
+  for key, value in table.items():
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value is DERIVED:
+      continue
+    try:
+      changed = cls(**{key: value * 2 if value else 3}).to_dict()
+    except Exception:  # a field the class validates (e.g. a range): not a size other fields follow
+      continue
+    moved = [k for k in table if k != key and changed.get(k) != base.get(k) and table[k] is not DERIVED]
+    assert not moved, f"{model_type}: {key} changes {moved}, which vlm's table does not mark DERIVED"
+    for k in table:
+      if table[k] is DERIVED and changed.get(k) != base.get(k):  # and vlm derives it the same way
+        assert hf_config.from_dict(dict(model_type=model_type, **{key: changed[key]}))[k] == changed[k], k

@@ -7,7 +7,6 @@ directory that `transformers.{CLIP,Siglip}Model.from_pretrained` loads. One tabl
 (HF key, our path, layout) per architecture serves both directions.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from vlm.convert.hf_config import HFConfig, from_dict, read_config
 from vlm.convert.safetensors_io import load_safetensors_dir, save_safetensors_dir
 
 ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -151,44 +151,78 @@ def _fuse_in_proj(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.n
   return out
 
 
-def _tower_kwargs(c: dict) -> dict[str, Any]:
-  act = c.get("hidden_act", "gelu")
-  if act not in ACT_FROM_HF:
-    raise ValueError(f"config.json: hidden_act {act!r} is not supported; known: {sorted(ACT_FROM_HF)}")
+def _tower_kwargs(c: HFConfig) -> dict[str, Any]:
+  """Encoder kwargs (width, depth, MLP, heads, activation, eps) of an HF CLIP / SigLIP tower config."""
+  if not isinstance(c, HFConfig):
+    raise TypeError(f"_tower_kwargs needs an HFConfig (vlm.convert.hf_config.read_config), got {type(c).__name__}")
   return dict(width=c["hidden_size"], depth=c["num_hidden_layers"], mlp_dim=c["intermediate_size"],
-              num_heads=c["num_attention_heads"], mlp_act=ACT_FROM_HF[act], norm_eps=c.get("layer_norm_eps", 1e-5))
+              num_heads=c["num_attention_heads"], mlp_act=c.choice("hidden_act", ACT_FROM_HF),
+              norm_eps=float(c["layer_norm_eps"]))
 
 
-def model_kwargs_from_hf(config: dict) -> dict[str, Any]:
-  """Our TwoTower kwargs for an HF CLIP or SigLIP config.json."""
-  mt = config.get("model_type")
+def _image_size(c: HFConfig, key: str) -> int:
+  """A square image_size / patch_size (an int, or a [h, w] pair with h == w)."""
+  v = c[key]
+  if isinstance(v, (list, tuple)):
+    if len(v) != 2 or v[0] != v[1]:
+      raise c.error(key, "only square sizes are supported")
+    v = v[0]
+  if not isinstance(v, int) or v <= 0:
+    raise c.error(key, "expected a positive integer")
+  return v
+
+
+def vision_kwargs_from_hf(vc: HFConfig) -> dict[str, Any]:
+  """ViT kwargs shared by every CLIP / SigLIP image tower (patch grid, learned position embeddings)."""
+  size, patch = _image_size(vc, "image_size"), _image_size(vc, "patch_size")
+  if size % patch:
+    raise vc.error("image_size", f"not a multiple of patch_size {patch}")
+  grid = size // patch
+  return dict(_tower_kwargs(vc), patch_size=patch, posemb="learn", posemb_grid=(grid, grid))
+
+
+def model_kwargs_from_hf(config: HFConfig | dict) -> dict[str, Any]:
+  """Our TwoTower kwargs for an HF CLIP or SigLIP config.json (transformers' defaults for absent keys)."""
+  if not isinstance(config, HFConfig):
+    config = from_dict(config)
+  mt = config.model_type
+  if mt not in ("clip", "siglip"):
+    raise config.error("model_type", "not a two-tower model; known: 'clip', 'siglip'")
   vc, tc = config["vision_config"], config["text_config"]
-  grid = vc["image_size"] // vc["patch_size"]
-  image = dict(_tower_kwargs(vc), patch_size=vc["patch_size"], posemb="learn", posemb_grid=(grid, grid))
+  image = vision_kwargs_from_hf(vc)
   text = dict(_tower_kwargs(tc), vocab_size=tc["vocab_size"], max_len=tc["max_position_embeddings"])
   if mt == "clip":
-    eos = tc.get("eos_token_id", 2)
+    # CLIPTextTransformer: eos_token_id 2 is the legacy configuration (pool at the largest id), any other
+    # value pools at the first occurrence of that id.
+    eos = tc["eos_token_id"]
+    if not isinstance(eos, int):
+      raise tc.error("eos_token_id", "CLIP pools at one EOS id; expected an integer")
+    pad = tc["pad_token_id"]
     image.update(class_token=True, pool_type="cls", pre_norm=True, patch_bias=False,
-                 out_dim=config.get("projection_dim", 512), head_bias=False)
+                 out_dim=config["projection_dim"], head_bias=False)
     text.update(causal=True, pool_type="argmax" if eos == 2 else "eos", eos_id=eos,
-                pad_id=tc.get("pad_token_id", 1) or 0, out_dim=config.get("projection_dim", 512), head_bias=False)
-    return dict(image=image, text=text, temperature_init=config.get("logit_scale_init_value", 2.6592),
-                bias_init=None, max_scale=100.0)
-  if mt == "siglip":
-    image.update(class_token=False, pool_type="map" if vc.get("vision_use_head", True) else "none")
-    text.update(causal=False, pool_type="last", out_dim=tc.get("projection_size") or tc["hidden_size"],
-                head_bias=True)
-    return dict(image=image, text=text, temperature_init=float(np.log(10.0)), bias_init=-10.0)
-  raise ValueError(f"config.json: model_type {mt!r} is not supported; known: 'clip', 'siglip'")
+                pad_id=pad if isinstance(pad, int) else 0, out_dim=config["projection_dim"], head_bias=False)
+    # What the checkpoint holds is imported as is: CLIPModel.forward applies exp(logit_scale) with no
+    # clamp (training recipes keep the 100 clamp as their own model.max_scale).
+    return dict(image=image, text=text, temperature_init=float(config["logit_scale_init_value"]),
+                bias_init=None, max_scale=None)
+  image.update(class_token=False, pool_type="map" if vc["vision_use_head"] else "none")
+  text.update(causal=False, pool_type="last", out_dim=tc["projection_size"], head_bias=True)
+  return dict(image=image, text=text, temperature_init=float(np.log(10.0)), bias_init=-10.0)
 
 
-def _table(config: dict):
-  mt = config["model_type"]
-  fn = {"clip": _clip_table, "siglip": _siglip_table}[mt]
+def _table(config: HFConfig):
+  fn = {"clip": _clip_table, "siglip": _siglip_table}[config.model_type]
   return fn(config["vision_config"], config["text_config"])
 
 
-def _heads(config: dict, tower: str) -> int:
+def _check_channels(vc: HFConfig, patch_kernel: np.ndarray) -> None:
+  """The patch embedding's input channels ([D, C, p, p]) must be vision_config.num_channels."""
+  if patch_kernel.shape[1] != vc["num_channels"]:
+    raise vc.error("num_channels", f"the patch embedding has {patch_kernel.shape[1]} input channels")
+
+
+def _heads(config: HFConfig, tower: str) -> int:
   if tower == "none":
     return 1
   return config["vision_config" if tower == "image" else "text_config"]["num_attention_heads"]
@@ -202,28 +236,28 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   (vlm.convert.idefics).
   Raises listing missing/unused tensors."""
   path = Path(path)
-  config = json.loads((path / "config.json").read_text())
-  if config.get("model_type") == "flava":
+  config = read_config(path)
+  if config.model_type == "flava":
     from vlm.convert.flava import import_hf_flava
     return import_hf_flava(path, scan=scan)
-  if config.get("model_type") in ("llama", "qwen2", "gemma"):
+  if config.model_type in ("llama", "qwen2", "gemma"):
     from vlm.convert.llm import import_hf_llm
     return import_hf_llm(path, scan=scan)
-  if config.get("model_type") in ("llava", "llava_next"):
+  if config.model_type in ("llava", "llava_next"):
     from vlm.convert.llava import import_hf_llava
     return import_hf_llava(path, scan=scan)
-  if config.get("model_type") == "idefics":  # Flamingo-style; the <image> id is the tokenizer's
+  if config.model_type == "idefics":  # Flamingo-style; the <image> id is the tokenizer's
     from vlm.convert.idefics import import_hf_idefics
     if scan:
       raise NotImplementedError("Flamingo's LM has no scanned layout; import IDEFICS with scan=False")
     return import_hf_idefics(path)
-  if config.get("model_type") == "blip-2":
+  if config.model_type == "blip-2":
     from vlm.convert.blip2 import import_hf_blip2
     return import_hf_blip2(path, scan=scan)
-  if config.get("model_type") == "fuyu":
+  if config.model_type == "fuyu":
     from vlm.convert.fuyu import import_hf_fuyu
     return import_hf_fuyu(path, scan=scan)
-  if config.get("model_type") == "chameleon":  # the text decoder only (the VQ-VAE is not imported)
+  if config.model_type == "chameleon":  # the text decoder only (the VQ-VAE is not imported)
     from vlm.convert.chameleon import import_hf_chameleon
     return import_hf_chameleon(path, scan=scan)
   kwargs = model_kwargs_from_hf(config)
@@ -231,7 +265,8 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   table = _table(config)
   missing = [hf for hf, *_ in table if hf not in tensors]
   if missing:
-    raise ValueError(f"{path}: tensors expected for {config['model_type']} but absent: {missing[:20]}")
+    raise ValueError(f"{path}: tensors expected for {config.model_type} but absent: {missing[:20]}")
+  _check_channels(config["vision_config"], tensors["vision_model.embeddings.patch_embedding.weight"])
   flat = {}
   for hf, ours, kind, tower in table:
     flat[tuple(ours.split("/"))] = np.asarray(_fwd(kind, tensors[hf], _heads(config, tower)), np.float32)
@@ -286,45 +321,76 @@ def _tree_index(tree: dict, i: int) -> dict:
   return traverse_util.unflatten_dict({k: np.asarray(v)[i] for k, v in traverse_util.flatten_dict(tree).items()})
 
 
-def hf_config_from_kwargs(kwargs: dict[str, Any], model_type: str) -> dict[str, Any]:
-  """An HF config.json for our TwoTower kwargs (the layouts that import_hf produces)."""
-  im, tx = kwargs["image"], kwargs["text"]
-  from vlm.models.vit import ViT
+# What HF's CLIPModel / SiglipModel compute, as our module fields: export refuses anything else by name.
+_EXPORT_LAYOUT = {
+    "clip": dict(image=dict(class_token=True, pool_type=("cls",), pre_norm=True, patch_bias=False, head_bias=False,
+                            posemb="learn", extra_tokens=0),
+                 text=dict(causal=True, pool_type=("argmax", "eos"), head_bias=False, embed_norm=False,
+                           final_norm=True)),
+    "siglip": dict(image=dict(class_token=False, pool_type=("map", "none"), pre_norm=False, patch_bias=True,
+                              posemb="learn", extra_tokens=0, out_dim=None),
+                   text=dict(causal=False, pool_type=("last",), head_bias=True, embed_norm=False, final_norm=True)),
+}
+
+
+def hf_config_from_kwargs(kwargs: dict[str, Any], model_type: str, num_channels: int = 3) -> dict[str, Any]:
+  """An HF config.json for our TwoTower kwargs: every architecture field written from the model
+  (our module's own defaults for fields the kwargs leave out), so nothing rests on transformers'."""
   from vlm.models.text import TextTransformer
-  idims = ViT(**im).dims()
-  tdims = TextTransformer(**tx).dims()
-  grid = im.get("posemb_grid")
-  if grid is None:
-    raise ValueError("export needs model.image.posemb_grid (the learned position grid) to write image_size")
+  from vlm.models.vit import ViT
+  if model_type not in _EXPORT_LAYOUT:
+    raise ValueError(f"export: model_type must be 'clip' or 'siglip', got {model_type!r}")
+  vit, txt = ViT(**kwargs["image"]), TextTransformer(**kwargs["text"])
+  for tower, module in (("image", vit), ("text", txt)):
+    for field, want in _EXPORT_LAYOUT[model_type][tower].items():
+      have = getattr(module, field)
+      if have not in (want if isinstance(want, tuple) else (want,)):
+        raise ValueError(f"export: model.{tower}.{field}={have!r} has no {model_type} HF equivalent (needs {want!r})")
+    if module.mlp_act not in ACT_TO_HF:
+      raise ValueError(f"export: model.{tower}.mlp_act={module.mlp_act!r}; HF activations known: {sorted(ACT_TO_HF)}")
+  idims, tdims = vit.dims(), txt.dims()
+  if vit.posemb_grid is None or vit.posemb_grid[0] != vit.posemb_grid[1]:
+    raise ValueError(f"export: model.image.posemb_grid={vit.posemb_grid!r}; HF needs a square learned grid")
+  ph, pw = idims["patch_size"]
+  if ph != pw:
+    raise ValueError(f"export: model.image.patch_size={idims['patch_size']}; HF needs square patches")
 
-  def tower(d, kw):
+  def tower(d, module):
     return dict(hidden_size=d["width"], num_hidden_layers=d["depth"], intermediate_size=d["mlp_dim"],
-                num_attention_heads=d["num_heads"], hidden_act=ACT_TO_HF[kw.get("mlp_act", "gelu")],
-                layer_norm_eps=kw.get("norm_eps", 1e-6))
+                num_attention_heads=d["num_heads"], hidden_act=ACT_TO_HF[module.mlp_act],
+                layer_norm_eps=float(module.norm_eps))
 
-  p = idims["patch_size"][0]
-  vc = dict(tower(idims, im), image_size=grid[0] * p, patch_size=p, num_channels=3)
-  tc = dict(tower(tdims, tx), vocab_size=tx["vocab_size"], max_position_embeddings=tx.get("max_len", 64))
+  vc = dict(tower(idims, vit), model_type=f"{model_type}_vision_model", image_size=vit.posemb_grid[0] * ph,
+            patch_size=ph, num_channels=int(num_channels))
+  tc = dict(tower(tdims, txt), model_type=f"{model_type}_text_model", vocab_size=txt.vocab_size,
+            max_position_embeddings=txt.max_len, pad_token_id=txt.pad_id)
   if model_type == "clip":
-    tc.update(eos_token_id=tx.get("eos_id") if tx.get("pool_type") == "eos" else 2, pad_token_id=tx.get("pad_id", 1),
-              bos_token_id=0, projection_dim=im["out_dim"])
-    vc.update(projection_dim=im["out_dim"])
-    return dict(model_type="clip", architectures=["CLIPModel"], projection_dim=im["out_dim"],
-                logit_scale_init_value=kwargs.get("temperature_init", 2.6592), vision_config=vc, text_config=tc)
-  if model_type == "siglip":
-    vc.update(vision_use_head=im.get("pool_type") == "map")
-    tc.update(projection_size=tx.get("out_dim") or tdims["width"])
-    return dict(model_type="siglip", architectures=["SiglipModel"], vision_config=vc, text_config=tc)
-  raise ValueError(f"export: model_type must be 'clip' or 'siglip', got {model_type!r}")
+    if vit.out_dim is None or vit.out_dim != txt.out_dim:
+      raise ValueError(f"export: CLIP needs model.image.out_dim == model.text.out_dim (got {vit.out_dim}, "
+                       f"{txt.out_dim})")
+    if txt.pool_type == "eos" and txt.eos_id == 2:
+      raise ValueError("export: model.text.eos_id=2 means legacy argmax pooling to CLIPTextTransformer; "
+                       "an 'eos'-pooled tower needs another EOS id")
+    tc.update(eos_token_id=txt.eos_id if txt.pool_type == "eos" else 2, bos_token_id=0, projection_dim=vit.out_dim)
+    vc.update(projection_dim=vit.out_dim)
+    return dict(model_type="clip", architectures=["CLIPModel"], projection_dim=vit.out_dim,
+                logit_scale_init_value=float(kwargs.get("temperature_init", 2.6592)), vision_config=vc,
+                text_config=tc)
+  vc.update(vision_use_head=vit.pool_type == "map")
+  tc.update(projection_size=txt.out_dim or tdims["width"])
+  return dict(model_type="siglip", architectures=["SiglipModel"], vision_config=vc, text_config=tc)
 
 
 def export_hf(kwargs: dict[str, Any], params: dict, path: str | Path, model_type: str) -> None:
-  """Writes our TwoTower params as an HF directory (config.json + model.safetensors)."""
-  config = hf_config_from_kwargs(kwargs, model_type)
+  """Writes our TwoTower params as an HF directory (config.json + model.safetensors) that
+  transformers.{CLIP,Siglip}Model.from_pretrained loads. A LoRA model is merged first (vlm.peft.merge_lora)."""
   params = unstack_encoder_blocks(jax.tree.map(np.asarray, params))
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+  if "img/embedding/conv/kernel" not in flat:
+    raise ValueError("export: parameter 'img/embedding/conv/kernel' (the patch embedding) is absent")
+  config = hf_config_from_kwargs(kwargs, model_type, num_channels=flat["img/embedding/conv/kernel"].shape[2])
   tensors = {}
-  for hf, ours, kind, tower in _table(config):
+  for hf, ours, kind, tower in _table(from_dict(config)):
     if ours not in flat:
       raise ValueError(f"export: parameter {ours!r} needed for {hf!r} is absent")
     hf_shape = (1,) if kind == "scalar" and model_type == "siglip" else (() if kind == "scalar" else None)

@@ -99,8 +99,7 @@ class HFConfig(Mapping):
   whether the file itself had the key; `where(key)` is 'FILE: text_config.key' for messages.
   """
 
-  def __init__(self, raw: Mapping[str, Any], model_type: str, file: str = "config.json", prefix: str = "",
-               parent_type: str | None = None):
+  def __init__(self, raw: Mapping[str, Any], model_type: str, file: str = "config.json", prefix: str = ""):
     self.raw, self.model_type, self.file, self.prefix = dict(raw), model_type, file, prefix
     if model_type not in DEFAULTS:
       raise ConfigError(f"{file}: {prefix}model_type {model_type!r} is not one vlm reads; known: "
@@ -119,7 +118,7 @@ class HFConfig(Mapping):
         sub = ABSENT_SUB_CONFIGS.get(model_type, {}).get(key, {"model_type": sub_type})
       elif not isinstance(sub, Mapping):
         raise ConfigError(f"{self.where(key)} = {sub!r}: expected a JSON object")
-      self._subs[key] = HFConfig(sub, sub.get("model_type") or sub_type, file, f"{prefix}{key}.", model_type)
+      self._subs[key] = HFConfig(sub, sub.get("model_type") or sub_type, file, f"{prefix}{key}.")
 
   # Mapping interface ------------------------------------------------------------------------------
   def __getitem__(self, key: str) -> Any:
@@ -186,6 +185,8 @@ def _derive(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
       values[key] = values["hidden_size"] // values["num_attention_heads"]
     elif key == "num_key_value_heads":
       values[key] = values["num_attention_heads"]
+    elif key in ("projection_size", "word_embed_proj_dim"):  # SigLIP text head, OPT: the width
+      values[key] = values["hidden_size"]
     elif key == "layer_types":  # Qwen2: sliding attention from max_window_layers on, if enabled
       window = values.get("use_sliding_window") and values.get("sliding_window") is not None
       values[key] = ["sliding_attention" if window and i >= values["max_window_layers"] else "full_attention"
@@ -285,7 +286,7 @@ _TABLE = {'clip': {'projection_dim': 512, 'logit_scale_init_value': 2.6592},
                        'pad_token_id': 1,
                        'bos_token_id': 49406,
                        'eos_token_id': 49407,
-                       'projection_size': 768},
+                       'projection_size': DERIVED},
  'siglip_vision_model': {'hidden_size': 768,
                          'intermediate_size': 3072,
                          'num_hidden_layers': 12,
@@ -434,7 +435,7 @@ _TABLE = {'clip': {'projection_dim': 512, 'logit_scale_init_value': 2.6592},
          'max_position_embeddings': 2048,
          'do_layer_norm_before': True,
          '_remove_final_layer_norm': False,
-         'word_embed_proj_dim': 768,
+         'word_embed_proj_dim': DERIVED,
          'dropout': 0.1,
          'attention_dropout': 0.0,
          'num_attention_heads': 12,

@@ -78,8 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lr = 1e-4
   c.wd = 0.05
   c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=2000))
-  c.data.pp_train = "decode|random_resized_crop(224, scale=(0.5, 1))|flip_lr|normalize('clip')"
-  c.data.pp_eval = "decode|resize(224)|normalize('clip')"
+  # LAVIS's blip_image_train (RandomResizedCrop(224, scale=(0.5, 1), BICUBIC), horizontal flip); eval =
+  # BlipImageProcessor of Blip2Processor (224 x 224 bicubic, OpenAI CLIP mean/std).
+  c.data.pp_train = "decode|random_resized_crop(224, scale=(0.5, 1), method='bicubic')|flip_lr|normalize('clip')"
+  c.data.pp_eval = "decode|resize(224, method='bicubic')|rescale|normalize('clip')"
   c.data.text_length = 32
   c.log_every = 100
   c.evals = ml_collections.ConfigDict(dict(

@@ -70,6 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.conversation.update(tasks=("caption",), image_tokens=queries,
                                prompt_length=c.data.conversation.prompt_length - c.data.conversation.image_tokens
                                + queries)
+    # BLIP-2's 224 px EVA ViT-g, not LLaVA's 336: LAVIS's train crop (MiniGPT-4's has no flip); eval =
+    # BlipImageProcessor (Blip2Processor: 224 x 224 bicubic, OpenAI CLIP mean/std).
+    c.data.pp_train = ("decode|random_resized_crop(224, scale=(0.5, 1), method='bicubic')|"
+                       + ("" if minigpt4 else "flip_lr|") + "normalize('clip')")
+    c.data.pp_eval = "decode|resize(224, method='bicubic')|rescale|normalize('clip')"
     c.batch_size = 1920
     c.total_steps = 80_000
     c.lr = 1e-4

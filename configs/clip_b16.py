@@ -52,8 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lr = 5e-4
   c.wd = 0.2
   c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=2_000))
-  c.data.pp_train = "decode|random_resized_crop(224, scale=(0.9, 1))|normalize('clip')"
-  c.data.pp_eval = "decode|resize(224)|normalize('clip')"
+  # open_clip's training crop (RandomResizedCrop(224, scale=(0.9, 1), BICUBIC)); eval = CLIPImageProcessor
+  # (shortest side 224 bicubic, centre crop 224, OpenAI CLIP mean/std; vlm.data.preprocess.REFERENCE_PP).
+  c.data.pp_train = "decode|random_resized_crop(224, scale=(0.9, 1), method='bicubic')|normalize('clip')"
+  c.data.pp_eval = "decode|resize_small(224, method='bicubic')|center_crop(224)|rescale|normalize('clip')"
   c.data.text_length = 77
   c.log_every = 100
   c.evals = ml_collections.ConfigDict(dict(

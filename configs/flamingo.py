@@ -80,7 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 25
     c.evals = vqa_eval(every=0)
   else:
-    c.data.pp_train = c.data.pp_eval = "decode|resize(224)|normalize('clip')"
+    # IdeficsImageProcessor (the imported IDEFICS checkpoints): 224 x 224 bicubic, OpenAI CLIP mean/std.
+    c.data.pp_train = c.data.pp_eval = "decode|resize(224, method='bicubic')|rescale|normalize('clip')"
     c.data.extra_text_keys = ("question", "answer")
     c.data.interleaved_images = 2
     c.data.conversation = conversation(("qa",), image_tokens=1, length=512)

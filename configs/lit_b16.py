@@ -55,8 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lr = 1e-3
   c.wd = 1e-4
   c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=10_000))
-  c.data.pp_train = "decode|resize(224)|value_range(-1, 1)"
-  c.data.pp_eval = "decode|resize(224)|value_range(-1, 1)"
+  # The locked tower's own preprocessing: SiglipImageProcessor for a SigLIP (MAP-pooled) tower; for an
+  # HF CLIP tower use CLIPImageProcessor's (vlm.data.preprocess.reference_pp('clip', 224)).
+  c.data.pp_train = "decode|resize(224, method='bicubic')|rescale|normalize('siglip')"
+  c.data.pp_eval = "decode|resize(224, method='bicubic')|rescale|normalize('siglip')"
   c.data.text_length = 16
   c.evals = ml_collections.ConfigDict(dict(zeroshot=dict(type="zeroshot", every=5000, split="test"),
                                            retrieval=dict(type="retrieval", every=5000, split="test")))

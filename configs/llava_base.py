@@ -107,8 +107,13 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
     c.log_every = 25
     c.evals = vqa_eval(every=0)
   else:
-    c.data.pp_train = "decode|resize(336)|normalize('clip')"
-    c.data.pp_eval = "decode|resize(336)|normalize('clip')"
+    # LLaVA-1.5 stage 2 (scripts/v1_5/finetune.sh: image_aspect_ratio 'pad') and its released model:
+    # expand2square with the CLIP mean colour, then CLIPImageProcessor at 336 (= LlavaImageProcessor(do_pad=True)).
+    # Stage 1 (scripts/v1_5/pretrain.sh, no pad): CLIPImageProcessor at 336 alone.
+    c.data.pp_train = c.data.pp_eval = (
+        "decode|pad_to_square('clip')|resize_small(336, method='bicubic')|center_crop(336)|rescale|normalize('clip')"
+        if stage != "align" else
+        "decode|resize_small(336, method='bicubic')|center_crop(336)|rescale|normalize('clip')")
     c.data.extra_text_keys = ("caption_detailed", "question", "answer")
     c.data.conversation = conversation(("caption",) if stage == "align" else ("qa", "detailed"),
                                        image_tokens=576, length=2048)

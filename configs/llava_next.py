@@ -104,7 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 25
     c.evals = vqa_eval(every=0)
   else:
-    c.data.pp_train = anyres_pp(c.model["anyres"])
+    # LlavaNextImageProcessor: AnyRes views (bicubic), each tile CLIP-processed (rescale, OpenAI CLIP mean/std).
+    c.data.pp_train = anyres_pp(c.model["anyres"], after="rescale|normalize('clip')")
     c.data.pp_eval = c.data.pp_train
     c.data.conversation = conversation(("qa", "detailed"), image_tokens=max_tokens, length=max_tokens + 1024)
     vicuna_chat(c.data.conversation)

@@ -90,8 +90,9 @@ def build(demo: bool, windows: bool) -> ml_collections.ConfigDict:
     c.log_every = 25
     c.evals = vqa_eval(every=0)
   else:
-    c.data.pp_train = f"decode|resize({size})|normalize('clip')"
-    c.data.pp_eval = f"decode|resize({size})|normalize('clip')"
+    # Monkey's (Qwen-VL's) transform at 896: Resize((896, 896), BICUBIC), OpenAI CLIP mean/std; then windows.
+    c.data.pp_train = f"decode|resize({size}, method='bicubic')|rescale|normalize('clip')"
+    c.data.pp_eval = f"decode|resize({size}, method='bicubic')|rescale|normalize('clip')"
     c.data.extra_text_keys = ("caption_detailed", "question", "answer")
     c.data.conversation = conversation(("caption", "detailed", "qa"), image_tokens=views * queries, length=2048)
     c.data.conversation.specials = ml_collections.ConfigDict({"<image>": 151_859, "<|end|>": 151_643})

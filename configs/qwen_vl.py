@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = monkey.build(demo=demo, windows=False)
   if not demo:
     c.model.vision_config.window_size = 448  # the whole image at 448 px: one view, 256 tokens
-    c.data.pp_train = c.data.pp_eval = "decode|resize(448)|normalize('clip')"
+    # Qwen-VL's visual.py transform: Resize((448, 448), BICUBIC) on PIL images, OpenAI CLIP mean/std.
+    c.data.pp_train = c.data.pp_eval = "decode|resize(448, method='bicubic')|rescale|normalize('clip')"
   else:  # the ordinary scenes and every question type (Monkey's demo reads text only)
     c.data.builder.text_rich = 0
     c.data.question_regex = None

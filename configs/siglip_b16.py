@@ -48,8 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.wd = 1e-4
   c.optimizer_kw.b2 = 0.95
   c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=5_000))
-  c.data.pp_train = "decode|resize(224)|value_range(-1, 1)"
-  c.data.pp_eval = "decode|resize(224)|value_range(-1, 1)"
+  # SiglipImageProcessor: 224 x 224 bicubic (aspect not kept), mean/std 0.5, i.e. [-1, 1]; train as eval.
+  c.data.pp_train = "decode|resize(224, method='bicubic')|rescale|normalize('siglip')"
+  c.data.pp_eval = "decode|resize(224, method='bicubic')|rescale|normalize('siglip')"
   c.data.text_length = 64
   c.checkpoint_every = 1000
   c.log_every = 100

@@ -18,15 +18,34 @@ swaps the words "left" and "right" in every text field, so "a red circle on
 the left" stays true (rendered text in the image is mirrored, though: leave
 `flip_lr` out of pipelines for text reading).
 
-Ops: decode, resize, resize_small, center_crop, random_crop, random_resized_crop, flip_lr,
-value_range, normalize, random_aspect_pad, anyres, and the augmentations of vlm.data.augment
-(registered here when this module is imported):
+Ops: decode, resize, resize_small, center_crop, pad_to_square, random_crop, random_resized_crop,
+flip_lr, rescale, value_range, normalize, random_aspect_pad, anyres, and the augmentations of
+vlm.data.augment (registered here when this module is imported):
     randaugment(num_ops=2, magnitude=9, ops=None, geometric=True, fill=128)   RandAugment, uint8;
         its geometric ops do not update 'boxes' (geometric=False for grounding)
     caption_dropout(p=0.1), word_dropout(p=0.1), synonyms(p=0.5, table='scenes'),
     template_caption(p=0.5, templates=None, class_names=None)   on ex['caption']
 e.g. "decode|randaugment(2, 9)|resize(64)|synonyms(0.5)|value_range(-1, 1)". MixGen (image-text
 mixup of pairs) is the pipeline key `data.mixgen`, off by default.
+
+Resizing: every resize op takes `method=` ('nearest', 'box', 'bilinear' (the default), 'hamming',
+'bicubic', 'lanczos'), PIL's filter of that name applied to the uint8 image, as transformers' PIL
+image processors do. Reference processors, reproduced pixel for pixel (REFERENCE_PP,
+`reference_pp(name, size)`; measured in tests/test_preprocess_parity.py):
+
+    CLIPImageProcessor      resize_small(224, method='bicubic')|center_crop(224)|rescale|normalize('clip')
+    SiglipImageProcessor    resize(224, method='bicubic')|rescale|normalize('siglip')
+    BlipImageProcessor      resize(224, method='bicubic')|rescale|normalize('clip')   (BLIP-2; also IDEFICS)
+    LLaVA-1.5 (pad)         pad_to_square('clip')|resize_small(336, method='bicubic')|center_crop(336)|rescale|normalize('clip')
+    LLaVA-NeXT              anyres(...)|rescale|normalize('clip')   (CLIP processing of each 336 tile)
+    ChameleonImageProcessor resize_small(512, method='lanczos')|center_crop(512)|rescale(0.0078)|normalize(mean=1.0, std=1.0)
+
+Against transformers' PIL-backend processors these give the same float32 values (difference 0 on
+the test photos). `resize_small` truncates the longer side as transformers does (427 x 640 ->
+224 x 335); `center_crop` zero-pads a side shorter than the crop. transformers 5's default
+`AutoImageProcessor` is the torchvision ("fast") class when torchvision is installed: its resize
+is not PIL's (measured: up to 2 levels of 1/255 apart, on under 1% of the values) and its centre
+padding puts the odd pixel at the bottom / right instead of the top / left.
 """
 from __future__ import annotations
 
@@ -47,10 +66,41 @@ Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
 
 STATS = {  # mean, std of images in [0, 1]
+    # OpenAI CLIP (transformers OPENAI_CLIP_MEAN / _STD): CLIP, BLIP / BLIP-2, LLaVA, IDEFICS, Qwen-VL
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    # 0.5 / 0.5, i.e. [-1, 1] (transformers IMAGENET_STANDARD_MEAN / _STD): SigLIP, Inception
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # torchvision's ImageNet statistics (transformers IMAGENET_DEFAULT_MEAN / _STD)
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# PIL filters for the `method=` of resize ops (PIL.Image.Resampling).
+RESAMPLE = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
+            "hamming": Image.Resampling.HAMMING, "bicubic": Image.Resampling.BICUBIC,
+            "lanczos": Image.Resampling.LANCZOS}
+# pp strings (after "decode|") that reproduce transformers' reference image processors pixel for
+# pixel (the PIL backend, the default without torchvision; tests/test_preprocess_parity.py).
+REFERENCE_PP = {
+    # CLIPImageProcessor(size={"shortest_edge": s}, crop_size=s): OpenAI CLIP, open_clip eval
+    "clip": "resize_small({size}, method='bicubic')|center_crop({size})|rescale|normalize('clip')",
+    # SiglipImageProcessor(size={"height": s, "width": s}): the aspect ratio is not kept
+    "siglip": "resize({size}, method='bicubic')|rescale|normalize('siglip')",
+    # BlipImageProcessor (BLIP-2's Blip2Processor at 224), IdeficsImageProcessor (224), Qwen-VL's transform (448)
+    "blip": "resize({size}, method='bicubic')|rescale|normalize('clip')",
+    # LLaVA-1.5 (image_aspect_ratio='pad'): expand2square with the CLIP mean, then CLIPImageProcessor at 336
+    "llava": "pad_to_square('clip')|resize_small({size}, method='bicubic')|center_crop({size})|rescale|normalize('clip')",
+    # ChameleonImageProcessor: shortest side 512 lanczos, centre crop, x * 0.0078 - 1
+    "chameleon": "resize_small({size}, method='lanczos')|center_crop({size})|rescale(0.0078)|normalize(mean=1.0, std=1.0)",
+}
+REFERENCE_SIZE = {"clip": 224, "siglip": 224, "blip": 384, "llava": 336, "chameleon": 512}
+
+
+def reference_pp(name: str, size: int | None = None) -> str:
+    """The pp string (without "decode|") that reproduces a reference processor, e.g.
+    reference_pp('clip', 336) == "resize_small(336, method='bicubic')|center_crop(336)|rescale|normalize('clip')"."""
+    if name not in REFERENCE_PP:
+        raise ValueError(f"unknown reference recipe {name!r}; known: {', '.join(REFERENCE_PP)}")
+    return REFERENCE_PP[name].format(size=REFERENCE_SIZE[name] if size is None else size)
 TEXT_FIELDS = ("caption", "caption_detailed", "questions", "answers")
 _OPS: dict[str, Callable[..., Op]] = {}
 
@@ -93,17 +143,35 @@ def _images(ex: Example, fn: Callable[[np.ndarray], np.ndarray]) -> Example:
     return ex
 
 
-def _crop_resize(ex: Example, box: tuple[float, float, float, float], out_hw: tuple[int, int]) -> Example:
-    """Crops pixel box (x0, y0, x1, y1) and resizes to out_hw; boxes follow."""
+def _method(method: str) -> Image.Resampling:
+    """The PIL filter named by a pp op's `method=` argument."""
+    if method not in RESAMPLE:
+        raise ValueError(f"method must be one of {', '.join(RESAMPLE)}, got {method!r}")
+    return RESAMPLE[method]
+
+
+def _uint8(img: np.ndarray) -> np.ndarray:
+    if img.dtype != np.uint8:
+        raise ValueError("geometric ops must come before rescale/value_range/normalize (they need uint8 pixels)")
+    return img
+
+
+def _crop_resize(ex: Example, box: tuple[float, float, float, float], out_hw: tuple[int, int],
+                 method: str = "bilinear") -> Example:
+    """Crops pixel box (x0, y0, x1, y1) and resizes it to out_hw with PIL's `method` filter; boxes follow.
+
+    uint8 RGB through `PIL.Image.resize`, as the reference (slow) processors of transformers do, so
+    the same filter and output size give the same pixels (PIL rounds its output to uint8).
+    """
     x0, y0, x1, y1 = box
     oh, ow = out_hw
+    resample = _method(method)
 
     def fn(img: np.ndarray) -> np.ndarray:
-        if img.dtype != np.uint8:
-            raise ValueError("geometric ops must come before value_range/normalize")
+        _uint8(img)
         if (x0, y0, x1, y1) == (0, 0, img.shape[1], img.shape[0]) and img.shape[:2] == (oh, ow):
             return img
-        pil = Image.fromarray(img).resize((ow, oh), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1))
+        pil = Image.fromarray(img).resize((ow, oh), resample, box=(x0, y0, x1, y1))
         return np.asarray(pil)
 
     ex = _images(ex, fn)
@@ -112,6 +180,43 @@ def _crop_resize(ex: Example, box: tuple[float, float, float, float], out_hw: tu
         b = (np.asarray(ex["boxes"], np.float32) - [x0, y0, x0, y0]) * [sx, sy, sx, sy]
         ex["boxes"] = np.clip(b, 0, [ow, oh, ow, oh]).astype(np.float32)
     return ex
+
+
+def _place(n_in: int, n_out: int) -> tuple[int, int, int]:
+    """(source start, destination start, length) of a centred crop / zero-pad of n_in pixels to n_out.
+
+    transformers' `image_transforms.center_crop`: crop start (n_in - n_out) // 2 (the odd pixel is cut
+    at the bottom / right), pad start ceil((n_out - n_in) / 2) (the odd pixel of padding at the top /
+    left); both are the shift ceil((n_out - n_in) / 2) = (n_out - n_in + 1) // 2.
+    """
+    shift = (n_out - n_in + 1) // 2
+    src, dst = max(0, -shift), max(0, shift)
+    return src, dst, min(n_in - src, n_out - dst)
+
+
+def _shift_boxes(ex: Example, dx: int, dy: int, hw: tuple[int, int]) -> Example:
+    if "boxes" in ex and len(ex["boxes"]):
+        b = np.asarray(ex["boxes"], np.float32) + [dx, dy, dx, dy]
+        ex["boxes"] = np.clip(b, 0, [hw[1], hw[0], hw[1], hw[0]]).astype(np.float32)
+    return ex
+
+
+def _fill(fill: Any) -> tuple[int, ...]:
+    """A pad colour: an int, a tuple of ints per channel, or a STATS name (LLaVA: int(mean * 255))."""
+    if isinstance(fill, str):
+        if fill not in STATS:
+            raise ValueError(f"fill must be an int, a tuple of ints or one of {sorted(STATS)}, got {fill!r}")
+        return tuple(int(x * 255) for x in STATS[fill][0])
+    vals = (fill,) if isinstance(fill, int) else fill
+    if not (isinstance(vals, (tuple, list)) and vals and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in vals)):
+        raise ValueError(f"fill must be an int in [0, 255], a tuple of them or one of {sorted(STATS)}, got {fill!r}")
+    return tuple(vals)
+
+
+def _rescale(img: np.ndarray, factor: float) -> np.ndarray:
+    """transformers' `image_transforms.rescale`: float64 product, then float32."""
+    return (img.astype(np.float64) * factor).astype(np.float32)
 
 
 def _size(ex: Example) -> tuple[int, int]:
@@ -128,53 +233,123 @@ def decode() -> Op:
 
 
 @register
-def resize(size: int | Sequence[int]) -> Op:
-    """Resizes to size (int: square) with bilinear interpolation."""
+def resize(size: int | Sequence[int], method: str = "bilinear") -> Op:
+    """Resizes to size (int: square, the aspect ratio is not kept) with PIL's `method` filter.
+
+    As transformers' processors with size {"height", "width"} (SigLIP, BLIP, IDEFICS: method='bicubic').
+    """
     hw = _hw(size)
-    return lambda ex, rng: _crop_resize(ex, (0, 0, _size(ex)[1], _size(ex)[0]), hw)
+    _method(method)
+    return lambda ex, rng: _crop_resize(ex, (0, 0, _size(ex)[1], _size(ex)[0]), hw, method)
+
+
+def resize_small_hw(hw: Sequence[int], size: int, max_size: int | None = None) -> tuple[int, int]:
+    """The (height, width) of resize_small: the shorter side becomes `size`, the longer one is truncated.
+
+    transformers' `get_resize_output_image_size(size, default_to_square=False, max_size)`:
+    long = int(size * long / short) (a 427 x 640 photo at 224 -> 224 x 335, not 336); a square stays
+    square; max_size caps the longer side (short = int(max_size * size / long)).
+    """
+    h, w = hw
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    if max_size is not None and new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_long, new_short) if w <= h else (new_short, new_long)
 
 
 @register
-def resize_small(size: int) -> Op:
-    """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
+def resize_small(size: int, method: str = "bilinear", max_size: int | None = None) -> Op:
+    """Resizes so that the shorter side is `size`, keeping the aspect ratio (the longer side truncated).
+
+    CLIPImageProcessor's {"shortest_edge": size} resize (resize_small_hw); max_size caps the longer side.
+    """
     _hw(size)
+    _method(method)
+    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= size):
+        raise ValueError(f"max_size must be an int > size ({size}), got {max_size!r}")
 
     def op(ex, rng):
         h, w = _size(ex)
-        s = size / min(h, w)
-        return _crop_resize(ex, (0, 0, w, h), (max(1, round(h * s)), max(1, round(w * s))))
+        nh, nw = resize_small_hw((h, w), size, max_size)
+        return _crop_resize(ex, (0, 0, w, h), (max(1, nh), max(1, nw)), method)
     return op
 
 
 @register
 def center_crop(size: int | Sequence[int]) -> Op:
-    """Crops the central [size] window (no resize)."""
+    """The central [size] window, no resize; a side shorter than the crop is zero-padded (centred).
+
+    Exactly transformers' `image_transforms.center_crop` (CLIPImageProcessor's PIL backend): the crop
+    starts at (H - h) // 2, (W - w) // 2, and padding puts its odd pixel at the top / left.
+    """
     ch, cw = _hw(size)
 
     def op(ex, rng):
         h, w = _size(ex)
-        y0, x0 = max(0, (h - ch) // 2), max(0, (w - cw) // 2)
-        return _crop_resize(ex, (x0, y0, x0 + min(cw, w), y0 + min(ch, h)), (ch, cw))
+        if (h, w) == (ch, cw):
+            return ex
+        (sy, dy, ly), (sx, dx, lx) = _place(h, ch), _place(w, cw)
+
+        def fn(img: np.ndarray) -> np.ndarray:
+            out = np.zeros((ch, cw) + img.shape[2:], _uint8(img).dtype)
+            out[dy:dy + ly, dx:dx + lx] = img[sy:sy + ly, sx:sx + lx]
+            return out
+        return _shift_boxes(_images(ex, fn), dx - sx, dy - sy, (ch, cw))
     return op
 
 
 @register
-def random_crop(size: int | Sequence[int]) -> Op:
-    """Crops a random [size] window (resizes up first if the image is smaller)."""
+def pad_to_square(fill: int | Sequence[int] | str = 0) -> Op:
+    """Pads the shorter side, centred, to a square of the longer side, with colour `fill`.
+
+    LLaVA-1.5's `expand2square` (image_aspect_ratio='pad'; LlavaImageProcessor(do_pad=True)): the
+    image at offset (long - short) // 2 (the odd row / column of padding at the bottom / right),
+    fill = tuple(int(x * 255) for x in image_mean): pad_to_square('clip') is (122, 116, 104).
+    """
+    colour = _fill(fill)
+
+    def op(ex, rng):
+        h, w = _size(ex)
+        if h == w:
+            return ex
+        n = max(h, w)
+        top, left = (n - h) // 2, (n - w) // 2
+
+        def fn(img: np.ndarray) -> np.ndarray:
+            _uint8(img)
+            if len(colour) not in (1, img.shape[-1]):
+                raise ValueError(f"pad_to_square: fill {colour} does not match {img.shape[-1]} channels")
+            out = np.empty((n, n) + img.shape[2:], img.dtype)
+            out[...] = np.asarray(colour, img.dtype)
+            out[top:top + h, left:left + w] = img
+            return out
+        return _shift_boxes(_images(ex, fn), left, top, (n, n))
+    return op
+
+
+@register
+def random_crop(size: int | Sequence[int], method: str = "bilinear") -> Op:
+    """Crops a random [size] window (resizes up first, with `method`, if the image is smaller)."""
     ch, cw = _hw(size)
+    _method(method)
 
     def op(ex, rng):
         h, w = _size(ex)
         y0, x0 = int(rng.integers(0, max(0, h - ch) + 1)), int(rng.integers(0, max(0, w - cw) + 1))
-        return _crop_resize(ex, (x0, y0, x0 + min(cw, w), y0 + min(ch, h)), (ch, cw))
+        return _crop_resize(ex, (x0, y0, x0 + min(cw, w), y0 + min(ch, h)), (ch, cw), method)
     return op
 
 
 @register
 def random_resized_crop(size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Op:
-    """Inception-style crop: random area fraction `scale` and aspect `ratio`, resized to size."""
+                        ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bilinear") -> Op:
+    """Inception-style crop: random area fraction `scale` and aspect `ratio`, resized to size with `method`.
+
+    open_clip's and LAVIS's (BLIP-2) training crops use method='bicubic'.
+    """
     hw = _hw(size)
+    _method(method)
     smin, smax = _range(scale, "scale")
     if smax > 1:
         raise ValueError(f"scale must be within [0, 1], got {scale!r}")
@@ -188,8 +363,8 @@ def random_resized_crop(size: int | Sequence[int], scale: Sequence[float] = (0.0
             cw, ch = math.sqrt(area * aspect), math.sqrt(area / aspect)
             if 0 < cw <= w and 0 < ch <= h:
                 x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-                return _crop_resize(ex, (x0, y0, x0 + cw, y0 + ch), hw)
-        return _crop_resize(ex, (0, 0, w, h), hw)
+                return _crop_resize(ex, (x0, y0, x0 + cw, y0 + ch), hw, method)
+        return _crop_resize(ex, (0, 0, w, h), hw, method)
     return op
 
 
@@ -242,12 +417,57 @@ def value_range(vmin: float, vmax: float) -> Op:
 
 
 @register
-def normalize(stats: str = "clip") -> Op:
-    """(x/255 - mean) / std with named statistics: 'clip', 'siglip', 'imagenet'."""
-    if stats not in STATS:
-        raise ValueError(f"stats must be one of {sorted(STATS)}, got {stats!r}")
-    mean, std = (np.asarray(v, np.float32) for v in STATS[stats])
-    return lambda ex, rng: _images(ex, lambda img: (_to_unit(img) - mean) / std)
+def rescale(factor: float = 1 / 255) -> Op:
+    """uint8 pixels -> float32 pixels * factor (default 1/255: [0, 1]), as transformers' `rescale`.
+
+    The product is taken in float64 and cast to float32, as the reference processors do. Chameleon's
+    processor uses factor 0.0078 (then normalize(mean=1.0, std=1.0)).
+    """
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise ValueError(f"factor must be a positive number, got {factor!r}")
+
+    def fn(img: np.ndarray) -> np.ndarray:
+        if img.dtype != np.uint8:
+            raise ValueError(f"rescale needs uint8 pixels, got {img.dtype} (rescaled twice?)")
+        return _rescale(img, factor)
+    return lambda ex, rng: _images(ex, fn)
+
+
+def _stat(v: Any, name: str) -> np.ndarray:
+    vals = (v,) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    if not (isinstance(vals, (tuple, list)) and vals and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals)):
+        raise ValueError(f"{name} must be a number or a tuple of numbers, got {v!r}")
+    return np.asarray(vals, np.float32)
+
+
+@register
+def normalize(stats: str | None = None, mean: float | Sequence[float] | None = None,
+              std: float | Sequence[float] | None = None) -> Op:
+    """(x - mean) / std in float32, x in [0, 1]: named `stats` (STATS: 'clip', 'siglip' / 'inception',
+    'imagenet'; default 'clip') or explicit mean=..., std=... (a number or one per channel).
+
+    On uint8 pixels it first rescales by 1/255 (the `rescale` op), so "rescale|normalize('clip')" and
+    "normalize('clip')" are the same; on floats (after `rescale`) it only normalises. Order and dtypes
+    are the reference processors': rescale to float32, then normalise in float32 with float32 stats.
+    """
+    if mean is None and std is None:
+        stats = "clip" if stats is None else stats
+        if stats not in STATS:
+            raise ValueError(f"stats must be one of {sorted(STATS)}, got {stats!r}")
+        mean, std = STATS[stats]
+    elif stats is not None or mean is None or std is None:
+        raise ValueError("give either named stats or both mean= and std=")
+    m, s = _stat(mean, "mean"), _stat(std, "std")
+    if len(m) != len(s) or not np.all(s > 0):
+        raise ValueError(f"mean and std need the same length and std > 0, got {mean!r}, {std!r}")
+
+    def fn(img: np.ndarray) -> np.ndarray:
+        x = _rescale(img, 1 / 255) if img.dtype == np.uint8 else img.astype(np.float32)
+        if len(m) not in (1, x.shape[-1]):
+            raise ValueError(f"normalize: {len(m)} mean values for {x.shape[-1]} channels")
+        return (x - m) / s
+    return lambda ex, rng: _images(ex, fn)
 
 
 @register
@@ -311,7 +531,7 @@ def anyres(grid_pinpoints: Sequence[Sequence[int]], tile_size: int, patch_grid: 
 
 
 # Ops that may follow `anyres` (they act on pixel values, not geometry).
-_AFTER_ANYRES = ("decode", "value_range", "normalize")
+_AFTER_ANYRES = ("decode", "rescale", "value_range", "normalize")
 
 
 # ----------------------------------------------------------------- parsing

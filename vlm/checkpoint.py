@@ -114,8 +114,12 @@ def latest_step(path: str | Path) -> int | None:
 
 
 def load_params(path: str | Path, step: int | None = None) -> dict:
-  """Parameters (numpy) from one of our workdirs/checkpoint dirs, or an HF directory (config.json)."""
+  """Parameters (numpy) from one of our workdirs/checkpoint dirs, an HF directory (config.json), or a
+  big_vision two-tower .npz (vlm.convert.big_vision)."""
   path = Path(path)
+  if path.suffix == ".npz" and path.is_file():
+    from vlm.convert.big_vision import import_big_vision
+    return import_big_vision(path)[2]
   if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
     from vlm.convert import import_hf
     return import_hf(path)[2]

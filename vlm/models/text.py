@@ -17,6 +17,12 @@ class TextTransformer(nn.Module):
   OpenAI CLIP), 'gap', 'map'. causal=True gives CLIP's causal text encoder.
   padding_mask=True masks keys whose id is pad_id (CLIP's attention_mask); SigLIP was
   trained without one (fixed-length padding, last-token pooling).
+  pool_mask_pad=True (the default) leaves tokens equal to pad_id out of 'gap' and 'map' pooling
+  even without padding_mask; False pools over every position, pads included, as big_vision's text
+  tower does (proj/image_text/text_transformer.py: x.mean(axis=1), MAPHead over all tokens), so
+  imported big_vision towers pool as trained (vlm.convert.big_vision sets it). The other pool types
+  never depend on pad_id: 'first'/'last' pick fixed positions, 'eos' the first eos_id, 'argmax' the
+  largest id.
   aux: 'encoded' [B, L, width] after the final norm, 'pre_logits' [B, width].
   embed_norm=True adds BERT's LayerNorm 'embed_norm' on token + position embeddings (FLAVA's
   text encoder; fold a constant token-type embedding into pos_embedding). final_norm=False drops
@@ -35,6 +41,7 @@ class TextTransformer(nn.Module):
   eos_id: int | None = None
   pad_id: int = 0
   padding_mask: bool = False
+  pool_mask_pad: bool = True
   out_dim: int | None = None
   head_bias: bool = True
   embed_norm: bool = False
@@ -73,11 +80,12 @@ class TextTransformer(nn.Module):
     if self.final_norm:
       x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
     aux = {"encoded": x}
+    pool_mask = valid if self.pool_mask_pad else None
     if self.pool_type == "map":
       x = MAPHead(num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,
-                  norm_eps=self.norm_eps, dtype=self.dtype, name="MAPHead")(x, mask=valid)
+                  norm_eps=self.norm_eps, dtype=self.dtype, name="MAPHead")(x, mask=pool_mask)
     else:
-      x = pool(x, self.pool_type, tokens=tokens, eos_id=self.eos_id, mask=valid)
+      x = pool(x, self.pool_type, tokens=tokens, eos_id=self.eos_id, mask=pool_mask)
     aux["pre_logits"] = x
     if self.out_dim is not None:
       x = dense(self.out_dim, ("embed", "proj"), use_bias=self.head_bias, dtype=self.dtype, name="head")(x)

@@ -34,8 +34,11 @@ Config keys (`config.data`, see `get_default_config`):
                   image 0.5 * own + 0.5 * other, caption "own other"; label, boxes, questions stay its own
     text_length, detailed_text_length   token lengths
     caption_key   record key tokenized into 'text'
-    tokenizer     SentencePiece .model path (None: the embedded dataset's tokenizer)
-    add_bos, add_eos
+    tokenizer     SentencePiece .model, HF tokenizer.json, or a directory holding one (None: the
+                  embedded dataset's tokenizer); vlm.data.tokenizer.load_tokenizer
+    tokenizer_family   SentencePiece conventions: None (vlm's), 'siglip', 't5', 'llama', 'gemma'
+    add_bos, add_eos   True / False, or None: the tokenizer's default (data.tokenizer_family's, or a
+                  tokenizer.json's post-processor)
     extra_text_keys   subset of ('caption_detailed', 'question', 'answer')
     max_images    documents (records with 'texts' / 'images': the embedded set built with
                   builder.documents = n, or docs:PATH): each image goes through the pp ops on its
@@ -93,7 +96,7 @@ import numpy as np
 
 from vlm import parallel
 from vlm.data import cm3, conversation, grounding, preprocess, sources
-from vlm.data.tokenizer import Tokenizer
+from vlm.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 EXTRA_TEXT_KEYS = ("caption_detailed", "question", "answer")
 
@@ -113,6 +116,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.detailed_text_length = 64
     c.caption_key = "caption"
     c.tokenizer = ml_collections.config_dict.placeholder(str)
+    c.tokenizer_family = ml_collections.config_dict.placeholder(str)
     c.add_bos = False
     c.add_eos = True
     c.extra_text_keys = ()
@@ -235,14 +239,16 @@ def make_source(data: ml_collections.ConfigDict, split: str):
     raise ValueError(f"data.source: unknown source {data.source!r}")
 
 
-def get_tokenizer(data: ml_collections.ConfigDict) -> Tokenizer:
-    """`data.tokenizer` if set, else the tokenizer of the embedded dataset that `data.builder`
-    describes (built on first use; its corpus also covers the digits captions)."""
+def get_tokenizer(data: ml_collections.ConfigDict) -> Tokenizer | HFTokenizer:
+    """`data.tokenizer` if set (a .model, a tokenizer.json or a directory), else the tokenizer of the
+    embedded dataset that `data.builder` describes (built on first use; its corpus also covers the
+    digits captions); with the conventions of `data.tokenizer_family` (None: vlm's)."""
+    family = data.get("tokenizer_family")
     if data.get("tokenizer"):
-        return Tokenizer(data.tokenizer)
+        return load_tokenizer(data.tokenizer, family)
     from vlm.data import embedded
 
-    return Tokenizer(embedded.tokenizer_path(data.get("data_dir"), **_builder_kwargs(data)))
+    return load_tokenizer(embedded.tokenizer_path(data.get("data_dir"), **_builder_kwargs(data)), family)
 
 
 def get_metadata(data: ml_collections.ConfigDict, split: str = "train") -> dict:
@@ -260,7 +266,8 @@ class _Process:
         self.strict = bool(data.get("strict", False))
         self.length = int(data.get("text_length", 32))
         self.detailed_length = int(data.get("detailed_text_length", 64))
-        self.add_bos, self.add_eos = bool(data.get("add_bos", False)), bool(data.get("add_eos", True))
+        # None: the tokenizer's default (its family's, or a tokenizer.json's post-processor).
+        self.add_bos, self.add_eos = data.get("add_bos", False), data.get("add_eos", True)
         self.extra = tuple(data.get("extra_text_keys", ()))
         self.with_boxes, self.max_boxes = bool(data.get("with_boxes", False)), int(data.get("max_boxes", 8))
         self.with_frames = bool(data.get("with_frames", False))

@@ -107,3 +107,18 @@ def save_hub_style(model, path) -> str:
   file = pathlib.Path(path) / "config.json"
   file.write_text(json.dumps(hub_style_config(json.loads(file.read_text())), indent=2))
   return str(path)
+
+
+def notebook_script(path) -> str:
+  """The code cells of an .ipynb as one script; IPython-only lines (`!cmd`, `%magic`) become comments."""
+  import json
+  import pathlib
+  nb = json.loads(pathlib.Path(path).read_text())
+  chunks = []
+  for i, cell in enumerate(nb["cells"]):
+    if cell["cell_type"] != "code":
+      continue
+    src = "".join(cell["source"])
+    src = "\n".join("# " + line if line.lstrip().startswith(("!", "%")) else line for line in src.splitlines())
+    chunks.append(f"# --- cell {i} ---\n{src}\n")
+  return "\n".join(chunks)

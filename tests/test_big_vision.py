@@ -326,3 +326,35 @@ def test_bfloat16_file_and_checkpoint_load_params(tmp_path, siglip):
   np.testing.assert_array_equal(k, tree["img/embedding/kernel"].astype(ml_dtypes.bfloat16).astype(np.float32))
   loaded = checkpoint.load_params(path)  # config.init.path may name an .npz
   np.testing.assert_array_equal(loaded["txt"]["head"]["kernel"], params["txt"]["head"]["kernel"])
+
+
+def test_predict_on_an_npz_with_a_tokenizer(tmp_path, siglip):
+  """vlm.predict on a big_vision .npz (+ --tokenizer): big_vision's eval pp resize(32)|value_range(-1, 1) on a
+  32 px photo crop, SiglipTokenizer's ids, the probabilities of SiglipModel (no attention mask)."""
+  import io
+
+  import sentencepiece as spm
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+
+  from vlm.predict import predict
+  words = "a photo of cat dog red blue circle square the picture small large".split()
+  rng = np.random.default_rng(0)
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.Train(
+      sentence_iterator=iter([" ".join(rng.choice(words, 6)) for _ in range(400)]), model_writer=buf,
+      vocab_size=60, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+      minloglevel=2, num_threads=1)
+  (tmp_path / "spm.model").write_bytes(buf.getvalue())
+  photo = load_sample_images().images[0][100:100 + IMAGE, 200:200 + IMAGE]  # already 32 px: resize is exact
+  Image.fromarray(photo).save(tmp_path / "crop.png")
+  path = _write(tmp_path, _bv_tree(siglip, scanned=False))
+  labels, template = ["red cat", "blue dog", "a small square"], "a photo of a {}."
+  ranked = dict(predict(path, tmp_path / "crop.png", labels, templates=[template], tokenizer=str(tmp_path / "spm.model")))
+  tok = transformers.SiglipTokenizer(vocab_file=str(tmp_path / "spm.model"), model_max_length=TEXT_LEN)
+  ids = tok([template.format(x) for x in labels], padding="max_length", return_tensors="pt")["input_ids"]
+  pixels = torch.tensor(photo.astype(np.float32)[None].transpose(0, 3, 1, 2) / 127.5 - 1.0)
+  with torch.no_grad():
+    ref = torch.sigmoid(siglip(input_ids=ids, pixel_values=pixels).logits_per_image[0]).numpy()
+  np.testing.assert_allclose([ranked[x] for x in labels], ref, atol=1e-4)
+  assert np.ptp(ref) > 1e-3

@@ -12,22 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import notebook_script
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "sigmoid_vs_softmax.ipynb"
-
-
-def notebook_script(path: Path) -> str:
-  """The code cells as one script; IPython-only lines (`!cmd`, `%magic`) become comments."""
-  nb = json.loads(path.read_text())
-  chunks = []
-  for i, cell in enumerate(nb["cells"]):
-    if cell["cell_type"] != "code":
-      continue
-    src = "".join(cell["source"])
-    src = "\n".join("# " + line if line.lstrip().startswith(("!", "%")) else line for line in src.splitlines())
-    chunks.append(f"# --- cell {i} ---\n{src}\n")
-  return "\n".join(chunks)
 
 
 def test_notebook_is_valid_and_has_no_stale_errors():

@@ -25,6 +25,14 @@ wraps the prompt in the chat template of data.conversation (the image placeholde
 training) and prints the greedy answer (--method/--num_beams as for captions).
 
 The image goes through `data.pp_eval`; the workdir's config and latest checkpoint are used.
+
+A published checkpoint, as downloaded (an HF Hub directory with its tokenizer and
+preprocessor_config.json, or a big_vision SigLIP .npz with --tokenizer=spiece.model):
+
+    python -m vlm.predict --hf=/path/to/siglip-base-patch16-224 --image=cat.jpg --labels="a cat,a dog"
+
+(`--hf`, `--init` and `--workdir` all take it; vlm.convert.published builds the model, tokenizer and
+image preprocessing from the directory.)
 """
 
 import json
@@ -39,7 +47,8 @@ from vlm.data.pipeline import load_answer_vocab
 from vlm.data.preprocess import apply_ops, parse_pp
 from vlm.data.sources import decode_image
 from vlm.evals.captioning import generate_captions
-from vlm.evaluate import load_model_and_params, load_workdir_config
+from vlm.convert.published import is_published
+from vlm.evaluate import load_run
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -60,9 +69,11 @@ def load_image(path: str | Path, pp: str) -> np.ndarray:
 
 
 def predict(workdir: str | Path, image: str | Path, labels: list[str], templates: list[str] | None = None,
-            step: int | None = None) -> list[tuple[str, float]]:
-  config = load_workdir_config(workdir)
-  model, _, params = load_model_and_params(config, workdir, step)
+            step: int | None = None, tokenizer: str | None = None) -> list[tuple[str, float]]:
+  """Labels ranked by a contrastive model's probability for the image (prompt-ensembled templates)."""
+  config, model, _, params = load_run(workdir, step, tokenizer)
+  if templates is None and is_published(workdir):  # a published model: no dataset templates
+    templates = list(DEFAULT_TEMPLATES)
   if templates is None:
     try:
       templates = list(get_metadata(config.data, "test").get("templates") or DEFAULT_TEMPLATES)
@@ -88,10 +99,9 @@ def predict(workdir: str | Path, image: str | Path, labels: list[str], templates
 
 
 def caption(workdir: str | Path, image: str | Path, method: str = "greedy", step: int | None = None,
-            **decode_kw) -> str:
+            tokenizer: str | None = None, **decode_kw) -> str:
   """A caption of the image by a captioning model's KV-cached decoder (vlm.decoding)."""
-  config = load_workdir_config(workdir)
-  model, _, params = load_model_and_params(config, workdir, step)
+  config, model, _, params = load_run(workdir, step, tokenizer)
   if not hasattr(model, "caption_context"):
     raise ValueError(f"{workdir}: model {config.model_name!r} does not caption; pass --labels for zero-shot")
   tok = get_tokenizer(config.data)
@@ -103,10 +113,9 @@ def caption(workdir: str | Path, image: str | Path, method: str = "greedy", step
 
 
 def answer(workdir: str | Path, image: str | Path, question: str, top_k: int = 3,
-           step: int | None = None) -> list[tuple[str, float]]:
+           step: int | None = None, tokenizer: str | None = None) -> list[tuple[str, float]]:
   """The top_k answers of data.answer_vocab (softmax probabilities) of a model with `vqa_logits`."""
-  config = load_workdir_config(workdir)
-  model, _, params = load_model_and_params(config, workdir, step)
+  config, model, _, params = load_run(workdir, step, tokenizer)
   if not hasattr(model, "vqa_logits") or config.data.get("answer_vocab") is None:
     raise ValueError(f"{workdir}: model {config.model_name!r} has no VQA classifier and answer vocabulary "
                      "(train one with configs/vlmo_vqa.py)")
@@ -120,16 +129,15 @@ def answer(workdir: str | Path, image: str | Path, question: str, top_k: int = 3
 
 
 def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "greedy", max_new_tokens: int = 32,
-         step: int | None = None, **decode_kw) -> str:
+         step: int | None = None, tokenizer: str | None = None, **decode_kw) -> str:
   """The answer of a VLM on a language model (vlm.models.vision_lm) to `prompt` about the image."""
   from vlm.data.conversation import IMAGE, chat_tokenizer_from_config, instruction_tokens
   from vlm.models.vision_lm import generate
-  config = load_workdir_config(workdir)
+  config, model, _, params = load_run(workdir, step, tokenizer)
   conv = config.data.get("conversation")
   if config.model_name not in ("vision_lm", "flamingo") or not conv:
     raise ValueError(f"{workdir}: model {config.model_name!r} is not a VLM on a language model with "
                      "data.conversation (train one with configs/llava_stage2.py); use --question or --labels")
-  model, _, params = load_model_and_params(config, workdir, step)
   tok = get_tokenizer(config.data)
   turns = ([("system", conv.system)] if conv.get("system") else []) + [("user", IMAGE + prompt)]
   ex = load_example(image, config.data.pp_eval)
@@ -157,28 +165,40 @@ def main(argv) -> None:
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
+  sources = [x for x in (f.workdir, f.hf, f.init) if x]
+  if len(sources) != 1:
+    raise ValueError("pass exactly one of --workdir (a training run), --hf / --init (an HF directory or a "
+                     f"big_vision .npz); got {len(sources)}")
+  run, tok = sources[0], f.tokenizer
   if f.prompt is not None:
     kw = {"num_beams": f.num_beams} if f.method == "beam" else {}
-    print(json.dumps({"answer": chat(f.workdir, f.image, f.prompt, f.method, step=f.step, **kw)}), flush=True)
+    print(json.dumps({"answer": chat(run, f.image, f.prompt, f.method, step=f.step, tokenizer=tok, **kw)}),
+          flush=True)
     return
   if f.question is not None:
-    ranked = answer(f.workdir, f.image, f.question, step=f.step)
+    ranked = answer(run, f.image, f.question, step=f.step, tokenizer=tok)
     print(json.dumps([{"answer": a, "prob": round(p, 4)} for a, p in ranked], indent=2), flush=True)
     return
   if f.labels is None:
     kw = {"num_beams": f.num_beams} if f.method == "beam" else {}
-    print(json.dumps({"caption": caption(f.workdir, f.image, f.method, f.step, **kw)}), flush=True)
+    print(json.dumps({"caption": caption(run, f.image, f.method, f.step, tokenizer=tok, **kw)}), flush=True)
     return
   labels = [s.strip() for s in f.labels.split(",") if s.strip()]
   if not labels:
     raise ValueError("--labels: give at least one label, e.g. --labels='red circle,blue star'")
-  ranked = predict(f.workdir, f.image, labels, step=f.step)
+  templates = [t for t in f.templates.split("|")] if f.templates else None
+  ranked = predict(run, f.image, labels, templates=templates, step=f.step, tokenizer=tok)
   print(json.dumps([{"label": label, "prob": round(p, 4)} for label, p in ranked], indent=2), flush=True)
 
 
 if __name__ == "__main__":
   from absl import app, flags
-  flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+  flags.DEFINE_string("workdir", None, "Workdir of a training run (or a published checkpoint, as --hf).")
+  flags.DEFINE_string("hf", None, "A published checkpoint: HF Hub directory (or big_vision .npz).")
+  flags.DEFINE_string("init", None, "Same as --hf.")
+  flags.DEFINE_string("tokenizer", None, "Tokenizer file/directory (needed for a big_vision .npz).")
+  flags.DEFINE_string("templates", None, "'|'-separated prompt templates with {} (default: the data's, or "
+                      "'a photo of a {}.').")
   flags.DEFINE_string("image", None, "Path to an image file.")
   flags.DEFINE_string("labels", None, "Comma-separated candidate labels (zero-shot); without: a caption.")
   flags.DEFINE_string("question", None, "A question about the image (VQA classifiers).")
@@ -186,5 +206,5 @@ if __name__ == "__main__":
   flags.DEFINE_enum("method", "greedy", ["greedy", "beam", "sample"], "Caption decoding method.")
   flags.DEFINE_integer("num_beams", 4, "Beams for --method=beam.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  flags.mark_flags_as_required(["workdir", "image"])
+  flags.mark_flags_as_required(["image"])
   app.run(main)

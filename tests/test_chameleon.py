@@ -3,9 +3,14 @@ against a small random transformers ChameleonForConditionalGeneration.
 
 HF's forward sets the logits of the VQ image tokens (vocabulary_map 'IMGIMG...') to float32's min; our
 DecoderLM does not, so logits are compared on the other (text) columns and greedy decoding runs through
-vlm.convert.chameleon.suppress_tokens, which applies the same mask."""
+vlm.convert.chameleon.suppress_tokens, which applies the same mask.
+
+The checkpoints are written the way transformers 4.x writes the Hub's (conftest.save_hub_style: rope_theta
+instead of rope_parameters, vq_config keys at their defaults left out) and the reference is transformers
+loading that directory."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,10 +23,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from conftest import rewrite_checkpoint  # noqa: E402
+from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
 from vlm import decoding  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
-from vlm.convert.chameleon import image_token_ids, suppress_tokens  # noqa: E402
+from vlm.convert.chameleon import image_token_ids, model_kwargs_from_hf_chameleon, suppress_tokens  # noqa: E402
+from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
 from vlm.models.decoder import init_cache, make_step_fn  # noqa: E402
 from vlm.nn.attention import MultiHeadAttention, make_qk_norm  # noqa: E402
@@ -59,9 +65,8 @@ def _make(swin_norm: bool):
 
 @pytest.fixture(scope="module", params=[False, True], ids=["pre_norm", "swin_norm"])
 def imported(request, tmp_path_factory):
-  hf = _make(request.param)
-  path = str(tmp_path_factory.mktemp("hf_chameleon") / "chameleon")
-  hf.save_pretrained(path, safe_serialization=True)
+  path = save_hub_style(_make(request.param), str(tmp_path_factory.mktemp("hf_chameleon") / "chameleon"))
+  hf = transformers.ChameleonForConditionalGeneration.from_pretrained(path).eval()
   name, kwargs, params = import_hf(path)
   assert name == "decoder_lm"
   return hf, build_model(name, kwargs), params, kwargs, path
@@ -93,6 +98,27 @@ def test_logits_match_hf(imported):
   diff = float(np.abs(ours[..., text] - theirs[..., text]).max())
   print(f"chameleon (swin_norm={kw['swin_norm']}): max |logits diff| {diff:.2e} over text columns of {ours.shape}")
   assert ours.shape == theirs.shape and diff <= TOL
+  # The file spells rope 4.x's way; an importer reading rope_parameters' default theta would be off by this:
+  written = json.load(open(f"{path}/config.json"))
+  assert "rope_parameters" not in written and written["rope_theta"] == 5000.0
+  wrong = build_model("decoder_lm", dict(kw, rope_theta=10000.0))
+  off = float(np.abs(np.asarray(jax.jit(wrong.apply)({"params": params}, jnp.asarray(ids)))[..., text]
+                     - theirs[..., text]).max())
+  print(f"chameleon logits max abs diff with the default theta 10000 instead of the file's 5000: {off:.2e}")
+  assert off > 1e-3
+
+
+def test_absent_keys_take_chameleon_defaults():
+  """A config.json that gives only the sizes reads as transformers' ChameleonConfig does (eps, rope theta, biases,
+  swin_norm, tying). num_key_value_heads is given: ChameleonConfig's default is 32, not num_attention_heads."""
+  given = dict(model_type="chameleon", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)
+  kw = model_kwargs_from_hf_chameleon(given)
+  ref = transformers.ChameleonConfig(**{k: v for k, v in given.items() if k != "model_type"})
+  assert (kw["norm_eps"], kw["num_kv_heads"], kw["rope_theta"]) == (
+      ref.rms_norm_eps, ref.num_key_value_heads, ref.rope_parameters["rope_theta"])
+  assert (kw["qkv_bias"], kw["mlp_bias"], kw["swin_norm"], kw["tie_embeddings"]) == (
+      ref.attention_bias, ref.mlp_bias, ref.swin_norm, ref.tie_word_embeddings)
 
 
 def test_greedy_generation_matches_hf(imported):
@@ -153,15 +179,20 @@ def test_layer_per_head_matches_chameleon_layernorm():
 
 
 def test_unsupported_config_options_raise(imported, tmp_path):
+  """A ConfigError naming the file, the key and its value (the rope in both spellings)."""
   _, _, _, _, path = imported
   config = json.load(open(f"{path}/config.json"))
   for i, (change, message) in enumerate((
-      ({"rms_norm_eps": 1e-6}, "rms_norm_eps 1e-06 is not supported"),
+      ({"rms_norm_eps": 1e-6}, "DecoderLM shares norm_eps"),
       ({"rope_parameters": dict(rope_type="linear", rope_theta=5000.0, factor=2.0)}, "rope_type 'linear'"),
-      ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-      ({"head_dim": 8}, "head_dim 8"))):
-    with pytest.raises(ValueError, match=message):
-      import_hf(rewrite_checkpoint(path, tmp_path / f"config{i}", config=dict(config, **change)))
+      ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
+      ({"hidden_act": "gelu"}, "not supported"),
+      ({"head_dim": 8}, "!= hidden_size / num_attention_heads"))):
+    dst = rewrite_checkpoint(path, tmp_path / f"config{i}", config=dict(config, **change))
+    (key, value), = change.items()
+    want = rf"^{re.escape(dst)}/config.json: {key} = {re.escape(repr(value))}: .*{re.escape(message)}"
+    with pytest.raises(ConfigError, match=want):
+      import_hf(dst)
   missing = "model.layers.1.self_attn.k_norm.bias"
   with pytest.raises(ValueError, match=f"absent: .*{missing}"):
     import_hf(rewrite_checkpoint(path, tmp_path / "missing", drop=(missing,)))

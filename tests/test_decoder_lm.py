@@ -1,6 +1,8 @@
-"""DecoderLM + its HF importer against small random Llama / Qwen2 / Gemma causal LMs (float32)."""
+"""DecoderLM + its HF importer against small random Llama / Qwen2 / Gemma causal LMs (float32): configs
+as transformers 5 writes them and as the Hub's 4.x files are (defaults left out), scaled RoPE."""
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -11,8 +13,10 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
 from vlm import decoding  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
+from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
 from vlm.models.decoder import DecoderLM, generate  # noqa: E402
 from vlm.nn.attention import MultiHeadAttention  # noqa: E402
@@ -31,12 +35,12 @@ ARCHS = {
 }
 
 
-def _make(arch):
+def _make(arch, factory=None):
   torch.manual_seed(0)
-  model = ARCHS[arch]().eval()
+  model = (factory or ARCHS[arch])().eval()
   # HF inits norms to 1 (Gemma: 0) and biases to 0: perturb every tensor. Gemma's layers get more
   # noise: against its sqrt(D)-scaled tied embeddings they would otherwise just repeat the last token.
-  layer_noise = 0.3 if arch == "gemma" else 0.1
+  layer_noise = 0.3 if arch.startswith("gemma") else 0.1
   with torch.no_grad():
     for name, p in model.named_parameters():
       p.add_((0.1 if "embed" in name else layer_noise) * torch.randn_like(p))
@@ -136,7 +140,10 @@ def _small_model(**kw):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=True, embed_scale=True, mlp_act="geglu", head_dim=16,
-                                         qkv_bias=True)])
+                                         qkv_bias=True),
+                                dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=4,
+                                                       beta_fast=32.0, beta_slow=1.0, truncate=True,
+                                                       attention_factor=1.2))])
 def test_cached_decoding_equals_uncached_forward(kw):
   model, params = _small_model(**kw)
   rng = np.random.default_rng(2)
@@ -186,3 +193,155 @@ def test_remat_and_registry():
   assert jax.tree.structure(grads) == jax.tree.structure(ref.init(jax.random.PRNGKey(0), toks)["params"])
   assert isinstance(build_model("decoder_lm", dict(vocab_size=10, width=8, depth=1, num_heads=2, mlp_dim=16)),
                     DecoderLM)
+
+
+# ------------------------------------------------------------------ configs as the Hub has them
+
+def _max_diff(hf, model, params, ids, mask=None):
+  """max |logits diff| over real tokens, HF given the positions vlm derives from the mask."""
+  mask = np.ones_like(ids, dtype=bool) if mask is None else mask
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
+                position_ids=torch.tensor(positions)).logits.numpy()
+  ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), mask=jnp.asarray(mask)))
+  return float(np.abs(ours - theirs)[mask].max())
+
+
+def _hub_import(name, factory, path, edit=None):
+  """A random model saved the way 4.x Hub files are (save_hub_style), config.json optionally edited;
+  returns (transformers' model loaded from that directory, our model, params, kwargs, the file's config)."""
+  save_hub_style(_make(name, factory), path)
+  file = f"{path}/config.json"
+  if edit:
+    cfg = json.load(open(file))
+    edit(cfg)
+    json.dump(cfg, open(file, "w"))
+  hf = type(factory()).from_pretrained(path).eval()
+  mname, kwargs, params = import_hf(path)
+  return hf, build_model(mname, kwargs), params, kwargs, json.load(open(file))
+
+
+def _set(**kv):
+  return lambda cfg: cfg.update(kv)
+
+
+# Per case: the kwargs a wrong reading would get wrong, and keys the file leaves out. A top-level 4.x file
+# drops the keys equal to PretrainedConfig's defaults that the class shares (Gemma's tie_word_embeddings)
+# and spells rope as rope_theta / rope_scaling; nested ones drop every class default (tests/test_hf_llava.py).
+HUB = {
+    # Llama: rms_norm_eps 1e-6 (the class default, left out), theta 500 (written, 4.x spelling rope_theta).
+    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **COMMON, rope_parameters={"rope_type": "default", "rope_theta": 500.0})), None,
+        dict(norm_eps=1e-6, rope_theta=500.0, mlp_act="swiglu", tie_embeddings=False), ("rope_parameters",)),
+    # Qwen2: theta 10000 and eps 1e-6 left out; q/k/v biases without a config key.
+    "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, rms_norm_eps=1e-5)), None,
+              dict(norm_eps=1e-5, rope_theta=10000.0, qkv_bias=True, out_bias=False), ("rope_parameters",)),
+    # Gemma with only hidden_act (no hidden_activation key), a non-default one: transformers 5 runs silu.
+    "gemma_hidden_act": (lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        **COMMON, head_dim=16, hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": 300.0})),
+        None, dict(mlp_act="swiglu", tie_embeddings=True, rope_theta=300.0, norm_eps=1e-6),
+        ("hidden_activation", "tie_word_embeddings", "rope_parameters")),
+    # Gemma with the legacy hidden_act 'gelu' of the official releases: the tanh approximation.
+    "gemma_legacy_gelu": (lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**COMMON, head_dim=16)),
+                          _set(hidden_act="gelu"), dict(mlp_act="geglu", tie_embeddings=True),
+                          ("hidden_activation", "tie_word_embeddings")),
+}
+
+
+@pytest.mark.parametrize("case", list(HUB))
+def test_hub_style_config_imports_exactly(case, tmp_path):
+  factory, edit, expect, absent = HUB[case]
+  hf, model, params, kwargs, file_cfg = _hub_import(case.split("_")[0], factory, tmp_path / case, edit)
+  assert not set(absent) & set(file_cfg), "the file should leave these to the class defaults"
+  assert {k: kwargs[k] for k in expect} == expect
+  ids, mask = _padded_batch()
+  diff = _max_diff(hf, model, params, ids, mask)
+  print(f"{case}: hub-style config {sorted(file_cfg)}; max abs logit diff {diff:.2e}")
+  assert diff <= TOL
+
+
+# ------------------------------------------------------------------ scaled RoPE
+
+ORIG = 16  # max_position_embeddings / original_max_position_embeddings of the rope tests; sequences of 40
+ROPE = {
+    "llama3": dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=ORIG),
+    "linear": dict(rope_type="linear", factor=3.0),
+    "dynamic": dict(rope_type="dynamic", factor=2.0),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=ORIG),
+    "yarn_mscale": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=ORIG, mscale=0.8,
+                        mscale_all_dim=0.5, beta_fast=16, beta_slow=2, truncate=False),
+}
+
+
+def _rope_llama(rope_type):
+  rp = dict(ROPE[rope_type], rope_theta=1000.0)
+  common = dict(COMMON, max_position_embeddings=ORIG if rope_type == "dynamic" else 4 * ORIG)
+  return lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_parameters=rp))
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE))
+def test_scaled_rope_matches_hf(rope_type, tmp_path):
+  """Each rope_type, from a 4.x-style file (rope_theta + rope_scaling), on 40 tokens (> ORIG): HF's logits;
+  the same params without the scaling are far off."""
+  hf, model, params, kwargs, file_cfg = _hub_import("llama", _rope_llama(rope_type), tmp_path / rope_type)
+  assert file_cfg["rope_scaling"]["rope_type"] == ROPE[rope_type]["rope_type"] and "rope_parameters" not in file_cfg
+  assert kwargs["rope_scaling"]["rope_type"] == ROPE[rope_type]["rope_type"]
+  ids = np.random.default_rng(3).integers(3, VOCAB, size=(2, 40))
+  mask = np.ones_like(ids, dtype=bool)
+  mask[1, :5] = False  # left padding: the dynamic length is the longest row's
+  diff = _max_diff(hf, model, params, ids, mask)
+  unscaled = DecoderLM(**{k: v for k, v in kwargs.items() if k != "rope_scaling"})
+  off = _max_diff(hf, unscaled, params, ids, mask)
+  print(f"{rope_type}: {kwargs['rope_scaling']}: max abs logit diff {diff:.2e}; without the scaling {off:.2e}")
+  assert diff <= TOL and off > 100 * TOL
+
+
+def test_dynamic_rope_cached_decoding_matches_hf_generate(tmp_path):
+  """NTK-dynamic under KV caching: each step's frequencies follow its own length (as HF's generate from a
+  fresh model), so our cached logits equal HF's at every step while the prompt + new tokens cross
+  max_position_embeddings; one uncached forward over the whole sequence differs (HF's too)."""
+  hf, model, params, _, _ = _hub_import("llama", _rope_llama("dynamic"), tmp_path / "dyn")
+  rng = np.random.default_rng(1)
+  ids = rng.integers(3, VOCAB, size=(2, 12))
+  mask = np.ones_like(ids, dtype=bool)
+  mask[1, :3] = False
+  ids[~mask] = PAD
+  new, p = 10, ids.shape[1]
+  with torch.no_grad():
+    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
+                      do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=PAD,
+                      output_logits=True, return_dict_in_generate=True)
+  seq, theirs = out.sequences.numpy(), np.stack([x.numpy() for x in out.logits], 1)
+  apply = functools.partial(model.apply, method=DecoderLM.decode_step, mutable=["cache"])
+  _, var = apply({"params": params}, jnp.asarray(ids), 0, p + new, jnp.asarray(mask))
+  logits, var = apply({"params": params, "cache": var["cache"]}, jnp.asarray(ids), 0)
+  steps = [np.asarray(logits)[:, -1]]
+  for i in range(new - 1):  # fed HF's tokens
+    logits, var = apply({"params": params, "cache": var["cache"]}, jnp.asarray(seq[:, p + i:p + i + 1]), p + i)
+    steps.append(np.asarray(logits)[:, -1])
+  diff = float(np.abs(np.stack(steps, 1) - theirs).max())
+  full_mask = np.concatenate([mask, np.ones((2, new), bool)], 1)
+  full = np.asarray(model.apply({"params": params}, jnp.asarray(seq), mask=jnp.asarray(full_mask)))[:, p - 1:-1]
+  print(f"dynamic, cached decoding {p} -> {p + new} tokens (max_position_embeddings {ORIG}): max abs logit diff "
+        f"{diff:.2e}; one uncached forward differs by {np.abs(full - theirs).max():.2e}")
+  assert diff <= TOL and np.abs(full - theirs).max() > 100 * TOL
+
+
+def test_unsupported_config_values_raise_naming_them(tmp_path):
+  src = str(tmp_path / "src")
+  save_hub_style(_make("llama"), src)
+
+  def raises(name, match, **config):
+    with pytest.raises(ConfigError, match=match):
+      import_hf(rewrite_checkpoint(src, tmp_path / name, config=config))
+
+  raises("longrope", r"config.json: rope_scaling = .*rope_type 'longrope' is not supported by vlm",
+         rope_scaling=dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4))
+  raises("act", r"config.json: hidden_act = 'gelu': not supported", hidden_act="gelu")
+  raises("no_factor", r"rope_scaling = .*needs 'factor'", rope_scaling=dict(rope_type="linear"))
+  raises("gemma", r"hidden_activation = 'silu': disagrees with hidden_act = 'gelu'", model_type="gemma",
+         head_dim=8, hidden_act="gelu", hidden_activation="silu")
+  raises("qwen2", r"use_sliding_window = True: sliding-window attention", model_type="qwen2",
+         use_sliding_window=True, sliding_window=4, max_window_layers=0)

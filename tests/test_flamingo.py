@@ -227,22 +227,29 @@ def test_teacher_forced_steps_match_the_full_forward():
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import copy  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+
 from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer  # noqa: E402
 from transformers.models.idefics.perceiver import IdeficsPerceiverResampler  # noqa: E402
 
+from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
+from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.convert.idefics import (import_hf_idefics, import_hf_idefics_gated_xattn,  # noqa: E402
                                  import_hf_idefics_perceiver)
 
 
-def _hf_config(alpha_type="float", qk=True, depth=2, every=1, extra_vocab=0):
+def _hf_config(alpha_type="float", qk=True, depth=2, every=1, extra_vocab=0, vision=None, **text):
+  """A tiny IdeficsConfig; vision: more vision_config keys, text: more (top-level) LM keys."""
   cfg = transformers.IdeficsConfig(
       vocab_size=64, additional_vocab_size=extra_vocab, hidden_size=32, intermediate_size=48,
       num_hidden_layers=depth, num_attention_heads=4, cross_layer_interval=every, use_resampler=True,
       alpha_initializer="zeros", alpha_type=alpha_type, qk_layer_norms=qk,  # 'normal' + 'float' fails in HF
       vision_config=dict(embed_dim=24, image_size=SIZE, patch_size=PATCH, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=48),
+                         intermediate_size=48, **(vision or {})),
       perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2,
-                            resampler_head_dim=8, qk_layer_norms_perceiver=qk))
+                            resampler_head_dim=8, qk_layer_norms_perceiver=qk), **text)
   cfg._attn_implementation = "eager"
   return cfg
 
@@ -309,17 +316,14 @@ def test_gated_cross_attention_matches_hf(alpha_type, qk):
   assert np.abs(theirs - x)[0, :2].max() > 0  # the FFW gate acts on tokens before any image too
 
 
-def test_idefics_model_logits_match_hf():
-  """IdeficsForVisionText2Text (gated blocks before LM layers 0 and 2, 2 extra vocabulary rows) vs Flamingo."""
-  cfg = _hf_config("vector", True, depth=4, every=2, extra_vocab=2)
-  torch.manual_seed(0)
-  hf = _perturb(transformers.IdeficsForVisionText2Text(cfg), seed=1)
-  name, kw, params = import_hf_idefics(hf.state_dict(), cfg, image_token_id=IMG)
-  assert name == "flamingo" and kw["cross_attention_every"] == 2 and kw["lm_config"]["vocab_size"] == 66
+def _idefics_logits(hf, kw, params, extra_vocab=0):
+  """(ours, HF's) logits of IdeficsForVisionText2Text and the Flamingo built from kw on two rows with two
+  images each (an additional-vocabulary token in row 1 when extra_vocab)."""
   model = Flamingo(**kw)
   rng = np.random.default_rng(0)
   tokens = np.asarray(_tokens()).copy()
-  tokens[1, 3] = 65  # an additional-vocabulary token
+  if extra_vocab:
+    tokens[1, 3] = 64 + extra_vocab - 1  # an additional-vocabulary token
   pixels = rng.normal(size=(2, 2, 3, SIZE, SIZE)).astype(np.float32)  # [B, M, C, H, W]
   m = np.asarray(media_attention_mask(jnp.asarray(tokens), IMG, 2)).astype(np.int64)
   with torch.no_grad():
@@ -327,6 +331,18 @@ def test_idefics_model_logits_match_hf():
                 image_attention_mask=torch.tensor(m)).logits.numpy()
   ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(pixels.transpose(0, 1, 3, 4, 2)),
                                          jnp.asarray(tokens)))
+  return ours, theirs, model, tokens
+
+
+def test_idefics_model_logits_match_hf():
+  """IdeficsForVisionText2Text (gated blocks before LM layers 0 and 2, 2 extra vocabulary rows) vs Flamingo."""
+  cfg = _hf_config("vector", True, depth=4, every=2, extra_vocab=2)
+  torch.manual_seed(0)
+  hf = _perturb(transformers.IdeficsForVisionText2Text(cfg), seed=1)
+  name, kw, params = import_hf_idefics(hf.state_dict(), cfg, image_token_id=IMG)
+  assert name == "flamingo" and kw["cross_attention_every"] == 2 and kw["lm_config"]["vocab_size"] == 66
+  ours, theirs, model, tokens = _idefics_logits(hf, kw, params, extra_vocab=2)
+  assert tokens[1, 3] == 65
   diff = float(np.abs(ours - theirs).max())
   print(f"IDEFICS model logits max abs diff: {diff:.2e}")
   assert ours.shape == theirs.shape and diff <= TOL
@@ -337,17 +353,73 @@ def test_idefics_model_logits_match_hf():
     import_hf_idefics(dict(hf.state_dict(), extra=torch.zeros(1)), cfg)
 
 
-def test_import_hf_reads_a_saved_idefics_directory(tmp_path):
-  """vlm.convert.import_hf (config.json + safetensors) routes IDEFICS to the Flamingo importer."""
-  from vlm.convert.hf import import_hf
-  cfg = _hf_config("vector", True, depth=2, every=1, extra_vocab=0)
+# Non-default values (in the Hub-style file); transformers' defaults 1e-5, 1e-6, 10000.
+VISION_EPS, RMS_EPS, THETA = 0.1, 1e-2, 100.0
+
+
+@functools.cache
+def _hub_idefics(root):
+  """A tiny IDEFICS saved the way transformers 4.x writes the Hub's checkpoints (conftest.save_hub_style), with a
+  non-default vision eps, RMSNorm eps and rope theta: (transformers' model loaded from it, directory)."""
+  cfg = _hf_config("vector", True, depth=2, every=1, vision=dict(layer_norm_eps=VISION_EPS), rms_norm_eps=RMS_EPS,
+                   rope_parameters=dict(rope_type="default", rope_theta=THETA))
   torch.manual_seed(0)
-  hf = _perturb(transformers.IdeficsForVisionText2Text(cfg), seed=1)
-  hf.save_pretrained(tmp_path)
-  name, kw, params = import_hf(tmp_path)
-  _, kw2, params2 = import_hf_idefics(hf.state_dict(), cfg)
+  path = save_hub_style(_perturb(transformers.IdeficsForVisionText2Text(cfg), seed=1), f"{root}/idefics")
+  return transformers.IdeficsForVisionText2Text.from_pretrained(path, attn_implementation="eager").eval(), path
+
+
+@pytest.fixture(scope="module")
+def hub_idefics(tmp_path_factory):
+  return _hub_idefics(str(tmp_path_factory.mktemp("hf_idefics")))
+
+
+def test_import_hf_reads_a_saved_idefics_directory(hub_idefics):
+  """vlm.convert.import_hf (config.json + safetensors) routes IDEFICS to the Flamingo importer; a Hub-style file
+  (defaults left out, rope_theta) gives the kwargs of the full config and transformers' logits."""
+  from vlm.convert.hf import import_hf
+  hf, path = hub_idefics
+  written = json.load(open(f"{path}/config.json"))
+  assert "hidden_act" not in written["vision_config"] and written["vision_config"]["layer_norm_eps"] == VISION_EPS
+  assert "rope_parameters" not in written and written["rope_theta"] == THETA
+  name, kw, params = import_hf(path)
+  _, kw2, params2 = import_hf_idefics(hf.state_dict(), hf.config)
   assert name == "flamingo" and kw == kw2
+  assert (kw["vision_config"]["norm_eps"], kw["vision_config"]["mlp_act"]) == (VISION_EPS, "gelu")
+  assert (kw["lm_config"]["norm_eps"], kw["xattn_config"]["norm_eps"], kw["lm_config"]["rope_theta"]) == (
+      RMS_EPS, RMS_EPS, THETA)
   flat, flat2 = traverse_util.flatten_dict(params), traverse_util.flatten_dict(params2)
   assert set(flat) == set(flat2)
   for k in flat:
     np.testing.assert_array_equal(flat[k], flat2[k], err_msg="/".join(k))
+  kw["image_token_id"] = IMG  # the tokenizer's, not in the config
+  ours, theirs, _, _ = _idefics_logits(hf, kw, params)
+  diff = float(np.abs(ours - theirs).max())
+  print(f"IDEFICS Hub-style directory logits max abs diff: {diff:.2e}")
+  assert diff <= TOL
+  # Each non-default value replaced by transformers' default (an importer ignoring the key) shows.
+  diffs = {}
+  for what, keys, default in (("vision layer_norm_eps", [("vision_config", "norm_eps")], 1e-5),
+                              ("rms_norm_eps", [("lm_config", "norm_eps"), ("xattn_config", "norm_eps")], 1e-6),
+                              ("rope_theta", [("lm_config", "rope_theta")], 10000.0)):
+    wrong = copy.deepcopy(kw)
+    for a, b in keys:
+      wrong[a][b] = default
+    diffs[what] = float(np.abs(_idefics_logits(hf, wrong, params)[0] - theirs).max())
+  print(f"IDEFICS logits max abs diff with a default instead of the file's value: {diffs}")
+  assert all(d > 1e-3 for d in diffs.values()), diffs
+
+
+@pytest.mark.parametrize("sub,key,value", [
+    (None, "alpha_type", "matrix"), (None, "hidden_act", "gelu"), (None, "use_resampler", False),
+    (None, "rope_scaling", {"rope_type": "linear", "factor": 2.0}), ("vision_config", "hidden_act", "relu6"),
+    (None, "alpha_initializer", "uniform")])
+def test_unsupported_idefics_value_names_file_key_and_value(hub_idefics, tmp_path, sub, key, value):
+  from vlm.convert.hf import import_hf
+  _, path = hub_idefics
+  written = json.load(open(f"{path}/config.json"))
+  change = {key: value} if sub is None else {sub: dict(written[sub], **{key: value})}
+  dst = rewrite_checkpoint(path, tmp_path / "bad", config=change)
+  name = key if sub is None else f"{sub}.{key}"
+  message = rf"^{re.escape(dst)}/config.json: {re.escape(name)} = {re.escape(repr(value))}:"
+  with pytest.raises(ConfigError, match=message):
+    import_hf(dst)

@@ -1,8 +1,14 @@
 """Fuyu (vlm.models.fuyu + vlm.convert.fuyu) against a small random transformers FuyuForCausalLM, and the
-Persimmon options of DecoderLM (LayerNorm, qk-norm, partial rotary, relu2)."""
+Persimmon options of DecoderLM (LayerNorm, qk-norm, partial rotary, relu2).
 
+Checkpoints are written the way transformers 4.x writes the Hub's (conftest.save_hub_style: text_config keys
+equal to PersimmonConfig's defaults left out, rope_theta instead of rope_parameters) and the reference is
+transformers loading that directory."""
+
+import copy
 import functools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,9 +23,10 @@ from flax import traverse_util  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
-from conftest import rewrite_checkpoint  # noqa: E402
+from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
-from vlm.convert.fuyu import model_kwargs_from_hf_fuyu  # noqa: E402
+from vlm.convert.fuyu import FLAT_TEXT_KEYS, model_kwargs_from_hf_fuyu  # noqa: E402
+from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
 from vlm.models.decoder import DecoderLM  # noqa: E402
 from vlm.models.fuyu import FuyuPatchEmbed, image_token_layout, patchify  # noqa: E402
@@ -34,12 +41,13 @@ ROWS, COLS = HEIGHT // PATCH, WIDTH // PATCH
 NEW = 6
 
 
-def _make():
+def _make(theta=25000.0, **text):
   torch.manual_seed(0)
   tc = dict(model_type="persimmon", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=256, qk_layernorm=True, layer_norm_eps=1e-5,
             hidden_act="relu2", eos_token_id=EOS, bos_token_id=1,
-            rope_parameters=dict(rope_type="default", rope_theta=25000.0, partial_rotary_factor=0.5))
+            rope_parameters=dict(rope_type="default", rope_theta=theta, partial_rotary_factor=0.5))
+  tc.update(text)
   cfg = transformers.FuyuConfig(patch_size=PATCH, num_channels=3, image_token_id=IMAGE, text_config=tc)
   model = transformers.FuyuForCausalLM(cfg).eval()
   with torch.no_grad():  # HF inits LayerNorms to 1 / 0: perturb every tensor
@@ -48,11 +56,15 @@ def _make():
   return model
 
 
+def _save_and_load(hf, path):
+  """(transformers' FuyuForCausalLM loaded from the Hub-style directory written from hf, directory)."""
+  path = save_hub_style(hf, path)
+  return transformers.FuyuForCausalLM.from_pretrained(path).eval(), path
+
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-  hf = _make()
-  path = str(tmp_path_factory.mktemp("hf_fuyu") / "fuyu")
-  hf.save_pretrained(path, safe_serialization=True)
+  hf, path = _save_and_load(_make(), str(tmp_path_factory.mktemp("hf_fuyu") / "fuyu"))
   name, kwargs, params = import_hf(path)
   assert name == "vision_lm"
   return hf, build_model(name, kwargs), params, kwargs, path
@@ -106,6 +118,43 @@ def test_logits_match_hf(imported):
   assert ours.shape == theirs.shape and diff <= TOL
 
 
+def _logits(hf, kwargs, params, seed=0):
+  """(ours, HF's) logits on _batch(seed)."""
+  ids, pixels, patches = _batch(seed)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(patches)).logits.numpy()
+  ours = np.asarray(build_model("vision_lm", kwargs).apply({"params": params}, _nhwc(pixels), jnp.asarray(ids)))
+  return ours, theirs
+
+
+# A second tiny Fuyu: rope theta at PersimmonConfig's default 10000 (left out of the file; FuyuConfig 4.x's
+# default, and 5.x's FuyuConfig.default_theta, is 25000), a non-default activation and LayerNorm eps (kept).
+DEFAULTS_CASE = dict(theta=10000.0, hidden_act="gelu", layer_norm_eps=1e-2)
+
+
+def test_hub_style_defaults_and_non_default_values(tmp_path):
+  hf, path = _save_and_load(_make(**DEFAULTS_CASE), tmp_path / "fuyu")
+  written = json.load(open(f"{path}/config.json"))["text_config"]
+  assert "rope_theta" not in written and "rope_parameters" not in written and "partial_rotary_factor" not in written
+  assert (written["hidden_act"], written["layer_norm_eps"]) == ("gelu", 1e-2)
+  assert hf.config.text_config.rope_parameters["rope_theta"] == 10000.0
+  _, kwargs, params = import_hf(path)
+  lm = kwargs["lm_config"]
+  assert (lm["rope_theta"], lm["rotary_fraction"], lm["mlp_act"], lm["norm_eps"]) == (10000.0, 0.5, "gelu", 1e-2)
+  ours, theirs = _logits(hf, kwargs, params)
+  diff = float(np.abs(ours - theirs).max())
+  print(f"fuyu (Hub-style, default theta): max |logits diff| {diff:.2e}")
+  assert diff <= TOL
+  # Each value replaced by what a wrong default gives (the importer ignoring the file) would show.
+  diffs = {}
+  for key, wrong in (("rope_theta", 25000.0), ("mlp_act", "relu2"), ("norm_eps", 1e-5)):
+    kw = copy.deepcopy(kwargs)
+    kw["lm_config"][key] = wrong
+    diffs[key] = float(np.abs(_logits(hf, kw, params)[0] - theirs).max())
+  print(f"fuyu logits max abs diff with a wrong default: {diffs}")
+  assert all(d > 1e-3 for d in diffs.values()), diffs
+
+
 def test_greedy_generation_matches_hf(imported):
   hf, model, params, _, _ = imported
   ids, pixels, patches = _batch(1)
@@ -138,13 +187,45 @@ def test_both_key_layouts_and_flat_config(imported, tmp_path):
   # adept/fuyu-8b's config.json: the Persimmon fields at the top level, v4 rope fields.
   config = json.load(open(f"{path}/config.json"))
   tc = config.pop("text_config")
-  rope = tc.pop("rope_parameters")
+  assert "rope_parameters" not in tc  # the Hub-style file spells rope 4.x's way
+  rope = dict(rope_type="default", rope_theta=tc.pop("rope_theta"), partial_rotary_factor=0.5)
+  tc.pop("rope_scaling", None)
   flat = {**config, **{k: v for k, v in tc.items() if k != "model_type"}, "rope_theta": rope["rope_theta"],
           "partial_rotary_factor": 0.5, "rope_scaling": None}
   assert model_kwargs_from_hf_fuyu(flat) == model_kwargs_from_hf_fuyu(dict(config, text_config=dict(tc, **{
       "rope_parameters": rope})))
   hf_text = transformers.FuyuConfig.from_dict(flat).text_config  # HF reads the flat config the same way
   assert (hf_text.hidden_size, hf_text.vocab_size, hf_text.rope_parameters["rope_theta"]) == (32, VOCAB, 25000.0)
+  # The flat file as a checkpoint (text_config null): the same import, and transformers loads it the same way.
+  flat_dir = rewrite_checkpoint(path, tmp_path / "flat", config=dict(flat, text_config=None))
+  _, kw3, params3 = import_hf(flat_dir)
+  assert kw3 == kwargs
+  jax.tree.map(np.testing.assert_array_equal, params3, params)
+  loaded = transformers.FuyuForCausalLM.from_pretrained(flat_dir).config.text_config
+  assert (loaded.hidden_size, loaded.rope_parameters) == (32, hf_text.rope_parameters)
+
+
+def test_flat_config_reads_as_transformers_5_does():
+  """transformers 5's FuyuConfig moves FLAT_TEXT_KEYS of a flat file into the text config (not
+  partial_rotary_factor, nor the token ids but eos), and PersimmonConfig's defaults fill the rest: so does vlm."""
+  spec = transformers.FuyuConfig.sub_configs_defaults["text_config"]
+  assert set(FLAT_TEXT_KEYS) == set(spec.init_kwargs) | {"rope_scaling", "rope_theta"}
+  base = dict(model_type="fuyu", hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+              vocab_size=VOCAB)
+  for extra in ({}, {"rope_theta": 25000.0}, {"rope_theta": 500.0, "partial_rotary_factor": 0.25},
+                {"layer_norm_eps": 1e-3, "hidden_act": "gelu", "qk_layernorm": False}, {"text_config": None}):
+    cfg = dict(base, **extra)
+    lm = model_kwargs_from_hf_fuyu(cfg)["lm_config"]
+    ref = transformers.FuyuConfig.from_dict(cfg).text_config
+    rp = ref.rope_parameters
+    assert (lm["rope_theta"], lm["rotary_fraction"]) == (rp["rope_theta"], rp["partial_rotary_factor"]), extra
+    assert (lm["norm_eps"], lm["qk_norm"] is not None, lm["width"]) == (ref.layer_norm_eps, ref.qk_layernorm,
+                                                                         ref.hidden_size), extra
+  # No text keys at all: PersimmonConfig's (8B) defaults, as transformers builds them.
+  lm = model_kwargs_from_hf_fuyu({"model_type": "fuyu"})["lm_config"]
+  ref = transformers.FuyuConfig.from_dict({"model_type": "fuyu"}).text_config
+  assert (lm["width"], lm["depth"], lm["vocab_size"], lm["rope_theta"]) == (
+      ref.hidden_size, ref.num_hidden_layers, ref.vocab_size, ref.rope_parameters["rope_theta"])
 
 
 def test_importer_errors(imported, tmp_path):
@@ -154,9 +235,28 @@ def test_importer_errors(imported, tmp_path):
     import_hf(rewrite_checkpoint(path, tmp_path / "missing", drop=(missing,)))
   with pytest.raises(ValueError, match="not used by the Fuyu importer.*extra.weight"):
     import_hf(rewrite_checkpoint(path, tmp_path / "extra", add={"extra.weight": np.zeros(3, np.float32)}))
-  with pytest.raises(ValueError, match="hidden_act 'swiglu'"):
+  with pytest.raises(ValueError, match="text_config.hidden_act = 'swiglu'"):
     import_hf(rewrite_checkpoint(path, tmp_path / "act", config={
         "text_config": dict(json.load(open(f"{path}/config.json"))["text_config"], hidden_act="swiglu")}))
+
+
+@pytest.mark.parametrize("sub,key,value", [
+    ("text_config", "hidden_act", "swiglu"), ("text_config", "rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+    ("text_config", "rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+    (None, "hidden_act", "swiglu"), (None, "patch_size", 0)])
+def test_unsupported_value_names_file_key_and_value(imported, tmp_path, sub, key, value):
+  """sub None: a top-level key (hidden_act of a flat file, whose text_config is null)."""
+  _, _, _, _, path = imported
+  written = json.load(open(f"{path}/config.json"))
+  if sub is None:
+    change = {key: value} if key == "patch_size" else {key: value, "text_config": None}
+  else:
+    change = {sub: dict(written[sub], **{key: value})}
+  dst = rewrite_checkpoint(path, tmp_path / "bad", config=change)
+  name = key if sub is None else f"{sub}.{key}"
+  message = rf"^{re.escape(dst)}/config.json: {re.escape(name)} = {re.escape(repr(value))}:"
+  with pytest.raises(ConfigError, match=message):
+    import_hf(dst)
 
 
 def test_image_size_not_a_multiple_of_patch_raises():

@@ -1,6 +1,13 @@
 """HF Blip2ForConditionalGeneration import (vlm.convert.blip2.import_hf_blip2) against a small random
-transformers model with a Llama LM: logits and greedy generations of our VisionLanguageModel."""
+transformers model with a Llama LM: logits and greedy generations of our VisionLanguageModel.
 
+The checkpoint is written the way transformers 4.x writes the Hub's (conftest.save_hub_style: default
+values left out, rope_theta instead of rope_parameters) and the reference is transformers loading that
+directory. Its vision / Q-Former LayerNorm eps and the LM's rope theta are non-default (in the file),
+everything else default (absent): test_non_default_values_would_show checks that importing with the
+default instead of the file's value would move the logits by more than 1e-3."""
+
+import copy
 import functools
 import json
 import re
@@ -17,8 +24,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import traverse_util  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from conftest import rewrite_checkpoint  # noqa: E402
+from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
 from vlm.convert import import_hf, import_hf_blip2  # noqa: E402
+from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
 from vlm.models.vision_lm import generate  # noqa: E402
 
@@ -26,33 +34,36 @@ TOL = 1e-4
 VOCAB, IMAGE, PAD, BOS, EOS = 200, 150, 0, 1, 2
 SIZE, PATCH, QUERIES = 32, 8, 6
 NEW = 5
+# Non-default values (kept in the Hub-style file); transformers' defaults: 1e-6, 1e-12, 10000.
+VISION_EPS, QFORMER_EPS, LM_THETA = 1e-2, 1e-2, 500.0
 
 
 def _config(text=None):
   vc = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,
-            patch_size=PATCH)
+            patch_size=PATCH, layer_norm_eps=VISION_EPS)
   qc = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
-            cross_attention_frequency=2, encoder_hidden_size=32)
+            cross_attention_frequency=2, encoder_hidden_size=32, layer_norm_eps=QFORMER_EPS)
   tc = text or transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-      tie_word_embeddings=False)
+      tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=LM_THETA))
   return transformers.Blip2Config(vision_config=vc, qformer_config=qc, text_config=tc, num_query_tokens=QUERIES,
                                   image_token_index=IMAGE)
 
 
 @functools.cache
 def _imported(root):
+  """(transformers' model loaded from the Hub-style directory, our model, params, kwargs, directory)."""
   torch.manual_seed(0)
   hf = transformers.Blip2ForConditionalGeneration(_config()).eval()
   with torch.no_grad():  # HF inits norms to 1, biases and query_tokens to 0: perturb every tensor
     for p in hf.parameters():
       p.add_(0.1 * torch.randn_like(p))
-  path = f"{root}/blip2"
-  hf.save_pretrained(path, safe_serialization=True)
+  path = save_hub_style(hf, f"{root}/blip2")
+  loaded = transformers.Blip2ForConditionalGeneration.from_pretrained(path).eval()
   name, kwargs, params = import_hf(path)
   assert name == "vision_lm"
-  return hf, build_model(name, kwargs), params, kwargs, path
+  return loaded, build_model(name, kwargs), params, kwargs, path
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +99,34 @@ def test_kwargs_and_params_are_exactly_what_init_creates(imported):
   assert not any("word_embed" in "/".join(k) or "mlp_text" in "/".join(k) for k in ours)
 
 
+def test_hub_style_file_leaves_the_defaults_out(imported):
+  """What the parity tests are about: the file omits the default-valued keys (and spells rope 4.x's way),
+  and the importer fills them with transformers' defaults, the non-default ones with the file's."""
+  _, _, _, kwargs, path = imported
+  written = json.load(open(f"{path}/config.json"))
+  vc, qc, tc = written["vision_config"], written["qformer_config"], written["text_config"]
+  assert "hidden_act" not in vc and "qkv_bias" not in vc and vc["layer_norm_eps"] == VISION_EPS
+  assert not {"hidden_act", "hidden_dropout_prob", "pad_token_id"} & set(qc) and qc["layer_norm_eps"] == QFORMER_EPS
+  assert "rope_parameters" not in tc and tc["rope_theta"] == LM_THETA and "rms_norm_eps" not in tc
+  image, qformer, lm = kwargs["vision_config"]["image"], kwargs["vision_config"]["qformer"], kwargs["lm_config"]
+  assert (image["mlp_act"], image["norm_eps"]) == ("gelu", VISION_EPS)
+  assert (qformer["mlp_act"], qformer["norm_eps"], qformer["dropout"], qformer["pad_id"]) == (
+      "gelu", QFORMER_EPS, 0.1, 0)
+  assert (lm["rope_theta"], lm["norm_eps"], lm["mlp_act"]) == (LM_THETA, 1e-6, "swiglu")
+
+
+def _hf_logits(hf, ids, pixels):
+  with torch.no_grad():
+    return hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+
+
 def test_logits_match_hf(imported):
   hf, model, params, _, _ = imported
   rng = np.random.default_rng(0)
   ids = np.stack([_prompt(rng) for _ in range(2)])
   pixels = _pixels(rng, 2)
+  theirs = _hf_logits(hf, ids, pixels)
   with torch.no_grad():
-    theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
     hf_queries = hf.get_image_features(pixel_values=torch.tensor(pixels)).pooler_output.numpy()
   ours = np.asarray(model.apply({"params": params}, _nhwc(pixels), jnp.asarray(ids)))
   our_queries = np.asarray(model.apply({"params": params}, _nhwc(pixels), method="encode_images"))
@@ -102,6 +134,34 @@ def test_logits_match_hf(imported):
            "logits": float(np.abs(ours - theirs).max())}
   print(f"BLIP-2 stage 2 max abs diffs: {diffs}")
   assert ours.shape == theirs.shape and all(d <= TOL for d in diffs.values()), diffs
+
+
+def _replaced(kwargs, keys, value):
+  """A deep copy of nested kwargs with kwargs[k0][k1]... = value."""
+  out = copy.deepcopy(kwargs)
+  d = out
+  for k in keys[:-1]:
+    d = d[k]
+  d[keys[-1]] = value
+  return out
+
+
+def test_non_default_values_would_show(imported):
+  """Each non-default value of the file, replaced by transformers' default (what an importer ignoring the key
+  would produce), moves the logits by more than 1e-3: the parity test would catch it."""
+  hf, _, params, kwargs, _ = imported
+  rng = np.random.default_rng(0)
+  ids = np.stack([_prompt(rng) for _ in range(2)])
+  pixels = _pixels(rng, 2)
+  theirs = _hf_logits(hf, ids, pixels)
+  diffs = {}
+  for keys, default in ((("vision_config", "image", "norm_eps"), 1e-6),
+                        (("vision_config", "qformer", "norm_eps"), 1e-12), (("lm_config", "rope_theta"), 10000.0)):
+    model = build_model("vision_lm", _replaced(kwargs, keys, default))
+    ours = np.asarray(model.apply({"params": params}, _nhwc(pixels), jnp.asarray(ids)))
+    diffs["/".join(keys)] = float(np.abs(ours - theirs).max())
+  print(f"BLIP-2 logits max abs diff with a default instead of the file's value: {diffs}")
+  assert all(d > 1e-3 for d in diffs.values()), diffs
 
 
 def test_greedy_generation_matches_hf(imported):
@@ -152,10 +212,39 @@ def test_missing_unused_and_unsupported_raise(imported, tmp_path):
   with pytest.raises(ValueError, match=rf"not used .*{re.escape(str(sorted(extra)))}"):
     import_hf(rewrite_checkpoint(path, tmp_path / "extra", add={k: np.zeros((2, 2), np.float32) for k in extra}))
   opt = json.loads(json.dumps(_config(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32)).to_dict()))
-  with pytest.raises(NotImplementedError, match="text_config.model_type 'opt'"):
+  with pytest.raises(NotImplementedError, match="config.json: text_config.model_type = 'opt'"):
     import_hf(rewrite_checkpoint(path, tmp_path / "opt", config=opt))
   with pytest.raises(ValueError, match="image_token_index"):
     import_hf(rewrite_checkpoint(path, tmp_path / "no_token", config={"image_token_index": None}))
+
+
+@pytest.mark.parametrize("sub,key,value", [("vision_config", "hidden_act", "relu6"),
+                                           ("qformer_config", "hidden_act", "relu6"),
+                                           ("qformer_config", "cross_attention_frequency", 0),
+                                           ("text_config", "hidden_act", "relu6")])
+def test_unsupported_value_names_file_key_and_value(imported, tmp_path, sub, key, value):
+  _, _, _, _, path = imported
+  written = json.load(open(f"{path}/config.json"))
+  dst = rewrite_checkpoint(path, tmp_path / "bad", config={sub: dict(written[sub], **{key: value})})
+  with pytest.raises(ConfigError, match=rf"^{re.escape(dst)}/config.json: {sub}\.{key} = {re.escape(repr(value))}:"):
+    import_hf(dst)
+
+
+def test_flan_t5_config_imports_the_vision_side_only(imported, tmp_path):
+  """A BLIP-2 Flan-T5 config.json (Hub-style text_config of model_type 't5'): the vision tower and Q-Former import
+  (they do not depend on the LM); the whole model is NotImplementedError naming the file and the LM's type."""
+  from conftest import hub_style_config
+  from vlm.convert import import_hf_blip2_qformer, import_hf_blip2_vision
+  _, _, params, kwargs, path = imported
+  t5 = _config(transformers.T5Config(vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=2, d_ff=64))
+  dst = rewrite_checkpoint(path, tmp_path / "t5", config={"text_config": hub_style_config(t5.to_dict())["text_config"]})
+  vkw, vparams = import_hf_blip2_vision(dst)
+  assert vkw == kwargs["vision_config"]["image"]
+  jax.tree.map(np.testing.assert_array_equal, vparams, params["vision"]["img"])
+  qkw, qparams, query = import_hf_blip2_qformer(dst)
+  assert dict(qkw, vocab_size=None) == kwargs["vision_config"]["qformer"] and query.shape == (1, QUERIES, 32)
+  with pytest.raises(NotImplementedError, match=rf"^{re.escape(dst)}/config.json: text_config.model_type = 't5'"):
+    import_hf(dst)
 
 
 def test_queries_only_qformer_builds_with_exactly_the_checkpoint_params(imported):

@@ -1,4 +1,11 @@
-"""Parity of our FLAVA + HF importer against a small random transformers.FlavaModel."""
+"""Parity of our FLAVA + HF importer against a small random transformers.FlavaModel, saved the way
+transformers 4.x writes the Hub's checkpoints (conftest.save_hub_style: sub-config keys at their defaults
+left out) and loaded back by transformers as the reference. The image tower's activation and the multimodal
+encoder's LayerNorm eps are non-default (in the file), the rest default (absent)."""
+
+import copy
+import json
+import re
 
 import numpy as np
 import pytest
@@ -8,19 +15,23 @@ transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
+from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
+from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
 
 TOL = 1e-4
 PAD = 0
+IMAGE_ACT, MM_EPS = "quick_gelu", 1e-2  # transformers' defaults: 'gelu', 1e-12
 
 
 def _make_flava():
   tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
   cfg = transformers.FlavaConfig(
-      image_config=dict(tower, image_size=32, patch_size=8),
+      image_config=dict(tower, image_size=32, patch_size=8, hidden_act=IMAGE_ACT),
       text_config=dict(tower, vocab_size=99, max_position_embeddings=16, pad_token_id=PAD),
-      multimodal_config=dict(tower, hidden_size=40, intermediate_size=56),  # widths differ: checks the mm projections
+      # widths differ: checks the mm projections
+      multimodal_config=dict(tower, hidden_size=40, intermediate_size=56, layer_norm_eps=MM_EPS),
       projection_dim=24, init_codebook=False,
   )
   model = transformers.FlavaModel(cfg).eval()
@@ -53,10 +64,11 @@ def _theirs(model, pixels, ids):
               zimg=zimg, ztxt=ztxt, scale=torch.exp(model.logit_scale))
 
 
-def _ours(path, pixels, ids, scan=False):
+def _ours(path, pixels, ids, scan=False, change=None):
+  """Our outputs for the imported directory; change(kwargs) -> kwargs edits the model before it is built."""
   name, kwargs, params = import_hf(path, scan=scan)
   assert name == "flava" and kwargs["tokenizer"] is None and kwargs["fuse_prenorm"]
-  model = build_model(name, kwargs)
+  model = build_model(name, change(copy.deepcopy(kwargs)) if change else kwargs)
 
   def forward(m, images, tokens):
     hi, ht = m.image_states(images), m.text_states(tokens)
@@ -74,9 +86,12 @@ def _ours(path, pixels, ids, scan=False):
 @pytest.mark.parametrize("scan", [False, True])
 def test_flava_parity(tmp_path, scan):
   torch.manual_seed(0)
-  model = _make_flava()
-  model.save_pretrained(tmp_path, safe_serialization=True)
+  save_hub_style(_make_flava(), tmp_path)
   assert not list(tmp_path.glob("*.bin"))
+  written = json.load(open(tmp_path / "config.json"))
+  assert "hidden_act" not in written["text_config"] and "layer_norm_eps" not in written["image_config"]
+  assert written["image_config"]["hidden_act"] == IMAGE_ACT and written["multimodal_config"]["layer_norm_eps"] == MM_EPS
+  model = transformers.FlavaModel.from_pretrained(tmp_path).eval()
   pixels, ids = _inputs()
   ref = {k: v.detach().numpy() for k, v in _theirs(model, pixels, ids).items()}
   ours = _ours(tmp_path, pixels, ids, scan=scan)
@@ -88,6 +103,28 @@ def test_flava_parity(tmp_path, scan):
   print("max abs diffs:", diffs)
   bad = {k: d for k, d in diffs.items() if not d <= TOL}
   assert not bad, bad
+  if scan:
+    return
+  # Each non-default value replaced by transformers' default (an importer ignoring the key) would show.
+  off = {}
+  for what, change in (("image_config.hidden_act", lambda kw: dict(kw, image=dict(kw["image"], mlp_act="gelu"))),
+                       ("multimodal_config.layer_norm_eps",
+                        lambda kw: dict(kw, multimodal=dict(kw["multimodal"], norm_eps=1e-12)))):
+    wrong = _ours(tmp_path, pixels, ids, change=change)
+    off[what] = max(float(np.max(np.abs(wrong[k] - v))) for k, v in ref.items())
+  print("max abs diffs with a default instead of the file's value:", off)
+  assert all(d > 1e-3 for d in off.values()), off
+
+
+@pytest.mark.parametrize("sub,key,value", [("image_config", "hidden_act", "relu6"), ("text_config", "qkv_bias", False),
+                                           ("multimodal_config", "use_cls_token", False)])
+def test_unsupported_value_names_file_key_and_value(tmp_path, sub, key, value):
+  torch.manual_seed(0)
+  src = save_hub_style(_make_flava(), tmp_path / "hf")
+  written = json.load(open(tmp_path / "hf" / "config.json"))
+  dst = rewrite_checkpoint(src, tmp_path / "bad", config={sub: dict(written[sub], **{key: value})})
+  with pytest.raises(ConfigError, match=rf"^{re.escape(dst)}/config.json: {sub}\.{key} = {re.escape(repr(value))}:"):
+    import_hf(dst)
 
 
 def test_flava_import_reports_missing_tensors(tmp_path):

@@ -1,7 +1,11 @@
-"""HF LlavaForConditionalGeneration import (vlm.convert.llava) against small random transformers models."""
+"""HF LlavaForConditionalGeneration / LlavaNextForConditionalGeneration import (vlm.convert.llava) against
+small random transformers models, saved with config.json as the Hub's 4.x files are (conftest.save_hub_style:
+every sub-config key equal to its class default left out, so the towers' activations and eps, the LM's
+eps / theta / tying come from transformers' defaults)."""
 
 import functools
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -13,8 +17,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from conftest import rewrite_checkpoint  # noqa: E402
+from conftest import hub_style_config, rewrite_checkpoint, save_hub_style  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
+from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
 from vlm.models.vision_lm import generate  # noqa: E402
 
@@ -23,12 +28,24 @@ VOCAB, IMAGE, PAD, EOS = 200, 150, 0, 2
 SIZE, PATCH = 32, 8
 NUM_PATCHES = (SIZE // PATCH) ** 2
 NEW = 6
-# (vision_feature_layer, vision_feature_select_strategy, sharded, vision tower)
-CASES = {"penultimate_default": (-2, "default", False, "clip"), "last_full_sharded": (-1, "full", True, "clip"),
-         "siglip_tower_full": (-2, "full", False, "siglip")}
+# (vision_feature_layer, vision_feature_select_strategy, sharded, vision tower, language model)
+CASES = {"penultimate_default": (-2, "default", False, "clip", "llama"),
+         "last_full_sharded": (-1, "full", True, "clip", "llama"),
+         "siglip_tower_full": (-2, "full", False, "siglip", "llama"),
+         "siglip_gemma_full": (-2, "full", False, "siglip", "gemma")}
+# What the towers run with, all class defaults the hub-style file leaves out (a wrong default would hide).
+TOWER_ACT = {"clip": ("quick_gelu", 1e-5), "siglip": ("gelu_tanh", 1e-6)}
+_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
 
 
-def _make(layer, strategy, tower="clip"):
+def _text_config(text="llama"):
+  if text == "gemma":  # Gemma's defaults: tanh-GELU, tied head, eps 1e-6; theta 10000
+    return transformers.GemmaConfig(**_TEXT, head_dim=8)
+  return transformers.LlamaConfig(**_TEXT, tie_word_embeddings=False)
+
+
+def _make(layer, strategy, tower="clip", text="llama"):
   torch.manual_seed(0)
   vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE,
                 patch_size=PATCH)
@@ -36,9 +53,7 @@ def _make(layer, strategy, tower="clip"):
     vc = transformers.CLIPVisionConfig(**vision, projection_dim=16)
   else:  # a SigLIP tower (no class token; its MAP head is saved but unused by LLaVA)
     vc = transformers.SiglipVisionConfig(**vision)
-  tc = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False)
+  tc = _text_config(text)
   cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE, projector_hidden_act="gelu",
                                  vision_feature_layer=layer, vision_feature_select_strategy=strategy)
   model = transformers.LlavaForConditionalGeneration(cfg).eval()
@@ -55,10 +70,16 @@ def tmp_root(tmp_path_factory):
 
 @functools.cache
 def _imported(case, tmp_root):
-  layer, strategy, sharded, tower = CASES[case]
-  hf = _make(layer, strategy, tower)
+  layer, strategy, sharded, tower, text = CASES[case]
+  hf = _make(layer, strategy, tower, text)
   path = f"{tmp_root}/{case}"
-  hf.save_pretrained(path, safe_serialization=True, **({"max_shard_size": "20KB"} if sharded else {}))
+  if sharded:
+    hf.save_pretrained(path, safe_serialization=True, max_shard_size="20KB")
+    file = pathlib.Path(path) / "config.json"
+    file.write_text(json.dumps(hub_style_config(json.loads(file.read_text()))))
+  else:
+    save_hub_style(hf, path)
+  hf = type(hf).from_pretrained(path).eval()  # transformers reads the same file
   name, kwargs, params = import_hf(path)
   assert name == "vision_lm"
   return hf, build_model(name, kwargs), params, kwargs, path
@@ -88,10 +109,18 @@ def _nhwc(pixels):
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_hf(case, tmp_root):
   hf, model, params, kwargs, path = _imported(case, tmp_root)
-  layer, strategy, sharded, tower = CASES[case]
+  layer, strategy, sharded, tower, text = CASES[case]
   assert kwargs["feature_layer"] == layer and kwargs["keep_cls"] == (strategy == "full")
   assert kwargs["image_token_id"] == IMAGE
-  assert kwargs["vision_config"]["mlp_act"] == {"clip": "quick_gelu", "siglip": "gelu_tanh"}[tower]
+  file_cfg = json.load(open(f"{path}/config.json"))
+  left_out = {"hidden_act", "layer_norm_eps"} - set(file_cfg["vision_config"])
+  assert left_out == {"hidden_act", "layer_norm_eps"}, "the hub-style file leaves the tower's defaults out"
+  vit = kwargs["vision_config"]
+  assert (vit["mlp_act"], vit["norm_eps"]) == TOWER_ACT[tower]
+  if text == "gemma":
+    assert not {"hidden_act", "rms_norm_eps", "tie_word_embeddings"} & set(file_cfg["text_config"])
+    lm = kwargs["lm_config"]
+    assert (lm["mlp_act"], lm["norm_eps"], lm["tie_embeddings"], lm["embed_scale"]) == ("geglu", 1e-6, True, True)
   if sharded:
     assert len(json.load(open(f"{path}/model.safetensors.index.json"))["weight_map"]) > 0
   rng = np.random.default_rng(0)
@@ -153,8 +182,11 @@ def test_both_key_layouts_import_the_same(tmp_root, tmp_path):
 
 def test_unsupported_and_missing_raise(tmp_root, tmp_path):
   _, _, _, _, path = _imported("penultimate_default", tmp_root)
-  with pytest.raises(ValueError, match="projector_hidden_act 'gelu_pytorch_tanh'"):
+  with pytest.raises(ConfigError, match=r"config.json: projector_hidden_act = 'gelu_pytorch_tanh': not supported"):
     import_hf(rewrite_checkpoint(path, tmp_path / "act", config={"projector_hidden_act": "gelu_pytorch_tanh"}))
+  with pytest.raises(ConfigError, match=r"config.json: vision_config.hidden_act = 'swish': not supported"):
+    import_hf(rewrite_checkpoint(path, tmp_path / "vact", config={"vision_config": dict(
+        json.load(open(f"{path}/config.json"))["vision_config"], hidden_act="swish")}))
   for i, key in enumerate(("language_model.model.layers.1.mlp.up_proj.weight",
                            "vision_tower.encoder.layers.0.self_attn.k_proj.bias",
                            "multi_modal_projector.linear_2.weight")):
@@ -163,7 +195,7 @@ def test_unsupported_and_missing_raise(tmp_root, tmp_path):
   extra = "multi_modal_projector.linear_3.weight"
   with pytest.raises(ValueError, match=rf"not used .*\['{extra}'\]"):
     import_hf(rewrite_checkpoint(path, tmp_path / "extra", add={extra: np.zeros((2, 2), np.float32)}))
-  with pytest.raises(NotImplementedError, match="several layers"):
+  with pytest.raises(ConfigError, match=r"vision_feature_layer = \[-2, -1\]: several layers"):
     import_hf(rewrite_checkpoint(path, tmp_path / "layers", config={"vision_feature_layer": [-2, -1]}))
 
 
@@ -180,3 +212,64 @@ def test_partial_config_takes_transformers_defaults():
     ours = model_kwargs_from_hf_llava(cfg)
     assert ours == model_kwargs_from_hf_llava(transformers.LlavaConfig(**cfg).to_dict())
   assert ours["vision_config"]["posemb_grid"] == (24, 24) and ours["lm_config"]["width"] == 4096
+
+
+# ------------------------------------------------------------------ LLaVA-NeXT, hub-style config
+
+NEXT_TILE, NEXT_PINPOINTS = 16, [[16, 32], [32, 16], [32, 32]]
+
+
+@functools.cache
+def _imported_next(tmp_root):
+  """A LlavaNextForConditionalGeneration (CLIP tower, Llama LM), saved hub-style, imported."""
+  torch.manual_seed(1)
+  vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=NEXT_TILE, patch_size=PATCH)
+  cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=_text_config(), image_grid_pinpoints=NEXT_PINPOINTS,
+                                     image_token_index=IMAGE, vision_feature_layer=-2)
+  hf = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
+    for p in hf.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  path = f"{tmp_root}/llava_next"
+  save_hub_style(hf, path)
+  name, kwargs, params = import_hf(path)
+  return type(hf).from_pretrained(path).eval(), build_model(name, kwargs), params, kwargs, path
+
+
+def _next_batch(kwargs, sizes=((20, 37), (40, 18))):
+  """(ids, views [B, V, t, t, 3], layout [B, 4], lengths) from the pp op `anyres` with the model's values."""
+  from vlm.data.preprocess import apply_ops, parse_pp
+  a = kwargs["anyres"]
+  op = f"anyres({[list(p) for p in a['grid_pinpoints']]}, {a['tile_size']}, {a['patch_grid']})|value_range(0, 1)"
+  rng = np.random.default_rng(4)
+  exs = [apply_ops(parse_pp(op), {"image": rng.integers(0, 256, (*hw, 3), dtype=np.uint8)}, rng) for hw in sizes]
+  lengths = [3 + ex["image_tokens"] + 4 for ex in exs]
+  ids = np.zeros((len(sizes), max(lengths)), np.int64)
+  for i, ex in enumerate(exs):  # text, the image's placeholders, text, then right padding
+    ids[i, :lengths[i]] = np.concatenate([rng.integers(3, 100, 3), np.full(ex["image_tokens"], IMAGE),
+                                          rng.integers(3, 100, 4)])
+  views = np.stack([ex["image"] for ex in exs]).astype(np.float32)
+  return ids, views, np.stack([ex["image_layout"] for ex in exs]), lengths
+
+
+def _next_logits_diff(hf, model, params, kwargs):
+  """max |logits diff| (real positions) of our LLaVA-NeXT against a transformers one on _next_batch."""
+  ids, views, layout, lengths = _next_batch(kwargs)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(views.transpose(0, 1, 4, 2, 3)),
+                image_sizes=torch.tensor(layout[:, 2:])).logits.numpy()
+  ours = np.asarray(model.apply({"params": params}, jnp.asarray(views), jnp.asarray(ids), None, jnp.asarray(layout)))
+  return max(float(np.abs(ours[i, :n] - theirs[i, :n]).max()) for i, n in enumerate(lengths))
+
+
+def test_llava_next_hub_style_logits_match_hf(tmp_root):
+  hf, model, params, kwargs, path = _imported_next(tmp_root)
+  file_cfg = json.load(open(f"{path}/config.json"))
+  assert not {"hidden_act", "layer_norm_eps"} & set(file_cfg["vision_config"])
+  assert kwargs["vision_config"]["mlp_act"] == "quick_gelu" and kwargs["vision_config"]["norm_eps"] == 1e-5
+  assert kwargs["anyres"] == dict(grid_pinpoints=tuple(map(tuple, NEXT_PINPOINTS)), tile_size=NEXT_TILE,
+                                  patch_grid=NEXT_TILE // PATCH)
+  diff = _next_logits_diff(hf, model, params, kwargs)
+  print(f"llava_next (hub-style config): max |logits diff| {diff:.2e}")
+  assert diff <= TOL

@@ -20,17 +20,27 @@ with a layout; `import_hf_blip2` combines them with vlm.convert.llm's.
 
 Layout names are those of vlm.convert.hf (`dense`: torch [out, in] -> [in, out]; `qkv`:
 [h*hd, D] -> [D, h, hd]; `out`: [D, h*hd] -> [h, hd, D]; `conv`: [D, C, p, p] -> [p, p, C, D]).
+
+Config: config.json is read only through vlm.convert.hf_config (transformers' defaults of Blip2Config,
+Blip2VisionConfig, Blip2QFormerConfig and the LM's config for what a 4.x file leaves out); a config
+given with a state dict may be an HFConfig, a transformers config or its dict (wrapped with
+hf_config.from_dict). A value vlm cannot express is a ConfigError naming file, key and value (an
+activation ACT_FROM_HF lacks, a non-positive cross_attention_frequency, ...). As transformers 5 does,
+the LM is decoder-only iff text_config.model_type is a causal LM (the file's
+use_decoder_only_language_model is not read), its head tying is the LM config's tie_word_embeddings,
+and Blip2VisionConfig.qkv_bias=False (no q/v biases) imports as zero biases.
 """
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
-from vlm.convert import llm
+from vlm.convert import hf_config, llm
 from vlm.convert.hf import ACT_FROM_HF, _fwd, _linear, _norm
+from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
 
 Row = tuple[str, str, str]  # (HF key, our path, layout)
@@ -122,27 +132,58 @@ def _numpy(x) -> np.ndarray:
   return np.asarray(x, np.float32)
 
 
-def _load(source, config) -> tuple[dict[str, np.ndarray], dict]:
-  """(tensors, config dict) from an HF directory or a state dict (+ a config dict / PretrainedConfig)."""
+def as_config(config, model_type: str | None = None) -> HFConfig:
+  """An HFConfig (transformers' defaults filled) for an HFConfig (returned as it is), a transformers config
+  (its to_dict) or a config.json dict; model_type: the type a dict without one has (a bare sub-config)."""
+  if isinstance(config, HFConfig):
+    return config
+  file = "config.json"
+  if hasattr(config, "to_dict"):
+    file, config = type(config).__name__, config.to_dict()
+  if not isinstance(config, Mapping):
+    raise TypeError(f"expected an HF config (HFConfig, transformers config or dict), got {type(config).__name__}")
+  config = dict(config)
+  if model_type and not config.get("model_type"):
+    config["model_type"] = model_type
+  return hf_config.from_dict(config, file)
+
+
+def _load(source, config) -> tuple[dict[str, np.ndarray], HFConfig]:
+  """(tensors, HFConfig) from an HF directory (its config.json unless config is given) or a state dict
+  (+ its config: an HFConfig, a transformers config or a dict)."""
   if isinstance(source, (str, Path)):
     path = Path(source)
     tensors = load_safetensors_dir(path)
     if config is None:
-      config = json.loads((path / "config.json").read_text())
+      config = hf_config.read_config(path)
   else:
     tensors = {k: _numpy(v) for k, v in source.items()}
   if config is None:
     raise ValueError("import from a state dict needs the HF config (a dict or a transformers config)")
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  return tensors, dict(config)
+  return tensors, as_config(config)
 
 
-def _sub_config(config: dict, key: str) -> dict:
-  sub = config.get(key)
-  if sub is None:
-    return config
-  return sub.to_dict() if hasattr(sub, "to_dict") else dict(sub)
+def _sub_config(config: HFConfig, key: str) -> HFConfig:
+  """config[key] for a composite config that has the sub-config `key`; else config itself (a bare
+  sub-config, e.g. a Blip2QFormerConfig)."""
+  config = as_config(config)
+  return config[key] if key in hf_config.SUB_CONFIGS.get(config.model_type, {}) else config
+
+
+def _expect_type(c: HFConfig, *model_types: str) -> HFConfig:
+  if c.model_type not in model_types:
+    raise c.error("model_type", f"expected {' or '.join(map(repr, model_types))}")
+  return c
+
+
+def _square(c: HFConfig, key: str) -> int:
+  """An image_size / patch_size: an int, or [h, w] with h == w."""
+  v = c[key]
+  if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1]:
+    v = v[0]
+  if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+    raise c.error(key, "expected a positive integer (or a square [h, w])")
+  return v
 
 
 def _apply_rows(tensors: dict[str, np.ndarray], rows: list[Row], heads: dict[str, int],
@@ -166,33 +207,33 @@ def _prefix(tensors: dict[str, np.ndarray], marker: str, candidates: tuple[str, 
                    f"keys: {sorted(tensors)[:10]}")
 
 
-def qformer_kwargs_from_hf(qc: dict, text: bool) -> dict[str, Any]:
-  """Our QFormer kwargs for an HF Blip2QFormerConfig dict (text: the checkpoint has the text side)."""
-  act = qc.get("hidden_act", "gelu")
-  if act not in ACT_FROM_HF:
-    raise ValueError(f"Q-Former hidden_act {act!r} is not supported; known: {sorted(ACT_FROM_HF)}")
-  return dict(width=qc.get("hidden_size", 768), depth=qc.get("num_hidden_layers", 12),
-              num_heads=qc.get("num_attention_heads", 12), mlp_dim=qc.get("intermediate_size", 3072),
-              cross_attention_frequency=qc.get("cross_attention_frequency", 2),
-              vocab_size=qc.get("vocab_size", 30522) if text else None,
-              max_len=qc.get("max_position_embeddings", 512), pad_id=qc.get("pad_token_id") or 0,
-              mlp_act=ACT_FROM_HF[act], norm_eps=qc.get("layer_norm_eps", 1e-12),
-              dropout=qc.get("hidden_dropout_prob", 0.1))
+def qformer_kwargs_from_hf(qc, text: bool) -> dict[str, Any]:
+  """Our QFormer kwargs for an HF Blip2QFormerConfig (an HFConfig, or a dict / transformers config: wrapped;
+  text: the checkpoint has the text side)."""
+  qc = _expect_type(as_config(qc, "blip_2_qformer"), "blip_2_qformer")
+  every = qc["cross_attention_frequency"]
+  if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+    raise qc.error("cross_attention_frequency", "expected a positive integer")
+  pad = qc["pad_token_id"]  # the key mask of our text side; Blip2QFormerConfig's default is 0
+  return dict(width=qc["hidden_size"], depth=qc["num_hidden_layers"], num_heads=qc["num_attention_heads"],
+              mlp_dim=qc["intermediate_size"], cross_attention_frequency=every,
+              vocab_size=qc["vocab_size"] if text else None, max_len=qc["max_position_embeddings"],
+              pad_id=int(pad) if isinstance(pad, int) else 0, mlp_act=qc.choice("hidden_act", ACT_FROM_HF),
+              norm_eps=float(qc["layer_norm_eps"]), dropout=float(qc["hidden_dropout_prob"]))
 
 
-def vit_kwargs_from_hf(vc: dict) -> dict[str, Any]:
-  """Our ViT kwargs for an HF Blip2VisionConfig dict."""
-  act = vc.get("hidden_act", "gelu")
-  if act not in ACT_FROM_HF:
-    raise ValueError(f"vision hidden_act {act!r} is not supported; known: {sorted(ACT_FROM_HF)}")
-  size, patch = vc.get("image_size", 224), vc.get("patch_size", 14)
-  size = size if isinstance(size, int) else size[0]
-  patch = patch if isinstance(patch, int) else patch[0]
+def vit_kwargs_from_hf(vc) -> dict[str, Any]:
+  """Our ViT kwargs for an HF Blip2VisionConfig (an HFConfig, or a dict / transformers config: wrapped).
+  qkv_bias False needs nothing: split_fused_qkv gives zero biases."""
+  vc = _expect_type(as_config(vc, "blip_2_vision_model"), "blip_2_vision_model")
+  size, patch = _square(vc, "image_size"), _square(vc, "patch_size")
+  if size % patch:
+    raise vc.error("image_size", f"not a multiple of patch_size {patch}")
   grid = size // patch
-  return dict(width=vc.get("hidden_size", 1408), depth=vc.get("num_hidden_layers", 39),
-              mlp_dim=vc.get("intermediate_size", 6144), num_heads=vc.get("num_attention_heads", 16),
-              patch_size=patch, class_token=True, pool_type="none", posemb="learn", posemb_grid=(grid, grid),
-              pre_norm=False, patch_bias=True, norm_eps=vc.get("layer_norm_eps", 1e-6), mlp_act=ACT_FROM_HF[act])
+  return dict(width=vc["hidden_size"], depth=vc["num_hidden_layers"], mlp_dim=vc["intermediate_size"],
+              num_heads=vc["num_attention_heads"], patch_size=patch, class_token=True, pool_type="none",
+              posemb="learn", posemb_grid=(grid, grid), pre_norm=False, patch_bias=True,
+              norm_eps=float(vc["layer_norm_eps"]), mlp_act=vc.choice("hidden_act", ACT_FROM_HF))
 
 
 # -- importers --------------------------------------------------------------------------------------
@@ -292,17 +333,24 @@ def _stage2_vision_config(vit: dict[str, Any], qformer: dict[str, Any], num_quer
   return dict(image=vit, qformer=dict(qformer, vocab_size=None), num_query_tokens=num_query_tokens)
 
 
-def _text_config(config: dict) -> dict:
-  """The LM's config dict with transformers' defaults; raises NotImplementedError for a non-decoder-only LM."""
-  from vlm.convert.llava import _TEXT_DEFAULTS
-  tc = _sub_config(config, "text_config") if config.get("text_config") is not None else {}
-  mt = tc.get("model_type", "opt")  # Blip2Config's default text_config is OPT's
-  if not config.get("use_decoder_only_language_model", True) or mt not in llm.MODEL_TYPES:
+def _text_config(config: HFConfig) -> HFConfig:
+  """The LM's HFConfig (text_config; Blip2Config's default is OPT's); NotImplementedError naming the file for a
+  LM that is not a decoder-only Llama / Qwen2 / Gemma."""
+  tc = config["text_config"]
+  if tc.model_type not in llm.MODEL_TYPES:
     raise NotImplementedError(
-        f"BLIP-2 with text_config.model_type {mt!r}: VisionLanguageModel's DecoderLM imports decoder-only "
-        f"{'/'.join(llm.MODEL_TYPES)} LMs (vlm.convert.llm); OPT (learned positions, ReLU MLP, pre-LN with biases) "
-        "and encoder-decoder Flan-T5 language models are not supported")
-  return {**_TEXT_DEFAULTS.get(mt, {}), **tc}
+        f"{tc.where('model_type')} = {tc.model_type!r}: VisionLanguageModel's DecoderLM imports decoder-only "
+        f"{'/'.join(llm.MODEL_TYPES)} LMs (vlm.convert.llm); "
+        "OPT (learned positions, ReLU MLP, pre-LN with biases) and encoder-decoder Flan-T5 language models are not "
+        "supported")
+  return tc
+
+
+def _image_token(config: HFConfig):
+  """Blip2Config.image_token_index (attribute_map: a file may spell it image_token_id)."""
+  if config.given("image_token_id") and not config.given("image_token_index"):
+    return "image_token_id", config["image_token_id"]
+  return "image_token_index", config["image_token_index"]
 
 
 def import_hf_blip2(source, config=None, scan: bool = False,
@@ -332,13 +380,15 @@ def import_hf_blip2(source, config=None, scan: bool = False,
     if "itm_head.weight" in tensors:
       return import_hf_blip2_stage1(tensors, config)
     raise ValueError(f"{where}: not a Blip2ForConditionalGeneration checkpoint (no language_projection; "
-                     f"architectures {config.get('architectures')}); keys: {sorted(tensors)[:10]}")
+                     f"architectures {config['architectures']}); keys: {sorted(tensors)[:10]}")
+  _expect_type(config, "blip-2")
   tc = _text_config(config)
-  token = config.get("image_token_index", config.get("image_token_id")) if image_token_id is None else image_token_id
+  token_key, token = _image_token(config)
+  token = token if image_token_id is None else image_token_id
   if token is None:
-    raise ValueError(f"{where}: the config has no image_token_index (a BLIP-2 checkpoint from before the "
-                     "placeholder layout, whose query outputs HF prepended to the text): pass image_token_id, an "
-                     "id that never occurs in the text, and put num_query_tokens of them before the prompt")
+    raise config.error(token_key, "a BLIP-2 checkpoint from before the placeholder layout (HF prepended the query "
+                       "outputs to the text): pass image_token_id, an id that never occurs in the text, and put "
+                       "num_query_tokens of them before the prompt")
 
   # Split: the LM (canonical 'model.*' / 'lm_head.*' keys) and the rest without a 'model.' prefix.
   lm_map = next((m for m in _LM_LAYOUTS if any(k.startswith(next(iter(m))) for k in tensors)), None)
@@ -366,15 +416,15 @@ def import_hf_blip2(source, config=None, scan: bool = False,
   # Language model: vlm.convert.llm's table on the canonical keys.
   lm_kw = llm.model_kwargs_from_hf_llm(tc, lm.tensors)
   lrows = llm._table(lm_kw)
-  flat.update({("lm",) + k: v for k, v in _apply(lm, lrows, where, gemma_norm=tc["model_type"] == "gemma").items()})
+  flat.update({("lm",) + k: v for k, v in _apply(lm, lrows, where, gemma_norm=tc.model_type == "gemma").items()})
 
   proj = flat[("connector", "proj", "kernel")]
   if proj.shape != (qkw["width"], lm_kw["width"]):
     raise ValueError(f"{where}: language_projection maps {proj.shape[0]} -> {proj.shape[1]}; the Q-Former has width "
                      f"{qkw['width']} and the LM {lm_kw['width']}")
   num_query = int(flat[("vision", "query_tokens")].shape[1])
-  if config.get("num_query_tokens") not in (None, num_query):
-    raise ValueError(f"{where}: config num_query_tokens {config['num_query_tokens']}, query_tokens holds {num_query}")
+  if config["num_query_tokens"] != num_query:
+    raise config.error("num_query_tokens", f"but the checkpoint's query_tokens holds {num_query}")
 
   ignored = {"lm_head.weight"} if lm_kw["tie_embeddings"] else set()  # a tied head saved anyway
   unused = [stored.get(k, k) for k in rest if k not in used and not k.endswith(_IGNORED_SUFFIXES)]

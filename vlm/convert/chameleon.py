@@ -10,13 +10,18 @@ unpickles. What maps where (a Llama layout plus per-head q/k LayerNorms):
   config swin_norm=True (norms on the outputs of attention and MLP: ChameleonSwinDecoderLayer) ->
   DecoderLM swin_norm=True, same tensors.
 - self_attn.{q,k,v}_proj -> attn/{query,key,value} [D, heads, hd], o_proj -> attn/out [N, hd, D]; biases on
-  all four when the checkpoint has them (attention_bias).
+  all four when attention_bias (as ChameleonAttention builds them).
 - self_attn.{q,k}_norm (ChameleonLayerNorm: LayerNorm over head_dim, then a per-head weight and bias
   [heads, hd], before rotary; eps fixed at 1e-5 in HF) -> attn/{query,key}_norm/{scale,bias} [N, hd] /
   [K, hd]: DecoderLM qk_norm='layer_per_head'. DecoderLM uses norm_eps (= rms_norm_eps) for these norms
   too, so a config whose rms_norm_eps is not 1e-5 raises.
 - mlp.{gate,up,down}_proj -> mlp/{wi_0,wi_1,wo} (hidden_act 'silu' -> 'swiglu'; mlp_bias).
-- rope: default rope only, theta from rope_parameters / rope_theta; head_dim = hidden_size / heads.
+- rope: default rope only (a scaled rope_parameters / rope_scaling is a ConfigError), theta from
+  rope_parameters (5.x files) or rope_theta (4.x); head_dim = hidden_size / heads.
+
+Config: config.json is read only through vlm.convert.hf_config (ChameleonConfig's defaults for what a
+4.x file leaves out); a value DecoderLM cannot express is a ConfigError naming file, key and value. The
+head is tied as transformers ties it: tie_word_embeddings and no lm_head (or one equal to the embedding).
 
 Not imported (ignored, whatever their content): the VQ-VAE image tokenizer `model.vqmodel.*` (encoder,
 quantize codebook, quant_conv, post_quant_conv) and rotary `inv_freq` buffers. model_parallel_size
@@ -27,9 +32,12 @@ Image-token logits: HF's ChameleonForConditionalGeneration.forward sets the logi
 imported DecoderLM does not (early-fusion training predicts image tokens); `image_token_ids(config)` gives
 those ids and `suppress_tokens(step_fn, ids)` masks them in a vlm.decoding step function to reproduce HF's
 text generation.
+
+`default_rope` and `tied_head` are shared with the other importers whose decoders transformers builds
+the same way (vlm.convert.fuyu, vlm.convert.idefics).
 """
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,59 +46,75 @@ import numpy as np
 from flax import traverse_util
 
 from vlm import decoding
+from vlm.convert import hf_config
 from vlm.convert.hf import _fwd
-from vlm.convert.llm import _GATED_FROM_HF, _rope_theta
+from vlm.convert.hf_config import HFConfig
+from vlm.convert.llm import _GATED_FROM_HF
 from vlm.convert.llm import _table as _llm_table
 from vlm.convert.safetensors_io import load_safetensors_dir
 
-# ChameleonConfig's defaults (facebook/chameleon-7b).
-_DEFAULTS = dict(vocab_size=65536, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", rms_norm_eps=1e-5,
-                 tie_word_embeddings=False, attention_bias=False, mlp_bias=False, swin_norm=False)
 QK_NORM_EPS = 1e-5  # ChameleonLayerNorm's, hard-coded in transformers
 _IGNORED_PREFIXES = ("model.vqmodel.",)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _config(config: dict) -> dict:
-  """config.json with ChameleonConfig's defaults for absent (or null) fields."""
-  if config.get("model_type") != "chameleon":
-    raise ValueError(f"config.json: model_type {config.get('model_type')!r}, expected 'chameleon'")
-  return {**_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+def default_rope(c: HFConfig) -> dict[str, Any]:
+  """transformers 5's rope_parameters of a text config (vlm.convert.hf_config.rope_parameters: 5.x
+  rope_parameters or 4.x rope_theta + rope_scaling), which must be the default (unscaled) rope; else a
+  ConfigError naming the key that holds it."""
+  rp = hf_config.rope_parameters(c)
+  if rp["rope_type"] != "default":
+    key = "rope_parameters" if c.given("rope_parameters") and c["rope_parameters"] is not None else "rope_scaling"
+    raise c.error(key, f"rope_type {rp['rope_type']!r}: only the default rope is supported for {c.model_type}")
+  return rp
 
 
-def model_kwargs_from_hf_chameleon(config: dict, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-  """DecoderLM kwargs from an HF ChameleonConfig dict (tensors, if given, decide the attention biases).
+def tied_head(c: HFConfig, tensors: Mapping[str, np.ndarray] | None, head: str = "lm_head.weight",
+              embed: str = "model.embed_tokens.weight", key: str = "tie_word_embeddings") -> bool:
+  """Whether the output head is the input embedding, as transformers' tie_weights decides at load time: c[key]
+  and either no `head` tensor or one equal to `embed` (both present and different: not tied). An untied
+  config whose checkpoint lacks the head is a ConfigError (transformers would initialise it randomly)."""
+  tie = bool(c[key])
+  if tensors is None:
+    return tie
+  if head not in tensors:
+    if not tie:
+      raise c.error(key, f"but the checkpoint has no {head} (transformers would initialise the head randomly)")
+    return True
+  return tie and embed in tensors and np.array_equal(np.asarray(tensors[head]), np.asarray(tensors[embed]))
 
-  Raises ValueError naming the config field for what DecoderLM cannot express.
+
+def model_kwargs_from_hf_chameleon(config, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """DecoderLM kwargs from an HF ChameleonConfig (an HFConfig, or a config.json dict: wrapped with
+  hf_config.from_dict; tensors, if given, decide the head tying as transformers does). Biases as
+  transformers builds them: q/k/v/o when attention_bias, the MLP's when mlp_bias.
+
+  Raises ConfigError naming file, key and value for what DecoderLM cannot express.
   """
-  c = _config(config)
-  act = c["hidden_act"]
-  if act not in _GATED_FROM_HF:
-    raise ValueError(f"config.json: hidden_act {act!r} is not supported; known: {sorted(_GATED_FROM_HF)}")
-  width, heads = c["hidden_size"], c["num_attention_heads"]
-  kv_heads = c["num_key_value_heads"] or heads
-  if width % heads or heads % kv_heads:
-    raise ValueError(f"config.json: hidden_size {width}, num_attention_heads {heads}, num_key_value_heads "
-                     f"{kv_heads}: need hidden_size % heads == 0 and heads % kv_heads == 0")
+  c = config if isinstance(config, HFConfig) else hf_config.from_dict(dict(config))
+  if c.model_type != "chameleon":
+    raise c.error("model_type", "expected 'chameleon'")
+  act = c.choice("hidden_act", _GATED_FROM_HF)
+  width, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+  if width % heads:
+    raise c.error("hidden_size", f"not a multiple of num_attention_heads = {heads}")
+  if heads % kv_heads:
+    raise c.error("num_key_value_heads", f"does not divide num_attention_heads = {heads}")
   head_dim = width // heads  # ChameleonAttention's, whatever config.head_dim says
-  if c.get("head_dim") not in (None, head_dim):
-    raise ValueError(f"config.json: head_dim {c['head_dim']} != hidden_size / num_attention_heads = {head_dim}: "
-                     "ChameleonAttention and its rotary embedding would disagree")
+  if c.given("head_dim") and c["head_dim"] not in (None, head_dim):
+    raise c.error("head_dim", f"!= hidden_size / num_attention_heads = {head_dim}: ChameleonAttention and its "
+                  "rotary embedding would disagree")
   eps = float(c["rms_norm_eps"])
   if eps != QK_NORM_EPS:
-    raise ValueError(f"config.json: rms_norm_eps {eps} is not supported: DecoderLM shares norm_eps between the "
-                     f"RMSNorms and the q/k LayerNorms, whose eps HF fixes at {QK_NORM_EPS}")
-  if tensors is not None:
-    attn_bias = "model.layers.0.self_attn.q_proj.bias" in tensors
-    mlp_bias = "model.layers.0.mlp.gate_proj.bias" in tensors
-  else:
-    attn_bias, mlp_bias = bool(c["attention_bias"]), bool(c["mlp_bias"])
+    raise c.error("rms_norm_eps", f"DecoderLM shares norm_eps between the RMSNorms and the q/k LayerNorms, whose "
+                  f"eps HF fixes at {QK_NORM_EPS}")
+  attn_bias, mlp_bias = bool(c["attention_bias"]), bool(c["mlp_bias"])  # as ChameleonAttention / ChameleonMLP
   return dict(vocab_size=c["vocab_size"], width=width, depth=c["num_hidden_layers"], num_heads=heads,
-              num_kv_heads=kv_heads, head_dim=head_dim, mlp_dim=c["intermediate_size"], mlp_act=_GATED_FROM_HF[act],
-              qkv_bias=attn_bias, out_bias=attn_bias, mlp_bias=mlp_bias, rope_theta=_rope_theta(c), norm_eps=eps,
-              norm_type="rms", qk_norm="layer_per_head", swin_norm=bool(c["swin_norm"]), embed_scale=False,
-              tie_embeddings=bool(c["tie_word_embeddings"]))
+              num_kv_heads=kv_heads, head_dim=head_dim, mlp_dim=c["intermediate_size"], mlp_act=act,
+              qkv_bias=attn_bias, out_bias=attn_bias, mlp_bias=mlp_bias,
+              rope_theta=float(default_rope(c)["rope_theta"]), norm_eps=eps, norm_type="rms",
+              qk_norm="layer_per_head", swin_norm=bool(c["swin_norm"]), embed_scale=False,
+              tie_embeddings=tied_head(c, tensors))
 
 
 def _table(kw: dict) -> list[tuple[str, str, str, int]]:
@@ -114,7 +138,7 @@ def import_hf_chameleon(path: str | Path, scan: bool = False) -> tuple[str, dict
   if scan:
     raise NotImplementedError("DecoderLM has no scanned layout; import with scan=False")
   path = Path(path)
-  config = json.loads((path / "config.json").read_text())
+  config = hf_config.read_config(path)
   tensors = load_safetensors_dir(path)
   kw = model_kwargs_from_hf_chameleon(config, tensors)
   table = _table(kw)
@@ -141,10 +165,14 @@ def import_hf_chameleon(path: str | Path, scan: bool = False) -> tuple[str, dict
   return "decoder_lm", kw, traverse_util.unflatten_dict(flat)
 
 
-def image_token_ids(config: dict) -> np.ndarray:
-  """Sorted ids [M] int32 of the VQ image tokens: config.json's vocabulary_map entries named 'IMGIMG...'
-  (HF's ChameleonImageVocabularyMapping.image_tokens). Empty without a vocabulary_map."""
-  vocab = config.get("vocabulary_map") or {}
+def image_token_ids(config) -> np.ndarray:
+  """Sorted ids [M] int32 of the VQ image tokens: the config's vocabulary_map entries named 'IMGIMG...'
+  (HF's ChameleonImageVocabularyMapping.image_tokens). Empty without a vocabulary_map. config: an HFConfig,
+  a checkpoint directory (or its config.json) or a config.json dict."""
+  if isinstance(config, (str, Path)):
+    config = hf_config.read_config(config)
+  c = config if isinstance(config, HFConfig) else hf_config.from_dict(dict(config))
+  vocab = c["vocabulary_map"] or {}
   return np.array(sorted(v for name, v in vocab.items() if name.startswith("IMGIMG")), np.int32)
 
 

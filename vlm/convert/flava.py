@@ -18,16 +18,23 @@ for model_type 'flava'. Never unpickles. What maps where (transformers' modeling
   not imported. FLAVA's pretraining heads (MLM, MMM, ITM) are not in a FlavaModel checkpoint: the
   params hold the encoders and projections only (use them with init.mapping or apply with a
   method). The DALL-E image codebook is out of scope: tokenizer=None.
+
+Config: config.json is read only through vlm.convert.hf_config (the defaults of FlavaConfig and its
+image / text / multimodal sub-configs for what a 4.x file leaves out); each tower's activation and
+LayerNorm eps are its own sub-config's (hidden_act, layer_norm_eps). Not expressible (ConfigError naming
+file, key and value): an activation vlm.convert.hf.ACT_FROM_HF lacks, qkv_bias=False,
+multimodal_config.use_cls_token=False.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
+from vlm.convert import hf_config
 from vlm.convert.hf import ACT_FROM_HF, _fwd, _linear, _norm, stack_encoder_blocks
+from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
 
 # Present in FlavaModel checkpoints, used by none of its embeddings outputs.
@@ -35,8 +42,20 @@ _UNUSED_PREFIXES = ("image_model.pooler.", "text_model.pooler.", "multimodal_mod
 _UNUSED_KEYS = ("text_model.embeddings.position_ids", "text_model.embeddings.token_type_ids")
 
 
-def _pair(x) -> tuple[int, int]:
-  return (int(x), int(x)) if isinstance(x, (int, float)) else (int(x[0]), int(x[1]))
+def _pair(c: HFConfig, key: str) -> tuple[int, int]:
+  """An image_size / patch_size: an int or an [h, w] pair (as FlavaPatchEmbeddings takes either)."""
+  v = c[key]
+  v = tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+  if len(v) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in v):
+    raise c.error(key, "expected a positive integer or an [h, w] pair")
+  return v
+
+
+def _as_config(config) -> HFConfig:
+  c = config if isinstance(config, HFConfig) else hf_config.from_dict(dict(config))
+  if c.model_type != "flava":
+    raise c.error("model_type", "expected 'flava'")
+  return c
 
 
 def _encoder(hf: str, ours: str, depth: int):
@@ -52,7 +71,7 @@ def _encoder(hf: str, ours: str, depth: int):
   return rows
 
 
-def _table(config: dict) -> list[tuple[str, str, str, str]]:
+def _table(config: HFConfig) -> list[tuple[str, str, str, str]]:
   """Rows (hf_key, our_path, layout, tower) for FlavaModel; text position rows are handled apart."""
   ic, tc, mc = config["image_config"], config["text_config"], config["multimodal_config"]
   img = [("image_model.embeddings.cls_token", "img/cls", "id"),
@@ -74,34 +93,31 @@ def _table(config: dict) -> list[tuple[str, str, str, str]]:
           + [r + ("none",) for r in top])
 
 
-def _tower(c: dict) -> dict[str, Any]:
-  act = c.get("hidden_act", "gelu")
-  if act not in ACT_FROM_HF:
-    raise ValueError(f"config.json: hidden_act {act!r} is not supported; known: {sorted(ACT_FROM_HF)}")
-  if not c.get("qkv_bias", True):
-    raise ValueError("config.json: FLAVA with qkv_bias=False is not supported")
+def _tower(c: HFConfig) -> dict[str, Any]:
+  c.expect("qkv_bias", True, "FLAVA's attention without q/k/v biases")
   return dict(width=c["hidden_size"], depth=c["num_hidden_layers"], mlp_dim=c["intermediate_size"],
-              num_heads=c["num_attention_heads"], mlp_act=ACT_FROM_HF[act], norm_eps=c.get("layer_norm_eps", 1e-12))
+              num_heads=c["num_attention_heads"], mlp_act=c.choice("hidden_act", ACT_FROM_HF),
+              norm_eps=float(c["layer_norm_eps"]))
 
 
-def flava_kwargs_from_hf(config: dict) -> dict[str, Any]:
-  """Our FLAVA kwargs for an HF FlavaModel config.json."""
+def flava_kwargs_from_hf(config) -> dict[str, Any]:
+  """Our FLAVA kwargs for an HF FlavaModel config (an HFConfig, or a config.json dict: wrapped with
+  hf_config.from_dict, transformers' defaults filled)."""
+  config = _as_config(config)
   ic, tc, mc = config["image_config"], config["text_config"], config["multimodal_config"]
-  if not mc.get("use_cls_token", True):
-    raise ValueError("config.json: FLAVA's multimodal_config.use_cls_token=False is not supported")
-  size, patch = _pair(ic.get("image_size", 224)), _pair(ic.get("patch_size", 16))
+  mc.expect("use_cls_token", True, "the multimodal encoder's [CLS] is what FLAVA's heads read")
+  size, patch = _pair(ic, "image_size"), _pair(ic, "patch_size")
   image = dict(_tower(ic), patch_size=patch, posemb="learn", posemb_grid=(size[0] // patch[0], size[1] // patch[1]),
                patch_bias=True, pre_norm=False)
-  pad = tc.get("pad_token_id")
-  text = dict(_tower(tc), vocab_size=tc["vocab_size"], max_len=tc.get("max_position_embeddings", 512),
-              pad_id=0 if pad is None else int(pad), pool_type="first", padding_mask=True, embed_norm=True)
-  return dict(image=image, text=text, multimodal=_tower(mc), tokenizer=None,
-              embed_dim=config.get("projection_dim", 768),
-              temperature_init=config.get("logit_scale_init_value", 2.6592), bias_init=None, max_scale=100.0,
+  pad = tc["pad_token_id"]  # the key mask of our text tower (FlavaTextConfig's default: 0)
+  text = dict(_tower(tc), vocab_size=tc["vocab_size"], max_len=tc["max_position_embeddings"],
+              pad_id=int(pad) if isinstance(pad, int) else 0, pool_type="first", padding_mask=True, embed_norm=True)
+  return dict(image=image, text=text, multimodal=_tower(mc), tokenizer=None, embed_dim=config["projection_dim"],
+              temperature_init=float(config["logit_scale_init_value"]), bias_init=None, max_scale=100.0,
               fuse_prenorm=True)
 
 
-def _heads(config: dict, tower: str) -> int:
+def _heads(config: HFConfig, tower: str) -> int:
   key = {"image": "image_config", "text": "text_config", "multimodal": "multimodal_config"}.get(tower)
   return config[key]["num_attention_heads"] if key else 1
 
@@ -109,9 +125,7 @@ def _heads(config: dict, tower: str) -> int:
 def import_hf_flava(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF FlavaModel directory -> ('flava', kwargs, params). Raises listing missing/unused tensors."""
   path = Path(path)
-  config = json.loads((path / "config.json").read_text())
-  if config.get("model_type") != "flava":
-    raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not 'flava'")
+  config = _as_config(hf_config.read_config(path))
   kwargs = flava_kwargs_from_hf(config)
   tensors = load_safetensors_dir(path)
   if any(k.startswith("flava.") for k in tensors):

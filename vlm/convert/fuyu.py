@@ -18,27 +18,34 @@ rotary_fraction=partial_rotary_factor, mlp_act='relu2', all projections with bia
 - mlp.dense_h_to_4h / dense_4h_to_h -> mlp/fc1 / fc2 (relu^2 between).
 - vision_embed_tokens [D, p * p * C] -> vision/vision_embed (kernel [p * p * C, D], bias).
 
-Config: a nested text_config (transformers >= 5) or, as in adept/fuyu-8b's config.json, the Persimmon
-fields at the top level; missing fields take PersimmonConfig's defaults. Rotary: default rope only,
-theta from rope_parameters / rope_theta.
+Config: config.json is read only through vlm.convert.hf_config, as transformers 5's FuyuConfig reads it: a
+nested text_config (PersimmonConfig's defaults for the keys a 4.x file leaves out) or, when text_config is
+absent or null (a flat file, as adept/fuyu-8b's), the Persimmon keys FuyuConfig.__post_init__ moves from
+the top level (`FLAT_TEXT_KEYS`; a top-level partial_rotary_factor is not among them: 0.5). Head tying
+is the top-level tie_word_embeddings (FuyuForCausalLM's), patch_size / num_channels / image_token_id are
+top-level keys. Rotary: default rope only (ConfigError otherwise), theta and partial_rotary_factor from
+rope_parameters (5.x) or rope_theta / partial_rotary_factor (4.x); PersimmonConfig's default theta is
+10000 (FuyuConfig 4.x's default of 25000 applies only to a flat file that gives it). Values vlm cannot
+express are ConfigErrors naming file, key and value.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
+from vlm.convert import hf_config
+from vlm.convert.chameleon import default_rope, tied_head
 from vlm.convert.hf import _fwd
-from vlm.convert.llm import _rope_theta
+from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
 
-# PersimmonConfig's defaults (FuyuConfig's text defaults are the same).
-_TEXT_DEFAULTS = dict(vocab_size=262144, hidden_size=4096, intermediate_size=16384, num_hidden_layers=36,
-                      num_attention_heads=64, hidden_act="relu2", layer_norm_eps=1e-5, qk_layernorm=True,
-                      tie_word_embeddings=False, partial_rotary_factor=0.5)
-_TEXT_KEYS = tuple(_TEXT_DEFAULTS) + ("rope_theta", "rope_scaling", "rope_parameters", "head_dim")
+# FuyuConfig.__post_init__ (transformers 5): with text_config absent / null, these top-level keys become the
+# text config (its SubConfigSpec init_kwargs + rope_scaling, rope_theta; tests/test_fuyu.py checks the list).
+FLAT_TEXT_KEYS = ("vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "hidden_act", "initializer_range", "layer_norm_eps", "use_cache",
+                  "qk_layernorm", "hidden_dropout", "attention_dropout", "eos_token_id", "rope_scaling", "rope_theta")
 # HF activation names -> our non-gated vlm.nn.mlp activations.
 _ACT_FROM_HF = {"relu2": "relu2", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh", "silu": "silu", "quick_gelu": "quick_gelu"}
@@ -50,45 +57,52 @@ _LAYOUTS = ({"language_model.model.": "model.", "language_model.lm_head.": "lm_h
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _text_config(config: dict) -> dict:
-  """The Persimmon config (nested text_config, else the top-level fields) with defaults filled in."""
-  tc = dict(config.get("text_config") or {})
-  if not {k for k in tc if k != "model_type"}:
-    tc.update({k: config[k] for k in _TEXT_KEYS if k in config})
-  if tc.get("model_type", "persimmon") != "persimmon":
-    raise ValueError(f"config.json: text_config.model_type {tc['model_type']!r}; Fuyu's decoder is 'persimmon'")
-  return {**_TEXT_DEFAULTS, **{k: v for k, v in tc.items() if v is not None}}
+def configs(config) -> tuple[HFConfig, HFConfig]:
+  """(FuyuConfig, its Persimmon text config) as HFConfigs, from an HFConfig or a config.json dict (wrapped with
+  hf_config.from_dict), the text config found as transformers 5's FuyuConfig finds it (module docstring)."""
+  top = config if isinstance(config, HFConfig) else hf_config.from_dict(dict(config))
+  if top.model_type != "fuyu":
+    raise top.error("model_type", "expected 'fuyu'")
+  if top.given("text_config") and top.raw["text_config"] is not None:
+    tc = top["text_config"]
+  else:  # a flat file: the Persimmon keys at the top level (named without a prefix in messages)
+    flat = {k: top.raw[k] for k in FLAT_TEXT_KEYS if k in top.raw}
+    tc = HFConfig(dict(flat, model_type="persimmon"), "persimmon", file=top.file, prefix="")
+  if tc.model_type != "persimmon":
+    raise tc.error("model_type", "Fuyu's decoder is 'persimmon'")
+  return top, tc
 
 
-def model_kwargs_from_hf_fuyu(config: dict, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-  """VisionLanguageModel kwargs from an HF FuyuConfig dict (tensors, if given: an absent lm_head means tied)."""
-  tc = _text_config(config)
-  act = tc["hidden_act"]
-  if act not in _ACT_FROM_HF:
-    raise ValueError(f"config.json: hidden_act {act!r} is not supported; known: {sorted(_ACT_FROM_HF)}")
+def model_kwargs_from_hf_fuyu(config, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """VisionLanguageModel kwargs from an HF FuyuConfig (an HFConfig or a config.json dict; tensors, canonical
+  keys, if given, decide the head tying as transformers does)."""
+  top, tc = configs(config)
+  act = tc.choice("hidden_act", _ACT_FROM_HF)
   width, heads = tc["hidden_size"], tc["num_attention_heads"]
   if width % heads:
-    raise ValueError(f"config.json: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    raise tc.error("hidden_size", f"not a multiple of num_attention_heads = {heads}")
   head_dim = width // heads  # PersimmonAttention's, whatever config.head_dim says
-  if tc.get("head_dim") not in (None, head_dim):
-    raise ValueError(f"config.json: head_dim {tc['head_dim']} != hidden_size / num_attention_heads = {head_dim}: "
-                     "PersimmonAttention and its rotary embedding would disagree")
-  rp = tc.get("rope_parameters") or {}
-  fraction = float(rp.get("partial_rotary_factor", tc["partial_rotary_factor"]))
-  tie = bool(tc.get("tie_word_embeddings") or config.get("tie_word_embeddings"))
-  if tensors is not None and "lm_head.weight" not in tensors:
-    tie = True
-  patch = config.get("patch_size", 30)
-  patch = patch if isinstance(patch, int) else patch["height"] if isinstance(patch, dict) else patch[0]
+  if tc.given("head_dim") and tc["head_dim"] not in (None, head_dim):
+    raise tc.error("head_dim", f"!= hidden_size / num_attention_heads = {head_dim}: PersimmonAttention and its "
+                   "rotary embedding would disagree")
+  rp = default_rope(tc)
+  fraction = float(rp["partial_rotary_factor"])
+  patch = top["patch_size"]
+  if isinstance(patch, dict):  # {"height": p, "width": p}
+    patch = patch.get("height") if patch.get("height") == patch.get("width") else None
+  elif isinstance(patch, (list, tuple)):
+    patch = patch[0] if len(patch) == 2 and patch[0] == patch[1] else None
+  if isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0:
+    raise top.error("patch_size", "expected a positive integer (square patches)")
   lm = dict(vocab_size=tc["vocab_size"], width=width, depth=tc["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=heads, head_dim=head_dim, mlp_dim=tc["intermediate_size"], mlp_act=_ACT_FROM_HF[act],
-            qkv_bias=True, out_bias=True, mlp_bias=True, rope_theta=_rope_theta(tc),
+            num_kv_heads=heads, head_dim=head_dim, mlp_dim=tc["intermediate_size"], mlp_act=act,
+            qkv_bias=True, out_bias=True, mlp_bias=True, rope_theta=float(rp["rope_theta"]),
             norm_eps=float(tc["layer_norm_eps"]), norm_type="layer",
             qk_norm="layer" if tc["qk_layernorm"] else None, rotary_fraction=fraction, embed_scale=False,
-            tie_embeddings=tie)
+            tie_embeddings=tied_head(top, tensors))
   return dict(lm_config=lm, vision_config=dict(patch_size=int(patch), width=width), vision_model="fuyu_patches",
               vision_method="patch_features", connector_type="none", prefix_tokens=1,
-              image_token_id=int(config.get("image_token_id", 71011)))
+              image_token_id=int(top["image_token_id"]))
 
 
 def _canonical(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
@@ -161,9 +175,8 @@ def import_hf_fuyu(path: str | Path, scan: bool = False) -> tuple[str, dict[str,
   if scan:
     raise NotImplementedError("VisionLanguageModel's DecoderLM has no scanned layout; import with scan=False")
   path = Path(path)
-  config = json.loads((path / "config.json").read_text())
-  if config.get("model_type") != "fuyu":
-    raise ValueError(f"{path}: model_type {config.get('model_type')!r}, expected 'fuyu'")
+  config = hf_config.read_config(path)
+  configs(config)  # model_type checks before the tensors are read
   tensors, layout, rest = _canonical(load_safetensors_dir(path))
   kwargs = model_kwargs_from_hf_fuyu(config, tensors)
   lm = kwargs["lm_config"]
@@ -184,7 +197,7 @@ def import_hf_fuyu(path: str | Path, scan: bool = False) -> tuple[str, dict[str,
       flat[("lm", "decoder", f"block_{i}", "attn") + tuple(name.split("/"))] = np.ascontiguousarray(x, np.float32)
 
   # Shapes the model cannot take: the patch projection's input is p * p * C.
-  p, c, d = kwargs["vision_config"]["patch_size"], config.get("num_channels", 3), lm["width"]
+  p, c, d = kwargs["vision_config"]["patch_size"], config["num_channels"], lm["width"]
   kernel = flat[("vision", "vision_embed", "kernel")]
   if kernel.shape != (p * p * c, d):
     raise ValueError(f"{path}: {_stored(layout, 'vision_embed_tokens.weight')} maps {kernel.shape[0]} -> "

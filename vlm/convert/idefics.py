@@ -23,7 +23,17 @@ Where IDEFICS differs from the Flamingo paper, the kwargs select IDEFICS's choic
   model      the resampler reads the ViT's final tokens *before* its post_layernorm, class token
              included (-> vision final_norm=False, keep_cls=True); a gated block before LM layers
              0, k, 2k, ... (k = cross_layer_interval; HF needs depth % k == 0).
-Not supported (raise): use_resampler=False (cross-attention to raw ViT tokens), non-default rope.
+Not supported (ConfigError naming file, key and value): use_resampler=False (cross-attention to raw
+ViT tokens), a non-default rope (rope_parameters / rope_scaling), activations vlm lacks, alpha_type
+other than 'float' / 'vector', alpha_initializer other than transformers' ('zeros', 'ones', 'normal',
+'gaussian', 'random').
+
+Config: config.json is read only through vlm.convert.hf_config (the defaults of IdeficsConfig,
+IdeficsVisionConfig and IdeficsPerceiverConfig for what a 4.x file leaves out); a config given with a
+state dict may be an HFConfig, a transformers config or its dict. The resampler's LayerNorm eps is
+transformers' fixed 1e-5 (nn.LayerNorm's default), the LM's and gated blocks' RMSNorm eps rms_norm_eps,
+the vision tower's LayerNorm eps vision_config.layer_norm_eps. The head is tied as transformers ties
+it: tie_word_embeddings and no lm_head (or one equal to the embedding).
 
 Layouts (vlm.convert.hf): `dense` torch [out, in] -> [in, out]; `qkv` [h*hd, D] -> [D, h, hd];
 `out` [D, h*hd] -> [h, hd, D]; `alpha` [1] or [1, 1, D] -> [1] or [D].
@@ -34,17 +44,25 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from vlm.convert.blip2 import _load, _sub_config
+from vlm.convert.blip2 import _load, _square, as_config
+from vlm.convert.chameleon import default_rope, tied_head
 from vlm.convert.hf import ACT_FROM_HF, _encoder, _fwd, _linear, _norm
-from vlm.convert.llm import _GATED_FROM_HF, _rope_theta
+from vlm.convert.hf_config import HFConfig
+from vlm.convert.llm import _GATED_FROM_HF
 
 Row = tuple[str, str, str]  # (HF key, our path, layout)
 
+# IdeficsGatedCrossAttentionLayer's alpha_initializer -> our alpha_init ('normal' draws: 0, imported anyway).
+_ALPHA_INIT = {"zeros": 0.0, "ones": 1.0, "normal": 0.0, "gaussian": 0.0, "random": 0.0}
+RESAMPLER_NORM_EPS = 1e-5  # IdeficsPerceiverResampler's nn.LayerNorm default, not a config key
 
-def _cfg(config: Any) -> dict:
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  return dict(config)
+
+def _cfg(config: Any) -> HFConfig:
+  """The IdeficsConfig as an HFConfig (a dict or transformers config is wrapped)."""
+  c = as_config(config, "idefics")
+  if c.model_type != "idefics":
+    raise c.error("model_type", "expected 'idefics'")
+  return c
 
 
 # -- kwargs ---------------------------------------------------------------------------------------
@@ -53,29 +71,23 @@ def _cfg(config: Any) -> dict:
 def perceiver_kwargs_from_hf(config: Any) -> dict[str, Any]:
   """PerceiverResampler kwargs for an IdeficsConfig (its perceiver_config and vision_config)."""
   config = _cfg(config)
-  pc, vc = _sub_config(config, "perceiver_config"), _sub_config(config, "vision_config")
-  width = vc.get("embed_dim", config.get("hidden_size"))
-  return dict(num_latents=pc.get("resampler_n_latents", 64), depth=pc.get("resampler_depth", 6),
-              num_heads=pc.get("resampler_n_heads", 16), head_dim=pc.get("resampler_head_dim", 96),
-              mlp_dim=4 * width, mlp_act="relu", max_frames=None,
-              qk_norm="layer" if pc.get("qk_layer_norms_perceiver") else None, use_bias=False, norm_eps=1e-5)
+  pc, vc = config["perceiver_config"], config["vision_config"]
+  return dict(num_latents=pc["resampler_n_latents"], depth=pc["resampler_depth"], num_heads=pc["resampler_n_heads"],
+              head_dim=pc["resampler_head_dim"], mlp_dim=4 * vc["embed_dim"], mlp_act="relu", max_frames=None,
+              qk_norm="layer" if pc["qk_layer_norms_perceiver"] else None, use_bias=False,
+              norm_eps=RESAMPLER_NORM_EPS)
 
 
 def gated_xattn_kwargs_from_hf(config: Any) -> dict[str, Any]:
   """GatedCrossAttentionBlock kwargs for an IdeficsConfig."""
   config = _cfg(config)
-  act = config.get("hidden_act", "silu")
-  if act not in _GATED_FROM_HF:
-    raise ValueError(f"IdeficsConfig.hidden_act {act!r} is not supported; known: {sorted(_GATED_FROM_HF)}")
-  alpha_type = config.get("alpha_type", "float")
-  if alpha_type not in ("float", "vector"):
-    raise ValueError(f"IdeficsConfig.alpha_type {alpha_type!r}: expected 'float' or 'vector'")
-  init = {"zeros": 0.0, "ones": 1.0}.get(config.get("alpha_initializer", "zeros"), 0.0)
+  alpha_type = config.choice("alpha_type", ("float", "vector"))
   width, heads = config["hidden_size"], config["num_attention_heads"]
   return dict(num_heads=heads, head_dim=width // heads, mlp_dim=config["intermediate_size"],
-              mlp_act=_GATED_FROM_HF[act], norm="rms", norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-              qk_norm="rms" if config.get("qk_layer_norms") else None, use_bias=False,
-              alpha_shape="scalar" if alpha_type == "float" else "vector", alpha_init=init)
+              mlp_act=config.choice("hidden_act", _GATED_FROM_HF), norm="rms", norm_eps=float(config["rms_norm_eps"]),
+              qk_norm="rms" if config["qk_layer_norms"] else None, use_bias=False,
+              alpha_shape="scalar" if alpha_type == "float" else "vector",
+              alpha_init=config.choice("alpha_initializer", _ALPHA_INIT))
 
 
 # -- rows -----------------------------------------------------------------------------------------
@@ -170,32 +182,33 @@ def import_hf_idefics_gated_xattn(source, config=None, index: int = 0) -> tuple[
 
 
 def flamingo_kwargs_from_hf(config: Any, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-  """vlm.models.flamingo.Flamingo kwargs for an IdeficsConfig (tensors, if given, decide the LM's head tying)."""
+  """vlm.models.flamingo.Flamingo kwargs for an IdeficsConfig (an HFConfig, a transformers config or a dict;
+  tensors, if given, decide the LM's head tying as transformers does)."""
   config = _cfg(config)
-  vc = _sub_config(config, "vision_config")
-  if not config.get("use_resampler"):
-    raise NotImplementedError("IDEFICS with use_resampler=False (cross-attention to the raw ViT tokens) is not "
-                              "supported: our Flamingo always resamples")
-  depth, every = config["num_hidden_layers"], config.get("cross_layer_interval", 1)
-  if depth % every:
-    raise ValueError(f"IdeficsConfig: num_hidden_layers={depth} is not a multiple of cross_layer_interval={every}")
-  act = vc.get("hidden_act", "gelu")
-  if act not in ACT_FROM_HF:
-    raise ValueError(f"vision hidden_act {act!r} is not supported; known: {sorted(ACT_FROM_HF)}")
-  size, patch = vc.get("image_size", 224), vc.get("patch_size", 14)
-  size = size if isinstance(size, int) else size[0]
-  patch = patch if isinstance(patch, int) else patch[0]
+  vc = config["vision_config"]
+  if not config["use_resampler"]:
+    raise config.error("use_resampler", "cross-attention to the raw ViT tokens is not supported: our Flamingo "
+                       "always resamples")
+  depth, every = config["num_hidden_layers"], config["cross_layer_interval"]
+  if isinstance(every, bool) or not isinstance(every, int) or every <= 0 or depth % every:
+    raise config.error("cross_layer_interval", f"needs a positive divisor of num_hidden_layers = {depth}")
+  size, patch = _square(vc, "image_size"), _square(vc, "patch_size")
   vision = dict(width=vc["embed_dim"], depth=vc["num_hidden_layers"], mlp_dim=vc["intermediate_size"],
                 num_heads=vc["num_attention_heads"], patch_size=patch, class_token=True, posemb="learn",
                 posemb_grid=(size // patch,) * 2, pre_norm=True, patch_bias=False, final_norm=False,
-                norm_eps=float(vc.get("layer_norm_eps", 1e-5)), mlp_act=ACT_FROM_HF[act])
+                norm_eps=float(vc["layer_norm_eps"]), mlp_act=vc.choice("hidden_act", ACT_FROM_HF))
   width, heads = config["hidden_size"], config["num_attention_heads"]
-  vocab = config["vocab_size"] + config.get("additional_vocab_size", 0)
-  tie = bool(config.get("tie_word_embeddings")) or (tensors is not None and "lm_head.weight" not in tensors)
+  if width % heads:
+    raise config.error("hidden_size", f"not a multiple of num_attention_heads = {heads}")
+  vocab = config["vocab_size"] + config["additional_vocab_size"]
+  if tensors is not None and "model.embed_tokens.weight" not in tensors and "embed_tokens.weight" in tensors:
+    tie = True  # an IdeficsModel (no head): our logits use the embedding
+  else:
+    tie = tied_head(config, tensors)  # IdeficsForVisionText2Text (additional_fc merged into lm_head)
   lm = dict(vocab_size=vocab, width=width, depth=depth, num_heads=heads, num_kv_heads=heads,
             head_dim=width // heads, mlp_dim=config["intermediate_size"],
-            mlp_act=_GATED_FROM_HF[config.get("hidden_act", "silu")], rope_theta=_rope_theta(config),
-            norm_eps=float(config.get("rms_norm_eps", 1e-6)), tie_embeddings=tie)
+            mlp_act=config.choice("hidden_act", _GATED_FROM_HF), rope_theta=float(default_rope(config)["rope_theta"]),
+            norm_eps=float(config["rms_norm_eps"]), tie_embeddings=tie)
   return dict(lm_config=lm, vision_config=vision, resampler_config=perceiver_kwargs_from_hf(config),
               xattn_config=gated_xattn_kwargs_from_hf(config), cross_attention_every=every, keep_cls=True)
 

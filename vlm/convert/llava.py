@@ -27,37 +27,29 @@ and `anyres` = dict(grid_pinpoints=config.image_grid_pinpoints, tile_size=vision
 patch_grid=image_size / patch_size); the data's pp op `anyres` takes the same three values. Only
 strategy 'default' (HF's packing reshapes the per-tile features into a grid, which a CLS token breaks).
 
-Config fields missing from config.json take transformers' defaults (LlavaConfig, CLIPVisionConfig,
-LlamaConfig), as `from_pretrained` does for the old llava-hf configs that list only the overrides.
+config.json is read only through vlm.convert.hf_config: fields it leaves out take the defaults of
+transformers' config classes (LlavaConfig / LlavaNextConfig, and CLIPVisionConfig, SiglipVisionConfig,
+LlamaConfig, ... for the sub-configs; LlavaConfig's own CLIP ViT-L/14-336 when vision_config is absent),
+as `from_pretrained` does for the Hub files that list only the overrides. What VisionLanguageModel
+cannot express is a ConfigError naming the file, key and value. Export back: vlm.convert.export_lm.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
-from vlm.convert import llm
-from vlm.convert.hf import _clip_table, _fwd, _siglip_table, _tower_kwargs
+from vlm.convert import hf_config, llm
+from vlm.convert.hf import ACT_FROM_HF, _clip_table, _fwd, _siglip_table, _tower_kwargs
+from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
-from vlm.data.anyres import LLAVA_NEXT_PINPOINTS
 
-# transformers' defaults for fields that older config.json files leave out.
-_LLAVA_DEFAULTS = dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                       vision_feature_layer=-2, multimodal_projector_bias=True)
-_LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, patch_size=14,
-                     image_size=336, num_hidden_layers=24, num_attention_heads=16)  # LlavaConfig's own default
-_VISION_DEFAULTS = {
-    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
-    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                num_attention_heads=12, image_size=224, patch_size=16,
-                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
-}
-_TEXT_DEFAULTS = {"llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0,
-                                tie_word_embeddings=False)}
+MODEL_TYPES = ("llava", "llava_next")
+VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
+# Kept for vlm.convert.blip2 (which merges it under its text config before model_kwargs_from_hf_llm): empty,
+# since model_kwargs_from_hf_llm fills transformers' defaults itself (hf_config). Remove with blip2's use.
+_TEXT_DEFAULTS: dict[str, dict] = {}
 
 # Where the parts live in the two key layouts (longest prefix first), and the prefix our tables use.
 _VISION_PREFIXES = ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.",
@@ -69,37 +61,41 @@ _NEWLINE_KEYS = ("model.image_newline", "image_newline")
 _IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
 
 
-def _configs(config: dict) -> tuple[dict, dict, dict]:
-  """(llava, vision, text) config dicts with transformers' defaults filled in."""
-  top = {**_LLAVA_DEFAULTS, **config}
-  if "image_token_id" in config and "image_token_index" not in config:
-    top["image_token_index"] = config["image_token_id"]
-  vc = dict(config.get("vision_config") or _LLAVA_VISION)
-  vc.setdefault("model_type", "clip_vision_model")
-  vc = {**_VISION_DEFAULTS.get(vc["model_type"], {}), **vc}
-  tc = dict(config.get("text_config") or {})
-  tc.setdefault("model_type", "llama")
-  tc = {**_TEXT_DEFAULTS.get(tc["model_type"], {}), **tc}
+def _configs(config: "dict | HFConfig") -> tuple[HFConfig, HFConfig, HFConfig]:
+  """(llava, vision, text) HFConfigs of a LlavaConfig / LlavaNextConfig (a config.json dict or HFConfig)."""
+  top = llm.as_config(config)
+  if top.model_type not in MODEL_TYPES:
+    raise top.error("model_type", f"expected one of {MODEL_TYPES}")
+  vc, tc = top["vision_config"], top["text_config"]
+  if vc.model_type not in VISION_TYPES:
+    raise top.error("vision_config", f"vision_config.model_type {vc.model_type!r} is not supported; supported: "
+                    f"{VISION_TYPES}")
   return top, vc, tc
 
 
-def _vision_kwargs(vc: dict) -> dict[str, Any]:
+def _int(c: HFConfig, key: str) -> int:
+  """An image_size / patch_size: an int, or [h, w] with h == w."""
+  v = c[key]
+  if isinstance(v, int):
+    return v
+  if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1]:
+    return int(v[0])
+  raise c.error(key, "only square sizes are supported")
+
+
+def _vision_kwargs(vc: HFConfig) -> dict[str, Any]:
   """ViT kwargs for an HF CLIP / SigLIP vision config (the layouts of vlm.convert.hf.model_kwargs_from_hf)."""
-  mt = vc.get("model_type")
-  size, patch = vc["image_size"], vc["patch_size"]
-  size = size if isinstance(size, int) else size[0]
-  patch = patch if isinstance(patch, int) else patch[0]
+  vc.choice("hidden_act", ACT_FROM_HF)  # a ConfigError naming the file for an activation vlm lacks
+  size, patch = _int(vc, "image_size"), _int(vc, "patch_size")
   grid = size // patch
   kw = dict(_tower_kwargs(vc), patch_size=patch, posemb="learn", posemb_grid=(grid, grid))
-  if mt == "clip_vision_model":
+  kw["norm_eps"] = float(vc["layer_norm_eps"])
+  if vc.model_type == "clip_vision_model":
     return dict(kw, class_token=True, pre_norm=True, patch_bias=False)
-  if mt == "siglip_vision_model":
-    return dict(kw, class_token=False)
-  raise ValueError(f"config.json: vision_config.model_type {mt!r} is not supported; known: 'clip_vision_model', "
-                   "'siglip_vision_model'")
+  return dict(kw, class_token=False)
 
 
-def _vision_rows(vc: dict) -> list[tuple[str, str, str]]:
+def _vision_rows(vc) -> list[tuple[str, str, str]]:
   """(canonical HF key 'vision_model.*', path under our 'vision', layout) for the image tower."""
   no_text = {"num_hidden_layers": 0}
   if vc["model_type"] == "clip_vision_model":
@@ -110,17 +106,18 @@ def _vision_rows(vc: dict) -> list[tuple[str, str, str]]:
           if tower == "image" and hf.startswith("vision_model.")]
 
 
-def _feature_layer(layer, depth: int) -> int:
+def _feature_layer(top: HFConfig, depth: int) -> int:
   """HF's vision_feature_layer (an index into depth + 1 hidden_states) -> our feature_layer in [-depth, -1]."""
-  if not isinstance(layer, int):
-    raise NotImplementedError(f"vision_feature_layer {layer!r}: several layers concatenated (VipLlava-style) "
-                              "are not expressible by VisionLanguageModel (one feature_layer)")
+  layer = top["vision_feature_layer"]
+  if isinstance(layer, bool) or not isinstance(layer, int):
+    raise top.error("vision_feature_layer", "several layers concatenated (VipLlava-style) are not expressible by "
+                    "VisionLanguageModel (one feature_layer)")
   ours = layer - (depth + 1) if layer >= 0 else layer  # hidden_states[0] = the embeddings
   if ours == -(depth + 1):
-    raise NotImplementedError(f"vision_feature_layer {layer}: the embedding output of a {depth}-block tower, which "
-                              "VisionLanguageModel cannot select (block outputs only)")
+    raise top.error("vision_feature_layer", f"the embedding output of a {depth}-block tower, which "
+                    "VisionLanguageModel cannot select (block outputs only)")
   if not -depth <= ours < 0:
-    raise ValueError(f"vision_feature_layer {layer} is out of range for a {depth}-block tower")
+    raise top.error("vision_feature_layer", f"out of range for a {depth}-block tower")
   return ours
 
 
@@ -179,33 +176,33 @@ def _apply(part: _Part, rows, where: Path, gemma_norm: bool = False) -> dict:
   return flat
 
 
-def model_kwargs_from_hf_llava(config: dict, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-  """VisionLanguageModel kwargs from an HF LlavaConfig dict (tensors, if given, decide LM biases / tying)."""
+def model_kwargs_from_hf_llava(config: "dict | HFConfig", tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """VisionLanguageModel kwargs from an HF LlavaConfig / LlavaNextConfig (a config.json dict or an HFConfig;
+  tensors, the LM's under canonical keys, if given, decide the tying as transformers does)."""
   top, vc, tc = _configs(config)
-  act = top["projector_hidden_act"]
-  if act != "gelu":
-    raise ValueError(f"config.json: projector_hidden_act {act!r} is not supported: our 'mlp' connector uses exact "
-                     "GELU ('gelu')")
-  strategy = top["vision_feature_select_strategy"]
-  if strategy not in ("default", "full"):
-    raise ValueError(f"config.json: vision_feature_select_strategy {strategy!r}; known: 'default', 'full'")
+  top.choice("projector_hidden_act", {"gelu": "gelu"})  # our 'mlp' connector: Dense - exact GELU - Dense
+  strategy = top.choice("vision_feature_select_strategy", ("default", "full"))
   vit = _vision_kwargs(vc)
   if strategy == "default" and not vit["class_token"]:
-    raise NotImplementedError("vision_feature_select_strategy 'default' on a tower without a class token drops the "
-                              "first patch in HF; VisionLanguageModel drops only a class token")
-  kwargs = dict(lm_config=llm.model_kwargs_from_hf_llm(tc, tensors), vision_config=vit, vision_model="vit",
-                feature_layer=_feature_layer(top["vision_feature_layer"], vit["depth"]),
-                keep_cls=strategy == "full", pool=None, connector_type="mlp", prefix_tokens=1,
-                image_token_id=int(top["image_token_index"]))
-  if top.get("model_type") == "llava_next":
-    if strategy != "default":
-      raise NotImplementedError(f"LLaVA-NeXT with vision_feature_select_strategy {strategy!r}: the tiles' features "
-                                "form a grid only without the CLS token ('default')")
-    tile = vc["image_size"] if isinstance(vc["image_size"], int) else vc["image_size"][0]
-    patch = vc["patch_size"] if isinstance(vc["patch_size"], int) else vc["patch_size"][0]
-    points = top.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS  # LlavaNextConfig's default
-    kwargs["anyres"] = dict(grid_pinpoints=tuple(tuple(int(v) for v in p) for p in points), tile_size=int(tile),
-                            patch_grid=int(tile) // int(patch))
+    raise top.error("vision_feature_select_strategy", f"on a {vc.model_type} tower (no class token) HF drops the "
+                    "first patch; VisionLanguageModel drops only a class token")
+  # LlavaConfig.__post_init__: the text config's tie_word_embeddings ties the model's head too.
+  tie = bool(top["tie_word_embeddings"] or tc["tie_word_embeddings"])
+  token = top["image_token_id"] if top.given("image_token_id") and not top.given("image_token_index") else (
+      top["image_token_index"])  # LlavaConfig.attribute_map
+  kwargs = dict(lm_config=llm.model_kwargs_from_hf_llm(tc, tensors, tie=tie), vision_config=vit, vision_model="vit",
+                feature_layer=_feature_layer(top, vit["depth"]), keep_cls=strategy == "full", pool=None,
+                connector_type="mlp", prefix_tokens=1, image_token_id=int(token))
+  if top.model_type == "llava_next":
+    if strategy == "full" and vit["class_token"]:
+      raise top.error("vision_feature_select_strategy", "LLaVA-NeXT lays each tile's features out as a grid, "
+                      "which a CLS token breaks (transformers too)")
+    tile = _int(vc, "image_size")
+    points = top["image_grid_pinpoints"]
+    if not isinstance(points, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in points):
+      raise top.error("image_grid_pinpoints", "expected a list of [height, width] pairs")
+    kwargs["anyres"] = dict(grid_pinpoints=tuple(tuple(int(v) for v in p) for p in points), tile_size=tile,
+                            patch_grid=tile // _int(vc, "patch_size"))
   return kwargs
 
 
@@ -217,19 +214,17 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
   if scan:
     raise NotImplementedError("VisionLanguageModel's DecoderLM has no scanned layout; import with scan=False")
   path = Path(path)
-  config = json.loads((path / "config.json").read_text())
-  if config.get("model_type") not in ("llava", "llava_next"):
-    raise ValueError(f"{path}: model_type {config.get('model_type')!r}, expected 'llava' or 'llava_next'")
+  config = hf_config.read_config(path)
+  top, vc, tc = _configs(config)
   tensors = load_safetensors_dir(path)
   newline = None
-  if config["model_type"] == "llava_next":
+  if top.model_type == "llava_next":
     key = next((k for k in _NEWLINE_KEYS if k in tensors), None)
     if key is None:
       raise ValueError(f"{path}: a llava_next checkpoint without its image_newline ({' or '.join(_NEWLINE_KEYS)})")
     newline = tensors.pop(key)
   vision, lm, proj, rest = _split(tensors)
-  top, vc, tc = _configs(config)
-  kwargs = model_kwargs_from_hf_llava(config, lm.tensors)
+  kwargs = model_kwargs_from_hf_llava(top, lm.tensors)
   vit, lm_kw = kwargs["vision_config"], kwargs["lm_config"]
 
   # Vision tower. post_layernorm (our encoder_norm) is never used by LLaVA: the identity when pruned.
@@ -242,7 +237,7 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
 
   # Language model: vlm.convert.llm's table on the canonical keys.
   lrows = llm._table(lm_kw)
-  flat.update({("lm",) + k: v for k, v in _apply(lm, lrows, path, gemma_norm=tc["model_type"] == "gemma").items()})
+  flat.update({("lm",) + k: v for k, v in _apply(lm, lrows, path, gemma_norm=tc.model_type == "gemma").items()})
 
   # Projector: Linear - GELU - Linear; zero biases when the checkpoint has none.
   if not top["multimodal_projector_bias"]:

@@ -51,6 +51,7 @@ from vlm import decoding
 from vlm.nn.attention import MultiHeadAttention
 from vlm.nn.mlp import Mlp
 from vlm.nn.norms import make_norm
+from vlm.nn.rope import make_rope
 from vlm.nn.transformer import REMAT_POLICIES
 
 Dtype = Any
@@ -106,6 +107,7 @@ class LMBlock(nn.Module):
   out_bias: bool = False
   mlp_bias: bool = False
   rope_theta: float | None = 10000.0
+  rope_scaling: dict | None = None
   norm_eps: float = 1e-6
   norm_type: str = "rms"
   qk_norm: str | None = None
@@ -122,7 +124,8 @@ class LMBlock(nn.Module):
     attn = MultiHeadAttention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         use_bias=self.qkv_bias, out_bias=self.out_bias, qk_norm=self.qk_norm, norm_eps=self.norm_eps,
-        rope_theta=self.rope_theta, rotary_fraction=self.rotary_fraction, dtype=self.dtype, name="attn")
+        rope_theta=make_rope(self.rope_theta, self.rope_scaling), rotary_fraction=self.rotary_fraction,
+        dtype=self.dtype, name="attn")
     norm2 = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm2")
     mlp = Mlp(self.mlp_dim, act=self.mlp_act, use_bias=self.mlp_bias, dropout=self.dropout, dtype=self.dtype,
               name="mlp")
@@ -164,6 +167,10 @@ class DecoderLM(nn.Module):
     squared ReLU: fc1 -> act -> fc2).
     qkv_bias / out_bias / mlp_bias: biases of the q/k/v, output and MLP projections.
     rope_theta: rotary base (None: no position information at all).
+    rope_scaling: None (default rope) or a scaled RoPE of current LMs, a dict {'rope_type': 'linear' |
+      'dynamic' | 'llama3' | 'yarn', <its parameters>} (vlm.nn.rope.SCALING_KEYS; the HF importer fills it
+      from rope_parameters / rope_scaling). 'dynamic' depends on the positions of each call (vlm.nn.rope:
+      cached decoding past max_position_embeddings then differs from one uncached forward, as in HF).
     norm_eps, norm_type: 'rms' (RMSNorm, default) or 'layer' (LayerNorm with bias: Persimmon) for
       norm1, norm2 and the final norm.
     qk_norm: None (default), 'layer' or 'rms': per-head norm over head_dim of queries and keys before
@@ -195,6 +202,7 @@ class DecoderLM(nn.Module):
   out_bias: bool = False
   mlp_bias: bool = False
   rope_theta: float | None = 10000.0
+  rope_scaling: dict | None = None
   norm_eps: float = 1e-6
   norm_type: str = "rms"
   qk_norm: str | None = None
@@ -219,7 +227,8 @@ class DecoderLM(nn.Module):
     )
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
               head_dim=self.head_dim, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias, out_bias=self.out_bias,
-              mlp_bias=self.mlp_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps, norm_type=self.norm_type,
+              mlp_bias=self.mlp_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
+              rope_scaling=self.rope_scaling, norm_type=self.norm_type,
               qk_norm=self.qk_norm, rotary_fraction=self.rotary_fraction, swin_norm=self.swin_norm,
               dropout=self.dropout, dtype=self.dtype)
     self.decoder = self.stack_class(depth=self.depth, block=kw, remat_policy=self.remat_policy, name="decoder")

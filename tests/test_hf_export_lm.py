@@ -17,8 +17,8 @@ import jax.numpy as jnp  # noqa: E402
 import test_decoder_lm as dlm  # noqa: E402  (its model builders and batches)
 import test_hf_llava as llava  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
-from vlm.convert.export_lm import (export_hf_llava, export_hf_lm, export_hf_llm, hf_config_from_llava_kwargs,  # noqa: E402
-                                   hf_config_from_llm_kwargs)
+from vlm.convert.export_lm import (export_hf_llava, export_hf_lm, export_hf_llm,  # noqa: E402
+                                   hf_config_from_llava_kwargs, hf_config_from_llm_kwargs)
 from vlm.models import build_model  # noqa: E402
 from vlm.nn import rope as rope_lib  # noqa: E402
 from vlm.peft import merge_lora  # noqa: E402
@@ -190,7 +190,8 @@ def test_hf_llava_import_export_round_trip(case, tmp_root, tmp_path):
   ids = np.stack([llava._prompt(rng, strategy, tower=tower) for _ in range(2)])
   pixels = llava._pixels(rng, 2)
   with torch.no_grad():
-    theirs, again = (m(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy() for m in (hf, out))
+    theirs, again = (m(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+                     for m in (hf, out))
   wdiff, diff = _weights_diff(hf, out), float(np.abs(again - theirs).max())
   print(f"{case}: round trip, max |weight diff| {wdiff:.1e}, max |logits diff| {diff:.2e}")
   assert wdiff <= 1e-6 and diff <= TOL

@@ -176,7 +176,8 @@ def _apply(part: _Part, rows, where: Path, gemma_norm: bool = False) -> dict:
   return flat
 
 
-def model_kwargs_from_hf_llava(config: "dict | HFConfig", tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def model_kwargs_from_hf_llava(config: "dict | HFConfig",
+                               tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
   """VisionLanguageModel kwargs from an HF LlavaConfig / LlavaNextConfig (a config.json dict or an HFConfig;
   tensors, the LM's under canonical keys, if given, decide the tying as transformers does)."""
   top, vc, tc = _configs(config)

@@ -35,7 +35,7 @@ from flax import traverse_util
 
 from vlm.convert import hf_config
 from vlm.convert.hf import _fwd
-from vlm.convert.hf_config import ConfigError, HFConfig
+from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
 from vlm.nn import rope as rope_lib
 

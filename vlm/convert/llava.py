@@ -41,7 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import hf_config, llm
-from vlm.convert.hf import ACT_FROM_HF, _clip_table, _fwd, _siglip_table, _tower_kwargs
+from vlm.convert.hf import _clip_table, _fwd, _siglip_table, _tower_kwargs
 from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
 
@@ -85,11 +85,9 @@ def _int(c: HFConfig, key: str) -> int:
 
 def _vision_kwargs(vc: HFConfig) -> dict[str, Any]:
   """ViT kwargs for an HF CLIP / SigLIP vision config (the layouts of vlm.convert.hf.model_kwargs_from_hf)."""
-  vc.choice("hidden_act", ACT_FROM_HF)  # a ConfigError naming the file for an activation vlm lacks
   size, patch = _int(vc, "image_size"), _int(vc, "patch_size")
   grid = size // patch
   kw = dict(_tower_kwargs(vc), patch_size=patch, posemb="learn", posemb_grid=(grid, grid))
-  kw["norm_eps"] = float(vc["layer_norm_eps"])
   if vc.model_type == "clip_vision_model":
     return dict(kw, class_token=True, pre_norm=True, patch_bias=False)
   return dict(kw, class_token=False)

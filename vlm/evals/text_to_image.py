@@ -33,7 +33,7 @@ class TextToImage(SplitData):
   def __init__(self, *, config, model, mesh, prefix: str, judge: str, split: str = "test",
                batch_size: int = 256, max_examples: int | None = 512, method: str = "greedy", seed: int = 0,
                caption_key: str = "caption", guidance: float = 1.0, **decode_kw):
-    from vlm.predict import load_model_and_params, load_workdir_config  # vlm.predict imports vlm.evals
+    from vlm.evaluate import load_model_and_params, load_workdir_config  # vlm.evaluate imports vlm.evals
     self.model, self.mesh, self.prefix = model, mesh, prefix
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.method, self.seed, self.guidance, self.decode_kw = method, seed, guidance, decode_kw

@@ -167,8 +167,9 @@ def test_unimodal_mode_keeps_queries_and_text_apart(qformer):
   other_query = _run(qformer, query + 1.0, ids, image, "unimodal")
   np.testing.assert_array_equal(other_query[:, Q:], base[:, Q:])  # nor the text the queries
   # The query outputs equal a queries-only call, the text outputs a text-only call (the ITC encoders).
-  np.testing.assert_allclose(_run(qformer, query, None, image, "unimodal"), base[:, :Q], atol=1e-6)
-  np.testing.assert_allclose(_run(qformer, None, ids, None, "unimodal"), base[:, Q:], atol=1e-6)
+  # Different sequence lengths change the float32 summation order (CI saw 1.2e-6), hence 1e-5.
+  np.testing.assert_allclose(_run(qformer, query, None, image, "unimodal"), base[:, :Q], atol=1e-5)
+  np.testing.assert_allclose(_run(qformer, None, ids, None, "unimodal"), base[:, Q:], atol=1e-5)
 
 
 def test_multimodal_causal_mode(qformer):

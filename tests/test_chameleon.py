@@ -108,6 +108,26 @@ def test_logits_match_hf(imported):
   assert off > 1e-3
 
 
+def test_scanned_import(imported):
+  """scan=True: the same tensors stacked (decoder/layers, per-head q/k norms [depth, heads, hd]); HF's logits."""
+  from vlm.convert import stack_encoder_blocks
+  hf, _, params, kw, path = imported
+  name, kwargs, scanned = import_hf(path, scan=True)
+  assert kwargs == dict(kw, scan_layers=True)
+  assert scanned["decoder"]["layers"]["attn"]["query_norm"]["scale"].shape == (2, 4, 16)
+  jax.tree.map(np.testing.assert_array_equal, scanned, stack_encoder_blocks(params, names=("decoder",)))
+  if kw["swin_norm"]:
+    return  # one logits check is enough: the scan is the same for both norm placements
+  ids = _tokens(0)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids)).logits.numpy()
+  ours = np.asarray(build_model(name, kwargs).apply({"params": scanned}, jnp.asarray(ids)))
+  text = np.setdiff1d(np.arange(VOCAB), image_token_ids(json.load(open(f"{path}/config.json"))))
+  diff = float(np.abs(ours[..., text] - theirs[..., text]).max())
+  print(f"chameleon imported with scan=True: max |logits diff| {diff:.2e}")
+  assert diff <= TOL
+
+
 def test_absent_keys_take_chameleon_defaults():
   """A config.json that gives only the sizes reads as transformers' ChameleonConfig does (eps, rope theta, biases,
   swin_norm, tying). num_key_value_heads is given: ChameleonConfig's default is 32, not num_attention_heads."""

@@ -345,3 +345,140 @@ def test_unsupported_config_values_raise_naming_them(tmp_path):
          head_dim=8, hidden_act="gelu", hidden_activation="silu")
   raises("qwen2", r"use_sliding_window = True: sliding-window attention", model_type="qwen2",
          use_sliding_window=True, sliding_window=4, max_window_layers=0)
+
+
+# ------------------------------------------------------------------ layer scan (scan_layers=True)
+
+SCAN_KW = dict(vocab_size=VOCAB, width=32, depth=3, num_heads=4, num_kv_heads=2, mlp_dim=64)
+
+
+def _stack(params):
+  from vlm.convert import stack_encoder_blocks
+  return stack_encoder_blocks(jax.tree.map(np.asarray, params), names=("decoder",))
+
+
+@functools.cache
+def _scan_pair():
+  """(unrolled model, scanned model, unrolled params, the same params stacked) for SCAN_KW."""
+  from flax import linen as nn
+  model, scanned = DecoderLM(**SCAN_KW), DecoderLM(**SCAN_KW, scan_layers=True)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * np.random.default_rng(x.size).normal(size=x.shape).astype(
+      np.float32), params)  # norms away from 1
+  return model, scanned, params, _stack(params)
+
+
+def test_scan_layers_same_params_logits_and_gradients():
+  from flax import linen as nn
+  model, scanned, params, stacked = _scan_pair()
+  init = jax.eval_shape(scanned.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  q = init["decoder"]["layers"]["attn"]["query"]["kernel"]
+  assert q.names == ("layers", "embed", "heads", "kv") and q.value.shape == (3, 32, 4, 8)
+  assert jax.tree.map(np.shape, stacked) == jax.tree.map(np.shape, nn.meta.unbox(init))
+  ids, mask = _padded_batch()
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+
+  def loss(m):
+    def f(p):
+      logits = m.apply({"params": p}, ids, mask=mask)
+      return (logits ** 2).mean(), logits
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+  (_, ref), g_ref = loss(model)(params)
+  (_, ours), g_ours = loss(scanned)(stacked)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), _stack(g_ref), g_ours)
+
+
+def test_scan_layers_with_remat_and_dropout_trains():
+  import optax
+  kw = dict(SCAN_KW, dropout=0.1, scan_layers=True)
+  remat, plain = DecoderLM(**kw, remat_policy="dots"), DecoderLM(**kw)
+  toks = jnp.asarray(np.random.default_rng(0).integers(3, VOCAB, size=(4, 10)), jnp.int32)
+  params = _scan_pair()[3]
+  tx = optax.adamw(3e-3)
+
+  def loss(model, p, rng):
+    logits = model.apply({"params": p}, toks[:, :-1], train=True, rngs={"dropout": rng})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
+
+  @jax.jit
+  def step(p, opt, rng):
+    value, grads = jax.value_and_grad(functools.partial(loss, remat))(p, rng)
+    updates, opt = tx.update(grads, opt, p)
+    return optax.apply_updates(p, updates), opt, value, grads
+
+  rng = jax.random.PRNGKey(1)
+  opt, losses = tx.init(params), []
+  # Remat inside the scan changes nothing but memory (the same dropout masks: rngs split per layer).
+  l0, g0 = jax.jit(jax.value_and_grad(functools.partial(loss, plain)))(params, rng)
+  for i in range(12):
+    new, opt, value, grads = step(params, opt, jax.random.fold_in(rng, i) if i else rng)
+    if i == 0:
+      np.testing.assert_allclose(value, l0, rtol=1e-6)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, g0)
+    params = new
+    losses.append(float(value))
+  print(f"scan + remat 'dots' + dropout: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+  assert losses[-1] < losses[0] - 0.5
+
+
+def test_scan_layers_cached_greedy_and_beam_equal_unrolled():
+  model, scanned, params, stacked = _scan_pair()
+  rng = np.random.default_rng(4)
+  prompt = rng.integers(3, VOCAB, size=(3, 5))
+  mask = np.ones_like(prompt, dtype=bool)
+  prompt[1, :2], mask[1, :2] = PAD, False  # left-padded
+  prompt, mask = jnp.asarray(prompt, jnp.int32), jnp.asarray(mask)
+  from vlm.models.decoder import init_cache
+  cache = init_cache(scanned, stacked, prompt, 5 + NEW, mask)
+  # Batch-major: the stacked layer axis comes second.
+  assert cache["decoder"]["layers"]["attn"]["key"].shape == (3, 3, 5 + NEW, 2, 8)
+  assert cache["valid"].shape == (3, 5 + NEW)
+  for method, kw in (("greedy", {}), ("beam", dict(num_beams=3))):
+    run = jax.jit(lambda m, p, method=method, kw=kw: generate(m, p, prompt, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD,
+                                                               mask=mask, method=method, **kw), static_argnums=0)
+    ours, ref = run(scanned, stacked), run(model, params)
+    print(f"{method}: scanned {np.asarray(ours.tokens).tolist()}")
+    np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(ours.scores), np.asarray(ref.scores), atol=1e-4, rtol=1e-4)
+
+
+def test_llama_imported_with_scan_matches_hf_and_loads_into_scanned_init(tmp_root):
+  from vlm import checkpoint
+  from vlm.convert import stack_encoder_blocks
+  hf, _, params, _ = _imported("llama", tmp_root)
+  name, kwargs, scanned_params = import_hf(f"{tmp_root}/llama", scan=True)
+  assert name == "decoder_lm" and kwargs["scan_layers"] is True
+  assert set(scanned_params["decoder"]) == {"layers"}
+  assert scanned_params["decoder"]["layers"]["attn"]["query"]["kernel"].shape[0] == kwargs["depth"]
+  jax.tree.map(np.testing.assert_array_equal, scanned_params, stack_encoder_blocks(params, names=("decoder",)))
+  model = build_model(name, kwargs)
+  ids, mask = _padded_batch()
+  diff = _max_diff(hf, model, scanned_params, ids, mask)
+  print(f"llama imported with scan=True: max abs logit diff {diff:.2e}")
+  assert diff <= TOL
+  # An HF dir as config.init.path of a scan_layers=True model: load_params imports it unrolled and
+  # merge_params restacks it into the scanned layout (and back into an unrolled model).
+  from flax import linen as nn
+  target = jax.tree.map(np.zeros_like, jax.tree.map(np.asarray, nn.meta.unbox(
+      model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])))
+  loaded = checkpoint.load_params(f"{tmp_root}/llama")
+  merged = checkpoint.merge_params(target, loaded)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), merged, scanned_params)
+  back = checkpoint.merge_params(jax.tree.map(np.zeros_like, params), scanned_params, {"": ""})
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), back, params)
+  deeper = dict(target, decoder={"layers": jax.tree.map(lambda x: np.zeros((3,) + x.shape[1:], x.dtype),
+                                                        target["decoder"]["layers"])})
+  with pytest.raises(ValueError, match=r"decoder/layers/attn/query/kernel: shape \(3, .*restacked"):
+    checkpoint.merge_params(deeper, loaded, {"": ""})
+
+
+def test_scan_layers_refused_where_blocks_are_interleaved():
+  from vlm.models.flamingo import Flamingo, FlamingoLM
+  toks = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="FlamingoLM: scan_layers=True is not supported"):
+    FlamingoLM(**SCAN_KW, scan_layers=True).init(jax.random.PRNGKey(0), toks)
+  with pytest.raises(ValueError, match="Flamingo: lm_config.scan_layers=True is not supported"):
+    Flamingo(lm_config=dict(SCAN_KW, scan_layers=True), vision_config={}).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), toks)

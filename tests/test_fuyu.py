@@ -118,6 +118,18 @@ def test_logits_match_hf(imported):
   assert ours.shape == theirs.shape and diff <= TOL
 
 
+def test_scanned_import_matches_hf(imported):
+  from vlm.convert import stack_encoder_blocks
+  hf, _, params, _, path = imported
+  name, kwargs, scanned = import_hf(path, scan=True)
+  assert kwargs["lm_config"]["scan_layers"] and set(scanned["lm"]["decoder"]) == {"layers"}
+  jax.tree.map(np.testing.assert_array_equal, scanned, stack_encoder_blocks(params, names=("decoder",)))
+  ours, theirs = _logits(hf, kwargs, scanned)
+  diff = float(np.abs(ours - theirs).max())
+  print(f"fuyu imported with scan=True: max |logits diff| {diff:.2e}")
+  assert diff <= TOL
+
+
 def _logits(hf, kwargs, params, seed=0):
   """(ours, HF's) logits on _batch(seed)."""
   ids, pixels, patches = _batch(seed)

@@ -136,6 +136,26 @@ def test_logits_match_hf(imported):
   assert ours.shape == theirs.shape and all(d <= TOL for d in diffs.values()), diffs
 
 
+def test_scanned_import_scans_the_vit_and_the_lm(imported):
+  """scan=True: vision/img/encoder/layers and lm/decoder/layers (the Q-Former stays unrolled), HF's logits."""
+  from vlm.convert import stack_encoder_blocks
+  hf, _, params, _, path = imported
+  name, kwargs, scanned = import_hf(path, scan=True)
+  assert kwargs["vision_config"]["image"]["scan"] and kwargs["lm_config"]["scan_layers"]
+  assert "block_0" in scanned["vision"]["qformer"]
+  jax.tree.map(np.testing.assert_array_equal, scanned, stack_encoder_blocks(params, names=("encoder", "decoder")))
+  model = build_model(name, kwargs)
+  rng = np.random.default_rng(0)
+  ids = np.stack([_prompt(rng) for _ in range(2)])
+  pixels = _pixels(rng, 2)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), _nhwc(pixels), jnp.asarray(ids))["params"]))
+  assert jax.tree.map(np.shape, shapes) == jax.tree.map(np.shape, scanned)
+  diff = float(np.abs(np.asarray(model.apply({"params": scanned}, _nhwc(pixels), jnp.asarray(ids)))
+                      - _hf_logits(hf, ids, pixels)).max())
+  print(f"BLIP-2 stage 2 imported with scan=True: max |logits diff| {diff:.2e}")
+  assert diff <= TOL
+
+
 def _replaced(kwargs, keys, value):
   """A deep copy of nested kwargs with kwargs[k0][k1]... = value."""
   out = copy.deepcopy(kwargs)

@@ -90,6 +90,31 @@ def test_hf_llm_import_export_round_trip(arch, tmp_root, tmp_path):
   assert wdiff <= 1e-6 and diff <= TOL
 
 
+def test_scanned_imports_export_the_original_checkpoint(tmp_root, tmp_path):
+  """import_hf(scan=True) (DecoderLM scan_layers, LLaVA's ViT and LM both scanned) -> export: the same files."""
+  hf, _, _, _ = dlm._imported("llama", tmp_root)
+  name, kwargs, params = import_hf(f"{tmp_root}/llama", scan=True)
+  assert kwargs["scan_layers"] and set(params["decoder"]) == {"layers"}
+  config = export_hf_lm(name, kwargs, params, tmp_path / "lm", max_position_embeddings=hf.config.max_position_embeddings)
+  assert "scan_layers" not in config
+  assert _weights_diff(hf, _load(tmp_path / "lm", "llama")) == 0
+  hf, _, _, _, path = llava._imported("penultimate_default", tmp_root)
+  name, kwargs, params = import_hf(path, scan=True)
+  assert kwargs["vision_config"]["scan"] and kwargs["lm_config"]["scan_layers"]
+  assert set(params["vision"]["encoder"]) == {"layers"} and set(params["lm"]["decoder"]) == {"layers"}
+  rng = np.random.default_rng(0)
+  ids = np.stack([llava._prompt(rng, "default") for _ in range(2)])
+  pixels = llava._pixels(rng, 2)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+  ours = np.asarray(build_model(name, kwargs).apply({"params": params}, llava._nhwc(pixels), jnp.asarray(ids)))
+  diff = float(np.abs(ours - theirs).max())
+  print(f"LLaVA imported with scan=True: max |logits diff| {diff:.2e}")
+  assert diff <= TOL
+  export_hf_lm(name, kwargs, params, tmp_path / "llava")
+  assert _weights_diff(hf, _load(tmp_path / "llava", "llava")) == 0
+
+
 RANDOM_LMS = {  # DecoderLM kwargs (besides the sizes) -> the HF type export picks
     "llama": ({}, "llama"),
     "llama_biases_llama3_tied": (dict(qkv_bias=True, out_bias=True, mlp_bias=True, norm_eps=1e-5, tie_embeddings=True,

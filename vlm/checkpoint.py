@@ -9,6 +9,7 @@ complete, so an interrupted save is never listed as a checkpoint.
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,8 @@ def latest_step(path: str | Path) -> int | None:
 
 def load_params(path: str | Path, step: int | None = None) -> dict:
   """Parameters (numpy) from one of our workdirs/checkpoint dirs, an HF directory (config.json), or a
-  big_vision two-tower .npz (vlm.convert.big_vision)."""
+  big_vision two-tower .npz (vlm.convert.big_vision). Imports are in the unrolled layout (block_{i});
+  merge_params restacks them for a scanned model."""
   path = Path(path)
   if path.suffix == ".npz" and path.is_file():
     from vlm.convert.big_vision import import_big_vision
@@ -158,6 +160,25 @@ def resample_grid_posemb(posemb: np.ndarray, length: int) -> np.ndarray:
   return np.concatenate([np.asarray(posemb[:, :extra], np.float32), np.asarray(grid)], axis=1)
 
 
+def _other_layout(lflat: dict[str, Any], src: str) -> np.ndarray | None:
+  """`src` read from the other layer layout of the checkpoint, or None: a scanned path
+  ('.../layers/...') as the unrolled blocks '.../block_{i}/...' (i = 0, 1, ... as far as present) stacked
+  on axis 0, an unrolled one ('.../block_{i}/...') as layer i of a scanned '.../layers/...'."""
+  parts = src.split("/")
+  for j, part in enumerate(parts):
+    if part == "layers":
+      blocks = []
+      while (key := "/".join(parts[:j] + [f"block_{len(blocks)}"] + parts[j + 1:])) in lflat:
+        blocks.append(np.asarray(lflat[key]))
+      if blocks:
+        return np.stack(blocks)
+    elif (m := re.fullmatch(r"block_(\d+)", part)) is not None:
+      key = "/".join(parts[:j] + ["layers"] + parts[j + 1:])
+      if key in lflat and np.ndim(lflat[key]) > 0 and np.shape(lflat[key])[0] > int(m.group(1)):
+        return np.asarray(lflat[key])[int(m.group(1))]
+  return None
+
+
 def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = None,
                  resample_posemb: bool = False) -> dict:
   """Copies `loaded` parameters into `target` (a tree of arrays with the model's shapes).
@@ -168,6 +189,11 @@ def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = No
   (`resample_grid_posemb`; a tower trained at 32 px used at 64 px). Raises ValueError listing each
   target path that has no source (except PEFT parameters, vlm.peft.is_peft_path) or whose shape
   differs.
+
+  Layer layouts: a scanned target (`.../layers/...` stacked on a leading depth axis: Encoder(scan=True),
+  DecoderLM(scan_layers=True)) loads from an unrolled checkpoint (`.../block_{i}/...`, stacked here) and
+  an unrolled target from a scanned checkpoint (layer i sliced out), so an HF directory (imported unrolled
+  by load_params) or a checkpoint of the other layout initialises either model.
   """
   tflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(target).items()}
   lflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(loaded).items()}
@@ -177,11 +203,11 @@ def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = No
     for tprefix, lprefix in mapping.items():
       if tpath.startswith(tprefix):
         src = lprefix + tpath[len(tprefix):]
-        if src not in lflat:
+        value = lflat[src] if src in lflat else _other_layout(lflat, src)
+        if value is None:
           if mapping != {"": ""} and not is_peft_path(tpath):  # PEFT params keep their init
             problems.append(f"{tpath}: no parameter {src!r} in the checkpoint")
           break
-        value = lflat[src]
         if (resample_posemb and tpath.endswith("pos_embedding") and tuple(value.shape) != tuple(tval.shape)
             and value.ndim == 3 and value.shape[::2] == tval.shape[::2]):
           try:
@@ -190,7 +216,8 @@ def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = No
             problems.append(f"{tpath}: {e}")
             break
         if tuple(value.shape) != tuple(tval.shape):
-          problems.append(f"{tpath}: shape {tuple(tval.shape)} != checkpoint {src!r} {tuple(lflat[src].shape)}")
+          how = "" if src in lflat else " (restacked from the other layer layout)"
+          problems.append(f"{tpath}: shape {tuple(tval.shape)} != checkpoint {src!r}{how} {tuple(value.shape)}")
           break
         out[tpath] = jax.device_put(np.asarray(value, tval.dtype), getattr(tval, "sharding", None))
         used += 1

@@ -39,7 +39,7 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import hf_config, llm
-from vlm.convert.hf import ACT_FROM_HF, _fwd, _linear, _norm
+from vlm.convert.hf import ACT_FROM_HF, _fwd, _linear, _norm, stack_encoder_blocks
 from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
 
@@ -369,15 +369,19 @@ def import_hf_blip2(source, config=None, scan: bool = False,
   a config without image_token_index (it must never occur in the text).
 
   Raises naming the tensors that are absent or left unused. The params are exactly those that
-  VisionLanguageModel.init creates for the kwargs.
+  VisionLanguageModel.init creates for the kwargs. scan: the ViT and the LM in their scanned layouts
+  (vision_config.image scan=True: vision/img/encoder/layers/...; lm_config scan_layers=True:
+  lm/decoder/layers/...); the Q-Former stays unrolled (its blocks alternate with and without
+  cross-attention). A stage-1 checkpoint has no scanned import (NotImplementedError).
   """
-  if scan:
-    raise NotImplementedError("VisionLanguageModel's DecoderLM has no scanned layout; import with scan=False")
   from vlm.convert.llava import _LM_LAYOUTS, _Part, _apply
   where = str(source) if isinstance(source, (str, Path)) else "state dict"
   tensors, config = _load(source, config)
   if "language_projection.weight" not in tensors and "model.language_projection.weight" not in tensors:
     if "itm_head.weight" in tensors:
+      if scan:
+        raise NotImplementedError(f"{where}: a BLIP-2 stage-1 (Blip2ForImageTextRetrieval) checkpoint has no scanned "
+                                  "import; import it with scan=False")
       return import_hf_blip2_stage1(tensors, config)
     raise ValueError(f"{where}: not a Blip2ForConditionalGeneration checkpoint (no language_projection; "
                      f"architectures {config['architectures']}); keys: {sorted(tensors)[:10]}")
@@ -434,4 +438,10 @@ def import_hf_blip2(source, config=None, scan: bool = False,
     raise ValueError(f"{where}: tensors not used by the BLIP-2 importer (unsupported layout?): {sorted(unused)[:20]}")
   kwargs = dict(lm_config=lm_kw, vision_model="blip2_qformer", vision_config=_stage2_vision_config(vit, qkw, num_query),
                 vision_method="query_features", connector_type="linear", prefix_tokens=1, image_token_id=int(token))
-  return "vision_lm", kwargs, traverse_util.unflatten_dict(flat)
+  params = traverse_util.unflatten_dict(flat)
+  if scan:
+    vc = kwargs["vision_config"]
+    kwargs = dict(kwargs, vision_config=dict(vc, image=dict(vc["image"], scan=True)),
+                  lm_config=dict(lm_kw, scan_layers=True))
+    params = stack_encoder_blocks(params, names=("encoder", "decoder"))
+  return "vision_lm", kwargs, params

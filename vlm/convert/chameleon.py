@@ -47,7 +47,7 @@ from flax import traverse_util
 
 from vlm import decoding
 from vlm.convert import hf_config
-from vlm.convert.hf import _fwd
+from vlm.convert.hf import _fwd, stack_encoder_blocks
 from vlm.convert.hf_config import HFConfig
 from vlm.convert.llm import _GATED_FROM_HF
 from vlm.convert.llm import _table as _llm_table
@@ -133,10 +133,8 @@ def import_hf_chameleon(path: str | Path, scan: bool = False) -> tuple[str, dict
   """HF ChameleonForConditionalGeneration directory -> ('decoder_lm', DecoderLM kwargs, params float32).
 
   Raises naming the tensors that are absent or left unused (model.vqmodel.* excepted), and for config
-  options DecoderLM cannot express.
+  options DecoderLM cannot express. scan: the scanned layout (scan_layers=True, decoder/layers/... [depth, ...]).
   """
-  if scan:
-    raise NotImplementedError("DecoderLM has no scanned layout; import with scan=False")
   path = Path(path)
   config = hf_config.read_config(path)
   tensors = load_safetensors_dir(path)
@@ -162,7 +160,10 @@ def import_hf_chameleon(path: str | Path, scan: bool = False) -> tuple[str, dict
                   and not key.endswith(_IGNORED_SUFFIXES))
   if unused:
     raise ValueError(f"{path}: tensors not used by the Chameleon importer (unsupported layout?): {unused[:20]}")
-  return "decoder_lm", kw, traverse_util.unflatten_dict(flat)
+  params = traverse_util.unflatten_dict(flat)
+  if scan:
+    return "decoder_lm", dict(kw, scan_layers=True), stack_encoder_blocks(params, names=("decoder",))
+  return "decoder_lm", kw, params
 
 
 def image_token_ids(config) -> np.ndarray:

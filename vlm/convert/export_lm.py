@@ -24,6 +24,9 @@ max_position_embeddings is not a DecoderLM field and changes no logits except fo
 written from rope_scaling). `extra_config` adds non-architecture keys (token ids, ...) to the (text)
 config; an architecture key there is refused.
 
+Scanned models (DecoderLM scan_layers=True, a ViT with scan=True: params decoder/layers/...,
+encoder/layers/... stacked on a leading depth axis) are unstacked first; the files are the same.
+
 LoRA: params fine-tuned with LoRA (`lora_a` / `lora_b` leaves, vlm.peft) are merged first when `peft`
 (the trainer's config.peft, or dict(alpha=...)) is given: vlm.peft.merge_lora(params, alpha, rank).
 Without it such params are refused, as are adapters and any other parameter HF has no place for.
@@ -39,7 +42,7 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import llm
-from vlm.convert.hf import ACT_TO_HF, _inv, unstack_encoder_blocks
+from vlm.convert.hf import ACT_TO_HF, _inv, unstack_encoder_blocks, with_posemb_grid
 from vlm.convert.llava import _vision_rows
 from vlm.convert.safetensors_io import save_safetensors_dir
 from vlm.nn import rope as rope_lib
@@ -50,7 +53,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gem
 _GATED_TO_HF = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 # DecoderLM fields and the only value each HF layout has for them.
 _FIXED = dict(norm_type="rms", qk_norm=None, rotary_fraction=1.0, swin_norm=False)
-_IGNORED = ("dropout", "remat_policy", "dtype")  # training / compute settings, not architecture
+_IGNORED = ("dropout", "remat_policy", "scan_layers", "dtype")  # training / compute settings, not architecture
 
 
 def _flat(params) -> dict[str, np.ndarray]:
@@ -69,6 +72,12 @@ def _merge_peft(params, peft: Mapping | None):
     raise ValueError("export: the params hold LoRA leaves (lora_a / lora_b): pass peft=config.peft (or "
                      "dict(alpha=...)) to merge them, or merge first with vlm.peft.merge_lora(params, alpha)")
   return peft_lib.merge_lora(params, float(peft["alpha"]), peft.get("rank"))
+
+
+def _unstack(params):
+  """Params in the unrolled layout: scanned stacks (a ViT's encoder/layers, a DecoderLM's decoder/layers, with
+  scan / scan_layers=True) become block_{i} (vlm.convert.unstack_encoder_blocks); unrolled ones pass."""
+  return unstack_encoder_blocks(params, names=("encoder", "decoder"))
 
 
 def _model_type(kw: Mapping[str, Any], model_type: str | None) -> str:
@@ -183,7 +192,7 @@ def export_hf_llm(kwargs: Mapping[str, Any], params, path: str | Path, *, model_
   """Writes a DecoderLM (kwargs, params) as an HF Llama / Qwen2 / Gemma causal-LM directory; returns its config."""
   config = hf_config_from_llm_kwargs(kwargs, model_type, max_position_embeddings=max_position_embeddings,
                                      extra_config=extra_config)
-  flat = _flat(_merge_peft(params, peft))
+  flat = _flat(_unstack(_merge_peft(params, peft)))
   tensors = _lm_tensors(dict(kwargs, tie_embeddings=config["tie_word_embeddings"]), flat, config["model_type"])
   _leftover(flat, "DecoderLM")
   save_safetensors_dir(tensors, path, config)
@@ -240,7 +249,7 @@ def hf_config_from_llava_kwargs(kwargs: Mapping[str, Any], params, *, text_model
     if kwargs.get(field, value) != value:
       raise ValueError(f"export to LLaVA: VisionLanguageModel {field}={kwargs[field]!r} is not expressible "
                        f"(LLaVA: {value!r})")
-  vit = dict(kwargs["vision_config"])
+  vit = with_posemb_grid(dict(kwargs["vision_config"]), flat.get("vision/pos_embedding/pos_embedding"))
   vc = _vision_config(vit, flat)
   depth = vc["num_hidden_layers"]
   layer = kwargs.get("feature_layer")
@@ -275,9 +284,7 @@ def export_hf_llava(kwargs: Mapping[str, Any], params, path: str | Path, *, text
                     peft: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Writes a VisionLanguageModel (LLaVA layout: CLIP / SigLIP ViT, 'mlp' connector, DecoderLM; with `anyres`
   LLaVA-NeXT) as an HF Llava(Next)ForConditionalGeneration directory; returns its config."""
-  params = _merge_peft(params, peft)
-  if kwargs["vision_config"].get("scan"):
-    params = dict(params, vision=unstack_encoder_blocks(params["vision"]))
+  params = _unstack(_merge_peft(params, peft))
   flat = _flat(params)
   config = hf_config_from_llava_kwargs(kwargs, params, text_model_type=text_model_type,
                                        max_position_embeddings=max_position_embeddings, extra_config=extra_config)

@@ -37,7 +37,7 @@ from flax import traverse_util
 
 from vlm.convert import hf_config
 from vlm.convert.chameleon import default_rope, tied_head
-from vlm.convert.hf import _fwd
+from vlm.convert.hf import _fwd, stack_encoder_blocks
 from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
 
@@ -171,9 +171,8 @@ def import_hf_fuyu(path: str | Path, scan: bool = False) -> tuple[str, dict[str,
   """HF FuyuForCausalLM directory -> ('vision_lm', VisionLanguageModel kwargs, params float32).
 
   Raises naming the tensors that are absent or left unused, and for what the model cannot express.
+  scan: the LM in the scanned layout (lm_config scan_layers=True, lm/decoder/layers/... [depth, ...]).
   """
-  if scan:
-    raise NotImplementedError("VisionLanguageModel's DecoderLM has no scanned layout; import with scan=False")
   path = Path(path)
   config = hf_config.read_config(path)
   configs(config)  # model_type checks before the tensors are read
@@ -208,4 +207,8 @@ def import_hf_fuyu(path: str | Path, scan: bool = False) -> tuple[str, dict[str,
   unused = rest + [_stored(layout, k) for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
   if unused:
     raise ValueError(f"{path}: tensors not used by the Fuyu importer (unsupported layout?): {sorted(unused)[:20]}")
-  return "vision_lm", kwargs, traverse_util.unflatten_dict(flat)
+  params = traverse_util.unflatten_dict(flat)
+  if scan:
+    kwargs = dict(kwargs, lm_config=dict(lm, scan_layers=True))
+    params = stack_encoder_blocks(params, names=("decoder",))
+  return "vision_lm", kwargs, params

@@ -7,6 +7,7 @@ directory that `transformers.{CLIP,Siglip}Model.from_pretrained` loads. One tabl
 (HF key, our path, layout) per architecture serves both directions.
 """
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,8 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   Chameleon's text decoder (vlm.convert.chameleon),
   ('vision_lm', ...) for LLaVA, LLaVA-NeXT, BLIP-2 and Fuyu (vlm.convert.fuyu), ('flamingo', ...) for IDEFICS
   (vlm.convert.idefics).
+  scan: the nn.scan layouts, stacks' params `encoder/layers/...` / `decoder/layers/...` with a leading
+  depth axis (towers and ViTs scan=True, DecoderLMs scan_layers=True); IDEFICS (Flamingo) has none.
   Raises listing missing/unused tensors."""
   path = Path(path)
   config = read_config(path)
@@ -281,32 +284,40 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   return "two_tower", kwargs, params
 
 
-def stack_encoder_blocks(params: dict) -> dict:
-  """Replaces every `encoder/block_{i}/...` by `encoder/layers/...` stacked on axis 0 (scan layout)."""
+def stack_encoder_blocks(params: dict, names: Iterable[str] | None = None) -> dict:
+  """Replaces every `<module>/block_{i}/...` by `<module>/layers/...` stacked on axis 0: the nn.scan layout
+  of vlm.nn.transformer.Encoder(scan=True) (`encoder`) and of DecoderLM(scan_layers=True) (`decoder`).
+
+  names: the module names whose blocks are stacked (e.g. ('encoder', 'decoder') leaves a Q-Former's
+  blocks alone); None: every module with `block_0`. The blocks must hold the same parameters.
+  """
+  names = None if names is None else tuple(names)
   out = {}
   for k, v in params.items():
-    if isinstance(v, dict) and "block_0" in v:
+    if isinstance(v, dict) and "block_0" in v and (names is None or k in names):
       n = len([b for b in v if b.startswith("block_")])
       blocks = [v[f"block_{i}"] for i in range(n)]
       out[k] = {"layers": _tree_stack(blocks), **{kk: vv for kk, vv in v.items() if not kk.startswith("block_")}}
     elif isinstance(v, dict):
-      out[k] = stack_encoder_blocks(v)
+      out[k] = stack_encoder_blocks(v, names)
     else:
       out[k] = v
   return out
 
 
-def unstack_encoder_blocks(params: dict) -> dict:
-  """Inverse of stack_encoder_blocks."""
+def unstack_encoder_blocks(params: dict, names: Iterable[str] = ("encoder", "decoder")) -> dict:
+  """Inverse of stack_encoder_blocks: every `<module>/layers/...` of a module named in `names` (an Encoder's
+  `encoder`, a DecoderLM's `decoder`) becomes `<module>/block_{i}/...`."""
+  names = tuple(names)
   out = {}
   for k, v in params.items():
-    if isinstance(v, dict) and "layers" in v and k == "encoder":
+    if isinstance(v, dict) and "layers" in v and k in names:
       layers = v["layers"]
       n = next(iter(traverse_util.flatten_dict(layers).values())).shape[0]
       rest = {kk: vv for kk, vv in v.items() if kk != "layers"}
       out[k] = {**{f"block_{i}": _tree_index(layers, i) for i in range(n)}, **rest}
     elif isinstance(v, dict):
-      out[k] = unstack_encoder_blocks(v)
+      out[k] = unstack_encoder_blocks(v, names)
     else:
       out[k] = v
   return out
@@ -331,6 +342,19 @@ _EXPORT_LAYOUT = {
                               posemb="learn", extra_tokens=0, out_dim=None),
                    text=dict(causal=False, pool_type=("last",), head_bias=True, embed_norm=False, final_norm=True)),
 }
+
+
+def with_posemb_grid(vit_kwargs: dict[str, Any], pos_embedding: np.ndarray | None) -> dict[str, Any]:
+  """ViT kwargs with `posemb_grid` filled in from the learned table [1, (1 +) g*g, D] where the model took
+  its grid from its first input (posemb_grid None): HF configs need the image size. Square grids only."""
+  if vit_kwargs.get("posemb_grid") or vit_kwargs.get("posemb", "learn") != "learn" or pos_embedding is None:
+    return vit_kwargs
+  n = int(pos_embedding.shape[1]) - (1 if vit_kwargs.get("class_token") else 0)
+  g = int(round(n ** 0.5))
+  if g * g != n:
+    raise ValueError(f"export: the learned position table has {n} patch positions, not a square grid; set "
+                     "model posemb_grid")
+  return dict(vit_kwargs, posemb_grid=(g, g))
 
 
 def hf_config_from_kwargs(kwargs: dict[str, Any], model_type: str, num_channels: int = 3) -> dict[str, Any]:
@@ -388,6 +412,7 @@ def export_hf(kwargs: dict[str, Any], params: dict, path: str | Path, model_type
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
   if "img/embedding/conv/kernel" not in flat:
     raise ValueError("export: parameter 'img/embedding/conv/kernel' (the patch embedding) is absent")
+  kwargs = dict(kwargs, image=with_posemb_grid(dict(kwargs.get("image") or {}), flat.get("img/pos_embedding/pos_embedding")))
   config = hf_config_from_kwargs(kwargs, model_type, num_channels=flat["img/embedding/conv/kernel"].shape[2])
   tensors = {}
   for hf, ours, kind, tower in _table(from_dict(config)):

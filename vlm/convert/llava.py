@@ -41,7 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import hf_config, llm
-from vlm.convert.hf import _clip_table, _fwd, _siglip_table, _tower_kwargs
+from vlm.convert.hf import _clip_table, _fwd, _siglip_table, _tower_kwargs, stack_encoder_blocks
 from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
 
@@ -209,9 +209,9 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
   """HF LlavaForConditionalGeneration directory -> ('vision_lm', VisionLanguageModel kwargs, params float32).
 
   Raises naming the tensors that are absent or left unused, and for what the model cannot express.
+  scan: the scanned layouts of both stacks, vision_config scan=True (vision/encoder/layers/...) and
+  lm_config scan_layers=True (lm/decoder/layers/...).
   """
-  if scan:
-    raise NotImplementedError("VisionLanguageModel's DecoderLM has no scanned layout; import with scan=False")
   path = Path(path)
   config = hf_config.read_config(path)
   top, vc, tc = _configs(config)
@@ -264,4 +264,8 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
                and not k.startswith("vision_model.head.")]  # a SigLIP tower's MAP head: unused by LLaVA
   if unused:
     raise ValueError(f"{path}: tensors not used by the LLaVA importer (unsupported layout?): {sorted(unused)[:20]}")
-  return "vision_lm", kwargs, traverse_util.unflatten_dict(flat)
+  params = traverse_util.unflatten_dict(flat)
+  if scan:
+    kwargs = dict(kwargs, vision_config=dict(vit, scan=True), lm_config=dict(lm_kw, scan_layers=True))
+    params = stack_encoder_blocks(params, names=("encoder", "decoder"))
+  return "vision_lm", kwargs, params

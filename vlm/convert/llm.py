@@ -11,7 +11,9 @@ Export back to HF format: vlm.convert.export_lm. What maps where:
   checkpoint has no lm_head or one equal to the embedding (transformers unties a tied config whose
   lm_head differs, so does vlm); an untied config without lm_head is an error (transformers would
   initialise it randomly).
-- layers.i.{input,post_attention}_layernorm -> decoder/block_i/norm{1,2}; model.norm -> norm.
+- layers.i.{input,post_attention}_layernorm -> decoder/block_i/norm{1,2}; model.norm -> norm. With
+  scan=True every decoder/block_i/... is stacked into decoder/layers/... [depth, ...] (DecoderLM
+  scan_layers=True; so do the importers of models around a DecoderLM).
   Gemma's RMSNorm multiplies by (1 + weight): its scale is imported as 1 + weight (float32).
 - self_attn.{q,k,v}_proj -> attn/{query,key,value} [D, heads, hd], o_proj -> attn/out [N, hd, D].
   Biases as the modeling code of that type has them: Qwen2 q/k/v always, o never; Llama q/k/v/o when
@@ -34,7 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import hf_config
-from vlm.convert.hf import _fwd
+from vlm.convert.hf import _fwd, stack_encoder_blocks
 from vlm.convert.hf_config import HFConfig
 from vlm.convert.safetensors_io import load_safetensors_dir
 from vlm.nn import rope as rope_lib
@@ -176,9 +178,9 @@ def _table(kw: dict) -> list[tuple[str, str, str, int]]:
 
 
 def import_hf_llm(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
-  """HF Llama / Qwen2 / Gemma causal-LM directory -> ('decoder_lm', DecoderLM kwargs, params float32)."""
-  if scan:
-    raise NotImplementedError("DecoderLM has no scanned layout; import with scan=False")
+  """HF Llama / Qwen2 / Gemma causal-LM directory -> ('decoder_lm', DecoderLM kwargs, params float32).
+
+  scan: the scanned layout, kwargs scan_layers=True and decoder/layers/... stacked [depth, ...]."""
   path = Path(path)
   config = hf_config.read_config(path)
   tensors = load_safetensors_dir(path)
@@ -201,4 +203,7 @@ def import_hf_llm(path: str | Path, scan: bool = False) -> tuple[str, dict[str, 
                   - {k for k in tensors if k.endswith("rotary_emb.inv_freq")})
   if unused:
     raise ValueError(f"{path}: tensors not used by the importer (unsupported layout?): {unused[:20]}")
-  return "decoder_lm", kw, traverse_util.unflatten_dict(flat)
+  params = traverse_util.unflatten_dict(flat)
+  if scan:
+    return "decoder_lm", dict(kw, scan_layers=True), stack_encoder_blocks(params, names=("decoder",))
+  return "decoder_lm", kw, params

@@ -37,8 +37,12 @@ Decoding (vlm.decoding's step protocol) goes through `decode_step`; `init_cache`
     cache = init_cache(model, params, prompt, cache_len, mask=prompt_mask)
     out = decoding.generate(make_step_fn(model, params), cache, prompt, max_new_tokens=..., eos_id=...)
 
-The cache holds every block's keys/values [B, cache_len, K, hd] and, at the top level, 'valid'
-[B, cache_len] (the prompt's padding mask, True after it), all batch-major.
+The cache holds every block's keys/values [B, cache_len, K, hd] (with scan_layers one 'layers' entry
+[B, depth, cache_len, K, hd]) and, at the top level, 'valid' [B, cache_len] (the prompt's padding mask,
+True after it), all batch-major.
+
+Layer scan: `scan_layers=True` runs the blocks with nn.scan (params decoder/layers/... stacked on a
+leading depth axis, see LMStack); the HF importers write that layout with scan=True.
 """
 
 from typing import Any
@@ -141,18 +145,37 @@ class LMBlock(nn.Module):
 
 
 class LMStack(nn.Module):
-  """`depth` LMBlocks (`block_{i}`); remat (training only) by a REMAT_POLICIES name."""
+  """`depth` LMBlocks; remat (training only) by a REMAT_POLICIES name.
+
+  scan=False: the blocks are unrolled, params `block_{i}/...`. scan=True: one LMBlock under nn.scan
+  (compiled once), params `layers/...` stacked on a leading axis of size depth (logical axis 'layers');
+  the remat policy applies inside the scan (per layer), dropout rngs are split per layer, and the KV cache
+  leaves are stacked on axis 1, [B, depth, cache_len, K, hd], so that the cache stays batch-major
+  (vlm.decoding gathers and repeats cache rows on axis 0).
+  """
 
   depth: int
   block: dict
   remat_policy: str = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, positions=None, deterministic: bool = True, decode: bool = False,
                index: jax.Array | int = 0, cache_len: int | None = None):
     block = LMBlock
     if self.remat_policy != "none" and not decode:
-      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4, 5, 7))
+      # Inside a scan the loop already keeps XLA from merging the recomputation away (flax's advice).
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4, 5, 7),
+                       prevent_cse=not self.scan)
+    if self.scan:
+      def body(layer, carry, _):
+        return layer(carry, mask, positions, deterministic, decode, index, cache_len), None
+
+      scanned = nn.scan(body, variable_axes={"params": 0, "cache": 1},
+                        split_rngs={"params": True, "dropout": True}, length=self.depth,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(block(**self.block, name="layers"), x, None)
+      return x
     for i in range(self.depth):
       x = block(**self.block, name=f"block_{i}")(x, mask, positions, deterministic, decode, index, cache_len)
     return x
@@ -185,9 +208,14 @@ class DecoderLM(nn.Module):
     embed_scale: multiply token embeddings by sqrt(D), rounded to the activation dtype (Gemma).
     tie_embeddings: logits = h @ embedding.T; otherwise a bias-free 'head' Dense.
     remat_policy: a key of vlm.nn.transformer.REMAT_POLICIES (training only).
+    scan_layers: run the blocks with nn.scan (LMStack(scan=True)): one block compiled instead of depth,
+      params decoder/layers/... stacked [depth, ...] on the logical axis 'layers' (the remat policy applies
+      per layer inside the scan). Same function as the unrolled stack with the params stacked
+      (vlm.convert.stack_encoder_blocks; the HF importers' scan=True). Cached decoding works either way:
+      the cache keys/values are then [B, depth, cache_len, K, hd].
 
-  Params: embedding/embedding [V, D] ('vocab', 'embed'), decoder/block_{i}/{norm1,attn,norm2,mlp}, norm,
-  head/kernel [D, V] (untied only).
+  Params: embedding/embedding [V, D] ('vocab', 'embed'), decoder/block_{i}/{norm1,attn,norm2,mlp}
+  (scan_layers: decoder/layers/... with a leading depth axis), norm, head/kernel [D, V] (untied only).
   """
 
   vocab_size: int
@@ -212,10 +240,12 @@ class DecoderLM(nn.Module):
   tie_embeddings: bool = False
   dropout: float = 0.0
   remat_policy: str = "none"
+  scan_layers: bool = False
   dtype: Dtype = None
 
-  # The module running the blocks (fields depth, block, remat_policy); a subclass may swap it
-  # (vlm.models.flamingo interleaves cross-attention between the blocks). Not a dataclass field.
+  # The module running the blocks (fields depth, block, remat_policy, and `scan` if it can scan them); a
+  # subclass may swap it (vlm.models.flamingo interleaves cross-attention between the blocks, so it has no
+  # `scan` and scan_layers=True is refused). Not a dataclass field.
   stack_class = LMStack
 
   def setup(self):
@@ -231,7 +261,13 @@ class DecoderLM(nn.Module):
               rope_scaling=self.rope_scaling, norm_type=self.norm_type,
               qk_norm=self.qk_norm, rotary_fraction=self.rotary_fraction, swin_norm=self.swin_norm,
               dropout=self.dropout, dtype=self.dtype)
-    self.decoder = self.stack_class(depth=self.depth, block=kw, remat_policy=self.remat_policy, name="decoder")
+    stack_kw = dict(depth=self.depth, block=kw, remat_policy=self.remat_policy)
+    if self.scan_layers:
+      if "scan" not in getattr(self.stack_class, "__dataclass_fields__", {}):
+        raise ValueError(f"{type(self).__name__}: scan_layers=True is not supported: its layer stack "
+                         f"{self.stack_class.__name__} runs the blocks one by one; set scan_layers=False")
+      stack_kw["scan"] = True
+    self.decoder = self.stack_class(**stack_kw, name="decoder")
     self.norm = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm")
     if not self.tie_embeddings:
       self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head",

@@ -71,7 +71,8 @@ class LMLayers(nn.Module):
 
 class FlamingoLM(DecoderLM):
   """DecoderLM (same fields, params and methods) whose `decoder` is LMLayers: Flamingo interleaves its
-  gated cross-attention blocks with `decoder.layers[i]`. On its own it is a plain DecoderLM."""
+  gated cross-attention blocks with `decoder.layers[i]`. On its own it is a plain DecoderLM, except that
+  scan_layers=True is refused (ValueError): the blocks must stay reachable one by one."""
 
   stack_class = LMLayers
 
@@ -107,6 +108,10 @@ class Flamingo(nn.Module):
   def setup(self):
     if self.cross_attention_every < 1:
       raise ValueError(f"cross_attention_every must be >= 1, got {self.cross_attention_every}")
+    if self.lm_config.get("scan_layers", False):
+      raise ValueError("Flamingo: lm_config.scan_layers=True is not supported: the gated cross-attention blocks "
+                       "run between the LM blocks, which stay unrolled (lm/decoder/block_{i}); set "
+                       "lm_config.scan_layers=False")
     self.vision = ViT(**dict(self.vision_config, pool_type="none"), dtype=self.dtype)
     self.resampler = PerceiverResampler(**dict(self.resampler_config or {}), dtype=self.dtype)
     self.lm = FlamingoLM(**self.lm_config, dtype=self.dtype)

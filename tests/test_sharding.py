@@ -1,5 +1,7 @@
 """Mesh construction, sharded initialisation, and a sharded train step equal to one device."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +89,100 @@ def test_sharded_step_equals_single_device(impl):
   # The 8-device state really is sharded over fsdp.
   k = state8.params["img"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
   assert k.sharding.spec[0] == "fsdp" and len(k.sharding.device_set) == 8
+
+
+# ------------------------------------------- abstract state and compile at scale --
+
+
+def _compile_at_scale():
+  """experiments/benchmarks/compile_at_scale.py as a module (imported, JAX keeps its 8 devices)."""
+  import importlib.util
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "compile_at_scale.py"
+  spec = importlib.util.spec_from_file_location("compile_at_scale", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_abstract_train_state_matches_create_train_state_and_compiles_the_real_step():
+  """abstract_train_state = create_train_state without arrays (shapes, dtypes, shardings, also of a
+  frozen subtree's MaskedNodes and Adafactor's factored statistics), and the step compiled on it runs
+  the real state and batch."""
+  from vlm.train_step import abstract_train_state
+  mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
+  model = build_model("two_tower", MODEL)
+  objective = build_objective("contrastive", dict(loss="sigmoid", impl="ring"), mesh=mesh)
+  train = optax.chain(optax.scale_by_factored_rms(min_dim_size_to_factor=16), optax.ema(0.9), optax.scale(-1e-3))
+  tx = optax.multi_transform({"train": train, "frozen": optax.set_to_zero()},
+                             lambda params: {k: "frozen" if k == "img" else "train" for k in params})
+  rng = np.random.default_rng(0)
+  batch = parallel.shard_batch({"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+                                "text": rng.integers(1, 40, size=(16, 8)).astype(np.int32)}, mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for k, x in batch.items()}
+  abstract, abstract_shardings = abstract_train_state(model, tx, mesh, parallel.DEFAULT_RULES,
+                                                      jax.eval_shape(objective.init_args, abstract_batch))
+  state, shardings = create_train_state(model, tx, mesh, parallel.DEFAULT_RULES, objective.init_args(batch))
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  assert jax.tree.structure(abstract_shardings) == jax.tree.structure(shardings)
+  for a, x, s, s2 in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), jax.tree.leaves(shardings),
+                         jax.tree.leaves(abstract_shardings)):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (a.shape, a.dtype) == (x.shape, x.dtype)
+    assert a.sharding == s2 == s
+    assert x.sharding.is_equivalent_to(s, x.ndim)
+  # The optimiser state follows its parameters' shardings (it is not replicated); the factored row /
+  # column statistics (other shapes) are replicated; the frozen tower has no optimiser state.
+  flat = {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
+  kernel = "['txt']['encoder']['block_0']['mlp']['fc1']['kernel']"  # [32, 64] ('embed', 'mlp')
+  copies = [x for path, x in flat.items() if path.endswith(kernel)]
+  assert sorted(x.shape for x in copies) == [(1,), (32,), (32, 64), (64,)]  # v placeholder, v_row, ema, v_col
+  for x in copies:
+    assert x.sharding.spec == (P("fsdp", None) if x.ndim == 2 else P()), x.shape
+  assert not any("['img']" in path for path in flat)
+  # The step compiled on abstract inputs is the real one: it runs on the arrays.
+  step = make_train_step(model, objective, tx, mesh, parallel.DEFAULT_RULES, abstract_shardings)
+  assert isinstance(step.lower(abstract, abstract_batch), jax.stages.Lowered)
+  compiled = step.compiled(abstract, abstract_batch)
+  assert compiled.memory_analysis().temp_size_in_bytes > 0 and step.flops(abstract, abstract_batch) > 0
+  new_state, metrics = compiled(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+
+
+def test_compile_at_scale_on_a_tiny_recipe(data_dir):
+  """The benchmark's machinery on the SigLIP demo (tiny towers, batch 16, fsdp over 8 devices): positive
+  per-device bytes and FLOPs; its abstract batch has the real pipeline's keys, shapes and dtypes."""
+  cas = _compile_at_scale()
+  tiny = (("batch_size", 16), ("mesh", [("data", 2), ("fsdp", 4)]), ("model.image.depth", 1),
+          ("model.text.depth", 1), ("model.image.width", 32), ("model.text.width", 32), ("model.text.out_dim", 32))
+  config = cas.build_config(cas.Recipe("configs/siglip_b16.py:demo", tiny))
+  row = cas.compile_config(config, "tiny")
+  assert row["devices"] == 8 and row["mesh"] == {"data": 2, "fsdp": 4}
+  for key in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "flops_per_device"):
+    assert row[key] > 0, key
+  assert row["fits_80gb"] and row["flops_per_step"] == 8 * row["flops_per_device"]
+  assert "| tiny | data 2 x fsdp 4 | 16 |" in cas.markdown_rows([row])
+
+  from conftest import TINY_DATA
+  from vlm.data import make_pipeline
+  for spec in ("configs/siglip_b16.py:demo", "configs/blip2_stage2.py:demo"):  # + tokens, loss_mask, instruction
+    config = cas.load_config(spec)
+    config.data.data_dir = str(data_dir)
+    config.data.builder.update(TINY_DATA)
+    mesh = parallel.make_mesh([("data", -1)])
+    real = next(make_pipeline(config.data, split="train", batch_size=16, mesh=mesh, seed=0))
+    abstract = cas.abstract_batch(config, mesh, 16)
+    assert set(abstract) <= set(real), spec
+    for k, a in abstract.items():
+      assert (a.shape, a.dtype, a.sharding) == (real[k].shape, real[k].dtype, real[k].sharding), (spec, k)
+
+
+def test_ring_loss_needs_less_temp_memory_than_all_gather():
+  cas = _compile_at_scale()
+  mesh = parallel.make_mesh([("data", -1)])
+  # Per device: all-gather holds [256, 2048] logits (2 MiB) and the gathered [2048, 64] texts; the ring
+  # only [256, 256] blocks (256 KiB) and the [256, 64] travelling block.
+  ag, ring = (cas.compile_loss(mesh, impl, "sigmoid", batch=2048, dim=64) for impl in ("all_gather", "ring"))
+  assert 0 < ring["temp_bytes"] < ag["temp_bytes"] / 2
+  assert ag["temp_bytes"] > 2048 * 256 * 4

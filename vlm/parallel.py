@@ -101,14 +101,50 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str
   )
 
 
+def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Sequence[tuple[str, Any]],
+                     *args) -> tuple[Any, Any]:
+  """The (boxed) variable tree `init_fn(*args)` would give, without allocating it: returns (unboxed
+  jax.ShapeDtypeStructs carrying their NamedShardings, shardings). args may be abstract too."""
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = logical_shardings(abstract, mesh, rules)
+  return with_shardings(nn.meta.unbox(abstract), shardings), shardings
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """Arrays or abstract values -> jax.ShapeDtypeStructs of their shapes and dtypes with `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def follow_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree that holds copies of `params` (an optimiser state): a leaf whose key path
+  ends with a parameter's path and has its shape gets that parameter's sharding (the longest such
+  path wins); every other leaf (step counts, Adafactor's factored row/column statistics) is replicated.
+  """
+  def keys(path):
+    return tuple(str(k) for k in path)
+
+  table = {keys(path): (x.shape, s) for (path, x), s in
+           zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
+  rep = replicated(mesh)
+
+  def one(path, x):
+    path = keys(path)
+    for start in range(len(path)):
+      shape, sharding = table.get(path[start:], (None, None))
+      if sharding is not None:
+        return sharding if tuple(shape) == tuple(x.shape) else rep
+    return rep
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Sequence[tuple[str, Any]], *args) -> tuple[Any, Any]:
   """Initialises a (boxed) variable tree directly into its shardings; returns (unboxed values, shardings).
 
-  `jax.eval_shape` gives the shapes and logical names without allocating; a jitted init with
-  `out_shardings` then materialises each shard on its own device.
+  `jax.eval_shape` gives the shapes and logical names without allocating (`abstract_sharded`); a
+  jitted init with `out_shardings` then materialises each shard on its own device.
   """
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = logical_shardings(abstract, mesh, rules)
+  _, shardings = abstract_sharded(init_fn, mesh, rules, *args)
   # No mesh context here: DenseGeneral initialises kernels in a flattened shape, which
   # flax's init-time sharding constraints would reject. out_shardings place everything.
   values = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)

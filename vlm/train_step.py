@@ -28,33 +28,65 @@ class TrainState:
   rng: jax.Array
 
 
+def _init_fn(model: nn.Module) -> Callable:
+  """rng, *example inputs -> the model's (boxed) params; the inputs are arguments, so they may be abstract."""
+  return lambda rng, *args: model.init({"params": rng}, *args)["params"]
+
+
+def _state_around(tx: optax.GradientTransformation, mesh: Mesh, params, param_shardings,
+                  rng) -> tuple[TrainState, TrainState]:
+  """(abstract state, state shardings) for params (arrays or abstract) and the state rng.
+
+  The optimiser state's leaves that copy a parameter (Adam's mu and nu, ...) get that parameter's
+  sharding (parallel.follow_shardings); counts and factored statistics are replicated.
+  """
+  opt_state = jax.eval_shape(tx.init, params)
+  rep = parallel.replicated(mesh)
+  shardings = TrainState(step=rep, params=param_shardings,
+                         opt_state=parallel.follow_shardings(opt_state, params, param_shardings, mesh), rng=rep)
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  abstract = TrainState(step=step, params=params, opt_state=opt_state, rng=jax.eval_shape(lambda k: k, rng))
+  return parallel.with_shardings(abstract, shardings), shardings
+
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
+                         init_args: tuple, seed: int = 0) -> tuple[TrainState, TrainState]:
+  """The TrainState that create_train_state would make, as jax.ShapeDtypeStructs carrying their
+  NamedShardings, computed with jax.eval_shape: nothing is allocated (e.g. to lower and compile a
+  step for a mesh bigger than any machine at hand, `make_train_step(...).compiled(state, batch)`).
+
+  init_args may be abstract (jax.ShapeDtypeStruct). Returns (abstract_state, state_shardings).
+  """
+  params_rng, state_rng = jax.eval_shape(lambda: tuple(jax.random.split(jax.random.key(seed))))
+  params, param_shardings = parallel.abstract_sharded(_init_fn(model), mesh, rules, params_rng, *init_args)
+  return _state_around(tx, mesh, params, param_shardings, state_rng)
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                        rules, init_args: tuple, seed: int = 0) -> tuple[TrainState, TrainState]:
   """Initialises params straight into their shardings, then the optimiser state beside them.
 
   init_args: example inputs for `model.init` (shapes matter, values do not).
-  Returns (state, state_shardings).
+  Returns (state, state_shardings); `abstract_train_state` gives the same without allocating.
   """
-  def init_fn(rng):
-    return model.init({"params": rng}, *init_args)["params"]
-
   params_rng, state_rng = jax.random.split(jax.random.key(seed))
-  params, param_shardings = parallel.init_sharded(init_fn, mesh, rules, params_rng)
-  # The optimiser state's sharding follows its parameters' by propagation.
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
-  rep = parallel.replicated(mesh)
+  params, param_shardings = parallel.init_sharded(_init_fn(model), mesh, rules, params_rng, *init_args)
+  _, shardings = _state_around(tx, mesh, params, param_shardings, state_rng)
   # jit with out_shardings, not device_put: in a multi-host run `rep` spans other processes' devices.
-  state = TrainState(step=jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=rep)(), params=params,
-                     opt_state=opt_state, rng=jax.jit(lambda k: k, out_shardings=rep)(state_rng))
-  shardings = TrainState(step=rep, params=param_shardings,
-                         opt_state=jax.tree.map(lambda x: x.sharding, opt_state), rng=rep)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  state = TrainState(step=jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings.step)(), params=params,
+                     opt_state=opt_state, rng=jax.jit(lambda k: k, out_shardings=shardings.rng)(state_rng))
   return state, shardings
 
 
 def make_train_step(model: nn.Module, objective: Objective, tx: optax.GradientTransformation, mesh: Mesh,
                     rules, state_shardings: TrainState, accum_steps: int = 1) -> Callable:
   """Returns step(state, batch) -> (state, metrics), jitted with shardings and donation.
+
+  The step also has `.flops(state, batch)` (XLA's FLOP count per device), `.lower(state, batch)` and
+  `.compiled(state, batch)` (the jax Lowered / Compiled, compiled once); those three accept
+  abstract inputs (jax.ShapeDtypeStructs with shardings, e.g. from abstract_train_state).
 
   accum_steps > 1 splits the (global) batch into that many micro-batches and averages their
   gradients with a scan (memory of one micro-batch). For contrastive objectives this changes
@@ -97,10 +129,17 @@ def make_train_step(model: nn.Module, objective: Objective, tx: optax.GradientTr
 
   compiled = {}  # compiled once, on the first batch; also gives the FLOP count
 
-  def compile_for(state: TrainState, batch: dict[str, jax.Array]):
+  def lower(state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Lowered:
+    """The step lowered for (state, batch): arrays, or jax.ShapeDtypeStructs with their shardings
+    (abstract_train_state and an abstract batch: nothing allocated)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted.lower(state, batch)
+
+  def compile_for(state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Compiled:
     if "step" not in compiled:
+      lowered = lower(state, batch)
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled["step"] = jitted.lower(state, batch).compile()
+        compiled["step"] = lowered.compile()
     return compiled["step"]
 
   def run(state: TrainState, batch: dict[str, jax.Array]):
@@ -108,10 +147,13 @@ def make_train_step(model: nn.Module, objective: Objective, tx: optax.GradientTr
       return compile_for(state, batch)(state, batch)
 
   def cost(state: TrainState, batch: dict[str, jax.Array]) -> float | None:
-    """XLA's FLOP count of one compiled step (None where the backend gives none)."""
+    """XLA's FLOP count of one compiled step PER DEVICE: the compiled program is one partition of the
+    SPMD step (x the device count for the whole step). None where the backend gives none."""
     analysis = compile_for(state, batch).cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
   run.flops = cost
+  run.lower = lower
+  run.compiled = compile_for  # the jax Compiled (memory_analysis, cost_analysis); inputs may be abstract
   return run

@@ -80,5 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lr = 1e-4
     c.wd = 0.05
     c.schedule.warmup_steps = 2000
+  if not demo:
+    c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+    c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   c.checkpoint_every = c.total_steps
   return c

@@ -52,7 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/chameleon.py: unknown variant {arg!r}; known: demo")
   c.model = dict(
       lm=dict(vocab_size=65_536, width=4096, depth=32, num_heads=32, mlp_dim=11_008, mlp_act="swiglu",
-              rope_theta=10_000.0, norm_eps=1e-5, qk_norm="layer_per_head", tie_embeddings=False),
+              rope_theta=10_000.0, norm_eps=1e-5, qk_norm="layer_per_head", tie_embeddings=False,
+              scan_layers=True, remat_policy="dots"),  # one compiled block for the 32 (vlm.models.decoder)
       tokenizer=dict(width=512, depth=8, mlp_dim=2048, num_heads=8, patch_size=16, codebook_size=8192,
                      code_dim=32),
       image_token_offset=65_536 - 8192, boi_id=8197, eoi_id=8196,
@@ -69,6 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.text_length = 256
   c.checkpoint_every = 1000
   c.log_every = 100
+  c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+  c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c
 
 

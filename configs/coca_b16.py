@@ -77,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       retrieval=dict(type="retrieval", every=10_000, split="test"),
       captioning=caption_evals(every=10_000),
   ))
+  c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+  c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c
 
 

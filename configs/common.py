@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.tensorboard = True
+  # Numerics and kernels: the demos (CPU) run in float32; every full recipe sets model.dtype = 'bfloat16'.
+  c.attention_impl = "auto"  # jax.nn.dot_product_attention: 'auto' (cuDNN on GPU where allowed), 'xla', 'cudnn'
   c.evals = ml_collections.ConfigDict()
   c.eval_at_start = False
   c.init = ml_collections.ConfigDict(dict(path=None, mapping=None, step=None))

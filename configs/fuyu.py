@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Persimmon-8B (Fuyu-8B's decoder): 36 layers of width 4096, 64 heads, relu^2 MLP of 16384.
     lm = dict(vocab_size=262_144, width=4096, depth=36, num_heads=64, mlp_dim=16_384, mlp_act="relu2",
               qkv_bias=True, out_bias=True, mlp_bias=True, rope_theta=25_000.0, norm_eps=1e-5, norm_type="layer",
-              qk_norm="layer", rotary_fraction=0.5, tie_embeddings=False)
+              qk_norm="layer", rotary_fraction=0.5, tie_embeddings=False,
+              scan_layers=True, remat_policy="dots")  # one compiled block for the 36 (vlm.models.decoder)
     patch, size, newline = 30, 1080, 71_019
   rows = size // patch
   c.model = dict(lm_config=lm, vision_model="fuyu_patches", vision_method="patch_features", connector_type="none",
@@ -88,5 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.conversation.specials["|NEWLINE|"] = newline
   c.data.conversation.image_row_break = "|NEWLINE|"
   c.data.conversation.image_rows = rows
+  if not demo:
+    c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+    c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   c.checkpoint_every = c.total_steps
   return c

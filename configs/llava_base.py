@@ -77,7 +77,9 @@ def model(demo: bool) -> dict:
   # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens), Vicuna-7B v1.5 (Llama-2 architecture).
   return dict(
       lm_config=dict(vocab_size=32_064, width=4096, depth=32, num_heads=32, mlp_dim=11_008, mlp_act="swiglu",
-                     rope_theta=10_000.0, norm_eps=1e-5, tie_embeddings=False),
+                     rope_theta=10_000.0, norm_eps=1e-5, tie_embeddings=False,
+                     # one compiled block for the 32 (vlm.models.decoder), matmul outputs kept for the backward
+                     scan_layers=True, remat_policy="dots"),
       vision_config=dict(variant="L/14", class_token=True, pre_norm=True, patch_bias=False, norm_eps=1e-5,
                          mlp_act="quick_gelu"),
       feature_layer=-2, keep_cls=False, connector_type="mlp", image_token_id=32_000)
@@ -142,5 +144,8 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
       c.batch_size = 128
   else:
     raise ValueError(f"unknown LLaVA stage {stage!r}")
+  if not demo:
+    c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+    c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   c.checkpoint_every = c.total_steps
   return c

@@ -120,5 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 5938  # 760K instruction examples / 128
     c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=178))  # 3% warm-up
     c.evals = vqa_eval(every=5000, max_examples=None)
+  if not demo:
+    c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+    c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   c.checkpoint_every = c.total_steps
   return c

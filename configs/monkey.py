@@ -60,7 +60,8 @@ def build(demo: bool, windows: bool) -> ml_collections.ConfigDict:
     queries, window, size = 256, 448, 896
     # Qwen-7B and Qwen-VL's ViT-bigG/14 (1664 wide, 48 layers) with its 256-query resampler to 4096.
     lm = dict(vocab_size=151_936, width=4096, depth=32, num_heads=32, mlp_dim=11_008, mlp_act="swiglu",
-              rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False)
+              rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False,
+              scan_layers=True, remat_policy="dots")  # one compiled block for the 32 (vlm.models.decoder)
     vision = dict(image=dict(width=1664, depth=48, mlp_dim=8192, num_heads=16, patch_size=14, class_token=False,
                              pre_norm=True, norm_eps=1e-6),
                   resampler=dict(num_queries=queries, num_heads=32, width=4096, out_dim=lm["width"]))
@@ -109,4 +110,7 @@ def build(demo: bool, windows: bool) -> ml_collections.ConfigDict:
   c.data.conversation.instructions = ml_collections.ConfigDict(INSTRUCTIONS)
   c.data.conversation.question_format = "{question} Answer:"
   c.checkpoint_every = c.total_steps
+  if not demo:
+    c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+    c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c

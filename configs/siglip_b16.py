@@ -58,4 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       zeroshot=dict(type="zeroshot", every=5000, split="test"),
       retrieval=dict(type="retrieval", every=5000, split="test"),
   ))
+  c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+  c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c

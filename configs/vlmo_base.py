@@ -131,6 +131,9 @@ def stage_config(stage: str, arg: str | None, init_path: str | None) -> ml_colle
     raise ValueError(f"unknown VLMo stage {stage!r}")
   if demo and stage == "pairs":
     c.evals.zeroshot.every = c.evals.retrieval.every = 400
+  if not demo:
+    c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+    c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c
 
 

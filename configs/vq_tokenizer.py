@@ -76,6 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evals = ml_collections.ConfigDict(dict(
       reconstruction=dict(type="reconstruction", every=10_000, split="validation", max_examples=10_000),
   ))
+  c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
+  c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c
 
 

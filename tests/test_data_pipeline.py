@@ -224,3 +224,73 @@ def test_worker_processes_match_in_process(config):
     want = next(make_pipeline(config, split="train", batch_size=8, mesh=None, seed=5))
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+# -- prefetch: batches made ahead on a background thread --------------------------------------------
+
+
+def _batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+
+
+def test_prefetch_keeps_the_stream_and_the_consumers_state(config):
+    plain, ahead = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+    plain.prefetch, ahead.prefetch = 0, 3
+    a = make_pipeline(plain, split="train", batch_size=8, mesh=None, seed=2, num_epochs=2)
+    b = make_pipeline(ahead, split="train", batch_size=8, mesh=None, seed=2, num_epochs=2)
+    for _ in range(4):
+        _batches_equal(next(a), next(b))
+    # The state is the consumer's (after 4 batches), not the producer's (up to 3 ahead).
+    assert b.get_state() == a.get_state()
+    resumed = make_pipeline(ahead, split="train", batch_size=8, mesh=None, seed=2, num_epochs=2)
+    resumed.set_state(b.get_state())
+    rest = list(a)
+    assert len(rest) == 20
+    for want in rest:
+        _batches_equal(next(resumed), want)
+    with pytest.raises(StopIteration):
+        next(resumed)
+
+
+def _iterator(n: int, fail_at: int | None, prefetch: int):
+    import grain
+    from vlm.data.pipeline import DataIterator
+
+    def make(i):
+        if i == fail_at:
+            raise ValueError(f"bad record {i}")
+        return {"label": np.full((2,), i, np.int32)}
+
+    ds = grain.MapDataset.range(n).map(make).to_iter_dataset()
+    return DataIterator(ds, collections.Counter(), None, 2, prefetch=prefetch)
+
+
+def test_prefetch_raises_a_pipeline_error_at_its_place():
+    it = _iterator(10, fail_at=3, prefetch=2)
+    assert [int(next(it)["label"][0]) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="bad record 3"):
+        next(it)
+
+
+def test_prefetch_thread_stops_when_the_iterator_is_dropped_or_closed():
+    import gc
+    import threading
+    import time
+
+    def prefetchers():
+        return {t for t in threading.enumerate() if t.name == "vlm-data-prefetch" and t.is_alive()}
+
+    before = prefetchers()
+    closed, dropped = _iterator(100, None, 2), _iterator(100, None, 2)
+    next(closed), next(dropped)
+    ours = prefetchers() - before
+    assert len(ours) == 2
+    closed.close()
+    del dropped
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in ours) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.is_alive() for t in ours)

@@ -163,3 +163,62 @@ def test_every_parameter_has_logical_names():
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   for leaf in leaves:
     assert len(leaf.names) == leaf.value.ndim
+
+
+# -- attention implementation (config.attention_impl) ---------------------------------------------
+
+
+def test_attention_implementation_is_scoped_and_checked():
+  from vlm.nn.attention import attention_implementation, current_attention_implementation, resolve_implementation
+  q = jnp.zeros((1, 4, 2, 16), jnp.bfloat16)
+  assert current_attention_implementation() == "auto"
+  assert resolve_implementation(q, q, None) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+  with attention_implementation("xla"):
+    assert resolve_implementation(q, q, None) == "xla"
+    with attention_implementation("cudnn"):
+      assert resolve_implementation(q, q, None) == "cudnn"
+    assert current_attention_implementation() == "xla"
+  assert current_attention_implementation() == "auto"
+  with pytest.raises(ValueError, match="attention_impl must be one of"):
+    with attention_implementation("flash"):
+      pass
+
+
+def test_cudnn_is_chosen_only_where_it_runs(monkeypatch):
+  from vlm.nn import attention
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  bf = lambda t, hd=64: jnp.zeros((1, t, 2, hd), jnp.bfloat16)  # noqa: E731
+  assert attention.cudnn_supported(bf(8), bf(8), None)
+  assert attention.cudnn_supported(bf(8), bf(6), jnp.ones((1, 1, 8, 6), bool))
+  assert not attention.cudnn_supported(bf(7), bf(8), jnp.ones((1, 1, 7, 8), bool))  # odd T with a mask
+  assert attention.cudnn_supported(bf(7), bf(9), None)
+  assert not attention.cudnn_supported(bf(8, 60), bf(8, 60), None)  # head dim not a multiple of 8
+  assert not attention.cudnn_supported(bf(8, 192), bf(8, 192), None)
+  f32 = jnp.zeros((1, 8, 2, 64), jnp.float32)
+  assert not attention.cudnn_supported(f32, f32, None)
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "cpu")
+  assert not attention.cudnn_supported(bf(8), bf(8), None)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("causal,masked,kv_heads", [(False, False, 4), (True, False, 4), (False, True, 4),
+                                                     (True, True, 2), (False, False, 1)])
+def test_cudnn_attention_matches_xla(causal, masked, kv_heads):
+  from vlm.nn.attention import attention_implementation
+  m = MultiHeadAttention(num_heads=4, num_kv_heads=kv_heads, head_dim=64, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (2, 128, 256))
+  mask = None
+  if masked:  # padding: row 1 has 100 real keys
+    valid = jnp.arange(128)[None, :] < jnp.array([[128], [100]])
+    mask = make_attention_mask(None, valid)
+  params = m.init(jax.random.key(1), x)["params"]
+  outs = {}
+  for impl in ("xla", "cudnn"):
+    with attention_implementation(impl):  # a fresh jit per implementation: it is read while tracing
+      fn = jax.jit(lambda p, x: m.apply({"params": p}, x, mask=mask, causal=causal))
+      outs[impl] = np.asarray(fn(params, x), np.float32)
+      grad = jax.jit(jax.grad(lambda p, x: m.apply({"params": p}, x, mask=mask, causal=causal).astype(
+          jnp.float32).sum()))
+      outs[impl + "_grad"] = np.asarray(grad(params, x)["query"]["kernel"], np.float32)
+  np.testing.assert_allclose(outs["cudnn"], outs["xla"], atol=2e-2, rtol=2e-2)  # bf16 tolerances
+  np.testing.assert_allclose(outs["cudnn_grad"], outs["xla_grad"], atol=5e-2, rtol=5e-2)

@@ -20,6 +20,7 @@ import ml_collections
 from vlm import checkpoint, parallel
 from vlm.evals import build_evals
 from vlm.models import build_model
+from vlm.nn.attention import attention_implementation
 
 
 def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -74,8 +75,9 @@ def evaluate(config, workdir: str | Path, step: int | None = None, init: str | P
   """Every eval of `config` on the workdir's checkpoint, or on the published checkpoint `init`."""
   config, model, mesh, params = load_run(init or workdir, step, tokenizer, config)
   results: dict[str, Any] = {}
-  for evaluator in build_evals(config, model, mesh).values():
-    results.update(evaluator(params))
+  with attention_implementation(config.get("attention_impl")):
+    for evaluator in build_evals(config, model, mesh).values():
+      results.update(evaluator(params))
   return results
 
 

@@ -12,6 +12,11 @@ Config keys (besides `model`, `objective`, `data`, and the optimiser keys of vlm
   step, hint: added to the error when path has no checkpoint}, or a dict of such named blocks
   applied in order (init.lm, init.vision),
   tensorboard, wandb {project, ...}, peak_flops_per_device (for MFU; known accelerators are looked up),
+  attention_impl ('auto' | 'xla' | 'cudnn': jax.nn.dot_product_attention's implementation for every
+  attention of the model and its evaluations; 'auto' = cuDNN on GPU where shapes and dtypes allow,
+  vlm.nn.attention); the compute dtype is the model's `model.dtype` (e.g. 'bfloat16'; parameters,
+  optimiser state and losses stay float32); input: data.prefetch batches are made ahead on a background
+  thread and put on the devices ahead, data.worker_count grain processes (vlm.data.pipeline),
   coordinator_address / num_processes / process_id (multi-host; or pass them as flags),
   peft (LoRA / adapters, vlm.peft: only those parameters train; save_only_peft also writes
   <workdir>/peft_params/ with just the trainable leaves at the end).
@@ -29,6 +34,7 @@ from vlm.data import check_config, make_pipeline
 from vlm.evals import build_evals
 from vlm.metrics_writer import MetricWriter
 from vlm.models import build_model
+from vlm.nn.attention import attention_implementation
 from vlm.objectives import build_objective
 from vlm.optim import build_optimizer, trainable_patterns
 from vlm.train_step import create_train_state, make_train_step
@@ -92,6 +98,11 @@ def _load_init(block) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the last logged metrics (incl. the final evaluations)."""
   _check(config)
+  with attention_implementation(config.get("attention_impl")):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -164,9 +175,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
       metrics["train/lr"] = float(schedule(step - 1))
       metrics["train/examples_per_s_per_device"] = config.batch_size / dt / n_dev
       if flops:
-        metrics["train/tflops_per_s_per_device"] = flops / dt / n_dev / 1e12
+        # XLA's cost analysis of the SPMD program counts one device's share: no division by n_dev.
+        metrics["train/tflops_per_s_per_device"] = flops / dt / 1e12
         if peak:
-          metrics["train/mfu"] = flops / dt / n_dev / peak
+          metrics["train/mfu"] = flops / dt / peak
       metrics.update({f"data/{k}": v for k, v in data_iter.stats().items() if k.startswith(("skipped", "packed"))})
       last.update(metrics)
       writer.write(step, metrics)
@@ -176,6 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
       t0, steps_since = time.perf_counter(), 0  # evaluation time is not training time
     progress.update(1)
   progress.close()
+  data_iter.close()
   ckpt.close()
   peft_cfg = peft.parse_config(config.get("peft"))
   if peft_cfg is not None and peft_cfg.save_only_peft:  # every process: orbax saves are collective

@@ -74,7 +74,7 @@ class Blip2QFormer(LearnedScaleAndBias, nn.Module):
   dtype: Any = None
 
   def setup(self):
-    self.img = ViT(**(self.image if self.image is not None else EVA_VIT_G), name="img")
+    self.img = ViT(**{"dtype": self.dtype, **(self.image if self.image is not None else EVA_VIT_G)}, name="img")
     qf = dict(BERT_BASE_QFORMER if self.qformer is None else self.qformer)
     # qformer.vocab_size None: the queries-only Q-Former of BLIP-2 stage 2 (HF
     # Blip2ForConditionalGeneration): query_features only, no text side, heads or temperature.

@@ -140,17 +140,18 @@ class CoCa(LearnedScaleAndBias, nn.Module):
   bias_init: float | None = None
   max_scale: float | None = 100.0
   frozen: tuple[str, ...] = ()
+  dtype: Any = None  # compute dtype of both towers and the poolers (a tower's own `dtype` key wins)
 
   def setup(self):
     unknown = set(self.frozen) - {"image"}
     if unknown:
       raise ValueError(f"CoCa frozen may hold 'image' only, got {sorted(unknown)}")
-    image = dict(self.image or {}, pool_type="none", out_dim=None)
+    image = dict({"dtype": self.dtype, **(self.image or {})}, pool_type="none", out_dim=None)
     self.img = ViT(**image)
-    self.txt = CoCaTextDecoder(**(self.text or {}))
+    self.txt = CoCaTextDecoder(**{"dtype": self.dtype, **(self.text or {})})
     heads = self.pooler_heads or self.img.dims()["num_heads"]
-    self.con_pooler = AttentionalPooler(self.num_con_queries, heads)
-    self.cap_pooler = AttentionalPooler(self.num_cap_queries, heads)
+    self.con_pooler = AttentionalPooler(self.num_con_queries, heads, dtype=self.dtype)
+    self.cap_pooler = AttentionalPooler(self.num_cap_queries, heads, dtype=self.dtype)
     self.img_norm = make_norm("layer", 1e-6)
     self.cap_norm = make_norm("layer", 1e-6)
     self.img_proj = dense(self.embed_dim, ("embed", "proj"), use_bias=False, dtype=None, name="img_proj")

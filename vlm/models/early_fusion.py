@@ -65,6 +65,7 @@ class EarlyFusionLM(nn.Module):
   bos_id: int = 3
   eos_id: int = 1
   pad_id: int = 0
+  dtype: Any = None  # compute dtype of the decoder and the tokenizer (their own `dtype` keys win)
 
   def setup(self):
     codebook = self.codebook_size
@@ -75,8 +76,8 @@ class EarlyFusionLM(nn.Module):
       if self.image_token_offset <= getattr(self, key) < self.image_token_offset + codebook:
         raise ValueError(f"model.{key}={getattr(self, key)} falls inside the image-code range "
                          f"[{self.image_token_offset}, {self.image_token_offset + codebook})")
-    self.lm_model = DecoderLM(**self.lm, name="lm")
-    self.vq = VQTokenizer(**self.tokenizer, name="tokenizer")
+    self.lm_model = DecoderLM(**{"dtype": self.dtype, **self.lm}, name="lm")
+    self.vq = VQTokenizer(**{"dtype": self.dtype, **self.tokenizer}, name="tokenizer")
 
   @property
   def codebook_size(self) -> int:

@@ -126,13 +126,14 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
   bias_init: float | None = None
   max_scale: float | None = 100.0
   fuse_prenorm: bool = False
+  dtype: Any = None  # compute dtype of the three encoders and the tokenizer (their own `dtype` keys win)
 
   def image_kwargs(self) -> dict:
-    kw = dict(self.image or {}, class_token=True, pool_type="cls", out_dim=None, mask_token=True)
+    kw = dict({"dtype": self.dtype, **(self.image or {})}, class_token=True, pool_type="cls", out_dim=None, mask_token=True)
     return dict(kw, final_norm=False) if self.fuse_prenorm else kw
 
   def text_kwargs(self) -> dict:
-    kw = dict(pool_type="first", padding_mask=True)
+    kw = dict(pool_type="first", padding_mask=True, dtype=self.dtype)
     kw.update(self.text or {})
     if "vocab_size" not in kw:
       raise ValueError("FLAVA needs text=dict(vocab_size=..., ...) (the tokenizer's pieces + 1 for [MASK])")
@@ -150,7 +151,7 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
       ik, tk = self.image_kwargs(), self.text_kwargs()
       self.img_norm = make_norm("layer", ik.get("norm_eps", 1e-6), ik.get("dtype"), name="img_norm")
       self.txt_norm = make_norm("layer", tk.get("norm_eps", 1e-6), tk.get("dtype"), name="txt_norm")
-    self.mm = MultimodalEncoder(**(self.multimodal or {}))
+    self.mm = MultimodalEncoder(**{"dtype": self.dtype, **(self.multimodal or {})})
     width = self.mm.dims()["width"]
     self.image_to_mm = dense(width, ("embed", "mlp"), use_bias=True, dtype=None, name="image_to_mm")
     self.text_to_mm = dense(width, ("embed", "mlp"), use_bias=True, dtype=None, name="text_to_mm")

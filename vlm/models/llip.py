@@ -83,8 +83,9 @@ class Llip(LearnedScaleAndBias, nn.Module):
       raise ValueError(f"model.num_heads={self.num_heads} must divide model.text.out_dim={self.embed_dim}")
     if self.num_mixture_tokens < 1:
       raise ValueError(f"model.num_mixture_tokens must be >= 1, got {self.num_mixture_tokens}")
-    self.img = ViT(**image, pool_type="none", extra_tokens=self.num_mixture_tokens, name="img")
-    self.txt = TextTransformer(**text, name="txt")
+    self.img = ViT(**{"dtype": self.dtype, **image}, pool_type="none", extra_tokens=self.num_mixture_tokens,
+                   name="img")
+    self.txt = TextTransformer(**{"dtype": self.dtype, **text}, name="txt")
     proj = partial(dense, self.embed_dim, ("embed", "proj"), use_bias=True, dtype=self.dtype)
     self.key_proj, self.value_proj, self.query_proj = proj(name="key"), proj(name="value"), proj(name="query")
     self.setup_scale_and_bias()

@@ -58,13 +58,14 @@ class TwoTower(LearnedScaleAndBias, nn.Module):
   bias_init: float | None = SIGLIP_BIAS_INIT
   max_scale: float | None = None
   frozen: tuple[str, ...] = ()
+  dtype: Any = None
 
   def setup(self):
     unknown = set(self.frozen) - {"image", "text"}
     if unknown:
       raise ValueError(f"model.frozen may hold 'image' and 'text', got {sorted(unknown)}")
-    self.img = ViT(**(self.image or {}), name="img")
-    self.txt = TextTransformer(**(self.text or {}), name="txt")
+    self.img = ViT(**{"dtype": self.dtype, **(self.image or {})}, name="img")
+    self.txt = TextTransformer(**{"dtype": self.dtype, **(self.text or {})}, name="txt")
     self.setup_scale_and_bias()
 
   def encode_image(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:

@@ -1,9 +1,15 @@
 """Multi-head attention (self and cross; causal and padding masks; qk-norm; grouped KV heads).
 
-All attention goes through `jax.nn.dot_product_attention`, which dispatches to cuDNN flash
-attention on GPU when shapes and dtypes allow, and to XLA elsewhere.
+All attention goes through `jax.nn.dot_product_attention`. Its implementation is the trainer's
+`config.attention_impl` (ATTENTION_IMPLS), set while tracing with `attention_implementation(...)`:
+'xla'; 'cudnn' (cuDNN flash attention; fails where cuDNN cannot run the shapes); or 'auto' (the
+default), cuDNN on GPU where `cudnn_supported` says the shapes and dtypes allow, XLA elsewhere (jax's
+own `implementation=None` is XLA everywhere today). The choice is read when a function is traced:
+a jitted function keeps the implementation it was first traced with.
 """
 
+import contextlib
+import threading
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +22,49 @@ from vlm.nn.rope import apply_rope, rotary_dims
 Dtype = Any
 
 QK_NORMS = (None, "layer", "rms", "layer_per_head")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+_IMPL = threading.local()
+
+
+@contextlib.contextmanager
+def attention_implementation(impl: str | None):
+  """Within the block, MultiHeadAttention traces with `impl` (one of ATTENTION_IMPLS; None: 'auto')."""
+  impl = impl or "auto"
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+  previous = getattr(_IMPL, "value", "auto")
+  _IMPL.value = impl
+  try:
+    yield
+  finally:
+    _IMPL.value = previous
+
+
+def current_attention_implementation() -> str:
+  return getattr(_IMPL, "value", "auto")
+
+
+def cudnn_supported(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> bool:
+  """Whether cuDNN flash attention runs q [B, T, N, hd], k [B, S, K, hd] (+ a mask) on this backend.
+
+  The conditions of jax's cuDNN path (jax._src.cudnn.fused_attention_stablehlo): a GPU, fp16/bf16
+  queries and keys of one dtype, hd a multiple of 8 and at most 128 (256 on Hopper; 128 here, which
+  every GPU takes), and with a mask (it becomes a bias) even T and S.
+  """
+  if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+    return False
+  hd = q.shape[-1]
+  if hd % 8 or hd > 128 or k.shape[-1] != hd:
+    return False
+  return mask is None or (q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+
+
+def resolve_implementation(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> str:
+  """The `implementation` passed to jax.nn.dot_product_attention for these inputs ('xla' or 'cudnn')."""
+  impl = current_attention_implementation()
+  if impl == "auto":
+    return "cudnn" if cudnn_supported(q, k, mask) else "xla"
+  return impl
 
 
 def make_qk_norm(kind: str, eps: float = 1e-6, dtype: Dtype = None, name: str | None = None) -> nn.Module:
@@ -183,9 +232,12 @@ class MultiHeadAttention(nn.Module):
     v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_heads", None))
     if self.dtype is not None:
       q, k, v = (jnp.asarray(t, self.dtype) for t in (q, k, v))
+    impl = resolve_implementation(q, k, mask)
     if mask is not None:
       mask = mask.astype(bool)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+      if impl == "cudnn":  # cuDNN takes the mask as a bias of full [.., Tq, Tk]; batch and heads may be 1
+        mask = jnp.broadcast_to(mask, (*mask.shape[:-2], q.shape[1], k.shape[1]))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
     out_bias = self.use_bias if self.out_bias is None else self.out_bias
     return HeadsDense((self.out_dim or d,), ("heads", "kv", "embed"), out_bias, self.dtype, in_dims=2,
                       name="out")(out)

@@ -421,6 +421,39 @@ def test_stage2_tunes_lm_and_connector_keeps_vision_and_reports_vqa(llava):
   assert 0.0 <= out2["vqa/accuracy"] <= 1.0
 
 
+def test_export_cli_writes_what_transformers_loads(llava, tmp_path):
+  """`python -m vlm.export` on the chain's workdirs: the LM demo as a Llama, stage 2 as a LLaVA; transformers'
+  logits equal vlm's on the trained weights."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  from vlm.evaluate import load_workdir_config
+  from vlm.export import export
+  from vlm.models import build_model
+  root = llava[0]
+  out = tmp_path / "lm_hf"
+  subprocess.run([sys.executable, "-m", "vlm.export", f"--workdir={root / 'lm'}", f"--out={out}"], check=True,
+                 cwd=Path(__file__).resolve().parents[1])
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  tokens = np.array([[3, 17, 250, 9, 400, 1]], np.int32)
+  cfg = load_workdir_config(root / "lm")
+  ours = build_model(cfg.model_name, cfg.model).apply({"params": checkpoint.load_params(root / "lm")}, jnp.asarray(tokens))
+  with torch.no_grad():
+    theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+  # Stage 2 (CLIP demo tower + MLP connector + the LM) in LLaVA's layout.
+  config = export(root / "stage2", tmp_path / "llava_hf")
+  assert config["architectures"] == ["LlavaForConditionalGeneration"]
+  transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava_hf")
+  with pytest.raises(ValueError, match="model_name='flamingo' has no HF export"):
+    (tmp_path / "fl").mkdir()
+    (tmp_path / "fl" / "config.json").write_text('{"model_name": "flamingo", "model": {}}')
+    export(tmp_path / "fl", tmp_path / "fl_hf")
+
+
 def test_predict_prompt_answers_in_words(llava, tmp_path):
   from PIL import Image
 

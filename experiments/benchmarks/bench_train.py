@@ -33,7 +33,6 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlm import parallel  # noqa: E402
 from vlm.data import make_pipeline  # noqa: E402
 from vlm.nn.attention import attention_implementation  # noqa: E402
 from vlm.train import peak_flops, setup  # noqa: E402
@@ -78,7 +77,7 @@ class VlmStep:
     t0 = time.perf_counter()
     self.flops = self.step_fn.flops(self.state, self.batch)  # compiles
     self.compile_s = time.perf_counter() - t0
-    self.compiled = getattr(self.step_fn, "compiled", lambda *a: None)(self.state, self.batch)
+    self.compiled = self.step_fn.compiled(self.state, self.batch)
     self.run(1)  # the first execution (allocations) is not timed
 
   def next_batch(self):

@@ -20,10 +20,11 @@ setup(
     python_requires=">=3.11",
     install_requires=_REQS,
     extras_require={
+        # filelock: trained fixtures shared by the xdist workers (tests/conftest.py:shared_run).
         # torch/transformers are parity oracles for the importers, pycocoevalcap (its pure-Python
         # BLEU and CIDEr scorers) for vlm.evals.caption_metrics: tests only.
         # torch==2.13.0 is the CPU build available on the project's machines.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0", "matplotlib>=3.8",
-                 "pycocoevalcap==1.2"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "filelock>=3.12", "torch==2.13.0", "transformers>=5.0",
+                 "matplotlib>=3.8", "pycocoevalcap==1.2"],
     },
 )

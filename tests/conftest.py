@@ -1,8 +1,23 @@
 """Test setup: 8 simulated CPU devices, set before JAX initialises."""
+import getpass
 import os
+import tempfile
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Most of the suite's time is XLA compiling small programs (eager ops in init and unit tests cost
+# ~70 ms each). The legacy elemental emitter at LLVM -O0 compiles 2x faster and the tiny test models
+# run about as fast; numerics are the same to float32 rounding. Subprocesses (CLI tests) inherit it.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0")
+# A compilation cache shared by the xdist workers, the CLI subprocesses and later runs: a program one
+# test compiled is loaded by the next (the key covers the HLO, flags and jax version).
+# VLM_TEST_COMPILATION_CACHE="" turns it off; another path moves it.
+_CACHE = os.environ.get("VLM_TEST_COMPILATION_CACHE",
+                        os.path.join(tempfile.gettempdir(), f"vlm-test-xla-cache-{getpass.getuser()}"))
+if _CACHE:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
@@ -39,6 +54,59 @@ def data_dir(tmp_path_factory):
   from vlm.data import embedded
   embedded.build(str(d), **TINY_DATA)
   return d
+
+
+def shared_run(tmp_path_factory, name: str, make) -> tuple:
+  """(workdir, result) of `make(workdir)` (a training run returning its JSON-able metrics), computed
+  once per test session, whichever xdist worker asks first: the others wait on a file lock and read
+  the finished workdir. A run that fails leaves nothing behind, so the next asker retries and fails
+  with its own traceback. Fixtures built with it must not ask for another shared_run (lock order)."""
+  import json
+  import shutil
+
+  from filelock import FileLock
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # shared by the workers of this session
+  wd, done = root / f"shared_{name}", root / f"shared_{name}.json"
+  with FileLock(str(root / f"shared_{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(wd, ignore_errors=True)
+      result = make(wd)
+      done.write_text(json.dumps(result, default=float))
+  return wd, json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def siglip_workdir(tmp_path_factory, data_dir):
+  """A 6-step tiny SigLIP run (test_train.tiny): the judge, scorer and init of other tests."""
+  from configs import siglip_b16
+  from test_train import tiny
+  from vlm.train import train
+  return shared_run(tmp_path_factory, "siglip", lambda wd: train(tiny(siglip_b16, data_dir, steps=6), wd))[0]
+
+
+@pytest.fixture(scope="session")
+def coca_run(tmp_path_factory, data_dir):
+  """CoCa's lighter demo (test_coca.tiny_demo at width 64, 150 steps, every evaluation at start and end):
+  (workdir, final metrics). The learning, logging and predict tests and curation's captioner."""
+  from test_coca import tiny_demo
+  from vlm.train import train
+
+  def make(wd):
+    c = tiny_demo(data_dir, steps=150, width=64, depth=2, mlp_dim=128, num_heads=4)
+    c.batch_size = 64
+    for name in ("zeroshot", "retrieval", "captioning"):
+      c.evals[name].max_examples = 256
+    c.log_every = 10
+    return train(c, wd)
+
+  return shared_run(tmp_path_factory, "coca", make)
+
+
+@pytest.fixture(scope="session")
+def coca_workdir(coca_run):
+  return coca_run[0]
 
 
 # transformers 4.x's PretrainedConfig.__init__ defaults of the keys a config.json can carry at its top

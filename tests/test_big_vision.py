@@ -245,8 +245,9 @@ def test_text_pool_mask_pad_option(pool_type):
     np.testing.assert_allclose(z_m, head({"params": v["params"]["MAPHead"]}, enc, mask=valid[..., 0]), atol=1e-5)
   assert float(jnp.max(jnp.abs(z_m - z_f))) > 1e-3  # the option matters when there are pads
   unpadded = jnp.array([[3, 4, 5, 6, 7, 8]])
+  # Two programs, float32 rounding apart (values ~6: 1.9e-6 seen under conftest's XLA flags).
   np.testing.assert_allclose(jax.jit(masked.apply)(v, unpadded)[0], jax.jit(full.apply)(v, unpadded)[0],
-                             atol=1e-6)
+                             atol=1e-5)
 
 
 def test_text_map_head_imports_as_map_pooling_over_all_tokens(tmp_path, siglip):

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from conftest import TINY_DATA
 from PIL import Image
-from test_coca import coca_workdir  # noqa: F401  (the captioner of the recaption stage)
-from test_train import siglip_workdir  # noqa: F401  (the scorer of the clip_score stage)
 
 from vlm.curation import dedup, filters
 from vlm.curation.store import ChunkStore
@@ -145,7 +143,7 @@ def _config(data_dir, scorer, captioner, name):
   return c
 
 
-def test_curate_end_to_end_writes_a_dataset_the_trainer_reads(data_dir, siglip_workdir, coca_workdir,  # noqa: F811
+def test_curate_end_to_end_writes_a_dataset_the_trainer_reads(data_dir, siglip_workdir, coca_workdir,
                                                               tmp_path):
   from configs.siglip_b16 import get_config as siglip_config
 

@@ -135,7 +135,7 @@ def test_greedy_generation_matches_hf(arch, tmp_root):
 def _small_model(**kw):
   model = DecoderLM(**dict(dict(vocab_size=VOCAB, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
                                 rope_theta=10000.0), **kw))
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
   return model, params
 
 
@@ -150,20 +150,21 @@ def test_cached_decoding_equals_uncached_forward(kw):
   prompt = jnp.asarray(rng.integers(3, VOCAB, size=(2, 5)), jnp.int32)
   # Prefill + one token at a time: the logits of the full forward.
   toks = jnp.asarray(rng.integers(3, VOCAB, size=(2, 9)), jnp.int32)
-  full = model.apply({"params": params}, toks)
-  _, var = model.apply({"params": params}, toks[:, :5], 0, 9, method=DecoderLM.decode_step, mutable=["cache"])
-  cache = var["cache"]
-  logits, var = model.apply({"params": params, "cache": cache}, toks[:, :5], 0, method=DecoderLM.decode_step,
-                            mutable=["cache"])
+  # Jitted (op by op, every apply would compile each of its ops); positions are traced, as in generate.
+  full = jax.jit(model.apply)({"params": params}, toks)
+  _, var = jax.jit(lambda p, t: model.apply({"params": p}, t, 0, 9, method=DecoderLM.decode_step,
+                                            mutable=["cache"]))(params, toks[:, :5])
+  step = jax.jit(lambda p, c, t, i: model.apply({"params": p, "cache": c}, t, i, method=DecoderLM.decode_step,
+                                                mutable=["cache"]))
+  logits, var = step(params, var["cache"], toks[:, :5], 0)
   steps = [logits]
   for i in range(5, 9):
-    logits, var = model.apply({"params": params, "cache": var["cache"]}, toks[:, i:i + 1], i,
-                              method=DecoderLM.decode_step, mutable=["cache"])
+    logits, var = step(params, var["cache"], toks[:, i:i + 1], i)
     steps.append(logits)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=1e-5, rtol=0)
   # The generic decoder: cached greedy == uncached greedy (full recompute each step).
-  cached = generate(model, params, prompt, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD)
-  logits_fn = lambda t: model.apply({"params": params}, t)  # noqa: E731
+  cached = jax.jit(lambda p, t: generate(model, p, t, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(params, prompt)
+  logits_fn = jax.jit(lambda t: model.apply({"params": params}, t))
   uncached = decoding.generate(decoding.uncached_step_fn(logits_fn), decoding.init_token_cache(2, 5 + NEW),
                                prompt, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD)
   np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(uncached.tokens))

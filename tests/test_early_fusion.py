@@ -18,7 +18,6 @@ from vlm.objectives import build_objective
 from vlm.train import train
 
 from conftest import TINY_DATA
-from test_train import siglip_workdir  # noqa: F401  (the judge of text-to-image)
 
 OFFSET, BOI, EOI = 1008, 1000, 1001
 
@@ -34,7 +33,7 @@ def setup():
   model = _model()
   images = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3), minval=-1, maxval=1)
   text = jnp.array([[3, 10, 11, 12, 1, 0], [3, 20, 1, 0, 0, 0], [3, 30, 31, 32, 33, 1]])
-  params = model.init(jax.random.key(1), images, text)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), images, text)["params"]
   return model, params, images, text
 
 
@@ -101,7 +100,7 @@ def test_one_dimensional_tokenizer():
                         image_token_offset=OFFSET, boi_id=BOI, eoi_id=EOI)
   images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
   text = jnp.array([[3, 10, 11, 1], [3, 20, 1, 0]])
-  params = model.init(jax.random.key(1), images, text)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), images, text)["params"]
   assert model.code_grid((16, 16)) == (1, 3)
   tokens, _ = model.apply({"params": params}, images, text, method=model.sequences)
   np.testing.assert_array_equal(tokens[1, :6], [3, BOI, *np.asarray(tokens[1, 2:5]), EOI])
@@ -138,7 +137,7 @@ def test_config_errors():
 
 
 @pytest.mark.slow
-def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir, monkeypatch, capsys):  # noqa: F811
+def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir, monkeypatch, capsys):
   """A lighter demo: the tokenizer from its own short run, the decoder from scratch; both loss terms
   fall and the captioning and text-to-image evaluations run from the trainer (caption quality and
   judged images need the full demo's 5000 steps: README)."""
@@ -156,9 +155,9 @@ def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir, monkeypat
   c.model["lm"].update(width=64, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
   c.total_steps, c.batch_size, c.log_every, c.tensorboard, c.eval_at_start = 100, 32, 10, False, False
   c.schedule.warmup_steps = 10
-  for name in c.evals:
+  for name in c.evals:  # the evaluations must run from the trainer; their quality needs the full demo
     c.evals[name].every = 100
-    c.evals[name].max_examples = 32
+    c.evals[name].max_examples = 16
   c.evals.text_to_image.judge = str(siglip_workdir)
   train(c, tmp_path / "ef")
   rows = read_metrics(tmp_path / "ef")

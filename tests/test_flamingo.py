@@ -175,7 +175,7 @@ def test_gated_block_is_identity_at_init_and_zero_before_any_image():
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   media = jax.random.normal(jax.random.key(1), (2, 6, 12))
   mask = expand_media_mask(media_attention_mask(jnp.array([[1, IMG, 1, IMG, 1], [1, 1, 1, 1, 1]]), IMG, 2), 3)
-  params = nn.unbox(blk.init(_key(2), x, media, mask)["params"])
+  params = nn.unbox(jax.jit(blk.init)(_key(2), x, media, mask)["params"])
   assert params["alpha_attn"].shape == (16,) and not params["alpha_attn"].any()
   np.testing.assert_array_equal(blk.apply({"params": params}, x, media, mask), x)
   no_ffw = dict(params, alpha_attn=jnp.ones(16))

@@ -286,7 +286,7 @@ def test_defaults_keep_llama_params_and_logits(tmp_path):
   """The new DecoderLM fields off: Llama's parameter tree (no norm biases, no qk-norm) and HF Llama's logits."""
   model = DecoderLM(**LLAMA)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 9)))
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
   paths = {"/".join(k) for k in traverse_util.flatten_dict(params)}
   assert {p for p in paths if "block_0/" in p} == {
       f"decoder/block_0/{p}" for p in ("norm1/scale", "norm2/scale", "attn/query/kernel", "attn/key/kernel",
@@ -315,7 +315,7 @@ def test_defaults_keep_llama_params_and_logits(tmp_path):
 def test_relu2_mlp():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
   mlp = Mlp(16, act="relu2")
-  params = nn.unbox(mlp.init(jax.random.key(0), x)["params"])
+  params = nn.unbox(jax.jit(mlp.init)(jax.random.key(0), x)["params"])
   assert set(params) == {"fc1", "fc2"} and "bias" in params["fc1"]  # not gated, biases
   h = x @ params["fc1"]["kernel"] + params["fc1"]["bias"]
   want = np.square(np.maximum(h, 0)) @ params["fc2"]["kernel"] + params["fc2"]["bias"]
@@ -350,7 +350,7 @@ def test_persimmon_decoder_cached_decoding_equals_forward():
   model = DecoderLM(**LLAMA, norm_type="layer", qk_norm="layer", rotary_fraction=0.5, mlp_act="relu2",
                     qkv_bias=True, out_bias=True, mlp_bias=True, norm_eps=1e-5)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 7)))
-  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
   assert set(params["decoder"]["block_0"]["attn"]["query_norm"]) == {"scale", "bias"}
   assert params["decoder"]["block_0"]["attn"]["query_norm"]["scale"].shape == (8,)  # over head_dim
   full = model.apply({"params": params}, tokens)

@@ -143,7 +143,7 @@ def test_crg_is_plain_decoding_against_the_same_image_and_the_formula_otherwise(
   imgs = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   other = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   prompt = _tokens(2)
-  params = m.init(jax.random.key(0), imgs, prompt)["params"]
+  params = jax.jit(m.init)(jax.random.key(0), imgs, prompt)["params"]
   kw = dict(mask=jnp.ones_like(prompt), max_new_tokens=3, eos_id=-1)
   plain = generate(m, params, imgs, prompt, **kw).tokens
   np.testing.assert_array_equal(generate(m, params, imgs, prompt, contrast_images=imgs, crg_alpha=2.0, **kw).tokens,

@@ -21,7 +21,7 @@ def _model(k: int = 4, heads: int = 4) -> tuple[Llip, dict, dict, dict]:
   model = Llip(image=IMAGE, text=TEXT, num_mixture_tokens=k, num_heads=heads)
   images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
   tokens = jax.random.randint(jax.random.key(2), (5, 8), 4, 50)
-  params = model.init(jax.random.key(0), images, tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), images, tokens)["params"]
   img, txt, _ = model.apply({"params": params}, images, tokens)
   return model, params, img, txt
 

@@ -75,7 +75,8 @@ def test_bfloat16_reaches_every_matmul_and_keeps_params_and_loss_float32(recipe,
   objective = build_objective(c.objective_name, c.get("objective"))
   batch = next(make_pipeline(c.data, split="train", batch_size=4, mesh=None, seed=0))
   batch = jax.tree.map(jnp.asarray, batch)
-  params = model.init({"params": jax.random.key(0)}, *objective.init_args(batch))["params"]
+  # jitted: op by op, init and the gradient would compile each of their hundreds of ops separately
+  params = jax.jit(model.init)({"params": jax.random.key(0)}, *objective.init_args(batch))["params"]
   tx, _ = build_optimizer(c, c.total_steps)
   opt_state = tx.init(params)
   for leaf in jax.tree.leaves((params, opt_state)):
@@ -85,7 +86,7 @@ def test_bfloat16_reaches_every_matmul_and_keeps_params_and_loss_float32(recipe,
   def loss(p):
     return objective(model, p, batch, rng=jax.random.key(1), train=True)
 
-  (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  (value, _), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   assert value.dtype == jnp.float32 and np.isfinite(float(value))
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
   dots = _dot_dtypes(jax.make_jaxpr(loss)(params).jaxpr)

@@ -53,7 +53,7 @@ def test_vit_errors_name_the_problem():
 def test_vit_sincos_and_learned_grid_check():
   vit = ViT(variant="mu/8", depth=1, posemb="sincos2d", pool_type="gap")
   x = jnp.zeros((1, 16, 16, 3))
-  v = vit.init(jax.random.key(0), x)
+  v = jax.jit(vit.init)(jax.random.key(0), x)
   assert "pos_embedding" not in v["params"]
   learned = ViT(variant="mu/8", depth=1, posemb_grid=(4, 4))
   with pytest.raises(ValueError, match="resample"):
@@ -64,7 +64,7 @@ def test_text_causal_masks_future_tokens():
   tx = TextTransformer(vocab_size=20, variant="mu", depth=2, causal=True, pool_type="first")
   a = jnp.array([[3, 4, 5, 6]])
   b = jnp.array([[3, 4, 9, 9]])
-  v = tx.init(jax.random.key(0), a)
+  v = jax.jit(tx.init)(jax.random.key(0), a)
   _, aux_a = tx.apply(v, a)
   _, aux_b = tx.apply(v, b)
   np.testing.assert_allclose(aux_a["encoded"][:, :2], aux_b["encoded"][:, :2], atol=1e-6)
@@ -74,7 +74,7 @@ def test_text_causal_masks_future_tokens():
 def test_text_padding_mask_makes_padding_irrelevant():
   tx = TextTransformer(vocab_size=20, variant="mu", depth=2, pool_type="gap", padding_mask=True, pad_id=0)
   a = jnp.array([[3, 4, 5, 0, 0]])
-  v = tx.init(jax.random.key(0), a)
+  v = jax.jit(tx.init)(jax.random.key(0), a)
   z1, _ = tx.apply(v, a)
   z2, _ = tx.apply(v, a[:, :3])
   np.testing.assert_allclose(z1, z2, atol=1e-5)
@@ -89,14 +89,14 @@ def _two_tower(**kw):
 def test_two_tower_inits_and_normalised_embeddings():
   x, t = jnp.ones((2, 16, 16, 3)), jnp.ones((2, 8), jnp.int32)
   siglip = _two_tower()
-  v = siglip.init(jax.random.key(0), x, t)
+  v = jax.jit(siglip.init)(jax.random.key(0), x, t)
   zimg, ztxt, out = siglip.apply(v, x, t)
   np.testing.assert_allclose(jnp.linalg.norm(zimg, axis=-1), 1, atol=1e-5)
   np.testing.assert_allclose(jnp.linalg.norm(ztxt, axis=-1), 1, atol=1e-5)
   np.testing.assert_allclose(out["scale"], 10.0, rtol=1e-6)  # SigLIP: t' = log 10
   np.testing.assert_allclose(out["bias"], -10.0)
   clip = _two_tower(temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0)
-  v = clip.init(jax.random.key(0), x, t)
+  v = jax.jit(clip.init)(jax.random.key(0), x, t)
   _, _, out = clip.apply(v, x, t)
   np.testing.assert_allclose(out["scale"], 1 / 0.07, rtol=1e-5)
   assert out["bias"] is None and "b" not in v["params"]

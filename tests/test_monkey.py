@@ -118,7 +118,7 @@ def test_lora_sets_name_what_matches_nothing():
 def test_resampler_shapes_positions_and_mask():
   r = QwenVLResampler(num_queries=9, num_heads=2, width=16, out_dim=12)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 8)), jnp.float32)
-  params = nn.unbox(r.init(jax.random.key(0), x))["params"]
+  params = nn.unbox(jax.jit(r.init)(jax.random.key(0), x))["params"]
   assert params["kv_proj"]["kernel"].shape == (8, 16)  # features 8 wide -> width 16, no bias
   assert r.apply({"params": params}, x).shape == (2, 9, 12)
   # Another feature grid (6 x 6): the key position embedding is interpolated, queries unchanged.

@@ -34,7 +34,7 @@ def test_attention_matches_reference(num_kv_heads, causal):
   valid = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
   mask = make_attention_mask(None, valid)
   mha = MultiHeadAttention(num_heads=4, num_kv_heads=num_kv_heads)
-  params = nn.meta.unbox(mha.init(jax.random.key(1), x)["params"])
+  params = nn.meta.unbox(jax.jit(mha.init)(jax.random.key(1), x)["params"])
   got = mha.apply({"params": params}, x, mask=mask, causal=causal)
   want = _reference_attention(params, x, x, mask, causal, 4, num_kv_heads)
   np.testing.assert_allclose(got, want, atol=1e-5)
@@ -45,7 +45,7 @@ def test_cross_attention_and_padding_ignores_masked_keys():
   x = jax.random.normal(jax.random.key(0), (1, 3, 8))
   kv = jax.random.normal(jax.random.key(1), (1, 5, 12))
   mha = MultiHeadAttention(num_heads=2)
-  params = mha.init(jax.random.key(2), x, kv)
+  params = jax.jit(mha.init)(jax.random.key(2), x, kv)
   mask = make_attention_mask(None, jnp.array([[1, 1, 1, 0, 0]], bool))
   out1 = mha.apply(params, x, kv, mask=mask)
   kv2 = kv.at[:, 3:].set(100.0)  # masked keys change: output must not
@@ -56,7 +56,7 @@ def test_cross_attention_and_padding_ignores_masked_keys():
 def test_qk_norm_params_and_invariance_to_key_scale():
   x = jax.random.normal(jax.random.key(0), (1, 4, 16))
   mha = MultiHeadAttention(num_heads=2, qk_norm="rms", use_bias=False)
-  v = mha.init(jax.random.key(1), x)
+  v = jax.jit(mha.init)(jax.random.key(1), x)
   assert {"query_norm", "key_norm"} <= set(v["params"])
   p = nn.meta.unbox(v["params"])
   p2 = jax.tree.map(lambda a: a, p)
@@ -81,7 +81,7 @@ def test_norms():
 def test_mlp(act, names):
   x = jnp.ones((2, 5, 8))
   mlp = Mlp(32, act=act)
-  v = mlp.init(jax.random.key(0), x)
+  v = jax.jit(mlp.init)(jax.random.key(0), x)
   assert set(v["params"]) == names
   assert mlp.apply(v, x).shape == (2, 5, 8)
   with pytest.raises(ValueError, match="unknown activation"):
@@ -114,7 +114,7 @@ def test_poolers():
   valid = tokens != 0
   np.testing.assert_allclose(pool(x, "gap", mask=valid)[0], x[0, :3].mean(0))
   head = MAPHead(num_heads=1, mlp_dim=8)
-  v = head.init(jax.random.key(0), x)
+  v = jax.jit(head.init)(jax.random.key(0), x)
   assert head.apply(v, x).shape == (2, 3)
   multi = MAPHead(num_heads=1, mlp_dim=8, num_queries=5)
   assert multi.apply(multi.init(jax.random.key(0), x), x).shape == (2, 5, 3)
@@ -126,7 +126,7 @@ def test_scan_equals_loop_and_remat_equals_plain():
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   kw = dict(depth=3, num_heads=2, mlp_dim=32)
   loop = Encoder(**kw)
-  p_loop = nn.meta.unbox(loop.init(jax.random.key(1), x)["params"])
+  p_loop = nn.meta.unbox(jax.jit(loop.init)(jax.random.key(1), x)["params"])
   p_scan = stack_encoder_blocks({"encoder": jax.tree.map(np.asarray, p_loop)})["encoder"]
   scan = Encoder(**kw, scan=True)
   want = loop.apply({"params": p_loop}, x)
@@ -146,7 +146,7 @@ def test_scan_equals_loop_and_remat_equals_plain():
 def test_dropout_and_droppath_only_in_training():
   x = jnp.ones((8, 4, 16))
   enc = Encoder(depth=2, num_heads=2, mlp_dim=32, dropout=0.1, droppath=0.5)
-  v = enc.init(jax.random.key(0), x)
+  v = jax.jit(enc.init)(jax.random.key(0), x)
   det1 = enc.apply(v, x)
   np.testing.assert_array_equal(det1, enc.apply(v, x))
   tr = enc.apply(v, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
@@ -158,7 +158,7 @@ def test_every_parameter_has_logical_names():
   m = build_model("two_tower", dict(image=dict(variant="mu/8", pool_type="map", out_dim=16, class_token=True),
                                     text=dict(variant="mu", vocab_size=50, out_dim=16, pool_type="map",
                                               scan=True)))
-  v = m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))
+  v = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))
   leaves = jax.tree.leaves(v["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   for leaf in leaves:
@@ -211,7 +211,7 @@ def test_cudnn_attention_matches_xla(causal, masked, kv_heads):
   if masked:  # padding: row 1 has 100 real keys
     valid = jnp.arange(128)[None, :] < jnp.array([[128], [100]])
     mask = make_attention_mask(None, valid)
-  params = m.init(jax.random.key(1), x)["params"]
+  params = jax.jit(m.init)(jax.random.key(1), x)["params"]
   outs = {}
   for impl in ("xla", "cudnn"):
     with attention_implementation(impl):  # a fresh jit per implementation: it is read while tracing

@@ -42,7 +42,7 @@ def test_decoder_packed_row_equals_each_sequence_alone():
   seqs = [rng.integers(3, 900, n) for n in (5, 7, 3)]
   tokens, seg = _pack(seqs, 19)  # 15 real tokens, 4 pads
   m = DecoderLM(**LM)
-  params = m.init(jax.random.key(0), tokens)["params"]
+  params = jax.jit(m.init)(jax.random.key(0), tokens)["params"]
   # Row 0 packed; row 1 the same tokens as one segment (plain causal attention over the row).
   out = m.apply({"params": params}, jnp.concatenate([tokens, tokens]),
                 segment_ids=jnp.concatenate([seg, jnp.ones_like(seg)]))
@@ -65,7 +65,7 @@ def test_vision_lm_packed_examples_get_their_own_images():
   ex2 = np.asarray([3, 1002] + [IMG] * N + [280, 1003, 290, 299, 300, 1])
   length = len(ex1) + len(ex2) + 5
   both, only1 = _pack([ex1, ex2], length), _pack([ex1], length)
-  params = m.init(jax.random.key(0), imgs[:1], both[0])["params"]
+  params = jax.jit(m.init)(jax.random.key(0), imgs[:1], both[0])["params"]
   # Row 0: both examples, each with its image; row 1: ex1 alone (its second image is surplus).
   packed, stats = m.apply({"params": params}, jnp.stack([imgs, imgs]), jnp.concatenate([both[0], only1[0]]),
                           segment_ids=jnp.concatenate([both[1], only1[1]]), return_stats=True)

@@ -38,7 +38,7 @@ def _inputs(seed=0, b=2, t=6):
 def qformer():
   m = _qformer()
   query, ids, image = _inputs()
-  params = nn.unbox(m.init(jax.random.key(0), query, ids, image)["params"])
+  params = nn.unbox(jax.jit(m.init)(jax.random.key(0), query, ids, image)["params"])
   return m, params
 
 
@@ -123,7 +123,7 @@ def test_stage1_model_matches_hf_blip2_for_image_text_retrieval(tmp_path):
   vkw, vparams = import_hf_blip2_vision(tmp_path)
   ours_feats = ViT(**vkw).apply({"params": vparams}, images)[1]["encoded"]
   model = MODELS.get(name)(**kwargs)
-  init = nn.unbox(model.init(jax.random.key(0), images, ids)["params"])
+  init = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, ids)["params"])
   params = checkpoint.merge_params(init, params)  # HF has no ITG head nor temperature
   zimg, _ = model.apply({"params": params}, images, method=Blip2QFormer.encode_image)
   ztxt, _ = model.apply({"params": params}, ids, method=Blip2QFormer.encode_text)
@@ -222,7 +222,7 @@ def test_cross_attention_every_other_layer_and_queries_only_variant(qformer):
   # The stage-2 Q-Former: no text side at all.
   m = _qformer(vocab_size=None, cross_attention_frequency=1)
   query, ids, image = _inputs()
-  p = nn.unbox(m.init(jax.random.key(0), query, None, image)["params"])
+  p = nn.unbox(jax.jit(m.init)(jax.random.key(0), query, None, image)["params"])
   assert "word_embed" not in p and all("mlp_text" not in p[f"block_{i}"] for i in range(4))
   assert all("cross_attn" in p[f"block_{i}"] for i in range(4))
   with pytest.raises(ValueError, match="text"):
@@ -255,7 +255,7 @@ def _sharded(x, mesh):
 def test_model_api_shapes():
   m = _tiny_model()
   batch = _batch(2)
-  params = nn.unbox(m.init(jax.random.key(0), batch["image"], batch["text"])["params"])
+  params = nn.unbox(jax.jit(m.init)(jax.random.key(0), batch["image"], batch["text"])["params"])
   zimg, ztxt, out = m.apply({"params": params}, batch["image"], batch["text"])
   assert zimg.shape == (2, 4, 16) and ztxt.shape == (2, 16)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(zimg), axis=-1), 1.0, rtol=1e-5)
@@ -308,7 +308,7 @@ def test_itc_is_max_over_queries_and_hard_negatives_skip_positives():
 def test_objective_on_8_devices_matches_one_and_has_finite_gradients():
   m = _tiny_model(freeze_image=True)
   batch = _batch()
-  params = nn.unbox(m.init(jax.random.key(0), batch["image"][:1], batch["text"][:1])["params"])
+  params = nn.unbox(jax.jit(m.init)(jax.random.key(0), batch["image"][:1], batch["text"][:1])["params"])
   mesh = parallel.make_mesh([("data", -1)])
   assert jax.device_count() == 8
   _, local = jax.jit(lambda p, bt: Blip2Stage1()(m, p, bt, rng=jax.random.key(1), train=False))(params, batch)

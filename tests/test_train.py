@@ -59,13 +59,6 @@ def _env(devices: int):
   return dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
 
 
-@pytest.fixture(scope="session")
-def siglip_workdir(tmp_path_factory, data_dir):
-  wd = tmp_path_factory.mktemp("siglip")
-  train(tiny(siglip_b16, data_dir, steps=6), wd)
-  return wd
-
-
 def test_metrics_jsonl_has_training_and_eval_rows(siglip_workdir):
   rows = read_metrics(siglip_workdir)
   steps = [r["step"] for r in rows if "train/loss" in r]

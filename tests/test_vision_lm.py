@@ -96,7 +96,7 @@ def test_instruction_aware_qformer_reads_the_instruction():
   imgs = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   prompt = jnp.asarray([[3, 1002] + [1000] * 4 + [270, 268, 1003]] * 2, jnp.int32)
   instr = jnp.asarray([[3, 270, 268, 301, 0, 0], [3, 280, 290, 0, 0, 0]], jnp.int32)
-  params = m.init(jax.random.key(0), imgs, prompt, instr)["params"]
+  params = jax.jit(m.init)(jax.random.key(0), imgs, prompt, instr)["params"]
   enc = lambda i: m.apply({"params": params}, imgs, False, i, method=VisionLanguageModel.encode_images)
   assert enc(instr).shape == (2, 4, LM["width"])
   np.testing.assert_allclose(enc(jnp.zeros_like(instr)), enc(None), atol=1e-5)
@@ -108,7 +108,7 @@ def test_instruction_aware_qformer_reads_the_instruction():
     seq = jnp.concatenate([seq, nxt[:, None]], 1)
   np.testing.assert_array_equal(out.tokens, seq[:, prompt.shape[1]:])
   vit = _model()
-  vparams = vit.init(jax.random.key(0), imgs, _tokens(2))["params"]
+  vparams = jax.jit(vit.init)(jax.random.key(0), imgs, _tokens(2))["params"]
   with pytest.raises(ValueError, match="a ViT image encoder reads no text"):
     vit.apply({"params": vparams}, imgs, _tokens(2), instr)
 
@@ -127,7 +127,7 @@ def test_image_embeddings_land_at_the_placeholders_in_order():
   rng = np.random.default_rng(0)
   imgs = jnp.asarray(rng.uniform(-1, 1, (2, 2, 32, 32, 3)), jnp.float32)  # two images per row
   toks = _tokens(2, images_per_row=2)
-  params = m.init(jax.random.key(0), imgs, toks)["params"]
+  params = jax.jit(m.init)(jax.random.key(0), imgs, toks)["params"]
   emb = m.apply({"params": params}, toks, imgs, method=VisionLanguageModel.embed)
   feats = m.apply({"params": params}, imgs, method=VisionLanguageModel.encode_images)  # [B, 2N, D]
   np.testing.assert_allclose(emb[:, 2:2 + 2 * N], feats, atol=1e-6)
@@ -153,7 +153,7 @@ def test_cached_generation_equals_uncached_greedy_and_ignores_left_padding():
   m = _model()
   imgs = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   prompt = _tokens(2)
-  params = m.init(jax.random.key(0), imgs, prompt)["params"]
+  params = jax.jit(m.init)(jax.random.key(0), imgs, prompt)["params"]
   out = generate(m, params, imgs, prompt, mask=jnp.ones_like(prompt), max_new_tokens=4, eos_id=-1)
   seq = prompt
   for _ in range(4):
@@ -172,7 +172,7 @@ def test_soft_prompts_fill_their_placeholders_after_bos():
   m = _model(num_soft_prompts=2)
   toks = jnp.asarray([ids], jnp.int32)
   imgs = jnp.zeros((1, 32, 32, 3))
-  params = m.init(jax.random.key(0), imgs, toks)["params"]
+  params = jax.jit(m.init)(jax.random.key(0), imgs, toks)["params"]
   emb = m.apply({"params": params}, toks, imgs, method=VisionLanguageModel.embed)
   np.testing.assert_allclose(emb[0, 1:3], params["soft_prompt"].value if hasattr(params["soft_prompt"], "value")
                              else params["soft_prompt"])
@@ -182,11 +182,11 @@ def test_connectors_and_frozen_style_prefix():
   imgs = jnp.zeros((1, 32, 32, 3))
   for kind, shapes in (("linear", {"proj"}), ("mlp", {"fc1", "fc2"})):
     m = _model(connector_type=kind)
-    p = m.init(jax.random.key(0), imgs, _tokens(1))["params"]
+    p = jax.jit(m.init)(jax.random.key(0), imgs, _tokens(1))["params"]
     assert set(p["connector"]) == shapes
   # Frozen: one pooled feature -> 4 prefix embeddings.
   m = VisionLanguageModel(lm_config=LM, vision_config=VISION, pool="gap", connector_type="linear", prefix_tokens=4)
-  p = m.init(jax.random.key(0), imgs, _tokens(1))["params"]
+  p = jax.jit(m.init)(jax.random.key(0), imgs, _tokens(1))["params"]
   assert m.apply({"params": p}, imgs, method=VisionLanguageModel.encode_images).shape == (1, 4, LM["width"])
 
 

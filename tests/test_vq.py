@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from configs import vq_tokenizer
+from vlm.checkpoint import load_params
+from vlm.evals.reconstruction import Reconstruction
 from vlm.metrics_writer import read_metrics
 from vlm.models import MODELS, VQTokenizer
 from vlm.objectives import OBJECTIVES
@@ -18,7 +20,7 @@ TINY = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, codebook_s
 
 
 def _init(model, images, seed=0):
-  return nn.meta.unbox(model.init(jax.random.key(seed), images)["params"])
+  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), images)["params"])
 
 
 def _images(shape=(2, 16, 24, 3), seed=1):
@@ -134,22 +136,40 @@ def test_objective_metrics():
 
 
 def test_demo_config_learns(tmp_path, data_dir):
+  """100 steps of a width-32 tokenizer on the embedded scenes, at lr 5e-3.
+
+  The reconstruction must beat the mean test image (MSE 0.063; 40 steps at the demo's lr reach only
+  0.073, with reconstructions that hardly depend on their input) and be closer to its own image than
+  to another image of the split. Measured over seeds 0-2: MSE 0.051-0.054 (threshold 0.057),
+  own / other MSE 0.58-0.66 (threshold 0.75), PSNR +6.9-7.2 dB over the untrained model (threshold 5.5)."""
   c = vq_tokenizer.get_config("demo")
   c.data.data_dir = str(data_dir)
   c.data.builder.update(TINY_DATA)
   c.model.update(width=32, depth=1, mlp_dim=64, num_heads=2, codebook_size=64, code_dim=8)
   c.batch_size = 32
-  c.total_steps = 40
-  c.log_every = 10
+  c.total_steps = 100
+  c.lr = 5e-3
+  c.log_every = 50
   c.checkpoint_every = 1000
   c.schedule.warmup_steps = 5
   c.evals.reconstruction.max_examples = 64
   c.tensorboard = False
   out = train(c, tmp_path)
   rows = [r for r in read_metrics(tmp_path) if "reconstruction/mse" in r]
-  assert [r["step"] for r in rows] == [0, 40]
+  assert [r["step"] for r in rows] == [0, 100]
   before, after = rows[0], rows[-1]
-  assert after["reconstruction/mse"] < 0.3 * before["reconstruction/mse"]
-  assert after["reconstruction/psnr"] > before["reconstruction/psnr"] + 5
   assert 0 < after["reconstruction/usage"] <= 1 and after["reconstruction/perplexity"] > 1
   assert out["train/recon_mse"] < before["reconstruction/mse"]
+
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  model = VQTokenizer(**c.model)
+  arrays, _ = Reconstruction(config=c, model=model, mesh=mesh, prefix="r", split="test", max_examples=64).data()
+  images = jnp.asarray(arrays["image"])
+  mean_image = float(jnp.mean(jnp.square(images - images.mean(0))))
+  recon, _ = model.apply({"params": load_params(tmp_path)}, images)
+  own = float(jnp.mean(jnp.square(recon - images)))
+  other = float(jnp.mean(jnp.square(recon - jnp.roll(images, 1, axis=0))))
+  assert own == pytest.approx(after["reconstruction/mse"], rel=1e-4)  # the eval saw these images
+  assert after["reconstruction/mse"] < 0.9 * mean_image
+  assert own < 0.75 * other
+  assert after["reconstruction/psnr"] > before["reconstruction/psnr"] + 5.5

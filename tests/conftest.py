@@ -72,6 +72,7 @@ def shared_run(tmp_path_factory, name: str, make) -> tuple:
   with FileLock(str(root / f"shared_{name}.lock")):
     if not done.exists():
       shutil.rmtree(wd, ignore_errors=True)
+      wd.mkdir()
       result = make(wd)
       done.write_text(json.dumps(result, default=float))
   return wd, json.loads(done.read_text())

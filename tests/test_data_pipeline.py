@@ -1,5 +1,6 @@
 """grain pipeline: determinism, resume, per-process slices, mesh arrays, pp checks, digits."""
 import collections
+import time
 
 import jax
 import numpy as np
@@ -242,8 +243,11 @@ def test_prefetch_keeps_the_stream_and_the_consumers_state(config):
     b = make_pipeline(ahead, split="train", batch_size=8, mesh=None, seed=2, num_epochs=2)
     for _ in range(4):
         _batches_equal(next(a), next(b))
-    # The state is the consumer's (after 4 batches), not the producer's (up to 3 ahead).
+    # The state and the counters are the consumer's (after 4 batches), not the producer's (up to 3
+    # ahead): let the thread fill its queue first, so a producer-side count would show.
+    time.sleep(0.5)
     assert b.get_state() == a.get_state()
+    assert b.stats() == a.stats() and a.stats()["batches"] == 4 and a.stats()["examples"] == 32
     resumed = make_pipeline(ahead, split="train", batch_size=8, mesh=None, seed=2, num_epochs=2)
     resumed.set_state(b.get_state())
     rest = list(a)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_DATA
+from conftest import TINY_DATA, shared_run
 from test_vision_lm import LM, VISION, _model, _tokens
 
 from vlm import decoding
@@ -155,8 +155,13 @@ def test_crg_is_plain_decoding_against_the_same_image_and_the_formula_otherwise(
     generate(m, params, imgs, prompt, contrast_images=other, method="beam", **kw)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def grounding_workdir(data_dir, tmp_path_factory):
+  """(workdir, metrics) of a 3-step grounding run with every evaluation; once per session."""
+  return shared_run(tmp_path_factory, "grounding", lambda wd: _grounding_run(data_dir, wd))
+
+
+def _grounding_run(data_dir, wd):
   import ml_collections
 
   from configs import grounding as cfg
@@ -172,8 +177,7 @@ def grounding_workdir(data_dir, tmp_path_factory):
   c.tensorboard = False
   for e in c.evals.values():
     e.max_examples, e.every = 16, 3
-  wd = tmp_path_factory.mktemp("grounding")
-  return wd, train(c, wd)
+  return train(c, wd)
 
 
 def test_grounding_and_region_qa_evaluations_report_with_and_without_crg(grounding_workdir):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import TINY_DATA
+from conftest import TINY_DATA, shared_run
 from vlm import checkpoint
 from vlm.data.conversation import DEFAULT_SPECIALS, IMAGE, ChatTokenizer, build_turns, check_conversation_config
 from vlm.models.vision_lm import VisionLanguageModel, generate
@@ -202,11 +202,16 @@ def _tiny(c, data_dir, steps):
   return c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llava(data_dir, tmp_path_factory):
-  """CLIP tower -> LM pretraining -> LLaVA stage 1 -> stage 2, a few steps each (tiny widths)."""
+  """CLIP tower -> LM pretraining -> LLaVA stage 1 -> stage 2, a few steps each (tiny widths); built
+  once per session (conftest.shared_run): (root, stage-1 metrics, stage-2 metrics)."""
+  root, out = shared_run(tmp_path_factory, "llava_chain", lambda root: _llava_chain(data_dir, root))
+  return root, out["stage1"], out["stage2"]
+
+
+def _llava_chain(data_dir, root):
   from configs import clip_b16, llava_stage1, llava_stage2, lm_pretrain
-  root = tmp_path_factory.mktemp("llava")
   clip = _tiny(clip_b16.get_config("demo"), data_dir, 2)
   clip.model.image.update(VISION)
   clip.model.text.update(width=32, num_heads=2, mlp_dim=64, out_dim=32)
@@ -227,7 +232,7 @@ def llava(data_dir, tmp_path_factory):
   s2.init.path = str(root / "stage1")
   s2.evals.vqa.max_examples = 32
   out2 = train(s2, root / "stage2")
-  return root, out1, out2
+  return {"stage1": out1, "stage2": out2}
 
 
 def test_blip2_stage2_chain_with_instruction_aware_qformer(llava, data_dir, tmp_path):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 import pytest
-from conftest import TINY_DATA
+from conftest import TINY_DATA, shared_run
 from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -215,11 +215,16 @@ def _params(workdir):
   return traverse_util.flatten_dict(checkpoint.load_params(workdir), sep="/")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stages(data_dir, tmp_path_factory):
-  """Tokenizer -> stage 1 (MIM) -> stage 2 (text-only MLM), a few steps each, chained by init.path."""
+  """Tokenizer -> stage 1 (MIM) -> stage 2 (text-only MLM) -> VQA, a few steps each, chained by
+  init.path; built once per session (conftest.shared_run): (root, stage-1 metrics, stage-2 metrics)."""
+  root, out = shared_run(tmp_path_factory, "vlmo_stages", lambda root: _stages(data_dir, root))
+  return root, out["stage1"], out["stage2"]
+
+
+def _stages(data_dir, root):
   from configs import vlmo_stage1_mim, vlmo_stage2_mlm, vlmo_vqa, vq_tokenizer
-  root = tmp_path_factory.mktemp("vlmo")
   vq = vq_tokenizer.get_config("demo")
   vq.data.data_dir = str(data_dir)
   vq.data.builder.update(TINY_DATA)
@@ -234,7 +239,7 @@ def stages(data_dir, tmp_path_factory):
   s2.evals = {}
   out2 = train(s2, root / "stage2")
   train(_stage(data_dir, vlmo_vqa, 2, root / "stage2"), root / "vqa")  # (stage 3 has stage 2's parameters)
-  return root, out1, out2
+  return {"stage1": out1, "stage2": out2}
 
 
 def test_stage1_trains_mim_against_the_frozen_tokenizer(stages):

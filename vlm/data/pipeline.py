@@ -470,7 +470,8 @@ class DataIterator(Iterator[dict[str, Any]]):
     checkpointable state stays the caller's: `get_state()` is the state after the last batch
     handed out (not after the ones made ahead), so a resumed run sees exactly the batches it
     did not train on. An error in the pipeline is raised by the `next()` that would have
-    returned that batch. `stats()` counts the batches made, prefetched ones included.
+    returned that batch. `stats()` is likewise the caller's: the counters as of the last batch handed
+    out, never the ones made ahead (which a thread race would make nondeterministic).
     """
 
     def __init__(self, dataset: grain.IterDataset, counts: collections.Counter, mesh, global_batch: int,
@@ -481,25 +482,31 @@ class DataIterator(Iterator[dict[str, Any]]):
         self._prefetch = int(prefetch)
         self._worker: _Prefetcher | None = None
         self._state: dict | None = None  # with prefetch: the state after the last batch handed out
+        self._counted: dict | None = None  # with prefetch: the counters after the last batch handed out
 
-    def _make(self) -> tuple[dict[str, Any], Any]:
-        """The next batch (on the mesh) and the iterator state after it."""
+    def _make(self) -> tuple[dict[str, Any], Any, dict | None]:
+        """The next batch (on the mesh), and with prefetch the iterator state and counters after it."""
         batch = next(self._it)
         self._counts["examples"] += int(np.size(batch["label"]))  # packed: label [rows, k]
         self._counts["batches"] += 1
         state = self._it.get_state() if self._prefetch else None
+        counted = dict(self._counts) if self._prefetch else None
         if self._mesh is not None:
             batch = parallel.shard_batch(batch, self._mesh, self._global_batch)
-        return batch, state
+        return batch, state, counted
 
     def __next__(self) -> dict[str, Any]:
         if not self._prefetch:
             return self._make()[0]
         if self._worker is None:
-            self._state = self._it.get_state()
+            self._state, self._counted = self._it.get_state(), dict(self._counts)
             self._worker = _Prefetcher(weakref.WeakMethod(self._make), self._prefetch)
             weakref.finalize(self, self._worker.stop_event.set)  # an abandoned iterator stops its thread
-        batch, self._state = self._worker.get()
+        try:
+            batch, self._state, self._counted = self._worker.get()
+        except StopIteration:
+            self._counted = None  # the stream is exhausted: the producer's counts are final
+            raise
         return batch
 
     def get_state(self) -> dict:
@@ -508,7 +515,7 @@ class DataIterator(Iterator[dict[str, Any]]):
     def set_state(self, state: dict) -> None:
         self.close()
         self._it.set_state(state)
-        self._state = None
+        self._state = self._counted = None
 
     def close(self) -> None:
         """Stops the prefetch thread (batches made ahead are dropped; the state is kept)."""
@@ -519,7 +526,8 @@ class DataIterator(Iterator[dict[str, Any]]):
     def stats(self) -> dict[str, int]:
         """Counters since this iterator was made: examples, batches, skipped[/reason] and, when
         packing, packed_dropped / packed_truncated (see conversation.pack_examples)."""
-        out = {k: int(v) for k, v in self._counts.items()}
+        counts = self._counts if self._counted is None else self._counted
+        out = {k: int(v) for k, v in counts.items()}
         out["skipped"] = sum(v for k, v in out.items() if k.startswith("skipped/"))
         return out
 

@@ -19,7 +19,6 @@ from vlm.metrics_writer import read_metrics
 from vlm.models import CoCa
 from vlm.nn import AttentionalPooler
 from vlm.objectives.coca import CoCaObjective
-from vlm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 8  # text length

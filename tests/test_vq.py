@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import vq_tokenizer
+from vlm import parallel
 from vlm.checkpoint import load_params
 from vlm.evals.reconstruction import Reconstruction
 from vlm.metrics_writer import read_metrics
@@ -161,7 +162,7 @@ def test_demo_config_learns(tmp_path, data_dir):
   assert 0 < after["reconstruction/usage"] <= 1 and after["reconstruction/perplexity"] > 1
   assert out["train/recon_mse"] < before["reconstruction/mse"]
 
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  mesh = parallel.make_mesh([("data", -1)])
   model = VQTokenizer(**c.model)
   arrays, _ = Reconstruction(config=c, model=model, mesh=mesh, prefix="r", split="test", max_examples=64).data()
   images = jnp.asarray(arrays["image"])

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
+from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's default handler uses
 
 from vlm.nn.posemb import resample_posemb
 from vlm.peft import is_peft_path
@@ -27,11 +28,22 @@ from vlm.peft import is_peft_path
 # Replica-parallel saving splits every replicated array into one slice per replica, each an op
 # dispatched on its own; for the many small arrays of a model (norms, biases) that costs more than
 # it saves. Only arrays with at least 1 MiB per replica are split (a 300-array tree on 8 devices:
-# 2.0 s -> 0.8 s per save); the large ones still write in parallel.
+# 2.0 s -> 0.8 s per save); the large ones still write in parallel. Otherwise the handler is orbax's
+# default one (type_handler_registry._DEFAULT_TYPE_HANDLERS), array metadata store included.
+# experiments/benchmarks/bench_checkpoint.py measures it.
 MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL),
-    override=True)
+
+
+def register_array_handler(min_slice_bytes: int = MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL) -> None:
+  """Makes orbax save jax.Arrays with `min_slice_bytes_for_replica_parallel=min_slice_bytes` (0: orbax's split
+  of every array); done once at import with vlm's default."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes,
+                                                array_metadata_store=array_metadata_store.Store()),
+      override=True)
+
+
+register_array_handler()
 
 
 class DataStateHandler(ocp.CheckpointHandler):

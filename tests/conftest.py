@@ -191,3 +191,14 @@ def notebook_script(path) -> str:
     src = "\n".join("# " + line if line.lstrip().startswith(("!", "%")) else line for line in src.splitlines())
     chunks.append(f"# --- cell {i} ---\n{src}\n")
   return "\n".join(chunks)
+
+
+def write_tar(path, samples) -> None:
+  """A webdataset-style tar at `path` with members (name, bytes) in order."""
+  import io
+  import tarfile
+  with tarfile.open(path, "w") as tar:
+    for name, data in samples:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))

@@ -1,10 +1,10 @@
 """Sources on small files the tests write: JSONL, CSV, webdataset tars, conversion, bad input."""
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
+from conftest import write_tar
 from PIL import Image
 
 from vlm.data import embedded, get_default_config, load_split_numpy, make_pipeline
@@ -94,24 +94,16 @@ def test_malformed_csv_line(tmp_path):
         read_manifest(str(tmp_path / "m.csv"))
 
 
-def _write_tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for name, data in samples:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture
 def shards(tmp_path):
     """img2dataset layout: KEY.jpg, KEY.txt, KEY.json; one bad of each kind."""
-    _write_tar(tmp_path / "00000.tar", [
+    write_tar(tmp_path / "00000.tar", [
         ("00000/000000000.jpg", _jpeg(10)), ("00000/000000000.txt", b"a dark square"),
         ("00000/000000000.json", b'{"caption": "a dark square", "status": "success"}'),
         ("00000/000000001.jpg", _jpeg(100)), ("00000/000000001.json", b'{"caption": "a grey square"}'),
         ("00000/000000002.jpg", b"\xff\xd8garbage"), ("00000/000000002.txt", b"corrupt"),
     ])
-    _write_tar(tmp_path / "00001.tar", [
+    write_tar(tmp_path / "00001.tar", [
         ("000000003.jpg", _jpeg(200)), ("000000003.txt", b"a light square"),
         ("000000004.txt", b"caption without image"),
         ("000000005.jpg", _jpeg(250)), ("000000005.txt", b"   "),

@@ -4,12 +4,22 @@ checkpoint (ours or an imported HF one) with an error that lists the paths that 
 
 Orbax writes each step into a temporary directory and renames it only once every item is
 complete, so an interrupted save is never listed as a checkpoint.
+
+A save that fails on I/O (disk full, permissions, read-only filesystem; synchronous, or an
+asynchronous one surfacing at the next save or at close) raises one CheckpointWriteError (an
+OSError) with the checkpoint path, the errno message and the free space; the earlier checkpoints
+stay as they were. The echoes of that failure in orbax's background threads and asyncio tasks
+(hundreds of log lines and tracebacks) are dropped (`quiet_orbax_io_errors`).
 """
 
 import dataclasses
 import json
+import logging
 import math
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,26 +92,174 @@ class DataStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
-class Checkpointer:
-  """A CheckpointManager over `<workdir>/checkpoints` holding 'state' (a pytree) and 'data'."""
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (errno set); the message has the path, the cause and the free space."""
 
-  def __init__(self, workdir: str | Path, *, save_every: int, keep: int = 3, async_save: bool = True):
+  def __init__(self, err: int, message: str):
+    super().__init__(err, os.strerror(err))
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message
+
+
+_ERRNO_IN_TEXT = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
+
+
+def io_errno(e: BaseException | None) -> int | None:
+  """The errno of an I/O failure in `e` or its causes: an OSError, or a tensorstore ValueError whose
+  message carries `[os_error_code='N']`; None for any other error."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return int(e.errno)
+    m = _ERRNO_IN_TEXT.search(str(e))
+    if m:
+      return int(m.group(1) or m.group(2))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+class _DropOrbaxIOErrorEchoes(logging.Filter):
+  """Drops log records that repeat an I/O failure of an orbax save (asyncio's 'Task exception was never
+  retrieved' per pending write, orbax's per-thread errors): the Checkpointer raises it once."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and io_errno(exc) is not None:
+      return False
+    if "orbax" in record.pathname or record.name == "asyncio":
+      try:
+        message = record.getMessage()
+      except Exception:  # noqa: BLE001 (a bad format string is not ours to report)
+        return True
+      if record.levelno >= logging.ERROR and _ERRNO_IN_TEXT.search(message):
+        return False
+    return True
+
+
+def _is_loop_closed_noise(exc: BaseException | None, obj: Any) -> bool:
+  """'Event loop is closed' from a tensorstore callback into the finished event loop of a failed orbax write."""
+  return obj is None and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _is_orbax_coroutine(obj: Any) -> bool:
+  code = getattr(obj, "cr_code", None)
+  return code is not None and "orbax" in code.co_filename
+
+
+_QUIET = False
+
+
+def quiet_orbax_io_errors() -> None:
+  """Installs (once) the log filter above on the 'absl' and 'asyncio' loggers, and hooks that drop the
+  tracebacks of orbax writes cut off by an I/O failure: 'Event loop is closed' from tensorstore callbacks
+  into a finished event loop, and (once a save failed) orbax coroutines left pending, reported at exit."""
+  global _QUIET
+  if _QUIET:
+    return
+  _QUIET = True
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_DropOrbaxIOErrorEchoes())
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+  def on_unraisable(u):
+    if not (_is_loop_closed_noise(u.exc_value, u.object) or (_FAILED and _is_orbax_coroutine(u.object))):
+      unraisable(u)
+
+  def on_exception(kind, value, tb):
+    # A callback from C that raised has no Python caller: a traceback of 2-3 asyncio frames.
+    frames, t = 0, tb
+    while t is not None:
+      frames, t = frames + 1, t.tb_next
+    if not (_is_loop_closed_noise(value, None) and frames <= 3):
+      excepthook(kind, value, tb)
+
+  sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
+
+
+_FAILED = False  # a save failed on I/O: the pending orbax coroutines will complain at exit
+
+
+def _steps_on_disk(directory: Path) -> list[int]:
+  try:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+  except OSError:
+    return []
+
+
+def _free_space(directory: Path) -> str:
+  path = directory
+  while not path.exists() and path != path.parent:
+    path = path.parent
+  try:
+    usage = shutil.disk_usage(path)
+  except OSError as e:
+    return f"free space unknown ({e.strerror})"
+  mib = 1 << 20
+  return f"{usage.free / mib:,.1f} MiB free of {usage.total / mib:,.1f} MiB on the filesystem of {path}"
+
+
+class Checkpointer:
+  """A CheckpointManager over `<workdir>/checkpoints` holding 'state' (a pytree) and 'data'.
+
+  save_every=0 saves only forced steps (the trainer forces the last one). An I/O failure of a save
+  raises CheckpointWriteError (see the module docstring).
+  """
+
+  def __init__(self, workdir: str | Path, *, save_every: int, keep: int | None = 3, async_save: bool = True):
+    quiet_orbax_io_errors()
     self.directory = Path(workdir).absolute() / "checkpoints"
+    self.save_every = int(save_every)
+    self.async_save = bool(async_save)
+    self._in_flight: int | None = None  # the step of an asynchronous save not yet known to be complete
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
+            max_to_keep=keep, save_interval_steps=max(self.save_every, 1), enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True),
     )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _write_error(self, e: BaseException, step: int) -> CheckpointWriteError | None:
+    """The CheckpointWriteError for `e` when it is an I/O failure (else None)."""
+    global _FAILED
+    err = io_errno(e)
+    if err is None:
+      return None
+    _FAILED = True
+    m = re.search(rf"{re.escape(str(self.directory))}/(\d+)\.orbax-checkpoint-tmp", str(e))
+    failed = int(m.group(1)) if m else step
+    kept = [s for s in _steps_on_disk(self.directory) if s != failed]
+    cause = " ".join(f"{type(e).__name__}: {e}".split())
+    cause = cause if len(cause) <= 400 else cause[:400] + " ..."
+    kept_text = (f"checkpoints on disk, untouched: {kept} (a rerun resumes from {kept[-1]})" if kept
+                 else "no earlier checkpoint")
+    return CheckpointWriteError(
+        err, f"could not write checkpoint {self.directory / str(failed)}: [Errno {err}] {os.strerror(err)}; "
+             f"{_free_space(self.directory)}; {kept_text}. Cause: {cause}")
+
   def save(self, step: int, state: Any, data_state: Any = None, force: bool = False) -> bool:
+    if not force and not self.save_every:
+      return False
+    if self._in_flight is not None and (force or step % self.save_every == 0):
+      self.wait()  # orbax waits for the previous save anyway; a failure of it is reported as that step's
     items = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
       items["data"] = DataStateSave(data_state)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:
+      error = self._write_error(e, step)
+      if error is None:
+        raise
+      raise error from None
+    if saved and self.async_save:
+      self._in_flight = step
+    return saved
 
   def restore(self, step: int, abstract_state: Any, with_data: bool = True) -> tuple[Any, Any]:
     """Restores into the shardings of `abstract_state` (a tree of jax.ShapeDtypeStruct with sharding)."""
@@ -112,11 +270,53 @@ class Checkpointer:
     return out["state"], out.get("data") if with_data else None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until an asynchronous save is complete (CheckpointWriteError if it failed on I/O)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      error = self._write_error(e, self._in_flight if self._in_flight is not None else -1)
+      if error is None:
+        raise
+      raise error from None
+    self._in_flight = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{'/'-joined path: shape} of the 'state' item saved at `step` (from its metadata, no data read)."""
+    meta = _item_metadata(self.directory / str(step) / "state")
+    return {_path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
+            if getattr(m, "shape", None) is not None}
+
+
+def _path_str(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _item_metadata(item: Path) -> Any:
+  """The tree of ArrayMetadata (shape, dtype) of a saved pytree item."""
+  meta = ocp.StandardCheckpointer().metadata(item)
+  meta = getattr(meta, "item_metadata", meta)
+  return getattr(meta, "tree", meta)
+
+
+def shape_mismatches(abstract_state: Any, saved: dict[str, tuple[int, ...]]) -> list[str]:
+  """Lines naming the leaves of `abstract_state` (arrays or ShapeDtypeStructs) whose shape differs from
+  the checkpoint's (`Checkpointer.saved_shapes`), and the parameters ('params/...') present on one side
+  only; parameters first. PRNG keys (stored as raw key data) are skipped."""
+  live = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      continue
+    live[_path_str(path)] = tuple(x.shape)
+  lines = [f"{k}: shape {live[k]} != checkpoint {saved[k]}" for k in live if k in saved and live[k] != saved[k]]
+  lines += [f"{k}: not in the checkpoint" for k in live if k not in saved and k.startswith("params/")]
+  lines += [f"{k}: in the checkpoint, not in the model" for k in saved if k not in live and k.startswith("params/")]
+  return sorted(lines, key=lambda line: (not line.startswith("params/"), line))
 
 
 def abstract_like(tree: Any) -> Any:
@@ -153,9 +353,7 @@ def load_params(path: str | Path, step: int | None = None) -> dict:
   # Restore onto this process's first device, whatever topology the checkpoint was saved with.
   item = _checkpoint_dir(path) / str(step) / "state"
   ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(item)
-  meta = getattr(meta, "item_metadata", meta)
-  meta = getattr(meta, "tree", meta)
+  meta = _item_metadata(item)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
   restored = ckptr.restore(item, target)

@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: `python -m vlm.evaluate --config=configs/siglip_b16.py:demo --workdir=DIR`.
 
 Runs every evaluation in `config.evals` on the latest (or `--step`) checkpoint of the workdir and
-prints one JSON object. Without --config, the workdir's config.json (written by vlm.train) is used.
+prints one JSON object. Without --config, the workdir's config is used: config.json (written by vlm.train
+at the first start), or the newest config.<step>.json a resume with changed keys recorded (vlm.workdir).
 
 A published checkpoint (an HF Hub directory or a big_vision .npz, vlm.convert.published) is evaluated
 with `--init=PATH` (or as `--workdir=PATH`): its model, parameters, tokenizer and preprocessing replace
@@ -21,13 +22,16 @@ from vlm import checkpoint, parallel
 from vlm.evals import build_evals
 from vlm.models import build_model
 from vlm.nn.attention import attention_implementation
+from vlm.workdir import latest_config
 
 
-def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  path = Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: not found; pass --config or train into this workdir first")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+def load_workdir_config(workdir: str | Path, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config a run had in force at `step` (default: its newest): config.json or a config.<step>.json."""
+  found = latest_config(workdir, step)
+  if found is None:
+    raise FileNotFoundError(f"{Path(workdir) / 'config.json'}: not found; pass --config or train into this "
+                            "workdir first")
+  return ml_collections.ConfigDict(found[1])
 
 
 def load_model_and_params(config, workdir: str | Path, step: int | None = None, params=None):
@@ -52,7 +56,7 @@ def load_run(path: str | Path, step: int | None = None, tokenizer: str | None = 
     else:
       config = published
     return (config, *load_model_and_params(config, path, params=params))
-  config = load_workdir_config(path) if config is None else config
+  config = load_workdir_config(path, step) if config is None else config
   if tokenizer is not None:
     config.data.tokenizer = tokenizer
   return (config, *load_model_and_params(config, path, step))
@@ -93,7 +97,7 @@ def main(argv) -> None:
   if init is not None and f.config is None:
     raise ValueError(f"--init={init}: a published checkpoint has no evals; pass --config with the evaluations "
                      "to run, e.g. --config=configs/siglip_b16.py:demo")
-  config = f.config if f.config is not None else load_workdir_config(f.workdir)
+  config = f.config if f.config is not None else load_workdir_config(f.workdir, f.step)
   print(json.dumps(evaluate(config, f.workdir, f.step, init=init, tokenizer=f.tokenizer), indent=2,
                    sort_keys=True), flush=True)
 

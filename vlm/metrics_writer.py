@@ -1,7 +1,14 @@
-"""Metric sinks: <workdir>/metrics.jsonl (one JSON object per logged step), TensorBoard, wandb."""
+"""Metric sinks: <workdir>/metrics.jsonl (one JSON object per logged step), TensorBoard, wandb.
+
+metrics.jsonl holds rows {"step": N, key: value, ...}; a step may have several rows (training
+metrics, then each round of evaluations). A resumed run first cuts the file back to the rows of
+its checkpoint's step and before (`truncate_metrics`), so steps replayed after a kill are not
+logged twice: for every key, the steps of its rows increase strictly.
+"""
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +18,10 @@ import jax
 class MetricWriter:
   """Writes from process 0 only. Non-finite values are written as null in JSON."""
 
-  def __init__(self, workdir: str | Path, tensorboard: bool = True, wandb: dict | None = None):
+  def __init__(self, workdir: str | Path, tensorboard: bool = True, wandb: dict | None = None,
+               purge_step: int | None = None):
+    """purge_step: a resumed run's first new step; TensorBoard then hides the events of steps >= it that
+    the killed run had written (tensorboardX's SessionLog.START)."""
     self.active = jax.process_index() == 0
     self.path = Path(workdir) / "metrics.jsonl"
     self.tb = self.wandb = None
@@ -20,7 +30,7 @@ class MetricWriter:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+      self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge_step)
     if wandb:
       import wandb as wandb_lib  # optional: installed by the user who asks for it
       self.wandb = wandb_lib.init(**wandb)
@@ -46,7 +56,44 @@ class MetricWriter:
       self.wandb.finish()
 
 
+def _parse(text: str, path: Path) -> list[dict[str, Any]]:
+  """The rows of a metrics.jsonl text; a last line cut short by a kill (no newline, no JSON) is dropped."""
+  lines = text.split("\n")
+  rows = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      if i == len(lines) - 1:  # torn by a kill mid-write
+        break
+      raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:200]!r}") from None
+  return rows
+
+
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-  """All rows of <workdir>/metrics.jsonl."""
+  """All rows of <workdir>/metrics.jsonl (without a torn last line)."""
   path = Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+  return _parse(path.read_text(), path) if path.exists() else []
+
+
+def truncate_metrics(workdir: str | Path, last_step: int) -> int:
+  """Keeps the rows of <workdir>/metrics.jsonl with step <= last_step (and drops a torn last line):
+  written to a temporary file, then renamed over the old one, so a kill leaves one or the other.
+  Returns the number of rows dropped."""
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  text = path.read_text()
+  rows = _parse(text, path)
+  kept = [r for r in rows if int(r.get("step", 0)) <= last_step]
+  if len(kept) == len(rows) and (not text or text.endswith("\n")):
+    return 0
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in kept))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(rows) - len(kept)

@@ -17,13 +17,25 @@ def load_safetensors_dir(path: str | Path) -> dict[str, np.ndarray]:
   if index.exists():
     weight_map = json.loads(index.read_text())["weight_map"]
     tensors: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-      tensors.update(load_file(str(path / shard)))
+    shards = {_shard_path(index, shard) for shard in weight_map.values()}  # every name checked before any read
+    for shard in sorted(shards):
+      tensors.update(load_file(str(shard)))
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
       raise ValueError(f"{index}: tensors listed in the index but absent from the shards: {missing[:10]}")
     return tensors
   raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def _shard_path(index: Path, shard: str) -> Path:
+  """A weight_map shard name -> its file beside the index; ValueError naming both if the name is not a
+  plain relative path inside that directory (absolute, or '..' out of it): an index must not read elsewhere."""
+  if not isinstance(shard, str) or not shard:
+    raise ValueError(f"{index}: weight_map shard name {shard!r} is not a file name")
+  if Path(shard).is_absolute() or shard.startswith(("/", "\\")) or ".." in shard.replace("\\", "/").split("/"):
+    raise ValueError(f"{index}: weight_map shard {shard!r} is outside the checkpoint directory "
+                     f"{index.parent} (absolute, or '..'); shards must sit beside the index")
+  return index.parent / shard
 
 
 def save_safetensors_dir(tensors: dict[str, np.ndarray], path: str | Path, config: dict) -> None:

@@ -5,8 +5,11 @@
 
 writes `DIR/vlm_image_text/my_pairs/1.0.0/` (image = encoded bytes, caption,
 label), readable with `data.source = 'tfds:vlm_image_text/my_pairs'` and
-`data.data_dir = DIR`. Bad records (missing/corrupt image, empty caption) are
-skipped and counted; `--strict` makes them an error.
+`data.data_dir = DIR`. Shard patterns take brace ranges / lists and wildcards
+(sources.expand_shards: a named shard that does not exist is an error). Bad records
+(missing/corrupt image, empty caption, an image over --max_image_pixels) are
+skipped and counted; `--strict` makes them an error. Manifest image paths must
+stay inside the manifest's directory (or --image_root) unless --allow_absolute_paths.
 """
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ from vlm.data.tfds_compat import import_tfds
 tfds = import_tfds()
 
 
-def open_source(spec: str, caption_key: str = "caption"):
+def open_source(spec: str, caption_key: str = "caption", image_root: str | None = None,
+                allow_absolute_paths: bool = False):
+    """The source of --source: 'wds:PATTERN' (sources.expand_shards), 'jsonl:PATH' or 'csv:PATH'."""
     kind, _, arg = spec.partition(":")
     if kind == "wds":
         return sources.WebDatasetSource(arg)
     if kind in ("jsonl", "csv"):
-        return sources.ManifestSource(arg, caption_key)
+        return sources.ManifestSource(arg, caption_key, image_root, allow_absolute_paths)
     raise ValueError(f"--source: expected 'wds:GLOB', 'jsonl:PATH' or 'csv:PATH', got {spec!r}")
 
 
@@ -42,9 +47,9 @@ def plain_features():
     })
 
 
-def plain_example(rec: dict, caption_key: str = "caption") -> dict:
+def plain_example(rec: dict, caption_key: str = "caption", max_pixels: int | None = sources.MAX_IMAGE_PIXELS) -> dict:
     """A source record -> {'image': encoded bytes, 'caption', 'label'}; raises sources.BadExample."""
-    ex = sources.decode_record(rec, caption_key)  # checks image and caption
+    ex = sources.decode_record(rec, caption_key, max_pixels)  # checks image, its size and caption
     data = rec.get("image")
     if data is None:
         with open(rec["image_path"], "rb") as f:
@@ -64,9 +69,9 @@ class VlmImageText(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ =
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, name: str, split_sources: dict | None = None, caption_key: str = "caption",
-                 strict: bool = False, **kwargs):
+                 strict: bool = False, max_pixels: int | None = sources.MAX_IMAGE_PIXELS, **kwargs):
         self._split_sources = split_sources or {}
-        self._caption_key, self._strict = caption_key, strict
+        self._caption_key, self._strict, self._max_pixels = caption_key, strict, max_pixels
         self.skipped: collections.Counter = collections.Counter()
         kwargs.setdefault("file_format", "array_record")
         super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
@@ -80,7 +85,7 @@ class VlmImageText(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ =
     def _generate_examples(self, src):
         for i in range(len(src)):
             try:
-                ex = plain_example(src[i], self._caption_key)
+                ex = plain_example(src[i], self._caption_key, self._max_pixels)
             except sources.BadExample as e:
                 if self._strict:
                     raise ValueError(f"bad example {src.describe(i)}: {e}") from None
@@ -90,10 +95,12 @@ class VlmImageText(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ =
 
 
 def convert(source: str, name: str, data_dir: str, split: str = "train", caption_key: str = "caption",
-            strict: bool = False) -> tuple[str, dict]:
+            strict: bool = False, image_root: str | None = None, allow_absolute_paths: bool = False,
+            max_pixels: int | None = sources.MAX_IMAGE_PIXELS) -> tuple[str, dict]:
     """Writes the dataset; returns (its TFDS name, skipped counts by reason)."""
-    builder = VlmImageText(name=name, split_sources={split: open_source(source, caption_key)},
-                           caption_key=caption_key, strict=strict, data_dir=data_dir)
+    src = open_source(source, caption_key, image_root, allow_absolute_paths)
+    builder = VlmImageText(name=name, split_sources={split: src}, caption_key=caption_key, strict=strict,
+                           max_pixels=max_pixels, data_dir=data_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return f"vlm_image_text/{name}", dict(builder.skipped)
 
@@ -106,10 +113,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--caption_key", default="caption")
     p.add_argument("--strict", action="store_true")
+    p.add_argument("--image_root", default=None, help="manifest image paths are relative to this (default: "
+                   "the manifest's directory)")
+    p.add_argument("--allow_absolute_paths", action="store_true", help="read manifest image paths as written")
+    p.add_argument("--max_image_pixels", type=int, default=sources.MAX_IMAGE_PIXELS,
+                   help="images with more pixels are skipped as too_large (0: no limit)")
     a = p.parse_args(argv)
     from vlm.data import convert as module  # the registered builder, not __main__'s copy
 
-    name, skipped = module.convert(a.source, a.name, a.data_dir, a.split, a.caption_key, a.strict)
+    name, skipped = module.convert(a.source, a.name, a.data_dir, a.split, a.caption_key, a.strict, a.image_root,
+                                   a.allow_absolute_paths, a.max_image_pixels or None)
     print(f"wrote tfds:{name} under {a.data_dir}; skipped {skipped or 'none'}")
 
 

@@ -85,6 +85,20 @@ Config keys (`config.data`, see `get_default_config`):
     prefetch      batches made ahead on a background thread and already put on the devices
                   (default 2; 0: made on the caller's thread when asked for)
     strict        raise on a bad example instead of skipping it
+    image_root    jsonl:/csv:/docs: manifests: the directory image paths are relative to (None, default:
+                  the manifest's directory); a path must stay inside it (absolute, or '..' out of it: a
+                  ValueError naming file, line and path when the source is opened)
+    allow_absolute_paths   True: read manifest image paths as written, absolute or '..' (default False)
+    max_image_pixels   images with more pixels are bad examples 'too_large', checked on the image header
+                  before any decode (default 64_000_000: every camera image up to 8000 x 8000, at most
+                  192 MB of RGB per decode, below PIL's own ~89 MP bomb warning; None: no limit)
+    max_consecutive_bad   bad examples in a row beyond this raise TooManyBadExamples (default 1000; None:
+                  off): a wrong image root or a broken shard set fails in seconds instead of the filter
+                  skipping forever through the repeated stream
+    max_bad_fraction, bad_window   TooManyBadExamples when more than max_bad_fraction (default 0.5) of
+                  the last bad_window (default 10000) examples of this process were bad (None: off); the
+                  error names data.source, the reasons counted and one bad example (file:line). Both
+                  caps count this process's examples since the iterator was made or `set_state`
 """
 from __future__ import annotations
 
@@ -107,6 +121,18 @@ from vlm.data import cm3, conversation, grounding, preprocess, sources
 from vlm.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 EXTRA_TEXT_KEYS = ("caption_detailed", "question", "answer")
+# Caps on bad examples (data.max_consecutive_bad, data.max_bad_fraction over data.bad_window): past them
+# the iterator raises TooManyBadExamples instead of filtering a broken source forever.
+MAX_CONSECUTIVE_BAD = 1000
+MAX_BAD_FRACTION = 0.5
+BAD_WINDOW = 10000
+# The key of DataIterator.get_state() that holds the counters of stats() (the rest is grain's state).
+STATS_STATE_KEY = "vlm_stats"
+
+
+class TooManyBadExamples(RuntimeError):
+    """More bad examples than data.max_consecutive_bad / data.max_bad_fraction allow: the source is
+    broken (e.g. a wrong image root), and skipping on would yield few or no batches, or hang."""
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -138,6 +164,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.worker_count = -1
     c.prefetch = 2
     c.strict = False
+    c.image_root = ml_collections.config_dict.placeholder(str)
+    c.allow_absolute_paths = False
+    c.max_image_pixels = sources.MAX_IMAGE_PIXELS
+    c.max_consecutive_bad = MAX_CONSECUTIVE_BAD
+    c.max_bad_fraction = MAX_BAD_FRACTION
+    c.bad_window = BAD_WINDOW
     return c
 
 
@@ -202,6 +234,15 @@ def check_config(data: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.worker_count: must be >= 0, or -1 for 'auto', got {data.worker_count}")
     if int(data.get("prefetch", 0)) < 0:
         raise ValueError(f"data.prefetch: must be >= 0, got {data.prefetch}")
+    for key in ("max_image_pixels", "max_consecutive_bad", "bad_window"):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"data.{key}: must be a positive int or None, got {v!r}")
+    v = data.get("max_bad_fraction")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+        raise ValueError(f"data.max_bad_fraction: must be in (0, 1] or None, got {v!r}")
+    if data.get("image_root") is not None and not isinstance(data.image_root, str):
+        raise ValueError(f"data.image_root: must be a directory path or None, got {data.image_root!r}")
 
 
 def worker_count(data: ml_collections.ConfigDict) -> int:
@@ -249,12 +290,15 @@ def make_source(data: ml_collections.ConfigDict, split: str):
         return DigitsSource(split, int(data.get("image_size", 64)))
     if kind == "tfds":
         return sources.TfdsSource(arg, split, data.get("data_dir"))
+    paths = dict(image_root=data.get("image_root"), allow_absolute_paths=bool(data.get("allow_absolute_paths", False)))
+    if kind in ("jsonl", "csv", "docs") and paths["image_root"] and not os.path.isdir(paths["image_root"]):
+        raise ValueError(f"data.image_root: {paths['image_root']!r} is not a directory")
     if kind in ("jsonl", "csv"):
-        return sources.ManifestSource(arg, data.get("caption_key", "caption"))
+        return sources.ManifestSource(arg, data.get("caption_key", "caption"), **paths)
     if kind == "wds":
         return sources.WebDatasetSource(arg)
     if kind == "docs":
-        return sources.DocumentSource(arg)
+        return sources.DocumentSource(arg, **paths)
     raise ValueError(f"data.source: unknown source {data.source!r}")
 
 
@@ -283,6 +327,7 @@ class _Process:
         self.seed = seed
         self.caption_key = data.get("caption_key", "caption")
         self.strict = bool(data.get("strict", False))
+        self.max_pixels = data.get("max_image_pixels", sources.MAX_IMAGE_PIXELS)
         self.length = int(data.get("text_length", 32))
         self.detailed_length = int(data.get("detailed_text_length", 64))
         # None: the tokenizer's default (its family's, or a tokenizer.json's post-processor).
@@ -311,7 +356,8 @@ class _Process:
                 break
             i = int(rng.integers(len(self.source)))
             try:
-                out.append(preprocess.apply_ops(self.ops, sources.decode_record(self.source[i], self.caption_key), rng))
+                ex = sources.decode_record(self.source[i], self.caption_key, self.max_pixels)
+                out.append(preprocess.apply_ops(self.ops, ex, rng))
             except sources.BadExample:
                 continue
         if len(out) < n:
@@ -363,12 +409,12 @@ class _Process:
         # The 0 keeps single-process streams as they were when the key held the process index.
         rng = np.random.default_rng([self.seed, 0, position])
         try:
-            ex = sources.decode_record(self.source[source_index], self.caption_key)
+            ex = sources.decode_record(self.source[source_index], self.caption_key, self.max_pixels)
         except sources.BadExample as e:
             where = self.source.describe(source_index)
             if self.strict:
                 raise ValueError(f"bad example {where}: {e} (data.strict=True)") from None
-            return {"_bad": e.reason, "_where": where}
+            return {"_bad": e.reason, "_where": where, "_detail": e.detail}
         if "document" in ex:
             ex = self._document(ex, rng)
         else:
@@ -454,6 +500,62 @@ class _ProcessRows:
         return full * local_batch + min(max(rest - process_index * local_batch, 0), local_batch)
 
 
+class _BadExampleFilter:
+    """The grain filter that drops bad examples ({'_bad': reason}, from _Process), counting each as
+    counts['skipped/<reason>'], and raises TooManyBadExamples past the caps: more than max_consecutive
+    bad examples in a row, or more than max_fraction of the last `window` examples. Runs in the main
+    process (after any grain workers), so the counts are complete and the error reaches `next()`."""
+
+    def __init__(self, counts: collections.Counter, source_name: str, max_consecutive: int | None,
+                 max_fraction: float | None, window: int | None):
+        self.counts, self.source_name = counts, source_name
+        self.max_consecutive, self.max_fraction = max_consecutive, max_fraction
+        self.window = int(window or BAD_WINDOW)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the run of consecutive bad examples and the window (a new position in the stream)."""
+        self.run: collections.Counter = collections.Counter()  # reasons of the current run of bad examples
+        self.recent: collections.deque = collections.deque(maxlen=self.window)  # reason or None per example
+        self.recent_bad: collections.Counter = collections.Counter()
+
+    def __call__(self, ex: dict) -> bool:
+        reason = ex.get("_bad")
+        if self.max_fraction is not None:
+            if len(self.recent) == self.window:
+                old = self.recent[0]
+                if old is not None:
+                    self.recent_bad[old] -= 1
+            self.recent.append(reason)
+            if reason is not None:
+                self.recent_bad[reason] += 1
+        if reason is None:
+            self.run.clear()
+            return True
+        self.counts[f"skipped/{reason}"] += 1
+        self.run[reason] += 1
+        n = sum(self.run.values())
+        if self.max_consecutive is not None and n > self.max_consecutive:
+            raise self._error(f"{n} bad examples in a row (data.max_consecutive_bad={self.max_consecutive})",
+                              self.run, ex)
+        if self.max_fraction is not None and len(self.recent) == self.window:
+            bad = sum(self.recent_bad.values())
+            if bad > self.max_fraction * self.window:
+                share = 100 * bad / self.window
+                raise self._error(f"{bad} of the last {self.window} examples were bad ({share:.1f}% > "
+                                  f"data.max_bad_fraction={self.max_fraction} of data.bad_window={self.window})",
+                                  self.recent_bad, ex)
+        return False
+
+    def _error(self, what: str, reasons: collections.Counter, ex: dict) -> TooManyBadExamples:
+        counted = ", ".join(f"{r}: {n}" for r, n in reasons.most_common() if n > 0)
+        total = sum(v for k, v in self.counts.items() if k.startswith("skipped/"))
+        return TooManyBadExamples(
+            f"{what} from data.source {self.source_name!r}; reasons: {counted}. One of them: {ex.get('_where')}: "
+            f"{ex['_bad']}: {ex.get('_detail', '')}. Skipped so far: {total}. Check the source (image paths, "
+            "data.image_root, the files), or raise data.max_consecutive_bad / data.max_bad_fraction (None: off).")
+
+
 def _ensure_absl_flags_parsed() -> None:
     """grain workers read absl flags; outside an absl app (pytest, notebooks) mark them parsed."""
     from absl import flags
@@ -475,9 +577,10 @@ class DataIterator(Iterator[dict[str, Any]]):
     """
 
     def __init__(self, dataset: grain.IterDataset, counts: collections.Counter, mesh, global_batch: int,
-                 prefetch: int = 0):
+                 prefetch: int = 0, bad_filter: _BadExampleFilter | None = None):
         self._it = iter(dataset)
         self._counts = counts
+        self._bad_filter = bad_filter
         self._mesh, self._global_batch = mesh, global_batch
         self._prefetch = int(prefetch)
         self._worker: _Prefetcher | None = None
@@ -510,11 +613,23 @@ class DataIterator(Iterator[dict[str, Any]]):
         return batch
 
     def get_state(self) -> dict:
-        return self._state if self._state is not None else self._it.get_state()
+        """grain's state plus, under STATS_STATE_KEY, the counters of `stats()` (JSON-able ints)."""
+        state = self._state if self._state is not None else self._it.get_state()
+        counts = self._counts if self._counted is None else self._counted
+        return {**state, STATS_STATE_KEY: {k: int(v) for k, v in counts.items()}}
 
     def set_state(self, state: dict) -> None:
+        """Continues at `state` (from get_state), its counters included, so stats() go on from there;
+        a state without counters (written before they were saved) keeps the current ones."""
         self.close()
+        state = dict(state)
+        counts = state.pop(STATS_STATE_KEY, None)
         self._it.set_state(state)
+        if counts is not None:
+            self._counts.clear()
+            self._counts.update({str(k): int(v) for k, v in counts.items()})
+        if self._bad_filter is not None:
+            self._bad_filter.reset()
         self._state = self._counted = None
 
     def close(self) -> None:
@@ -652,21 +767,17 @@ def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: 
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
     counts: collections.Counter = collections.Counter()
-
-    def keep(ex: dict) -> bool:  # runs in the main process, so counts are complete
-        if "_bad" in ex:
-            counts[f"skipped/{ex['_bad']}"] += 1
-            return False
-        return True
-
-    ids = ids.filter(keep)
+    keep = _BadExampleFilter(counts, str(data.source).replace("{split}", split),
+                             data.get("max_consecutive_bad", MAX_CONSECUTIVE_BAD),
+                             data.get("max_bad_fraction", MAX_BAD_FRACTION), data.get("bad_window", BAD_WINDOW))
+    ids = ids.filter(keep)  # runs in the main process, so counts are complete
     if pack > 1:
         packer = _Packer(pack, int(conv.get("length", 64)), tokenizer.pad_id,
                          conversation.chat_tokenizer_from_config(conv, tokenizer).image_id, counts)
         ids = ids.batch(ex_local, drop_remainder=drop_remainder).map(packer)
     else:
         ids = ids.batch(local_batch, drop_remainder=drop_remainder)
-    return DataIterator(ids, counts, mesh, batch_size, prefetch=int(data.get("prefetch", 0)))
+    return DataIterator(ids, counts, mesh, batch_size, prefetch=int(data.get("prefetch", 0)), bad_filter=keep)
 
 
 class _Packer:

@@ -6,7 +6,7 @@ import flax.linen as nn
 from jax.sharding import Mesh
 
 from vlm.losses import caption_loss
-from vlm.objectives.base import OBJECTIVES
+from vlm.objectives.base import OBJECTIVES, check_contrastive
 from vlm.objectives.contrastive import contrastive_term
 
 
@@ -28,6 +28,9 @@ class CoCaObjective:
   pad_id: int = 0
   label_smoothing: float = 0.0
   mesh: Mesh | None = None
+
+  def __post_init__(self):
+    check_contrastive(self.loss, self.impl)
 
   def init_args(self, batch) -> tuple:
     return (batch["image"][:1], batch["text"][:1])

@@ -8,7 +8,7 @@ from jax.sharding import Mesh
 
 from vlm import parallel
 from vlm.losses import contrastive_loss, pairwise_contrastive_loss
-from vlm.objectives.base import OBJECTIVES
+from vlm.objectives.base import OBJECTIVES, check_contrastive
 
 
 @OBJECTIVES.register("contrastive")
@@ -23,6 +23,9 @@ class Contrastive:
   loss: str = "sigmoid"
   impl: str = "all_gather"
   mesh: Mesh | None = None
+
+  def __post_init__(self):
+    check_contrastive(self.loss, self.impl)
 
   def init_args(self, batch) -> tuple:
     """Example inputs for model.init (one row of the batch)."""

@@ -37,7 +37,7 @@ from vlm.losses import (
     random_patch_mask,
     take_rows,
 )
-from vlm.objectives.base import OBJECTIVES
+from vlm.objectives.base import OBJECTIVES, check_choice, check_contrastive
 from vlm.objectives.contrastive import contrastive_term
 
 MASKINGS = ("blockwise", "random")
@@ -74,8 +74,8 @@ class FlavaObjective:
   mesh: Mesh | None = None
 
   def __post_init__(self):
-    if self.mim_masking not in MASKINGS:
-      raise ValueError(f"mim_masking must be one of {MASKINGS}, got {self.mim_masking!r}")
+    check_choice("mim_masking", self.mim_masking, MASKINGS)
+    check_contrastive("softmax", self.impl)
 
   def init_args(self, batch) -> tuple:
     return (batch["image"][:1], batch["text"][:1])

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from vlm.losses import (blockwise_patch_mask, hard_negative_indices, itm_loss, mask_tokens, masked_prediction_loss,
                         random_patch_mask, take_rows)
-from vlm.objectives.base import OBJECTIVES
+from vlm.objectives.base import OBJECTIVES, check_choice, check_contrastive
 from vlm.objectives.contrastive import contrastive_term
 
 
@@ -53,8 +53,8 @@ class VLMoObjective:
   mesh: Mesh | None = None
 
   def __post_init__(self):
-    if self.mim_masking not in ("blockwise", "random"):
-      raise ValueError(f"objective.mim_masking: {self.mim_masking!r}; known: 'blockwise', 'random'")
+    check_choice("mim_masking", self.mim_masking, ("blockwise", "random"))
+    check_contrastive(self.loss, self.impl)
     if not any((self.itc_weight, self.itm_weight, self.mlm_weight, self.mim_weight)):
       raise ValueError("objective: every loss weight is 0")
 

@@ -32,6 +32,7 @@ from flax import traverse_util
 from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's default handler uses
 
 from vlm.nn.posemb import resample_posemb
+from vlm.optim import path_str
 from vlm.peft import is_peft_path
 
 
@@ -289,12 +290,8 @@ class Checkpointer:
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """{'/'-joined path: shape} of the 'state' item saved at `step` (from its metadata, no data read)."""
     meta = _item_metadata(self.directory / str(step) / "state")
-    return {_path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
+    return {path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
             if getattr(m, "shape", None) is not None}
-
-
-def _path_str(path: tuple) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _item_metadata(item: Path) -> Any:
@@ -312,7 +309,7 @@ def shape_mismatches(abstract_state: Any, saved: dict[str, tuple[int, ...]]) -> 
   for path, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       continue
-    live[_path_str(path)] = tuple(x.shape)
+    live[path_str(path)] = tuple(x.shape)
   lines = [f"{k}: shape {live[k]} != checkpoint {saved[k]}" for k in live if k in saved and live[k] != saved[k]]
   lines += [f"{k}: not in the checkpoint" for k in live if k not in saved and k.startswith("params/")]
   lines += [f"{k}: in the checkpoint, not in the model" for k in saved if k not in live and k.startswith("params/")]

@@ -8,11 +8,12 @@ logged twice: for every key, the steps of its rows increase strictly.
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from vlm.workdir import write_atomic
 
 
 class MetricWriter:
@@ -90,10 +91,5 @@ def truncate_metrics(workdir: str | Path, last_step: int) -> int:
   kept = [r for r in rows if int(r.get("step", 0)) <= last_step]
   if len(kept) == len(rows) and (not text or text.endswith("\n")):
     return 0
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write("".join(json.dumps(r) + "\n" for r in kept))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
   return len(rows) - len(kept)

@@ -37,8 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, ""):
     raise ValueError(f"configs/siglip_b16.py: unknown variant {arg!r}; known: demo")
   c.model = dict(
-      image=dict(variant="B/16", pool_type="map", posemb="learn"),
-      text=dict(variant="B", vocab_size=32_000, max_len=64, pool_type="last", out_dim=768),
+      # MLPs use the tanh-approximate GELU, as the published models do: big_vision's vit.py MlpBlock
+      # calls flax `nn.gelu` (approximate=True by default); HF SiglipConfig says "gelu_pytorch_tanh".
+      image=dict(variant="B/16", pool_type="map", posemb="learn", mlp_act="gelu_tanh"),
+      text=dict(variant="B", vocab_size=32_000, max_len=64, pool_type="last", out_dim=768, mlp_act="gelu_tanh"),
       temperature_init=math.log(10.0), bias_init=-10.0,
   )
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]

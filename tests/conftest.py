@@ -26,8 +26,19 @@ jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
 
 import pytest  # noqa: E402
 
-# A small embedded dataset for trainer-level tests (built once per test process).
-TINY_DATA = dict(num_train=1024, num_validation=64, num_test=256)
+# Fixtures that train a model: a test asking for one (directly or through another fixture) belongs to
+# the slow tier (`pytest -m "not slow"` leaves it out); tests that train by themselves are marked
+# `@pytest.mark.slow` where they stand.
+TRAINED_FIXTURES = {"siglip_workdir", "vlm_bed", "coca_run", "coca_workdir", "llava", "blip2_stage1", "stages",
+                    "grounding_workdir", "flava_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
+from helpers import TINY_DATA, TINY_LM, TINY_VISION, shrink  # noqa: E402
 
 
 def rewrite_checkpoint(src, dst, rename=lambda k: k, drop=(), add=None, config=None) -> str:
@@ -80,11 +91,32 @@ def shared_run(tmp_path_factory, name: str, make) -> tuple:
 
 @pytest.fixture(scope="session")
 def siglip_workdir(tmp_path_factory, data_dir):
-  """A 6-step tiny SigLIP run (test_train.tiny): the judge, scorer and init of other tests."""
+  """A 6-step tiny SigLIP run (helpers.tiny): the judge, scorer and init of other tests."""
   from configs import siglip_b16
-  from test_train import tiny
+  from helpers import tiny
   from vlm.train import train
   return shared_run(tmp_path_factory, "siglip", lambda wd: train(tiny(siglip_b16, data_dir, steps=6), wd))[0]
+
+
+@pytest.fixture(scope="session")
+def vlm_bed(tmp_path_factory, data_dir):
+  """The "pretrained" parts of the VLM-on-an-LM tests, built once per session: <root>/clip, a CLIP demo
+  whose image tower has helpers.TINY_VISION's sizes (150 steps at batch 64), and <root>/lm, the LM
+  demo at helpers.TINY_LM's sizes (300 steps at batch 32 on the embedded text; 83% next-token
+  accuracy, enough for a frozen LM to answer in the dataset's words). Returns <root>."""
+  from configs import clip_b16, lm_pretrain
+  from vlm.train import train
+
+  def make(root):
+    clip = shrink(clip_b16.get_config("demo"), data_dir, 150, batch_size=64)
+    clip.model.image.update(TINY_VISION)
+    clip.model.text.update(width=32, num_heads=2, mlp_dim=64, out_dim=32)
+    clip.evals = {}
+    lm = shrink(lm_pretrain.get_config("demo"), data_dir, 300, batch_size=32)
+    lm.model.update(TINY_LM)
+    return {"clip": train(clip, root / "clip"), "lm": train(lm, root / "lm")}
+
+  return shared_run(tmp_path_factory, "vlm_bed", make)[0]
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,7 @@ def test_document_jsonl_source_and_its_errors(tmp_path):
   assert it.stats()["skipped/bad_document"] == 1 and it.stats()["skipped/missing_image"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["flamingo", "vision_lm"])
 def test_flamingo_and_decoder_vlm_train_and_answer_on_documents(family, data_dir, tmp_path):
   from configs import flamingo, llava_stage2

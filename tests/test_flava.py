@@ -1,6 +1,8 @@
 """FLAVA: the ViT mask token, shapes, tokenizer grid, the six loss terms and their masking, ITM
 negatives, a frozen tokenizer through the trainer, and learning on the tiny scenes."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,11 +12,11 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conftest import TINY_DATA
+from helpers import TINY_DATA, shuffled
 from vlm import checkpoint
 from vlm.losses import hard_negative_indices
 from vlm.metrics_writer import read_metrics
-from vlm.models import FLAVA, ViT
+from vlm.models import FLAVA, ViT, VQTokenizer
 from vlm.objectives.flava import FlavaObjective
 from vlm.train import train
 
@@ -248,6 +250,158 @@ def test_itm_negatives_are_never_the_positive(hard):
   # Every device draws from the whole global batch, not only its own rows.
   local = np.concatenate([d[0] // (b // 8) == rows // (b // 8) for d in draws])
   assert local.mean() < 0.9
+
+
+# --- what each head reads, the MIM targets, the ITM negatives (through the objective) ------------
+
+def perturbed(tree, seed: int, scale: float = 0.5):
+  """tree + scale * N(0, 1) noise on every leaf."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def eval_terms(flava):
+  """The default objective's metrics, jitted once with a fixed rng (the same masks and negatives each call),
+  train=False (no dropout)."""
+  model, _, _ = flava
+  obj = FlavaObjective(mask_id=V - 1)
+  return jax.jit(lambda p, b: obj(model, p, b, rng=jax.random.key(3), train=False)[1])
+
+
+def test_mmm_reads_the_fused_states_and_mlm_mim_the_unimodal_ones(flava, eval_terms):
+  """Through the objective: another image moves MMM-text (the fused encoder attends to the image) and
+  leaves MLM exactly as it was; another text moves MMM-image and leaves MIM; other multimodal-encoder
+  parameters move MMM and ITM and none of the unimodal terms. A head fed the unimodal states where
+  it should read h_M (or the reverse) fails one of these."""
+  model, params, batch = flava
+  ref = eval_terms(params, batch)
+  new_image = eval_terms(params, dict(batch, image=jnp.asarray(shuffled(batch["image"], seed=1))))
+  new_text = eval_terms(params, dict(batch, text=jnp.asarray(shuffled(batch["text"], seed=1))))
+  new_mm = eval_terms(dict(params, mm=perturbed(params["mm"], seed=2)), batch)
+  moved = lambda got, name: abs(float(got[name]) - float(ref[name])) > 1e-3 * float(ref[name])
+  for got, what, same, changed in [
+      (new_image, "another image", ("mlm_loss", "mlm_accuracy"), ("mmm_text_loss",)),
+      (new_text, "another text", ("mim_loss", "mim_accuracy"), ("mmm_image_loss",)),
+      (new_mm, "other multimodal-encoder weights", ("contrastive_loss", "mlm_loss", "mim_loss"),
+       ("mmm_text_loss", "mmm_image_loss", "itm_loss"))]:
+    for name in same:
+      np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, err_msg=f"{what} moved {name}")
+    for name in changed:
+      assert moved(got, name), f"{what} left {name} at {float(ref[name]):.6f}: it does not read the fused states"
+
+  # The model's own forward (init, conversion) wires its heads the same way: logits at every position.
+  fwd = jax.jit(lambda p, img, txt: model.apply({"params": p}, img, txt)[2])
+  image, text = batch["image"], batch["text"]
+  out = fwd(params, image, text)
+  out_img = fwd(params, jnp.asarray(shuffled(image, seed=1)), text)
+  out_txt = fwd(params, image, jnp.asarray(shuffled(text, seed=1)))
+  out_mm = fwd(dict(params, mm=perturbed(params["mm"], seed=2)), image, text)
+  diff = lambda a, b, k: float(np.abs(np.asarray(a[k]) - np.asarray(b[k])).max())
+  assert diff(out_img, out, "mlm_logits") == 0 and diff(out_img, out, "mmm_text_logits") > 1e-3
+  assert diff(out_txt, out, "mim_logits") == 0 and diff(out_txt, out, "mmm_image_logits") > 1e-3
+  assert diff(out_mm, out, "mlm_logits") == diff(out_mm, out, "mim_logits") == 0
+  assert min(diff(out_mm, out, k) for k in ("mmm_text_logits", "mmm_image_logits", "itm_logits")) > 1e-3
+
+
+class OracleFLAVA(FLAVA):
+  """FLAVA whose MIM and MMM-image heads ignore their inputs and return the parameter 'oracle' [B, N, K]:
+  with 30 on the logit of one code per patch, the objective's MIM accuracy is 1 exactly when its
+  targets are those codes."""
+
+  def mim_logits(self, h_img):
+    return self.get_variable("params", "oracle")
+
+  def mmm_image_logits(self, h_mm, num_patches):
+    return self.get_variable("params", "oracle")
+
+
+def test_mim_targets_are_the_frozen_tokenizers_codes_of_the_unmasked_image(flava):
+  """The targets of MIM and MMM-image are VQTokenizer.encode of the unmasked images (computed here with
+  the tokenizer alone, on FLAVA's 'tokenizer' parameters) in the ViT's row-major patch order, so
+  another tokenizer gives other targets; and no gradient reaches the tokenizer."""
+  model, params, batch = flava
+  vq = VQTokenizer(**TOK)
+  encode = jax.jit(lambda p, x: vq.apply({"params": p}, x, method=vq.encode).reshape(x.shape[0], -1))
+  codes = np.asarray(encode(params["tokenizer"], batch["image"]))
+  assert len(np.unique(codes)) > 3  # a test of something: not one code everywhere
+  np.testing.assert_array_equal(
+      jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.image_codes))(params, batch["image"]), codes)
+  other_tok = perturbed(params["tokenizer"], seed=4, scale=1.0)
+  other_codes = np.asarray(encode(other_tok, batch["image"]))
+  assert (other_codes != codes).mean() > 0.3
+
+  oracle_model = OracleFLAVA(**{f.name: getattr(model, f.name) for f in dataclasses.fields(FLAVA)
+                                if f.init and f.name not in ("parent", "name")})
+  obj = FlavaObjective(mask_id=V - 1)
+  metrics = jax.jit(lambda p: obj(oracle_model, p, batch, rng=jax.random.key(5), train=False)[1])
+
+  def accuracy(oracle, p):
+    got = metrics(dict(p, oracle=30.0 * jax.nn.one_hot(oracle, TOK["codebook_size"])))
+    return float(got["mim_accuracy"]), float(got["mmm_image_accuracy"])
+
+  assert accuracy(codes, params) == (1.0, 1.0)
+  # The targets move with the tokenizer's parameters (they are that tokenizer's codes)...
+  assert max(accuracy(codes, dict(params, tokenizer=other_tok))) < 0.8
+  assert accuracy(other_codes, dict(params, tokenizer=other_tok)) == (1.0, 1.0)
+  # ...and are each pair's own image's codes, not another example's.
+  assert max(accuracy(np.asarray(shuffled(codes, seed=0)), params)) < 0.8
+
+  # No gradient reaches the tokenizer (argmax codes, stop-gradient'ed): exactly zero, not merely small.
+  # (test_frozen_tokenizer_loaded_and_unchanged_by_training: the trainer also keeps it frozen.)
+  loss = lambda tok: obj(model, dict(params, tokenizer=tok), batch, rng=jax.random.key(3), train=True)[0]
+  grads = jax.jit(jax.grad(loss))(params["tokenizer"])
+  for path, g in traverse_util.flatten_dict(grads, sep="/").items():
+    assert not np.asarray(g).any(), f"tokenizer/{path} got a gradient"
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_objective_draws_itm_negatives_from_the_whole_global_batch(flava, monkeypatch, hard):
+  """On 8 devices (8 pairs each) the objective samples with the mesh over the global batch of 64 and fuses
+  the drawn rows: the negatives a device uses come mostly from the other devices' examples (7/8 expected),
+  are never the positive or a pair with the same caption, and are the indices take_rows gathers."""
+  import vlm.objectives.flava as objective_module
+  model, params, _ = flava
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  b = 64
+  batch = make_batch(b, seed=6)
+  batch["text"] = batch["text"].at[9].set(batch["text"][1])  # pairs 1 (device 0) and 9 (device 1): one caption
+  calls, draws, gathered = [], [], []
+  real_sample, real_take = objective_module.hard_negative_indices, objective_module.take_rows
+
+  def sample(zimg, ztxt, rng, **kw):
+    calls.append((zimg.shape[0], kw.get("mesh"), kw.get("hard", True)))
+    neg = real_sample(zimg, ztxt, rng, **kw)
+    jax.debug.callback(lambda t, i: draws.append((np.asarray(t), np.asarray(i))), *neg)
+    gathered.append({id(x): name for x, name in zip(neg, ("text", "image"))})
+    return neg
+
+  def take(x, index, mesh=None):
+    gathered.append((id(index), mesh))
+    return real_take(x, index, mesh)
+
+  monkeypatch.setattr(objective_module, "hard_negative_indices", sample)
+  monkeypatch.setattr(objective_module, "take_rows", take)
+  obj = FlavaObjective(mask_id=V - 1, mesh=mesh, itm_hard_negatives=hard)
+  sharded = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("data"))), batch)
+  fn = jax.jit(lambda p, bt, k: obj(model, p, bt, rng=k, train=True)[0])
+  with jax.set_mesh(mesh):
+    for i in range(8):
+      jax.block_until_ready(fn(params, sharded, jax.random.key(i)))
+  jax.effects_barrier()
+  assert calls == [(b, mesh, hard)]  # traced once: the global batch, the objective's mesh
+  ids, (txt_take, img_take) = gathered[0], gathered[1:]
+  assert ids.get(txt_take[0]) == "text" and ids.get(img_take[0]) == "image", "take_rows got other indices"
+  assert txt_take[1] is mesh and img_take[1] is mesh
+  assert len(draws) == 8
+  rows, device = np.arange(b), np.arange(b) // (b // 8)
+  for neg_txt, neg_img in draws:
+    assert neg_txt.shape == neg_img.shape == (b,)
+    assert (neg_txt != rows).all() and (neg_img != rows).all()
+    assert neg_txt[1] != 9 and neg_txt[9] != 1 and neg_img[1] != 9 and neg_img[9] != 1
+  other_device = np.mean([device[d] != device for pair in draws for d in pair])
+  assert other_device > 0.7, f"only {other_device:.0%} of the negatives come from another device"
 
 
 # --- through the trainer ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from vlm.models import Llip
 from vlm.models.llip import llip_image_embedding, llip_similarity
 from vlm.train import train
 
-from test_train import tiny
+from helpers import tiny
 
 IMAGE = dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8)
 TEXT = dict(width=32, depth=1, mlp_dim=64, num_heads=2, vocab_size=50, max_len=8, pool_type="last", out_dim=32)

@@ -135,3 +135,39 @@ def test_resampler_shapes_positions_and_mask():
     QwenVLResampler(num_queries=10).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"number of image features \(15\)"):
     r.apply({"params": params}, x[:, :15])
+
+
+# ------------------------------------------------------------------ the demo chain, tiny
+
+
+def test_monkey_demo_chain_trains_lora_sets_resampler_and_lm(vlm_bed, data_dir, tmp_path):
+  """Monkey (tiny) on the text-rich scenes from the CLIP tower and the LM: the ViT's own weights stay
+  frozen while its per-window LoRA sets, the resampler and the LM learn; the text-reading VQA
+  eval and the paper's prompt format run end to end."""
+  from helpers import TINY_LM, TINY_VISION, flat_params, shrink
+  from vlm.train import train
+
+  from configs import monkey
+  c = shrink(monkey.get_config("demo"), data_dir, 2)
+  assert c.data.builder.text_rich == 1 and c.data.question_regex
+  c.model.lm_config.update(TINY_LM)
+  c.model.vision_config.image.update(TINY_VISION)
+  c.model.vision_config.resampler.update(num_queries=4, num_heads=2, out_dim=TINY_LM["width"])
+  c.data.conversation.update(image_tokens=5 * 4, length=64, prompt_length=44)
+  c.init.vision.path, c.init.lm.path = str(vlm_bed / "clip"), str(vlm_bed / "lm")
+  c.evals.vqa.max_examples = 16
+  out = train(c, tmp_path / "monkey")
+  assert out["train/image_token_mismatch"] == 0.0 and 0.0 <= out["vqa/accuracy"] <= 1.0
+  p, clip, lm = flat_params(tmp_path / "monkey"), flat_params(vlm_bed / "clip"), flat_params(vlm_bed / "lm")
+  sets = [k for k in p if "lora_sets_b" in k]
+  assert sets and all(p[k].shape[0] == 4 for k in sets)
+  assert any(np.abs(p[k]).max() > 0 for k in sets)  # B starts at zero: the sets learned
+  for k, v in p.items():
+    if k.startswith("vision/img/") and "lora_sets" not in k:
+      np.testing.assert_array_equal(v, clip[k[7:]], err_msg=k)
+  assert any(not np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
+  from vlm.data import get_tokenizer
+  from vlm.data.pipeline import make_pipeline
+  batch = next(make_pipeline(c.data, split="test", batch_size=2, mesh=None, seed=0))
+  prompt = get_tokenizer(c.data).decode(np.asarray(batch["prompt"])[0][np.asarray(batch["prompt"])[0] < 1000])
+  assert prompt.endswith("what does the text say? Answer:"), prompt

@@ -62,6 +62,7 @@ def _losses(workdir: Path) -> dict[int, float]:
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   from vlm.data import embedded
 

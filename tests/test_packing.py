@@ -144,6 +144,7 @@ def test_packed_pipeline_shapes_and_unpacked_evals(data_dir):
   assert val["label"].shape == (4,) and "segment_ids" not in val
 
 
+@pytest.mark.slow
 def test_packed_lm_pretraining_runs(data_dir, tmp_path):
   from configs import lm_pretrain
   from vlm.train import train

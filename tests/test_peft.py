@@ -257,7 +257,7 @@ def test_trainer_peft_run_keeps_base_and_merges(data_dir, tmp_path):
   from configs import siglip_b16
   from vlm.data import make_pipeline
   from vlm.train import setup, train
-  from test_train import tiny
+  from helpers import tiny
 
   c = tiny(siglip_b16, data_dir, steps=3)
   c.lr = 0.01

@@ -250,6 +250,7 @@ def video_config(data_dir, steps: int, batch_size: int) -> ml_collections.Config
   return c
 
 
+@pytest.mark.slow
 def test_video_classifier_learns_motion(data_dir, tmp_path):
   """Through the trainer: top-1 on the test clips' motion well above chance (0.25); the frozen-feature
   probe (frames=True, its own temporal embedding) on the trained ViT's tokens learns it too."""

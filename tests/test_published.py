@@ -86,6 +86,7 @@ def test_published_config_reads_the_directory(siglip_dir):
   assert config.data.text_length == 16 and set(params) >= {"img", "txt", "t", "b"}
 
 
+@pytest.mark.slow
 def test_predict_and_evaluate_command_lines(siglip_dir, data_dir):
   out = subprocess.run([sys.executable, "-m", "vlm.predict", f"--hf={siglip_dir / 'hf'}",
                         f"--image={siglip_dir / 'flower.jpg'}", f"--labels={','.join(LABELS)}",
@@ -105,6 +106,7 @@ def test_predict_and_evaluate_command_lines(siglip_dir, data_dir):
   assert bad.returncode != 0 and "pass --config with the evaluations" in bad.stderr
 
 
+@pytest.mark.slow
 def test_published_checkpoints_notebook(siglip_dir, tmp_path):
   """experiments/published_checkpoints.ipynb on the tiny Hub-style SigLIP: import, zero-shot, export back;
   the export loads in transformers and gives the original model's logits."""

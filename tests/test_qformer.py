@@ -330,6 +330,7 @@ def test_objective_on_8_devices_matches_one_and_has_finite_gradients():
   assert all(float(jnp.abs(g).max()) == 0 for k, g in flat.items() if k.startswith("img/"))  # frozen ViT
 
 
+@pytest.mark.slow
 def test_tiny_stage1_training_run_and_retrieval_eval(data_dir, tmp_path):
   from configs import blip2_stage1
   from vlm.train import train

@@ -22,10 +22,10 @@ import jax
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `configs` (as a script)
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_train, conftest (as a script)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers, conftest (as a script)
 
 from configs import siglip_b16  # noqa: E402
-from test_train import tiny  # noqa: E402
+from helpers import tiny  # noqa: E402
 from vlm.evals import EVALS  # noqa: E402
 from vlm.metrics_writer import read_metrics  # noqa: E402
 from vlm.objectives import build_objective  # noqa: E402
@@ -170,6 +170,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_second_trainer_fails_fast_and_a_killed_holders_lock_is_taken_over(data_dir, tmp_path, capsys):
   """A real second process holds <workdir>/LOCK: train() fails at once, naming its host, pid, start time
   and the lock file, and writes nothing; once that process is SIGKILLed, train() takes the stale lock over."""
@@ -203,6 +204,7 @@ def test_second_trainer_fails_fast_and_a_killed_holders_lock_is_taken_over(data_
 # -------------------------------------------------------------- 3. final evaluations on resume --
 
 
+@pytest.mark.slow
 def test_final_evaluations_run_on_resume_after_a_kill_before_them(data_dir, tmp_path, capsys):
   """The trainer is SIGKILLed after its last checkpoint is committed, in its final evaluations: the rerun
   evaluates what metrics.jsonl lacks at the last step (once: a third run evaluates nothing)."""
@@ -234,6 +236,7 @@ def test_final_evaluations_run_on_resume_after_a_kill_before_them(data_dir, tmp_
 # --------------------------------------------------------------- 5. metrics.jsonl after resume --
 
 
+@pytest.mark.slow
 def test_metrics_rows_are_unique_after_a_kill_between_checkpoints(data_dir, tmp_path):
   """Logged every step, checkpointed every 2 steps (asynchronously), SIGKILLed at step 3 (after checkpoint
   2 committed) while writing a row (half a line is appended first, as a kill in MetricWriter.write leaves):
@@ -355,6 +358,7 @@ def _disk_fault(scratch: Path) -> tuple[str, tuple]:
   return "patch", ()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
 def test_a_failed_save_is_one_clear_error_and_keeps_the_earlier_checkpoint(data_dir, tmp_path, async_save):
   """The checkpoint directory becomes unwritable after checkpoint 1: a full filesystem (a 4 MiB tmpfs in a

@@ -18,29 +18,9 @@ from vlm.metrics_writer import read_metrics
 from vlm.train import train
 
 from conftest import TINY_DATA
+from helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny(module, data_dir, steps=8, **over):
-  c = module.get_config("demo")
-  c.data.data_dir = str(data_dir)
-  c.data.builder.update(TINY_DATA)
-  c.model["image"].update(width=32, depth=1, mlp_dim=64, num_heads=2)
-  c.model["text"].update(width=32, depth=1, mlp_dim=64, num_heads=2, out_dim=32)
-  c.batch_size = 16
-  c.total_steps = steps
-  c.log_every = 1
-  c.checkpoint_every = 1000
-  c.schedule.warmup_steps = 2
-  c.evals.zeroshot.every = 0
-  c.evals.retrieval.every = 0
-  c.evals.zeroshot.max_examples = 64
-  c.evals.retrieval.max_examples = 64
-  c.tensorboard = False
-  for k, v in over.items():
-    c[k] = v
-  return c
 
 
 def _cli_args(config_path: str, workdir, data_dir, steps: int, extra=()):
@@ -91,6 +71,7 @@ def test_demo_learns(module, data_dir, tmp_path):
   assert out["retrieval/i2t_r5"] > 0.1, out
 
 
+@pytest.mark.slow
 def test_fsdp_on_8_devices_matches_one_device(data_dir, tmp_path):
   c = tiny(siglip_b16, data_dir, steps=4)
   c.mesh = [("data", 1), ("fsdp", 8), ("tensor", 1)]
@@ -105,6 +86,7 @@ def test_fsdp_on_8_devices_matches_one_device(data_dir, tmp_path):
   np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(data_dir, tmp_path):
   steps = 12
   extra = ["--config.checkpoint_every=3"]
@@ -174,6 +156,7 @@ def test_init_resamples_the_position_embedding_for_a_new_resolution(siglip_workd
     checkpoint.resample_grid_posemb(with_cls, 64)
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_commands(siglip_workdir, data_dir, tmp_path):
   ev = subprocess.run([sys.executable, "-m", "vlm.evaluate", f"--workdir={siglip_workdir}"], cwd=ROOT,
                       env=_env(1), capture_output=True, text=True, timeout=300)

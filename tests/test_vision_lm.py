@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import TINY_DATA, shared_run
+from conftest import shared_run
+from helpers import TINY_LM, TINY_VISION, above_chance, shrink, tiny_vlm, vqa_accuracy
 from vlm import checkpoint
 from vlm.data.conversation import DEFAULT_SPECIALS, IMAGE, ChatTokenizer, build_turns, check_conversation_config
 from vlm.models.vision_lm import VisionLanguageModel, generate
+from vlm.metrics_writer import read_metrics
 from vlm.train import train
 
-LM = dict(vocab_size=1008, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64, tie_embeddings=True)
-VISION = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8)
+LM, VISION = TINY_LM, TINY_VISION
 N = 16  # image tokens of a 32 px image with 8 px patches
 
 
@@ -132,7 +133,8 @@ def test_image_embeddings_land_at_the_placeholders_in_order():
   feats = m.apply({"params": params}, imgs, method=VisionLanguageModel.encode_images)  # [B, 2N, D]
   np.testing.assert_allclose(emb[:, 2:2 + 2 * N], feats, atol=1e-6)
   text = m.apply({"params": params}, toks, method=VisionLanguageModel.embed)  # no images: token embeddings
-  np.testing.assert_allclose(emb[:, :2], text[:, :2]) and np.testing.assert_allclose(emb[:, -3:], text[:, -3:])
+  np.testing.assert_allclose(emb[:, :2], text[:, :2])
+  np.testing.assert_allclose(emb[:, -3:], text[:, -3:])
   # Changing the second image changes the second block of placeholders only.
   emb2 = m.apply({"params": params}, toks, imgs.at[:, 1].multiply(-1), method=VisionLanguageModel.embed)
   np.testing.assert_allclose(emb2[:, :2 + N], emb[:, :2 + N])
@@ -194,69 +196,149 @@ def test_connectors_and_frozen_style_prefix():
 
 
 def _tiny(c, data_dir, steps):
-  c.data.data_dir = str(data_dir)
-  c.data.builder.update(TINY_DATA)
-  c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, steps, 1, 1000
-  c.schedule.warmup_steps = 1
-  c.tensorboard = False
-  return c
+  return shrink(c, data_dir, steps)
+
+
+COLOUR = r"^what colour"  # the learning tests' questions: one of 8 colours, chance 12.5%
 
 
 @pytest.fixture(scope="session")
-def llava(data_dir, tmp_path_factory):
-  """CLIP tower -> LM pretraining -> LLaVA stage 1 -> stage 2, a few steps each (tiny widths); built
+def llava(data_dir, vlm_bed, tmp_path_factory):
+  """LLaVA stage 1 (30 steps) -> stage 2 (200 steps, colour questions) from conftest's vlm_bed; built
   once per session (conftest.shared_run): (root, stage-1 metrics, stage-2 metrics)."""
-  root, out = shared_run(tmp_path_factory, "llava_chain", lambda root: _llava_chain(data_dir, root))
+  root, out = shared_run(tmp_path_factory, "llava_chain", lambda root: _llava_chain(data_dir, vlm_bed, root))
   return root, out["stage1"], out["stage2"]
 
 
-def _llava_chain(data_dir, root):
-  from configs import clip_b16, llava_stage1, llava_stage2, lm_pretrain
-  clip = _tiny(clip_b16.get_config("demo"), data_dir, 2)
-  clip.model.image.update(VISION)
-  clip.model.text.update(width=32, num_heads=2, mlp_dim=64, out_dim=32)
-  clip.evals = {}
-  train(clip, root / "clip")
-  lm = _tiny(lm_pretrain.get_config("demo"), data_dir, 3)
-  lm.model.update(LM)
-  train(lm, root / "lm")
-  s1 = _tiny(llava_stage1.get_config("demo"), data_dir, 3)
+def llava_stages(data_dir, bed, root, seed: int = 0) -> dict:
+  """The chain behind the `llava` fixture; seed varies both stages (the margin measurements)."""
+  from configs import llava_stage1, llava_stage2
+  s1 = shrink(llava_stage1.get_config("demo"), data_dir, 30, batch_size=32)
   s1.model.lm_config.update(LM)
   s1.model.vision_config.update(VISION)
-  s1.init.vision.path, s1.init.lm.path = str(root / "clip"), str(root / "lm")
-  s1.evals = {}
+  s1.init.vision.path, s1.init.lm.path = str(bed / "clip"), str(bed / "lm")
+  s1.evals, s1.seed = {}, seed
   out1 = train(s1, root / "stage1")
-  s2 = _tiny(llava_stage2.get_config("demo"), data_dir, 3)
+  s2 = shrink(llava_stage2.get_config("demo"), data_dir, 200, batch_size=32)
   s2.model.lm_config.update(LM)
   s2.model.vision_config.update(VISION)
   s2.init.path = str(root / "stage1")
-  s2.evals.vqa.max_examples = 32
+  s2.data.question_regex = COLOUR
+  s2.evals.vqa.max_examples, s2.seed = 256, seed
   out2 = train(s2, root / "stage2")
   return {"stage1": out1, "stage2": out2}
 
 
-def test_blip2_stage2_chain_with_instruction_aware_qformer(llava, data_dir, tmp_path):
-  """BLIP-2 stage 1 -> stage 2 on the pretrained LM (tiny): the image encoder and the LM stay frozen,
-  the Q-Former (its text side too: it reads the instruction) and the projection learn, and the
-  VQA eval and `predict --prompt` feed the question to the Q-Former."""
+def _llava_chain(data_dir, bed, root):
+  return llava_stages(data_dir, bed, root)
+
+
+# ------------------------------------------------------------ learning tests, one per family
+# Every family below trains `steps` steps at batch 32 on "what colour is the large X?" (8 colours,
+# chance 12.5%) from conftest's vlm_bed and must (a) answer the test questions well above chance and
+# (b) lose most of it when each question is asked about another example's image (helpers.vqa_accuracy
+# with shuffle_images), so the answers come from the image, not from the LM's guess.
+
+
+def colour_run(c, data_dir, workdir, steps: int = 200, seed: int = 0) -> dict:
+  """Train the VLM recipe `c` (tiny sizes already set) on colour questions; its final metrics."""
+  shrink(c, data_dir, steps, batch_size=32)
+  c.data.question_regex = COLOUR
+  c.data.conversation.tasks, c.data.conversation.task_weights = ("qa",), None
+  c.evals.vqa.max_examples, c.seed = 256, seed
+  return train(c, workdir)
+
+
+def assert_learns_colour(out: dict, workdir, threshold: float, what: str, margin: float = 0.25) -> None:
+  above_chance(out["vqa/accuracy"], threshold, f"{what} colour VQA accuracy", baseline=0.125)
+  blind = vqa_accuracy(workdir, shuffle_images=True)
+  assert out["vqa/accuracy"] - blind > margin, f"{what}: {out['vqa/accuracy']:.3f} with the image, {blind:.3f} with another's"
+
+
+@pytest.fixture(scope="session")
+def blip2_stage1(data_dir, tmp_path_factory):
+  """BLIP-2 stage 1 (tiny Q-Former, ViT trained jointly as in the demo; 150 steps at batch 32):
+  (workdir, final metrics), built once per session."""
+  return shared_run(tmp_path_factory, "blip2_stage1", lambda wd: blip2_stage1_run(data_dir, wd))
+
+
+def blip2_stage1_run(data_dir, workdir, seed: int = 0) -> dict:
+  from configs import blip2_stage1 as recipe
+  c = shrink(recipe.get_config("demo"), data_dir, 150, batch_size=32)
+  c.model.update(QFORMER, freeze_image=False)
+  c.evals.retrieval.every = c.evals.zeroshot.every = 0
+  c.evals.retrieval.max_examples = c.evals.zeroshot.max_examples = 256
+  c.seed = seed
+  return train(c, workdir)
+
+
+def blip2_stage2(data_dir, bed, stage1, workdir, seed=0, variant="demo", steps=200):
+  """BLIP-2 stage 2 (variant 'demo': instruction-aware Q-Former; 'minigpt4_demo': MiniGPT-4, the whole
+  visual side frozen) from `stage1` and the bed's LM."""
+  from configs import blip2_stage2 as recipe
+  c = recipe.get_config(variant)
+  c.model.lm_config.update(LM)
+  c.model.vision_config.update(QFORMER)
+  c.data.conversation.update(image_tokens=4, prompt_length=28)
+  c.init.vision.path, c.init.lm.path = str(stage1), str(bed / "lm")
+  return colour_run(c, data_dir, workdir, steps, seed=seed)
+
+
+def frozen_run(data_dir, bed, workdir, seed=0):
+  from configs import frozen
+  c = tiny_vlm(frozen.get_config("demo"))
+  c.init.vision.path, c.init.lm.path = str(bed / "clip"), str(bed / "lm")
+  return colour_run(c, data_dir, workdir, seed=seed)
+
+
+def qwen_vl_run(data_dir, bed, workdir, seed=0):
+  from configs import qwen_vl
+  c = qwen_vl.get_config("demo")
+  c.model.lm_config.update(LM)
+  c.model.vision_config.image.update(VISION)
+  c.model.vision_config.resampler.update(num_queries=4, num_heads=2, out_dim=LM["width"])
+  c.data.conversation.update(image_tokens=4, length=64, prompt_length=28)
+  c.init.vision.path, c.init.lm.path = str(bed / "clip"), str(bed / "lm")
+  return colour_run(c, data_dir, workdir, seed=seed)
+
+
+def flamingo_run(data_dir, bed, workdir, seed=0, steps=200):
+  """Flamingo on two-image documents: each question asks about the first or the second image."""
+  from configs import flamingo
+  c = flamingo.get_config("demo")
+  c.model.lm_config.update(LM)
+  c.model.vision_config.update(VISION)
+  c.model.resampler_config.update(num_latents=4, depth=1, num_heads=2, head_dim=16)
+  c.model.xattn_config.update(num_heads=2, head_dim=16)
+  c.init.vision.path, c.init.lm.path = str(bed / "clip"), str(bed / "lm")
+  return colour_run(c, data_dir, workdir, steps, seed=seed)
+
+
+def fuyu_run(data_dir, bed, workdir, seed=0):
+  from configs import fuyu
+  c = fuyu.get_config("demo")
+  c.model.lm_config.update(LM)
+  c.model.vision_config.width = LM["width"]
+  c.init.lm.path = str(bed / "lm")
+  return colour_run(c, data_dir, workdir, seed=seed)
+
+
+@pytest.mark.slow
+def test_blip2_stage2_chain_with_instruction_aware_qformer(vlm_bed, blip2_stage1, data_dir, tmp_path):
+  """BLIP-2 stage 1 -> stage 2 on the pretrained LM (tiny): stage 1 retrieves far above chance; in stage 2
+  the image encoder and the LM stay frozen, the Q-Former (its text side too: it reads the instruction)
+  and the projection learn colour questions, and `predict --prompt` feeds the question to the Q-Former.
+  Stage 1 i2t R@1 (256 test images, chance < 2%): 16.4% (seed 0; threshold 8%). Stage 2 colour
+  accuracy (LM frozen, 200 steps): 20.7% with the image, 7.4% with another's (seed 0 only; threshold
+  15% and a gap of 6 points). The frozen tiny LM learns slowly: the 800-step demo reaches 68.7%."""
   from PIL import Image
 
-  from configs import blip2_stage1, blip2_stage2
   from vlm.predict import chat
-  s1 = _tiny(blip2_stage1.get_config("demo"), data_dir, 2)
-  s1.model.update(QFORMER, freeze_image=False)
-  s1.evals = {}
-  train(s1, tmp_path / "stage1")
-  s2 = _tiny(blip2_stage2.get_config("demo"), data_dir, 2)
-  assert s2.data.conversation.instruction_length == 16
-  s2.model.lm_config.update(LM)
-  s2.model.vision_config.update(QFORMER)
-  s2.data.conversation.update(image_tokens=4, prompt_length=28)
-  s2.init.vision.path, s2.init.lm.path = str(tmp_path / "stage1"), str(llava[0] / "lm")
-  s2.evals.vqa.max_examples = 16
-  out = train(s2, tmp_path / "stage2")
-  assert 0.0 <= out["vqa/accuracy"] <= 1.0
-  p1, p2, lm = _params(tmp_path / "stage1"), _params(tmp_path / "stage2"), _params(llava[0] / "lm")
+  (stage1, out1) = blip2_stage1
+  above_chance(out1["retrieval/i2t_r1"], 0.08, "BLIP-2 stage-1 i2t R@1", baseline=0.02)
+  out = blip2_stage2(data_dir, vlm_bed, stage1, tmp_path / "stage2")
+  assert_learns_colour(out, tmp_path / "stage2", 0.15, "BLIP-2 stage 2", margin=0.06)
+  p1, p2, lm = _params(stage1), _params(tmp_path / "stage2"), _params(vlm_bed / "lm")
   for k, v in p2.items():
     if k.startswith("lm/"):
       np.testing.assert_array_equal(v, lm[k[3:]], err_msg=k)
@@ -269,34 +351,40 @@ def test_blip2_stage2_chain_with_instruction_aware_qformer(llava, data_dir, tmp_
   assert isinstance(chat(tmp_path / "stage2", img, "what colour is the large circle?", max_new_tokens=3), str)
 
 
-def test_monkey_demo_chain_trains_lora_sets_resampler_and_lm(llava, data_dir, tmp_path):
-  """Monkey (tiny) on the text-rich scenes from the CLIP tower and the LM: the ViT's own weights stay
-  frozen while its per-window LoRA sets, the resampler and the LM learn; the text-reading VQA
-  eval and the paper's prompt format run end to end."""
-  from configs import monkey
-  c = _tiny(monkey.get_config("demo"), data_dir, 2)
-  assert c.data.builder.text_rich == 1 and c.data.question_regex
-  c.model.lm_config.update(LM)
-  c.model.vision_config.image.update(VISION)
-  c.model.vision_config.resampler.update(num_queries=4, num_heads=2, out_dim=LM["width"])
-  c.data.conversation.update(image_tokens=5 * 4, length=64, prompt_length=44)
-  c.init.vision.path, c.init.lm.path = str(llava[0] / "clip"), str(llava[0] / "lm")
-  c.evals.vqa.max_examples = 16
-  out = train(c, tmp_path / "monkey")
-  assert out["train/image_token_mismatch"] == 0.0 and 0.0 <= out["vqa/accuracy"] <= 1.0
-  p, clip, lm = _params(tmp_path / "monkey"), _params(llava[0] / "clip"), _params(llava[0] / "lm")
-  sets = [k for k in p if "lora_sets_b" in k]
-  assert sets and all(p[k].shape[0] == 4 for k in sets)
-  assert any(np.abs(p[k]).max() > 0 for k in sets)  # B starts at zero: the sets learned
-  for k, v in p.items():
-    if k.startswith("vision/img/") and "lora_sets" not in k:
-      np.testing.assert_array_equal(v, clip[k[7:]], err_msg=k)
-  assert any(not np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
-  from vlm.data import get_tokenizer
-  from vlm.data.pipeline import make_pipeline
-  batch = next(make_pipeline(c.data, split="test", batch_size=2, mesh=None, seed=0))
-  prompt = get_tokenizer(c.data).decode(np.asarray(batch["prompt"])[0][np.asarray(batch["prompt"])[0] < 1000])
-  assert prompt.endswith("what does the text say? Answer:"), prompt
+@pytest.mark.slow
+def test_minigpt4_trains_one_linear_layer(vlm_bed, blip2_stage1, data_dir, tmp_path):
+  """MiniGPT-4 (blip2_stage2:minigpt4_demo): ViT, Q-Former and LM frozen, only the projection moves.
+  Not yet a learning test: 200 steps gave 13.3% colour accuracy (7.0% with another's image), too
+  close to chance (12.5%) for a threshold, so this runs 3 steps and checks the wiring."""
+  out = blip2_stage2(data_dir, vlm_bed, blip2_stage1[0], tmp_path / "m", variant="minigpt4_demo", steps=3)
+  assert out["train/image_token_mismatch"] == 0.0 and np.isfinite(out["train/loss"])
+  p, lm = _params(tmp_path / "m"), _params(vlm_bed / "lm")  # the LM and (below) the whole visual side frozen
+  assert all(np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
+  p1 = _params(blip2_stage1[0])
+  assert all(np.array_equal(v, p1[k[7:]]) for k, v in p.items() if k.startswith("vision/"))
+  p1, p = _params(blip2_stage1[0]), _params(tmp_path / "m")
+  assert all(np.array_equal(v, p1[k[7:]]) for k, v in p.items() if k.startswith("vision/"))
+
+
+@pytest.mark.slow
+def test_frozen_learns_through_a_visual_prefix(vlm_bed, data_dir, tmp_path):
+  """Frozen (LM frozen; the vision encoder and a linear map to a 2-token prefix learn), here trained on
+  colour questions instead of the recipe's captions to score it. Colour accuracy after 200 steps:
+  22.7% with the image, 7.8% with another's (seed 0 only); threshold 15% and a gap of 6 points."""
+  out = frozen_run(data_dir, vlm_bed, tmp_path / "f")
+  assert_learns_colour(out, tmp_path / "f", 0.15, "Frozen", margin=0.06)
+  p, lm, clip = _params(tmp_path / "f"), _params(vlm_bed / "lm"), _params(vlm_bed / "clip")
+  assert all(np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
+  assert any(not np.array_equal(v, clip["img/" + k[7:]]) for k, v in p.items() if k.startswith("vision/"))
+
+
+@pytest.mark.slow
+def test_qwen_vl_learns_through_the_resampler(vlm_bed, data_dir, tmp_path):
+  """Qwen-VL (one view, the cross-attention resampler, LM tuned), 200 steps. Colour accuracy: 99.2% with
+  the image, 10.2% with another's (seed 0 only); threshold 40% and a gap of 25 points."""
+  out = qwen_vl_run(data_dir, vlm_bed, tmp_path / "q")
+  assert out["train/image_token_mismatch"] == 0.0
+  assert_learns_colour(out, tmp_path / "q", 0.40, "Qwen-VL")
 
 
 def test_image_rows_end_with_the_row_break_marker():
@@ -344,24 +432,19 @@ def test_interleave_builds_a_document_around_the_example():
     check_conversation_config(dict(conv, end_of_chunk="<eoc>"))
 
 
-def test_flamingo_demo_chain_trains_only_the_resampler_and_gated_blocks(llava, data_dir, tmp_path):
-  """Flamingo (tiny) on two-image documents from the CLIP tower and the LM, both frozen: the
-  resampler and the gated cross-attention learn; the VQA eval and predict --prompt run."""
+def test_flamingo_demo_chain_trains_only_the_resampler_and_gated_blocks(vlm_bed, data_dir, tmp_path):
+  """Flamingo (tiny) on two-image documents from the CLIP tower and the LM, both frozen: the resampler
+  and the gated cross-attention open their gates, and predict --prompt runs. Not yet a learning test:
+  200 steps on colour questions about the first or second image gave 14.5% (9.0% with other images),
+  too close to chance (12.5%) for a threshold, so this runs 3 steps and checks the wiring."""
   from PIL import Image
 
   from configs import flamingo
   from vlm.data.pipeline import check_config
   from vlm.predict import chat
-  c = _tiny(flamingo.get_config("demo"), data_dir, 2)
-  c.model.lm_config.update(LM)
-  c.model.vision_config.update(VISION)
-  c.model.resampler_config.update(num_latents=4, depth=1, num_heads=2, head_dim=16)
-  c.model.xattn_config.update(num_heads=2, head_dim=16)
-  c.init.vision.path, c.init.lm.path = str(llava[0] / "clip"), str(llava[0] / "lm")
-  c.evals.vqa.max_examples = 16
-  out = train(c, tmp_path / "flamingo")
+  out = flamingo_run(data_dir, vlm_bed, tmp_path / "flamingo", steps=3)
   assert out["train/image_token_mismatch"] == 0.0 and 0.0 <= out["vqa/accuracy"] <= 1.0
-  p, clip, lm = _params(tmp_path / "flamingo"), _params(llava[0] / "clip"), _params(llava[0] / "lm")
+  p, clip, lm = _params(tmp_path / "flamingo"), _params(vlm_bed / "clip"), _params(vlm_bed / "lm")
   for k, v in p.items():
     if k.startswith("lm/"):
       np.testing.assert_array_equal(v, lm[k[3:]], err_msg=k)
@@ -377,26 +460,25 @@ def test_flamingo_demo_chain_trains_only_the_resampler_and_gated_blocks(llava, d
     check_config(bad.data)
 
 
-def test_fuyu_demo_chain_feeds_patches_straight_into_the_lm(llava, data_dir, tmp_path):
-  """Fuyu (tiny): no image encoder; the patch projection and the LM learn from the pretrained LM, every
-  row of patch placeholders ends with the |NEWLINE| id, and the eval and predict run."""
+@pytest.mark.slow
+def test_fuyu_demo_chain_feeds_patches_straight_into_the_lm(vlm_bed, data_dir, tmp_path):
+  """Fuyu (tiny): no image encoder; the patch projection and the LM learn colour questions from the
+  pretrained LM (200 steps: 77.3% with the image, 8.6% with another's, seed 0 only; threshold 40%),
+  every row of patch placeholders ends with the |NEWLINE| id, and predict runs."""
   from PIL import Image
 
-  from configs import fuyu
   from vlm.data.pipeline import make_pipeline
+  from vlm.evaluate import load_workdir_config
   from vlm.predict import chat
-  c = _tiny(fuyu.get_config("demo"), data_dir, 2)
-  c.model.lm_config.update(LM)
-  c.model.vision_config.width = LM["width"]
-  c.init.lm.path = str(llava[0] / "lm")
-  c.evals.vqa.max_examples = 16
-  out = train(c, tmp_path / "fuyu")
-  assert out["train/image_token_mismatch"] == 0.0 and 0.0 <= out["vqa/accuracy"] <= 1.0
-  p, lm = _params(tmp_path / "fuyu"), _params(llava[0] / "lm")
+  out = fuyu_run(data_dir, vlm_bed, tmp_path / "fuyu")
+  assert out["train/image_token_mismatch"] == 0.0
+  assert_learns_colour(out, tmp_path / "fuyu", 0.40, "Fuyu")
+  p, lm = _params(tmp_path / "fuyu"), _params(vlm_bed / "lm")
   assert set(k for k in p if k.startswith("vision/")) == {"vision/vision_embed/kernel", "vision/vision_embed/bias"}
   assert p["vision/vision_embed/kernel"].shape == (8 * 8 * 3, LM["width"])
   assert any(not np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
-  tokens = np.asarray(next(make_pipeline(c.data, split="train", batch_size=2, mesh=None, seed=0))["tokens"])[0]
+  data = load_workdir_config(tmp_path / "fuyu").data
+  tokens = np.asarray(next(make_pipeline(data, split="train", batch_size=2, mesh=None, seed=0))["tokens"])[0]
   start = int(np.argmax(tokens == 1000))
   assert tokens[start:start + 20].tolist() == ([1000] * 4 + [1006]) * 4
   img = tmp_path / "x.png"
@@ -408,25 +490,34 @@ def _params(workdir):
   return traverse_util.flatten_dict(checkpoint.load_params(workdir), sep="/")
 
 
-def test_stage1_trains_the_connector_only_from_the_clip_tower_and_the_lm(llava):
+def test_stage1_trains_the_connector_only_from_the_clip_tower_and_the_lm(llava, vlm_bed):
   root, out1, _ = llava
   assert np.isfinite(out1["train/loss"]) and out1["train/image_token_mismatch"] == 0.0
-  clip, lm, s1 = _params(root / "clip"), _params(root / "lm"), _params(root / "stage1")
+  clip, lm, s1 = _params(vlm_bed / "clip"), _params(vlm_bed / "lm"), _params(root / "stage1")
   vision = [k for k in s1 if k.startswith("vision/")]
   assert vision and all(np.array_equal(s1[k], clip["img/" + k[len("vision/"):]]) for k in vision)
   assert all(np.array_equal(s1[k], lm[k[len("lm/"):]]) for k in s1 if k.startswith("lm/"))
-  assert out1["train/grad_norm"] > 0  # ... so the connector, the only trainable part, moved
+  rows = [r for r in read_metrics(root / "stage1") if "train/loss" in r]
+  # ... so the connector, the only trainable part, learned to caption: 5.2 -> 4.0 measured in 30 steps.
+  assert np.mean([r["train/loss"] for r in rows[-5:]]) < np.mean([r["train/loss"] for r in rows[:5]]) - 0.5
 
 
-def test_stage2_tunes_lm_and_connector_keeps_vision_and_reports_vqa(llava):
+@pytest.mark.slow
+def test_stage2_learns_colour_questions_from_the_image(llava):
+  """LLaVA stage 2 (200 steps at batch 32 on "what colour is the large X?", LM and connector tuned,
+  vision frozen) answers from the image: exact match on 256 test questions, chance 12.5% (8 colours);
+  measured 71.1 / 58.2 / 62.9% (seeds 0-2), threshold 40%. Asked about another example's image the same
+  model falls to 10.5 / 9.8 / 9.4% (the LM's guess), a gap of 25 points or more."""
   root, _, out2 = llava
   s1, s2 = _params(root / "stage1"), _params(root / "stage2")
   assert all(np.array_equal(s2[k], s1[k]) for k in s2 if k.startswith("vision/"))
   assert not np.array_equal(s2["lm/embedding/embedding"], s1["lm/embedding/embedding"])
-  assert 0.0 <= out2["vqa/accuracy"] <= 1.0
+  above_chance(out2["vqa/accuracy"], 0.40, "LLaVA stage-2 colour VQA accuracy", baseline=0.125)
+  blind = vqa_accuracy(root / "stage2", shuffle_images=True)
+  assert out2["vqa/accuracy"] - blind > 0.25, (out2["vqa/accuracy"], blind)
 
 
-def test_export_cli_writes_what_transformers_loads(llava, tmp_path):
+def test_export_cli_writes_what_transformers_loads(llava, vlm_bed, tmp_path):
   """`python -m vlm.export` on the chain's workdirs: the LM demo as a Llama, stage 2 as a LLaVA; transformers'
   logits equal vlm's on the trained weights."""
   torch = pytest.importorskip("torch")
@@ -440,12 +531,13 @@ def test_export_cli_writes_what_transformers_loads(llava, tmp_path):
   from vlm.models import build_model
   root = llava[0]
   out = tmp_path / "lm_hf"
-  subprocess.run([sys.executable, "-m", "vlm.export", f"--workdir={root / 'lm'}", f"--out={out}"], check=True,
+  subprocess.run([sys.executable, "-m", "vlm.export", f"--workdir={vlm_bed / 'lm'}", f"--out={out}"], check=True,
                  cwd=Path(__file__).resolve().parents[1])
   hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   tokens = np.array([[3, 17, 250, 9, 400, 1]], np.int32)
-  cfg = load_workdir_config(root / "lm")
-  ours = build_model(cfg.model_name, cfg.model).apply({"params": checkpoint.load_params(root / "lm")}, jnp.asarray(tokens))
+  cfg = load_workdir_config(vlm_bed / "lm")
+  ours = build_model(cfg.model_name, cfg.model).apply({"params": checkpoint.load_params(vlm_bed / "lm")},
+                                                      jnp.asarray(tokens))
   with torch.no_grad():
     theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
@@ -459,7 +551,7 @@ def test_export_cli_writes_what_transformers_loads(llava, tmp_path):
     export(tmp_path / "fl", tmp_path / "fl_hf")
 
 
-def test_predict_prompt_answers_in_words(llava, tmp_path):
+def test_predict_prompt_answers_in_words(llava, vlm_bed, tmp_path):
   from PIL import Image
 
   from vlm.predict import chat
@@ -468,7 +560,7 @@ def test_predict_prompt_answers_in_words(llava, tmp_path):
   text = chat(llava[0] / "stage2", img, "what colour is the large circle?", max_new_tokens=4)
   assert isinstance(text, str)
   with pytest.raises(ValueError, match="not a VLM on a language model"):
-    chat(llava[0] / "clip", img, "what colour?")
+    chat(vlm_bed / "clip", img, "what colour?")
 
 
 @pytest.mark.parametrize("name,arg", [("llava_stage1", "demo"), ("llava_stage2", "demo"), ("frozen", "demo"),
@@ -540,32 +632,3 @@ def test_llava_next_recipes_agree_with_their_anyres_op(arg):
   assert "anyres/image_newline" in paths
   for pattern in c.frozen:
     assert any(re.fullmatch(pattern, p) for p in paths), pattern
-
-
-def test_llava_next_demo_chain_trains_the_whole_model(llava, data_dir, tmp_path):
-  """LLaVA-NeXT (tiny) on aspect-padded text-rich scenes: every example's placeholders match its AnyRes
-  token count, the whole model learns (the vision tower too, at lr_mults 0.1, as LLaVA-NeXT's stage
-  2), and the VQA eval and `predict --prompt` feed the views' layout to the model."""
-  from PIL import Image
-
-  from configs import llava_next
-  from vlm.predict import chat
-  c = _tiny(llava_next.get_config("demo"), data_dir, 2)
-  c.model.lm_config.update(LM)
-  c.model.vision_config.update(VISION)
-  c.init.vision.path, c.init.lm.path = str(llava[0] / "clip"), str(llava[0] / "lm")
-  c.evals.vqa.max_examples = 16
-  out = train(c, tmp_path / "next")
-  assert out["train/image_token_mismatch"] == 0.0 and 0.0 <= out["vqa/accuracy"] <= 1.0
-  p, clip, lm = _params(tmp_path / "next"), _params(llava[0] / "clip"), _params(llava[0] / "lm")
-  assert any(not np.array_equal(v, clip["img/" + k[7:]]) for k, v in p.items() if k.startswith("vision/"))
-  assert any(not np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
-  assert "anyres/image_newline" in p and "connector/fc1/kernel" in p
-  from vlm.data.pipeline import make_pipeline
-  batch = next(make_pipeline(c.data, split="train", batch_size=16, mesh=None, seed=0))
-  layout = np.asarray(batch["image_layout"])
-  assert np.asarray(batch["image"]).shape[1:] == (9, 32, 32, 3)
-  assert {tuple(r) for r in layout[:, :2].tolist()} >= {(4, 2), (2, 4)}  # tall and wide images
-  img = tmp_path / "x.png"
-  Image.fromarray(np.full((40, 90, 3), 120, np.uint8)).save(img)
-  assert isinstance(chat(tmp_path / "next", img, "what does the text say?", max_new_tokens=3), str)

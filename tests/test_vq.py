@@ -93,6 +93,7 @@ def test_shapes_and_errors():
   assert out.shape == (3, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_latent_tokens_one_dimensional_codes():
   """TiTok mode: K codes per image read from learned latent tokens, not one per patch."""
   model = VQTokenizer(**TINY, latent_tokens=5, image_size=16)
@@ -136,6 +137,7 @@ def test_objective_metrics():
   assert float(plain) == pytest.approx(float(expected), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_demo_config_learns(tmp_path, data_dir):
   """100 steps of a width-32 tokenizer on the embedded scenes, at lr 5e-3.
 

@@ -88,7 +88,11 @@ class VQAGenerate(GenerateAnswers):
     self.last_answers: list[str] = []
 
   def __call__(self, params) -> dict[str, float]:
-    arrays, _ = self.data()
+    return self.score(params, self.data()[0])
+
+  def score(self, params, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """The metrics on `arrays` (the split's arrays, self.data()[0], or a changed copy: e.g. another
+    example's images, to measure what the answers owe to the image)."""
     tok = get_tokenizer(self.config.data)
     self.last_answers = self.answers(params, arrays["image"], arrays["prompt"], arrays["prompt_mask"],
                                      arrays.get("prompt_instruction"), arrays.get("image_layout"))

@@ -30,13 +30,25 @@ import pytest  # noqa: E402
 # the slow tier (`pytest -m "not slow"` leaves it out); tests that train by themselves are marked
 # `@pytest.mark.slow` where they stand.
 TRAINED_FIXTURES = {"siglip_workdir", "vlm_bed", "coca_run", "coca_workdir", "llava", "blip2_stage1", "stages",
-                    "grounding_workdir", "flava_run"}
+                    "grounding_workdir", "flava_run", "vlmo_chain_run"}
 
 
+# Under xdist (pytest.ini: --dist=loadgroup) the tests of one trained fixture run on one worker: a
+# second worker asking for a run that is being built would wait on shared_run's lock, idle, for as long
+# as the build takes. Everything on the bed (the VLMs on an LM) is one group; a fixture built on another
+# (`stages` on `vlmo_chain_run`) joins the group of the one it is built on. tryfirst: xdist's own hook
+# reads the groups.
+GROUP_FIRST = ("vlm_bed", "vlmo_chain_run", "coca_run")
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
   for item in items:
-    if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+    used = TRAINED_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if used:
       item.add_marker(pytest.mark.slow)
+      group = next((f for f in GROUP_FIRST if f in used), min(used))
+      item.add_marker(pytest.mark.xdist_group(group))
 
 from helpers import TINY_DATA, TINY_LM, TINY_VISION, shrink  # noqa: E402
 

@@ -90,3 +90,25 @@ def flat_params(workdir) -> dict[str, np.ndarray]:
 
   from vlm import checkpoint
   return traverse_util.flatten_dict(checkpoint.load_params(workdir), sep="/")
+
+
+def ridge_probe_accuracy(train_x, train_y, test_x, test_y, lam: float = 0.01) -> float:
+  """Test accuracy of a ridge-regression classifier (one-hot targets, features standardised on the
+  training set, penalty lam * N) fitted on frozen features [N, ...] and string labels."""
+  train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
+  train_x, test_x = train_x.reshape(len(train_x), -1), test_x.reshape(len(test_x), -1)
+  mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+  train_x, test_x = (train_x - mu) / sd, (test_x - mu) / sd
+  classes = np.asarray(sorted(set(train_y)))
+  onehot = (np.asarray(train_y)[:, None] == classes[None]).astype(np.float64)
+  dual = np.linalg.solve(train_x @ train_x.T + lam * len(train_x) * np.eye(len(train_x)), onehot)
+  pred = classes[np.argmax(test_x @ train_x.T @ dual, 1)]
+  return float(np.mean(pred == np.asarray(test_y)))
+
+
+def text_answers(c, split: str):
+  """(images as the recipe's data.pp_eval makes them, answers) of its text-reading questions on `split`."""
+  from vlm.data import get_tokenizer
+  from vlm.data.pipeline import load_split_numpy
+  arrays, _ = load_split_numpy(c.data, split)
+  return arrays["image"], [a.strip() for a in get_tokenizer(c.data).decode_batch(arrays["answer"])]

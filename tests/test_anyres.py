@@ -347,8 +347,7 @@ def test_anyres_tiles_keep_the_text_that_a_single_tile_loses(vlm_bed, data_dir):
   (Training the tiny chain to read does not fit a test: the same holds as for Monkey,
   tests/test_monkey.py; the colour test below shows the chain learning.)"""
   from configs import llava_next
-  from helpers import TINY_VISION, above_chance, shrink
-  from test_monkey import ridge_probe_accuracy, text_answers
+  from helpers import TINY_VISION, above_chance, ridge_probe_accuracy, shrink, text_answers
   from vlm import checkpoint
   from vlm.models.vit import ViT
   params = checkpoint.load_params(vlm_bed / "clip")["img"]

@@ -258,6 +258,24 @@ def test_prefetch_keeps_the_stream_and_the_consumers_state(config):
         next(resumed)
 
 
+def test_read_threads_keep_the_stream_and_its_resume_state(config):
+    """data.read_threads > 0 (grain's thread read-ahead) yields the same batches, and a state taken
+    from it resumes a read_threads = 0 pipeline at the same place; negative values are refused."""
+    plain, threaded = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+    plain.prefetch = threaded.prefetch = 0
+    plain.read_threads, threaded.read_threads = 0, 3
+    a = make_pipeline(plain, split="train", batch_size=8, mesh=None, seed=4)
+    b = make_pipeline(threaded, split="train", batch_size=8, mesh=None, seed=4)
+    for _ in range(3):
+        _batches_equal(next(a), next(b))
+    resumed = make_pipeline(plain, split="train", batch_size=8, mesh=None, seed=4)
+    resumed.set_state(b.get_state())
+    _batches_equal(next(resumed), next(a))
+    threaded.read_threads = -1
+    with pytest.raises(ValueError, match="data.read_threads"):
+        make_pipeline(threaded, split="train", batch_size=8, mesh=None, seed=4)
+
+
 def _iterator(n: int, fail_at: int | None, prefetch: int):
     import grain
     from vlm.data.pipeline import DataIterator

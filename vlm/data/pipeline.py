@@ -87,7 +87,7 @@ Config keys (`config.data`, see `get_default_config`):
     read_threads  threads preprocessing examples ahead inside each process (grain.ReadOptions;
                   default 0: examples are made one after another on the thread that batches them,
                   the prefetch thread above). grain's own default, 16 threads with 500 examples
-                  buffered, polls its whole buffer for every example: on the 2-core CPU it cost 57%
+                  buffered, polls its whole buffer for every example: on the 2-core CPU it cost 57-74%
                   more CPU per batch of the SigLIP demo (222-245 vs 141 ms per 128 examples)
     strict        raise on a bad example instead of skipping it
     image_root    jsonl:/csv:/docs: manifests: the directory image paths are relative to (None, default:

@@ -16,6 +16,24 @@ TINY_VISION = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8)
 TINY_TOWER = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
 
 
+IMAGE_TOKENS = 16  # TINY_VISION's image tokens at 32 px
+
+
+def tiny_vision_lm(**kw):
+  """A LLaVA-style VisionLanguageModel of TINY_LM and TINY_VISION (features of the second-last block);
+  `kw` sets other fields (connector_type, num_soft_prompts, ...)."""
+  from vlm.models.vision_lm import VisionLanguageModel
+  return VisionLanguageModel(lm_config=TINY_LM, vision_config=TINY_VISION, feature_layer=-2, **kw)
+
+
+def image_prompt(batch: int, images_per_row: int = 1, tail=(270, 268, 301)):
+  """Token rows [batch, L] for tiny_vision_lm: BOS, <|user|>, IMAGE_TOKENS image placeholders per image,
+  then `tail` (text ids)."""
+  import jax.numpy as jnp
+  row = [3, 1002] + [1000] * (IMAGE_TOKENS * images_per_row) + list(tail)
+  return jnp.asarray(np.tile(row, (batch, 1)), jnp.int32)
+
+
 def shrink(c, data_dir, steps: int, batch_size: int = 16, warmup_steps: int = 1):
   """Config `c` (a demo recipe) on the tiny embedded data: `steps` steps of `batch_size`, a log line
   every step, one checkpoint at the end, no TensorBoard. Model sizes and evals are left as they are."""
@@ -112,3 +130,4 @@ def text_answers(c, split: str):
   from vlm.data.pipeline import load_split_numpy
   arrays, _ = load_split_numpy(c.data, split)
   return arrays["image"], [a.strip() for a in get_tokenizer(c.data).decode_batch(arrays["answer"])]
+

@@ -244,6 +244,7 @@ def _hf_llava_next(path):
   return hf
 
 
+@pytest.mark.slow
 def test_llava_next_logits_match_hf(tmp_path):
   """LlavaNextForConditionalGeneration imported by vlm.convert: the pp op `anyres`'s views, layout and
   placeholder count + VisionLanguageModel(anyres=...) give HF's logits for images of several shapes."""

@@ -60,6 +60,7 @@ def test_attentional_pooler_shapes_and_masking():
   assert np.abs(pooler.apply(params, x3, mask)[0] - out[0]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_text_tokens_never_see_the_future(coca):
   model, params, images, tokens = coca
   _, _, out = model.apply({"params": params}, images, tokens)
@@ -83,6 +84,7 @@ def test_unimodal_layers_and_text_embedding_never_see_the_image(coca):
   assert aux["unimodal"].shape == (3, L, 32)
 
 
+@pytest.mark.slow
 def test_cls_sees_the_whole_caption_but_not_padding(coca):
   model, params, _, tokens = coca
   z = model.apply({"params": params}, tokens, method=model.encode_text)[0]
@@ -118,6 +120,7 @@ def test_loss_is_weighted_sum_and_ignores_padding(coca):
 
 @pytest.mark.parametrize("method,kw", [("greedy", {}), ("beam", dict(num_beams=3)),
                                        ("sample", dict(top_k=5, temperature=0.8))])
+@pytest.mark.slow
 def test_cached_and_uncached_decoding_give_the_same_tokens(coca, method, kw):
   model, params, images, _ = coca
   rng = jax.random.key(7) if method == "sample" else None

@@ -64,6 +64,7 @@ def assert_tree_close(a, b) -> None:
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **TOL), a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["all_gather", "ring"])
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("mesh_name,batch", CASES)

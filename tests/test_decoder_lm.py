@@ -74,6 +74,7 @@ def _padded_batch():
   return ids, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_import_and_logits_match_hf(arch, tmp_root):
   hf, model, params, kwargs = _imported(arch, tmp_root)
@@ -110,6 +111,7 @@ def _hf_greedy(hf, ids, mask):
   return np.pad(new, ((0, 0), (0, NEW - new.shape[1])), constant_values=PAD)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_greedy_generation_matches_hf(arch, tmp_root):
   hf, model, params, _ = _imported(arch, tmp_root)
@@ -144,6 +146,7 @@ def _small_model(**kw):
                                 dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=4,
                                                        beta_fast=32.0, beta_slow=1.0, truncate=True,
                                                        attention_factor=1.2))])
+@pytest.mark.slow
 def test_cached_decoding_equals_uncached_forward(kw):
   model, params = _small_model(**kw)
   rng = np.random.default_rng(2)
@@ -185,6 +188,7 @@ def test_rope_off_keeps_attention_unchanged():
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y2), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_and_registry():
   model, params = _small_model(remat_policy="full")
   toks = jnp.ones((2, 4), jnp.int32)
@@ -282,6 +286,7 @@ def _rope_llama(rope_type):
   return lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_parameters=rp))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rope_type", list(ROPE))
 def test_scaled_rope_matches_hf(rope_type, tmp_path):
   """Each rope_type, from a 4.x-style file (rope_theta + rope_scaling), on 40 tokens (> ORIG): HF's logits;
@@ -299,6 +304,7 @@ def test_scaled_rope_matches_hf(rope_type, tmp_path):
   assert diff <= TOL and off > 100 * TOL
 
 
+@pytest.mark.slow
 def test_dynamic_rope_cached_decoding_matches_hf_generate(tmp_path):
   """NTK-dynamic under KV caching: each step's frequencies follow its own length (as HF's generate from a
   fresh model), so our cached logits equal HF's at every step while the prompt + new tokens cross
@@ -424,6 +430,7 @@ def test_scan_layers_with_remat_and_dropout_trains():
   assert losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.slow
 def test_scan_layers_cached_greedy_and_beam_equal_unrolled():
   model, scanned, params, stacked = _scan_pair()
   rng = np.random.default_rng(4)

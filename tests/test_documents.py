@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
-from test_vision_lm import LM, VISION
+from helpers import TINY_LM as LM, TINY_VISION as VISION
 
 from vlm.data import embedded, get_tokenizer, make_pipeline, sources
 from vlm.data.conversation import chat_tokenizer_from_config

@@ -74,6 +74,7 @@ def _greedy_uncached(model, params, prompt, steps, allowed):
   return rows[:, n:n + steps]
 
 
+@pytest.mark.slow
 def test_cached_generation_matches_uncached_both_ways(setup):
   model, params, images, text = setup
   vocab = jnp.arange(OFFSET + 64)
@@ -92,6 +93,7 @@ def test_cached_generation_matches_uncached_both_ways(setup):
     np.testing.assert_array_equal(ids[i:i + 1], want)
 
 
+@pytest.mark.slow
 def test_one_dimensional_tokenizer():
   """With a 1-D (latent-token) tokenizer, rows hold K codes and generation renders K codes."""
   model = EarlyFusionLM(lm=dict(vocab_size=OFFSET + 64, width=32, depth=1, num_heads=2, mlp_dim=64),
@@ -109,6 +111,7 @@ def test_one_dimensional_tokenizer():
   assert ids.shape == (2, 3) and pixels.shape == (2, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_objective_trains_the_decoder_not_the_tokenizer(setup):
   model, params, images, text = setup
   objective = build_objective("early_fusion", dict(image_first_prob=0.5))
@@ -192,6 +195,7 @@ def test_text_to_image_names_a_missing_judge(setup):
     TextToImage(config=chameleon.get_config("demo"), model=model, mesh=None, prefix="t2i", judge="/nonexistent")
 
 
+@pytest.mark.slow
 def test_classifier_free_guidance_matches_uncached(setup):
   """guidance g: argmax of l_u + g (l_c - l_u), l_u continuing [BOS, BOI], row by row without a cache."""
   model, params, _, text = setup

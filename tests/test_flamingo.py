@@ -204,6 +204,7 @@ def test_cached_generation_equals_uncached_greedy():
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(seq[:, p:]))
 
 
+@pytest.mark.slow
 def test_teacher_forced_steps_match_the_full_forward():
   """Token-by-token cached logits == the uncached logits, incl. an image placeholder fed after the
   first token (the cached token history moves later tokens to the next image), and without images."""
@@ -270,6 +271,7 @@ def _hf_image_mask(tokens, num_media, tokens_per_media):
   return torch.tensor(additive), torch.tensor(m.any(-1)[:, 0].astype(np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qk", [True, False])
 def test_perceiver_resampler_matches_hf(qk):
   cfg = _hf_config(qk=qk)

@@ -119,6 +119,7 @@ def test_masked_patches_are_replaced_by_the_mask_token():
 
 # --- the model ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_shapes_and_parameters(flava):
   model, params, batch = flava
   b = batch["text"].shape[0]
@@ -152,6 +153,7 @@ def test_text_padding_is_masked_and_bos_is_cls(flava):
   assert np.abs(model.apply({"params": params}, t2, method=model.encode_text)[0] - z).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_tokenizer_grid_must_match_the_patch_grid(flava):
   _, _, batch = flava
   model = tiny_flava(tokenizer=dict(TOK, patch_size=4))
@@ -220,6 +222,7 @@ def test_without_tokenizer_the_other_terms_train(flava):
   assert "mim_loss" not in m and "mmm_image_loss" not in m
 
 
+@pytest.mark.slow
 def test_sharded_objective_matches_single_device(flava, terms):
   """On 8 data devices the masks and every term but ITM (its negatives are drawn per device) match."""
   model, params, _ = flava
@@ -278,6 +281,7 @@ def flava_equal(flava):
       lambda p, b: obj(model, p, b, rng=jax.random.key(3), train=False)[1])
 
 
+@pytest.mark.slow
 def test_mmm_reads_the_fused_states_and_mlm_mim_the_unimodal_ones(flava_equal):
   """Through the objective: another image moves MMM-text (the fused encoder attends to the image) and
   leaves MLM exactly as it was; another text moves MMM-image and leaves MIM; other multimodal-encoder
@@ -325,6 +329,7 @@ class OracleFLAVA(FLAVA):
     return self.get_variable("params", "oracle")
 
 
+@pytest.mark.slow
 def test_mim_targets_are_the_frozen_tokenizers_codes_of_the_unmasked_image(flava):
   """The targets of MIM and MMM-image are VQTokenizer.encode of the unmasked images (computed here with
   the tokenizer alone, on FLAVA's 'tokenizer' parameters) in the ViT's row-major patch order, so
@@ -364,6 +369,7 @@ def test_mim_targets_are_the_frozen_tokenizers_codes_of_the_unmasked_image(flava
     assert not np.asarray(g).any(), f"tokenizer/{path} got a gradient"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hard", [True, False])
 def test_objective_draws_itm_negatives_from_the_whole_global_batch(flava, monkeypatch, hard):
   """On 8 devices (8 pairs each) the objective samples with the mesh over the global batch of 64 and fuses

@@ -144,6 +144,7 @@ def _logits(hf, kwargs, params, seed=0):
 DEFAULTS_CASE = dict(theta=10000.0, hidden_act="gelu", layer_norm_eps=1e-2)
 
 
+@pytest.mark.slow
 def test_hub_style_defaults_and_non_default_values(tmp_path):
   hf, path = _save_and_load(_make(**DEFAULTS_CASE), tmp_path / "fuyu")
   written = json.load(open(f"{path}/config.json"))["text_config"]
@@ -346,6 +347,7 @@ def test_partial_rotary_matches_persimmon():
     rotary_dims(8, 0.2)  # 1 channel: no pair to rotate
 
 
+@pytest.mark.slow
 def test_persimmon_decoder_cached_decoding_equals_forward():
   model = DecoderLM(**LLAMA, norm_type="layer", qk_norm="layer", rotary_fraction=0.5, mlp_act="relu2",
                     qkv_bias=True, out_bias=True, mlp_bias=True, norm_eps=1e-5)

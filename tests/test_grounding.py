@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_DATA, shared_run
-from test_vision_lm import LM, VISION, _model, _tokens
+from helpers import TINY_LM as LM, TINY_VISION as VISION, image_prompt, tiny_vision_lm
 
 from vlm import decoding
 from vlm.data import grounding
@@ -137,12 +137,13 @@ def test_guided_step_fn_mixes_the_two_streams():
   assert logits[1, 0, 1] < -1e30 and int(jnp.argmax(logits[1, 0])) == 2
 
 
+@pytest.mark.slow
 def test_crg_is_plain_decoding_against_the_same_image_and_the_formula_otherwise():
-  m = _model()
+  m = tiny_vision_lm()
   rng = np.random.default_rng(0)
   imgs = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   other = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
-  prompt = _tokens(2)
+  prompt = image_prompt(2)
   params = jax.jit(m.init)(jax.random.key(0), imgs, prompt)["params"]
   kw = dict(mask=jnp.ones_like(prompt), max_new_tokens=3, eos_id=-1)
   plain = generate(m, params, imgs, prompt, **kw).tokens

@@ -120,6 +120,7 @@ def _hf_logits(hf, ids, pixels):
     return hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
 
 
+@pytest.mark.slow
 def test_logits_match_hf(imported):
   hf, model, params, _, _ = imported
   rng = np.random.default_rng(0)
@@ -166,6 +167,7 @@ def _replaced(kwargs, keys, value):
   return out
 
 
+@pytest.mark.slow
 def test_non_default_values_would_show(imported):
   """Each non-default value of the file, replaced by transformers' default (what an importer ignoring the key
   would produce), moves the logits by more than 1e-3: the parity test would catch it."""

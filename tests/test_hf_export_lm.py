@@ -139,6 +139,7 @@ def _lm_kwargs(**kw):
   return dict(dict(vocab_size=VOCAB, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RANDOM_LMS))
 def test_random_decoder_lm_exports_with_its_logits(case, tmp_path):
   extra, mt = RANDOM_LMS[case]
@@ -177,6 +178,7 @@ def test_lora_is_merged_on_export(tmp_path):
   assert diff <= TOL and np.abs(base - ours)[mask].max() > 100 * TOL
 
 
+@pytest.mark.slow
 def test_export_refuses_what_hf_cannot_express(tmp_path):
   for kw, match in ((dict(qk_norm="rms"), "qk_norm='rms' is not expressible"),
                     (dict(norm_type="layer"), "norm_type='layer'"),
@@ -222,6 +224,7 @@ def test_hf_llava_import_export_round_trip(case, tmp_root, tmp_path):
   assert wdiff <= 1e-6 and diff <= TOL
 
 
+@pytest.mark.slow
 def test_hf_llava_next_import_export_round_trip(tmp_root, tmp_path):
   hf, model, params, kwargs, _ = llava._imported_next(tmp_root)
   config = export_hf_lm("vision_lm", kwargs, params, tmp_path)
@@ -246,6 +249,7 @@ def _random_llava():
   return model, kwargs, jax.tree.map(np.asarray, params)
 
 
+@pytest.mark.slow
 def test_random_llava_exports_with_its_logits(tmp_path):
   model, kwargs, params = _random_llava()
   config = export_hf_llava(kwargs, params, tmp_path)

@@ -83,6 +83,7 @@ def _ours(path, pixels, ids, scan=False, change=None):
   return {k: np.asarray(v) for k, v in out.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_flava_parity(tmp_path, scan):
   torch.manual_seed(0)
@@ -138,6 +139,7 @@ def test_flava_import_reports_missing_tensors(tmp_path):
     import_hf(tmp_path)
 
 
+@pytest.mark.slow
 def test_fuse_prenorm_full_model():
   """FLAVA(fuse_prenorm=True) runs every head; the towers' final norms move to img_norm / txt_norm."""
   import jax

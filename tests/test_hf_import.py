@@ -80,6 +80,7 @@ def _check(a, b):
     np.testing.assert_allclose(x, y, atol=TOL, rtol=0, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eos_token_id", [2, 49])  # 2: legacy argmax pooling; else first EOS
 def test_clip_parity_and_roundtrip(tmp_path, eos_token_id):
   torch.manual_seed(0)

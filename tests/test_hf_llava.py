@@ -106,6 +106,7 @@ def _nhwc(pixels):
   return jnp.asarray(pixels.transpose(0, 2, 3, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_hf(case, tmp_root):
   hf, model, params, kwargs, path = _imported(case, tmp_root)
@@ -263,6 +264,7 @@ def _next_logits_diff(hf, model, params, kwargs):
   return max(float(np.abs(ours[i, :n] - theirs[i, :n]).max()) for i, n in enumerate(lengths))
 
 
+@pytest.mark.slow
 def test_llava_next_hub_style_logits_match_hf(tmp_root):
   hf, model, params, kwargs, path = _imported_next(tmp_root)
   file_cfg = json.load(open(f"{path}/config.json"))

@@ -26,6 +26,7 @@ def _model(k: int = 4, heads: int = 4) -> tuple[Llip, dict, dict, dict]:
   return model, params, img, txt
 
 
+@pytest.mark.slow
 def test_image_embedding_changes_with_the_caption():
   _, _, img, txt = _model()
   assert img["keys"].shape == img["values"].shape == (3, 4, 4, 8)
@@ -43,6 +44,7 @@ def test_image_embedding_changes_with_the_caption():
   np.testing.assert_allclose(z1, jnp.broadcast_to(z1[:, :1], z1.shape), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_similarity_matches_a_per_pair_loop():
   """Eq. of Llip sec. 3, pair by pair, head by head, in float64 numpy."""
   _, _, img, txt = _model(heads=2)

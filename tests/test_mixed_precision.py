@@ -67,6 +67,7 @@ def _dot_dtypes(jaxpr) -> list:
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [siglip, coca, llava], ids=["siglip", "coca", "llava"])
 def test_bfloat16_reaches_every_matmul_and_keeps_params_and_loss_float32(recipe, data_dir):
   from vlm.optim import build_optimizer

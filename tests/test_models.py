@@ -30,6 +30,7 @@ def test_vit_abstract_shapes_of_b16():
   assert 85e6 < n < 87e6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool_type,class_token", [("map", False), ("gap", False), ("cls", True), ("none", False)])
 def test_vit_pooling(pool_type, class_token):
   vit = ViT(variant="mu/8", depth=2, pool_type=pool_type, class_token=class_token, return_all_layers=True)
@@ -71,6 +72,7 @@ def test_text_causal_masks_future_tokens():
   assert not np.allclose(aux_a["encoded"][:, 2:], aux_b["encoded"][:, 2:])
 
 
+@pytest.mark.slow
 def test_text_padding_mask_makes_padding_irrelevant():
   tx = TextTransformer(vocab_size=20, variant="mu", depth=2, pool_type="gap", padding_mask=True, pad_id=0)
   a = jnp.array([[3, 4, 5, 0, 0]])
@@ -86,6 +88,7 @@ def _two_tower(**kw):
       text=dict(variant="mu", depth=1, vocab_size=30, out_dim=16), **kw))
 
 
+@pytest.mark.slow
 def test_two_tower_inits_and_normalised_embeddings():
   x, t = jnp.ones((2, 16, 16, 3)), jnp.ones((2, 8), jnp.int32)
   siglip = _two_tower()
@@ -105,6 +108,7 @@ def test_two_tower_inits_and_normalised_embeddings():
   np.testing.assert_allclose(out["scale"], 100.0)  # CLIP clamps the scale at 100
 
 
+@pytest.mark.slow
 def test_lit_frozen_tower_gets_no_gradient():
   x, t = jnp.ones((2, 16, 16, 3)), jnp.arange(16).reshape(2, 8) % 30
   lit = _two_tower(frozen=("image",))
@@ -122,6 +126,7 @@ def test_lit_frozen_tower_gets_no_gradient():
     _two_tower(frozen=("vision",)).init(jax.random.key(0), x, t)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_params():
   x, t = jnp.ones((2, 16, 16, 3)), jnp.arange(16).reshape(2, 8) % 30
   m = build_model("two_tower", dict(

@@ -62,6 +62,7 @@ def _merged_vit_params(params, k):
   return traverse_util.unflatten_dict(out)
 
 
+@pytest.mark.slow
 def test_window_k_uses_lora_set_k_and_the_global_view_none():
   m = _monkey()
   x = _images()
@@ -116,6 +117,7 @@ def test_lora_sets_name_what_matches_nothing():
     M().init(jax.random.key(0), jnp.ones((2, 4)))
 
 
+@pytest.mark.slow
 def test_resampler_shapes_positions_and_mask():
   r = QwenVLResampler(num_queries=9, num_heads=2, width=16, out_dim=12)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 8)), jnp.float32)

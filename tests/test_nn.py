@@ -27,6 +27,7 @@ def _reference_attention(params, x, kv, mask, causal, n, k):
   return jnp.einsum("btnh,nhd->btd", out, params["out"]["kernel"]) + params["out"]["bias"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_matches_reference(num_kv_heads, causal):
@@ -104,6 +105,7 @@ def test_sincos2d_and_resample():
     resample_posemb(jnp.zeros((1, 15, 3)), (4, 4))
 
 
+@pytest.mark.slow
 def test_poolers():
   x = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
   tokens = jnp.array([[5, 9, 2, 0], [5, 7, 8, 2]])
@@ -122,6 +124,7 @@ def test_poolers():
     pool(x, "max")
 
 
+@pytest.mark.slow
 def test_scan_equals_loop_and_remat_equals_plain():
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   kw = dict(depth=3, num_heads=2, mlp_dim=32)

@@ -37,6 +37,7 @@ def _right_pad(seqs):
   return jnp.asarray(np.stack([np.r_[s, [PAD] * (width - len(s))] for s in seqs]), jnp.int32)
 
 
+@pytest.mark.slow
 def test_decoder_packed_row_equals_each_sequence_alone():
   rng = np.random.default_rng(0)
   seqs = [rng.integers(3, 900, n) for n in (5, 7, 3)]
@@ -57,6 +58,7 @@ def test_decoder_packed_row_equals_each_sequence_alone():
   assert not np.allclose(plain[5:12], packed[5:12], atol=1e-3)  # unpacked, later sequences see earlier ones
 
 
+@pytest.mark.slow
 def test_vision_lm_packed_examples_get_their_own_images():
   m = VisionLanguageModel(lm_config=LM, vision_config=VISION, feature_layer=-2)
   rng = np.random.default_rng(1)

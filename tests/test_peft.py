@@ -93,6 +93,7 @@ def _setup(name):
   return plain, model, boxed, nn.meta.unbox(boxed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_peft_leaves_at_the_targets_and_the_base_model_at_init(name):
   kw, args, out, cfg = CASES[name]
@@ -121,6 +122,7 @@ def test_peft_leaves_at_the_targets_and_the_base_model_at_init(name):
     assert o["lora_a"].names == ("heads", None) and o["lora_b"].names == (None, "embed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_merged_lora_with_the_plain_model_equals_peft(name):
   kw, args, out, cfg = CASES[name]
@@ -175,6 +177,7 @@ def test_lora_dropout_only_in_training():
   assert float(jnp.abs(run(True, 0) - run(True, 1)).max()) > 1e-4
 
 
+@pytest.mark.slow
 def test_optimizer_trains_only_peft_params():
   _, model, _, params = _setup("decoder_lm")
   cfg = dict(CASES["decoder_lm"][3], train_also=[r"norm/scale"])

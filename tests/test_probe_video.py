@@ -115,6 +115,7 @@ def _init(model: nn.Module, mesh, *args):
                                jax.random.key(0))[0]
 
 
+@pytest.mark.slow
 def test_probe_on_a_random_two_tower(data_dir):
   """Top-1 in [0, 1], the same on a second call, and the model's parameters untouched."""
   c = siglip_b16.get_config("demo")
@@ -177,6 +178,7 @@ def colour_manifest(tmp_path_factory, data_dir):
   return data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("informative", [True, False], ids=["colour_tokens", "constant_tokens"])
 def test_probe_learns_from_informative_tokens_only(colour_manifest, informative):
   """The can-fail check: tokens that encode the label give a near-perfect probe, constant tokens chance."""

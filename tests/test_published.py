@@ -68,6 +68,7 @@ def _reference(d, attention_mask=False):
     return torch.sigmoid(model(**inputs).logits_per_image[0]).numpy()
 
 
+@pytest.mark.slow
 def test_predict_on_a_hub_directory_matches_transformers(siglip_dir):
   from vlm.predict import predict
   ref = _reference(siglip_dir)

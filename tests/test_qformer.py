@@ -52,6 +52,7 @@ def _perturbed(module, torch):
   return module.eval()
 
 
+@pytest.mark.slow
 def test_qformer_matches_hf_blip2_qformer_model():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -99,6 +100,7 @@ def _hf_retrieval(torch, transformers):
   return _perturbed(transformers.Blip2ForImageTextRetrieval(cfg), torch)
 
 
+@pytest.mark.slow
 def test_stage1_model_matches_hf_blip2_for_image_text_retrieval(tmp_path):
   """Vision features (our ViT), ITC max-over-queries similarities and ITM logits of the whole model."""
   torch = pytest.importorskip("torch")
@@ -189,6 +191,7 @@ def test_multimodal_causal_mode(qformer):
   assert not np.allclose(_run(qformer, query, ids.at[:, 3].set(50), image, "bidirectional")[:, :Q], bi[:, :Q])
 
 
+@pytest.mark.slow
 def test_padded_text_is_never_attended(qformer):
   query, ids, image = _inputs()
   for mode in ("unimodal", "bidirectional", "multimodal_causal"):
@@ -252,6 +255,7 @@ def _sharded(x, mesh):
   return jax.device_put(x, NamedSharding(mesh, P(parallel.data_axes(mesh), *([None] * (np.ndim(x) - 1)))))
 
 
+@pytest.mark.slow
 def test_model_api_shapes():
   m = _tiny_model()
   batch = _batch(2)
@@ -305,6 +309,7 @@ def test_itc_is_max_over_queries_and_hard_negatives_skip_positives():
   np.testing.assert_array_equal(np.asarray(ni), masked.T.argmax(1))
 
 
+@pytest.mark.slow
 def test_objective_on_8_devices_matches_one_and_has_finite_gradients():
   m = _tiny_model(freeze_image=True)
   batch = _batch()

@@ -68,6 +68,7 @@ def _one_step(mesh, batch, impl):
   return jax.device_get(state.params), float(metrics["loss"]), float(metrics2["loss"]), state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["all_gather", "ring"])
 def test_sharded_step_equals_single_device(impl):
   rng = np.random.default_rng(0)
@@ -106,6 +107,7 @@ def _compile_at_scale():
   return module
 
 
+@pytest.mark.slow
 def test_abstract_train_state_matches_create_train_state_and_compiles_the_real_step():
   """abstract_train_state = create_train_state without arrays (shapes, dtypes, shardings, also of a
   frozen subtree's MaskedNodes and Adafactor's factored statistics), and the step compiled on it runs

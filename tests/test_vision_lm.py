@@ -9,7 +9,8 @@ import pytest
 from flax import traverse_util
 
 from conftest import shared_run
-from helpers import TINY_LM, TINY_VISION, above_chance, shrink, tiny_vlm, vqa_accuracy
+from helpers import (IMAGE_TOKENS, TINY_LM, TINY_VISION, above_chance, image_prompt, shrink, tiny_vision_lm, tiny_vlm,
+                     vqa_accuracy)
 from vlm import checkpoint
 from vlm.data.conversation import DEFAULT_SPECIALS, IMAGE, ChatTokenizer, build_turns, check_conversation_config
 from vlm.models.vision_lm import VisionLanguageModel, generate
@@ -17,7 +18,7 @@ from vlm.metrics_writer import read_metrics
 from vlm.train import train
 
 LM, VISION = TINY_LM, TINY_VISION
-N = 16  # image tokens of a 32 px image with 8 px patches
+N = IMAGE_TOKENS
 
 
 class _FakeSP:
@@ -89,6 +90,7 @@ QFORMER = dict(image=dict(VISION, class_token=True, pool_type="none"),
                num_query_tokens=4, embed_dim=16, freeze_image=True, dec_id=1000)
 
 
+@pytest.mark.slow
 def test_instruction_aware_qformer_reads_the_instruction():
   """The BLIP-2 connector with an instruction: queries and instruction attend to each other, so
   different instructions give different image tokens; an all-padding instruction equals none."""
@@ -108,26 +110,18 @@ def test_instruction_aware_qformer_reads_the_instruction():
     nxt = jnp.argmax(m.apply({"params": params}, imgs, seq, instr)[:, -1], -1)
     seq = jnp.concatenate([seq, nxt[:, None]], 1)
   np.testing.assert_array_equal(out.tokens, seq[:, prompt.shape[1]:])
-  vit = _model()
-  vparams = jax.jit(vit.init)(jax.random.key(0), imgs, _tokens(2))["params"]
+  vit = tiny_vision_lm()
+  vparams = jax.jit(vit.init)(jax.random.key(0), imgs, image_prompt(2))["params"]
   with pytest.raises(ValueError, match="a ViT image encoder reads no text"):
-    vit.apply({"params": vparams}, imgs, _tokens(2), instr)
+    vit.apply({"params": vparams}, imgs, image_prompt(2), instr)
 
 
-def _model(**kw):
-  return VisionLanguageModel(lm_config=LM, vision_config=VISION, feature_layer=-2, **kw)
-
-
-def _tokens(b, images_per_row=1, tail=(270, 268, 301)):
-  row = [3, 1002] + [1000] * (N * images_per_row) + list(tail)
-  return jnp.asarray(np.tile(row, (b, 1)), jnp.int32)
-
-
+@pytest.mark.slow
 def test_image_embeddings_land_at_the_placeholders_in_order():
-  m = _model()
+  m = tiny_vision_lm()
   rng = np.random.default_rng(0)
   imgs = jnp.asarray(rng.uniform(-1, 1, (2, 2, 32, 32, 3)), jnp.float32)  # two images per row
-  toks = _tokens(2, images_per_row=2)
+  toks = image_prompt(2, images_per_row=2)
   params = jax.jit(m.init)(jax.random.key(0), imgs, toks)["params"]
   emb = m.apply({"params": params}, toks, imgs, method=VisionLanguageModel.embed)
   feats = m.apply({"params": params}, imgs, method=VisionLanguageModel.encode_images)  # [B, 2N, D]
@@ -142,7 +136,7 @@ def test_image_embeddings_land_at_the_placeholders_in_order():
   _, stats = m.apply({"params": params}, imgs, toks, return_stats=True)
   assert float(stats["image_token_mismatch"]) == 0.0
   # A row of M images may use a whole number of them (documents with fewer images than M), no more.
-  _, stats = m.apply({"params": params}, imgs, _tokens(2, images_per_row=1), return_stats=True)
+  _, stats = m.apply({"params": params}, imgs, image_prompt(2, images_per_row=1), return_stats=True)
   assert float(stats["image_token_mismatch"]) == 0.0  # the first image's N placeholders
   half = jnp.asarray(np.tile([3, 1002] + [1000] * (N // 2) + [270], (2, 1)), jnp.int32)
   _, stats = m.apply({"params": params}, imgs, half, return_stats=True)
@@ -151,10 +145,11 @@ def test_image_embeddings_land_at_the_placeholders_in_order():
   assert float(stats["image_token_mismatch"]) == 1.0  # one image per row: all N placeholders
 
 
+@pytest.mark.slow
 def test_cached_generation_equals_uncached_greedy_and_ignores_left_padding():
-  m = _model()
+  m = tiny_vision_lm()
   imgs = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
-  prompt = _tokens(2)
+  prompt = image_prompt(2)
   params = jax.jit(m.init)(jax.random.key(0), imgs, prompt)["params"]
   out = generate(m, params, imgs, prompt, mask=jnp.ones_like(prompt), max_new_tokens=4, eos_id=-1)
   seq = prompt
@@ -171,7 +166,7 @@ def test_soft_prompts_fill_their_placeholders_after_bos():
   chat = ChatTokenizer(_FakeSP(), image_tokens=N, soft_prompts=2)
   ids, loss = chat.encode([("user", IMAGE + "what?"), ("assistant", "red")])
   assert ids[:3] == [3, 1004, 1004] and loss[:3] == [0, 0, 0]
-  m = _model(num_soft_prompts=2)
+  m = tiny_vision_lm(num_soft_prompts=2)
   toks = jnp.asarray([ids], jnp.int32)
   imgs = jnp.zeros((1, 32, 32, 3))
   params = jax.jit(m.init)(jax.random.key(0), imgs, toks)["params"]
@@ -183,12 +178,12 @@ def test_soft_prompts_fill_their_placeholders_after_bos():
 def test_connectors_and_frozen_style_prefix():
   imgs = jnp.zeros((1, 32, 32, 3))
   for kind, shapes in (("linear", {"proj"}), ("mlp", {"fc1", "fc2"})):
-    m = _model(connector_type=kind)
-    p = jax.jit(m.init)(jax.random.key(0), imgs, _tokens(1))["params"]
+    m = tiny_vision_lm(connector_type=kind)
+    p = jax.jit(m.init)(jax.random.key(0), imgs, image_prompt(1))["params"]
     assert set(p["connector"]) == shapes
   # Frozen: one pooled feature -> 4 prefix embeddings.
   m = VisionLanguageModel(lm_config=LM, vision_config=VISION, pool="gap", connector_type="linear", prefix_tokens=4)
-  p = jax.jit(m.init)(jax.random.key(0), imgs, _tokens(1))["params"]
+  p = jax.jit(m.init)(jax.random.key(0), imgs, image_prompt(1))["params"]
   assert m.apply({"params": p}, imgs, method=VisionLanguageModel.encode_images).shape == (1, 4, LM["width"])
 
 
@@ -240,9 +235,12 @@ def _llava_chain(data_dir, bed, root):
 # with shuffle_images), so the answers come from the image, not from the LM's guess.
 
 
-def colour_run(c, data_dir, workdir, steps: int = 200, seed: int = 0) -> dict:
-  """Train the VLM recipe `c` (tiny sizes already set) on colour questions; its final metrics."""
+def colour_run(c, data_dir, workdir, steps: int = 200, seed: int = 0, lr: float | None = None) -> dict:
+  """Train the VLM recipe `c` (tiny sizes already set) on colour questions (at `lr` if given instead of
+  the recipe's); its final metrics."""
   shrink(c, data_dir, steps, batch_size=32)
+  if lr is not None:
+    c.lr = lr
   c.data.question_regex = COLOUR
   c.data.conversation.tasks, c.data.conversation.task_weights = ("qa",), None
   c.evals.vqa.max_examples, c.seed = 256, seed
@@ -272,7 +270,7 @@ def blip2_stage1_run(data_dir, workdir, seed: int = 0) -> dict:
   return train(c, workdir)
 
 
-def blip2_stage2(data_dir, bed, stage1, workdir, seed=0, variant="demo", steps=200):
+def blip2_stage2(data_dir, bed, stage1, workdir, seed=0, variant="demo", steps=200, lr=None):
   """BLIP-2 stage 2 (variant 'demo': instruction-aware Q-Former; 'minigpt4_demo': MiniGPT-4, the whole
   visual side frozen) from `stage1` and the bed's LM."""
   from configs import blip2_stage2 as recipe
@@ -281,7 +279,7 @@ def blip2_stage2(data_dir, bed, stage1, workdir, seed=0, variant="demo", steps=2
   c.model.vision_config.update(QFORMER)
   c.data.conversation.update(image_tokens=4, prompt_length=28)
   c.init.vision.path, c.init.lm.path = str(stage1), str(bed / "lm")
-  return colour_run(c, data_dir, workdir, steps, seed=seed)
+  return colour_run(c, data_dir, workdir, steps, seed=seed, lr=lr)
 
 
 def frozen_run(data_dir, bed, workdir, seed=0):
@@ -302,7 +300,7 @@ def qwen_vl_run(data_dir, bed, workdir, seed=0):
   return colour_run(c, data_dir, workdir, seed=seed)
 
 
-def flamingo_run(data_dir, bed, workdir, seed=0, steps=200):
+def flamingo_run(data_dir, bed, workdir, seed=0, steps=200, lr=None):
   """Flamingo on two-image documents: each question asks about the first or the second image."""
   from configs import flamingo
   c = flamingo.get_config("demo")
@@ -311,7 +309,7 @@ def flamingo_run(data_dir, bed, workdir, seed=0, steps=200):
   c.model.resampler_config.update(num_latents=4, depth=1, num_heads=2, head_dim=16)
   c.model.xattn_config.update(num_heads=2, head_dim=16)
   c.init.vision.path, c.init.lm.path = str(bed / "clip"), str(bed / "lm")
-  return colour_run(c, data_dir, workdir, steps, seed=seed)
+  return colour_run(c, data_dir, workdir, steps, seed=seed, lr=lr)
 
 
 def fuyu_run(data_dir, bed, workdir, seed=0):
@@ -328,9 +326,10 @@ def test_blip2_stage2_chain_with_instruction_aware_qformer(vlm_bed, blip2_stage1
   """BLIP-2 stage 1 -> stage 2 on the pretrained LM (tiny): stage 1 retrieves far above chance; in stage 2
   the image encoder and the LM stay frozen, the Q-Former (its text side too: it reads the instruction)
   and the projection learn colour questions, and `predict --prompt` feeds the question to the Q-Former.
-  Stage 1 i2t R@1 (256 test images, chance < 2%): 16.4% (seed 0; threshold 8%). Stage 2 colour
-  accuracy (LM frozen, 200 steps): 20.7% with the image, 7.4% with another's (seed 0 only; threshold
-  15% and a gap of 6 points). The frozen tiny LM learns slowly: the 800-step demo reaches 68.7%."""
+  Stage 1 i2t R@1 (256 test images, chance < 2%): 16.4 / 16.8 / 13.3% (seeds 0-2; threshold 8%).
+  Stage 2 colour accuracy (LM frozen, 200 steps): 20.7 / 31.2 / 32.0% with the image, 7.4 / 7.4 / 9.0%
+  with another's (seeds 0-2, stage 1 of seed 0; threshold 15% and a gap of 6 points). The frozen tiny
+  LM learns slowly: the 800-step demo reaches 68.7%."""
   from PIL import Image
 
   from vlm.predict import chat
@@ -352,26 +351,29 @@ def test_blip2_stage2_chain_with_instruction_aware_qformer(vlm_bed, blip2_stage1
 
 
 @pytest.mark.slow
-def test_minigpt4_trains_one_linear_layer(vlm_bed, blip2_stage1, data_dir, tmp_path):
+def test_minigpt4_learns_through_one_linear_layer(vlm_bed, blip2_stage1, data_dir, tmp_path):
   """MiniGPT-4 (blip2_stage2:minigpt4_demo): ViT, Q-Former and LM frozen, only the projection moves.
-  Not yet a learning test: 200 steps gave 13.3% colour accuracy (7.0% with another's image), too
-  close to chance (12.5%) for a threshold, so this runs 3 steps and checks the wiring."""
-  out = blip2_stage2(data_dir, vlm_bed, blip2_stage1[0], tmp_path / "m", variant="minigpt4_demo", steps=3)
-  assert out["train/image_token_mismatch"] == 0.0 and np.isfinite(out["train/loss"])
-  p, lm = _params(tmp_path / "m"), _params(vlm_bed / "lm")  # the LM and (below) the whole visual side frozen
+  With ~1k trainable parameters it needs more than the recipe's rate: 400 steps at lr 1e-2 give 20.7 /
+  37.1 / 19.9% colour accuracy with the image, 7.0 / 8.6 / 7.4% with another's (seeds 0-2; at 200 steps
+  12.9%, chance 12.5%); threshold 15% and a gap of 6 points. The frozen tiny LM reads the 4 projected query tokens slowly:
+  the same tokens with the Q-Former learning (BLIP-2 stage 2 above) reach 20.7-32.0% in 200 steps."""
+  out = blip2_stage2(data_dir, vlm_bed, blip2_stage1[0], tmp_path / "m", variant="minigpt4_demo", steps=400,
+                     lr=1e-2)
+  assert out["train/image_token_mismatch"] == 0.0
+  assert_learns_colour(out, tmp_path / "m", 0.15, "MiniGPT-4", margin=0.06)
+  p, lm, p1 = _params(tmp_path / "m"), _params(vlm_bed / "lm"), _params(blip2_stage1[0])
   assert all(np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
-  p1 = _params(blip2_stage1[0])
-  loaded = [k for k in p if k.startswith("vision/") and k[7:] in p1]
+  loaded = [k for k in p if k.startswith("vision/") and k[7:] in p1]  # the whole visual side as loaded
   assert loaded and all(np.array_equal(p[k], p1[k[7:]]) for k in loaded)
-  p1, p = _params(blip2_stage1[0]), _params(tmp_path / "m")
-  assert all(np.array_equal(v, p1[k[7:]]) for k, v in p.items() if k.startswith("vision/"))
+  assert set(k for k in p if not k.startswith(("lm/", "vision/"))) == {"connector/proj/kernel", "connector/proj/bias"}
 
 
 @pytest.mark.slow
 def test_frozen_learns_through_a_visual_prefix(vlm_bed, data_dir, tmp_path):
   """Frozen (LM frozen; the vision encoder and a linear map to a 2-token prefix learn), here trained on
   colour questions instead of the recipe's captions to score it. Colour accuracy after 200 steps:
-  22.7% with the image, 7.8% with another's (seed 0 only); threshold 15% and a gap of 6 points."""
+  22.7 / 19.5 / 29.3% with the image, 7.8 / 8.2 / 8.2% with another's (seeds 0-2); threshold 15% and a
+  gap of 6 points."""
   out = frozen_run(data_dir, vlm_bed, tmp_path / "f")
   assert_learns_colour(out, tmp_path / "f", 0.15, "Frozen", margin=0.06)
   p, lm, clip = _params(tmp_path / "f"), _params(vlm_bed / "lm"), _params(vlm_bed / "clip")
@@ -382,8 +384,9 @@ def test_frozen_learns_through_a_visual_prefix(vlm_bed, data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_qwen_vl_learns_through_the_resampler(vlm_bed, data_dir, tmp_path):
-  """Qwen-VL (one view, the cross-attention resampler, LM tuned), 200 steps. Colour accuracy: 99.2% with
-  the image, 10.2% with another's (seed 0 only); threshold 40% and a gap of 25 points."""
+  """Qwen-VL (one view, the cross-attention resampler, LM tuned), 200 steps. Colour accuracy: 99.2 / 98.8 /
+  99.6% with the image, 10.2 / 10.2 / 10.2% with another's (seeds 0-2); threshold 40% and a gap of 25
+  points."""
   out = qwen_vl_run(data_dir, vlm_bed, tmp_path / "q")
   assert out["train/image_token_mismatch"] == 0.0
   assert_learns_colour(out, tmp_path / "q", 0.40, "Qwen-VL")
@@ -434,18 +437,19 @@ def test_interleave_builds_a_document_around_the_example():
     check_conversation_config(dict(conv, end_of_chunk="<eoc>"))
 
 
-def test_flamingo_demo_chain_trains_only_the_resampler_and_gated_blocks(vlm_bed, data_dir, tmp_path):
+def test_flamingo_learns_questions_about_the_kth_image(vlm_bed, data_dir, tmp_path):
   """Flamingo (tiny) on two-image documents from the CLIP tower and the LM, both frozen: the resampler
-  and the gated cross-attention open their gates, and predict --prompt runs. Not yet a learning test:
-  200 steps on colour questions about the first or second image gave 14.5% (9.0% with other images),
-  too close to chance (12.5%) for a threshold, so this runs 3 steps and checks the wiring."""
+  and the gated cross-attention learn colour questions about the first or the second image, and
+  predict --prompt runs. 400 steps at lr 5e-3 (the recipe's 1e-3 gave 14.5% at 200 steps): 51.6 / 66.4 /
+  59.4% with the images, 10.5 / 9.8 / 10.5% with another document's (seeds 0-2); threshold 30% and a gap of 15 points."""
   from PIL import Image
 
   from configs import flamingo
   from vlm.data.pipeline import check_config
   from vlm.predict import chat
-  out = flamingo_run(data_dir, vlm_bed, tmp_path / "flamingo", steps=3)
-  assert out["train/image_token_mismatch"] == 0.0 and 0.0 <= out["vqa/accuracy"] <= 1.0
+  out = flamingo_run(data_dir, vlm_bed, tmp_path / "flamingo", steps=400, lr=5e-3)
+  assert out["train/image_token_mismatch"] == 0.0
+  assert_learns_colour(out, tmp_path / "flamingo", 0.30, "Flamingo", margin=0.15)
   p, clip, lm = _params(tmp_path / "flamingo"), _params(vlm_bed / "clip"), _params(vlm_bed / "lm")
   for k, v in p.items():
     if k.startswith("lm/"):
@@ -465,7 +469,8 @@ def test_flamingo_demo_chain_trains_only_the_resampler_and_gated_blocks(vlm_bed,
 @pytest.mark.slow
 def test_fuyu_demo_chain_feeds_patches_straight_into_the_lm(vlm_bed, data_dir, tmp_path):
   """Fuyu (tiny): no image encoder; the patch projection and the LM learn colour questions from the
-  pretrained LM (200 steps: 77.3% with the image, 8.6% with another's, seed 0 only; threshold 40%),
+  pretrained LM (200 steps: 77.3 / 83.2 / 96.5% with the image, 8.6 / 10.5 / 9.8% with another's, seeds
+  0-2; threshold 40%),
   every row of patch placeholders ends with the |NEWLINE| id, and predict runs."""
   from PIL import Image
 
@@ -571,6 +576,7 @@ def test_predict_prompt_answers_in_words(llava, vlm_bed, tmp_path):
                                       ("blip2_stage2", None), ("blip2_stage2", "minigpt4"),
                                       ("monkey", "demo"), ("monkey", "demo_global"), ("monkey", None),
                                       ("qwen_vl", "demo"), ("qwen_vl", None), ("fuyu", "demo"), ("fuyu", None)])
+@pytest.mark.slow
 def test_recipes_build_and_their_frozen_patterns_match(name, arg):
   """Every VLM recipe's config is valid; demo models init (abstractly) with as many placeholders as
   image tokens, and every frozen regex names existing parameters."""
@@ -598,6 +604,7 @@ def test_recipes_build_and_their_frozen_patterns_match(name, arg):
     assert any(re.fullmatch(pattern, p) for p in paths), pattern
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["demo", "demo_base", None])
 def test_llava_next_recipes_agree_with_their_anyres_op(arg):
   """configs/llava_next.py: the data's `anyres` op uses the model's pinpoints, tile and feature grid;

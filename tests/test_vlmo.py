@@ -153,6 +153,7 @@ def _tiny_vlmo(**kw):
               image_size=32, max_len=16, **kw)
 
 
+@pytest.mark.slow
 def test_vlmo_heads_shapes_and_errors():
   m = _tiny_vlmo(num_answers=7, codebook_size=12)
   images = jnp.zeros((2, 32, 32, 3))
@@ -170,6 +171,7 @@ def test_vlmo_heads_shapes_and_errors():
     VLMoObjective(mask_id=2000)(m, params, {"image": images, "text": tokens}, rng=jax.random.key(0), train=False)
 
 
+@pytest.mark.slow
 def test_objective_terms_match_across_8_devices_and_one():
   """ITC, MLM and MIM are the same on the 8-device mesh as on one device; ITM (whose negatives are
   drawn per device) is finite, and every term has a finite gradient."""

@@ -49,6 +49,7 @@ def test_nearest_code_is_brute_force_cosine_argmax():
   assert (codes == best).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_straight_through_gradient_and_eval_forward_equals_decode_encode():
   model = VQTokenizer(**TINY)
   x = _images()
@@ -120,6 +121,7 @@ def test_latent_tokens_one_dimensional_codes():
     model.apply({"params": params}, _images((1, 24, 24, 3)), method=VQTokenizer.encode)
 
 
+@pytest.mark.slow
 def test_objective_metrics():
   model = VQTokenizer(**TINY)
   x = _images((4, 16, 16, 3))

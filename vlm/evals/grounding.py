@@ -68,7 +68,8 @@ class _Objects(GenerateAnswers):
 class Grounding(_Objects):
   """Referring-expression comprehension: "where is the {phrase}?" -> the first `<box>(x1,y1),(x2,y2)</box>`
   of the answer (0-1000 coordinates). Reports {prefix}/iou50 (IoU >= 0.5 with the true box, the
-  RefCOCO accuracy), /miou and /parsed (answers holding a well-formed box)."""
+  RefCOCO accuracy) and /miou (each also _main / _distractor), and /parsed (answers holding a
+  well-formed box)."""
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()
@@ -83,7 +84,7 @@ class Grounding(_Objects):
       ious.append(grounding.iou(boxes[0], truth) if boxes else 0.0)
     ious, main = np.asarray(ious), np.asarray([o[1] == 0 for o in objs])
     out = self._split_scores(f"{self.prefix}/iou50", ious >= 0.5, main)
-    out[f"{self.prefix}/miou"] = float(ious.mean()) if len(ious) else 0.0
+    out.update(self._split_scores(f"{self.prefix}/miou", ious, main))
     out[f"{self.prefix}/parsed"] = float(np.mean(parsed)) if parsed else 0.0
     return out
 

@@ -130,4 +130,3 @@ def text_answers(c, split: str):
   from vlm.data.pipeline import load_split_numpy
   arrays, _ = load_split_numpy(c.data, split)
   return arrays["image"], [a.strip() for a in get_tokenizer(c.data).decode_batch(arrays["answer"])]
-

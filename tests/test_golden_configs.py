@@ -54,7 +54,7 @@ CASES = [(name, variant) for name, variants in RECIPES.items() for variant in va
 
 
 def golden_path(name: str, variant: str | None) -> Path:
-  return GOLDEN / f"{name}{'' if variant is None else ':' + variant}.json"
+  return GOLDEN / f"{name}{'' if variant is None else '.' + variant}.json"
 
 
 def resolved(name: str, variant: str | None) -> dict:

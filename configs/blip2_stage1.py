@@ -36,12 +36,26 @@ TOKENIZER_VOCAB = 1000  # the embedded dataset's SentencePiece vocabulary; [DEC]
 def demo_model() -> dict:
   """A 96-wide ViT/8 at 32 px (4 layers) and a 96-wide, 4-layer Q-Former with 8 queries."""
   return dict(
-      image=dict(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8, class_token=True, pool_type="none",
-                 posemb="learn"),
-      qformer=dict(width=96, depth=4, num_heads=4, mlp_dim=384, cross_attention_frequency=2,
-                   vocab_size=TOKENIZER_VOCAB + 1, max_len=16, norm_eps=1e-12, dropout=0.0),
-      num_query_tokens=8, embed_dim=64, freeze_image=False, dec_id=TOKENIZER_VOCAB,
-      temperature_init=BLIP2_TEMPERATURE_INIT, max_scale=100.0,
+    image=dict(
+      width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8, class_token=True, pool_type="none", posemb="learn"
+    ),
+    qformer=dict(
+      width=96,
+      depth=4,
+      num_heads=4,
+      mlp_dim=384,
+      cross_attention_frequency=2,
+      vocab_size=TOKENIZER_VOCAB + 1,
+      max_len=16,
+      norm_eps=1e-12,
+      dropout=0.0,
+    ),
+    num_query_tokens=8,
+    embed_dim=64,
+    freeze_image=False,
+    dec_id=TOKENIZER_VOCAB,
+    temperature_init=BLIP2_TEMPERATURE_INIT,
+    max_scale=100.0,
   )
 
 
@@ -49,9 +63,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
   c.model_name = "blip2_qformer"
   c.objective_name = "blip2_stage1"
-  c.objective = ml_collections.ConfigDict(dict(
-      itc_weight=1.0, itm_weight=1.0, itg_weight=1.0, itc_label_smoothing=0.1, itg_label_smoothing=0.1,
-      itm_hard_negatives=True, pad_id=0))
+  c.objective = ml_collections.ConfigDict(
+    dict(
+      itc_weight=1.0,
+      itm_weight=1.0,
+      itg_weight=1.0,
+      itc_label_smoothing=0.1,
+      itg_label_smoothing=0.1,
+      itm_hard_negatives=True,
+      pad_id=0,
+    )
+  )
   c.data.add_bos = True  # BOS is the [CLS] of ITC / ITM; ITG replaces it by [DEC]
   if arg == "demo":
     demo_data(c)
@@ -68,8 +90,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
   if arg not in (None, ""):
     raise ValueError(f"configs/blip2_stage1.py: unknown variant {arg!r}; known: demo")
-  c.model = dict(image=dict(EVA_VIT_G), qformer=dict(BERT_BASE_QFORMER), num_query_tokens=32, embed_dim=256,
-                 freeze_image=True, dec_id=30522, temperature_init=BLIP2_TEMPERATURE_INIT, max_scale=1000.0)
+  c.model = dict(
+    image=dict(EVA_VIT_G),
+    qformer=dict(BERT_BASE_QFORMER),
+    num_query_tokens=32,
+    embed_dim=256,
+    freeze_image=True,
+    dec_id=30522,
+    temperature_init=BLIP2_TEMPERATURE_INIT,
+    max_scale=1000.0,
+  )
   c.frozen = (r"img/.*",)
   c.init = ml_collections.ConfigDict(dict(path=ml_collections.config_dict.placeholder(str), mapping=None, step=None))
   c.batch_size = 1680
@@ -84,9 +114,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.pp_eval = "decode|resize(224, method='bicubic')|rescale|normalize('clip')"
   c.data.text_length = 32
   c.log_every = 100
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       zeroshot=dict(type="zeroshot", every=10_000, split="test"),
-      retrieval=dict(type="retrieval", every=10_000, split="test")))
+      retrieval=dict(type="retrieval", every=10_000, split="test"),
+    )
+  )
   c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
   c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c

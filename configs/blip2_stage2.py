@@ -42,38 +42,60 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = llava_base.stage_config("align", arg)  # LM, data and chat template as the LLaVA recipe
   stage1 = blip2_stage1.get_config(arg).model
   queries = int(stage1.num_query_tokens)
-  c.model = dict(lm_config=c.model.lm_config.to_dict(), vision_model="blip2_qformer",
-                 vision_config=dict(stage1.to_dict(), freeze_image=True), vision_method="query_features",
-                 connector_type="linear", image_token_id=c.model.image_token_id)
+  c.model = dict(
+    lm_config=c.model.lm_config.to_dict(),
+    vision_model="blip2_qformer",
+    vision_config=dict(stage1.to_dict(), freeze_image=True),
+    vision_method="query_features",
+    connector_type="linear",
+    image_token_id=c.model.image_token_id,
+  )
   # Frozen: the image encoder, the LLM, and the stage-1 parameters that exist without being used
   # here (ITC temperature, ITG bias). Modules generation never calls (text embeddings, text FFNs,
   # ITC/ITM heads) are not instantiated, so their stage-1 weights are simply not loaded.
   c.frozen = (r"vision/img/.*", r"lm/.*", r"vision/(lm_bias|t)")
   if minigpt4:  # the whole BLIP-2 visual side (ViT + Q-Former) frozen; one linear layer learns
     c.frozen = (r"vision/.*", r"lm/.*")
-  c.init = ml_collections.ConfigDict(dict(
-      vision=dict(path=BLIP2_DEMO if demo else None, mapping={"vision/": ""}, step=None,
-                  hint=f"Run BLIP-2 stage 1 first: python -m vlm.train --config=configs/blip2_stage1.py:demo "
-                       f"--workdir={BLIP2_DEMO}"),
-      lm=c.init.lm))
+  c.init = ml_collections.ConfigDict(
+    dict(
+      vision=dict(
+        path=BLIP2_DEMO if demo else None,
+        mapping={"vision/": ""},
+        step=None,
+        hint=f"Run BLIP-2 stage 1 first: python -m vlm.train --config=configs/blip2_stage1.py:demo "
+        f"--workdir={BLIP2_DEMO}",
+      ),
+      lm=c.init.lm,
+    )
+  )
   if demo:
     # Instruction-aware Q-Former (sec. 4.3: for VQA "the question tokens are given as input to the
     # Q-Former and interact with the queries via the self-attention layers"; InstructBLIP): the
     # Q-Former's text side (word embeddings, text FFNs) trains here too. 16 = its max_len.
-    c.data.conversation = conversation(("caption", "qa"), image_tokens=queries, length=72, task_weights=(1.0, 3.0),
-                                       instruction_length=0 if minigpt4 else 16)
+    c.data.conversation = conversation(
+      ("caption", "qa"),
+      image_tokens=queries,
+      length=72,
+      task_weights=(1.0, 3.0),
+      instruction_length=0 if minigpt4 else 16,
+    )
     c.data.caption_key = "caption"
     c.total_steps = 800
     c.lr = 1e-3
     c.schedule.warmup_steps = 30
   else:  # sec. 3.4: 80k steps at batch 1920 (OPT) / 1520 (FlanT5), lr 1e-4, wd 0.05
-    c.data.conversation.update(tasks=("caption",), image_tokens=queries,
-                               prompt_length=c.data.conversation.prompt_length - c.data.conversation.image_tokens
-                               + queries)
+    c.data.conversation.update(
+      tasks=("caption",),
+      image_tokens=queries,
+      prompt_length=c.data.conversation.prompt_length - c.data.conversation.image_tokens + queries,
+    )
     # BLIP-2's 224 px EVA ViT-g, not LLaVA's 336: LAVIS's train crop (MiniGPT-4's has no flip); eval =
     # BlipImageProcessor (Blip2Processor: 224 x 224 bicubic, OpenAI CLIP mean/std).
-    c.data.pp_train = ("decode|random_resized_crop(224, scale=(0.5, 1), method='bicubic')|"
-                       + ("" if minigpt4 else "flip_lr|") + "normalize('clip')")
+    c.data.pp_train = (
+      "decode|random_resized_crop(224, scale=(0.5, 1), method='bicubic')|"
+      + ("" if minigpt4 else "flip_lr|")
+      + "normalize('clip')"
+    )
     c.data.pp_eval = "decode|resize(224, method='bicubic')|rescale|normalize('clip')"
     c.batch_size = 1920
     c.total_steps = 80_000

@@ -51,12 +51,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, ""):
     raise ValueError(f"configs/chameleon.py: unknown variant {arg!r}; known: demo")
   c.model = dict(
-      lm=dict(vocab_size=65_536, width=4096, depth=32, num_heads=32, mlp_dim=11_008, mlp_act="swiglu",
-              rope_theta=10_000.0, norm_eps=1e-5, qk_norm="layer_per_head", tie_embeddings=False,
-              scan_layers=True, remat_policy="dots"),  # one compiled block for the 32 (vlm.models.decoder)
-      tokenizer=dict(width=512, depth=8, mlp_dim=2048, num_heads=8, patch_size=16, codebook_size=8192,
-                     code_dim=32),
-      image_token_offset=65_536 - 8192, boi_id=8197, eoi_id=8196,
+    lm=dict(
+      vocab_size=65_536,
+      width=4096,
+      depth=32,
+      num_heads=32,
+      mlp_dim=11_008,
+      mlp_act="swiglu",
+      rope_theta=10_000.0,
+      norm_eps=1e-5,
+      qk_norm="layer_per_head",
+      tie_embeddings=False,
+      scan_layers=True,
+      remat_policy="dots",
+    ),  # one compiled block for the 32 (vlm.models.decoder)
+    tokenizer=dict(width=512, depth=8, mlp_dim=2048, num_heads=8, patch_size=16, codebook_size=8192, code_dim=32),
+    image_token_offset=65_536 - 8192,
+    boi_id=8197,
+    eoi_id=8196,
   )
   c.mesh = [("data", -1), ("fsdp", 8), ("tensor", 1)]
   c.batch_size = 1024
@@ -80,10 +92,12 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   lm = demo_lm()
   lm.update(vocab_size=DEMO_IMAGE_OFFSET + 512, qk_norm="layer_per_head")
   c.model = dict(
-      lm=lm,
-      # configs/vq_tokenizer.py:demo_long's tokenizer, loaded from its run.
-      tokenizer=dict(width=128, depth=2, mlp_dim=256, num_heads=4, patch_size=8, codebook_size=512, code_dim=32),
-      image_token_offset=DEMO_IMAGE_OFFSET, boi_id=DEMO_BOI, eoi_id=DEMO_EOI,
+    lm=lm,
+    # configs/vq_tokenizer.py:demo_long's tokenizer, loaded from its run.
+    tokenizer=dict(width=128, depth=2, mlp_dim=256, num_heads=4, patch_size=8, codebook_size=512, code_dim=32),
+    image_token_offset=DEMO_IMAGE_OFFSET,
+    boi_id=DEMO_BOI,
+    eoi_id=DEMO_EOI,
   )
   c.init.path = VQ_DEMO
   # 5000 steps, 85% of the rows text-first: the decoder's drawing is what limits the demo, not its
@@ -96,10 +110,25 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   demo_trainer(c, steps=5000)
   c.batch_size = 64
   c.eval_at_start = True  # the untrained decoder's captions and images, logged as step 0
-  c.evals = ml_collections.ConfigDict(dict(
-      captioning=dict(type="captioning", every=5000, split="test", max_examples=500, method="greedy",
-                      reference_keys=("caption", "caption_varied")),
-      text_to_image=dict(type="text_to_image", every=5000, split="test", max_examples=500, judge=JUDGE_DEMO,
-                         method="greedy", guidance=2.0),
-  ))
+  c.evals = ml_collections.ConfigDict(
+    dict(
+      captioning=dict(
+        type="captioning",
+        every=5000,
+        split="test",
+        max_examples=500,
+        method="greedy",
+        reference_keys=("caption", "caption_varied"),
+      ),
+      text_to_image=dict(
+        type="text_to_image",
+        every=5000,
+        split="test",
+        max_examples=500,
+        judge=JUDGE_DEMO,
+        method="greedy",
+        guidance=2.0,
+      ),
+    )
+  )
   return c

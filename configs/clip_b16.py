@@ -40,11 +40,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, ""):
     raise ValueError(f"configs/clip_b16.py: unknown variant {arg!r}; known: demo")
   c.model = dict(
-      image=dict(variant="B/16", class_token=True, pool_type="cls", pre_norm=True, patch_bias=False,
-                 out_dim=512, head_bias=False, norm_eps=1e-5, mlp_act="quick_gelu"),
-      text=dict(variant="M", vocab_size=49_408, max_len=77, causal=True, pool_type="eos", eos_id=1,
-                out_dim=512, head_bias=False, norm_eps=1e-5, mlp_act="quick_gelu"),
-      temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0,
+    image=dict(
+      variant="B/16",
+      class_token=True,
+      pool_type="cls",
+      pre_norm=True,
+      patch_bias=False,
+      out_dim=512,
+      head_bias=False,
+      norm_eps=1e-5,
+      mlp_act="quick_gelu",
+    ),
+    text=dict(
+      variant="M",
+      vocab_size=49_408,
+      max_len=77,
+      causal=True,
+      pool_type="eos",
+      eos_id=1,
+      out_dim=512,
+      head_bias=False,
+      norm_eps=1e-5,
+      mlp_act="quick_gelu",
+    ),
+    temperature_init=CLIP_TEMPERATURE_INIT,
+    bias_init=None,
+    max_scale=100.0,
   )
   c.batch_size = 32_768
   c.total_steps = 32 * 400_000_000 // 32_768  # 32 epochs of 400M pairs
@@ -58,10 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.pp_eval = "decode|resize_small(224, method='bicubic')|center_crop(224)|rescale|normalize('clip')"
   c.data.text_length = 77
   c.log_every = 100
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       zeroshot=dict(type="zeroshot", every=5000, split="test"),
       retrieval=dict(type="retrieval", every=5000, split="test"),
-  ))
+    )
+  )
   c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
   c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c

@@ -37,8 +37,14 @@ placeholder = ml_collections.config_dict.placeholder
 
 def caption_evals(every: int, max_examples: int | None = None) -> dict:
   """Captioning (BLEU-4, CIDEr against the canonical and varied captions) on the test split."""
-  return dict(type="captioning", every=every, split="test", method="greedy",
-              reference_keys=("caption", "caption_varied"), max_examples=max_examples)
+  return dict(
+    type="captioning",
+    every=every,
+    split="test",
+    method="greedy",
+    reference_keys=("caption", "caption_varied"),
+    max_examples=max_examples,
+  )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,8 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_name = "coca"
   c.objective_name = "coca"
   # Paper weights (sec. 4.1); softmax contrastive loss across all data devices.
-  c.objective = ml_collections.ConfigDict(dict(contrastive_weight=1.0, caption_weight=2.0, loss="softmax",
-                                               impl="all_gather", pad_id=0))
+  c.objective = ml_collections.ConfigDict(
+    dict(contrastive_weight=1.0, caption_weight=2.0, loss="softmax", impl="all_gather", pad_id=0)
+  )
   if arg == "demo":
     return _demo(c)
   if arg == "video_demo":
@@ -55,10 +62,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, ""):
     raise ValueError(f"configs/coca_b16.py: unknown variant {arg!r}; known: demo, video_demo")
   c.model = dict(
-      image=dict(variant="B/18", posemb="learn"),
-      text=dict(variant="B", vocab_size=64_000, max_len=64),
-      embed_dim=768, num_cap_queries=256, num_con_queries=1,
-      temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0,
+    image=dict(variant="B/18", posemb="learn"),
+    text=dict(variant="B", vocab_size=64_000, max_len=64),
+    embed_dim=768,
+    num_cap_queries=256,
+    num_con_queries=1,
+    temperature_init=CLIP_TEMPERATURE_INIT,
+    bias_init=None,
+    max_scale=100.0,
   )
   c.batch_size = 65_536
   c.total_steps = 500_000
@@ -72,11 +83,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.text_length = 64
   c.data.add_bos = True  # the captioner predicts w1 from BOS
   c.log_every = 100
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       zeroshot=dict(type="zeroshot", every=10_000, split="test"),
       retrieval=dict(type="retrieval", every=10_000, split="test"),
       captioning=caption_evals(every=10_000),
-  ))
+    )
+  )
   c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
   c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c
@@ -87,11 +100,14 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   demo_data(c)
   c.data.add_bos = True
   c.model = dict(
-      image=dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8),
-      text=dict(vocab_size=1000, width=128, mlp_dim=512, num_heads=4, unimodal_depth=2, multimodal_depth=2,
-                max_len=16),
-      embed_dim=128, num_cap_queries=16, num_con_queries=1,
-      temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0,
+    image=dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8),
+    text=dict(vocab_size=1000, width=128, mlp_dim=512, num_heads=4, unimodal_depth=2, multimodal_depth=2, max_len=16),
+    embed_dim=128,
+    num_cap_queries=16,
+    num_con_queries=1,
+    temperature_init=CLIP_TEMPERATURE_INIT,
+    bias_init=None,
+    max_scale=100.0,
   )
   # ~1.2 steps/s on the 2-core CPU (the decoder and the 1000-way caption head cost ~2.5 SigLIP-demo
   # steps); 600 steps fit the 15-minute budget with the evaluations.
@@ -121,14 +137,20 @@ def _video_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model_name = "video_classifier"
   c.objective_name = "classification"
   c.objective = ml_collections.ConfigDict(dict(input_key="frames", label_key="motion"))
-  c.model = dict(image=dict(width=64, depth=3, mlp_dim=128, num_heads=2, patch_size=4, posemb="sincos2d"),
-                 num_classes=4, num_frames=4, num_heads=2)
+  c.model = dict(
+    image=dict(width=64, depth=3, mlp_dim=128, num_heads=2, patch_size=4, posemb="sincos2d"),
+    num_classes=4,
+    num_frames=4,
+    num_heads=2,
+  )
   demo_trainer(c, steps=600)
   c.batch_size = 64
   c.lr = 2e-3
   c.optimizer_kw.b2 = 0.95
   c.schedule = ml_collections.ConfigDict(dict(name="constant", warmup_steps=10))
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       motion=dict(type="classify", every=300, split="test", input_key="frames", label_key="motion"),
-  ))
+    )
+  )
   return c

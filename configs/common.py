@@ -40,14 +40,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def demo_two_tower(temperature_init: float, bias_init: float | None, text_pool: str = "eos",
-                   max_scale: float | None = None) -> dict:
+def demo_two_tower(
+  temperature_init: float, bias_init: float | None, text_pool: str = "eos", max_scale: float | None = None
+) -> dict:
   """Small towers for the embedded scenes at 32 px (a 2-core CPU trains them in minutes)."""
   return dict(
-      image=dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8, pool_type="map"),
-      text=dict(width=128, depth=2, mlp_dim=512, num_heads=4, vocab_size=1000, max_len=16,
-                pool_type=text_pool, eos_id=1, out_dim=128),
-      temperature_init=temperature_init, bias_init=bias_init, max_scale=max_scale,
+    image=dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8, pool_type="map"),
+    text=dict(
+      width=128,
+      depth=2,
+      mlp_dim=512,
+      num_heads=4,
+      vocab_size=1000,
+      max_len=16,
+      pool_type=text_pool,
+      eos_id=1,
+      out_dim=128,
+    ),
+    temperature_init=temperature_init,
+    bias_init=bias_init,
+    max_scale=max_scale,
   )
 
 
@@ -71,9 +83,16 @@ def demo_data(c: ml_collections.ConfigDict) -> None:
   c.data.text_length = 16
   c.data.caption_key = "caption_varied"  # varied phrasings for training (vlm.data.scenes.CAPTION_PHRASINGS)
   # Evaluated halfway and at the end of the 1.5k-step demos (each round costs ~10-20 s of a 10-minute run).
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       zeroshot=dict(type="zeroshot", every=750, split="test", max_examples=ml_collections.config_dict.placeholder(int)),
       # Retrieval on the canonical captions: each names size, colour, shape and position.
-      retrieval=dict(type="retrieval", every=750, split="test", caption_key="caption",
-                     max_examples=ml_collections.config_dict.placeholder(int)),
-  ))
+      retrieval=dict(
+        type="retrieval",
+        every=750,
+        split="test",
+        caption_key="caption",
+        max_examples=ml_collections.config_dict.placeholder(int),
+      ),
+    )
+  )

@@ -32,20 +32,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.steps = ("clip_score", "dedup")
   c.chunk_size = 2048
   c.batch_size = 256
-  c.heuristic = ml_collections.ConfigDict(dict(
-      min_words=2, max_words=64, max_char_repeat=5, min_letter_fraction=0.5, max_word_share=0.5,
-      min_image_side=16, max_aspect_ratio=3.0))
-  c.clip_score = ml_collections.ConfigDict(dict(
-      workdir="/tmp/siglip_noisy", keep_fraction=0.5, threshold=ml_collections.config_dict.placeholder(float)))
+  c.heuristic = ml_collections.ConfigDict(
+    dict(
+      min_words=2,
+      max_words=64,
+      max_char_repeat=5,
+      min_letter_fraction=0.5,
+      max_word_share=0.5,
+      min_image_side=16,
+      max_aspect_ratio=3.0,
+    )
+  )
+  c.clip_score = ml_collections.ConfigDict(
+    dict(workdir="/tmp/siglip_noisy", keep_fraction=0.5, threshold=ml_collections.config_dict.placeholder(float))
+  )
   # 'pixels': near-duplicates as in pixel space; 'model' (the scorer's image embeddings) also
   # merges different images that the model sees as the same content (semantic deduplication).
-  c.dedup = ml_collections.ConfigDict(dict(embedding="pixels", thumbnail_size=16, threshold=0.997,
-                                           num_bits=12, num_tables=16, seed=0))
+  c.dedup = ml_collections.ConfigDict(
+    dict(embedding="pixels", thumbnail_size=16, threshold=0.997, num_bits=12, num_tables=16, seed=0)
+  )
   c.balance = ml_collections.ConfigDict(dict(concepts=(), max_per_concept=1000, seed=0, keep_unmatched=True))
   c.recaption = ml_collections.ConfigDict(dict(workdir="/tmp/coca_demo", method="greedy", field="caption_synthetic"))
-  c.output = ml_collections.ConfigDict(dict(
-      name="scenes_noisy_curated", data_dir=ml_collections.config_dict.placeholder(str),
-      copy_splits=("validation", "test")))
+  c.output = ml_collections.ConfigDict(
+    dict(
+      name="scenes_noisy_curated",
+      data_dir=ml_collections.config_dict.placeholder(str),
+      copy_splits=("validation", "test"),
+    )
+  )
   if arg == "demo":
     return c
   if arg == "full":

@@ -50,17 +50,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective = ml_collections.ConfigDict(dict(image_key="image"))
   if demo:
     lm = demo_lm()
-    c.model = dict(lm_config=lm, vision_config=demo_vision(),
-                   resampler_config=dict(num_latents=8, depth=2, num_heads=4, head_dim=32),
-                   xattn_config=dict(num_heads=4, head_dim=32), cross_attention_every=1, image_token_id=1000)
+    c.model = dict(
+      lm_config=lm,
+      vision_config=demo_vision(),
+      resampler_config=dict(num_latents=8, depth=2, num_heads=4, head_dim=32),
+      xattn_config=dict(num_heads=4, head_dim=32),
+      cross_attention_every=1,
+      image_token_id=1000,
+    )
   else:
     # Flamingo-3B-like sizes (Table 10 of the appendix: 64 latents, 6 resampler layers, a gated block
     # before every LM layer); the encoder here is a ViT-L/14 as in IDEFICS / OpenFlamingo.
-    lm = dict(vocab_size=32_064, width=2560, depth=24, num_heads=20, mlp_dim=10_240, mlp_act="swiglu",
-              rope_theta=10_000.0, norm_eps=1e-5, tie_embeddings=False)
-    c.model = dict(lm_config=lm, vision_config=dict(variant="L/14", class_token=True, pre_norm=True),
-                   resampler_config=dict(num_latents=64, depth=6), xattn_config=dict(),
-                   cross_attention_every=1, image_token_id=32_000)
+    lm = dict(
+      vocab_size=32_064,
+      width=2560,
+      depth=24,
+      num_heads=20,
+      mlp_dim=10_240,
+      mlp_act="swiglu",
+      rope_theta=10_000.0,
+      norm_eps=1e-5,
+      tie_embeddings=False,
+    )
+    c.model = dict(
+      lm_config=lm,
+      vision_config=dict(variant="L/14", class_token=True, pre_norm=True),
+      resampler_config=dict(num_latents=64, depth=6),
+      xattn_config=dict(),
+      cross_attention_every=1,
+      image_token_id=32_000,
+    )
   c.frozen = (r"vision/.*", r"lm/.*")  # sec. 2: vision encoder and LM frozen
   c.wd = 0.0
   if demo:
@@ -85,8 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.extra_text_keys = ("question", "answer")
     c.data.interleaved_images = 2
     c.data.conversation = conversation(("qa",), image_tokens=1, length=512)
-    c.data.conversation.specials = ml_collections.ConfigDict({"<image>": 32_000, "<|endofchunk|>": 32_001,
-                                                              "<|end|>": 2})
+    c.data.conversation.specials = ml_collections.ConfigDict(
+      {"<image>": 32_000, "<|endofchunk|>": 32_001, "<|end|>": 2}
+    )
     c.data.conversation.end_of_chunk = "<|endofchunk|>"
     c.init = ml_collections.ConfigDict(dict(path=None, mapping=None, step=None))
     c.batch_size = 256

@@ -47,9 +47,11 @@ DEMO_TOKENIZER_DIR = "/tmp/vq_demo"
 
 
 def tokenizer_hint(config_arg: str) -> str:
-  return (f"FLAVA's MIM targets come from a trained image tokenizer: run "
-          f"`python -m vlm.train --config=configs/vq_tokenizer.py{config_arg} --workdir=DIR` first and "
-          f"point --config.init.path at DIR")
+  return (
+    f"FLAVA's MIM targets come from a trained image tokenizer: run "
+    f"`python -m vlm.train --config=configs/vq_tokenizer.py{config_arg} --workdir=DIR` first and "
+    f"point --config.init.path at DIR"
+  )
 
 
 def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
@@ -71,10 +73,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective_name = "flava"
   # Sec. 3.3: every loss weight 1; MLM 15% (BERT), MIM ~40% blockwise (BEiT). FLAVA draws ITM
   # negatives at random (itm_hard_negatives=False); VLMo-style hard negatives are one flag away.
-  c.objective = ml_collections.ConfigDict(dict(
-      contrastive_weight=1.0, mlm_weight=1.0, mim_weight=1.0, mmm_text_weight=1.0, mmm_image_weight=1.0,
-      itm_weight=1.0, mask_id=30_522, mlm_rate=0.15, mim_ratio=0.4, mim_masking="blockwise",
-      itm_hard_negatives=False, special_ids=(0, 1, 3), impl="all_gather"))
+  c.objective = ml_collections.ConfigDict(
+    dict(
+      contrastive_weight=1.0,
+      mlm_weight=1.0,
+      mim_weight=1.0,
+      mmm_text_weight=1.0,
+      mmm_image_weight=1.0,
+      itm_weight=1.0,
+      mask_id=30_522,
+      mlm_rate=0.15,
+      mim_ratio=0.4,
+      mim_masking="blockwise",
+      itm_hard_negatives=False,
+      special_ids=(0, 1, 3),
+      impl="all_gather",
+    )
+  )
   c.init.mapping = {"tokenizer/": ""}
   c.frozen = ("tokenizer/.*",)
   c.data.add_bos = True  # BOS is the text encoder's [CLS_T]
@@ -85,13 +100,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init.path = opts.get("tokenizer")  # required: a VQ workdir at 224 px with 16-px patches
   c.init.hint = tokenizer_hint("")
   c.model = dict(
-      image=dict(variant="B/16", norm_eps=1e-12),
-      # 30,522 pieces + [MASK]; BERT's LayerNorm on the embeddings, as FLAVA's text encoder.
-      text=dict(variant="B", vocab_size=30_523, max_len=512, norm_eps=1e-12, embed_norm=True),
-      multimodal=dict(variant="B", depth=6, norm_eps=1e-12),
-      tokenizer=dict(vq_tokenizer.get_config().model),  # 16-px patches, 8192 codes
-      embed_dim=768, temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0,
-      fuse_prenorm=True,  # the multimodal encoder reads the towers' states before their final norm (as HF)
+    image=dict(variant="B/16", norm_eps=1e-12),
+    # 30,522 pieces + [MASK]; BERT's LayerNorm on the embeddings, as FLAVA's text encoder.
+    text=dict(variant="B", vocab_size=30_523, max_len=512, norm_eps=1e-12, embed_norm=True),
+    multimodal=dict(variant="B", depth=6, norm_eps=1e-12),
+    tokenizer=dict(vq_tokenizer.get_config().model),  # 16-px patches, 8192 codes
+    embed_dim=768,
+    temperature_init=CLIP_TEMPERATURE_INIT,
+    bias_init=None,
+    max_scale=100.0,
+    fuse_prenorm=True,  # the multimodal encoder reads the towers' states before their final norm (as HF)
   )
   c.batch_size = 8_192
   c.total_steps = 450_000
@@ -103,10 +121,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.pp_eval = "decode|resize(224)|value_range(-1, 1)"
   c.data.text_length = 77
   c.log_every = 100
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       zeroshot=dict(type="zeroshot", every=10_000, split="test"),
       retrieval=dict(type="retrieval", every=10_000, split="test"),
-  ))
+    )
+  )
   c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
   c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c
@@ -122,12 +142,15 @@ def _demo(c: ml_collections.ConfigDict, opts: dict[str, str]) -> ml_collections.
   c.objective.mask_id = 1000
   w = dict(width=128, mlp_dim=512, num_heads=4)
   c.model = dict(
-      image=dict(depth=4, patch_size=8, **w),
-      text=dict(vocab_size=1001, depth=2, max_len=16, embed_norm=True, **w),
-      multimodal=dict(depth=1, **w),  # FLAVA-base: half the text encoder's depth (6 of 12); here 1 of 2
-      tokenizer=dict(vq_tokenizer.get_config("demo").model),  # 8-px patches, 512 codes
-      embed_dim=128, temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0,
-      fuse_prenorm=True,
+    image=dict(depth=4, patch_size=8, **w),
+    text=dict(vocab_size=1001, depth=2, max_len=16, embed_norm=True, **w),
+    multimodal=dict(depth=1, **w),  # FLAVA-base: half the text encoder's depth (6 of 12); here 1 of 2
+    tokenizer=dict(vq_tokenizer.get_config("demo").model),  # 8-px patches, 512 codes
+    embed_dim=128,
+    temperature_init=CLIP_TEMPERATURE_INIT,
+    bias_init=None,
+    max_scale=100.0,
+    fuse_prenorm=True,
   )
   # One step costs about 3.6 CLIP-demo steps (58 vs 16 GFLOP: two passes of each encoder, the
   # multimodal encoder over each pair and its two ITM negatives, the tokenizer, five heads), so

@@ -24,8 +24,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = llava_base.stage_config("align", arg)
   c.model.update(pool="gap", feature_layer=None, connector_type="linear", prefix_tokens=2)
   c.frozen = (r"lm/.*",)  # the vision encoder and the linear map learn
-  c.data.conversation.update(tasks=("caption",), image_tokens=2, prompt_length=c.data.conversation.prompt_length
-                             - c.data.conversation.image_tokens + 2, length=48 if demo else 128)
+  c.data.conversation.update(
+    tasks=("caption",),
+    image_tokens=2,
+    prompt_length=c.data.conversation.prompt_length - c.data.conversation.image_tokens + 2,
+    length=48 if demo else 128,
+  )
   if demo:
     c.total_steps = 600
     c.lr = 1e-3

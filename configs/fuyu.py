@@ -44,22 +44,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lm, patch, size, newline = demo_lm(), DEMO_PATCH, DEMO_SIZE, 1006
   else:
     # Persimmon-8B (Fuyu-8B's decoder): 36 layers of width 4096, 64 heads, relu^2 MLP of 16384.
-    lm = dict(vocab_size=262_144, width=4096, depth=36, num_heads=64, mlp_dim=16_384, mlp_act="relu2",
-              qkv_bias=True, out_bias=True, mlp_bias=True, rope_theta=25_000.0, norm_eps=1e-5, norm_type="layer",
-              qk_norm="layer", rotary_fraction=0.5, tie_embeddings=False,
-              scan_layers=True, remat_policy="dots")  # one compiled block for the 36 (vlm.models.decoder)
+    lm = dict(
+      vocab_size=262_144,
+      width=4096,
+      depth=36,
+      num_heads=64,
+      mlp_dim=16_384,
+      mlp_act="relu2",
+      qkv_bias=True,
+      out_bias=True,
+      mlp_bias=True,
+      rope_theta=25_000.0,
+      norm_eps=1e-5,
+      norm_type="layer",
+      qk_norm="layer",
+      rotary_fraction=0.5,
+      tie_embeddings=False,
+      scan_layers=True,
+      remat_policy="dots",
+    )  # one compiled block for the 36 (vlm.models.decoder)
     patch, size, newline = 30, 1080, 71_019
   rows = size // patch
-  c.model = dict(lm_config=lm, vision_model="fuyu_patches", vision_method="patch_features", connector_type="none",
-                 vision_config=dict(patch_size=patch, width=lm["width"]),
-                 image_token_id=1000 if demo else 71_011)
+  c.model = dict(
+    lm_config=lm,
+    vision_model="fuyu_patches",
+    vision_method="patch_features",
+    connector_type="none",
+    vision_config=dict(patch_size=patch, width=lm["width"]),
+    image_token_id=1000 if demo else 71_011,
+  )
   c.frozen = ()  # Fuyu trains the patch projection and the decoder together
   c.data.extra_text_keys = ("caption_detailed", "question", "answer")
   if demo:
     demo_data(c)
     c.data.caption_key = "caption"
-    c.data.conversation = conversation(("qa", "detailed"), image_tokens=rows * rows, length=96,
-                                       task_weights=(3.0, 1.0))
+    c.data.conversation = conversation(("qa", "detailed"), image_tokens=rows * rows, length=96, task_weights=(3.0, 1.0))
     c.data.conversation.prompt_length = rows * (rows + 1) + 24
     c.init = ml_collections.ConfigDict(dict(lm=demo_init().lm))  # the LM demo; no image encoder to load
     c.batch_size = 64
@@ -76,8 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Fuyu-8B's ids: image placeholder 71011, |NEWLINE| 71019 (FuyuProcessor), EOS 2 (FuyuConfig's default);
     # a plain question / answer template (Fuyu's own prompts end the question with "\n").
     c.data.conversation.specials = ml_collections.ConfigDict({"<image>": 71_011, "|NEWLINE|": newline, "<|end|>": 2})
-    c.data.conversation.template = ml_collections.ConfigDict(dict(
-        system="{content} ", user="{content}\n", assistant="{content}<|end|>", generation_prefix=""))
+    c.data.conversation.template = ml_collections.ConfigDict(
+      dict(system="{content} ", user="{content}\n", assistant="{content}<|end|>", generation_prefix="")
+    )
     c.init = ml_collections.ConfigDict(dict(path=None, mapping=None, step=None))  # an imported Fuyu-8B
     c.batch_size = 256
     c.total_steps = 10_000

@@ -59,11 +59,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     c.data.conversation.specials.update({"<box>": 32_001, "</box>": 32_002})
     every, n = 5000, None
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       grounding=dict(type="grounding", every=every, split="test", max_examples=n, max_new_tokens=28),
       # CRG's strength and the plausibility cut chosen on the validation split (README, "Grounding"):
       # with a = 1 (the paper's) and no cut, CRG does not help this model.
-      region_qa=dict(type="region_qa", every=every, split="test", max_examples=n, max_new_tokens=4,
-                     crg_alpha=20.0, crg_plausibility=0.2),
-  ))
+      region_qa=dict(
+        type="region_qa",
+        every=every,
+        split="test",
+        max_examples=n,
+        max_new_tokens=4,
+        crg_alpha=20.0,
+        crg_plausibility=0.2,
+      ),
+    )
+  )
   return c

@@ -28,8 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective_name = "contrastive"
   c.objective = ml_collections.ConfigDict(dict(loss="softmax", impl="all_gather"))
   c.frozen = (r"img/.*",)  # no update, no optimiser state
-  c.init = ml_collections.ConfigDict(dict(path=ml_collections.config_dict.placeholder(str),
-                                          mapping={"img/": "img/"}, step=None))
+  c.init = ml_collections.ConfigDict(
+    dict(path=ml_collections.config_dict.placeholder(str), mapping={"img/": "img/"}, step=None)
+  )
   if arg == "demo":
     demo_data(c)
     c.model = demo_two_tower(temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0)
@@ -46,9 +47,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, ""):
     raise ValueError(f"configs/lit_b16.py: unknown variant {arg!r}; known: demo")
   c.model = dict(
-      image=dict(variant="B/16", pool_type="map"),
-      text=dict(variant="B", vocab_size=32_000, max_len=16, pool_type="last", out_dim=768),
-      temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, frozen=("image",),
+    image=dict(variant="B/16", pool_type="map"),
+    text=dict(variant="B", vocab_size=32_000, max_len=16, pool_type="last", out_dim=768),
+    temperature_init=CLIP_TEMPERATURE_INIT,
+    bias_init=None,
+    frozen=("image",),
   )
   c.batch_size = 16_384
   c.total_steps = 18_000_000_000 // 16_384  # 18B seen examples (sec. 5)
@@ -60,8 +63,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.pp_train = "decode|resize(224, method='bicubic')|rescale|normalize('siglip')"
   c.data.pp_eval = "decode|resize(224, method='bicubic')|rescale|normalize('siglip')"
   c.data.text_length = 16
-  c.evals = ml_collections.ConfigDict(dict(zeroshot=dict(type="zeroshot", every=5000, split="test"),
-                                           retrieval=dict(type="retrieval", every=5000, split="test")))
+  c.evals = ml_collections.ConfigDict(
+    dict(
+      zeroshot=dict(type="zeroshot", every=5000, split="test"),
+      retrieval=dict(type="retrieval", every=5000, split="test"),
+    )
+  )
   c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
   c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c

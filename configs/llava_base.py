@@ -46,43 +46,82 @@ def demo_vision() -> dict:
 def demo_init(vision_prefix: str = "vision/", demo: bool = True) -> ml_collections.ConfigDict:
   """config.init of a demo VLM: the CLIP demo's image tower (its 'img/' params) at `vision_prefix` and
   the LM demo at 'lm/'. demo=False: the same two slots with no path (give HF directories)."""
-  return ml_collections.ConfigDict(dict(
-      vision=dict(path=CLIP_DEMO if demo else None, mapping={vision_prefix: "img/" if demo else ""}, step=None,
-                  hint=f"Train the vision encoder first: python -m vlm.train --config=configs/clip_b16.py:demo "
-                       f"--workdir={CLIP_DEMO}"),
-      lm=dict(path=LM_DEMO if demo else None, mapping={"lm/": ""}, step=None,
-              hint=f"Train the LM first: python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir={LM_DEMO}")))
+  return ml_collections.ConfigDict(
+    dict(
+      vision=dict(
+        path=CLIP_DEMO if demo else None,
+        mapping={vision_prefix: "img/" if demo else ""},
+        step=None,
+        hint=f"Train the vision encoder first: python -m vlm.train --config=configs/clip_b16.py:demo "
+        f"--workdir={CLIP_DEMO}",
+      ),
+      lm=dict(
+        path=LM_DEMO if demo else None,
+        mapping={"lm/": ""},
+        step=None,
+        hint=f"Train the LM first: python -m vlm.train --config=configs/lm_pretrain.py:demo --workdir={LM_DEMO}",
+      ),
+    )
+  )
 
 
 def vicuna_chat(conv: ml_collections.ConfigDict) -> None:
   """Vicuna v1's template, specials and system prompt on data.conversation (LLaVA-1.5 / LLaVA-NeXT at
   scale; the tokenizer must be the LM's own: data.tokenizer = its tokenizer.model)."""
-  conv.template = ml_collections.ConfigDict(dict(
-      system="{content} ", user="USER: {content} ", assistant="ASSISTANT: {content}</s>",
-      generation_prefix="ASSISTANT:"))
+  conv.template = ml_collections.ConfigDict(
+    dict(
+      system="{content} ", user="USER: {content} ", assistant="ASSISTANT: {content}</s>", generation_prefix="ASSISTANT:"
+    )
+  )
   conv.specials = ml_collections.ConfigDict({"<image>": 32_000, "</s>": 2})
-  conv.system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the human's questions.")
+  conv.system = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions."
+  )
 
 
 def vqa_eval(every: int, max_examples: int | None = 1000) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(vqa=dict(type="vqa_generate", every=every, split="test",
-                                                 max_examples=max_examples, max_new_tokens=6)))
+  return ml_collections.ConfigDict(
+    dict(vqa=dict(type="vqa_generate", every=every, split="test", max_examples=max_examples, max_new_tokens=6))
+  )
 
 
 def model(demo: bool) -> dict:
   if demo:
-    return dict(lm_config=demo_lm(), vision_config=demo_vision(), feature_layer=-2, keep_cls=False,
-                connector_type="mlp", image_token_id=1000, soft_prompt_token_id=1004, num_soft_prompts=0)
+    return dict(
+      lm_config=demo_lm(),
+      vision_config=demo_vision(),
+      feature_layer=-2,
+      keep_cls=False,
+      connector_type="mlp",
+      image_token_id=1000,
+      soft_prompt_token_id=1004,
+      num_soft_prompts=0,
+    )
   # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens), Vicuna-7B v1.5 (Llama-2 architecture).
   return dict(
-      lm_config=dict(vocab_size=32_064, width=4096, depth=32, num_heads=32, mlp_dim=11_008, mlp_act="swiglu",
-                     rope_theta=10_000.0, norm_eps=1e-5, tie_embeddings=False,
-                     # one compiled block for the 32 (vlm.models.decoder), matmul outputs kept for the backward
-                     scan_layers=True, remat_policy="dots"),
-      vision_config=dict(variant="L/14", class_token=True, pre_norm=True, patch_bias=False, norm_eps=1e-5,
-                         mlp_act="quick_gelu"),
-      feature_layer=-2, keep_cls=False, connector_type="mlp", image_token_id=32_000)
+    lm_config=dict(
+      vocab_size=32_064,
+      width=4096,
+      depth=32,
+      num_heads=32,
+      mlp_dim=11_008,
+      mlp_act="swiglu",
+      rope_theta=10_000.0,
+      norm_eps=1e-5,
+      tie_embeddings=False,
+      # one compiled block for the 32 (vlm.models.decoder), matmul outputs kept for the backward
+      scan_layers=True,
+      remat_policy="dots",
+    ),
+    vision_config=dict(
+      variant="L/14", class_token=True, pre_norm=True, patch_bias=False, norm_eps=1e-5, mlp_act="quick_gelu"
+    ),
+    feature_layer=-2,
+    keep_cls=False,
+    connector_type="mlp",
+    image_token_id=32_000,
+  )
 
 
 def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -103,8 +142,9 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
     c.data.caption_key = "caption"
     tokens = (32 // 8) ** 2
     tasks = ("caption",) if stage == "align" else ("qa", "detailed")
-    c.data.conversation = conversation(tasks, image_tokens=tokens, length=96,
-                                       task_weights=None if stage == "align" else (3.0, 1.0))
+    c.data.conversation = conversation(
+      tasks, image_tokens=tokens, length=96, task_weights=None if stage == "align" else (3.0, 1.0)
+    )
     c.batch_size = 64
     c.log_every = 25
     c.evals = vqa_eval(every=0)
@@ -113,12 +153,14 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
     # expand2square with the CLIP mean colour, then CLIPImageProcessor at 336 (= LlavaImageProcessor(do_pad=True)).
     # Stage 1 (scripts/v1_5/pretrain.sh, no pad): CLIPImageProcessor at 336 alone.
     c.data.pp_train = c.data.pp_eval = (
-        "decode|pad_to_square('clip')|resize_small(336, method='bicubic')|center_crop(336)|rescale|normalize('clip')"
-        if stage != "align" else
-        "decode|resize_small(336, method='bicubic')|center_crop(336)|rescale|normalize('clip')")
+      "decode|pad_to_square('clip')|resize_small(336, method='bicubic')|center_crop(336)|rescale|normalize('clip')"
+      if stage != "align"
+      else "decode|resize_small(336, method='bicubic')|center_crop(336)|rescale|normalize('clip')"
+    )
     c.data.extra_text_keys = ("caption_detailed", "question", "answer")
-    c.data.conversation = conversation(("caption",) if stage == "align" else ("qa", "detailed"),
-                                       image_tokens=576, length=2048)
+    c.data.conversation = conversation(
+      ("caption",) if stage == "align" else ("qa", "detailed"), image_tokens=576, length=2048
+    )
     vicuna_chat(c.data.conversation)
     c.evals = vqa_eval(every=5000, max_examples=None)
   if stage == "align":
@@ -133,10 +175,15 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
   elif stage == "instruct":
     # Stage 2: the connector and the LM learn, the vision encoder stays frozen (LLaVA-1.5: batch 128, lr 2e-5).
     c.frozen = (r"vision/.*",)
-    c.init = ml_collections.ConfigDict(dict(
-        path=f"{DEMO_ROOT}/stage1" if demo else None, mapping=None, step=None,
+    c.init = ml_collections.ConfigDict(
+      dict(
+        path=f"{DEMO_ROOT}/stage1" if demo else None,
+        mapping=None,
+        step=None,
         hint=f"Run stage 1 first: python -m vlm.train --config=configs/llava_stage1.py:demo "
-             f"--workdir={DEMO_ROOT}/stage1"))
+        f"--workdir={DEMO_ROOT}/stage1",
+      )
+    )
     c.lr = 1e-3 if demo else 2e-5
     c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=30 if demo else 156))
     c.total_steps = 800 if demo else 5197  # 665k instruction examples / 128

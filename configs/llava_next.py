@@ -70,26 +70,35 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if demo:
     points = DEMO_BASE_PINPOINTS if arg == "demo_base" else DEMO_PINPOINTS
     grid = DEMO_TILE // demo_vision()["patch_size"]
-    c.model = dict(lm_config=demo_lm(), vision_config=demo_vision(), feature_layer=-2, keep_cls=False,
-                   connector_type="mlp", image_token_id=1000,
-                   anyres=dict(grid_pinpoints=points, tile_size=DEMO_TILE, patch_grid=grid))
+    c.model = dict(
+      lm_config=demo_lm(),
+      vision_config=demo_vision(),
+      feature_layer=-2,
+      keep_cls=False,
+      connector_type="mlp",
+      image_token_id=1000,
+      anyres=dict(grid_pinpoints=points, tile_size=DEMO_TILE, patch_grid=grid),
+    )
   else:
     # LLaVA-NeXT-7B (Vicuna-7B v1.5): LLaVA-1.5's model, CLIP ViT-L/14 at 336 px (24 x 24 features per tile).
-    c.model = dict(model(demo=False), anyres=dict(grid_pinpoints=anyres.LLAVA_NEXT_PINPOINTS, tile_size=336,
-                                                  patch_grid=24))
+    c.model = dict(
+      model(demo=False), anyres=dict(grid_pinpoints=anyres.LLAVA_NEXT_PINPOINTS, tile_size=336, patch_grid=24)
+    )
   max_tokens = anyres.max_image_tokens(**c.model["anyres"])
   c.data.extra_text_keys = ("caption_detailed", "question", "answer")
   if demo:
     demo_data(c)
     c.data.builder.text_rich = 1
     # No flip: it would mirror the text. The aspect padding makes wide, square and tall images.
-    c.data.pp_train = anyres_pp(c.model["anyres"], "decode|resize(64)|random_aspect_pad((0.5, 1.0, 2.0))",
-                                "value_range(-1, 1)")
+    c.data.pp_train = anyres_pp(
+      c.model["anyres"], "decode|resize(64)|random_aspect_pad((0.5, 1.0, 2.0))", "value_range(-1, 1)"
+    )
     c.data.pp_eval = c.data.pp_train
     c.data.caption_key = "caption"
     c.data.question_regex = "text say"
-    c.data.conversation = conversation(("qa", "detailed"), image_tokens=max_tokens, length=max_tokens + 40,
-                                       task_weights=(3.0, 1.0))
+    c.data.conversation = conversation(
+      ("qa", "detailed"), image_tokens=max_tokens, length=max_tokens + 40, task_weights=(3.0, 1.0)
+    )
     c.data.conversation.max_turns = 1
     # As LLaVA-NeXT's stage 2, the whole model learns, the vision tower at a tenth of the rate.
     c.frozen = ()

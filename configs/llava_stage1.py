@@ -1,6 +1,6 @@
 r"""LLaVA stage 1 (feature alignment: only the connector learns). See configs/llava_base.py.
 
-  python -m vlm.train --config=configs/llava_stage1.py:demo --workdir=/tmp/llava_demo/stage1
+python -m vlm.train --config=configs/llava_stage1.py:demo --workdir=/tmp/llava_demo/stage1
 """
 
 import ml_collections

@@ -1,6 +1,6 @@
 r"""LLaVA stage 2 (visual instruction tuning: connector + LM learn). See configs/llava_base.py.
 
-  python -m vlm.train --config=configs/llava_stage2.py:demo --workdir=/tmp/llava_demo/stage2
+python -m vlm.train --config=configs/llava_stage2.py:demo --workdir=/tmp/llava_demo/stage2
 """
 
 import ml_collections

@@ -28,34 +28,78 @@ LM_VOCAB = 1008  # 1000 SentencePiece pieces + special markers (vlm.data.convers
 
 def demo_lm() -> dict:
   """The demo LM: 4 blocks of width 128, 4 query heads sharing 2 KV heads, tied embeddings."""
-  return dict(vocab_size=LM_VOCAB, width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=352,
-              mlp_act="swiglu", rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True)
+  return dict(
+    vocab_size=LM_VOCAB,
+    width=128,
+    depth=4,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=352,
+    mlp_act="swiglu",
+    rope_theta=10_000.0,
+    norm_eps=1e-6,
+    tie_embeddings=True,
+  )
 
 
-def conversation(tasks: tuple[str, ...], *, image_tokens: int = 16, with_image: bool = True,
-                 length: int = 96, task_weights: tuple[float, ...] | None = None,
-                 pack: int = 1, instruction_length: int = 0) -> ml_collections.ConfigDict:
+def conversation(
+  tasks: tuple[str, ...],
+  *,
+  image_tokens: int = 16,
+  with_image: bool = True,
+  length: int = 96,
+  task_weights: tuple[float, ...] | None = None,
+  pack: int = 1,
+  instruction_length: int = 0,
+) -> ml_collections.ConfigDict:
   """data.conversation with the default chat template (vlm.data.conversation.DEFAULT_TEMPLATE);
-  pack > 1 packs that many examples into each training row of `length` tokens (raise it with pack;
-  vlm.data.conversation.pack_examples); instruction_length > 0 also gives the image encoder the user's
-instruction (an instruction-aware Q-Former: configs/blip2_stage2.py)."""
-  return ml_collections.ConfigDict(dict(
-      tasks=tasks, task_weights=task_weights, image_tokens=image_tokens, with_image=with_image, length=length,
-      pack=pack, soft_prompts=0, instruction_length=instruction_length,
-      instructions=ml_collections.ConfigDict(), question_format="{question}",
-      prompt_length=image_tokens + 24, max_turns=3, add_bos=True, system=None,
-      template=ml_collections.ConfigDict(dict(
-          system="<|system|>{content}<|end|>", user="<|user|>{content}<|end|>",
-          assistant="<|assistant|>{content}<|end|>", generation_prefix="<|assistant|>")),
-      specials=ml_collections.ConfigDict({"<image>": 1000, "<|system|>": 1001, "<|user|>": 1002,
-                                          "<|assistant|>": 1003, "<|soft_prompt|>": 1004, "<|end|>": 1}),
-  ))
+    pack > 1 packs that many examples into each training row of `length` tokens (raise it with pack;
+    vlm.data.conversation.pack_examples); instruction_length > 0 also gives the image encoder the user's
+  instruction (an instruction-aware Q-Former: configs/blip2_stage2.py)."""
+  return ml_collections.ConfigDict(
+    dict(
+      tasks=tasks,
+      task_weights=task_weights,
+      image_tokens=image_tokens,
+      with_image=with_image,
+      length=length,
+      pack=pack,
+      soft_prompts=0,
+      instruction_length=instruction_length,
+      instructions=ml_collections.ConfigDict(),
+      question_format="{question}",
+      prompt_length=image_tokens + 24,
+      max_turns=3,
+      add_bos=True,
+      system=None,
+      template=ml_collections.ConfigDict(
+        dict(
+          system="<|system|>{content}<|end|>",
+          user="<|user|>{content}<|end|>",
+          assistant="<|assistant|>{content}<|end|>",
+          generation_prefix="<|assistant|>",
+        )
+      ),
+      specials=ml_collections.ConfigDict(
+        {
+          "<image>": 1000,
+          "<|system|>": 1001,
+          "<|user|>": 1002,
+          "<|assistant|>": 1003,
+          "<|soft_prompt|>": 1004,
+          "<|end|>": 1,
+        }
+      ),
+    )
+  )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in ("demo", "demo_cm3"):
-    raise ValueError("configs/lm_pretrain.py: only the 'demo' and 'demo_cm3' variants exist; at scale, import a "
-                     "pretrained LM (vlm.convert.import_hf) and give its directory to the VLM config's init.path")
+    raise ValueError(
+      "configs/lm_pretrain.py: only the 'demo' and 'demo_cm3' variants exist; at scale, import a "
+      "pretrained LM (vlm.convert.import_hf) and give its directory to the VLM config's init.path"
+    )
   c = base_config()
   c.model_name = "decoder_lm"
   c.model = demo_lm()
@@ -66,9 +110,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.conversation = conversation(("text", "qa"), with_image=False, task_weights=(1.0, 1.0))
   if arg == "demo_cm3":
     c.data.conversation.update(tasks=("text",), task_weights=None)
-    c.data.cm3 = ml_collections.ConfigDict(dict(
-        sentinel_ids=(1005, 1006, 1007), num_spans=ml_collections.config_dict.placeholder(int),
-        poisson_lambda=1.0, max_spans=3, max_span_len=8, protected_ids=()))
+    c.data.cm3 = ml_collections.ConfigDict(
+      dict(
+        sentinel_ids=(1005, 1006, 1007),
+        num_spans=ml_collections.config_dict.placeholder(int),
+        poisson_lambda=1.0,
+        max_spans=3,
+        max_span_len=8,
+        protected_ids=(),
+      )
+    )
   c.evals = ml_collections.ConfigDict()
   c.batch_size = 64
   c.total_steps = 400

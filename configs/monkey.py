@@ -34,8 +34,9 @@ from configs.common import base_config, demo_data
 from configs.lm_pretrain import conversation, demo_lm
 from configs.llava_base import demo_init, demo_vision, vqa_eval
 
-INSTRUCTIONS = dict(caption=("Generate the caption in English:",),
-                    detailed=("Generate the detailed caption in English:",))
+INSTRUCTIONS = dict(
+  caption=("Generate the caption in English:",), detailed=("Generate the detailed caption in English:",)
+)
 TEMPLATE = dict(system="{content} ", user="{content}", assistant=" {content}<|end|>", generation_prefix="")
 
 
@@ -54,21 +55,41 @@ def build(demo: bool, windows: bool) -> ml_collections.ConfigDict:
   if demo:
     queries, window, size = 16, 32, 64
     lm = demo_lm()
-    vision = dict(image=dict(demo_vision(), class_token=False),
-                  resampler=dict(num_queries=queries, num_heads=4, out_dim=lm["width"]))
+    vision = dict(
+      image=dict(demo_vision(), class_token=False),
+      resampler=dict(num_queries=queries, num_heads=4, out_dim=lm["width"]),
+    )
   else:
     queries, window, size = 256, 448, 896
     # Qwen-7B and Qwen-VL's ViT-bigG/14 (1664 wide, 48 layers) with its 256-query resampler to 4096.
-    lm = dict(vocab_size=151_936, width=4096, depth=32, num_heads=32, mlp_dim=11_008, mlp_act="swiglu",
-              rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False,
-              scan_layers=True, remat_policy="dots")  # one compiled block for the 32 (vlm.models.decoder)
-    vision = dict(image=dict(width=1664, depth=48, mlp_dim=8192, num_heads=16, patch_size=14, class_token=False,
-                             pre_norm=True, norm_eps=1e-6),
-                  resampler=dict(num_queries=queries, num_heads=32, width=4096, out_dim=lm["width"]))
+    lm = dict(
+      vocab_size=151_936,
+      width=4096,
+      depth=32,
+      num_heads=32,
+      mlp_dim=11_008,
+      mlp_act="swiglu",
+      rope_theta=10_000.0,
+      norm_eps=1e-6,
+      tie_embeddings=False,
+      scan_layers=True,
+      remat_policy="dots",
+    )  # one compiled block for the 32 (vlm.models.decoder)
+    vision = dict(
+      image=dict(
+        width=1664, depth=48, mlp_dim=8192, num_heads=16, patch_size=14, class_token=False, pre_norm=True, norm_eps=1e-6
+      ),
+      resampler=dict(num_queries=queries, num_heads=32, width=4096, out_dim=lm["width"]),
+    )
   views = (size // window) ** 2 + 1 if windows else 1
-  c.model = dict(lm_config=lm, vision_model="monkey", vision_method="view_features", connector_type="none",
-                 image_token_id=1000 if demo else 151_859,  # Qwen-VL's image pad id (<imgpad>)
-                 vision_config=dict(vision, window_size=window, lora_attn_rank=16, lora_mlp_rank=32, windows=windows))
+  c.model = dict(
+    lm_config=lm,
+    vision_model="monkey",
+    vision_method="view_features",
+    connector_type="none",
+    image_token_id=1000 if demo else 151_859,  # Qwen-VL's image pad id (<imgpad>)
+    vision_config=dict(vision, window_size=window, lora_attn_rank=16, lora_mlp_rank=32, windows=windows),
+  )
   # The ViT is frozen; its per-window LoRA sets, the resampler and the LLM learn (sec. 3.3).
   c.frozen = (r"vision/img/(?!.*lora_sets_).*",)
   if demo:
@@ -79,8 +100,9 @@ def build(demo: bool, windows: bool) -> ml_collections.ConfigDict:
     c.data.extra_text_keys = ("caption_detailed", "question", "answer")
     c.data.caption_key = "caption"
     c.data.question_regex = "text say"
-    c.data.conversation = conversation(("qa", "detailed"), image_tokens=views * queries, length=views * queries + 40,
-                                       task_weights=(3.0, 1.0))
+    c.data.conversation = conversation(
+      ("qa", "detailed"), image_tokens=views * queries, length=views * queries + 40, task_weights=(3.0, 1.0)
+    )
     c.data.conversation.max_turns = 1
     c.init = demo_init("vision/img/")
     c.batch_size = 64

@@ -37,11 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, ""):
     raise ValueError(f"configs/siglip_b16.py: unknown variant {arg!r}; known: demo")
   c.model = dict(
-      # MLPs use the tanh-approximate GELU, as the published models do: big_vision's vit.py MlpBlock
-      # calls flax `nn.gelu` (approximate=True by default); HF SiglipConfig says "gelu_pytorch_tanh".
-      image=dict(variant="B/16", pool_type="map", posemb="learn", mlp_act="gelu_tanh"),
-      text=dict(variant="B", vocab_size=32_000, max_len=64, pool_type="last", out_dim=768, mlp_act="gelu_tanh"),
-      temperature_init=math.log(10.0), bias_init=-10.0,
+    # MLPs use the tanh-approximate GELU, as the published models do: big_vision's vit.py MlpBlock
+    # calls flax `nn.gelu` (approximate=True by default); HF SiglipConfig says "gelu_pytorch_tanh".
+    image=dict(variant="B/16", pool_type="map", posemb="learn", mlp_act="gelu_tanh"),
+    text=dict(variant="B", vocab_size=32_000, max_len=64, pool_type="last", out_dim=768, mlp_act="gelu_tanh"),
+    temperature_init=math.log(10.0),
+    bias_init=-10.0,
   )
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.batch_size = 32_768
@@ -56,10 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.text_length = 64
   c.checkpoint_every = 1000
   c.log_every = 100
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       zeroshot=dict(type="zeroshot", every=5000, split="test"),
       retrieval=dict(type="retrieval", every=5000, split="test"),
-  ))
+    )
+  )
   c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
   c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c

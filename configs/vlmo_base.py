@@ -38,20 +38,39 @@ TOKENIZER_VOCAB = 1000  # the embedded dataset's SentencePiece vocabulary; [MASK
 # Stage 2 trains the text side only (sec. 2.3: "freeze the parameters of V-FFN and self-attention");
 # the parameters stage 2 does not use are frozen too, so that weight decay leaves them alone.
 STAGE2_FROZEN = [
-    r"encoder/block_\d+/(norm1|attn|ls1|expert_v|expert_vl)/.*",
-    r"(patch_embed|itc_image|itc_text|pooler|itm_head|mim_head|vqa_dense|vqa_norm|vqa_head)/.*",
-    r"(cls_image|mask_token|pos_image|t)",
+  r"encoder/block_\d+/(norm1|attn|ls1|expert_v|expert_vl)/.*",
+  r"(patch_embed|itc_image|itc_text|pooler|itm_head|mim_head|vqa_dense|vqa_norm|vqa_head)/.*",
+  r"(cls_image|mask_token|pos_image|t)",
 ]
 
 
 def model(demo: bool, **overrides) -> dict:
   """VLMo-Base, or the demo's 4-layer, 96-wide MoME (VL-FFN in the top 2) at 32 px."""
   if demo:
-    m = dict(vocab_size=TOKENIZER_VOCAB + 1, width=96, depth=4, num_heads=4, mlp_dim=384, vl_layers=2,
-             patch_size=8, image_size=32, max_len=16)
+    m = dict(
+      vocab_size=TOKENIZER_VOCAB + 1,
+      width=96,
+      depth=4,
+      num_heads=4,
+      mlp_dim=384,
+      vl_layers=2,
+      patch_size=8,
+      image_size=32,
+      max_len=16,
+    )
   else:
-    m = dict(vocab_size=30523, width=768, depth=12, num_heads=12, mlp_dim=3072, vl_layers=2, patch_size=16,
-             image_size=224, max_len=40, droppath=0.1)
+    m = dict(
+      vocab_size=30523,
+      width=768,
+      depth=12,
+      num_heads=12,
+      mlp_dim=3072,
+      vl_layers=2,
+      patch_size=16,
+      image_size=224,
+      max_len=40,
+      droppath=0.1,
+    )
   m.update(temperature_init=CLIP_TEMPERATURE_INIT, bias_init=None, max_scale=100.0, layer_scale=0.1)
   m.update(overrides)
   return m
@@ -59,10 +78,10 @@ def model(demo: bool, **overrides) -> dict:
 
 # The command that makes each demo stage's init checkpoint (shown when it is missing).
 PREVIOUS = {
-    "mim": "python -m vlm.train --config=configs/vq_tokenizer.py:demo --workdir=/tmp/vq_demo",
-    "mlm": f"python -m vlm.train --config=configs/vlmo_stage1_mim.py:demo --workdir={DEMO_ROOT}/stage1",
-    "pairs": f"python -m vlm.train --config=configs/vlmo_stage2_mlm.py:demo --workdir={DEMO_ROOT}/stage2",
-    "vqa": f"python -m vlm.train --config=configs/vlmo_base.py:demo --workdir={DEMO_ROOT}/stage3",
+  "mim": "python -m vlm.train --config=configs/vq_tokenizer.py:demo --workdir=/tmp/vq_demo",
+  "mlm": f"python -m vlm.train --config=configs/vlmo_stage1_mim.py:demo --workdir={DEMO_ROOT}/stage1",
+  "pairs": f"python -m vlm.train --config=configs/vlmo_stage2_mlm.py:demo --workdir={DEMO_ROOT}/stage2",
+  "vqa": f"python -m vlm.train --config=configs/vlmo_base.py:demo --workdir={DEMO_ROOT}/stage3",
 }
 
 
@@ -74,10 +93,21 @@ def stage_config(stage: str, arg: str | None, init_path: str | None) -> ml_colle
   c = base_config()
   c.model_name = "vlmo"
   c.objective_name = "vlmo"
-  c.objective = ml_collections.ConfigDict(dict(
-      itc_weight=1.0, itm_weight=1.0, mlm_weight=1.0, mim_weight=0.0, mlm_with_image=True,
-      mask_id=TOKENIZER_VOCAB if demo else 30522, mask_rate=0.15, mim_ratio=0.4, mim_masking="blockwise",
-      itm_hard_negatives=True, loss="softmax"))
+  c.objective = ml_collections.ConfigDict(
+    dict(
+      itc_weight=1.0,
+      itm_weight=1.0,
+      mlm_weight=1.0,
+      mim_weight=0.0,
+      mlm_with_image=True,
+      mask_id=TOKENIZER_VOCAB if demo else 30522,
+      mask_rate=0.15,
+      mim_ratio=0.4,
+      mim_masking="blockwise",
+      itm_hard_negatives=True,
+      loss="softmax",
+    )
+  )
   c.model = model(demo)
   c.init.path = init_path
   if demo:
@@ -105,9 +135,12 @@ def stage_config(stage: str, arg: str | None, init_path: str | None) -> ml_colle
     c.lr = 2e-4
     c.wd = 0.01
     c.schedule.warmup_steps = 2500
-    c.evals = ml_collections.ConfigDict(dict(
+    c.evals = ml_collections.ConfigDict(
+      dict(
         zeroshot=dict(type="zeroshot", every=10_000, split="test"),
-        retrieval=dict(type="retrieval", every=10_000, split="test")))
+        retrieval=dict(type="retrieval", every=10_000, split="test"),
+      )
+    )
 
   if stage == "mim":
     c.objective.update(itc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, mim_weight=1.0)
@@ -139,21 +172,32 @@ def stage_config(stage: str, arg: str | None, init_path: str | None) -> ml_colle
 
 def _vq_tokenizer(demo: bool) -> dict:
   from configs import vq_tokenizer
+
   return dict(vq_tokenizer.get_config("demo" if demo else None).model)
 
 
 def _vqa(c: ml_collections.ConfigDict, demo: bool) -> None:
   """VQA as classification over data.answer_vocab with the fusion encoder on [question; image]."""
   c.objective_name = "classification"
-  c.objective = ml_collections.ConfigDict(dict(input_key=("image", "question"), label_key="answer_label",
-                                               method="vqa_logits"))
+  c.objective = ml_collections.ConfigDict(
+    dict(input_key=("image", "question"), label_key="answer_label", method="vqa_logits")
+  )
   c.data.extra_text_keys = ("question",)
   answers = scenes.answer_vocab()
   c.data.answer_vocab = answers
   c.model.num_answers = len(answers)
-  c.evals = ml_collections.ConfigDict(dict(vqa=dict(type="classify", every=0, split="test",
-                                                    input_key=("image", "question"), label_key="answer_label",
-                                                    method="vqa_logits")))
+  c.evals = ml_collections.ConfigDict(
+    dict(
+      vqa=dict(
+        type="classify",
+        every=0,
+        split="test",
+        input_key=("image", "question"),
+        label_key="answer_label",
+        method="vqa_logits",
+      )
+    )
+  )
   if demo:
     c.total_steps = 400
     c.evals.vqa.every = 200

@@ -41,8 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_name = "vq_tokenizer"
   c.objective_name = "vq"
   # VQ-VAE eq. 3. entropy_weight > 0 adds the MaskGIT / MAGVIT-v2 codebook-usage term (vlm.objectives.vq).
-  c.objective = ml_collections.ConfigDict(dict(codebook_weight=1.0, commitment=0.25, entropy_weight=0.0,
-                                               entropy_temperature=0.01))
+  c.objective = ml_collections.ConfigDict(
+    dict(codebook_weight=1.0, commitment=0.25, entropy_weight=0.0, entropy_temperature=0.01)
+  )
   if arg == "demo":
     return _demo(c)
   if arg == "demo_long":
@@ -73,9 +74,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.pp_eval = "decode|resize(256)|value_range(-1, 1)"
   c.log_every = 100
   c.checkpoint_every = 5_000
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       reconstruction=dict(type="reconstruction", every=10_000, split="validation", max_examples=10_000),
-  ))
+    )
+  )
   c.model.dtype = "bfloat16"  # activations and matmuls; params, optimiser state, loss, norms stay float32
   c.attention_impl = "auto"  # cuDNN flash attention on GPU where shapes and dtypes allow, else XLA
   return c
@@ -95,8 +98,11 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.schedule.warmup_steps = 40
   c.checkpoint_every = 300
   c.eval_at_start = True  # the untrained model's PSNR and usage, logged as step 0
-  c.evals = ml_collections.ConfigDict(dict(
-      reconstruction=dict(type="reconstruction", every=0, split="test",
-                          max_examples=ml_collections.config_dict.placeholder(int)),
-  ))
+  c.evals = ml_collections.ConfigDict(
+    dict(
+      reconstruction=dict(
+        type="reconstruction", every=0, split="test", max_examples=ml_collections.config_dict.placeholder(int)
+      ),
+    )
+  )
   return c

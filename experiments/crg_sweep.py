@@ -43,8 +43,17 @@ def main() -> None:
   settings = parse_settings(args.settings)
   config = load_workdir_config(args.workdir)
   model, mesh, params = load_model_and_params(config, args.workdir)
-  ev = RegionQA(config=config, model=model, mesh=mesh, prefix="r", split=args.split,
-                max_examples=args.max_examples, max_new_tokens=4, crg_alpha=0.0)
+  ev = RegionQA(
+    config=config,
+    model=model,
+    mesh=mesh,
+    prefix="r",
+    split=args.split,
+    max_examples=args.max_examples,
+    max_new_tokens=4,
+    crg_alpha=0.0,
+  )
+
   def short(out: dict[str, float]) -> dict[str, float]:  # r/accuracy_crg_main -> main
     return {(k.split("_")[-1] if k.endswith(("_main", "_distractor")) else "all"): round(v, 4) for k, v in out.items()}
 

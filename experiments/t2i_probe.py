@@ -93,8 +93,11 @@ def main() -> None:
   def step(p, s, x, y):
     def loss(p):
       c, sh = cnn.apply(p, x)
-      return (optax.softmax_cross_entropy_with_integer_labels(c, y[:, 0]).mean()
-              + optax.softmax_cross_entropy_with_integer_labels(sh, y[:, 1]).mean())
+      return (
+        optax.softmax_cross_entropy_with_integer_labels(c, y[:, 0]).mean()
+        + optax.softmax_cross_entropy_with_integer_labels(sh, y[:, 1]).mean()
+      )
+
     value, grads = jax.value_and_grad(loss)(p)
     updates, s = opt.update(grads, s)
     return optax.apply_updates(p, updates), s, value
@@ -108,15 +111,28 @@ def main() -> None:
   predict = jax.jit(lambda x: [jnp.argmax(o, -1) for o in cnn.apply(cnn_params, x)])
   gen_fn = jit_on_mesh(lambda p, t: generate_images(model, p, t, grid, guidance=args.guidance)[1], mesh, rules)
   seen = test["seen"].astype(bool)
-  sets = {"real": test["image"], "reconstructed": recon(test["image"]),
-          "generated": np.clip(batched_apply(gen_fn, params, test["text"], mesh, 256), -1, 1)}
+  sets = {
+    "real": test["image"],
+    "reconstructed": recon(test["image"]),
+    "generated": np.clip(batched_apply(gen_fn, params, test["text"], mesh, 256), -1, 1),
+  }
   for name, images in sets.items():
     c, s = (np.asarray(v) for v in predict(images))
     colour, shape = c == y_test[:, 0], s == y_test[:, 1]
     both = colour & shape
-    print(json.dumps(dict(images=name, colour=round(float(colour.mean()), 4), shape=round(float(shape.mean()), 4),
-                          both=round(float(both.mean()), 4), both_seen=round(float(both[seen].mean()), 4),
-                          both_unseen=round(float(both[~seen].mean()), 4) if (~seen).any() else None)), flush=True)
+    print(
+      json.dumps(
+        dict(
+          images=name,
+          colour=round(float(colour.mean()), 4),
+          shape=round(float(shape.mean()), 4),
+          both=round(float(both.mean()), 4),
+          both_seen=round(float(both[seen].mean()), 4),
+          both_unseen=round(float(both[~seen].mean()), 4) if (~seen).any() else None,
+        )
+      ),
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

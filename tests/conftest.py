@@ -1,4 +1,5 @@
 """Test setup: 8 simulated CPU devices, set before JAX initialises."""
+
 import getpass
 import os
 import tempfile
@@ -12,8 +13,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false --xla_ba
 # A compilation cache shared by the xdist workers, the CLI subprocesses and later runs: a program one
 # test compiled is loaded by the next (the key covers the HLO, flags and jax version).
 # VLM_TEST_COMPILATION_CACHE="" turns it off; another path moves it.
-_CACHE = os.environ.get("VLM_TEST_COMPILATION_CACHE",
-                        os.path.join(tempfile.gettempdir(), f"vlm-test-xla-cache-{getpass.getuser()}"))
+_CACHE = os.environ.get(
+  "VLM_TEST_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), f"vlm-test-xla-cache-{getpass.getuser()}")
+)
 if _CACHE:
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -29,8 +31,18 @@ import pytest  # noqa: E402
 # Fixtures that train a model: a test asking for one (directly or through another fixture) belongs to
 # the slow tier (`pytest -m "not slow"` leaves it out); tests that train by themselves are marked
 # `@pytest.mark.slow` where they stand.
-TRAINED_FIXTURES = {"siglip_workdir", "vlm_bed", "coca_run", "coca_workdir", "llava", "blip2_stage1", "stages",
-                    "grounding_workdir", "flava_run", "vlmo_chain_run"}
+TRAINED_FIXTURES = {
+  "siglip_workdir",
+  "vlm_bed",
+  "coca_run",
+  "coca_workdir",
+  "llava",
+  "blip2_stage1",
+  "stages",
+  "grounding_workdir",
+  "flava_run",
+  "vlmo_chain_run",
+}
 
 
 # Under xdist (pytest.ini: --dist=loadgroup) the tests of one trained fixture run on one worker: a
@@ -50,6 +62,7 @@ def pytest_collection_modifyitems(config, items):
       group = next((f for f in GROUP_FIRST if f in used), min(used))
       item.add_marker(pytest.mark.xdist_group(group))
 
+
 from helpers import TINY_DATA, TINY_LM, TINY_VISION, shrink  # noqa: E402
 
 
@@ -60,6 +73,7 @@ def rewrite_checkpoint(src, dst, rename=lambda k: k, drop=(), add=None, config=N
   import pathlib
 
   from safetensors.numpy import load_file, save_file
+
   dst = pathlib.Path(dst)
   dst.mkdir()
   tensors = {rename(k): v for k, v in load_file(f"{src}/model.safetensors").items() if k not in drop}
@@ -75,6 +89,7 @@ def rewrite_checkpoint(src, dst, rename=lambda k: k, drop=(), add=None, config=N
 def data_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("data")
   from vlm.data import embedded
+
   embedded.build(str(d), **TINY_DATA)
   return d
 
@@ -88,6 +103,7 @@ def shared_run(tmp_path_factory, name: str, make) -> tuple:
   import shutil
 
   from filelock import FileLock
+
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent  # shared by the workers of this session
@@ -107,6 +123,7 @@ def siglip_workdir(tmp_path_factory, data_dir):
   from configs import siglip_b16
   from helpers import tiny
   from vlm.train import train
+
   return shared_run(tmp_path_factory, "siglip", lambda wd: train(tiny(siglip_b16, data_dir, steps=6), wd))[0]
 
 
@@ -158,13 +175,36 @@ def coca_workdir(coca_run):
 # level (configuration_utils.py of 4.x; 5.x moved most of them to the model classes). 4.x's
 # save_pretrained left a top-level key out when it equalled this default and the class's own.
 V4_PRETRAINED_DEFAULTS = dict(
-    return_dict=True, output_hidden_states=False, output_attentions=False, torchscript=False, torch_dtype=None,
-    use_bfloat16=False, tf_legacy_loss=False, pruned_heads={}, tie_word_embeddings=True, chunk_size_feed_forward=0,
-    is_encoder_decoder=False, is_decoder=False, cross_attention_hidden_size=None, add_cross_attention=False,
-    tie_encoder_decoder=False, architectures=None, finetuning_task=None, tokenizer_class=None, prefix=None,
-    bos_token_id=None, pad_token_id=None, eos_token_id=None, sep_token_id=None, decoder_start_token_id=None,
-    task_specific_params=None, problem_type=None, dtype=None, id2label={"0": "LABEL_0", "1": "LABEL_1"},
-    label2id={"LABEL_0": 0, "LABEL_1": 1})
+  return_dict=True,
+  output_hidden_states=False,
+  output_attentions=False,
+  torchscript=False,
+  torch_dtype=None,
+  use_bfloat16=False,
+  tf_legacy_loss=False,
+  pruned_heads={},
+  tie_word_embeddings=True,
+  chunk_size_feed_forward=0,
+  is_encoder_decoder=False,
+  is_decoder=False,
+  cross_attention_hidden_size=None,
+  add_cross_attention=False,
+  tie_encoder_decoder=False,
+  architectures=None,
+  finetuning_task=None,
+  tokenizer_class=None,
+  prefix=None,
+  bos_token_id=None,
+  pad_token_id=None,
+  eos_token_id=None,
+  sep_token_id=None,
+  decoder_start_token_id=None,
+  task_specific_params=None,
+  problem_type=None,
+  dtype=None,
+  id2label={"0": "LABEL_0", "1": "LABEL_1"},
+  label2id={"LABEL_0": 0, "LABEL_1": 1},
+)
 # 4.x text-config keys that 5.x folds into rope_parameters, with 4.x's class defaults.
 _V4_ROPE_DEFAULTS = dict(rope_theta=10000.0, rope_scaling=None)
 
@@ -203,8 +243,9 @@ def hub_style_config(config: dict) -> dict:
       kept = {k: v for k, v in sub.items() if k == "model_type" or k not in defaults or defaults[k] != v}
       kept.pop("transformers_version", None)
       out[key] = kept
-    elif (key in V4_PRETRAINED_DEFAULTS and value == V4_PRETRAINED_DEFAULTS[key]
-          and (key not in top or top[key] == value)):
+    elif (
+      key in V4_PRETRAINED_DEFAULTS and value == V4_PRETRAINED_DEFAULTS[key] and (key not in top or top[key] == value)
+    ):
       continue
     else:
       out[key] = value
@@ -226,6 +267,7 @@ def notebook_script(path) -> str:
   """The code cells of an .ipynb as one script; IPython-only lines (`!cmd`, `%magic`) become comments."""
   import json
   import pathlib
+
   nb = json.loads(pathlib.Path(path).read_text())
   chunks = []
   for i, cell in enumerate(nb["cells"]):
@@ -241,6 +283,7 @@ def write_tar(path, samples) -> None:
   """A webdataset-style tar at `path` with members (name, bytes) in order."""
   import io
   import tarfile
+
   with tarfile.open(path, "w") as tar:
     for name, data in samples:
       info = tarfile.TarInfo(name)

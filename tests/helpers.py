@@ -23,6 +23,7 @@ def tiny_vision_lm(**kw):
   """A LLaVA-style VisionLanguageModel of TINY_LM and TINY_VISION (features of the second-last block);
   `kw` sets other fields (connector_type, num_soft_prompts, ...)."""
   from vlm.models.vision_lm import VisionLanguageModel
+
   return VisionLanguageModel(lm_config=TINY_LM, vision_config=TINY_VISION, feature_layer=-2, **kw)
 
 
@@ -30,6 +31,7 @@ def image_prompt(batch: int, images_per_row: int = 1, tail=(270, 268, 301)):
   """Token rows [batch, L] for tiny_vision_lm: BOS, <|user|>, IMAGE_TOKENS image placeholders per image,
   then `tail` (text ids)."""
   import jax.numpy as jnp
+
   row = [3, 1002] + [1000] * (IMAGE_TOKENS * images_per_row) + list(tail)
   return jnp.asarray(np.tile(row, (batch, 1)), jnp.int32)
 
@@ -92,6 +94,7 @@ def vqa_accuracy(workdir, name: str = "vqa", shuffle_images: bool = False) -> fl
   leaves only what the LM can guess from the question."""
   from vlm.evals.base import build_evals
   from vlm.evaluate import load_run
+
   config, model, mesh, params = load_run(workdir)
   ev = build_evals(config, model, mesh)[name]
   arrays = dict(ev.data()[0])
@@ -107,6 +110,7 @@ def flat_params(workdir) -> dict[str, np.ndarray]:
   from flax import traverse_util
 
   from vlm import checkpoint
+
   return traverse_util.flatten_dict(checkpoint.load_params(workdir), sep="/")
 
 
@@ -128,5 +132,6 @@ def text_answers(c, split: str):
   """(images as the recipe's data.pp_eval makes them, answers) of its text-reading questions on `split`."""
   from vlm.data import get_tokenizer
   from vlm.data.pipeline import load_split_numpy
+
   arrays, _ = load_split_numpy(c.data, split)
   return arrays["image"], [a.strip() for a in get_tokenizer(c.data).decode_batch(arrays["answer"])]

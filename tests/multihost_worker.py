@@ -6,6 +6,7 @@
 Trains configs/siglip_b16.py:demo with the "config" overrides (dotted keys) and no evaluations,
 going through the same `parallel.maybe_initialize_distributed` call as `vlm.train`'s main().
 """
+
 import json
 import os
 import sys
@@ -34,8 +35,11 @@ def main(args: dict) -> None:
       node = node[p]
     node[last] = value
   train(c, args["workdir"])
-  print(f"process {jax.process_index()}/{jax.process_count()} with {jax.local_device_count()} of "
-        f"{jax.device_count()} devices: done", flush=True)
+  print(
+    f"process {jax.process_index()}/{jax.process_count()} with {jax.local_device_count()} of "
+    f"{jax.device_count()} devices: done",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

@@ -37,21 +37,43 @@ def _sizes(rng, n, hi):
 @pytest.fixture(scope="module")
 def hf_model():
   torch.manual_seed(0)
-  vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     image_size=TILE, patch_size=PATCH, projection_dim=8)
-  tc = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-  cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=tc, image_grid_pinpoints=SMALL,
-                                     image_token_index=63)
+  vc = transformers.CLIPVisionConfig(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=TILE,
+    patch_size=PATCH,
+    projection_dim=8,
+  )
+  tc = transformers.LlamaConfig(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+  )
+  cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=tc, image_grid_pinpoints=SMALL, image_token_index=63)
   return transformers.LlavaNextModel(cfg).eval()
 
 
 # ------------------------------------------------------------------ grid choice
 
 
-@pytest.mark.parametrize("hw,best", [((336, 672), (336, 672)), ((1000, 1000), (672, 672)),
-                                     ((100, 1000), (336, 1008)), ((1000, 100), (1008, 336)),
-                                     ((480, 640), (672, 672)), ((224, 224), (336, 672)), ((1, 1), (336, 672))])
+@pytest.mark.parametrize(
+  "hw,best",
+  [
+    ((336, 672), (336, 672)),
+    ((1000, 1000), (672, 672)),
+    ((100, 1000), (336, 1008)),
+    ((1000, 100), (1008, 336)),
+    ((480, 640), (672, 672)),
+    ((224, 224), (336, 672)),
+    ((1, 1), (336, 672)),
+  ],
+)
 def test_select_best_resolution_known(hw, best):
   assert anyres.select_best_resolution(hw, DEFAULT) == best
   assert anyres.anyres_grid_shape(hw, DEFAULT, 336) == (best[0] // 336, best[1] // 336)
@@ -72,8 +94,14 @@ def test_select_best_resolution_matches_hf(points, hi):
 def test_views_match_hf_processor(hw):
   """Global view first, then the tiles: pixel-exact against HF's PIL LLaVA-NeXT processor."""
   from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-  proc = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
-                                    image_grid_pinpoints=SMALL, do_rescale=False, do_normalize=False)
+
+  proc = LlavaNextImageProcessorPil(
+    size={"shortest_edge": TILE},
+    crop_size={"height": TILE, "width": TILE},
+    image_grid_pinpoints=SMALL,
+    do_rescale=False,
+    do_normalize=False,
+  )
   img = np.random.default_rng(hw[0] * 1000 + hw[1]).integers(0, 256, (*hw, 3), dtype=np.uint8)
   ref = proc(images=[img], return_tensors="np", input_data_format="channels_last")["pixel_values"][0]
   ref = ref.transpose(0, 2, 3, 1)
@@ -81,12 +109,14 @@ def test_views_match_hf_processor(hw):
   assert views.shape == (1 + anyres.max_tiles(SMALL, TILE), TILE, TILE, 3) and views.dtype == np.uint8
   assert n == rows * cols == len(ref) - 1 == hf_mod.image_size_to_num_patches(hw, SMALL, TILE) - 1
   assert (rows, cols) == hf_mod.get_anyres_image_grid_shape(hw, SMALL, TILE)
-  np.testing.assert_array_equal(views[:1 + n], ref)
-  assert not views[1 + n:].any()
+  np.testing.assert_array_equal(views[: 1 + n], ref)
+  assert not views[1 + n :].any()
 
 
-@pytest.mark.parametrize("hw,target", [((50, 37), (64, 64)), ((20, 90), (32, 96)), ((7, 13), (96, 32)),
-                                       ((64, 64), (64, 64)), ((31, 100), (32, 128))])
+@pytest.mark.parametrize(
+  "hw,target",
+  [((50, 37), (64, 64)), ((20, 90), (32, 96)), ((7, 13), (96, 32)), ((64, 64), (64, 64)), ((31, 100), (32, 128))],
+)
 def test_tiles_round_trip(hw, target):
   img = np.random.default_rng(0).random((*hw, 3)).astype(np.float32)
   padded = anyres.resize_and_pad(img, target, fill=-5.0)
@@ -94,13 +124,14 @@ def test_tiles_round_trip(hw, target):
   assert (nh == target[0] or nw == target[1]) and nh <= target[0] and nw <= target[1]
   top, left = (target[0] - nh) // 2, (target[1] - nw) // 2  # an odd padding's extra pixel: bottom / right
   content = np.zeros(target, bool)
-  content[top:top + nh, left:left + nw] = True
+  content[top : top + nh, left : left + nw] = True
   np.testing.assert_array_equal(padded[..., 0] != -5.0, content)
   tiles = anyres.divide_into_tiles(padded, TILE)
   rows, cols = target[0] // TILE, target[1] // TILE
   assert tiles.shape == (rows * cols, TILE, TILE, 3)
-  np.testing.assert_array_equal(tiles[1], padded[:TILE, TILE:2 * TILE] if cols > 1
-                                else padded[TILE:2 * TILE, :TILE])  # row-major
+  np.testing.assert_array_equal(
+    tiles[1], padded[:TILE, TILE : 2 * TILE] if cols > 1 else padded[TILE : 2 * TILE, :TILE]
+  )  # row-major
   back = tiles.reshape(rows, cols, TILE, TILE, 3).transpose(0, 2, 1, 3, 4).reshape(*target, 3)
   np.testing.assert_array_equal(back, padded)
 
@@ -120,7 +151,7 @@ def test_unpad_matches_hf():
     gh, gw = rows * ph, cols * pw
     ref = hf_mod.unpad_image(torch.arange(gh * gw).reshape(1, gh, gw), torch.tensor(hw))[0].numpy()
     (top, left), (uh, uw) = anyres.unpadded_shape(hw, (gh, gw))
-    np.testing.assert_array_equal(np.arange(gh * gw).reshape(gh, gw)[top:top + uh, left:left + uw], ref)
+    np.testing.assert_array_equal(np.arange(gh * gw).reshape(gh, gw)[top : top + uh, left : left + uw], ref)
     grids.append((rows, cols))
     hws.append(hw)
     refs.append(ref)
@@ -130,16 +161,17 @@ def test_unpad_matches_hf():
   feats[:, 0, :, 0] = -1 - np.arange(ph * pw)
   for i, (rows, cols) in enumerate(grids):
     canvas = np.arange(rows * ph * cols * pw).reshape(rows, ph, cols, pw).transpose(0, 2, 1, 3)
-    feats[i, 1:1 + rows * cols, :, 0] = canvas.reshape(rows * cols, ph * pw)
-  fn = jax.jit(lambda f, g, s: pack_anyres_features(f, g, s, jnp.full((1,), -1000.0), patch_grid=(ph, pw),
-                                                    max_tokens=max_tokens))
+    feats[i, 1 : 1 + rows * cols, :, 0] = canvas.reshape(rows * cols, ph * pw)
+  fn = jax.jit(
+    lambda f, g, s: pack_anyres_features(f, g, s, jnp.full((1,), -1000.0), patch_grid=(ph, pw), max_tokens=max_tokens)
+  )
   tokens, count = fn(feats, np.array(grids), np.array(hws))
   tokens = np.asarray(tokens)[..., 0]
   for i, ref in enumerate(refs):
     want = np.concatenate([-1 - np.arange(ph * pw), np.pad(ref, ((0, 0), (0, 1)), constant_values=-1000).ravel()])
     assert int(count[i]) == len(want), cases[i]
-    np.testing.assert_array_equal(tokens[i, :len(want)], want, err_msg=str(cases[i]))
-    assert not tokens[i, len(want):].any()
+    np.testing.assert_array_equal(tokens[i, : len(want)], want, err_msg=str(cases[i]))
+    assert not tokens[i, len(want) :].any()
 
 
 def test_token_counts_match_hf(hf_model):
@@ -172,8 +204,9 @@ def test_pack_matches_hf(hf_model):
   feats[np.arange(max_views)[None] >= np.array(nviews)[:, None]] = 0.0  # padding views are zeros
   newline = hf_model.image_newline.detach().numpy()
   with torch.no_grad():
-    ref, lens = hf_model.pack_image_features([torch.from_numpy(f[:n]) for f, n in zip(feats, nviews)],
-                                             torch.tensor(sizes), "default", hf_model.image_newline)
+    ref, lens = hf_model.pack_image_features(
+      [torch.from_numpy(f[:n]) for f, n in zip(feats, nviews)], torch.tensor(sizes), "default", hf_model.image_newline
+    )
   model = AnyResPack(patch_grid=GRID, max_tokens=max_tokens)
   params = model.init(jax.random.key(0), feats, grids, np.array(sizes))["params"]
   assert params["image_newline"].value.shape == (d,)
@@ -182,24 +215,25 @@ def test_pack_matches_hf(hf_model):
   assert tokens.shape == (len(sizes), max_tokens, d)
   np.testing.assert_array_equal(np.asarray(count), lens.numpy())
   for i, r in enumerate(ref):
-    np.testing.assert_allclose(np.asarray(tokens[i, :len(r)]), r.numpy(), rtol=0, atol=0)
-    assert not np.asarray(tokens[i, len(r):]).any()
+    np.testing.assert_allclose(np.asarray(tokens[i, : len(r)]), r.numpy(), rtol=0, atol=0)
+    assert not np.asarray(tokens[i, len(r) :]).any()
   # several images per row: compact [B, M * max_tokens] into one in-order run
   valid = np.arange(max_tokens)[None] < np.asarray(count)[:, None]
   joined, n = compact_tokens(tokens.reshape(3, 2 * max_tokens, d), valid.reshape(3, 2 * max_tokens))
   for row in range(3):
     want = torch.cat([ref[2 * row], ref[2 * row + 1]]).numpy()
     assert int(n[row]) == len(want)
-    np.testing.assert_array_equal(np.asarray(joined[row, :len(want)]), want)
-    assert not np.asarray(joined[row, len(want):]).any()
+    np.testing.assert_array_equal(np.asarray(joined[row, : len(want)]), want)
+    assert not np.asarray(joined[row, len(want) :]).any()
 
 
 def test_newline_init_std():
   d = 4096
   params = AnyResPack(patch_grid=2, max_tokens=8).init(
-      jax.random.key(0), jnp.zeros((1, 2, 4, d)), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))
+    jax.random.key(0), jnp.zeros((1, 2, 4, d)), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)
+  )
   std = float(jnp.std(params["params"]["image_newline"].value))
-  assert abs(std - d ** -0.5) < 0.1 * d ** -0.5
+  assert abs(std - d**-0.5) < 0.1 * d**-0.5
 
 
 def test_errors():
@@ -216,11 +250,13 @@ def test_errors():
   with pytest.raises(ValueError, match="patch_grid"):
     anyres.num_image_tokens((10, 10), SMALL, TILE, 0)
   with pytest.raises(ValueError, match="features"):
-    pack_anyres_features(jnp.zeros((1, 2, 5, 3)), jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros(3), patch_grid=2,
-                         max_tokens=8)
+    pack_anyres_features(
+      jnp.zeros((1, 2, 5, 3)), jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros(3), patch_grid=2, max_tokens=8
+    )
   with pytest.raises(ValueError, match="max_tokens"):
-    pack_anyres_features(jnp.zeros((1, 2, 4, 3)), jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros(3), patch_grid=2,
-                         max_tokens=3)
+    pack_anyres_features(
+      jnp.zeros((1, 2, 4, 3)), jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros(3), patch_grid=2, max_tokens=3
+    )
 
 
 # ------------------------------------------------------------------ the whole model, imported
@@ -228,14 +264,33 @@ def test_errors():
 
 def _hf_llava_next(path):
   torch.manual_seed(1)
-  vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     image_size=TILE, patch_size=PATCH, projection_dim=8)
-  tc = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                                tie_word_embeddings=False)
-  cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=tc, image_grid_pinpoints=SMALL,
-                                     image_token_index=63, vision_feature_layer=-2,
-                                     vision_feature_select_strategy="default")
+  vc = transformers.CLIPVisionConfig(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=TILE,
+    patch_size=PATCH,
+    projection_dim=8,
+  )
+  tc = transformers.LlamaConfig(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+  )
+  cfg = transformers.LlavaNextConfig(
+    vision_config=vc,
+    text_config=tc,
+    image_grid_pinpoints=SMALL,
+    image_token_index=63,
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+  )
   hf = transformers.LlavaNextForConditionalGeneration(cfg).eval()
   with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
     for p in hf.parameters():
@@ -255,8 +310,9 @@ def test_llava_next_logits_match_hf(tmp_path):
 
   hf = _hf_llava_next(tmp_path)
   name, kwargs, params = import_hf(tmp_path)
-  assert name == "vision_lm" and kwargs["anyres"] == dict(grid_pinpoints=tuple(map(tuple, SMALL)), tile_size=TILE,
-                                                          patch_grid=GRID)
+  assert name == "vision_lm" and kwargs["anyres"] == dict(
+    grid_pinpoints=tuple(map(tuple, SMALL)), tile_size=TILE, patch_grid=GRID
+  )
   model = build_model(name, kwargs)
   op = f"anyres({SMALL}, {TILE}, {GRID})|value_range(0, 1)"
   rng = np.random.default_rng(4)
@@ -266,41 +322,62 @@ def test_llava_next_logits_match_hf(tmp_path):
   length = 5 + max(counts) + 6
   ids = np.zeros((len(sizes), length), np.int64)
   for i, n in enumerate(counts):  # text, the image's placeholders, text, then right padding
-    ids[i, :5 + n + 6] = np.concatenate([rng.integers(3, 60, 5), np.full(n, 63), rng.integers(3, 60, 6)])
+    ids[i, : 5 + n + 6] = np.concatenate([rng.integers(3, 60, 5), np.full(n, 63), rng.integers(3, 60, 6)])
   views = np.stack([ex["image"] for ex in exs]).astype(np.float32)  # [B, V, t, t, 3]
   layout = np.stack([ex["image_layout"] for ex in exs])
   with torch.no_grad():
-    theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(views.transpose(0, 1, 4, 2, 3)),
-                image_sizes=torch.tensor(layout[:, 2:])).logits.numpy()
-  ours, stats = model.apply({"params": params}, jnp.asarray(views), jnp.asarray(ids), None, jnp.asarray(layout),
-                            return_stats=True)
+    theirs = hf(
+      input_ids=torch.tensor(ids),
+      pixel_values=torch.tensor(views.transpose(0, 1, 4, 2, 3)),
+      image_sizes=torch.tensor(layout[:, 2:]),
+    ).logits.numpy()
+  ours, stats = model.apply(
+    {"params": params}, jnp.asarray(views), jnp.asarray(ids), None, jnp.asarray(layout), return_stats=True
+  )
   assert float(stats["image_token_mismatch"]) == 0.0
   for i, n in enumerate(counts):  # right padding: compare the real positions
-    diff = float(np.abs(np.asarray(ours)[i, :5 + n + 6] - theirs[i, :5 + n + 6]).max())
+    diff = float(np.abs(np.asarray(ours)[i, : 5 + n + 6] - theirs[i, : 5 + n + 6]).max())
     print(f"{sizes[i]}: {n} image tokens, max |logits diff| {diff:.2e}")
     assert diff <= 1e-4
   # One placeholder too few: the model reports the mismatch.
   short = ids.copy()
   short[0, 5] = 7
-  _, stats = model.apply({"params": params}, jnp.asarray(views), jnp.asarray(short), None, jnp.asarray(layout),
-                         return_stats=True)
+  _, stats = model.apply(
+    {"params": params}, jnp.asarray(views), jnp.asarray(short), None, jnp.asarray(layout), return_stats=True
+  )
   assert float(stats["image_token_mismatch"]) == pytest.approx(1 / len(sizes))
   # Cached greedy generation (the prompt left-padded) equals HF's.
   n = counts[1]
-  prompt = ids[1:2, :5 + n + 6]
+  prompt = ids[1:2, : 5 + n + 6]
   with torch.no_grad():
-    out = hf.generate(input_ids=torch.tensor(prompt), pixel_values=torch.tensor(views[1:2].transpose(0, 1, 4, 2, 3)),
-                      image_sizes=torch.tensor(layout[1:2, 2:]), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-                      do_sample=False, max_new_tokens=5, eos_token_id=2, pad_token_id=0).numpy()[:, prompt.shape[1]:]
-  mine = generate(model, params, jnp.asarray(views[1:2]), jnp.asarray(prompt), max_new_tokens=5, eos_id=2, pad_id=0,
-                  image_layout=jnp.asarray(layout[1:2]))
-  np.testing.assert_array_equal(np.asarray(mine.tokens)[:, :out.shape[1]], out)
+    out = hf.generate(
+      input_ids=torch.tensor(prompt),
+      pixel_values=torch.tensor(views[1:2].transpose(0, 1, 4, 2, 3)),
+      image_sizes=torch.tensor(layout[1:2, 2:]),
+      attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=5,
+      eos_token_id=2,
+      pad_token_id=0,
+    ).numpy()[:, prompt.shape[1] :]
+  mine = generate(
+    model,
+    params,
+    jnp.asarray(views[1:2]),
+    jnp.asarray(prompt),
+    max_new_tokens=5,
+    eos_id=2,
+    pad_id=0,
+    image_layout=jnp.asarray(layout[1:2]),
+  )
+  np.testing.assert_array_equal(np.asarray(mine.tokens)[:, : out.shape[1]], out)
   with pytest.raises(ValueError, match="image_layout"):
     model.apply({"params": params}, jnp.asarray(views), jnp.asarray(ids))
 
 
 def test_anyres_pp_op():
   from vlm.data.preprocess import apply_ops, parse_pp
+
   rng = np.random.default_rng(0)
   img = rng.integers(0, 256, (40, 90, 3), dtype=np.uint8)
   ex = apply_ops(parse_pp(f"anyres({SMALL}, {TILE}, {GRID})"), {"image": img}, rng)
@@ -319,6 +396,7 @@ def test_anyres_pp_op():
 @pytest.mark.parametrize("ratio,shape", [(2.0, (30, 60)), (0.5, (60, 30)), (1.0, (30, 30))])
 def test_random_aspect_pad(ratio, shape):
   from vlm.data.preprocess import apply_ops, parse_pp
+
   img = np.full((30, 30, 3), 100, np.uint8)
   img[10:20, 10:20] = 250
   boxes = np.array([[10, 10, 20, 20]], np.float32)
@@ -351,6 +429,7 @@ def test_anyres_tiles_keep_the_text_that_a_single_tile_loses(vlm_bed, data_dir):
   from helpers import TINY_VISION, above_chance, ridge_probe_accuracy, shrink, text_answers
   from vlm import checkpoint
   from vlm.models.vit import ViT
+
   params = checkpoint.load_params(vlm_bed / "clip")["img"]
 
   def view_tokens(vit, views):  # [N, V, 32, 32, 3] -> every view's feature_layer -2 tokens, flattened
@@ -385,6 +464,7 @@ def test_llava_next_demo_chain_trains_the_whole_model(vlm_bed, data_dir, tmp_pat
   from helpers import TINY_LM, TINY_VISION, above_chance, flat_params, shrink, vqa_accuracy
   from vlm.predict import chat
   from vlm.train import train
+
   c = shrink(llava_next.get_config("demo"), data_dir, 150, batch_size=32, warmup_steps=10)
   assert c.data.question_regex == "text say"
   c.data.question_regex = r"^what colour"
@@ -403,6 +483,7 @@ def test_llava_next_demo_chain_trains_the_whole_model(vlm_bed, data_dir, tmp_pat
   assert any(not np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
   assert "anyres/image_newline" in p and "connector/fc1/kernel" in p
   from vlm.data.pipeline import make_pipeline
+
   batch = next(make_pipeline(c.data, split="train", batch_size=16, mesh=None, seed=0))
   layout = np.asarray(batch["image_layout"])
   assert np.asarray(batch["image"]).shape[1:] == (9, 32, 32, 3)

@@ -33,11 +33,26 @@ def _make_siglip(seed: int = 0):
   parameter randomised (no LayerNorm left at 1/0, no zero bias) so a swapped or dropped tensor shows."""
   torch.manual_seed(seed)
   cfg = transformers.SiglipConfig(
-      text_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2,
-                       vocab_size=VOCAB, max_position_embeddings=TEXT_LEN, projection_size=32,
-                       pad_token_id=1, bos_token_id=None, eos_token_id=1),
-      vision_config=dict(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=IMAGE, patch_size=PATCH),
+    text_config=dict(
+      hidden_size=24,
+      intermediate_size=40,
+      num_hidden_layers=3,
+      num_attention_heads=2,
+      vocab_size=VOCAB,
+      max_position_embeddings=TEXT_LEN,
+      projection_size=32,
+      pad_token_id=1,
+      bos_token_id=None,
+      eos_token_id=1,
+    ),
+    vision_config=dict(
+      hidden_size=32,
+      intermediate_size=56,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=IMAGE,
+      patch_size=PATCH,
+    ),
   )
   model = transformers.SiglipModel(cfg).eval()
   with torch.no_grad():
@@ -83,13 +98,17 @@ def _bv_tree(model, scanned: bool) -> dict[str, np.ndarray]:
       s = f"{src}.layers.{i}"
       norm(f"{b}/LayerNorm_0", f"{s}.layer_norm1")
       norm(f"{b}/LayerNorm_1", f"{s}.layer_norm2")
-      attention(f"{b}/MultiHeadDotProductAttention_0",
-                [take(f"{s}.self_attn.{n}_proj.weight") for n in "qkv"],
-                [take(f"{s}.self_attn.{n}_proj.bias") for n in "qkv"],
-                take(f"{s}.self_attn.out_proj.weight"), take(f"{s}.self_attn.out_proj.bias"), h)
+      attention(
+        f"{b}/MultiHeadDotProductAttention_0",
+        [take(f"{s}.self_attn.{n}_proj.weight") for n in "qkv"],
+        [take(f"{s}.self_attn.{n}_proj.bias") for n in "qkv"],
+        take(f"{s}.self_attn.out_proj.weight"),
+        take(f"{s}.self_attn.out_proj.bias"),
+        h,
+      )
       dense(f"{b}/MlpBlock_0/Dense_0", f"{s}.mlp.fc1")
       dense(f"{b}/MlpBlock_0/Dense_1", f"{s}.mlp.fc2")
-      blocks.append({k[len(b) + 1:]: out.pop(k) for k in set(out) - before})
+      blocks.append({k[len(b) + 1 :]: out.pop(k) for k in set(out) - before})
     if scanned:
       for sub in blocks[0]:
         out[f"{dst}/encoderblock/{sub}"] = np.stack([blk[sub] for blk in blocks])
@@ -106,9 +125,14 @@ def _bv_tree(model, scanned: bool) -> dict[str, np.ndarray]:
   out["img/MAPHead_0/probe"] = take("vision_model.head.probe")
   w = np.split(take("vision_model.head.attention.in_proj_weight"), 3)
   b = np.split(take("vision_model.head.attention.in_proj_bias"), 3)
-  attention("img/MAPHead_0/MultiHeadDotProductAttention_0", w, b,
-            take("vision_model.head.attention.out_proj.weight"), take("vision_model.head.attention.out_proj.bias"),
-            vc.num_attention_heads)
+  attention(
+    "img/MAPHead_0/MultiHeadDotProductAttention_0",
+    w,
+    b,
+    take("vision_model.head.attention.out_proj.weight"),
+    take("vision_model.head.attention.out_proj.bias"),
+    vc.num_attention_heads,
+  )
   norm("img/MAPHead_0/LayerNorm_0", "vision_model.head.layernorm")
   dense("img/MAPHead_0/MlpBlock_0/Dense_0", "vision_model.head.mlp.fc1")
   dense("img/MAPHead_0/MlpBlock_0/Dense_1", "vision_model.head.mlp.fc2")
@@ -134,7 +158,7 @@ def _inputs(seed: int = 0):
   pixels = rng.uniform(-1, 1, size=(3, 3, IMAGE, IMAGE)).astype(np.float32)  # NCHW, big_vision's [-1, 1]
   ids = rng.integers(2, VOCAB, size=(3, TEXT_LEN))
   for i, n in enumerate([5, 16, 9]):  # SigLIP v1 style: "sticky" EOS (1) padded with EOS to the fixed length
-    ids[i, n - 1:] = 1
+    ids[i, n - 1 :] = 1
   return pixels, ids
 
 
@@ -179,19 +203,34 @@ def _report():
       print(f"  {k}: {v:.2e}")
 
 
-@pytest.mark.parametrize("scanned,prefix,scan", [(False, "params/", False), (True, "params/", False),
-                                                 (False, "", True), (True, "opt/target/", True)])
+@pytest.mark.parametrize(
+  "scanned,prefix,scan",
+  [(False, "params/", False), (True, "params/", False), (False, "", True), (True, "opt/target/", True)],
+)
 def test_parity_with_transformers(tmp_path, siglip, scanned, prefix, scan):
   path = _write(tmp_path, _bv_tree(siglip, scanned), prefix)
   pixels, ids = _inputs()
   ours, kwargs, params = _ours(path, pixels, ids, scan=scan)
-  _check(f"{'scanned' if scanned else 'unrolled'} file, prefix {prefix!r}, scan={scan}", ours,
-         _theirs(siglip, pixels, ids))
+  _check(
+    f"{'scanned' if scanned else 'unrolled'} file, prefix {prefix!r}, scan={scan}", ours, _theirs(siglip, pixels, ids)
+  )
   im, tx = kwargs["image"], kwargs["text"]
   assert (im["width"], im["depth"], im["mlp_dim"], im["num_heads"], im["patch_size"], im["posemb_grid"]) == (
-      32, 2, 56, 4, (PATCH, PATCH), (IMAGE // PATCH,) * 2)
+    32,
+    2,
+    56,
+    4,
+    (PATCH, PATCH),
+    (IMAGE // PATCH,) * 2,
+  )
   assert (tx["width"], tx["depth"], tx["mlp_dim"], tx["num_heads"], tx["vocab_size"], tx["max_len"]) == (
-      24, 3, 40, 2, VOCAB, TEXT_LEN)
+    24,
+    3,
+    40,
+    2,
+    VOCAB,
+    TEXT_LEN,
+  )
   assert im["out_dim"] is None and tx["out_dim"] == 32 and kwargs["bias_init"] == -10.0
   assert tx["pool_type"] == "last" and tx["pool_mask_pad"] is False and tx["padding_mask"] is False
   assert im["mlp_act"] == tx["mlp_act"] == "gelu_tanh" and im["norm_eps"] == tx["norm_eps"] == 1e-6
@@ -229,8 +268,10 @@ def test_text_pool_mask_pad_option(pool_type):
   masked, full = TextTransformer(**kw), TextTransformer(**kw, pool_mask_pad=False)
   padded = jnp.array([[3, 4, 5, 0, 0, 0], [7, 8, 9, 10, 11, 0]])
   rng = np.random.default_rng(0)  # random values in the init's shapes: no compiled (slow on CPU) init
-  v = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5, a.dtype),
-                   nn.meta.unbox(jax.eval_shape(masked.init, jax.random.key(0), padded)))
+  v = jax.tree.map(
+    lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5, a.dtype),
+    nn.meta.unbox(jax.eval_shape(masked.init, jax.random.key(0), padded)),
+  )
   z_m, _ = jax.jit(masked.apply)(v, padded)
   z_f, aux_f = jax.jit(full.apply)(v, padded)  # same parameters: the option changes no parameter
   enc = aux_f["encoded"]
@@ -246,21 +287,26 @@ def test_text_pool_mask_pad_option(pool_type):
   assert float(jnp.max(jnp.abs(z_m - z_f))) > 1e-3  # the option matters when there are pads
   unpadded = jnp.array([[3, 4, 5, 6, 7, 8]])
   # Two programs, float32 rounding apart (values ~6: 1.9e-6 seen under conftest's XLA flags).
-  np.testing.assert_allclose(jax.jit(masked.apply)(v, unpadded)[0], jax.jit(full.apply)(v, unpadded)[0],
-                             atol=1e-5)
+  np.testing.assert_allclose(jax.jit(masked.apply)(v, unpadded)[0], jax.jit(full.apply)(v, unpadded)[0], atol=1e-5)
 
 
 def test_text_map_head_imports_as_map_pooling_over_all_tokens(tmp_path, siglip):
   tree = _bv_tree(siglip, scanned=True)
   rng = np.random.default_rng(0)
   d, m, h = 24, 40, 2  # the text tower's width, mlp_dim, heads: big_vision's MAPHead uses the tower's
-  shapes = {"probe": (1, 1, d), "LayerNorm_0/scale": (d,), "LayerNorm_0/bias": (d,),
-            "MlpBlock_0/Dense_0/kernel": (d, m), "MlpBlock_0/Dense_0/bias": (m,),
-            "MlpBlock_0/Dense_1/kernel": (m, d), "MlpBlock_0/Dense_1/bias": (d,),
-            **{f"MultiHeadDotProductAttention_0/{p}/kernel": (d, h, d // h) for p in ("query", "key", "value")},
-            **{f"MultiHeadDotProductAttention_0/{p}/bias": (h, d // h) for p in ("query", "key", "value")},
-            "MultiHeadDotProductAttention_0/out/kernel": (h, d // h, d),
-            "MultiHeadDotProductAttention_0/out/bias": (d,)}
+  shapes = {
+    "probe": (1, 1, d),
+    "LayerNorm_0/scale": (d,),
+    "LayerNorm_0/bias": (d,),
+    "MlpBlock_0/Dense_0/kernel": (d, m),
+    "MlpBlock_0/Dense_0/bias": (m,),
+    "MlpBlock_0/Dense_1/kernel": (m, d),
+    "MlpBlock_0/Dense_1/bias": (d,),
+    **{f"MultiHeadDotProductAttention_0/{p}/kernel": (d, h, d // h) for p in ("query", "key", "value")},
+    **{f"MultiHeadDotProductAttention_0/{p}/bias": (h, d // h) for p in ("query", "key", "value")},
+    "MultiHeadDotProductAttention_0/out/kernel": (h, d // h, d),
+    "MultiHeadDotProductAttention_0/out/bias": (d,),
+  }
   tree.update({f"txt/MAPHead_0/{k}": rng.normal(size=s).astype(np.float32) * 0.3 for k, s in shapes.items()})
   path = _write(tmp_path, tree)
   name, kwargs, params = import_big_vision(path)
@@ -307,7 +353,7 @@ def test_errors_name_the_key_and_the_file(tmp_path, siglip):
   with pytest.raises(ValueError, match="text_pool 'max'"):
     import_big_vision(_write(tmp_path, tree, name="ok.npz"), text_pool="max")
 
-  vit_only = _write(tmp_path, {k[len("img/"):]: v for k, v in tree.items() if k.startswith("img/")}, name="vit.npz")
+  vit_only = _write(tmp_path, {k[len("img/") :]: v for k, v in tree.items() if k.startswith("img/")}, name="vit.npz")
   with pytest.raises(ValueError, match="not a two-tower checkpoint") as e:
     import_big_vision(vit_only)
   assert vit_only in str(e.value)
@@ -339,19 +385,31 @@ def test_predict_on_an_npz_with_a_tokenizer(tmp_path, siglip):
   from sklearn.datasets import load_sample_images
 
   from vlm.predict import predict
+
   words = "a photo of cat dog red blue circle square the picture small large".split()
   rng = np.random.default_rng(0)
   buf = io.BytesIO()
   spm.SentencePieceTrainer.Train(
-      sentence_iterator=iter([" ".join(rng.choice(words, 6)) for _ in range(400)]), model_writer=buf,
-      vocab_size=60, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-      minloglevel=2, num_threads=1)
+    sentence_iterator=iter([" ".join(rng.choice(words, 6)) for _ in range(400)]),
+    model_writer=buf,
+    vocab_size=60,
+    model_type="unigram",
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    hard_vocab_limit=False,
+    minloglevel=2,
+    num_threads=1,
+  )
   (tmp_path / "spm.model").write_bytes(buf.getvalue())
-  photo = load_sample_images().images[0][100:100 + IMAGE, 200:200 + IMAGE]  # already 32 px: resize is exact
+  photo = load_sample_images().images[0][100 : 100 + IMAGE, 200 : 200 + IMAGE]  # already 32 px: resize is exact
   Image.fromarray(photo).save(tmp_path / "crop.png")
   path = _write(tmp_path, _bv_tree(siglip, scanned=False))
   labels, template = ["red cat", "blue dog", "a small square"], "a photo of a {}."
-  ranked = dict(predict(path, tmp_path / "crop.png", labels, templates=[template], tokenizer=str(tmp_path / "spm.model")))
+  ranked = dict(
+    predict(path, tmp_path / "crop.png", labels, templates=[template], tokenizer=str(tmp_path / "spm.model"))
+  )
   tok = transformers.SiglipTokenizer(vocab_file=str(tmp_path / "spm.model"), model_max_length=TEXT_LEN)
   ids = tok([template.format(x) for x in labels], padding="max_length", return_tensors="pt")["input_ids"]
   pixels = torch.tensor(photo.astype(np.float32)[None].transpose(0, 3, 1, 2) / 127.5 - 1.0)

@@ -1,4 +1,5 @@
 """Captioning metrics: BLEU and CIDEr-D equal pycocoevalcap's on the same tokens; hand checks and errors."""
+
 import numpy as np
 import pytest
 
@@ -8,8 +9,10 @@ pytest.importorskip("pycocoevalcap")
 from pycocoevalcap.bleu.bleu import Bleu  # noqa: E402
 from pycocoevalcap.cider.cider import Cider  # noqa: E402
 
-_VOCAB = ("a man woman dog cat sits stands on the grass red blue car street next to with ball "
-          "playing riding bike in of small large white black table plate food").split()
+_VOCAB = (
+  "a man woman dog cat sits stands on the grass red blue car street next to with ball "
+  "playing riding bike in of small large white black table plate food"
+).split()
 
 
 def _corpus(seed: int = 0, n_images: int = 50) -> tuple[list[str], list[list[str]]]:
@@ -75,11 +78,14 @@ def test_cider_parity_with_pycocoevalcap(seed, sigma):
   assert want > 0.5
 
 
-@pytest.mark.parametrize("cands,refs", [
+@pytest.mark.parametrize(
+  "cands,refs",
+  [
     (["a dog on the grass"], [["a dog on grass", "the dog"]]),  # one image: every idf is 0
     (["", "a cat"], [["a cat sits"], ["a cat"]]),  # empty candidate, single references
     (["a b c d", "a b c d"], [["a b c d"], ["a b c d"]]),  # n-grams in every image's references
-])
+  ],
+)
 def test_parity_small_corpora(cands, refs):
   want_bleu, want_cider, want_per_image = _oracle(cands, refs)
   np.testing.assert_allclose(bleu(cands, refs, tokenized=True), want_bleu, rtol=1e-9, atol=1e-12)
@@ -101,8 +107,19 @@ def test_raw_strings_are_tokenized():
 
 
 def test_tokenize():
-  assert tokenize("A man's T-shirt, (red)... 3.5 m! \"Hi\" -- ok; x: y?") == [
-      "a", "man", "s", "t-shirt", "red", "3.5", "m", "hi", "ok", "x", "y"]
+  assert tokenize('A man\'s T-shirt, (red)... 3.5 m! "Hi" -- ok; x: y?') == [
+    "a",
+    "man",
+    "s",
+    "t-shirt",
+    "red",
+    "3.5",
+    "m",
+    "hi",
+    "ok",
+    "x",
+    "y",
+  ]
   assert tokenize("  ") == []
 
 

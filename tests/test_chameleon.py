@@ -47,19 +47,39 @@ def _vocabulary_map():
 
 def _make(swin_norm: bool):
   torch.manual_seed(0)
-  vq = dict(embed_dim=4, num_embeddings=NUM_IMAGE, latent_channels=4, resolution=16, in_channels=3, base_channels=32,
-            channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[])
+  vq = dict(
+    embed_dim=4,
+    num_embeddings=NUM_IMAGE,
+    latent_channels=4,
+    resolution=16,
+    in_channels=3,
+    base_channels=32,
+    channel_multiplier=[1, 1],
+    num_res_blocks=1,
+    attn_resolutions=[],
+  )
   cfg = transformers.ChameleonConfig(
-      vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, swin_norm=swin_norm,
-      rope_parameters=dict(rope_type="default", rope_theta=5000.0), vq_config=vq, vocabulary_map=_vocabulary_map(),
-      eos_token_id=EOS, bos_token_id=1)
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    swin_norm=swin_norm,
+    rope_parameters=dict(rope_type="default", rope_theta=5000.0),
+    vq_config=vq,
+    vocabulary_map=_vocabulary_map(),
+    eos_token_id=EOS,
+    bos_token_id=1,
+  )
   model = transformers.ChameleonForConditionalGeneration(cfg).eval()
   with torch.no_grad():  # HF inits norms to 1 / 0: perturb every decoder tensor (per-head q/k norms differ)
     for name, p in model.named_parameters():
       if "vqmodel" not in name:
         p.add_(0.1 * torch.randn_like(p))
-    model.lm_head.weight[TEXT:TEXT + NUM_IMAGE] *= 5  # unmasked, image tokens would win the argmax
+    model.lm_head.weight[TEXT : TEXT + NUM_IMAGE] *= 5  # unmasked, image tokens would win the argmax
   return model
 
 
@@ -102,8 +122,9 @@ def test_logits_match_hf(imported):
   written = json.load(open(f"{path}/config.json"))
   assert "rope_parameters" not in written and written["rope_theta"] == 5000.0
   wrong = build_model("decoder_lm", dict(kw, rope_theta=10000.0))
-  off = float(np.abs(np.asarray(jax.jit(wrong.apply)({"params": params}, jnp.asarray(ids)))[..., text]
-                     - theirs[..., text]).max())
+  off = float(
+    np.abs(np.asarray(jax.jit(wrong.apply)({"params": params}, jnp.asarray(ids)))[..., text] - theirs[..., text]).max()
+  )
   print(f"chameleon logits max abs diff with the default theta 10000 instead of the file's 5000: {off:.2e}")
   assert off > 1e-3
 
@@ -111,6 +132,7 @@ def test_logits_match_hf(imported):
 def test_scanned_import(imported):
   """scan=True: the same tensors stacked (decoder/layers, per-head q/k norms [depth, heads, hd]); HF's logits."""
   from vlm.convert import stack_encoder_blocks
+
   hf, _, params, kw, path = imported
   name, kwargs, scanned = import_hf(path, scan=True)
   assert kwargs == dict(kw, scan_layers=True)
@@ -131,24 +153,45 @@ def test_scanned_import(imported):
 def test_absent_keys_take_chameleon_defaults():
   """A config.json that gives only the sizes reads as transformers' ChameleonConfig does (eps, rope theta, biases,
   swin_norm, tying). num_key_value_heads is given: ChameleonConfig's default is 32, not num_attention_heads."""
-  given = dict(model_type="chameleon", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2)
+  given = dict(
+    model_type="chameleon",
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  )
   kw = model_kwargs_from_hf_chameleon(given)
   ref = transformers.ChameleonConfig(**{k: v for k, v in given.items() if k != "model_type"})
   assert (kw["norm_eps"], kw["num_kv_heads"], kw["rope_theta"]) == (
-      ref.rms_norm_eps, ref.num_key_value_heads, ref.rope_parameters["rope_theta"])
+    ref.rms_norm_eps,
+    ref.num_key_value_heads,
+    ref.rope_parameters["rope_theta"],
+  )
   assert (kw["qkv_bias"], kw["mlp_bias"], kw["swin_norm"], kw["tie_embeddings"]) == (
-      ref.attention_bias, ref.mlp_bias, ref.swin_norm, ref.tie_word_embeddings)
+    ref.attention_bias,
+    ref.mlp_bias,
+    ref.swin_norm,
+    ref.tie_word_embeddings,
+  )
 
 
 def test_greedy_generation_matches_hf(imported):
   hf, model, params, _, path = imported
   ids = _tokens(1, (2, 7))
   with torch.no_grad():
-    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
-                      do_sample=False, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=0,
-                      output_logits=True, return_dict_in_generate=True)
-  theirs = out.sequences.numpy()[:, ids.shape[1]:]
+    out = hf.generate(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.ones(ids.shape, dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=NEW,
+      eos_token_id=EOS,
+      pad_token_id=0,
+      output_logits=True,
+      return_dict_in_generate=True,
+    )
+  theirs = out.sequences.numpy()[:, ids.shape[1] :]
   steps = theirs.shape[1]
   theirs = np.pad(theirs, ((0, 0), (0, NEW - steps)), constant_values=0)
   # HF's log-prob of each greedy token (its logits: image tokens suppressed), summed up to EOS inclusive.
@@ -172,6 +215,7 @@ def test_greedy_generation_matches_hf(imported):
 
 def test_layer_per_head_matches_chameleon_layernorm():
   from transformers.models.chameleon.modeling_chameleon import ChameleonLayerNorm
+
   heads, hd = 3, 8
   x = np.random.default_rng(0).normal(size=(2, 5, heads, hd)).astype(np.float32) * 3 + 1
   torch.manual_seed(0)
@@ -183,7 +227,9 @@ def test_layer_per_head_matches_chameleon_layernorm():
   norm = make_qk_norm("layer_per_head", 1e-5)
   params = {"scale": ref.weight.detach().numpy(), "bias": ref.bias.detach().numpy()}
   assert jax.tree.map(np.shape, nn.unbox(jax.eval_shape(norm.init, jax.random.key(0), jnp.asarray(x))["params"])) == {
-      "scale": (heads, hd), "bias": (heads, hd)}
+    "scale": (heads, hd),
+    "bias": (heads, hd),
+  }
   np.testing.assert_allclose(np.asarray(norm.apply({"params": params}, jnp.asarray(x))), theirs, atol=1e-5)
   # In attention: [N, hd] for queries, [K, hd] for keys (grouped KV heads); 'layer' stays shared [hd].
   x = jnp.zeros((1, 4, 32))
@@ -202,14 +248,17 @@ def test_unsupported_config_options_raise(imported, tmp_path):
   """A ConfigError naming the file, the key and its value (the rope in both spellings)."""
   _, _, _, _, path = imported
   config = json.load(open(f"{path}/config.json"))
-  for i, (change, message) in enumerate((
+  for i, (change, message) in enumerate(
+    (
       ({"rms_norm_eps": 1e-6}, "DecoderLM shares norm_eps"),
       ({"rope_parameters": dict(rope_type="linear", rope_theta=5000.0, factor=2.0)}, "rope_type 'linear'"),
       ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
       ({"hidden_act": "gelu"}, "not supported"),
-      ({"head_dim": 8}, "!= hidden_size / num_attention_heads"))):
+      ({"head_dim": 8}, "!= hidden_size / num_attention_heads"),
+    )
+  ):
     dst = rewrite_checkpoint(path, tmp_path / f"config{i}", config=dict(config, **change))
-    (key, value), = change.items()
+    ((key, value),) = change.items()
     want = rf"^{re.escape(dst)}/config.json: {key} = {re.escape(repr(value))}: .*{re.escape(message)}"
     with pytest.raises(ConfigError, match=want):
       import_hf(dst)

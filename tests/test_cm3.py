@@ -29,7 +29,7 @@ def test_random_spans_are_invertible_and_never_cover_protected_tokens(seed):
   out = cm3_transform(ids, spans, S, eos_id=EOS)
   assert len(out) == len(ids) + 2 * len(spans) and out[0] == BOS and out[-1] == EOS
   tail = sum(e - s + 1 for s, e in spans)  # the moved spans, each after its sentinel, end the document
-  assert out[-1 - tail:-1] == [t for i, (s, e) in enumerate(spans) for t in [S[i]] + ids[s:e]]
+  assert out[-1 - tail : -1] == [t for i, (s, e) in enumerate(spans) for t in [S[i]] + ids[s:e]]
   assert cm3_restore(out, S, eos_id=EOS) == ids
 
 
@@ -59,6 +59,7 @@ def test_pipeline_documents_restore_to_the_plain_ones(data_dir):
   exactly what the same pipeline without data.cm3 yields."""
   from configs import lm_pretrain
   from vlm.data.pipeline import check_config, make_pipeline
+
   c = lm_pretrain.get_config("demo_cm3")
   c.data.data_dir = str(data_dir)
   c.data.builder.update(TINY_DATA)

@@ -26,10 +26,12 @@ PAD, EOS, BOS = 0, 1, 3
 
 
 def tiny_coca(**over) -> CoCa:
-  kw = dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
-            text=dict(vocab_size=40, width=32, mlp_dim=64, num_heads=2, unimodal_depth=2, multimodal_depth=2,
-                      max_len=L),
-            embed_dim=16, num_cap_queries=4)
+  kw = dict(
+    image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
+    text=dict(vocab_size=40, width=32, mlp_dim=64, num_heads=2, unimodal_depth=2, multimodal_depth=2, max_len=L),
+    embed_dim=16,
+    num_cap_queries=4,
+  )
   kw.update(over)
   return CoCa(**kw)
 
@@ -38,8 +40,9 @@ def tiny_coca(**over) -> CoCa:
 def coca():
   model = tiny_coca()
   images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
-  tokens = jnp.array([[BOS, 5, 6, 7, EOS, PAD, PAD, PAD], [BOS, 8, 9, EOS, PAD, PAD, PAD, PAD],
-                      [BOS, 10, 11, 12, 13, 14, 15, EOS]])
+  tokens = jnp.array(
+    [[BOS, 5, 6, 7, EOS, PAD, PAD, PAD], [BOS, 8, 9, EOS, PAD, PAD, PAD, PAD], [BOS, 10, 11, 12, 13, 14, 15, EOS]]
+  )
   params = nn.meta.unbox(model.init(jax.random.key(1), images, tokens)["params"])
   return model, params, images, tokens
 
@@ -104,7 +107,8 @@ def test_loss_is_weighted_sum_and_ignores_padding(coca):
   loss, m = CoCaObjective()(model, params, batch, rng=jax.random.key(0), train=False)
   np.testing.assert_allclose(loss, 1.0 * m["contrastive_loss"] + 2.0 * m["caption_loss"], rtol=1e-6)
   loss2, m2 = CoCaObjective(contrastive_weight=0.5, caption_weight=3.0)(
-      model, params, batch, rng=jax.random.key(0), train=False)
+    model, params, batch, rng=jax.random.key(0), train=False
+  )
   np.testing.assert_allclose(loss2, 0.5 * m2["contrastive_loss"] + 3.0 * m2["caption_loss"], rtol=1e-6)
   # Caption loss by hand: mean CE over non-pad targets (position t predicts token t+1).
   _, _, out = model.apply({"params": params}, images, tokens)
@@ -118,22 +122,34 @@ def test_loss_is_weighted_sum_and_ignores_padding(coca):
   assert abs(float(m3["caption_loss"]) - float(m["caption_loss"])) > 1e-4
 
 
-@pytest.mark.parametrize("method,kw", [("greedy", {}), ("beam", dict(num_beams=3)),
-                                       ("sample", dict(top_k=5, temperature=0.8))])
+@pytest.mark.parametrize(
+  "method,kw", [("greedy", {}), ("beam", dict(num_beams=3)), ("sample", dict(top_k=5, temperature=0.8))]
+)
 @pytest.mark.slow
 def test_cached_and_uncached_decoding_give_the_same_tokens(coca, method, kw):
   model, params, images, _ = coca
   rng = jax.random.key(7) if method == "sample" else None
-  cached = generate_captions(model, params, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=L,
-                             method=method, rng=rng, **kw)
+  cached = generate_captions(
+    model, params, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=L, method=method, rng=rng, **kw
+  )
 
   def logits_fn(tokens):  # the training forward, recomputed over the whole buffer
-    return model.apply({"params": params}, images if tokens.shape[0] == 3 else jnp.repeat(images, 3, 0),
-                       tokens)[2]["logits"]
+    return model.apply({"params": params}, images if tokens.shape[0] == 3 else jnp.repeat(images, 3, 0), tokens)[2][
+      "logits"
+    ]
 
   prompt = jnp.full((3, 1), BOS, jnp.int32)
-  uncached = decoding.generate(decoding.uncached_step_fn(logits_fn), decoding.init_token_cache(3, L), prompt,
-                               method=method, rng=rng, max_new_tokens=L - 1, eos_id=EOS, pad_id=PAD, **kw)
+  uncached = decoding.generate(
+    decoding.uncached_step_fn(logits_fn),
+    decoding.init_token_cache(3, L),
+    prompt,
+    method=method,
+    rng=rng,
+    max_new_tokens=L - 1,
+    eos_id=EOS,
+    pad_id=PAD,
+    **kw,
+  )
   np.testing.assert_array_equal(cached.tokens, uncached.tokens)
   np.testing.assert_allclose(cached.scores, uncached.scores, rtol=1e-4, atol=1e-4)
 
@@ -160,14 +176,16 @@ def test_frozen_image_encoder_gets_no_gradient(coca):
 
 def tiny_demo(data_dir, steps: int, **model_sizes):
   from configs import coca_b16
+
   c = coca_b16.get_config("demo")
   c.data.data_dir = str(data_dir)
   c.data.builder.update(TINY_DATA)
   sizes = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
   sizes.update(model_sizes)
   c.model["image"].update(sizes)
-  c.model["text"].update(width=sizes["width"], mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"],
-                         unimodal_depth=1, multimodal_depth=1)
+  c.model["text"].update(
+    width=sizes["width"], mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"], unimodal_depth=1, multimodal_depth=1
+  )
   c.model["embed_dim"] = sizes["width"]
   c.batch_size = 16
   c.total_steps = steps
@@ -198,19 +216,45 @@ def test_trainer_logs_both_losses_and_all_evaluations(coca_workdir):
 @pytest.mark.slow
 def test_predict_prints_a_caption_and_zero_shot_labels(coca_workdir, tmp_path):
   from PIL import Image
+
   img = tmp_path / "x.png"
   Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(img)
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", PYTHONPATH=str(ROOT))
-  cap = subprocess.run([sys.executable, "-m", "vlm.predict", f"--workdir={coca_workdir}", f"--image={img}",
-                        "--method=beam", "--num_beams=2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+  cap = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vlm.predict",
+      f"--workdir={coca_workdir}",
+      f"--image={img}",
+      "--method=beam",
+      "--num_beams=2",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert cap.returncode == 0, cap.stderr[-3000:]
   assert isinstance(json.loads(cap.stdout.strip().splitlines()[-1])["caption"], str)
-  zs = subprocess.run([sys.executable, "-m", "vlm.predict", f"--workdir={coca_workdir}", f"--image={img}",
-                       "--labels=red circle,blue star"], cwd=ROOT, env=env, capture_output=True, text=True,
-                      timeout=300)
+  zs = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vlm.predict",
+      f"--workdir={coca_workdir}",
+      f"--image={img}",
+      "--labels=red circle,blue star",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert zs.returncode == 0, zs.stderr[-3000:]
-  assert len(json.loads(zs.stdout[zs.stdout.index("["):])) == 2
+  assert len(json.loads(zs.stdout[zs.stdout.index("[") :])) == 2
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ def _png(h, w):
   return buf.getvalue()
 
 
-@pytest.mark.parametrize("caption,reason", [
+@pytest.mark.parametrize(
+  "caption,reason",
+  [
     ("a red circle on the left", "ok"),
     ("一只红色的猫坐在 垫子上", "ok"),  # non-Latin letters pass the same rules
     ("кошка сидит на ковре", "ok"),
@@ -33,7 +35,8 @@ def _png(h, w):
     ("see https://example.com for more", "url_or_markup"),
     ("a photo <b>cat</b> here", "url_or_markup"),
     ("DSC_0001.jpg on a table", "url_or_markup"),
-])
+  ],
+)
 def test_caption_rules(caption, reason):
   assert filters.caption_reason(caption) == reason
 
@@ -131,6 +134,7 @@ def test_noisy_builder_flag_shuffles_captions_and_duplicates_images():
 
 def _config(data_dir, scorer, captioner, name):
   from configs import curate
+
   c = curate.get_config("full")
   c.data.data_dir = str(data_dir)
   c.data.builder.update(NOISY)
@@ -143,18 +147,20 @@ def _config(data_dir, scorer, captioner, name):
   return c
 
 
-def test_curate_end_to_end_writes_a_dataset_the_trainer_reads(data_dir, siglip_workdir, coca_workdir,
-                                                              tmp_path):
+def test_curate_end_to_end_writes_a_dataset_the_trainer_reads(data_dir, siglip_workdir, coca_workdir, tmp_path):
   from configs.siglip_b16 import get_config as siglip_config
 
   from vlm.curate import curate
   from vlm.data import make_pipeline, make_source
+
   c = _config(data_dir, siglip_workdir, coca_workdir, "t_full")
   report = curate(c, tmp_path / "wd")
   steps = report["steps"]
   assert list(steps) == ["heuristic", "clip_score", "dedup", "balance", "recaption"]
   assert steps["clip_score"]["kept"] == round(0.5 * steps["heuristic"]["kept"])
-  assert steps["dedup"]["removed"] > 0 and steps["balance"]["concepts"]["red"][1] <= steps["balance"]["concepts"]["red"][0]
+  assert (
+    steps["dedup"]["removed"] > 0 and steps["balance"]["concepts"]["red"][1] <= steps["balance"]["concepts"]["red"][0]
+  )
   noise = report["injected_noise"]
   assert sum(noise[k]["total"] for k in ("duplicate", "shuffled", "clean")) == 256
   assert json.loads((tmp_path / "wd" / "report.json").read_text())["output"] == report["output"]
@@ -183,6 +189,7 @@ def test_curate_config_errors_name_the_key(data_dir):
   from configs import curate as cfg
 
   from vlm.curate import curate
+
   c = cfg.get_config("demo")
   c.clip_score.workdir = ""
   with pytest.raises(ValueError, match="clip_score.workdir"):

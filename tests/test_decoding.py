@@ -16,9 +16,11 @@ PROMPT = jnp.array([[2, 5], [3, 7], [9, 4]], jnp.int32)
 
 # One jitted decoder for the whole file, as models would use it: the step function and the
 # method, sizes and filters are static, so tests that decode one model one way share a compilation.
-_generate = jax.jit(decoding.generate, static_argnums=0,
-                    static_argnames=("method", "max_new_tokens", "eos_id", "pad_id", "num_beams",
-                                     "temperature", "top_k", "top_p"))
+_generate = jax.jit(
+  decoding.generate,
+  static_argnums=0,
+  static_argnames=("method", "max_new_tokens", "eos_id", "pad_id", "num_beams", "temperature", "top_k", "top_p"),
+)
 
 
 def _decode(step_fn, cache, prompt, method="greedy", max_new_tokens=N, **kw):
@@ -69,11 +71,15 @@ def _toy(cached: bool):
 def _trap_table():
   """Markov log-probs [5, 5]: from the start token 4, greedy takes 2 (p .52), which ends badly;
   3 (p .42) ends well."""
-  return np.log([[0.20, 0.20, 0.20, 0.20, 0.20],
-                 [0.20, 0.20, 0.20, 0.20, 0.20],
-                 [0.01, 0.30, 0.25, 0.24, 0.20],
-                 [0.01, 0.90, 0.03, 0.03, 0.03],
-                 [0.01, 0.01, 0.52, 0.42, 0.04]])
+  return np.log(
+    [
+      [0.20, 0.20, 0.20, 0.20, 0.20],
+      [0.20, 0.20, 0.20, 0.20, 0.20],
+      [0.01, 0.30, 0.25, 0.24, 0.20],
+      [0.01, 0.90, 0.03, 0.03, 0.03],
+      [0.01, 0.01, 0.52, 0.42, 0.04],
+    ]
+  )
 
 
 @functools.cache
@@ -111,20 +117,20 @@ def _brute_force(logp_table, start, n, alpha):
   for seq in itertools.product(range(logp_table.shape[0]), repeat=n):
     if EOS not in seq:
       continue
-    seq = seq[:seq.index(EOS) + 1]
+    seq = seq[: seq.index(EOS) + 1]
     prev, total = start, 0.0
     for tok in seq:
       total, prev = total + logp_table[prev, tok], tok
     scores[seq] = total / ((5.0 + len(seq)) / 6.0) ** alpha
-  return sorted(((score, list(seq) + [PAD] * (n - len(seq))) for seq, score in scores.items()),
-                reverse=True)
+  return sorted(((score, list(seq) + [PAD] * (n - len(seq))) for seq, score in scores.items()), reverse=True)
 
 
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("method,kw", [("greedy", {}), ("beam", {"num_beams": 3}),
-                                       ("sample", {"rng": jax.random.key(3), "top_k": 5})])
+@pytest.mark.parametrize(
+  "method,kw", [("greedy", {}), ("beam", {"num_beams": 3}), ("sample", {"rng": jax.random.key(3), "top_k": 5})]
+)
 def test_cached_equals_uncached(method, kw):
   cached = _decode(*_toy(True), PROMPT, method, **kw)
   uncached = _decode(*_toy(False), PROMPT, method, **kw)
@@ -162,8 +168,15 @@ def test_exhaustive_beam_matches_brute_force(alpha):
   """With V ** n beams nothing is ever pruned, so the beams are the brute-force ranking."""
   vocab, n = 5, 4
   prompt = jnp.array([[2], [3], [4]])
-  out = _decode(_markov("random5"), decoding.init_token_cache(3, 1 + n), prompt, "beam",
-                max_new_tokens=n, num_beams=vocab**n, length_penalty=alpha)
+  out = _decode(
+    _markov("random5"),
+    decoding.init_token_cache(3, 1 + n),
+    prompt,
+    "beam",
+    max_new_tokens=n,
+    num_beams=vocab**n,
+    length_penalty=alpha,
+  )
   for b in range(3):
     ranked = _brute_force(_table("random5").astype(np.float64), int(prompt[b, 0]), n, alpha)
     assert out.tokens[b].tolist() == ranked[0][1]
@@ -186,14 +199,13 @@ def test_one_beam_without_length_penalty_is_greedy(model):
   assert beam.beams.shape == (args[2].shape[0], 1, n)
 
 
-@pytest.mark.parametrize("method,kw", [("greedy", {}), ("sample", {"rng": jax.random.key(0)}),
-                                       ("beam", {"num_beams": 2})])
+@pytest.mark.parametrize(
+  "method,kw", [("greedy", {}), ("sample", {"rng": jax.random.key(0)}), ("beam", {"num_beams": 2})]
+)
 def test_rows_stop_independently_and_pad_after_eos(method, kw):
   # The n-th new token is EOS: n = 1, 3, and 9 > N (never; beam search returns its best alive beam).
   out = _decode(_COUNTDOWN_STEP, decoding.init_token_cache(3, N), jnp.array([[1], [3], [9]]), method, **kw)
-  assert out.tokens.tolist() == [[EOS, PAD, PAD, PAD, PAD, PAD],
-                                 [2, 3, EOS, PAD, PAD, PAD],
-                                 [2, 3, 4, 2, 3, 4]]
+  assert out.tokens.tolist() == [[EOS, PAD, PAD, PAD, PAD, PAD], [2, 3, EOS, PAD, PAD, PAD], [2, 3, 4, 2, 3, 4]]
   assert out.lengths.tolist() == [1, 3, 6]
   # A model that always emits EOS at once.
   out = _decode(_COUNTDOWN_STEP, decoding.init_token_cache(3, N), jnp.array([[1], [1], [1]]), method, **kw)
@@ -235,8 +247,9 @@ def test_samples_stay_inside_the_filtered_set(kw):
   table = _table("random11")
   vocab, rows = table.shape[0], 3 * 64
   prompt = jnp.arange(rows)[:, None] % 3 + 2
-  out = _decode(_markov("random11"), decoding.init_token_cache(rows, 1 + N), prompt, "sample",
-                rng=jax.random.key(0), **kw)
+  out = _decode(
+    _markov("random11"), decoding.init_token_cache(rows, 1 + N), prompt, "sample", rng=jax.random.key(0), **kw
+  )
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   # allowed[prev, tok]: tok survives the filters after prev.
   order = np.argsort(-table, axis=-1)
@@ -245,7 +258,7 @@ def test_samples_stay_inside_the_filtered_set(kw):
   size = np.minimum(kw.get("top_k", vocab), np.sum(np.cumsum(probs, -1) - probs < kw.get("top_p", 1.0), -1))
   allowed = np.zeros((vocab, vocab), bool)
   for prev in range(vocab):
-    allowed[prev, order[prev, :size[prev]]] = True
+    allowed[prev, order[prev, : size[prev]]] = True
   prev = np.concatenate([np.asarray(prompt), tokens[:, :-1]], axis=1)
   generated = np.arange(N) < lengths[:, None]
   assert allowed[prev, tokens][generated].all()
@@ -270,10 +283,12 @@ def test_beam_outputs_are_consistent():
       group_scores = [s for s, f in zip(scores, finished) if f == group]
       assert group_scores == sorted(group_scores, reverse=True)
     for beam, length in zip(beams, lengths):
-      assert beam[length:] == [PAD] * (N - length) and EOS not in beam[:length - 1]
+      assert beam[length:] == [PAD] * (N - length) and EOS not in beam[: length - 1]
 
 
-@pytest.mark.parametrize("kw,match", [
+@pytest.mark.parametrize(
+  "kw,match",
+  [
     ({"prompt": jnp.array([1, 2])}, "2-D integer"),
     ({"prompt": jnp.ones((2, 3))}, "2-D integer"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
@@ -284,7 +299,8 @@ def test_beam_outputs_are_consistent():
     ({"method": "sample", "rng": jax.random.key(0), "temperature": -1.0}, "temperature"),
     ({"method": "sample"}, "rng"),
     ({"method": "nucleus"}, "'nucleus'.*greedy, sample, beam"),
-])
+  ],
+)
 def test_validation(kw, match):
   kw = {"prompt": PROMPT, "max_new_tokens": N, "eos_id": EOS, **kw}
   with pytest.raises(ValueError, match=match):

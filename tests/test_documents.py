@@ -43,6 +43,7 @@ def _config(module, data_dir, tasks=("document", "qa")):
 
 def test_pipeline_document_batches(data_dir):
   from configs import llava_stage2
+
   c = _config(llava_stage2, data_dir, tasks=("document",))
   check_config(c.data)
   batch = next(iter(make_pipeline(c.data, split="train", batch_size=8, mesh=None, seed=0)))
@@ -59,10 +60,16 @@ def test_pipeline_document_batches(data_dir):
 def test_document_jsonl_source_and_its_errors(tmp_path):
   for name, colour in (("a.png", 200), ("b.png", 50)):
     Image.fromarray(np.full((40, 48, 3), colour, np.uint8)).save(tmp_path / name)
-  lines = [{"texts": ["two pictures.", None, "a bright one.", None, "a dark one."],
-            "images": [None, "a.png", None, "b.png", None], "questions": ["q?"], "answers": ["a"]},
-           {"texts": ["both", None], "images": ["a.png", None]},
-           {"texts": ["no image here"], "images": [None]}]
+  lines = [
+    {
+      "texts": ["two pictures.", None, "a bright one.", None, "a dark one."],
+      "images": [None, "a.png", None, "b.png", None],
+      "questions": ["q?"],
+      "answers": ["a"],
+    },
+    {"texts": ["both", None], "images": ["a.png", None]},
+    {"texts": ["no image here"], "images": [None]},
+  ]
   path = tmp_path / "docs.jsonl"
   path.write_text("\n".join(json.dumps(obj) for obj in lines) + "\n")
   src = sources.DocumentSource(str(path))
@@ -81,12 +88,14 @@ def test_document_jsonl_source_and_its_errors(tmp_path):
 
   # Through the pipeline (resized per image, padded to max_images); the bad documents are counted.
   from configs import llava_stage2
+
   c = llava_stage2.get_config("demo")
   c.data.source, c.data.max_images = f"docs:{path}", 3
   c.data.conversation.tasks, c.data.conversation.task_weights = ("document",), None
   c.data.conversation.prompt_length = 96
-  it = make_pipeline(c.data, split="train", batch_size=1, mesh=None, seed=0, shuffle=False, num_epochs=1,
-                     drop_remainder=False)
+  it = make_pipeline(
+    c.data, split="train", batch_size=1, mesh=None, seed=0, shuffle=False, num_epochs=1, drop_remainder=False
+  )
   batches = list(it)
   assert len(batches) == 1 and batches[0]["image"].shape == (1, 3, 32, 32, 3)
   assert it.stats()["skipped/bad_document"] == 1 and it.stats()["skipped/missing_image"] == 1
@@ -97,6 +106,7 @@ def test_document_jsonl_source_and_its_errors(tmp_path):
 def test_flamingo_and_decoder_vlm_train_and_answer_on_documents(family, data_dir, tmp_path):
   from configs import flamingo, llava_stage2
   from vlm.train import train
+
   c = _config(flamingo if family == "flamingo" else llava_stage2, data_dir)
   c.model.lm_config.update(LM)
   c.model.vision_config.update(VISION)

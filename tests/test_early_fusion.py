@@ -23,9 +23,14 @@ OFFSET, BOI, EOI = 1008, 1000, 1001
 
 
 def _model(**kw) -> EarlyFusionLM:
-  return EarlyFusionLM(lm=dict(vocab_size=OFFSET + 64, width=32, depth=2, num_heads=2, mlp_dim=64, qk_norm="layer_per_head"),
-                       tokenizer=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, codebook_size=64),
-                       image_token_offset=OFFSET, boi_id=BOI, eoi_id=EOI, **kw)
+  return EarlyFusionLM(
+    lm=dict(vocab_size=OFFSET + 64, width=32, depth=2, num_heads=2, mlp_dim=64, qk_norm="layer_per_head"),
+    tokenizer=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, codebook_size=64),
+    image_token_offset=OFFSET,
+    boi_id=BOI,
+    eoi_id=EOI,
+    **kw,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,7 @@ def test_mixed_modal_rows(setup):
   model, params, images, text = setup
   codes = model.apply({"params": params}, images, method=model.image_tokens)  # [3, 4]
   assert codes.shape == (3, 4) and bool(((codes >= OFFSET) & (codes < OFFSET + 64)).all())
-  tokens, mask = model.apply({"params": params}, images, text, jnp.array([True, False, True]),
-                             method=model.sequences)
+  tokens, mask = model.apply({"params": params}, images, text, jnp.array([True, False, True]), method=model.sequences)
   c = np.asarray(codes)
   np.testing.assert_array_equal(tokens[0, :11], [3, BOI, *c[0], EOI, 10, 11, 12, 1])
   np.testing.assert_array_equal(tokens[1, :9], [3, 20, BOI, *c[1], EOI, 1])
@@ -71,7 +75,7 @@ def _greedy_uncached(model, params, prompt, steps, allowed):
   for i in range(steps):
     last = logits_fn(params, rows)[:, n + i - 1]
     rows = rows.at[:, n + i].set(jnp.argmax(jnp.where(allowed, last, -jnp.inf), axis=-1).astype(jnp.int32))
-  return rows[:, n:n + steps]
+  return rows[:, n : n + steps]
 
 
 @pytest.mark.slow
@@ -90,16 +94,21 @@ def test_cached_generation_matches_uncached_both_ways(setup):
     content = [t for t in row if t not in (0, 1, 3)]
     prompt = jnp.array([[3, *content, BOI]], jnp.int32)
     want = _greedy_uncached(model, params, prompt, 4, vocab >= OFFSET)
-    np.testing.assert_array_equal(ids[i:i + 1], want)
+    np.testing.assert_array_equal(ids[i : i + 1], want)
 
 
 @pytest.mark.slow
 def test_one_dimensional_tokenizer():
   """With a 1-D (latent-token) tokenizer, rows hold K codes and generation renders K codes."""
-  model = EarlyFusionLM(lm=dict(vocab_size=OFFSET + 64, width=32, depth=1, num_heads=2, mlp_dim=64),
-                        tokenizer=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, codebook_size=64,
-                                       latent_tokens=3, image_size=16),
-                        image_token_offset=OFFSET, boi_id=BOI, eoi_id=EOI)
+  model = EarlyFusionLM(
+    lm=dict(vocab_size=OFFSET + 64, width=32, depth=1, num_heads=2, mlp_dim=64),
+    tokenizer=dict(
+      width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, codebook_size=64, latent_tokens=3, image_size=16
+    ),
+    image_token_offset=OFFSET,
+    boi_id=BOI,
+    eoi_id=EOI,
+  )
   images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
   text = jnp.array([[3, 10, 11, 1], [3, 20, 1, 0]])
   params = jax.jit(model.init)(jax.random.key(1), images, text)["params"]
@@ -116,8 +125,9 @@ def test_objective_trains_the_decoder_not_the_tokenizer(setup):
   model, params, images, text = setup
   objective = build_objective("early_fusion", dict(image_first_prob=0.5))
   batch = {"image": images, "text": text}
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(
-      lambda p: objective(model, p, batch, rng=jax.random.key(3), train=True), has_aux=True))(params)
+  (loss, metrics), grads = jax.jit(
+    jax.value_and_grad(lambda p: objective(model, p, batch, rng=jax.random.key(3), train=True), has_aux=True)
+  )(params)
   assert np.isfinite(loss) and metrics["image_loss"] > 0 and metrics["text_loss"] > 0
   tok_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["tokenizer"]))
   lm_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["lm"]))
@@ -130,9 +140,13 @@ def test_objective_trains_the_decoder_not_the_tokenizer(setup):
 
 def test_config_errors():
   images, text = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 4), jnp.int32)
-  small = EarlyFusionLM(lm=dict(vocab_size=1050, width=32, depth=1, num_heads=2, mlp_dim=64),
-                        tokenizer=dict(width=32, depth=1, mlp_dim=64, num_heads=2, codebook_size=64),
-                        image_token_offset=OFFSET, boi_id=BOI, eoi_id=EOI)
+  small = EarlyFusionLM(
+    lm=dict(vocab_size=1050, width=32, depth=1, num_heads=2, mlp_dim=64),
+    tokenizer=dict(width=32, depth=1, mlp_dim=64, num_heads=2, codebook_size=64),
+    image_token_offset=OFFSET,
+    boi_id=BOI,
+    eoi_id=EOI,
+  )
   with pytest.raises(ValueError, match="model.lm.vocab_size=1050"):
     small.init(jax.random.key(0), images, text)
   with pytest.raises(ValueError, match="model.boi_id=1010"):
@@ -172,16 +186,19 @@ def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir, monkeypat
   for key in ("text_to_image/match", "text_to_image/colour", "text_to_image/judge_real", "text_to_image/judge_recon"):
     assert 0.0 <= end[key] <= 1.0
   # The tokenizer is the loaded one and stayed frozen.
-  np.testing.assert_array_equal(checkpoint.load_params(tmp_path / "ef")["tokenizer"]["codebook"],
-                                checkpoint.load_params(vq)["codebook"])
+  np.testing.assert_array_equal(
+    checkpoint.load_params(tmp_path / "ef")["tokenizer"]["codebook"], checkpoint.load_params(vq)["codebook"]
+  )
   # experiments/t2i_probe.py on the run: one JSON line per image set.
   import importlib.util
+
   script = Path(__file__).resolve().parents[1] / "experiments" / "t2i_probe.py"
   spec = importlib.util.spec_from_file_location("t2i_probe", script)
   probe = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(probe)
-  monkeypatch.setattr(sys, "argv", ["t2i_probe", f"--workdir={tmp_path / 'ef'}", "--train_examples=64", "--steps=2",
-                                    "--test_examples=16"])
+  monkeypatch.setattr(
+    sys, "argv", ["t2i_probe", f"--workdir={tmp_path / 'ef'}", "--train_examples=64", "--steps=2", "--test_examples=16"]
+  )
   probe.main()
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"images"')]
   assert [r["images"] for r in rows] == ["real", "reconstructed", "generated"]
@@ -190,6 +207,7 @@ def test_demo_learns_and_evaluates(data_dir, tmp_path, siglip_workdir, monkeypat
 
 def test_text_to_image_names_a_missing_judge(setup):
   from vlm.evals.text_to_image import TextToImage
+
   model = setup[0]
   with pytest.raises(FileNotFoundError, match="evals.t2i.judge='/nonexistent'"):
     TextToImage(config=chameleon.get_config("demo"), model=model, mesh=None, prefix="t2i", judge="/nonexistent")
@@ -206,8 +224,13 @@ def test_classifier_free_guidance_matches_uncached(setup):
     cond = [3, *[t for t in row if t not in (0, 1, 3)], BOI]
     free = [3, BOI]
     for _ in range(4):
-      buf = jnp.zeros((2, BUFFER), jnp.int32).at[0, :len(cond)].set(jnp.array(cond)).at[1, :len(free)].set(
-          jnp.array(free))
+      buf = (
+        jnp.zeros((2, BUFFER), jnp.int32)
+        .at[0, : len(cond)]
+        .set(jnp.array(cond))
+        .at[1, : len(free)]
+        .set(jnp.array(free))
+      )
       logits = logits_fn(params, buf)
       lc, lu = logits[0, len(cond) - 1], logits[1, len(free) - 1]
       nxt = int(jnp.argmax(jnp.where(image_ids, lu + 3.0 * (lc - lu), -jnp.inf)))

@@ -13,8 +13,13 @@ from flax import traverse_util
 
 from vlm.models.decoder import DecoderLM
 from vlm.models.flamingo import Flamingo, generate, init_cache, make_step_fn
-from vlm.nn.perceiver import (GatedCrossAttentionBlock, PerceiverResampler, expand_media_mask, media_attention_mask,
-                              media_index)
+from vlm.nn.perceiver import (
+  GatedCrossAttentionBlock,
+  PerceiverResampler,
+  expand_media_mask,
+  media_attention_mask,
+  media_index,
+)
 
 TOL = 1e-4
 IMG, EOD = 60, 2
@@ -27,8 +32,10 @@ XATTN = dict(num_heads=2, head_dim=8, mlp_dim=48)
 
 def _tokens():
   """Two rows, two images each: row 0 has text before its first image; row 1 starts with one."""
-  ids = np.array([[5, 6, IMG, 7, 8, 9, IMG, 10, 11, 12, 21, 22, 23],
-                  [IMG, 13, 14, 15, 16, IMG, 17, 18, 19, 20, 24, 25, 26]], np.int32)
+  ids = np.array(
+    [[5, 6, IMG, 7, 8, 9, IMG, 10, 11, 12, 21, 22, 23], [IMG, 13, 14, 15, 16, IMG, 17, 18, 19, 20, 24, 25, 26]],
+    np.int32,
+  )
   return jnp.asarray(ids)
 
 
@@ -47,8 +54,9 @@ def _flamingo():
   fwd(params, images, tokens, mask) -> (logits, stats) (one compilation shared by the tests)."""
   model = Flamingo(LM, VIT, RES, XATTN, cross_attention_every=2, image_token_id=IMG)
   params = jax.jit(lambda: nn.unbox(model.init(_key(), _images(), _tokens())["params"]))()
-  fwd = jax.jit(lambda p, images, tokens, mask: model.apply({"params": p}, images, tokens, mask=mask,
-                                                            return_stats=True))
+  fwd = jax.jit(
+    lambda p, images, tokens, mask: model.apply({"params": p}, images, tokens, mask=mask, return_stats=True)
+  )
   return model, params, fwd
 
 
@@ -64,18 +72,17 @@ def _open_gates(params, value=1.0):
 
 def test_media_attention_mask_on_known_sequences():
   I, E = IMG, EOD
-  tokens = jnp.array([[1, 3, I, 4, 5, I, 6, I],
-                      [I, 3, 4, E, 5, I, E, 6],
-                      [3, 4, 5, 6, 7, 8, 9, 3]])
-  np.testing.assert_array_equal(media_index(tokens, I), [[-1, -1, 0, 0, 0, 1, 1, 2],
-                                                         [0, 0, 0, 0, 0, 1, 1, 1],
-                                                         [-1] * 8])
+  tokens = jnp.array([[1, 3, I, 4, 5, I, 6, I], [I, 3, 4, E, 5, I, E, 6], [3, 4, 5, 6, 7, 8, 9, 3]])
+  np.testing.assert_array_equal(
+    media_index(tokens, I), [[-1, -1, 0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 1, 1, 1], [-1] * 8]
+  )
   # After an end-of-document token nothing is attended until the next image (the EOD keeps its own).
   np.testing.assert_array_equal(media_index(tokens, I, eod_token_id=E)[1], [0, 0, 0, 0, -1, 1, 1, -1])
   mask = np.asarray(media_attention_mask(tokens, I, 2))
   assert mask.shape == (3, 8, 2) and mask.dtype == bool
-  np.testing.assert_array_equal(mask[0].astype(int), [[0, 0], [0, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1],
-                                                      [0, 0]])  # a third image that was not given: nothing
+  np.testing.assert_array_equal(
+    mask[0].astype(int), [[0, 0], [0, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 0]]
+  )  # a third image that was not given: nothing
   assert not mask[2].any()
   assert (mask.sum(-1) <= 1).all()
   prev = np.asarray(media_attention_mask(tokens, I, 3, all_previous=True))
@@ -95,8 +102,10 @@ def test_resampler_shapes_time_embeddings_and_masked_media():
   x = jax.random.normal(jax.random.key(0), (2, 3, 7, 16))  # [B, T frames, N, D]
   params = jax.jit(lambda: nn.unbox(r.init(_key(1), x)["params"]))()
   assert params["latents"].shape == (5, 16) and params["time_embed"].shape == (3, 16)
-  apply = jax.jit(lambda p, x, mask=None, max_frames=3: r.clone(max_frames=max_frames).apply({"params": p}, x, mask),
-                  static_argnames="max_frames")
+  apply = jax.jit(
+    lambda p, x, mask=None, max_frames=3: r.clone(max_frames=max_frames).apply({"params": p}, x, mask),
+    static_argnames="max_frames",
+  )
   out = apply(params, x)
   assert out.shape == (2, 5, 16)
   assert apply(params, x[:, 0]).shape == (2, 5, 16)  # a single frame [B, N, D]
@@ -120,8 +129,11 @@ def test_resampler_keys_values_are_media_and_latents():
   d, heads, hd, n_lat = 16, 2, 8, 3
   r = PerceiverResampler(num_latents=n_lat, depth=1, num_heads=heads, head_dim=hd)  # squared-ReLU FFW
   x = jax.random.normal(jax.random.key(0), (2, 6, d))
-  p = jax.jit(lambda: jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(7), a.shape),
-                                    nn.unbox(r.init(_key(1), x)["params"])))()
+  p = jax.jit(
+    lambda: jax.tree.map(
+      lambda a: a + 0.1 * jax.random.normal(jax.random.key(7), a.shape), nn.unbox(r.init(_key(1), x)["params"])
+    )
+  )()
   b = p["block_0"]
 
   def ln(v, q):
@@ -195,7 +207,8 @@ def test_cached_generation_equals_uncached_greedy():
   p, new = 7, 6
   mask = jnp.ones(tokens.shape, bool).at[1, :1].set(False)  # row 1 left-padded by one token
   out = jax.jit(functools.partial(generate, model, max_new_tokens=new, eos_id=-1))(
-      params, images, tokens[:, :p], mask=mask[:, :p])
+    params, images, tokens[:, :p], mask=mask[:, :p]
+  )
   # Uncached: the full forward over a fixed-size buffer (causal: later slots do not change earlier logits).
   seq = tokens
   for i in range(p, p + new):
@@ -218,7 +231,7 @@ def test_teacher_forced_steps_match_the_full_forward():
     cache = jax.jit(functools.partial(init_cache, model, cache_len=tokens.shape[1]))(params, imgs, tokens[:, :1])
     steps = []
     for i in range(tokens.shape[1]):
-      logits, cache = step(cache, tokens[:, i:i + 1], jnp.int32(i))
+      logits, cache = step(cache, tokens[:, i : i + 1], jnp.int32(i))
       steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
 
@@ -237,20 +250,46 @@ from transformers.models.idefics.perceiver import IdeficsPerceiverResampler  # n
 
 from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
 from vlm.convert.hf_config import ConfigError  # noqa: E402
-from vlm.convert.idefics import (import_hf_idefics, import_hf_idefics_gated_xattn,  # noqa: E402
-                                 import_hf_idefics_perceiver)
+from vlm.convert.idefics import (
+  import_hf_idefics,
+  import_hf_idefics_gated_xattn,  # noqa: E402
+  import_hf_idefics_perceiver,
+)
 
 
 def _hf_config(alpha_type="float", qk=True, depth=2, every=1, extra_vocab=0, vision=None, **text):
   """A tiny IdeficsConfig; vision: more vision_config keys, text: more (top-level) LM keys."""
   cfg = transformers.IdeficsConfig(
-      vocab_size=64, additional_vocab_size=extra_vocab, hidden_size=32, intermediate_size=48,
-      num_hidden_layers=depth, num_attention_heads=4, cross_layer_interval=every, use_resampler=True,
-      alpha_initializer="zeros", alpha_type=alpha_type, qk_layer_norms=qk,  # 'normal' + 'float' fails in HF
-      vision_config=dict(embed_dim=24, image_size=SIZE, patch_size=PATCH, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=48, **(vision or {})),
-      perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2,
-                            resampler_head_dim=8, qk_layer_norms_perceiver=qk), **text)
+    vocab_size=64,
+    additional_vocab_size=extra_vocab,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=depth,
+    num_attention_heads=4,
+    cross_layer_interval=every,
+    use_resampler=True,
+    alpha_initializer="zeros",
+    alpha_type=alpha_type,
+    qk_layer_norms=qk,  # 'normal' + 'float' fails in HF
+    vision_config=dict(
+      embed_dim=24,
+      image_size=SIZE,
+      patch_size=PATCH,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      intermediate_size=48,
+      **(vision or {}),
+    ),
+    perceiver_config=dict(
+      use_resampler=True,
+      resampler_n_latents=4,
+      resampler_depth=2,
+      resampler_n_heads=2,
+      resampler_head_dim=8,
+      qk_layer_norms_perceiver=qk,
+    ),
+    **text,
+  )
   cfg._attn_implementation = "eager"
   return cfg
 
@@ -307,8 +346,12 @@ def test_gated_cross_attention_matches_hf(alpha_type, qk):
   media = rng.normal(size=(2, 2 * 4, 24)).astype(np.float32)  # 2 images x 4 latents, vision width 24
   image_mask, gate = _hf_image_mask(tokens, 2, 4)
   with torch.no_grad():
-    theirs = hf(torch.tensor(x), image_hidden_states=torch.tensor(media), image_attention_mask=image_mask,
-                cross_attention_gate=gate).numpy()
+    theirs = hf(
+      torch.tensor(x),
+      image_hidden_states=torch.tensor(media),
+      image_attention_mask=image_mask,
+      cross_attention_gate=gate,
+    ).numpy()
   block = GatedCrossAttentionBlock(**kw)
   kv_mask = expand_media_mask(media_attention_mask(tokens, IMG, 2), 4)
   ours = np.asarray(block.apply({"params": params}, jnp.asarray(x), jnp.asarray(media), kv_mask))
@@ -329,10 +372,12 @@ def _idefics_logits(hf, kw, params, extra_vocab=0):
   pixels = rng.normal(size=(2, 2, 3, SIZE, SIZE)).astype(np.float32)  # [B, M, C, H, W]
   m = np.asarray(media_attention_mask(jnp.asarray(tokens), IMG, 2)).astype(np.int64)
   with torch.no_grad():
-    theirs = hf(input_ids=torch.tensor(tokens), pixel_values=torch.tensor(pixels),
-                image_attention_mask=torch.tensor(m)).logits.numpy()
-  ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(pixels.transpose(0, 1, 3, 4, 2)),
-                                         jnp.asarray(tokens)))
+    theirs = hf(
+      input_ids=torch.tensor(tokens), pixel_values=torch.tensor(pixels), image_attention_mask=torch.tensor(m)
+    ).logits.numpy()
+  ours = np.asarray(
+    jax.jit(model.apply)({"params": params}, jnp.asarray(pixels.transpose(0, 1, 3, 4, 2)), jnp.asarray(tokens))
+  )
   return ours, theirs, model, tokens
 
 
@@ -348,8 +393,9 @@ def test_idefics_model_logits_match_hf():
   diff = float(np.abs(ours - theirs).max())
   print(f"IDEFICS model logits max abs diff: {diff:.2e}")
   assert ours.shape == theirs.shape and diff <= TOL
-  init = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2, SIZE, SIZE, 3)),
-                                                    jnp.asarray(tokens[:1]))["params"]))
+  init = jax.eval_shape(
+    lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2, SIZE, SIZE, 3)), jnp.asarray(tokens[:1]))["params"])
+  )
   assert set(traverse_util.flatten_dict(init)) == set(traverse_util.flatten_dict(params))
   with pytest.raises(ValueError, match="not used"):
     import_hf_idefics(dict(hf.state_dict(), extra=torch.zeros(1)), cfg)
@@ -363,8 +409,15 @@ VISION_EPS, RMS_EPS, THETA = 0.1, 1e-2, 100.0
 def _hub_idefics(root):
   """A tiny IDEFICS saved the way transformers 4.x writes the Hub's checkpoints (conftest.save_hub_style), with a
   non-default vision eps, RMSNorm eps and rope theta: (transformers' model loaded from it, directory)."""
-  cfg = _hf_config("vector", True, depth=2, every=1, vision=dict(layer_norm_eps=VISION_EPS), rms_norm_eps=RMS_EPS,
-                   rope_parameters=dict(rope_type="default", rope_theta=THETA))
+  cfg = _hf_config(
+    "vector",
+    True,
+    depth=2,
+    every=1,
+    vision=dict(layer_norm_eps=VISION_EPS),
+    rms_norm_eps=RMS_EPS,
+    rope_parameters=dict(rope_type="default", rope_theta=THETA),
+  )
   torch.manual_seed(0)
   path = save_hub_style(_perturb(transformers.IdeficsForVisionText2Text(cfg), seed=1), f"{root}/idefics")
   return transformers.IdeficsForVisionText2Text.from_pretrained(path, attn_implementation="eager").eval(), path
@@ -379,6 +432,7 @@ def test_import_hf_reads_a_saved_idefics_directory(hub_idefics):
   """vlm.convert.import_hf (config.json + safetensors) routes IDEFICS to the Flamingo importer; a Hub-style file
   (defaults left out, rope_theta) gives the kwargs of the full config and transformers' logits."""
   from vlm.convert.hf import import_hf
+
   hf, path = hub_idefics
   written = json.load(open(f"{path}/config.json"))
   assert "hidden_act" not in written["vision_config"] and written["vision_config"]["layer_norm_eps"] == VISION_EPS
@@ -388,7 +442,10 @@ def test_import_hf_reads_a_saved_idefics_directory(hub_idefics):
   assert name == "flamingo" and kw == kw2
   assert (kw["vision_config"]["norm_eps"], kw["vision_config"]["mlp_act"]) == (VISION_EPS, "gelu")
   assert (kw["lm_config"]["norm_eps"], kw["xattn_config"]["norm_eps"], kw["lm_config"]["rope_theta"]) == (
-      RMS_EPS, RMS_EPS, THETA)
+    RMS_EPS,
+    RMS_EPS,
+    THETA,
+  )
   flat, flat2 = traverse_util.flatten_dict(params), traverse_util.flatten_dict(params2)
   assert set(flat) == set(flat2)
   for k in flat:
@@ -400,9 +457,11 @@ def test_import_hf_reads_a_saved_idefics_directory(hub_idefics):
   assert diff <= TOL
   # Each non-default value replaced by transformers' default (an importer ignoring the key) shows.
   diffs = {}
-  for what, keys, default in (("vision layer_norm_eps", [("vision_config", "norm_eps")], 1e-5),
-                              ("rms_norm_eps", [("lm_config", "norm_eps"), ("xattn_config", "norm_eps")], 1e-6),
-                              ("rope_theta", [("lm_config", "rope_theta")], 10000.0)):
+  for what, keys, default in (
+    ("vision layer_norm_eps", [("vision_config", "norm_eps")], 1e-5),
+    ("rms_norm_eps", [("lm_config", "norm_eps"), ("xattn_config", "norm_eps")], 1e-6),
+    ("rope_theta", [("lm_config", "rope_theta")], 10000.0),
+  ):
     wrong = copy.deepcopy(kw)
     for a, b in keys:
       wrong[a][b] = default
@@ -411,12 +470,20 @@ def test_import_hf_reads_a_saved_idefics_directory(hub_idefics):
   assert all(d > 1e-3 for d in diffs.values()), diffs
 
 
-@pytest.mark.parametrize("sub,key,value", [
-    (None, "alpha_type", "matrix"), (None, "hidden_act", "gelu"), (None, "use_resampler", False),
-    (None, "rope_scaling", {"rope_type": "linear", "factor": 2.0}), ("vision_config", "hidden_act", "relu6"),
-    (None, "alpha_initializer", "uniform")])
+@pytest.mark.parametrize(
+  "sub,key,value",
+  [
+    (None, "alpha_type", "matrix"),
+    (None, "hidden_act", "gelu"),
+    (None, "use_resampler", False),
+    (None, "rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+    ("vision_config", "hidden_act", "relu6"),
+    (None, "alpha_initializer", "uniform"),
+  ],
+)
 def test_unsupported_idefics_value_names_file_key_and_value(hub_idefics, tmp_path, sub, key, value):
   from vlm.convert.hf import import_hf
+
   _, path = hub_idefics
   written = json.load(open(f"{path}/config.json"))
   change = {key: value} if sub is None else {sub: dict(written[sub], **{key: value})}

@@ -31,9 +31,13 @@ WEIGHTS = ("contrastive", "mlm", "mim", "mmm_text", "mmm_image", "itm")
 
 
 def tiny_flava(**over) -> FLAVA:
-  kw = dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
-            text=dict(vocab_size=V, width=32, depth=1, mlp_dim=64, num_heads=2, max_len=L),
-            multimodal=dict(width=48, depth=1, mlp_dim=64, num_heads=2), tokenizer=TOK, embed_dim=16)
+  kw = dict(
+    image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
+    text=dict(vocab_size=V, width=32, depth=1, mlp_dim=64, num_heads=2, max_len=L),
+    multimodal=dict(width=48, depth=1, mlp_dim=64, num_heads=2),
+    tokenizer=TOK,
+    embed_dim=16,
+  )
   kw.update(over)
   return FLAVA(**kw)
 
@@ -43,7 +47,7 @@ def make_batch(b: int, seed: int = 0) -> dict:
   text = np.zeros((b, L), np.int32)
   for i in range(b):
     n = rng.integers(2, L - 1)  # words; BOS + words + EOS <= L
-    text[i, 0], text[i, 1:n + 1], text[i, n + 1] = BOS, rng.integers(4, V - 1, n), EOS
+    text[i, 0], text[i, 1 : n + 1], text[i, n + 1] = BOS, rng.integers(4, V - 1, n), EOS
   images = rng.uniform(-1, 1, (b, 32, 32, 3)).astype(np.float32)
   return {"image": jnp.asarray(images), "text": jnp.asarray(text)}
 
@@ -66,6 +70,7 @@ def flava():
 
 # --- the image encoder's mask token -----------------------------------------------------------
 
+
 def vit(**over):
   kw = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8, class_token=True, pool_type="cls")
   kw.update(over)
@@ -82,8 +87,9 @@ def test_vit_without_mask_token_is_unchanged():
   masked = nn.meta.unbox(vit(mask_token=True).init(jax.random.key(1), images)["params"])
   assert set(masked) == set(plain) | {"mask_token"}
   out = vit().apply({"params": plain}, images)[0]
-  out2 = vit(mask_token=True).apply({"params": dict(plain, mask_token=masked["mask_token"])}, images,
-                                    patch_mask=jnp.zeros((2, 4), bool))[0]
+  out2 = vit(mask_token=True).apply(
+    {"params": dict(plain, mask_token=masked["mask_token"])}, images, patch_mask=jnp.zeros((2, 4), bool)
+  )[0]
   np.testing.assert_allclose(out2, out, atol=1e-6)
 
 
@@ -119,6 +125,7 @@ def test_masked_patches_are_replaced_by_the_mask_token():
 
 # --- the model ----------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_shapes_and_parameters(flava):
   model, params, batch = flava
@@ -129,8 +136,20 @@ def test_shapes_and_parameters(flava):
   assert out["mlm_logits"].shape == out["mmm_text_logits"].shape == (b, L, V)
   assert out["mim_logits"].shape == out["mmm_image_logits"].shape == (b, 16, TOK["codebook_size"])
   assert out["itm_logits"].shape == (b, 2) and out["codes"].shape == (b, 16) and out["codes"].dtype == jnp.int32
-  assert {"tokenizer", "img", "txt", "mm", "mlm_head", "mim_head", "mmm_text_head", "mmm_image_head", "itm_head",
-          "img_proj", "txt_proj", "t"} <= set(params)
+  assert {
+    "tokenizer",
+    "img",
+    "txt",
+    "mm",
+    "mlm_head",
+    "mim_head",
+    "mmm_text_head",
+    "mmm_image_head",
+    "itm_head",
+    "img_proj",
+    "txt_proj",
+    "t",
+  } <= set(params)
   assert "mask_token" in params["img"] and "cls" in params["mm"]
   # Only the tokenizer's encoder side is part of FLAVA; its names are VQTokenizer's own.
   assert {"embedding", "encoder", "codebook"} == set(params["tokenizer"])
@@ -171,6 +190,7 @@ def test_mask_id_must_be_in_the_vocabulary(flava):
 
 # --- the objective ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def terms(flava):
   """The default objective on a 64-pair batch, single device."""
@@ -200,8 +220,9 @@ def test_loss_terms_finite_and_masking_rates(terms):
 
 def test_weights_are_fields_and_random_patch_masking(flava):
   model, params, batch = flava
-  w = dict(contrastive_weight=0.5, mlm_weight=2.0, mim_weight=0.0, mmm_text_weight=1.5, mmm_image_weight=0.25,
-           itm_weight=3.0)
+  w = dict(
+    contrastive_weight=0.5, mlm_weight=2.0, mim_weight=0.0, mmm_text_weight=1.5, mmm_image_weight=0.25, itm_weight=3.0
+  )
   obj = FlavaObjective(mask_id=V - 1, mim_masking="random", mim_ratio=0.25, **w)
   loss, m = run(obj, model, params, batch)
   assert "mim_loss" not in m  # a zero weight drops its term
@@ -213,8 +234,9 @@ def test_without_tokenizer_the_other_terms_train(flava):
   """Traced only (shapes, no compile): the model has no tokenizer or image heads; the other terms remain."""
   _, _, batch = flava
   bare = tiny_flava(tokenizer=None)
-  p = jax.eval_shape(lambda: nn.meta.unbox(bare.init(jax.random.key(1), batch["image"][:1], batch["text"][:1]))
-                     )["params"]
+  p = jax.eval_shape(lambda: nn.meta.unbox(bare.init(jax.random.key(1), batch["image"][:1], batch["text"][:1])))[
+    "params"
+  ]
   assert "tokenizer" not in p and "mim_head" not in p and "mmm_image_head" not in p
   obj = FlavaObjective(mask_id=V - 1, mim_weight=0.0, mmm_image_weight=0.0)
   loss, m = jax.eval_shape(lambda q: obj(bare, q, batch, rng=jax.random.key(0), train=True), p)
@@ -246,8 +268,7 @@ def test_itm_negatives_are_never_the_positive(hard):
   z = jax.random.normal(jax.random.key(0), (b, 8))
   z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
   put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
-  fn = jax.jit(lambda k: hard_negative_indices(put(z), put(z), k, scale=100.0, tokens=put(text), hard=hard,
-                                               mesh=mesh))
+  fn = jax.jit(lambda k: hard_negative_indices(put(z), put(z), k, scale=100.0, tokens=put(text), hard=hard, mesh=mesh))
   with jax.set_mesh(mesh):
     draws = [jax.device_get(fn(jax.random.key(i))) for i in range(20)]
   rows = np.arange(b)
@@ -260,6 +281,7 @@ def test_itm_negatives_are_never_the_positive(hard):
 
 
 # --- what each head reads, the MIM targets, the ITM negatives (through the objective) ------------
+
 
 def perturbed(tree, seed: int, scale: float = 0.5):
   """tree + scale * N(0, 1) noise on every leaf."""
@@ -277,8 +299,12 @@ def flava_equal(flava):
   _, _, batch = flava
   model = tiny_flava(multimodal=dict(width=32, depth=1, mlp_dim=64, num_heads=2))
   obj = FlavaObjective(mask_id=V - 1)
-  return model, init_params(model, batch), batch, jax.jit(
-      lambda p, b: obj(model, p, b, rng=jax.random.key(3), train=False)[1])
+  return (
+    model,
+    init_params(model, batch),
+    batch,
+    jax.jit(lambda p, b: obj(model, p, b, rng=jax.random.key(3), train=False)[1]),
+  )
 
 
 @pytest.mark.slow
@@ -294,10 +320,15 @@ def test_mmm_reads_the_fused_states_and_mlm_mim_the_unimodal_ones(flava_equal):
   new_mm = eval_terms(dict(params, mm=perturbed(params["mm"], seed=2)), batch)
   moved = lambda got, name: abs(float(got[name]) - float(ref[name])) > 1e-3 * float(ref[name])
   for got, what, same, changed in [
-      (new_image, "another image", ("mlm_loss", "mlm_accuracy"), ("mmm_text_loss",)),
-      (new_text, "another text", ("mim_loss", "mim_accuracy"), ("mmm_image_loss",)),
-      (new_mm, "other multimodal-encoder weights", ("contrastive_loss", "mlm_loss", "mim_loss"),
-       ("mmm_text_loss", "mmm_image_loss", "itm_loss"))]:
+    (new_image, "another image", ("mlm_loss", "mlm_accuracy"), ("mmm_text_loss",)),
+    (new_text, "another text", ("mim_loss", "mim_accuracy"), ("mmm_image_loss",)),
+    (
+      new_mm,
+      "other multimodal-encoder weights",
+      ("contrastive_loss", "mlm_loss", "mim_loss"),
+      ("mmm_text_loss", "mmm_image_loss", "itm_loss"),
+    ),
+  ]:
     for name in same:
       np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, err_msg=f"{what} moved {name}")
     for name in changed:
@@ -340,13 +371,15 @@ def test_mim_targets_are_the_frozen_tokenizers_codes_of_the_unmasked_image(flava
   codes = np.asarray(encode(params["tokenizer"], batch["image"]))
   assert len(np.unique(codes)) > 3  # a test of something: not one code everywhere
   np.testing.assert_array_equal(
-      jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.image_codes))(params, batch["image"]), codes)
+    jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.image_codes))(params, batch["image"]), codes
+  )
   other_tok = perturbed(params["tokenizer"], seed=4, scale=1.0)
   other_codes = np.asarray(encode(other_tok, batch["image"]))
   assert (other_codes != codes).mean() > 0.3
 
-  oracle_model = OracleFLAVA(**{f.name: getattr(model, f.name) for f in dataclasses.fields(FLAVA)
-                                if f.init and f.name not in ("parent", "name")})
+  oracle_model = OracleFLAVA(
+    **{f.name: getattr(model, f.name) for f in dataclasses.fields(FLAVA) if f.init and f.name not in ("parent", "name")}
+  )
   obj = FlavaObjective(mask_id=V - 1)
   metrics = jax.jit(lambda p: obj(oracle_model, p, batch, rng=jax.random.key(5), train=False)[1])
 
@@ -376,6 +409,7 @@ def test_objective_draws_itm_negatives_from_the_whole_global_batch(flava, monkey
   the drawn rows: the negatives a device uses come mostly from the other devices' examples (7/8 expected),
   are never the positive or a pair with the same caption, and are the indices take_rows gathers."""
   import vlm.objectives.flava as objective_module
+
   model, params, _ = flava
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   b = 64
@@ -398,8 +432,16 @@ def test_objective_draws_itm_negatives_from_the_whole_global_batch(flava, monkey
   monkeypatch.setattr(objective_module, "hard_negative_indices", sample)
   monkeypatch.setattr(objective_module, "take_rows", take)
   # ITM alone (the other terms' weights 0) keeps the program small; the sampling does not depend on them.
-  obj = FlavaObjective(mask_id=V - 1, mesh=mesh, itm_hard_negatives=hard, contrastive_weight=0.0, mlm_weight=0.0,
-                       mim_weight=0.0, mmm_text_weight=0.0, mmm_image_weight=0.0)
+  obj = FlavaObjective(
+    mask_id=V - 1,
+    mesh=mesh,
+    itm_hard_negatives=hard,
+    contrastive_weight=0.0,
+    mlm_weight=0.0,
+    mim_weight=0.0,
+    mmm_text_weight=0.0,
+    mmm_image_weight=0.0,
+  )
   sharded = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("data"))), batch)
   fn = jax.jit(lambda p, bt, k: obj(model, p, bt, rng=k, train=True)[0])
   with jax.set_mesh(mesh):
@@ -422,6 +464,7 @@ def test_objective_draws_itm_negatives_from_the_whole_global_batch(flava, monkey
 
 # --- through the trainer ------------------------------------------------------------------------
 
+
 def flava_config(data_dir, steps: int, tokenizer_dir=None, seed: int = 0):
   """The demo recipe on the tiny data (helpers.shrink: batch 32, a log line every step), with one-block
   32-wide image and text towers (helpers.TINY_TOWER), a two-block multimodal encoder, the tokenizer
@@ -433,6 +476,7 @@ def flava_config(data_dir, steps: int, tokenizer_dir=None, seed: int = 0):
   1e-2, cosine or constant); with two blocks, weight 1 and a constant lr, it left at step ~70 for seed
   0 but not within 120 steps for seed 1 (0.632, held-out match AUC 0.60). Cost: about 85 s of CPU."""
   from configs import flava_base
+
   c = shrink(flava_base.get_config("demo"), data_dir, steps, batch_size=32, warmup_steps=10)
   c.model["image"].update(TINY_TOWER)
   c.model["text"].update(TINY_TOWER)
@@ -465,6 +509,7 @@ RUN_STEPS = 100
 def flava_run(tmp_path_factory, data_dir):
   """(workdir, final metrics, tokenizer workdir) of the RUN_STEPS-step flava_config run (seed 0), trained
   once per session (conftest.shared_run) from a random tokenizer saved beside it."""
+
   def make(root):
     save_random_tokenizer(root / "vq")
     return train(flava_config(data_dir, RUN_STEPS, tokenizer_dir=root / "vq"), root / "run")
@@ -478,7 +523,7 @@ def test_frozen_tokenizer_loaded_and_unchanged_by_training(flava_run):
   vq = traverse_util.flatten_dict(checkpoint.load_params(vq_workdir), sep="/")
   assert {"codebook", "decoder/encoder/block_0/attn/query/kernel"} <= set(vq)  # the whole VQ model
   trained = traverse_util.flatten_dict(checkpoint.load_params(wd), sep="/")
-  tok = {k[len("tokenizer/"):]: v for k, v in trained.items() if k.startswith("tokenizer/")}
+  tok = {k[len("tokenizer/") :]: v for k, v in trained.items() if k.startswith("tokenizer/")}
   assert tok and set(tok) <= set(vq)
   for k, v in tok.items():
     np.testing.assert_array_equal(v, vq[k], err_msg=k)
@@ -528,9 +573,14 @@ def test_every_loss_falls_below_its_baseline(flava_run, data_dir):
   rows = [r for r in read_metrics(wd) if "train/loss" in r][-10:]
   assert rows[-1]["step"] == RUN_STEPS
   failed = []
-  for name, threshold, baseline in [("contrastive", 2.2, np.log(32)), ("mlm", 3.1, MLM_UNIGRAM),
-                                    ("mmm_text", 3.2, MLM_UNIGRAM), ("mim", 1.08, CODE_UNIGRAM),
-                                    ("mmm_image", 1.08, CODE_UNIGRAM), ("itm", 0.62, ITM_PRIOR)]:
+  for name, threshold, baseline in [
+    ("contrastive", 2.2, np.log(32)),
+    ("mlm", 3.1, MLM_UNIGRAM),
+    ("mmm_text", 3.2, MLM_UNIGRAM),
+    ("mim", 1.08, CODE_UNIGRAM),
+    ("mmm_image", 1.08, CODE_UNIGRAM),
+    ("itm", 0.62, ITM_PRIOR),
+  ]:
     value = float(np.mean([r[f"train/{name}_loss"] for r in rows]))
     if not value <= threshold:
       failed.append(f"{name}_loss = {value:.3f} > {threshold} (baseline {baseline:.3f})")
@@ -538,8 +588,9 @@ def test_every_loss_falls_below_its_baseline(flava_run, data_dir):
 
   c = flava_config(data_dir, RUN_STEPS, tokenizer_dir=vq_workdir)
   model, params = FLAVA(**c.model.to_dict()), checkpoint.load_params(wd)
-  batch = next(iter(make_pipeline(c.data, split="validation", batch_size=64, mesh=None, seed=0, num_epochs=1,
-                                  shuffle=False)))
+  batch = next(
+    iter(make_pipeline(c.data, split="validation", batch_size=64, mesh=None, seed=0, num_epochs=1, shuffle=False))
+  )
   image, text = jnp.asarray(batch["image"]), jnp.asarray(batch["text"])
   other = np.roll(np.arange(len(text)), 7)
   margin = jax.jit(lambda p, t: jnp.diff(model.apply({"params": p}, image, t)[2]["itm_logits"], axis=-1)[:, 0])

@@ -43,10 +43,21 @@ NEW = 6
 
 def _make(theta=25000.0, **text):
   torch.manual_seed(0)
-  tc = dict(model_type="persimmon", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=256, qk_layernorm=True, layer_norm_eps=1e-5,
-            hidden_act="relu2", eos_token_id=EOS, bos_token_id=1,
-            rope_parameters=dict(rope_type="default", rope_theta=theta, partial_rotary_factor=0.5))
+  tc = dict(
+    model_type="persimmon",
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    qk_layernorm=True,
+    layer_norm_eps=1e-5,
+    hidden_act="relu2",
+    eos_token_id=EOS,
+    bos_token_id=1,
+    rope_parameters=dict(rope_type="default", rope_theta=theta, partial_rotary_factor=0.5),
+  )
   tc.update(text)
   cfg = transformers.FuyuConfig(patch_size=PATCH, num_channels=3, image_token_id=IMAGE, text_config=tc)
   model = transformers.FuyuForCausalLM(cfg).eval()
@@ -76,9 +87,14 @@ def _hf_image_inputs(pixels):
   proc = transformers.FuyuImageProcessorPil(patch_size={"height": PATCH, "width": PATCH})
   b = pixels.shape[0]
   out = proc.preprocess_with_tokenizer_info(
-      image_input=torch.tensor(pixels)[:, None], image_present=torch.ones(b, 1, 1),
-      image_unpadded_h=torch.full((b, 1), HEIGHT), image_unpadded_w=torch.full((b, 1), WIDTH),
-      image_placeholder_id=IMAGE, image_newline_id=NEWLINE, variable_sized=True)
+    image_input=torch.tensor(pixels)[:, None],
+    image_present=torch.ones(b, 1, 1),
+    image_unpadded_h=torch.full((b, 1), HEIGHT),
+    image_unpadded_w=torch.full((b, 1), WIDTH),
+    image_placeholder_id=IMAGE,
+    image_newline_id=NEWLINE,
+    variable_sized=True,
+  )
   ids = [np.asarray(out["image_input_ids"][i][0]) for i in range(b)]
   patches = np.stack([np.asarray(out["image_patches"][i][0]) for i in range(b)]).astype(np.float32)
   return ids[0], patches
@@ -90,8 +106,12 @@ def _batch(seed, before=3, after=4):
   pixels = rng.normal(size=(2, 3, HEIGHT, WIDTH)).astype(np.float32)  # NCHW, as HF's processor
   image_ids, patches = _hf_image_inputs(pixels)
   np.testing.assert_array_equal(image_ids, image_token_layout(HEIGHT, WIDTH, PATCH, IMAGE, NEWLINE))
-  ids = np.stack([np.concatenate([rng.integers(3, IMAGE, size=before), image_ids, rng.integers(3, IMAGE, size=after)])
-                  for _ in range(2)]).astype(np.int64)
+  ids = np.stack(
+    [
+      np.concatenate([rng.integers(3, IMAGE, size=before), image_ids, rng.integers(3, IMAGE, size=after)])
+      for _ in range(2)
+    ]
+  ).astype(np.int64)
   return ids, pixels, patches
 
 
@@ -120,6 +140,7 @@ def test_logits_match_hf(imported):
 
 def test_scanned_import_matches_hf(imported):
   from vlm.convert import stack_encoder_blocks
+
   hf, _, params, _, path = imported
   name, kwargs, scanned = import_hf(path, scan=True)
   assert kwargs["lm_config"]["scan_layers"] and set(scanned["lm"]["decoder"]) == {"layers"}
@@ -172,13 +193,20 @@ def test_greedy_generation_matches_hf(imported):
   hf, model, params, _, _ = imported
   ids, pixels, patches = _batch(1)
   with torch.no_grad():
-    out = hf.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(patches),
-                      attention_mask=torch.ones(ids.shape, dtype=torch.long), do_sample=False, max_new_tokens=NEW,
-                      eos_token_id=EOS, pad_token_id=0).numpy()
-  theirs = out[:, ids.shape[1]:]
+    out = hf.generate(
+      input_ids=torch.tensor(ids),
+      pixel_values=torch.tensor(patches),
+      attention_mask=torch.ones(ids.shape, dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=NEW,
+      eos_token_id=EOS,
+      pad_token_id=0,
+    ).numpy()
+  theirs = out[:, ids.shape[1] :]
   theirs = np.pad(theirs, ((0, 0), (0, NEW - theirs.shape[1])), constant_values=0)
   ours = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, eos_id=EOS, pad_id=0))(
-      params, _nhwc(pixels), jnp.asarray(ids))
+    params, _nhwc(pixels), jnp.asarray(ids)
+  )
   print(f"fuyu greedy: HF {theirs.tolist()} ours {np.asarray(ours.tokens).tolist()}")
   np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
 
@@ -188,10 +216,13 @@ def test_both_key_layouts_and_flat_config(imported, tmp_path):
   assert any(k.startswith("language_model.model.") for k in load_file(f"{path}/model.safetensors"))
 
   def new_layout(k):  # the module names of transformers >= 5
-    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                     ("vision_embed_tokens.", "model.vision_embed_tokens.")):
+    for old, new in (
+      ("language_model.model.", "model.language_model."),
+      ("language_model.lm_head.", "lm_head."),
+      ("vision_embed_tokens.", "model.vision_embed_tokens."),
+    ):
       if k.startswith(old):
-        return new + k[len(old):]
+        return new + k[len(old) :]
     raise AssertionError(k)
 
   _, kw2, params2 = import_hf(rewrite_checkpoint(path, tmp_path / "new", rename=new_layout))
@@ -203,10 +234,16 @@ def test_both_key_layouts_and_flat_config(imported, tmp_path):
   assert "rope_parameters" not in tc  # the Hub-style file spells rope 4.x's way
   rope = dict(rope_type="default", rope_theta=tc.pop("rope_theta"), partial_rotary_factor=0.5)
   tc.pop("rope_scaling", None)
-  flat = {**config, **{k: v for k, v in tc.items() if k != "model_type"}, "rope_theta": rope["rope_theta"],
-          "partial_rotary_factor": 0.5, "rope_scaling": None}
-  assert model_kwargs_from_hf_fuyu(flat) == model_kwargs_from_hf_fuyu(dict(config, text_config=dict(tc, **{
-      "rope_parameters": rope})))
+  flat = {
+    **config,
+    **{k: v for k, v in tc.items() if k != "model_type"},
+    "rope_theta": rope["rope_theta"],
+    "partial_rotary_factor": 0.5,
+    "rope_scaling": None,
+  }
+  assert model_kwargs_from_hf_fuyu(flat) == model_kwargs_from_hf_fuyu(
+    dict(config, text_config=dict(tc, **{"rope_parameters": rope}))
+  )
   hf_text = transformers.FuyuConfig.from_dict(flat).text_config  # HF reads the flat config the same way
   assert (hf_text.hidden_size, hf_text.vocab_size, hf_text.rope_parameters["rope_theta"]) == (32, VOCAB, 25000.0)
   # The flat file as a checkpoint (text_config null): the same import, and transformers loads it the same way.
@@ -223,22 +260,40 @@ def test_flat_config_reads_as_transformers_5_does():
   partial_rotary_factor, nor the token ids but eos), and PersimmonConfig's defaults fill the rest: so does vlm."""
   spec = transformers.FuyuConfig.sub_configs_defaults["text_config"]
   assert set(FLAT_TEXT_KEYS) == set(spec.init_kwargs) | {"rope_scaling", "rope_theta"}
-  base = dict(model_type="fuyu", hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
-              vocab_size=VOCAB)
-  for extra in ({}, {"rope_theta": 25000.0}, {"rope_theta": 500.0, "partial_rotary_factor": 0.25},
-                {"layer_norm_eps": 1e-3, "hidden_act": "gelu", "qk_layernorm": False}, {"text_config": None}):
+  base = dict(
+    model_type="fuyu",
+    hidden_size=32,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    vocab_size=VOCAB,
+  )
+  for extra in (
+    {},
+    {"rope_theta": 25000.0},
+    {"rope_theta": 500.0, "partial_rotary_factor": 0.25},
+    {"layer_norm_eps": 1e-3, "hidden_act": "gelu", "qk_layernorm": False},
+    {"text_config": None},
+  ):
     cfg = dict(base, **extra)
     lm = model_kwargs_from_hf_fuyu(cfg)["lm_config"]
     ref = transformers.FuyuConfig.from_dict(cfg).text_config
     rp = ref.rope_parameters
     assert (lm["rope_theta"], lm["rotary_fraction"]) == (rp["rope_theta"], rp["partial_rotary_factor"]), extra
-    assert (lm["norm_eps"], lm["qk_norm"] is not None, lm["width"]) == (ref.layer_norm_eps, ref.qk_layernorm,
-                                                                         ref.hidden_size), extra
+    assert (lm["norm_eps"], lm["qk_norm"] is not None, lm["width"]) == (
+      ref.layer_norm_eps,
+      ref.qk_layernorm,
+      ref.hidden_size,
+    ), extra
   # No text keys at all: PersimmonConfig's (8B) defaults, as transformers builds them.
   lm = model_kwargs_from_hf_fuyu({"model_type": "fuyu"})["lm_config"]
   ref = transformers.FuyuConfig.from_dict({"model_type": "fuyu"}).text_config
   assert (lm["width"], lm["depth"], lm["vocab_size"], lm["rope_theta"]) == (
-      ref.hidden_size, ref.num_hidden_layers, ref.vocab_size, ref.rope_parameters["rope_theta"])
+    ref.hidden_size,
+    ref.num_hidden_layers,
+    ref.vocab_size,
+    ref.rope_parameters["rope_theta"],
+  )
 
 
 def test_importer_errors(imported, tmp_path):
@@ -249,14 +304,25 @@ def test_importer_errors(imported, tmp_path):
   with pytest.raises(ValueError, match="not used by the Fuyu importer.*extra.weight"):
     import_hf(rewrite_checkpoint(path, tmp_path / "extra", add={"extra.weight": np.zeros(3, np.float32)}))
   with pytest.raises(ValueError, match="text_config.hidden_act = 'swiglu'"):
-    import_hf(rewrite_checkpoint(path, tmp_path / "act", config={
-        "text_config": dict(json.load(open(f"{path}/config.json"))["text_config"], hidden_act="swiglu")}))
+    import_hf(
+      rewrite_checkpoint(
+        path,
+        tmp_path / "act",
+        config={"text_config": dict(json.load(open(f"{path}/config.json"))["text_config"], hidden_act="swiglu")},
+      )
+    )
 
 
-@pytest.mark.parametrize("sub,key,value", [
-    ("text_config", "hidden_act", "swiglu"), ("text_config", "rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+@pytest.mark.parametrize(
+  "sub,key,value",
+  [
+    ("text_config", "hidden_act", "swiglu"),
+    ("text_config", "rope_scaling", {"rope_type": "linear", "factor": 2.0}),
     ("text_config", "rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
-    (None, "hidden_act", "swiglu"), (None, "patch_size", 0)])
+    (None, "hidden_act", "swiglu"),
+    (None, "patch_size", 0),
+  ],
+)
 def test_unsupported_value_names_file_key_and_value(imported, tmp_path, sub, key, value):
   """sub None: a top-level key (hidden_act of a flat file, whose text_config is null)."""
   _, _, _, _, path = imported
@@ -290,15 +356,34 @@ def test_defaults_keep_llama_params_and_logits(tmp_path):
   params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
   paths = {"/".join(k) for k in traverse_util.flatten_dict(params)}
   assert {p for p in paths if "block_0/" in p} == {
-      f"decoder/block_0/{p}" for p in ("norm1/scale", "norm2/scale", "attn/query/kernel", "attn/key/kernel",
-                                       "attn/value/kernel", "attn/out/kernel", "mlp/wi_0/kernel", "mlp/wi_1/kernel",
-                                       "mlp/wo/kernel")}
+    f"decoder/block_0/{p}"
+    for p in (
+      "norm1/scale",
+      "norm2/scale",
+      "attn/query/kernel",
+      "attn/key/kernel",
+      "attn/value/kernel",
+      "attn/out/kernel",
+      "mlp/wi_0/kernel",
+      "mlp/wi_1/kernel",
+      "mlp/wo/kernel",
+    )
+  }
   explicit = DecoderLM(**LLAMA, norm_type="rms", qk_norm=None, rotary_fraction=1.0)
   np.testing.assert_array_equal(model.apply({"params": params}, tokens), explicit.apply({"params": params}, tokens))
   torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)).eval()
+  hf = transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=64,
+      hidden_size=32,
+      intermediate_size=48,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      tie_word_embeddings=False,
+    )
+  ).eval()
   with torch.no_grad():
     for p in hf.parameters():
       p.add_(0.1 * torch.randn_like(p))
@@ -327,40 +412,54 @@ def test_relu2_mlp():
 
 def test_partial_rotary_matches_persimmon():
   from transformers.models.persimmon import modeling_persimmon as mp
+
   hd, fraction, theta = 8, 0.5, 25000.0
   r = rotary_dims(hd, fraction)
   assert r == 4
   x = np.random.default_rng(0).normal(size=(2, 5, 3, hd)).astype(np.float32)  # [B, T, H, hd]
   pos = np.array([[0, 1, 2, 3, 4], [3, 4, 5, 9, 20]])
   ours = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos), theta, r))
-  cfg = transformers.PersimmonConfig(hidden_size=hd * 3, num_attention_heads=3, rope_parameters=dict(
-      rope_type="default", rope_theta=theta, partial_rotary_factor=fraction))
+  cfg = transformers.PersimmonConfig(
+    hidden_size=hd * 3,
+    num_attention_heads=3,
+    rope_parameters=dict(rope_type="default", rope_theta=theta, partial_rotary_factor=fraction),
+  )
   xt = torch.tensor(x).transpose(1, 2)  # HF: [B, H, T, hd]
   cos, sin = mp.PersimmonRotaryEmbedding(cfg)(xt, torch.tensor(pos))
   rot, _ = mp.apply_rotary_pos_emb(xt[..., :r], xt[..., :r], cos, sin)
   theirs = torch.cat([rot, xt[..., r:]], dim=-1).transpose(1, 2).numpy()
   np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(ours[..., r:], x[..., r:])  # the pass-through half
-  np.testing.assert_array_equal(np.asarray(apply_rope(jnp.asarray(x), pos, theta, hd)),
-                                np.asarray(apply_rope(jnp.asarray(x), pos, theta)))
+  np.testing.assert_array_equal(
+    np.asarray(apply_rope(jnp.asarray(x), pos, theta, hd)), np.asarray(apply_rope(jnp.asarray(x), pos, theta))
+  )
   with pytest.raises(ValueError, match="rotated channels"):
     rotary_dims(8, 0.2)  # 1 channel: no pair to rotate
 
 
 @pytest.mark.slow
 def test_persimmon_decoder_cached_decoding_equals_forward():
-  model = DecoderLM(**LLAMA, norm_type="layer", qk_norm="layer", rotary_fraction=0.5, mlp_act="relu2",
-                    qkv_bias=True, out_bias=True, mlp_bias=True, norm_eps=1e-5)
+  model = DecoderLM(
+    **LLAMA,
+    norm_type="layer",
+    qk_norm="layer",
+    rotary_fraction=0.5,
+    mlp_act="relu2",
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+    norm_eps=1e-5,
+  )
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 7)))
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
   assert set(params["decoder"]["block_0"]["attn"]["query_norm"]) == {"scale", "bias"}
   assert params["decoder"]["block_0"]["attn"]["query_norm"]["scale"].shape == (8,)  # over head_dim
   full = model.apply({"params": params}, tokens)
-  logits, cache = model.apply({"params": params}, tokens[:, :5], 0, 7, method=DecoderLM.decode_step,
-                              mutable=["cache"])
+  logits, cache = model.apply({"params": params}, tokens[:, :5], 0, 7, method=DecoderLM.decode_step, mutable=["cache"])
   steps = [logits]
   for t in (5, 6):
-    out, cache = model.apply({"params": params, **cache}, tokens[:, t:t + 1], t, method=DecoderLM.decode_step,
-                             mutable=["cache"])
+    out, cache = model.apply(
+      {"params": params, **cache}, tokens[:, t : t + 1], t, method=DecoderLM.decode_step, mutable=["cache"]
+    )
     steps.append(out)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)

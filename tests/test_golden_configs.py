@@ -23,31 +23,31 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "configs"
 # config module -> the variants its get_config accepts (None: the full recipe; the modules without a
 # full recipe list only their demos).
 RECIPES: dict[str, tuple[str | None, ...]] = {
-    "blip2_stage1": (None, "demo"),
-    "blip2_stage2": (None, "demo", "minigpt4", "minigpt4_demo"),
-    "chameleon": (None, "demo"),
-    "clip_b16": (None, "demo"),
-    "coca_b16": (None, "demo", "video_demo"),
-    "curate": ("demo", "full"),
-    "flamingo": (None, "demo", "demo_docs"),
-    "flava_base": (None, "demo"),
-    "frozen": (None, "demo"),
-    "fuyu": (None, "demo"),
-    "grounding": (None, "demo"),
-    "lit_b16": (None, "demo"),
-    "llava_next": (None, "demo", "demo_base"),
-    "llava_stage1": (None, "demo"),
-    "llava_stage2": (None, "demo"),
-    "llip_b16": (None, "demo"),
-    "lm_pretrain": ("demo", "demo_cm3"),
-    "monkey": (None, "demo", "demo_global"),
-    "qwen_vl": (None, "demo"),
-    "siglip_b16": (None, "demo"),
-    "vlmo_base": (None, "demo"),
-    "vlmo_stage1_mim": (None, "demo"),
-    "vlmo_stage2_mlm": (None, "demo"),
-    "vlmo_vqa": (None, "demo"),
-    "vq_tokenizer": (None, "demo", "demo_long", "demo_1d"),
+  "blip2_stage1": (None, "demo"),
+  "blip2_stage2": (None, "demo", "minigpt4", "minigpt4_demo"),
+  "chameleon": (None, "demo"),
+  "clip_b16": (None, "demo"),
+  "coca_b16": (None, "demo", "video_demo"),
+  "curate": ("demo", "full"),
+  "flamingo": (None, "demo", "demo_docs"),
+  "flava_base": (None, "demo"),
+  "frozen": (None, "demo"),
+  "fuyu": (None, "demo"),
+  "grounding": (None, "demo"),
+  "lit_b16": (None, "demo"),
+  "llava_next": (None, "demo", "demo_base"),
+  "llava_stage1": (None, "demo"),
+  "llava_stage2": (None, "demo"),
+  "llip_b16": (None, "demo"),
+  "lm_pretrain": ("demo", "demo_cm3"),
+  "monkey": (None, "demo", "demo_global"),
+  "qwen_vl": (None, "demo"),
+  "siglip_b16": (None, "demo"),
+  "vlmo_base": (None, "demo"),
+  "vlmo_stage1_mim": (None, "demo"),
+  "vlmo_stage2_mlm": (None, "demo"),
+  "vlmo_vqa": (None, "demo"),
+  "vq_tokenizer": (None, "demo", "demo_long", "demo_1d"),
 }
 
 CASES = [(name, variant) for name, variants in RECIPES.items() for variant in variants]
@@ -60,6 +60,7 @@ def golden_path(name: str, variant: str | None) -> Path:
 def resolved(name: str, variant: str | None) -> dict:
   """The config as config.json records it (tuples as lists), through a JSON round trip."""
   from vlm.workdir import config_dict
+
   if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
   return config_dict(importlib.import_module(f"configs.{name}").get_config(variant))
@@ -67,8 +68,10 @@ def resolved(name: str, variant: str | None) -> dict:
 
 def test_every_config_file_is_listed():
   files = {p.stem for p in (ROOT / "configs").glob("*.py") if "def get_config" in p.read_text()}
-  assert files == set(RECIPES), f"configs with get_config not in RECIPES: {sorted(files - set(RECIPES))}; " \
-                                f"listed but gone: {sorted(set(RECIPES) - files)}"
+  assert files == set(RECIPES), (
+    f"configs with get_config not in RECIPES: {sorted(files - set(RECIPES))}; "
+    f"listed but gone: {sorted(set(RECIPES) - files)}"
+  )
   stale = {p.name for p in GOLDEN.glob("*.json")} - {golden_path(*case).name for case in CASES}
   assert not stale, f"golden files of no listed recipe: {sorted(stale)}"
 
@@ -76,13 +79,16 @@ def test_every_config_file_is_listed():
 @pytest.mark.parametrize("name,variant", CASES, ids=[f"{n}:{v}" if v else n for n, v in CASES])
 def test_resolved_config_matches_golden(name: str, variant: str | None):
   from vlm.workdir import config_diff
+
   path = golden_path(name, variant)
   assert path.exists(), f"{path} is missing: run `python tests/test_golden_configs.py --write`"
   diff = config_diff(json.loads(path.read_text()), resolved(name, variant))
   shown = "\n".join(f"  {k}: golden {a!r} -> now {b!r}" for k, (a, b) in list(diff.items())[:40])
-  assert not diff, (f"configs/{name}.py{':' + variant if variant else ''} resolves to a different config than "
-                    f"{path.relative_to(ROOT)} ({len(diff)} keys):\n{shown}\n"
-                    "If the change is meant, rewrite with `python tests/test_golden_configs.py --write`.")
+  assert not diff, (
+    f"configs/{name}.py{':' + variant if variant else ''} resolves to a different config than "
+    f"{path.relative_to(ROOT)} ({len(diff)} keys):\n{shown}\n"
+    "If the change is meant, rewrite with `python tests/test_golden_configs.py --write`."
+  )
 
 
 def write_all() -> None:

@@ -46,8 +46,13 @@ def test_kosmos2_location_tokens_match_transformers_processor():
   proc.num_patch_index_tokens = 1024
   boxes = [(0.1, 0.2, 0.5, 0.6), [(0.0, 0.0, 0.25, 0.25), (0.5, 0.5, 1.0, 1.0)]]
   text = "<grounding> An image of<phrase> a snowman</phrase> warming himself by<phrase> a fire</phrase>."
-  ours = ("<grounding> An image of" + grounding.kosmos2_text(" a snowman", [boxes[0]])
-          + " warming himself by" + grounding.kosmos2_text(" a fire", boxes[1]) + ".")
+  ours = (
+    "<grounding> An image of"
+    + grounding.kosmos2_text(" a snowman", [boxes[0]])
+    + " warming himself by"
+    + grounding.kosmos2_text(" a fire", boxes[1])
+    + "."
+  )
   assert ours == proc._insert_patch_index_tokens(text, boxes)
   # Parsing generated text: the same phrases and boxes as the processor's post-processing.
   generated = ours.replace("> <", "><").replace("<object> ", "<object>").replace(" </object>", "</object>")
@@ -59,12 +64,16 @@ def test_kosmos2_location_tokens_match_transformers_processor():
 
 
 def _scene_example(labels, boxes, size=64):
-  return {"image": np.zeros((size, size, 3), np.uint8), "boxes": np.asarray(boxes, np.float32),
-          "box_labels": np.asarray(labels, np.int32)}
+  return {
+    "image": np.zeros((size, size, 3), np.uint8),
+    "boxes": np.asarray(boxes, np.float32),
+    "box_labels": np.asarray(labels, np.int32),
+  }
 
 
 def test_grounding_pairs_name_each_object_once_and_skip_ambiguous_ones():
   from vlm.data import scenes
+
   red_circle = scenes.class_index("red", "circle")
   blue_star = scenes.class_index("blue", "star")
   ex = _scene_example([red_circle, blue_star, blue_star], [[8, 8, 48, 48], [0, 0, 10, 10], [54, 54, 64, 64]])
@@ -82,6 +91,7 @@ def test_pipeline_adds_grounding_questions_that_follow_the_flip(data_dir):
   from configs import grounding as cfg
   from vlm.data import make_pipeline
   from vlm.data.pipeline import check_config
+
   c = cfg.get_config("demo")
   c.data.data_dir = str(data_dir)
   c.data.builder.update(TINY_DATA)
@@ -93,9 +103,11 @@ def test_pipeline_adds_grounding_questions_that_follow_the_flip(data_dir):
   c.data.pp_train = "decode|resize(32)|flip_lr(1.0)|value_range(-1, 1)"  # always mirrored
   batch = next(iter(make_pipeline(c.data, split="train", batch_size=8, mesh=None, seed=0)))
   from vlm.data import get_tokenizer
+
   tok = get_tokenizer(c.data)
-  for q, a, boxes, labels in zip(tok.decode_batch(batch["question"]), tok.decode_batch(batch["answer"]),
-                                 batch["boxes"], batch["box_labels"]):
+  for q, a, boxes, labels in zip(
+    tok.decode_batch(batch["question"]), tok.decode_batch(batch["answer"]), batch["boxes"], batch["box_labels"]
+  ):
     assert q.startswith("where is the ")
     got = grounding.parse_boxes(a)[0]
     truths = [grounding.to_1000(b, 32, 32) for b, lab in zip(boxes, labels) if lab >= 0]
@@ -109,6 +121,7 @@ def test_chat_decode_writes_special_markers_back():
   from configs import grounding as cfg
   from vlm.data import get_tokenizer
   from vlm.data.conversation import chat_tokenizer_from_config
+
   c = cfg.get_config("demo")
   chat = chat_tokenizer_from_config(c.data.conversation, get_tokenizer(c.data))
   text = "<box>(12,345),(678,999)</box>"
@@ -125,8 +138,9 @@ def test_guided_step_fn_mixes_the_two_streams():
   paired, step = decoding.guided_step_fn(run, cache, 2, 3.0)
   assert paired.shape == (2, 2)
   logits, _ = step(paired, jnp.zeros((2, 1), jnp.int32), 0)
-  np.testing.assert_allclose(logits[:, 0], [[0, 5 + 3 * (1 - 5), 2 * (5 + 3 * (1 - 5))],
-                                            [0, 7 + 3 * (2 - 7), 2 * (7 + 3 * (2 - 7))]])
+  np.testing.assert_allclose(
+    logits[:, 0], [[0, 5 + 3 * (1 - 5), 2 * (5 + 3 * (1 - 5))], [0, 7 + 3 * (2 - 7), 2 * (7 + 3 * (2 - 7))]]
+  )
   # The plausibility cut: row 0's primary logits [0, 1, 2] give token 0 e^-2 = 0.14 of the top
   # probability and token 1 e^-1 = 0.37; at 0.2 token 0 (the guided argmax above) is ruled out.
   paired, step = decoding.guided_step_fn(run, cache, 2, 3.0, plausibility=0.2)
@@ -147,10 +161,13 @@ def test_crg_is_plain_decoding_against_the_same_image_and_the_formula_otherwise(
   params = jax.jit(m.init)(jax.random.key(0), imgs, prompt)["params"]
   kw = dict(mask=jnp.ones_like(prompt), max_new_tokens=3, eos_id=-1)
   plain = generate(m, params, imgs, prompt, **kw).tokens
-  np.testing.assert_array_equal(generate(m, params, imgs, prompt, contrast_images=imgs, crg_alpha=2.0, **kw).tokens,
-                                plain)
+  np.testing.assert_array_equal(
+    generate(m, params, imgs, prompt, contrast_images=imgs, crg_alpha=2.0, **kw).tokens, plain
+  )
   out = generate(m, params, imgs, prompt, contrast_images=other, crg_alpha=1.5, **kw).tokens
-  first = (2.5 * m.apply({"params": params}, imgs, prompt)[:, -1] - 1.5 * m.apply({"params": params}, other, prompt)[:, -1])
+  first = (
+    2.5 * m.apply({"params": params}, imgs, prompt)[:, -1] - 1.5 * m.apply({"params": params}, other, prompt)[:, -1]
+  )
   np.testing.assert_array_equal(out[:, 0], jnp.argmax(first, -1))
   with pytest.raises(ValueError, match="contrastive region guidance"):
     generate(m, params, imgs, prompt, contrast_images=other, method="beam", **kw)
@@ -167,6 +184,7 @@ def _grounding_run(data_dir, wd):
 
   from configs import grounding as cfg
   from vlm.train import train
+
   c = cfg.get_config("demo")
   c.data.data_dir = str(data_dir)
   c.data.builder.update(TINY_DATA)
@@ -183,14 +201,22 @@ def _grounding_run(data_dir, wd):
 
 def test_grounding_and_region_qa_evaluations_report_with_and_without_crg(grounding_workdir):
   _, out = grounding_workdir
-  for key in ("grounding/iou50", "grounding/miou", "grounding/parsed", "region_qa/accuracy",
-              "region_qa/accuracy_crg", "region_qa/accuracy_main", "region_qa/accuracy_crg_main"):
+  for key in (
+    "grounding/iou50",
+    "grounding/miou",
+    "grounding/parsed",
+    "region_qa/accuracy",
+    "region_qa/accuracy_crg",
+    "region_qa/accuracy_main",
+    "region_qa/accuracy_crg_main",
+  ):
     assert 0.0 <= out[key] <= 1.0, key
 
 
 def test_region_qa_masks_the_asked_box_in_the_contrast_image(grounding_workdir, monkeypatch):
   from vlm.evals.grounding import RegionQA
   from vlm.evaluate import load_model_and_params, load_workdir_config
+
   wd, _ = grounding_workdir
   config = load_workdir_config(wd)
   model, mesh, params = load_model_and_params(config, wd)
@@ -209,7 +235,7 @@ def test_region_qa_masks_the_asked_box_in_the_contrast_image(grounding_workdir, 
   objs = ev.objects()
   changed = np.any(seen["images"] != seen["masked"], axis=-1)  # [Q, H, W]
   x1, y1, x2, y2 = objs[0][4]
-  inside = changed[0, int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))]
+  inside = changed[0, int(np.floor(y1)) : int(np.ceil(y2)), int(np.floor(x1)) : int(np.ceil(x2))]
   assert changed[0].sum() == inside.sum() and inside.mean() > 0.5  # only (and most of) the box
   np.testing.assert_allclose(seen["masked"][0][changed[0]], -1.0)  # black after value_range(-1, 1)
   # Another CRG setting decodes the CRG stream only (what experiments/crg_sweep.py relies on).
@@ -220,13 +246,29 @@ def test_region_qa_masks_the_asked_box_in_the_contrast_image(grounding_workdir, 
 def test_crg_sweep_script_prints_plain_and_each_setting(grounding_workdir):
   root = Path(__file__).resolve().parents[1]
   wd, _ = grounding_workdir
-  run = subprocess.run([sys.executable, "experiments/crg_sweep.py", f"--workdir={wd}", "--split=test",
-                        "--max_examples=8", "--settings=2:0.1"], cwd=root, capture_output=True, text=True,
-                       timeout=600)
+  run = subprocess.run(
+    [
+      sys.executable,
+      "experiments/crg_sweep.py",
+      f"--workdir={wd}",
+      "--split=test",
+      "--max_examples=8",
+      "--settings=2:0.1",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
   assert [r["setting"] for r in rows] == ["plain", "crg a=2 plausibility=0.1"]
   assert all(0.0 <= r["all"] <= 1.0 and "main" in r for r in rows)
-  bad = subprocess.run([sys.executable, "experiments/crg_sweep.py", f"--workdir={wd}", "--settings=2"],
-                       cwd=root, capture_output=True, text=True, timeout=600)
+  bad = subprocess.run(
+    [sys.executable, "experiments/crg_sweep.py", f"--workdir={wd}", "--settings=2"],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert bad.returncode != 0 and "ALPHA:PLAUSIBILITY" in bad.stderr

@@ -39,16 +39,41 @@ VISION_EPS, QFORMER_EPS, LM_THETA = 1e-2, 1e-2, 500.0
 
 
 def _config(text=None):
-  vc = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,
-            patch_size=PATCH, layer_norm_eps=VISION_EPS)
-  qc = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
-            cross_attention_frequency=2, encoder_hidden_size=32, layer_norm_eps=QFORMER_EPS)
+  vc = dict(
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=SIZE,
+    patch_size=PATCH,
+    layer_norm_eps=VISION_EPS,
+  )
+  qc = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=48,
+    cross_attention_frequency=2,
+    encoder_hidden_size=32,
+    layer_norm_eps=QFORMER_EPS,
+  )
   tc = text or transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-      tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=LM_THETA))
-  return transformers.Blip2Config(vision_config=vc, qformer_config=qc, text_config=tc, num_query_tokens=QUERIES,
-                                  image_token_index=IMAGE)
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=PAD,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="default", rope_theta=LM_THETA),
+  )
+  return transformers.Blip2Config(
+    vision_config=vc, qformer_config=qc, text_config=tc, num_query_tokens=QUERIES, image_token_index=IMAGE
+  )
 
 
 @functools.cache
@@ -91,8 +116,11 @@ def test_kwargs_and_params_are_exactly_what_init_creates(imported):
   vc = kwargs["vision_config"]
   assert vc["num_query_tokens"] == QUERIES and vc["qformer"]["depth"] == 3 and vc["image"]["depth"] == 2
   assert kwargs["lm_config"]["num_kv_heads"] == 2 and not kwargs["lm_config"]["tie_embeddings"]
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                                                      jnp.zeros((1, QUERIES + 2), jnp.int32))["params"]))
+  shapes = jax.eval_shape(
+    lambda: nn.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), jnp.zeros((1, QUERIES + 2), jnp.int32))["params"]
+    )
+  )
   ours = {k: v.shape for k, v in traverse_util.flatten_dict(params).items()}
   init = {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
   assert ours == init, (sorted(set(init) - set(ours)), sorted(set(ours) - set(init)))
@@ -111,7 +139,11 @@ def test_hub_style_file_leaves_the_defaults_out(imported):
   image, qformer, lm = kwargs["vision_config"]["image"], kwargs["vision_config"]["qformer"], kwargs["lm_config"]
   assert (image["mlp_act"], image["norm_eps"]) == ("gelu", VISION_EPS)
   assert (qformer["mlp_act"], qformer["norm_eps"], qformer["dropout"], qformer["pad_id"]) == (
-      "gelu", QFORMER_EPS, 0.1, 0)
+    "gelu",
+    QFORMER_EPS,
+    0.1,
+    0,
+  )
   assert (lm["rope_theta"], lm["norm_eps"], lm["mlp_act"]) == (LM_THETA, 1e-6, "swiglu")
 
 
@@ -131,8 +163,10 @@ def test_logits_match_hf(imported):
     hf_queries = hf.get_image_features(pixel_values=torch.tensor(pixels)).pooler_output.numpy()
   ours = np.asarray(model.apply({"params": params}, _nhwc(pixels), jnp.asarray(ids)))
   our_queries = np.asarray(model.apply({"params": params}, _nhwc(pixels), method="encode_images"))
-  diffs = {"projected queries": float(np.abs(our_queries - hf_queries).max()),
-           "logits": float(np.abs(ours - theirs).max())}
+  diffs = {
+    "projected queries": float(np.abs(our_queries - hf_queries).max()),
+    "logits": float(np.abs(ours - theirs).max()),
+  }
   print(f"BLIP-2 stage 2 max abs diffs: {diffs}")
   assert ours.shape == theirs.shape and all(d <= TOL for d in diffs.values()), diffs
 
@@ -140,6 +174,7 @@ def test_logits_match_hf(imported):
 def test_scanned_import_scans_the_vit_and_the_lm(imported):
   """scan=True: vision/img/encoder/layers and lm/decoder/layers (the Q-Former stays unrolled), HF's logits."""
   from vlm.convert import stack_encoder_blocks
+
   hf, _, params, _, path = imported
   name, kwargs, scanned = import_hf(path, scan=True)
   assert kwargs["vision_config"]["image"]["scan"] and kwargs["lm_config"]["scan_layers"]
@@ -151,8 +186,11 @@ def test_scanned_import_scans_the_vit_and_the_lm(imported):
   pixels = _pixels(rng, 2)
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), _nhwc(pixels), jnp.asarray(ids))["params"]))
   assert jax.tree.map(np.shape, shapes) == jax.tree.map(np.shape, scanned)
-  diff = float(np.abs(np.asarray(model.apply({"params": scanned}, _nhwc(pixels), jnp.asarray(ids)))
-                      - _hf_logits(hf, ids, pixels)).max())
+  diff = float(
+    np.abs(
+      np.asarray(model.apply({"params": scanned}, _nhwc(pixels), jnp.asarray(ids))) - _hf_logits(hf, ids, pixels)
+    ).max()
+  )
   print(f"BLIP-2 stage 2 imported with scan=True: max |logits diff| {diff:.2e}")
   assert diff <= TOL
 
@@ -177,8 +215,11 @@ def test_non_default_values_would_show(imported):
   pixels = _pixels(rng, 2)
   theirs = _hf_logits(hf, ids, pixels)
   diffs = {}
-  for keys, default in ((("vision_config", "image", "norm_eps"), 1e-6),
-                        (("vision_config", "qformer", "norm_eps"), 1e-12), (("lm_config", "rope_theta"), 10000.0)):
+  for keys, default in (
+    (("vision_config", "image", "norm_eps"), 1e-6),
+    (("vision_config", "qformer", "norm_eps"), 1e-12),
+    (("lm_config", "rope_theta"), 10000.0),
+  ):
     model = build_model("vision_lm", _replaced(kwargs, keys, default))
     ours = np.asarray(model.apply({"params": params}, _nhwc(pixels), jnp.asarray(ids)))
     diffs["/".join(keys)] = float(np.abs(ours - theirs).max())
@@ -192,22 +233,29 @@ def test_greedy_generation_matches_hf(imported):
   ids = np.stack([_prompt(rng, text=3) for _ in range(2)])
   pixels = _pixels(rng, 2)
   with torch.no_grad():
-    out = hf.generate(pixel_values=torch.tensor(pixels), input_ids=torch.tensor(ids),
-                      attention_mask=torch.ones(ids.shape, dtype=torch.long), do_sample=False, max_new_tokens=NEW,
-                      eos_token_id=EOS, pad_token_id=PAD).numpy()
-  theirs = out[:, ids.shape[1]:]  # the LM's generate returns the prompt too
+    out = hf.generate(
+      pixel_values=torch.tensor(pixels),
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.ones(ids.shape, dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=NEW,
+      eos_token_id=EOS,
+      pad_token_id=PAD,
+    ).numpy()
+  theirs = out[:, ids.shape[1] :]  # the LM's generate returns the prompt too
   theirs = np.pad(theirs, ((0, 0), (0, NEW - theirs.shape[1])), constant_values=PAD)
   ours = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
-      params, _nhwc(pixels), jnp.asarray(ids))
+    params, _nhwc(pixels), jnp.asarray(ids)
+  )
   print(f"HF {theirs.tolist()} ours {np.asarray(ours.tokens).tolist()}")
   np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
 
 
 def _new_layout(k):  # LLaVA-style names of transformers >= 4.52 (model.language_model.*, lm_head.*, model.*)
   if k.startswith("language_model.model."):
-    return "model.language_model." + k[len("language_model.model."):]
+    return "model.language_model." + k[len("language_model.model.") :]
   if k.startswith("language_model.lm_head."):
-    return k[len("language_model."):]
+    return k[len("language_model.") :]
   return "model." + k
 
 
@@ -225,9 +273,14 @@ def test_new_key_layout_imports_the_same(imported, tmp_path):
 
 def test_missing_unused_and_unsupported_raise(imported, tmp_path):
   _, _, _, _, path = imported
-  for i, key in enumerate(("language_model.model.layers.1.mlp.up_proj.weight",
-                           "qformer.encoder.layer.2.crossattention.attention.value.bias",
-                           "vision_model.encoder.layers.1.mlp.fc2.weight", "language_projection.bias")):
+  for i, key in enumerate(
+    (
+      "language_model.model.layers.1.mlp.up_proj.weight",
+      "qformer.encoder.layer.2.crossattention.attention.value.bias",
+      "vision_model.encoder.layers.1.mlp.fc2.weight",
+      "language_projection.bias",
+    )
+  ):
     with pytest.raises(ValueError, match=rf"absent: \['{key}'\]"):
       import_hf(rewrite_checkpoint(path, tmp_path / f"missing{i}", drop=(key,)))
   extra = ["qformer.embeddings.word_embeddings.weight", "language_model.model.layers.9.mlp.up_proj.weight"]
@@ -240,10 +293,15 @@ def test_missing_unused_and_unsupported_raise(imported, tmp_path):
     import_hf(rewrite_checkpoint(path, tmp_path / "no_token", config={"image_token_index": None}))
 
 
-@pytest.mark.parametrize("sub,key,value", [("vision_config", "hidden_act", "relu6"),
-                                           ("qformer_config", "hidden_act", "relu6"),
-                                           ("qformer_config", "cross_attention_frequency", 0),
-                                           ("text_config", "hidden_act", "relu6")])
+@pytest.mark.parametrize(
+  "sub,key,value",
+  [
+    ("vision_config", "hidden_act", "relu6"),
+    ("qformer_config", "hidden_act", "relu6"),
+    ("qformer_config", "cross_attention_frequency", 0),
+    ("text_config", "hidden_act", "relu6"),
+  ],
+)
 def test_unsupported_value_names_file_key_and_value(imported, tmp_path, sub, key, value):
   _, _, _, _, path = imported
   written = json.load(open(f"{path}/config.json"))
@@ -257,6 +315,7 @@ def test_flan_t5_config_imports_the_vision_side_only(imported, tmp_path):
   (they do not depend on the LM); the whole model is NotImplementedError naming the file and the LM's type."""
   from conftest import hub_style_config
   from vlm.convert import import_hf_blip2_qformer, import_hf_blip2_vision
+
   _, _, params, kwargs, path = imported
   t5 = _config(transformers.T5Config(vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=2, d_ff=64))
   dst = rewrite_checkpoint(path, tmp_path / "t5", config={"text_config": hub_style_config(t5.to_dict())["text_config"]})
@@ -273,8 +332,11 @@ def test_queries_only_qformer_builds_with_exactly_the_checkpoint_params(imported
   _, model, params, kwargs, _ = imported
   assert kwargs["vision_config"]["qformer"]["vocab_size"] is None
   model = build_model("vision_lm", kwargs)
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                                                      jnp.zeros((1, QUERIES + 2), jnp.int32))["params"]))
+  shapes = jax.eval_shape(
+    lambda: nn.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), jnp.zeros((1, QUERIES + 2), jnp.int32))["params"]
+    )
+  )
   init = set(traverse_util.flatten_dict(shapes))
   assert init == set(traverse_util.flatten_dict(params))
 

@@ -1,5 +1,6 @@
 """vlm.convert.hf_config: the defaults table equals transformers' config classes, and configs written
 the way transformers 4.x writes them (defaults left out) read back with those defaults."""
+
 import json
 
 import pytest
@@ -39,8 +40,10 @@ def test_sub_config_types_match_transformers(model_type):
         assert ref[key][k] == v, (model_type, key, k)
 
 
-@pytest.mark.parametrize("kw", [dict(hidden_size=64, num_attention_heads=4),
-                                dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=None)])
+@pytest.mark.parametrize(
+  "kw",
+  [dict(hidden_size=64, num_attention_heads=4), dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=None)],
+)
 def test_derived_defaults_as_transformers_computes_them(kw):
   cfg = hf_config.from_dict(dict(model_type="llama", **kw))
   ref = transformers.LlamaConfig(**kw)

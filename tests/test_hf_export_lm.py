@@ -17,17 +17,26 @@ import jax.numpy as jnp  # noqa: E402
 import test_decoder_lm as dlm  # noqa: E402  (its model builders and batches)
 import test_hf_llava as llava  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
-from vlm.convert.export_lm import (export_hf_llava, export_hf_lm, export_hf_llm,  # noqa: E402
-                                   hf_config_from_llava_kwargs, hf_config_from_llm_kwargs)
+from vlm.convert.export_lm import (
+  export_hf_llava,
+  export_hf_lm,
+  export_hf_llm,  # noqa: E402
+  hf_config_from_llava_kwargs,
+  hf_config_from_llm_kwargs,
+)
 from vlm.models import build_model  # noqa: E402
 from vlm.nn import rope as rope_lib  # noqa: E402
 from vlm.peft import merge_lora  # noqa: E402
 
 TOL = 1e-4
 VOCAB = dlm.VOCAB
-ARCH_CLASS = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-              "gemma": transformers.GemmaForCausalLM, "llava": transformers.LlavaForConditionalGeneration,
-              "llava_next": transformers.LlavaNextForConditionalGeneration}
+ARCH_CLASS = {
+  "llama": transformers.LlamaForCausalLM,
+  "qwen2": transformers.Qwen2ForCausalLM,
+  "gemma": transformers.GemmaForCausalLM,
+  "llava": transformers.LlavaForConditionalGeneration,
+  "llava_next": transformers.LlavaNextForConditionalGeneration,
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +62,15 @@ def _weights_diff(a, b):
 def _lm_logits(hf, ids, mask):
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
   with torch.no_grad():
-    return hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
-              position_ids=torch.tensor(positions)).logits.numpy()
+    return hf(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(positions),
+    ).logits.numpy()
 
 
 # ------------------------------------------------------------------ DecoderLM
+
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "llama_yarn"])
 def test_hf_llm_import_export_round_trip(arch, tmp_root, tmp_path):
@@ -71,18 +84,30 @@ def test_hf_llm_import_export_round_trip(arch, tmp_root, tmp_path):
     hf, _, params, kwargs = dlm._imported(arch, tmp_root)
     name = "decoder_lm"
     ids, mask = dlm._padded_batch()
-  config = export_hf_lm(name, kwargs, params, tmp_path / "out",
-                        max_position_embeddings=hf.config.max_position_embeddings)
+  config = export_hf_lm(
+    name, kwargs, params, tmp_path / "out", max_position_embeddings=hf.config.max_position_embeddings
+  )
   mt = arch.split("_")[0]
   assert config["model_type"] == mt
   out = _load(tmp_path / "out", mt)
-  for key in ("hidden_act", "rms_norm_eps", "tie_word_embeddings", "head_dim", "num_key_value_heads", "vocab_size",
-              "max_position_embeddings", "attention_bias", "mlp_bias"):
+  for key in (
+    "hidden_act",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "head_dim",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "attention_bias",
+    "mlp_bias",
+  ):
     if hasattr(hf.config, key):
       assert getattr(out.config, key) == getattr(hf.config, key), key
   # rope: the same once transformers' defaults are resolved (the export writes them out: beta_fast, ...)
-  resolved = [(c.rope_parameters["rope_theta"], rope_lib.scaling_from_hf(c.rope_parameters, c.max_position_embeddings))
-              for c in (out.config, hf.config)]
+  resolved = [
+    (c.rope_parameters["rope_theta"], rope_lib.scaling_from_hf(c.rope_parameters, c.max_position_embeddings))
+    for c in (out.config, hf.config)
+  ]
   assert resolved[0] == resolved[1]
   wdiff = _weights_diff(hf, out)
   diff = float(np.abs(_lm_logits(out, ids, mask) - _lm_logits(hf, ids, mask))[mask].max())
@@ -95,7 +120,9 @@ def test_scanned_imports_export_the_original_checkpoint(tmp_root, tmp_path):
   hf, _, _, _ = dlm._imported("llama", tmp_root)
   name, kwargs, params = import_hf(f"{tmp_root}/llama", scan=True)
   assert kwargs["scan_layers"] and set(params["decoder"]) == {"layers"}
-  config = export_hf_lm(name, kwargs, params, tmp_path / "lm", max_position_embeddings=hf.config.max_position_embeddings)
+  config = export_hf_lm(
+    name, kwargs, params, tmp_path / "lm", max_position_embeddings=hf.config.max_position_embeddings
+  )
   assert "scan_layers" not in config
   assert _weights_diff(hf, _load(tmp_path / "lm", "llama")) == 0
   hf, _, _, _, path = llava._imported("penultimate_default", tmp_root)
@@ -116,14 +143,24 @@ def test_scanned_imports_export_the_original_checkpoint(tmp_root, tmp_path):
 
 
 RANDOM_LMS = {  # DecoderLM kwargs (besides the sizes) -> the HF type export picks
-    "llama": ({}, "llama"),
-    "llama_biases_llama3_tied": (dict(qkv_bias=True, out_bias=True, mlp_bias=True, norm_eps=1e-5, tie_embeddings=True,
-                                      rope_theta=500.0, rope_scaling=dict(
-                                          rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                          original_max_position_embeddings=8)), "llama"),
-    "qwen2_head_dim": (dict(qkv_bias=True, head_dim=16), "qwen2"),
-    "gemma": (dict(embed_scale=True, mlp_act="geglu", tie_embeddings=True, head_dim=16), "gemma"),
-    "dynamic": (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0, max_position_embeddings=8)), "llama"),
+  "llama": ({}, "llama"),
+  "llama_biases_llama3_tied": (
+    dict(
+      qkv_bias=True,
+      out_bias=True,
+      mlp_bias=True,
+      norm_eps=1e-5,
+      tie_embeddings=True,
+      rope_theta=500.0,
+      rope_scaling=dict(
+        rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8
+      ),
+    ),
+    "llama",
+  ),
+  "qwen2_head_dim": (dict(qkv_bias=True, head_dim=16), "qwen2"),
+  "gemma": (dict(embed_scale=True, mlp_act="geglu", tie_embeddings=True, head_dim=16), "gemma"),
+  "dynamic": (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0, max_position_embeddings=8)), "llama"),
 }
 
 
@@ -171,23 +208,30 @@ def test_lora_is_merged_on_export(tmp_path):
   ids, mask = dlm._padded_batch()
   ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), mask=jnp.asarray(mask)))
   diff = float(np.abs(ours - _lm_logits(hf, ids, mask))[mask].max())
-  base = np.asarray(build_model("decoder_lm", kwargs).apply(
-      {"params": {k: v for k, v in merge_lora(params, 0.0).items()}}, jnp.asarray(ids), mask=jnp.asarray(mask)))
-  print(f"LoRA merged on export: max |logits diff| {diff:.2e} (the LoRA update moves logits by "
-        f"{np.abs(base - ours)[mask].max():.2e})")
+  base = np.asarray(
+    build_model("decoder_lm", kwargs).apply(
+      {"params": {k: v for k, v in merge_lora(params, 0.0).items()}}, jnp.asarray(ids), mask=jnp.asarray(mask)
+    )
+  )
+  print(
+    f"LoRA merged on export: max |logits diff| {diff:.2e} (the LoRA update moves logits by "
+    f"{np.abs(base - ours)[mask].max():.2e})"
+  )
   assert diff <= TOL and np.abs(base - ours)[mask].max() > 100 * TOL
 
 
 @pytest.mark.slow
 def test_export_refuses_what_hf_cannot_express(tmp_path):
-  for kw, match in ((dict(qk_norm="rms"), "qk_norm='rms' is not expressible"),
-                    (dict(norm_type="layer"), "norm_type='layer'"),
-                    (dict(mlp_act="relu2"), "mlp_act='relu2'"),
-                    (dict(rope_theta=None), "rope_theta=None"),
-                    (dict(rotary_fraction=0.5), "rotary_fraction=0.5"),
-                    (dict(qkv_bias=False, out_bias=True), "Llama's attention_bias covers q/k/v/o together"),
-                    (dict(rope_scaling=dict(rope_type="longrope")), "rope_type 'longrope' is not supported"),
-                    (dict(no_such_field=1), r"\['no_such_field'\] are not DecoderLM fields")):
+  for kw, match in (
+    (dict(qk_norm="rms"), "qk_norm='rms' is not expressible"),
+    (dict(norm_type="layer"), "norm_type='layer'"),
+    (dict(mlp_act="relu2"), "mlp_act='relu2'"),
+    (dict(rope_theta=None), "rope_theta=None"),
+    (dict(rotary_fraction=0.5), "rotary_fraction=0.5"),
+    (dict(qkv_bias=False, out_bias=True), "Llama's attention_bias covers q/k/v/o together"),
+    (dict(rope_scaling=dict(rope_type="longrope")), "rope_type 'longrope' is not supported"),
+    (dict(no_such_field=1), r"\['no_such_field'\] are not DecoderLM fields"),
+  ):
     with pytest.raises(ValueError, match=match):
       hf_config_from_llm_kwargs(_lm_kwargs(**kw))
   with pytest.raises(ValueError, match="Qwen2 has q/k/v biases only"):
@@ -195,8 +239,11 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
   with pytest.raises(ValueError, match="would override the architecture field 'hidden_size'"):
     hf_config_from_llm_kwargs(_lm_kwargs(), extra_config=dict(hidden_size=3))
   model, kwargs, params = _random_llava()
-  for kw, match in ((dict(feature_layer=None), "feature_layer=None"), (dict(connector_type="linear"), "connector_type"),
-                    (dict(vision_config=dict(kwargs["vision_config"], pre_norm=False)), "a CLIP tower has")):
+  for kw, match in (
+    (dict(feature_layer=None), "feature_layer=None"),
+    (dict(connector_type="linear"), "connector_type"),
+    (dict(vision_config=dict(kwargs["vision_config"], pre_norm=False)), "a CLIP tower has"),
+  ):
     with pytest.raises(ValueError, match=match):
       hf_config_from_llava_kwargs(dict(kwargs, **kw), params)
   with pytest.raises(ValueError, match=r"no place for .*\['soft_prompt'\]"):
@@ -204,6 +251,7 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
 
 
 # ------------------------------------------------------------------ LLaVA / LLaVA-NeXT
+
 
 @pytest.mark.parametrize("case", ["penultimate_default", "siglip_gemma_full"])
 def test_hf_llava_import_export_round_trip(case, tmp_root, tmp_path):
@@ -217,8 +265,9 @@ def test_hf_llava_import_export_round_trip(case, tmp_root, tmp_path):
   ids = np.stack([llava._prompt(rng, strategy, tower=tower) for _ in range(2)])
   pixels = llava._pixels(rng, 2)
   with torch.no_grad():
-    theirs, again = (m(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
-                     for m in (hf, out))
+    theirs, again = (
+      m(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy() for m in (hf, out)
+    )
   wdiff, diff = _weights_diff(hf, out), float(np.abs(again - theirs).max())
   print(f"{case}: round trip, max |weight diff| {wdiff:.1e}, max |logits diff| {diff:.2e}")
   assert wdiff <= 1e-6 and diff <= TOL
@@ -239,11 +288,31 @@ def test_hf_llava_next_import_export_round_trip(tmp_root, tmp_path):
 def _random_llava():
   """A random VisionLanguageModel in LLaVA's layout: a 1-channel CLIP-style tower with exact GELU and eps 1e-6
   (not CLIP's defaults), the last block's features, a Qwen2-style LM with linear rope scaling."""
-  vit = dict(width=32, depth=2, mlp_dim=48, num_heads=4, patch_size=8, posemb="learn", posemb_grid=(4, 4),
-             class_token=True, pre_norm=True, patch_bias=False, mlp_act="gelu", norm_eps=1e-6)
-  kwargs = dict(lm_config=_lm_kwargs(vocab_size=200, qkv_bias=True, rope_scaling=dict(rope_type="linear", factor=2.0)),
-                vision_config=vit, vision_model="vit", feature_layer=-1, keep_cls=False, pool=None,
-                connector_type="mlp", prefix_tokens=1, image_token_id=llava.IMAGE)
+  vit = dict(
+    width=32,
+    depth=2,
+    mlp_dim=48,
+    num_heads=4,
+    patch_size=8,
+    posemb="learn",
+    posemb_grid=(4, 4),
+    class_token=True,
+    pre_norm=True,
+    patch_bias=False,
+    mlp_act="gelu",
+    norm_eps=1e-6,
+  )
+  kwargs = dict(
+    lm_config=_lm_kwargs(vocab_size=200, qkv_bias=True, rope_scaling=dict(rope_type="linear", factor=2.0)),
+    vision_config=vit,
+    vision_model="vit",
+    feature_layer=-1,
+    keep_cls=False,
+    pool=None,
+    connector_type="mlp",
+    prefix_tokens=1,
+    image_token_id=llava.IMAGE,
+  )
   model = build_model("vision_lm", kwargs)
   params = _random(model, (jnp.zeros((1, 32, 32, 1)), jnp.zeros((1, 20), jnp.int32)))
   return model, kwargs, jax.tree.map(np.asarray, params)

@@ -28,11 +28,12 @@ IMAGE_ACT, MM_EPS = "quick_gelu", 1e-2  # transformers' defaults: 'gelu', 1e-12
 def _make_flava():
   tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
   cfg = transformers.FlavaConfig(
-      image_config=dict(tower, image_size=32, patch_size=8, hidden_act=IMAGE_ACT),
-      text_config=dict(tower, vocab_size=99, max_position_embeddings=16, pad_token_id=PAD),
-      # widths differ: checks the mm projections
-      multimodal_config=dict(tower, hidden_size=40, intermediate_size=56, layer_norm_eps=MM_EPS),
-      projection_dim=24, init_codebook=False,
+    image_config=dict(tower, image_size=32, patch_size=8, hidden_act=IMAGE_ACT),
+    text_config=dict(tower, vocab_size=99, max_position_embeddings=16, pad_token_id=PAD),
+    # widths differ: checks the mm projections
+    multimodal_config=dict(tower, hidden_size=40, intermediate_size=56, layer_norm_eps=MM_EPS),
+    projection_dim=24,
+    init_codebook=False,
   )
   model = transformers.FlavaModel(cfg).eval()
   with torch.no_grad():  # HF inits norms to 1/0 and the cls/mask tokens to 0: perturb every tensor
@@ -59,9 +60,16 @@ def _theirs(model, pixels, ids):
     txt_feat = model.get_text_features(input_ids=tok, attention_mask=mask).pooler_output
   zimg = torch.nn.functional.normalize(img_feat[:, 0], dim=-1)  # as FlavaForPreTraining's contrastive head
   ztxt = torch.nn.functional.normalize(txt_feat[:, 0], dim=-1)
-  return dict(image_embeddings=out.image_embeddings, text_embeddings=out.text_embeddings,
-              multimodal_embeddings=out.multimodal_embeddings, image_features=img_feat, text_features=txt_feat,
-              zimg=zimg, ztxt=ztxt, scale=torch.exp(model.logit_scale))
+  return dict(
+    image_embeddings=out.image_embeddings,
+    text_embeddings=out.text_embeddings,
+    multimodal_embeddings=out.multimodal_embeddings,
+    image_features=img_feat,
+    text_features=txt_feat,
+    zimg=zimg,
+    ztxt=ztxt,
+    scale=torch.exp(model.logit_scale),
+  )
 
 
 def _ours(path, pixels, ids, scan=False, change=None):
@@ -75,9 +83,16 @@ def _ours(path, pixels, ids, scan=False, change=None):
     hm = m.fuse(hi, ht, m.text_valid(tokens))
     zimg, aux_i = m.encode_image(images)
     ztxt, aux_t = m.encode_text(tokens)
-    return dict(image_embeddings=m.image_normed(hi), text_embeddings=m.text_normed(ht), multimodal_embeddings=hm,
-                image_features=m.img_proj(aux_i["encoded"]), text_features=m.txt_proj(aux_t["encoded"]),
-                zimg=zimg, ztxt=ztxt, scale=m.scale_and_bias()[0])
+    return dict(
+      image_embeddings=m.image_normed(hi),
+      text_embeddings=m.text_normed(ht),
+      multimodal_embeddings=hm,
+      image_features=m.img_proj(aux_i["encoded"]),
+      text_features=m.txt_proj(aux_t["encoded"]),
+      zimg=zimg,
+      ztxt=ztxt,
+      scale=m.scale_and_bias()[0],
+    )
 
   out = model.apply({"params": params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(ids), method=forward)
   return {k: np.asarray(v) for k, v in out.items()}
@@ -108,17 +123,24 @@ def test_flava_parity(tmp_path, scan):
     return
   # Each non-default value replaced by transformers' default (an importer ignoring the key) would show.
   off = {}
-  for what, change in (("image_config.hidden_act", lambda kw: dict(kw, image=dict(kw["image"], mlp_act="gelu"))),
-                       ("multimodal_config.layer_norm_eps",
-                        lambda kw: dict(kw, multimodal=dict(kw["multimodal"], norm_eps=1e-12)))):
+  for what, change in (
+    ("image_config.hidden_act", lambda kw: dict(kw, image=dict(kw["image"], mlp_act="gelu"))),
+    ("multimodal_config.layer_norm_eps", lambda kw: dict(kw, multimodal=dict(kw["multimodal"], norm_eps=1e-12))),
+  ):
     wrong = _ours(tmp_path, pixels, ids, change=change)
     off[what] = max(float(np.max(np.abs(wrong[k] - v))) for k, v in ref.items())
   print("max abs diffs with a default instead of the file's value:", off)
   assert all(d > 1e-3 for d in off.values()), off
 
 
-@pytest.mark.parametrize("sub,key,value", [("image_config", "hidden_act", "relu6"), ("text_config", "qkv_bias", False),
-                                           ("multimodal_config", "use_cls_token", False)])
+@pytest.mark.parametrize(
+  "sub,key,value",
+  [
+    ("image_config", "hidden_act", "relu6"),
+    ("text_config", "qkv_bias", False),
+    ("multimodal_config", "use_cls_token", False),
+  ],
+)
 def test_unsupported_value_names_file_key_and_value(tmp_path, sub, key, value):
   torch.manual_seed(0)
   src = save_hub_style(_make_flava(), tmp_path / "hf")
@@ -130,6 +152,7 @@ def test_unsupported_value_names_file_key_and_value(tmp_path, sub, key, value):
 
 def test_flava_import_reports_missing_tensors(tmp_path):
   from safetensors.numpy import load_file, save_file
+
   torch.manual_seed(0)
   _make_flava().save_pretrained(tmp_path, safe_serialization=True)
   tensors = load_file(str(tmp_path / "model.safetensors"))
@@ -144,9 +167,14 @@ def test_fuse_prenorm_full_model():
   """FLAVA(fuse_prenorm=True) runs every head; the towers' final norms move to img_norm / txt_norm."""
   import jax
   from vlm.models import FLAVA
-  model = FLAVA(image=dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8),
-                text=dict(vocab_size=20, width=16, depth=1, mlp_dim=32, num_heads=2, max_len=6, embed_norm=True),
-                multimodal=dict(width=24, depth=1, mlp_dim=32, num_heads=2), embed_dim=8, fuse_prenorm=True)
+
+  model = FLAVA(
+    image=dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8),
+    text=dict(vocab_size=20, width=16, depth=1, mlp_dim=32, num_heads=2, max_len=6, embed_norm=True),
+    multimodal=dict(width=24, depth=1, mlp_dim=32, num_heads=2),
+    embed_dim=8,
+    fuse_prenorm=True,
+  )
   images, tokens = jnp.zeros((2, 16, 16, 3)), jnp.array([[3, 5, 6, 1, 0, 0], [3, 7, 1, 0, 0, 0]])
   params = jax.jit(model.init)(jax.random.key(0), images, tokens)["params"]
   assert {"img_norm", "txt_norm"} <= set(params) and "encoder_norm" not in params["img"]

@@ -22,10 +22,16 @@ def _tower_cfg(**kw):
 
 def _make_clip(eos_token_id: int, text=None, vision=None, logit_scale=None):
   cfg = transformers.CLIPConfig(
-      text_config=_tower_cfg(vocab_size=99, max_position_embeddings=16, eos_token_id=eos_token_id,
-                             pad_token_id=1, bos_token_id=0, **(text or {})),
-      vision_config=_tower_cfg(image_size=32, patch_size=8, **(vision or {})),
-      projection_dim=24,
+    text_config=_tower_cfg(
+      vocab_size=99,
+      max_position_embeddings=16,
+      eos_token_id=eos_token_id,
+      pad_token_id=1,
+      bos_token_id=0,
+      **(text or {}),
+    ),
+    vision_config=_tower_cfg(image_size=32, patch_size=8, **(vision or {})),
+    projection_dim=24,
   )
   model = transformers.CLIPModel(cfg).eval()
   if logit_scale is not None:
@@ -36,8 +42,8 @@ def _make_clip(eos_token_id: int, text=None, vision=None, logit_scale=None):
 
 def _make_siglip(text=None, vision=None):
   cfg = transformers.SiglipConfig(
-      text_config=_tower_cfg(vocab_size=99, max_position_embeddings=16, **(text or {})),
-      vision_config=_tower_cfg(image_size=32, patch_size=8, **(vision or {})),
+    text_config=_tower_cfg(vocab_size=99, max_position_embeddings=16, **(text or {})),
+    vision_config=_tower_cfg(image_size=32, patch_size=8, **(vision or {})),
   )
   model = transformers.SiglipModel(cfg).eval()
   with torch.no_grad():  # non-default scale/bias so that the logits check them
@@ -114,6 +120,7 @@ def test_siglip_parity_and_roundtrip(tmp_path, scan):
 
 def test_import_reports_missing_tensors(tmp_path):
   from safetensors.numpy import load_file, save_file
+
   torch.manual_seed(0)
   _make_siglip().save_pretrained(tmp_path, safe_serialization=True)
   tensors = load_file(str(tmp_path / "model.safetensors"))
@@ -138,11 +145,12 @@ def _hub_parity(model, path, pixels, ids, eos_token_id=None):
 # Tiny models whose activation / eps are transformers' defaults (left out of the Hub-style file, so a
 # wrong default in vlm would show) or non-default ones (kept in the file), and a logit scale over 100.
 _CLIP_CASES = {
-    "defaults": dict(),  # quick_gelu, eps 1e-5: both absent from the file
-    "gelu_eps": dict(text=dict(hidden_act="gelu", layer_norm_eps=1e-3), vision=dict(hidden_act="gelu_new",
-                                                                                     layer_norm_eps=1e-2)),
-    "scale_over_100": dict(logit_scale=5.5),  # exp(5.5) = 245: imported as is, no clamp
-    "one_channel": dict(vision=dict(num_channels=1)),
+  "defaults": dict(),  # quick_gelu, eps 1e-5: both absent from the file
+  "gelu_eps": dict(
+    text=dict(hidden_act="gelu", layer_norm_eps=1e-3), vision=dict(hidden_act="gelu_new", layer_norm_eps=1e-2)
+  ),
+  "scale_over_100": dict(logit_scale=5.5),  # exp(5.5) = 245: imported as is, no clamp
+  "one_channel": dict(vision=dict(num_channels=1)),
 }
 
 
@@ -163,6 +171,7 @@ def test_clip_hub_style_parity_and_roundtrip(tmp_path, case):
   _check(_theirs(reloaded.eval(), pixels, ids, 49), ref)
   exported = reloaded.config
   from vlm.convert.hf import ACT_FROM_HF
+
   for tower in ("text_config", "vision_config"):  # the same functions (gelu_new is written as its twin)
     a, b = getattr(exported, tower), getattr(model.config, tower)
     assert ACT_FROM_HF[a.hidden_act] == ACT_FROM_HF[b.hidden_act] and a.layer_norm_eps == b.layer_norm_eps, tower
@@ -170,10 +179,11 @@ def test_clip_hub_style_parity_and_roundtrip(tmp_path, case):
 
 
 _SIGLIP_CASES = {
-    "defaults": dict(),  # gelu_pytorch_tanh, eps 1e-6: absent from the file
-    "quick_gelu_eps": dict(text=dict(hidden_act="quick_gelu", layer_norm_eps=1e-2),
-                           vision=dict(hidden_act="gelu", layer_norm_eps=1e-3)),
-    "no_head_projection": dict(text=dict(projection_size=20), vision=dict(vision_use_head=False)),
+  "defaults": dict(),  # gelu_pytorch_tanh, eps 1e-6: absent from the file
+  "quick_gelu_eps": dict(
+    text=dict(hidden_act="quick_gelu", layer_norm_eps=1e-2), vision=dict(hidden_act="gelu", layer_norm_eps=1e-3)
+  ),
+  "no_head_projection": dict(text=dict(projection_size=20), vision=dict(vision_use_head=False)),
 }
 
 
@@ -184,9 +194,12 @@ def test_siglip_hub_style_parity_and_roundtrip(tmp_path, case):
   pixels, ids = _inputs(seed=3)
   if case == "no_head_projection":  # HF's SiglipModel needs both towers' embeddings of one width
     pytest.importorskip("transformers").SiglipTextModel  # noqa: B018
-    model = transformers.SiglipModel(transformers.SiglipConfig(
+    model = transformers.SiglipModel(
+      transformers.SiglipConfig(
         text_config=_tower_cfg(vocab_size=99, max_position_embeddings=16),
-        vision_config=_tower_cfg(image_size=32, patch_size=8, vision_use_head=False))).eval()
+        vision_config=_tower_cfg(image_size=32, patch_size=8, vision_use_head=False),
+      )
+    ).eval()
     save_hub_style(model, tmp_path / "hf")
     _, kwargs, params = import_hf(tmp_path / "hf")
     assert kwargs["image"]["pool_type"] == "none"
@@ -209,8 +222,9 @@ def test_wrong_default_would_show(tmp_path):
   name, kwargs, params = import_hf(tmp_path / "hf")
   for tower in ("image", "text"):
     kwargs[tower].update(mlp_act="gelu", norm_eps=1e-5)
-  zimg, ztxt, out = build_model(name, kwargs).apply({"params": params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
-                                                    jnp.asarray(ids))
+  zimg, ztxt, out = build_model(name, kwargs).apply(
+    {"params": params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(ids)
+  )
   logits = np.asarray(out["scale"] * ztxt @ zimg.T + out["bias"])
   worst = max(np.abs(np.asarray(a) - b).max() for a, b in zip((zimg, ztxt, logits), ref))
   assert worst > 3 * TOL, worst  # the parity check above (TOL) would fail
@@ -220,6 +234,7 @@ def test_unsupported_config_values_name_key_value_and_file(tmp_path):
   torch.manual_seed(0)
   save_hub_style(_make_siglip(), tmp_path / "hf")
   import json
+
   cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
   cfg["vision_config"]["hidden_act"] = "mish"
   (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))

@@ -29,14 +29,26 @@ SIZE, PATCH = 32, 8
 NUM_PATCHES = (SIZE // PATCH) ** 2
 NEW = 6
 # (vision_feature_layer, vision_feature_select_strategy, sharded, vision tower, language model)
-CASES = {"penultimate_default": (-2, "default", False, "clip", "llama"),
-         "last_full_sharded": (-1, "full", True, "clip", "llama"),
-         "siglip_tower_full": (-2, "full", False, "siglip", "llama"),
-         "siglip_gemma_full": (-2, "full", False, "siglip", "gemma")}
+CASES = {
+  "penultimate_default": (-2, "default", False, "clip", "llama"),
+  "last_full_sharded": (-1, "full", True, "clip", "llama"),
+  "siglip_tower_full": (-2, "full", False, "siglip", "llama"),
+  "siglip_gemma_full": (-2, "full", False, "siglip", "gemma"),
+}
 # What the towers run with, all class defaults the hub-style file leaves out (a wrong default would hide).
 TOWER_ACT = {"clip": ("quick_gelu", 1e-5), "siglip": ("gelu_tanh", 1e-6)}
-_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
+_TEXT = dict(
+  vocab_size=VOCAB,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=128,
+  pad_token_id=PAD,
+  bos_token_id=1,
+  eos_token_id=EOS,
+)
 
 
 def _text_config(text="llama"):
@@ -47,15 +59,22 @@ def _text_config(text="llama"):
 
 def _make(layer, strategy, tower="clip", text="llama"):
   torch.manual_seed(0)
-  vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE,
-                patch_size=PATCH)
+  vision = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE, patch_size=PATCH
+  )
   if tower == "clip":
     vc = transformers.CLIPVisionConfig(**vision, projection_dim=16)
   else:  # a SigLIP tower (no class token; its MAP head is saved but unused by LLaVA)
     vc = transformers.SiglipVisionConfig(**vision)
   tc = _text_config(text)
-  cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE, projector_hidden_act="gelu",
-                                 vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+  cfg = transformers.LlavaConfig(
+    vision_config=vc,
+    text_config=tc,
+    image_token_index=IMAGE,
+    projector_hidden_act="gelu",
+    vision_feature_layer=layer,
+    vision_feature_select_strategy=strategy,
+  )
   model = transformers.LlavaForConditionalGeneration(cfg).eval()
   with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
     for name, p in model.named_parameters():
@@ -150,23 +169,33 @@ def test_greedy_generation_matches_hf(tmp_root):
   ids = np.stack([_prompt(rng, "default") for _ in range(2)])
   pixels = _pixels(rng, 2)
   with torch.no_grad():
-    out = hf.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
-                      attention_mask=torch.ones(ids.shape, dtype=torch.long), do_sample=False, max_new_tokens=NEW,
-                      eos_token_id=EOS, pad_token_id=PAD).numpy()
-  theirs = out[:, ids.shape[1]:]
+    out = hf.generate(
+      input_ids=torch.tensor(ids),
+      pixel_values=torch.tensor(pixels),
+      attention_mask=torch.ones(ids.shape, dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=NEW,
+      eos_token_id=EOS,
+      pad_token_id=PAD,
+    ).numpy()
+  theirs = out[:, ids.shape[1] :]
   theirs = np.pad(theirs, ((0, 0), (0, NEW - theirs.shape[1])), constant_values=PAD)
   ours = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
-      params, _nhwc(pixels), jnp.asarray(ids))
+    params, _nhwc(pixels), jnp.asarray(ids)
+  )
   print(f"HF {theirs.tolist()} ours {np.asarray(ours.tokens).tolist()}")
   np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
 
 
 def _new_layout(k):  # transformers >= 4.52 names
-  for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                   ("vision_tower.", "model.vision_tower."),
-                   ("multi_modal_projector.", "model.multi_modal_projector.")):
+  for old, new in (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+  ):
     if k.startswith(old):
-      return new + k[len(old):]
+      return new + k[len(old) :]
   raise AssertionError(k)
 
 
@@ -174,8 +203,10 @@ def test_both_key_layouts_import_the_same(tmp_root, tmp_path):
   _, _, params, kwargs, path = _imported("penultimate_default", tmp_root)
   keys = load_file(f"{path}/model.safetensors").keys()
   assert any(k.startswith("language_model.model.") for k in keys)  # this transformers saves the old layout
-  for variant, fn in (("new", _new_layout),
-                      ("vision_model", lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1))):
+  for variant, fn in (
+    ("new", _new_layout),
+    ("vision_model", lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1)),
+  ):
     _, kw2, params2 = import_hf(rewrite_checkpoint(path, tmp_path / variant, rename=fn))
     assert kw2 == kwargs
     jax.tree.map(np.testing.assert_array_equal, params2, params)
@@ -186,11 +217,20 @@ def test_unsupported_and_missing_raise(tmp_root, tmp_path):
   with pytest.raises(ConfigError, match=r"config.json: projector_hidden_act = 'gelu_pytorch_tanh': not supported"):
     import_hf(rewrite_checkpoint(path, tmp_path / "act", config={"projector_hidden_act": "gelu_pytorch_tanh"}))
   with pytest.raises(ConfigError, match=r"config.json: vision_config.hidden_act = 'swish': not supported"):
-    import_hf(rewrite_checkpoint(path, tmp_path / "vact", config={"vision_config": dict(
-        json.load(open(f"{path}/config.json"))["vision_config"], hidden_act="swish")}))
-  for i, key in enumerate(("language_model.model.layers.1.mlp.up_proj.weight",
-                           "vision_tower.encoder.layers.0.self_attn.k_proj.bias",
-                           "multi_modal_projector.linear_2.weight")):
+    import_hf(
+      rewrite_checkpoint(
+        path,
+        tmp_path / "vact",
+        config={"vision_config": dict(json.load(open(f"{path}/config.json"))["vision_config"], hidden_act="swish")},
+      )
+    )
+  for i, key in enumerate(
+    (
+      "language_model.model.layers.1.mlp.up_proj.weight",
+      "vision_tower.encoder.layers.0.self_attn.k_proj.bias",
+      "multi_modal_projector.linear_2.weight",
+    )
+  ):
     with pytest.raises(ValueError, match=rf"absent: \['{key}'\]"):
       import_hf(rewrite_checkpoint(path, tmp_path / f"missing{i}", drop=(key,)))
   extra = "multi_modal_projector.linear_3.weight"
@@ -203,12 +243,24 @@ def test_unsupported_and_missing_raise(tmp_root, tmp_path):
 def test_partial_config_takes_transformers_defaults():
   """Old llava-hf config.json files (llava-1.5-7b-hf's, here) list only the overrides."""
   from vlm.convert import model_kwargs_from_hf_llava
-  partial = dict(model_type="llava", image_token_index=32000, projector_hidden_act="gelu", vocab_size=32064,
-                 text_config=dict(model_type="llama", max_position_embeddings=4096, rms_norm_eps=1e-5,
-                                  vocab_size=32064),
-                 vision_config=dict(model_type="clip_vision_model", hidden_size=1024, image_size=336,
-                                    intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
-                                    patch_size=14, projection_dim=768))
+
+  partial = dict(
+    model_type="llava",
+    image_token_index=32000,
+    projector_hidden_act="gelu",
+    vocab_size=32064,
+    text_config=dict(model_type="llama", max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064),
+    vision_config=dict(
+      model_type="clip_vision_model",
+      hidden_size=1024,
+      image_size=336,
+      intermediate_size=4096,
+      num_attention_heads=16,
+      num_hidden_layers=24,
+      patch_size=14,
+      projection_dim=768,
+    ),
+  )
   for cfg in (partial, {"model_type": "llava"}):
     ours = model_kwargs_from_hf_llava(cfg)
     assert ours == model_kwargs_from_hf_llava(transformers.LlavaConfig(**cfg).to_dict())
@@ -224,10 +276,21 @@ NEXT_TILE, NEXT_PINPOINTS = 16, [[16, 32], [32, 16], [32, 32]]
 def _imported_next(tmp_root):
   """A LlavaNextForConditionalGeneration (CLIP tower, Llama LM), saved hub-style, imported."""
   torch.manual_seed(1)
-  vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     image_size=NEXT_TILE, patch_size=PATCH)
-  cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=_text_config(), image_grid_pinpoints=NEXT_PINPOINTS,
-                                     image_token_index=IMAGE, vision_feature_layer=-2)
+  vc = transformers.CLIPVisionConfig(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=NEXT_TILE,
+    patch_size=PATCH,
+  )
+  cfg = transformers.LlavaNextConfig(
+    vision_config=vc,
+    text_config=_text_config(),
+    image_grid_pinpoints=NEXT_PINPOINTS,
+    image_token_index=IMAGE,
+    vision_feature_layer=-2,
+  )
   hf = transformers.LlavaNextForConditionalGeneration(cfg).eval()
   with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
     for p in hf.parameters():
@@ -241,6 +304,7 @@ def _imported_next(tmp_root):
 def _next_batch(kwargs, sizes=((20, 37), (40, 18))):
   """(ids, views [B, V, t, t, 3], layout [B, 4], lengths) from the pp op `anyres` with the model's values."""
   from vlm.data.preprocess import apply_ops, parse_pp
+
   a = kwargs["anyres"]
   op = f"anyres({[list(p) for p in a['grid_pinpoints']]}, {a['tile_size']}, {a['patch_grid']})|value_range(0, 1)"
   rng = np.random.default_rng(4)
@@ -248,8 +312,9 @@ def _next_batch(kwargs, sizes=((20, 37), (40, 18))):
   lengths = [3 + ex["image_tokens"] + 4 for ex in exs]
   ids = np.zeros((len(sizes), max(lengths)), np.int64)
   for i, ex in enumerate(exs):  # text, the image's placeholders, text, then right padding
-    ids[i, :lengths[i]] = np.concatenate([rng.integers(3, 100, 3), np.full(ex["image_tokens"], IMAGE),
-                                          rng.integers(3, 100, 4)])
+    ids[i, : lengths[i]] = np.concatenate(
+      [rng.integers(3, 100, 3), np.full(ex["image_tokens"], IMAGE), rng.integers(3, 100, 4)]
+    )
   views = np.stack([ex["image"] for ex in exs]).astype(np.float32)
   return ids, views, np.stack([ex["image_layout"] for ex in exs]), lengths
 
@@ -258,8 +323,11 @@ def _next_logits_diff(hf, model, params, kwargs):
   """max |logits diff| (real positions) of our LLaVA-NeXT against a transformers one on _next_batch."""
   ids, views, layout, lengths = _next_batch(kwargs)
   with torch.no_grad():
-    theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(views.transpose(0, 1, 4, 2, 3)),
-                image_sizes=torch.tensor(layout[:, 2:])).logits.numpy()
+    theirs = hf(
+      input_ids=torch.tensor(ids),
+      pixel_values=torch.tensor(views.transpose(0, 1, 4, 2, 3)),
+      image_sizes=torch.tensor(layout[:, 2:]),
+    ).logits.numpy()
   ours = np.asarray(model.apply({"params": params}, jnp.asarray(views), jnp.asarray(ids), None, jnp.asarray(layout)))
   return max(float(np.abs(ours[i, :n] - theirs[i, :n]).max()) for i, n in enumerate(lengths))
 
@@ -270,8 +338,9 @@ def test_llava_next_hub_style_logits_match_hf(tmp_root):
   file_cfg = json.load(open(f"{path}/config.json"))
   assert not {"hidden_act", "layer_norm_eps"} & set(file_cfg["vision_config"])
   assert kwargs["vision_config"]["mlp_act"] == "quick_gelu" and kwargs["vision_config"]["norm_eps"] == 1e-5
-  assert kwargs["anyres"] == dict(grid_pinpoints=tuple(map(tuple, NEXT_PINPOINTS)), tile_size=NEXT_TILE,
-                                  patch_grid=NEXT_TILE // PATCH)
+  assert kwargs["anyres"] == dict(
+    grid_pinpoints=tuple(map(tuple, NEXT_PINPOINTS)), tile_size=NEXT_TILE, patch_grid=NEXT_TILE // PATCH
+  )
   diff = _next_logits_diff(hf, model, params, kwargs)
   print(f"llava_next (hub-style config): max |logits diff| {diff:.2e}")
   assert diff <= TOL

@@ -31,6 +31,7 @@ def _tiny(c, data_dir, steps, dtype):
 
 def siglip(data_dir, steps=6, dtype=None):
   from configs import siglip_b16
+
   c = _tiny(siglip_b16.get_config("demo"), data_dir, steps, dtype)
   c.model.image.update(width=32, depth=2, mlp_dim=64, num_heads=2)
   c.model.text.update(width=32, depth=2, mlp_dim=64, num_heads=2, out_dim=32)
@@ -40,6 +41,7 @@ def siglip(data_dir, steps=6, dtype=None):
 def llava(data_dir, steps=6, dtype=None):
   """LLaVA stage 2's recipe (connector + LM learn, vision frozen) from scratch: no stage-1 init."""
   from configs import llava_stage2
+
   c = _tiny(llava_stage2.get_config("demo"), data_dir, steps, dtype)
   c.model.lm_config.update(LM)
   c.model.vision_config.update(VISION)
@@ -49,6 +51,7 @@ def llava(data_dir, steps=6, dtype=None):
 
 def coca(data_dir, steps=6, dtype=None):
   from configs import coca_b16
+
   c = _tiny(coca_b16.get_config("demo"), data_dir, steps, dtype)
   c.model.image.update(width=32, depth=2, mlp_dim=64, num_heads=2)
   c.model.text.update(width=32, mlp_dim=64, num_heads=2)
@@ -71,6 +74,7 @@ def _dot_dtypes(jaxpr) -> list:
 @pytest.mark.parametrize("recipe", [siglip, coca, llava], ids=["siglip", "coca", "llava"])
 def test_bfloat16_reaches_every_matmul_and_keeps_params_and_loss_float32(recipe, data_dir):
   from vlm.optim import build_optimizer
+
   c = recipe(data_dir, dtype="bfloat16")
   model = build_model(c.model_name, c.model)
   objective = build_objective(c.objective_name, c.get("objective"))

@@ -25,8 +25,7 @@ def test_vit_abstract_shapes_of_b16():
   """A full B/16 by eval_shape: the parameter count of ViT-B/16 (86M without a head)."""
   vit = ViT(variant="B/16", pool_type="gap", class_token=False)
   shapes = jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-  n = sum(int(np.prod(x.value.shape)) for x in jax.tree.leaves(
-      shapes, is_leaf=lambda x: hasattr(x, "value")))
+  n = sum(int(np.prod(x.value.shape)) for x in jax.tree.leaves(shapes, is_leaf=lambda x: hasattr(x, "value")))
   assert 85e6 < n < 87e6
 
 
@@ -83,9 +82,14 @@ def test_text_padding_mask_makes_padding_irrelevant():
 
 
 def _two_tower(**kw):
-  return build_model("two_tower", dict(
+  return build_model(
+    "two_tower",
+    dict(
       image=dict(variant="mu/8", depth=1, pool_type="map", out_dim=16),
-      text=dict(variant="mu", depth=1, vocab_size=30, out_dim=16), **kw))
+      text=dict(variant="mu", depth=1, vocab_size=30, out_dim=16),
+      **kw,
+    ),
+  )
 
 
 @pytest.mark.slow
@@ -129,9 +133,13 @@ def test_lit_frozen_tower_gets_no_gradient():
 @pytest.mark.slow
 def test_bf16_compute_keeps_float32_params():
   x, t = jnp.ones((2, 16, 16, 3)), jnp.arange(16).reshape(2, 8) % 30
-  m = build_model("two_tower", dict(
+  m = build_model(
+    "two_tower",
+    dict(
       image=dict(variant="mu/8", depth=1, pool_type="map", out_dim=16, dtype="bfloat16"),
-      text=dict(variant="mu", depth=1, vocab_size=30, out_dim=16, dtype="bfloat16")))
+      text=dict(variant="mu", depth=1, vocab_size=30, out_dim=16, dtype="bfloat16"),
+    ),
+  )
   params = __import__("flax").linen.meta.unbox(m.init(jax.random.key(0), x, t)["params"])
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   _, aux = m.apply({"params": params}, x, method=m.encode_image)

@@ -28,7 +28,7 @@ def test_windows_are_row_major_crops_and_reassemble():
   assert w.shape == (2, 9, 32, 32, 3)
   for k in range(9):
     r, c = divmod(k, 3)
-    np.testing.assert_array_equal(w[:, k], x[:, 32 * r:32 * (r + 1), 32 * c:32 * (c + 1)])
+    np.testing.assert_array_equal(w[:, k], x[:, 32 * r : 32 * (r + 1), 32 * c : 32 * (c + 1)])
   np.testing.assert_array_equal(merge_windows(w, 3, 3), x)
   with pytest.raises(ValueError, match="not a multiple of window_size=32"):
     cut_windows(_images(1, 48), 32)
@@ -84,10 +84,16 @@ def test_window_k_uses_lora_set_k_and_the_global_view_none():
     if k < 4:
       vit_params = _merged_vit_params(params, k)
     else:  # the global view: the ViT's own weights, no LoRA set
-      vit_params = traverse_util.unflatten_dict({key: v for key, v in traverse_util.flatten_dict(params["img"]).items()
-                                                 if key[-1] not in ("lora_sets_a", "lora_sets_b")})
-    np.testing.assert_allclose(feats[:, 4 * k:4 * (k + 1)], plain(vit_params, views[:, k]), atol=2e-5,
-                               err_msg=f"view {k}")
+      vit_params = traverse_util.unflatten_dict(
+        {
+          key: v
+          for key, v in traverse_util.flatten_dict(params["img"]).items()
+          if key[-1] not in ("lora_sets_a", "lora_sets_b")
+        }
+      )
+    np.testing.assert_allclose(
+      feats[:, 4 * k : 4 * (k + 1)], plain(vit_params, views[:, k]), atol=2e-5, err_msg=f"view {k}"
+    )
   # Changing only set 1 changes only window 1's tokens.
   flat = traverse_util.flatten_dict(params)
   for key in flat:
@@ -165,6 +171,7 @@ def test_monkey_windows_keep_the_text_that_the_global_view_loses(vlm_bed, data_d
   from configs import monkey
   from helpers import TINY_VISION, shrink
   from vlm import checkpoint
+
   c = shrink(monkey.get_config("demo"), data_dir, 1)
   assert c.data.question_regex == "text say" and c.data.builder.text_rich == 1
   image = dict(c.model.vision_config.image, **TINY_VISION)  # the chain's ViT (as Monkey builds it)
@@ -199,6 +206,7 @@ def test_monkey_demo_chain_trains_lora_sets_resampler_and_lm(vlm_bed, data_dir, 
   from configs import monkey
   from helpers import TINY_LM, TINY_VISION, flat_params, shrink, vqa_accuracy
   from vlm.train import train
+
   c = shrink(monkey.get_config("demo"), data_dir, 150, batch_size=32, warmup_steps=10)
   assert c.data.builder.text_rich == 1 and c.data.question_regex
   text_data = c.data.copy_and_resolve_references()
@@ -224,6 +232,7 @@ def test_monkey_demo_chain_trains_lora_sets_resampler_and_lm(vlm_bed, data_dir, 
   assert any(not np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
   from vlm.data import get_tokenizer
   from vlm.data.pipeline import make_pipeline
+
   batch = next(make_pipeline(text_data, split="test", batch_size=2, mesh=None, seed=0))
   prompt = get_tokenizer(c.data).decode(np.asarray(batch["prompt"])[0][np.asarray(batch["prompt"])[0] < 1000])
   assert prompt.endswith("what does the text say? Answer:"), prompt

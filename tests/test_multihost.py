@@ -3,6 +3,7 @@
 Each process feeds its own rows of every global batch (vlm.data.pipeline); the losses of the
 two runs must agree step by step.
 """
+
 import json
 import os
 import socket
@@ -30,8 +31,9 @@ def _launch(args: dict, devices: int, log: Path) -> subprocess.Popen:
   env.pop("XLA_FLAGS", None)
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   with open(log, "w") as f:
-    return subprocess.Popen([sys.executable, str(WORKER), json.dumps(args)], cwd=ROOT, env=env,
-                            stdout=f, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      [sys.executable, str(WORKER), json.dumps(args)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+    )
 
 
 def _run_all(procs: list[tuple[subprocess.Popen, Path]]) -> None:
@@ -69,15 +71,29 @@ def test_two_processes_match_one(tmp_path):
   data_dir = tmp_path / "data"
   embedded.build(str(data_dir), **BUILDER)  # once, so the processes do not race to build it
   steps = 5
-  config = {"data.data_dir": str(data_dir), "total_steps": steps, "log_every": 1, "batch_size": 16,
-            "checkpoint_every": 1000, "tensorboard": False, "schedule.warmup_steps": 2,
-            "model.image.depth": 1, "model.text.depth": 1,  # compilation dominates: keep the towers shallow
-            **{f"data.builder.{k}": v for k, v in BUILDER.items()}}
+  config = {
+    "data.data_dir": str(data_dir),
+    "total_steps": steps,
+    "log_every": 1,
+    "batch_size": 16,
+    "checkpoint_every": 1000,
+    "tensorboard": False,
+    "schedule.warmup_steps": 2,
+    "model.image.depth": 1,
+    "model.text.depth": 1,  # compilation dominates: keep the towers shallow
+    **{f"data.builder.{k}": v for k, v in BUILDER.items()},
+  }
   one, two = tmp_path / "one", tmp_path / "two"
   port = _free_port()
   logs = [tmp_path / "two_0.log", tmp_path / "two_1.log", tmp_path / "one.log"]
-  procs = [_launch(dict(workdir=str(two), config=config, coordinator=f"127.0.0.1:{port}", num_processes=2,
-                        process_id=i), devices=2, log=logs[i]) for i in range(2)]
+  procs = [
+    _launch(
+      dict(workdir=str(two), config=config, coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=i),
+      devices=2,
+      log=logs[i],
+    )
+    for i in range(2)
+  ]
   procs.append(_launch(dict(workdir=str(one), config=config), devices=4, log=logs[2]))  # the reference, alongside
   _run_all(list(zip(procs, logs)))
 

@@ -158,9 +158,14 @@ def test_dropout_and_droppath_only_in_training():
 
 def test_every_parameter_has_logical_names():
   from vlm.models import build_model
-  m = build_model("two_tower", dict(image=dict(variant="mu/8", pool_type="map", out_dim=16, class_token=True),
-                                    text=dict(variant="mu", vocab_size=50, out_dim=16, pool_type="map",
-                                              scan=True)))
+
+  m = build_model(
+    "two_tower",
+    dict(
+      image=dict(variant="mu/8", pool_type="map", out_dim=16, class_token=True),
+      text=dict(variant="mu", vocab_size=50, out_dim=16, pool_type="map", scan=True),
+    ),
+  )
   v = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))
   leaves = jax.tree.leaves(v["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
@@ -173,6 +178,7 @@ def test_every_parameter_has_logical_names():
 
 def test_attention_implementation_is_scoped_and_checked():
   from vlm.nn.attention import attention_implementation, current_attention_implementation, resolve_implementation
+
   q = jnp.zeros((1, 4, 2, 16), jnp.bfloat16)
   assert current_attention_implementation() == "auto"
   assert resolve_implementation(q, q, None) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
@@ -189,6 +195,7 @@ def test_attention_implementation_is_scoped_and_checked():
 
 def test_cudnn_is_chosen_only_where_it_runs(monkeypatch):
   from vlm.nn import attention
+
   monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
   bf = lambda t, hd=64: jnp.zeros((1, t, 2, hd), jnp.bfloat16)  # noqa: E731
   assert attention.cudnn_supported(bf(8), bf(8), None)
@@ -204,10 +211,12 @@ def test_cudnn_is_chosen_only_where_it_runs(monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
-@pytest.mark.parametrize("causal,masked,kv_heads", [(False, False, 4), (True, False, 4), (False, True, 4),
-                                                     (True, True, 2), (False, False, 1)])
+@pytest.mark.parametrize(
+  "causal,masked,kv_heads", [(False, False, 4), (True, False, 4), (False, True, 4), (True, True, 2), (False, False, 1)]
+)
 def test_cudnn_attention_matches_xla(causal, masked, kv_heads):
   from vlm.nn.attention import attention_implementation
+
   m = MultiHeadAttention(num_heads=4, num_kv_heads=kv_heads, head_dim=64, dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.key(0), (2, 128, 256))
   mask = None
@@ -220,8 +229,9 @@ def test_cudnn_attention_matches_xla(causal, masked, kv_heads):
     with attention_implementation(impl):  # a fresh jit per implementation: it is read while tracing
       fn = jax.jit(lambda p, x: m.apply({"params": p}, x, mask=mask, causal=causal))
       outs[impl] = np.asarray(fn(params, x), np.float32)
-      grad = jax.jit(jax.grad(lambda p, x: m.apply({"params": p}, x, mask=mask, causal=causal).astype(
-          jnp.float32).sum()))
+      grad = jax.jit(
+        jax.grad(lambda p, x: m.apply({"params": p}, x, mask=mask, causal=causal).astype(jnp.float32).sum())
+      )
       outs[impl + "_grad"] = np.asarray(grad(params, x)["query"]["kernel"], np.float32)
   np.testing.assert_allclose(outs["cudnn"], outs["xla"], atol=2e-2, rtol=2e-2)  # bf16 tolerances
   np.testing.assert_allclose(outs["cudnn_grad"], outs["xla_grad"], atol=5e-2, rtol=5e-2)

@@ -4,6 +4,7 @@ The code cells are taken from the .ipynb with the stdlib json module and run as 
 fresh Python process (like a fresh kernel: its own JAX, matplotlib backend and config), with
 VLM_NOTEBOOK_QUICK=1: tiny dataset and towers, one batch size, a few steps. No Jupyter needed.
 """
+
 import json
 import math
 import os
@@ -33,13 +34,19 @@ def test_notebook_runs_quick(tmp_path):
   script = tmp_path / "notebook.py"
   script.write_text(notebook_script(NOTEBOOK))
   workdir = tmp_path / "work"
-  env = dict(os.environ, VLM_NOTEBOOK_QUICK="1", VLM_NOTEBOOK_WORKDIR=str(workdir),
-             VLM_DATA_DIR=str(tmp_path / "data"), MPLBACKEND="Agg", TQDM_DISABLE="1",
-             JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=os.environ.get("JAX_NUM_CPU_DEVICES", "8"))
+  env = dict(
+    os.environ,
+    VLM_NOTEBOOK_QUICK="1",
+    VLM_NOTEBOOK_WORKDIR=str(workdir),
+    VLM_DATA_DIR=str(tmp_path / "data"),
+    MPLBACKEND="Agg",
+    TQDM_DISABLE="1",
+    JAX_PLATFORMS="cpu",
+    JAX_NUM_CPU_DEVICES=os.environ.get("JAX_NUM_CPU_DEVICES", "8"),
+  )
   env.pop("VLM_NOTEBOOK_BATCH_SIZES", None)
   env.pop("VLM_NOTEBOOK_EXAMPLES", None)
-  proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
   figure = workdir / "sigmoid_vs_softmax.png"

@@ -16,8 +16,11 @@ def _cfg(**kw):
   return ml_collections.ConfigDict(base)
 
 
-PARAMS = {"img": {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}},
-          "txt": {"dense": {"kernel": jnp.ones((2, 2))}}, "t": jnp.ones(1)}
+PARAMS = {
+  "img": {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}},
+  "txt": {"dense": {"kernel": jnp.ones((2, 2))}},
+  "t": jnp.ones(1),
+}
 
 
 def _update(cfg, grads=None):

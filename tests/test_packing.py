@@ -22,7 +22,7 @@ def _pack(seqs, length):
   tokens, seg = np.full(length, PAD, np.int32), np.zeros(length, np.int32)
   pos = 0
   for j, s in enumerate(seqs):
-    tokens[pos:pos + len(s)], seg[pos:pos + len(s)] = s, j + 1
+    tokens[pos : pos + len(s)], seg[pos : pos + len(s)] = s, j + 1
     pos += len(s)
   return jnp.asarray(tokens[None]), jnp.asarray(seg[None])
 
@@ -45,14 +45,15 @@ def test_decoder_packed_row_equals_each_sequence_alone():
   m = DecoderLM(**LM)
   params = jax.jit(m.init)(jax.random.key(0), tokens)["params"]
   # Row 0 packed; row 1 the same tokens as one segment (plain causal attention over the row).
-  out = m.apply({"params": params}, jnp.concatenate([tokens, tokens]),
-                segment_ids=jnp.concatenate([seg, jnp.ones_like(seg)]))
+  out = m.apply(
+    {"params": params}, jnp.concatenate([tokens, tokens]), segment_ids=jnp.concatenate([seg, jnp.ones_like(seg)])
+  )
   packed, plain = out[0], out[1]
   assert np.isfinite(np.asarray(packed)).all()  # padded rows still attend to themselves
   alone = m.apply({"params": params}, _right_pad(seqs))  # causal: right padding changes nothing before it
   pos = 0
   for i, s in enumerate(seqs):
-    np.testing.assert_allclose(packed[pos:pos + len(s)], alone[i, :len(s)], atol=2e-5)
+    np.testing.assert_allclose(packed[pos : pos + len(s)], alone[i, : len(s)], atol=2e-5)
     pos += len(s)
   np.testing.assert_allclose(plain, m.apply({"params": params}, tokens)[0], atol=2e-5)
   assert not np.allclose(plain[5:12], packed[5:12], atol=1e-3)  # unpacked, later sequences see earlier ones
@@ -69,20 +70,30 @@ def test_vision_lm_packed_examples_get_their_own_images():
   both, only1 = _pack([ex1, ex2], length), _pack([ex1], length)
   params = jax.jit(m.init)(jax.random.key(0), imgs[:1], both[0])["params"]
   # Row 0: both examples, each with its image; row 1: ex1 alone (its second image is surplus).
-  packed, stats = m.apply({"params": params}, jnp.stack([imgs, imgs]), jnp.concatenate([both[0], only1[0]]),
-                          segment_ids=jnp.concatenate([both[1], only1[1]]), return_stats=True)
+  packed, stats = m.apply(
+    {"params": params},
+    jnp.stack([imgs, imgs]),
+    jnp.concatenate([both[0], only1[0]]),
+    segment_ids=jnp.concatenate([both[1], only1[1]]),
+    return_stats=True,
+  )
   assert float(stats["image_token_mismatch"]) == 0.0
   alone = m.apply({"params": params}, imgs, _right_pad([ex1, ex2]))
-  np.testing.assert_allclose(packed[0, :len(ex1)], alone[0, :len(ex1)], atol=2e-5)
-  np.testing.assert_allclose(packed[0, len(ex1):len(ex1) + len(ex2)], alone[1, :len(ex2)], atol=2e-5)
-  np.testing.assert_allclose(packed[1, :len(ex1)], alone[0, :len(ex1)], atol=2e-5)
+  np.testing.assert_allclose(packed[0, : len(ex1)], alone[0, : len(ex1)], atol=2e-5)
+  np.testing.assert_allclose(packed[0, len(ex1) : len(ex1) + len(ex2)], alone[1, : len(ex2)], atol=2e-5)
+  np.testing.assert_allclose(packed[1, : len(ex1)], alone[0, : len(ex1)], atol=2e-5)
 
 
 def _ex(ids, loss, length, label):
   tokens, mask = np.full(length, PAD, np.int32), np.zeros(length, np.int32)
-  tokens[:len(ids)], mask[:len(loss)] = ids, loss
-  return {"tokens": tokens, "loss_mask": mask, "label": np.int32(label), "image": np.full((2, 2, 3), label, np.float32),
-          "prompt": np.full(4, label, np.int32)}
+  tokens[: len(ids)], mask[: len(loss)] = ids, loss
+  return {
+    "tokens": tokens,
+    "loss_mask": mask,
+    "label": np.int32(label),
+    "image": np.full((2, 2, 3), label, np.float32),
+    "prompt": np.full(4, label, np.int32),
+  }
 
 
 def test_pack_examples_segments_losses_and_never_cuts_an_image():
@@ -119,6 +130,7 @@ def _tiny_data(c, data_dir):
 def test_packed_pipeline_shapes_and_unpacked_evals(data_dir):
   from configs import lm_pretrain
   from vlm.data import load_split_numpy, make_pipeline
+
   c = _tiny_data(lm_pretrain.get_config("demo"), data_dir)
   c.data.extra_text_keys = ("caption_detailed", "question", "answer")
   c.data.conversation = lm_pretrain.conversation(("qa", "caption"), image_tokens=N, length=96, pack=2)
@@ -135,8 +147,10 @@ def test_packed_pipeline_shapes_and_unpacked_evals(data_dir):
     assert np.sum(batch["tokens"][r] == 1000) == N * len(segs)
   assert sum(2 - len(set(batch["segment_ids"][r].tolist()) - {0}) for r in range(4)) == stats["packed_dropped"]
   # Two processes: each packs its contiguous rows; together they give the one-process batch.
-  parts = [next(make_pipeline(c.data, split="train", batch_size=4, mesh=None, seed=0, process_index=p,
-                              process_count=2)) for p in (0, 1)]
+  parts = [
+    next(make_pipeline(c.data, split="train", batch_size=4, mesh=None, seed=0, process_index=p, process_count=2))
+    for p in (0, 1)
+  ]
   for key in ("tokens", "segment_ids", "image", "label"):
     np.testing.assert_array_equal(np.concatenate([q[key] for q in parts]), batch[key])
   # Evaluation splits (and load_split_numpy, whatever the split) stay unpacked.
@@ -150,6 +164,7 @@ def test_packed_pipeline_shapes_and_unpacked_evals(data_dir):
 def test_packed_lm_pretraining_runs(data_dir, tmp_path):
   from configs import lm_pretrain
   from vlm.train import train
+
   c = _tiny_data(lm_pretrain.get_config("demo"), data_dir)
   c.model.update(LM)
   c.data.conversation.pack = 2

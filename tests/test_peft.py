@@ -24,8 +24,10 @@ from vlm.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LM = dict(vocab_size=32, width=16, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=32)
-TT = dict(image=dict(variant="mu/8", width=16, depth=2, mlp_dim=32, num_heads=2, pool_type="map", out_dim=16, scan=True),
-          text=dict(variant="mu", width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=30, out_dim=16))
+TT = dict(
+  image=dict(variant="mu/8", width=16, depth=2, mlp_dim=32, num_heads=2, pool_type="map", out_dim=16, scan=True),
+  text=dict(variant="mu", width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=30, out_dim=16),
+)
 TOKENS = jnp.arange(12).reshape(2, 6) % 32
 IMAGES = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
 TEXT = jnp.arange(16).reshape(2, 8) % 30
@@ -49,8 +51,12 @@ def _base_of(params):
 def _randomise(params, regex, scale=0.1, seed=0):
   """Sets every leaf whose path matches `regex` to random values (e.g. lora_b, adapter/up)."""
   rng = np.random.default_rng(seed)
-  return peft._unflat({k: (scale * rng.standard_normal(v.shape).astype(v.dtype) if re.fullmatch(regex, k) else v)
-                       for k, v in _flat(params).items()})
+  return peft._unflat(
+    {
+      k: (scale * rng.standard_normal(v.shape).astype(v.dtype) if re.fullmatch(regex, k) else v)
+      for k, v in _flat(params).items()
+    }
+  )
 
 
 def _drop(params, regex):
@@ -68,20 +74,45 @@ def _tt_out(model, params):
 
 # LoRA and adapters together, so each model is initialised once for the tests below.
 CASES = {
-    "decoder_lm": (LM, (TOKENS,), _lm_out,
-                   dict(method="lora+adapter", rank=2, alpha=4.0, adapter_dim=4,
-                        targets=[r".*attn/(query|value|out)", r".*mlp/wo", "head"])),
-    "two_tower": (TT, (IMAGES, TEXT), _tt_out,
-                  dict(method="lora+adapter", rank=2, alpha=8.0, adapter_dim=4,
-                       targets=[r".*attn/(query|value|out)", r".*mlp/fc1", r"img/head"])),
+  "decoder_lm": (
+    LM,
+    (TOKENS,),
+    _lm_out,
+    dict(
+      method="lora+adapter",
+      rank=2,
+      alpha=4.0,
+      adapter_dim=4,
+      targets=[r".*attn/(query|value|out)", r".*mlp/wo", "head"],
+    ),
+  ),
+  "two_tower": (
+    TT,
+    (IMAGES, TEXT),
+    _tt_out,
+    dict(
+      method="lora+adapter",
+      rank=2,
+      alpha=8.0,
+      adapter_dim=4,
+      targets=[r".*attn/(query|value|out)", r".*mlp/fc1", r"img/head"],
+    ),
+  ),
 }
 EXPECTED = {  # LoRA'd layers and adapted blocks
-    "decoder_lm": ({f"decoder/block_{i}/{m}" for i in range(2) for m in ("attn/query", "attn/value", "attn/out",
-                                                                         "mlp/wo")} | {"head"},
-                   {"decoder/block_0", "decoder/block_1"}),
-    "two_tower": ({f"{t}/{m}" for t in ("img/encoder/layers", "txt/encoder/block_0", "img/MAPHead")
-                   for m in ("attn/query", "attn/value", "attn/out", "mlp/fc1")} | {"img/head"},
-                  {"img/encoder/layers", "txt/encoder/block_0"}),
+  "decoder_lm": (
+    {f"decoder/block_{i}/{m}" for i in range(2) for m in ("attn/query", "attn/value", "attn/out", "mlp/wo")} | {"head"},
+    {"decoder/block_0", "decoder/block_1"},
+  ),
+  "two_tower": (
+    {
+      f"{t}/{m}"
+      for t in ("img/encoder/layers", "txt/encoder/block_0", "img/MAPHead")
+      for m in ("attn/query", "attn/value", "attn/out", "mlp/fc1")
+    }
+    | {"img/head"},
+    {"img/encoder/layers", "txt/encoder/block_0"},
+  ),
 }
 
 
@@ -106,13 +137,14 @@ def test_peft_leaves_at_the_targets_and_the_base_model_at_init(name):
   assert {k.split("/adapter/")[0] for k in flat if "/adapter/" in k} == blocks
   for layer in lora_layers:  # A [..., in, r], B [..., r, out] against the kernel [..., *in, *out]
     a, b, kernel = (flat[f"{layer}/{n}"] for n in ("lora_a", "lora_b", "kernel"))
-    assert a.shape[-1] == b.shape[-2] == 2 and a.shape[-2] * b.shape[-1] == math.prod(kernel.shape[a.ndim - 2:])
+    assert a.shape[-1] == b.shape[-2] == 2 and a.shape[-2] * b.shape[-1] == math.prod(kernel.shape[a.ndim - 2 :])
   n_train, total = peft.count_params(params, peft.trainable_regexes(cfg))
   assert 0 < n_train and n_train / total < 0.25, (n_train, total)
   # The base params are exactly the plain model's (same structure) and give the same outputs.
   base = _base_of(params)
-  assert jax.tree.structure(base) == jax.tree.structure(jax.eval_shape(lambda: nn.meta.unbox(
-      plain.init(jax.random.key(0), *args)["params"])))
+  assert jax.tree.structure(base) == jax.tree.structure(
+    jax.eval_shape(lambda: nn.meta.unbox(plain.init(jax.random.key(0), *args)["params"]))
+  )
   np.testing.assert_array_equal(out(plain, base), out(model, params))
   if name == "two_tower":  # under nn.scan: a leading 'layers' axis, logical names from the kernel
     q = boxed["img"]["encoder"]["layers"]["attn"]["query"]
@@ -181,8 +213,7 @@ def test_lora_dropout_only_in_training():
 def test_optimizer_trains_only_peft_params():
   _, model, _, params = _setup("decoder_lm")
   cfg = dict(CASES["decoder_lm"][3], train_also=[r"norm/scale"])
-  config = ml_collections.ConfigDict(dict(lr=0.01, wd=0.1, optimizer="adamw", schedule=dict(name="constant"),
-                                          peft=cfg))
+  config = ml_collections.ConfigDict(dict(lr=0.01, wd=0.1, optimizer="adamw", schedule=dict(name="constant"), peft=cfg))
   tx, _ = build_optimizer(config, total_steps=10)
   state = tx.init(params)
 
@@ -205,8 +236,10 @@ def test_optimizer_trains_only_peft_params():
   n_state = sum(x.size for x in jax.tree.leaves(state) if hasattr(x, "size") and x.ndim > 0)
   assert n_state == 2 * peft.count_params(params, peft.trainable_regexes(cfg))[0]
   # `trainable` on its own (no PEFT): only matching params move.
-  tx, _ = build_optimizer(ml_collections.ConfigDict(dict(lr=0.1, optimizer="sgd", schedule=dict(name="constant"),
-                                                         trainable=["head/kernel"])), 10)
+  tx, _ = build_optimizer(
+    ml_collections.ConfigDict(dict(lr=0.1, optimizer="sgd", schedule=dict(name="constant"), trainable=["head/kernel"])),
+    10,
+  )
   upd, _ = tx.update(grad(params), tx.init(params), params)
   moved = {k for k, v in _flat(upd).items() if np.any(v != 0)}
   assert moved == {"head/kernel"}
@@ -217,6 +250,7 @@ def test_placeholder_config_is_off_and_cli_style_overrides_turn_it_on():
   assert type(build_model("decoder_lm", LM, peft=placeholder)) is type(build_model("decoder_lm", LM))
   config = ml_collections.ConfigDict(dict(lr=0.1, optimizer="sgd", peft=placeholder))
   from vlm.optim import trainable_patterns
+
   assert trainable_patterns(config) is None
   config.peft.method, config.peft.targets = "lora", (".*attn/query",)  # as --config.peft.method=lora ...
   assert [p for p, _ in trainable_patterns(config)] == [peft.LORA_TRAINABLE]
@@ -274,8 +308,9 @@ def test_trainer_peft_run_keeps_base_and_merges(data_dir, tmp_path):
   peft.save_params(tmp_path / "base", base)
 
   c.init = ml_collections.ConfigDict(dict(path=str(tmp_path / "base")))
-  c.peft = ml_collections.ConfigDict(dict(method="lora", rank=4, alpha=8.0, targets=[r".*attn/(query|value)"],
-                                          save_only_peft=True))
+  c.peft = ml_collections.ConfigDict(
+    dict(method="lora", rank=4, alpha=8.0, targets=[r".*attn/(query|value)"], save_only_peft=True)
+  )
   wd = tmp_path / "run"
   out = train(c, wd)
   assert np.isfinite(out["train/loss"]) and "zeroshot/top1" in out  # evaluations ran on the PEFT model
@@ -301,8 +336,14 @@ def test_trainer_peft_run_keeps_base_and_merges(data_dir, tmp_path):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
   # The CLI writes the same parameters.
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  res = subprocess.run([sys.executable, "-m", "vlm.peft", "merge", f"--workdir={wd}", f"--out={tmp_path / 'cli'}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  res = subprocess.run(
+    [sys.executable, "-m", "vlm.peft", "merge", f"--workdir={wd}", f"--out={tmp_path / 'cli'}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   cli = _flat(checkpoint.load_params(tmp_path / "cli"))
   assert set(cli) == set(_flat(merged)) and all(np.allclose(cli[k], v) for k, v in _flat(merged).items())

@@ -111,8 +111,9 @@ def _probe_config(data: ml_collections.ConfigDict, **probe) -> ml_collections.Co
 
 
 def _init(model: nn.Module, mesh, *args):
-  return parallel.init_sharded(lambda r: model.init(r, *args)["params"], mesh, parallel.DEFAULT_RULES,
-                               jax.random.key(0))[0]
+  return parallel.init_sharded(
+    lambda r: model.init(r, *args)["params"], mesh, parallel.DEFAULT_RULES, jax.random.key(0)
+  )[0]
 
 
 @pytest.mark.slow
@@ -121,8 +122,9 @@ def test_probe_on_a_random_two_tower(data_dir):
   c = siglip_b16.get_config("demo")
   c.data.data_dir = str(data_dir)
   c.data.builder.update(TINY_VIDEO)
-  c.evals = ml_collections.ConfigDict(dict(
-      probe=dict(type="probe", train_examples=128, test_examples=64, steps=10, batch_size=64)))
+  c.evals = ml_collections.ConfigDict(
+    dict(probe=dict(type="probe", train_examples=128, test_examples=64, steps=10, batch_size=64))
+  )
   mesh = parallel.make_mesh(c.mesh)
   model = build_model(c.model_name, c.model)
   params = _init(model, mesh, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), jnp.int32))
@@ -212,8 +214,9 @@ def test_classification_objective_skips_negative_labels():
   expected = optax.softmax_cross_entropy_with_integer_labels(logits[:2], batch["label"][:2]).mean()
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   np.testing.assert_allclose(metrics["accuracy"], 0.5)
-  smoothed, _ = Classification("image", "label", label_smoothing=0.1)(_Logits(), {}, batch, rng=jax.random.key(0),
-                                                                       train=False)
+  smoothed, _ = Classification("image", "label", label_smoothing=0.1)(
+    _Logits(), {}, batch, rng=jax.random.key(0), train=False
+  )
   assert smoothed > loss
 
 
@@ -229,8 +232,12 @@ def video_config(data_dir, steps: int, batch_size: int) -> ml_collections.Config
   """
   c = base_config()
   c.model_name = "video_classifier"
-  c.model = dict(image=dict(width=64, depth=3, mlp_dim=128, num_heads=2, patch_size=4, posemb="sincos2d"),
-                 num_classes=4, num_frames=4, num_heads=8)
+  c.model = dict(
+    image=dict(width=64, depth=3, mlp_dim=128, num_heads=2, patch_size=4, posemb="sincos2d"),
+    num_classes=4,
+    num_frames=4,
+    num_heads=8,
+  )
   c.objective_name = "classification"
   c.objective = ml_collections.ConfigDict(dict(input_key="frames", label_key="motion"))
   c.data.data_dir = str(data_dir)
@@ -247,8 +254,9 @@ def video_config(data_dir, steps: int, batch_size: int) -> ml_collections.Config
   c.log_every = 25
   c.checkpoint_every = 1000
   c.tensorboard = False
-  c.evals = ml_collections.ConfigDict(dict(
-      classify=dict(type="classify", every=0, split="test", input_key="frames", label_key="motion")))
+  c.evals = ml_collections.ConfigDict(
+    dict(classify=dict(type="classify", every=0, split="test", input_key="frames", label_key="motion"))
+  )
   return c
 
 
@@ -257,8 +265,9 @@ def test_video_classifier_learns_motion(data_dir, tmp_path):
   """Through the trainer: top-1 on the test clips' motion well above chance (0.25); the frozen-feature
   probe (frames=True, its own temporal embedding) on the trained ViT's tokens learns it too."""
   c = video_config(data_dir, steps=250, batch_size=32)
-  c.evals.probe = dict(type="probe", every=0, frames=True, label_key="motion", train_examples=256, steps=100,
-                       batch_size=64, num_heads=8)
+  c.evals.probe = dict(
+    type="probe", every=0, frames=True, label_key="motion", train_examples=256, steps=100, batch_size=64, num_heads=8
+  )
   out = train(c, tmp_path)
   print({k: round(v, 3) for k, v in out.items() if k.startswith(("classify/", "probe/"))})
   assert out["classify/top1"] > 0.5, out

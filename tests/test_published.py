@@ -1,5 +1,6 @@
 """A published checkpoint as downloaded (HF directory with tokenizer and preprocessor_config.json) gives,
 through vlm.predict, the probabilities that transformers' own pipeline gives; vlm.evaluate takes it too."""
+
 import io
 import json
 import subprocess
@@ -20,13 +21,23 @@ TEMPLATE = "a photo of a {}."
 
 def _spm(path):
   import sentencepiece as spm
+
   words = "a photo of cat dog red blue circle square the picture small large".split()
   rng = np.random.default_rng(0)
   buf = io.BytesIO()
   spm.SentencePieceTrainer.Train(
-      sentence_iterator=iter([" ".join(rng.choice(words, 6)) for _ in range(400)]), model_writer=buf,
-      vocab_size=60, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-      minloglevel=2, num_threads=1)
+    sentence_iterator=iter([" ".join(rng.choice(words, 6)) for _ in range(400)]),
+    model_writer=buf,
+    vocab_size=60,
+    model_type="unigram",
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    hard_vocab_limit=False,
+    minloglevel=2,
+    num_threads=1,
+  )
   path.write_bytes(buf.getvalue())
   return str(path)
 
@@ -38,9 +49,12 @@ def siglip_dir(tmp_path_factory):
   spm_file = _spm(d / "spm.model")
   torch.manual_seed(0)
   tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
-  model = transformers.SiglipModel(transformers.SiglipConfig(
+  model = transformers.SiglipModel(
+    transformers.SiglipConfig(
       text_config=dict(tower, vocab_size=64, max_position_embeddings=16),
-      vision_config=dict(tower, image_size=32, patch_size=8))).eval()
+      vision_config=dict(tower, image_size=32, patch_size=8),
+    )
+  ).eval()
   with torch.no_grad():
     model.logit_scale.fill_(2.0)
     model.logit_bias.fill_(-1.0)
@@ -49,6 +63,7 @@ def siglip_dir(tmp_path_factory):
   transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d / "hf")
   from PIL import Image
   from sklearn.datasets import load_sample_images
+
   Image.fromarray(load_sample_images().images[1]).save(d / "flower.jpg")
   return d
 
@@ -58,10 +73,15 @@ def _reference(d, attention_mask=False):
   without an attention mask (big_vision; transformers 4's SiglipTokenizer returned input_ids only);
   transformers 5's tokenizer also returns one, which SiglipModel applies: dropped unless asked for."""
   from PIL import Image
+
   model = transformers.SiglipModel.from_pretrained(d / "hf").eval()
   proc = transformers.AutoProcessor.from_pretrained(d / "hf")
-  inputs = proc(text=[TEMPLATE.format(x) for x in LABELS], images=Image.open(d / "flower.jpg"),
-                padding="max_length", return_tensors="pt")
+  inputs = proc(
+    text=[TEMPLATE.format(x) for x in LABELS],
+    images=Image.open(d / "flower.jpg"),
+    padding="max_length",
+    return_tensors="pt",
+  )
   if not attention_mask:
     inputs.pop("attention_mask", None)
   with torch.no_grad():
@@ -71,6 +91,7 @@ def _reference(d, attention_mask=False):
 @pytest.mark.slow
 def test_predict_on_a_hub_directory_matches_transformers(siglip_dir):
   from vlm.predict import predict
+
   ref = _reference(siglip_dir)
   ranked = dict(predict(siglip_dir / "hf", siglip_dir / "flower.jpg", LABELS, templates=[TEMPLATE]))
   ours = np.array([ranked[x] for x in LABELS])
@@ -89,21 +110,45 @@ def test_published_config_reads_the_directory(siglip_dir):
 
 @pytest.mark.slow
 def test_predict_and_evaluate_command_lines(siglip_dir, data_dir):
-  out = subprocess.run([sys.executable, "-m", "vlm.predict", f"--hf={siglip_dir / 'hf'}",
-                        f"--image={siglip_dir / 'flower.jpg'}", f"--labels={','.join(LABELS)}",
-                        f"--templates={TEMPLATE}"], capture_output=True, text=True, timeout=300, cwd="/")
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vlm.predict",
+      f"--hf={siglip_dir / 'hf'}",
+      f"--image={siglip_dir / 'flower.jpg'}",
+      f"--labels={','.join(LABELS)}",
+      f"--templates={TEMPLATE}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd="/",
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   ranked = {r["label"]: r["prob"] for r in json.loads(out.stdout)}
   np.testing.assert_allclose([ranked[x] for x in LABELS], _reference(siglip_dir), atol=1e-4)
-  ev = subprocess.run([sys.executable, "-m", "vlm.evaluate", "--config=configs/siglip_b16.py:demo",
-                       f"--init={siglip_dir / 'hf'}", f"--config.data.data_dir={data_dir}",
-                       *[f"--config.data.builder.{k}={v}" for k, v in TINY_DATA.items()],
-                       "--config.evals.zeroshot.max_examples=64", "--config.evals.retrieval.max_examples=64"],
-                      capture_output=True, text=True, timeout=300)
+  ev = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vlm.evaluate",
+      "--config=configs/siglip_b16.py:demo",
+      f"--init={siglip_dir / 'hf'}",
+      f"--config.data.data_dir={data_dir}",
+      *[f"--config.data.builder.{k}={v}" for k, v in TINY_DATA.items()],
+      "--config.evals.zeroshot.max_examples=64",
+      "--config.evals.retrieval.max_examples=64",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert any(k.startswith("zeroshot") for k in json.loads(ev.stdout))
-  bad = subprocess.run([sys.executable, "-m", "vlm.evaluate", f"--init={siglip_dir / 'hf'}"], capture_output=True,
-                       text=True, timeout=300)
+  bad = subprocess.run(
+    [sys.executable, "-m", "vlm.evaluate", f"--init={siglip_dir / 'hf'}"], capture_output=True, text=True, timeout=300
+  )
   assert bad.returncode != 0 and "pass --config with the evaluations" in bad.stderr
 
 
@@ -112,20 +157,32 @@ def test_published_checkpoints_notebook(siglip_dir, tmp_path):
   """experiments/published_checkpoints.ipynb on the tiny Hub-style SigLIP: import, zero-shot, export back;
   the export loads in transformers and gives the original model's logits."""
   from pathlib import Path
+
   repo = Path(__file__).resolve().parents[1]
   script = tmp_path / "nb.py"
   script.write_text(notebook_script(repo / "experiments" / "published_checkpoints.ipynb"))
-  env = dict(__import__("os").environ, VLM_CHECKPOINT=str(siglip_dir / "hf"), VLM_IMAGE=str(siglip_dir / "flower.jpg"),
-             VLM_EXPORT=str(tmp_path / "export"), JAX_PLATFORMS="cpu")
+  env = dict(
+    __import__("os").environ,
+    VLM_CHECKPOINT=str(siglip_dir / "hf"),
+    VLM_IMAGE=str(siglip_dir / "flower.jpg"),
+    VLM_EXPORT=str(tmp_path / "export"),
+    JAX_PLATFORMS="cpu",
+  )
   proc = subprocess.run([sys.executable, str(script)], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   assert "max |param difference| after export + import: 0.0" in proc.stdout
-  ranked = json.loads(proc.stdout[proc.stdout.index("["):proc.stdout.index("]") + 1])
+  ranked = json.loads(proc.stdout[proc.stdout.index("[") : proc.stdout.index("]") + 1])
   assert len(ranked) == 4 and all(0 < r["prob"] < 1 for r in ranked)
   original = transformers.SiglipModel.from_pretrained(siglip_dir / "hf").eval()
   exported = transformers.SiglipModel.from_pretrained(tmp_path / "export").eval()
   rng = np.random.default_rng(0)
-  pixels, ids = torch.tensor(rng.normal(size=(2, 3, 32, 32)).astype(np.float32)), torch.tensor(rng.integers(0, 64, (2, 16)))
+  pixels, ids = (
+    torch.tensor(rng.normal(size=(2, 3, 32, 32)).astype(np.float32)),
+    torch.tensor(rng.integers(0, 64, (2, 16))),
+  )
   with torch.no_grad():
-    np.testing.assert_allclose(exported(input_ids=ids, pixel_values=pixels).logits_per_text.numpy(),
-                               original(input_ids=ids, pixel_values=pixels).logits_per_text.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+      exported(input_ids=ids, pixel_values=pixels).logits_per_text.numpy(),
+      original(input_ids=ids, pixel_values=pixels).logits_per_text.numpy(),
+      atol=1e-5,
+    )

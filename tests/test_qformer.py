@@ -21,8 +21,9 @@ Q, D, DV = 5, 32, 24
 
 
 def _qformer(**kw):
-  return QFormer(**{**dict(width=D, depth=4, num_heads=4, mlp_dim=48, cross_attention_frequency=2, vocab_size=99,
-                          max_len=16), **kw})
+  return QFormer(
+    **{**dict(width=D, depth=4, num_heads=4, mlp_dim=48, cross_attention_frequency=2, vocab_size=99, max_len=16), **kw}
+  )
 
 
 def _inputs(seed=0, b=2, t=6):
@@ -59,10 +60,19 @@ def test_qformer_matches_hf_blip2_qformer_model():
   from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
   from vlm.convert import import_hf_blip2_qformer
+
   torch.manual_seed(0)
-  qc = transformers.Blip2QFormerConfig(hidden_size=D, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
-                                       cross_attention_frequency=2, encoder_hidden_size=DV,
-                                       use_qformer_text_input=True, vocab_size=99, max_position_embeddings=16)
+  qc = transformers.Blip2QFormerConfig(
+    hidden_size=D,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=48,
+    cross_attention_frequency=2,
+    encoder_hidden_size=DV,
+    use_qformer_text_input=True,
+    vocab_size=99,
+    max_position_embeddings=16,
+  )
   hf, emb = _perturbed(transformers.Blip2QFormerModel(qc), torch), _perturbed(Blip2TextEmbeddings(qc), torch)
   state = dict(hf.state_dict())  # as in Blip2ForImageTextRetrieval: the text embeddings beside the Q-Former
   state.update({f"embeddings.{k}": v for k, v in emb.state_dict().items() if k != "position_ids"})
@@ -74,16 +84,19 @@ def test_qformer_matches_hf_blip2_qformer_model():
   valid = (tids != 0).long()
   with torch.no_grad():
     ref = {
-        "queries": hf(query_embeds=tq, encoder_hidden_states=ti).last_hidden_state,
-        "bidirectional": hf(query_embeds=emb(input_ids=tids, query_embeds=tq), query_length=Q,
-                            attention_mask=torch.cat([torch.ones(2, Q, dtype=torch.long), valid], 1),
-                            encoder_hidden_states=ti).last_hidden_state,
-        "text": hf(query_embeds=emb(input_ids=tids), query_length=0, attention_mask=valid).last_hidden_state,
+      "queries": hf(query_embeds=tq, encoder_hidden_states=ti).last_hidden_state,
+      "bidirectional": hf(
+        query_embeds=emb(input_ids=tids, query_embeds=tq),
+        query_length=Q,
+        attention_mask=torch.cat([torch.ones(2, Q, dtype=torch.long), valid], 1),
+        encoder_hidden_states=ti,
+      ).last_hidden_state,
+      "text": hf(query_embeds=emb(input_ids=tids), query_length=0, attention_mask=valid).last_hidden_state,
     }
   ours = {
-      "queries": m.apply({"params": params}, query, None, image),
-      "bidirectional": m.apply({"params": params}, query, ids, image, mode="bidirectional"),
-      "text": m.apply({"params": params}, None, ids, None, mode="unimodal"),
+    "queries": m.apply({"params": params}, query, None, image),
+    "bidirectional": m.apply({"params": params}, query, ids, image, mode="bidirectional"),
+    "text": m.apply({"params": params}, None, ids, None, mode="unimodal"),
   }
   diffs = {k: float(np.abs(np.asarray(ours[k]) - ref[k].numpy()).max()) for k in ref}
   print("Q-Former max abs diffs:", diffs)
@@ -91,11 +104,20 @@ def test_qformer_matches_hf_blip2_qformer_model():
 
 
 def _hf_retrieval(torch, transformers):
-  vc = dict(hidden_size=DV, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40, image_size=32,
-            patch_size=8)
-  qc = dict(hidden_size=D, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
-            cross_attention_frequency=2, encoder_hidden_size=DV, use_qformer_text_input=True, vocab_size=99,
-            max_position_embeddings=16)
+  vc = dict(
+    hidden_size=DV, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40, image_size=32, patch_size=8
+  )
+  qc = dict(
+    hidden_size=D,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=48,
+    cross_attention_frequency=2,
+    encoder_hidden_size=DV,
+    use_qformer_text_input=True,
+    vocab_size=99,
+    max_position_embeddings=16,
+  )
   cfg = transformers.Blip2Config(vision_config=vc, qformer_config=qc, num_query_tokens=Q, image_text_hidden_size=16)
   return _perturbed(transformers.Blip2ForImageTextRetrieval(cfg), torch)
 
@@ -107,6 +129,7 @@ def test_stage1_model_matches_hf_blip2_for_image_text_retrieval(tmp_path):
   transformers = pytest.importorskip("transformers")
   from vlm.convert import import_hf_blip2_stage1, import_hf_blip2_vision
   from vlm.models import ViT
+
   torch.manual_seed(0)
   hf = _hf_retrieval(torch, transformers)
   hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -131,9 +154,11 @@ def test_stage1_model_matches_hf_blip2_for_image_text_retrieval(tmp_path):
   ztxt, _ = model.apply({"params": params}, ids, method=Blip2QFormer.encode_text)
   logits = model.apply({"params": params}, images, ids, method=Blip2QFormer.itm_logits)
   sim = np.einsum("iqe,te->itq", np.asarray(zimg), np.asarray(ztxt)).max(-1)
-  diffs = {"vision": np.abs(np.asarray(ours_feats) - feats).max(),
-           "itc": np.abs(sim - itc.logits_per_image.numpy()).max(),
-           "itm": np.abs(np.asarray(logits) - itm.logits_per_image.numpy()).max()}
+  diffs = {
+    "vision": np.abs(np.asarray(ours_feats) - feats).max(),
+    "itc": np.abs(sim - itc.logits_per_image.numpy()).max(),
+    "itm": np.abs(np.asarray(logits) - itm.logits_per_image.numpy()).max(),
+  }
   print("BLIP-2 stage-1 max abs diffs:", diffs)
   assert all(d <= TOL for d in diffs.values()), diffs
 
@@ -142,6 +167,7 @@ def test_import_reports_unused_tensors():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from vlm.convert import import_hf_blip2_stage1
+
   hf = _hf_retrieval(torch, transformers)
   state = dict(hf.state_dict(), **{"qformer.extra.weight": torch.zeros(2)})
   with pytest.raises(ValueError, match="qformer.extra.weight"):
@@ -179,9 +205,9 @@ def test_multimodal_causal_mode(qformer):
   ids = ids.at[0].set(jnp.arange(10, 16))  # no padding in this test
   base = _run(qformer, query, ids, image, "multimodal_causal")
   t = 2
-  later = _run(qformer, query, ids.at[:, t + 1:].set(50), image, "multimodal_causal")
-  np.testing.assert_array_equal(later[:, :Q + t + 1], base[:, :Q + t + 1])  # text <= t ignores tokens > t
-  assert not np.allclose(later[:, Q + t + 1:], base[:, Q + t + 1:])
+  later = _run(qformer, query, ids.at[:, t + 1 :].set(50), image, "multimodal_causal")
+  np.testing.assert_array_equal(later[:, : Q + t + 1], base[:, : Q + t + 1])  # text <= t ignores tokens > t
+  assert not np.allclose(later[:, Q + t + 1 :], base[:, Q + t + 1 :])
   # Queries never see the text: their outputs are the queries-only outputs (what stage 2 consumes).
   np.testing.assert_allclose(base[:, :Q], _run(qformer, query, None, image, "unimodal"), atol=1e-6)
   # The text sees the queries (and through them the image).
@@ -199,16 +225,12 @@ def test_padded_text_is_never_attended(qformer):
     # Row 0 is padded from position 4: other ids there (still marked padding) change nothing else.
     mask = np.asarray(ids) != 0
     changed = _run(qformer, query, ids.at[0, 4:].set(9), image, mode, text_mask=jnp.asarray(mask))
-    np.testing.assert_allclose(changed[0, :Q + 4], base[0, :Q + 4], atol=1e-6, err_msg=mode)
+    np.testing.assert_allclose(changed[0, : Q + 4], base[0, : Q + 4], atol=1e-6, err_msg=mode)
 
 
 def test_mask_layout():
   m = np.asarray(qformer_attention_mask(2, jnp.asarray([[True, True, False]]), "multimodal_causal"))[0, 0]
-  expected = np.array([[1, 1, 0, 0, 0],
-                       [1, 1, 0, 0, 0],
-                       [1, 1, 1, 0, 0],
-                       [1, 1, 1, 1, 0],
-                       [1, 1, 1, 1, 0]], bool)
+  expected = np.array([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]], bool)
   np.testing.assert_array_equal(m, expected)
   uni = np.asarray(qformer_attention_mask(2, None, "unimodal", num_text=2))[0, 0]
   np.testing.assert_array_equal(uni, np.kron(np.eye(2), np.ones((2, 2))).astype(bool))
@@ -238,10 +260,11 @@ def test_cross_attention_every_other_layer_and_queries_only_variant(qformer):
 
 
 def _tiny_model(**kw):
-  return Blip2QFormer(image=dict(width=24, depth=1, mlp_dim=48, num_heads=2, patch_size=8, class_token=True,
-                                 pool_type="none"),
-                      qformer=dict(width=D, depth=2, num_heads=4, mlp_dim=48, vocab_size=1001, max_len=16),
-                      **{**dict(num_query_tokens=4, embed_dim=16, dec_id=1000), **kw})
+  return Blip2QFormer(
+    image=dict(width=24, depth=1, mlp_dim=48, num_heads=2, patch_size=8, class_token=True, pool_type="none"),
+    qformer=dict(width=D, depth=2, num_heads=4, mlp_dim=48, vocab_size=1001, max_len=16),
+    **{**dict(num_query_tokens=4, embed_dim=16, dec_id=1000), **kw},
+  )
 
 
 def _batch(b=16, seed=0):
@@ -294,8 +317,7 @@ def test_itc_is_max_over_queries_and_hard_negatives_skip_positives():
   mesh = parallel.make_mesh([("data", -1)])
   local, _ = max_query_itc_loss(jnp.asarray(zimg), jnp.asarray(ztxt), 5.0)
   with jax.set_mesh(mesh):
-    dist, m = jax.jit(lambda a, c: max_query_itc_loss(a, c, 5.0, mesh=mesh))(_sharded(zimg, mesh),
-                                                                              _sharded(ztxt, mesh))
+    dist, m = jax.jit(lambda a, c: max_query_itc_loss(a, c, 5.0, mesh=mesh))(_sharded(zimg, mesh), _sharded(ztxt, mesh))
   np.testing.assert_allclose(local, ref, rtol=1e-5)
   np.testing.assert_allclose(dist, ref, rtol=1e-5)
   np.testing.assert_allclose(m["i2t_accuracy"], np.mean(sim.argmax(1) == np.arange(b)), rtol=1e-6)
@@ -303,7 +325,8 @@ def test_itc_is_max_over_queries_and_hard_negatives_skip_positives():
   tokens = np.arange(b)[:, None].repeat(3, 1)
   with jax.set_mesh(mesh):
     nt, ni = jax.jit(lambda a, c, t, k: hard_negative_indices(a, c, k, scale=1e4, tokens=t, mesh=mesh))(
-        _sharded(zimg, mesh), _sharded(ztxt, mesh), _sharded(tokens, mesh), jax.random.key(0))
+      _sharded(zimg, mesh), _sharded(ztxt, mesh), _sharded(tokens, mesh), jax.random.key(0)
+    )
   masked = np.where(np.eye(b, dtype=bool), -np.inf, sim)
   np.testing.assert_array_equal(np.asarray(nt), masked.argmax(1))
   np.testing.assert_array_equal(np.asarray(ni), masked.T.argmax(1))
@@ -329,8 +352,16 @@ def test_objective_on_8_devices_matches_one_and_has_finite_gradients():
   assert np.isfinite(float(dist["itm_loss"])) and np.isfinite(float(value))
   flat = traverse_util.flatten_dict(grads, sep="/")
   assert all(np.isfinite(np.asarray(g)).all() for g in flat.values())
-  for k in ("itm_head/kernel", "vision_proj/kernel", "text_proj/kernel", "lm_transform/kernel", "query_tokens",
-            "qformer/block_0/cross_attn/key/kernel", "qformer/word_embed/embedding", "t"):
+  for k in (
+    "itm_head/kernel",
+    "vision_proj/kernel",
+    "text_proj/kernel",
+    "lm_transform/kernel",
+    "query_tokens",
+    "qformer/block_0/cross_attn/key/kernel",
+    "qformer/word_embed/embedding",
+    "t",
+  ):
     assert float(jnp.abs(flat[k]).max()) > 0, k
   assert all(float(jnp.abs(g).max()) == 0 for k, g in flat.items() if k.startswith("img/"))  # frozen ViT
 
@@ -339,6 +370,7 @@ def test_objective_on_8_devices_matches_one_and_has_finite_gradients():
 def test_tiny_stage1_training_run_and_retrieval_eval(data_dir, tmp_path):
   from configs import blip2_stage1
   from vlm.train import train
+
   c = blip2_stage1.get_config("demo")
   c.data.data_dir = str(data_dir)
   c.data.builder.update(TINY_DATA)

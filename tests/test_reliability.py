@@ -48,16 +48,27 @@ class ParamNorm:
 
   def __call__(self, params) -> dict[str, float]:
     import optax
+
     return {f"{self.prefix}/norm": float(jax.jit(optax.global_norm)(params))}
 
 
 @EVALS.register("test_sigkill")
 class SigKill:
   """SIGKILLs its own process at its `at_call`-th call, once checkpoint `wait_for_step` is committed;
-    `torn_line` first appends half a metrics row (as a kill inside MetricWriter.write would leave)."""
+  `torn_line` first appends half a metrics row (as a kill inside MetricWriter.write would leave)."""
 
-  def __init__(self, *, config, model, mesh, prefix: str, at_call: int = 1, wait_for_step: int | None = None,
-               workdir: str = "", torn_line: bool = False):
+  def __init__(
+    self,
+    *,
+    config,
+    model,
+    mesh,
+    prefix: str,
+    at_call: int = 1,
+    wait_for_step: int | None = None,
+    workdir: str = "",
+    torn_line: bool = False,
+  ):
     self.at_call, self.wait_for_step, self.workdir, self.torn_line = at_call, wait_for_step, Path(workdir), torn_line
     self.calls = 0
 
@@ -127,17 +138,29 @@ def _worker(args: dict) -> None:
     train(c, args["workdir"])
     return
   from vlm import checkpoint
+
   try:
     train(c, args["workdir"])
   except checkpoint.CheckpointWriteError as e:
     import traceback
+
     traceback.print_exc()  # what the user sees
     directory = Path(args["workdir"]) / "checkpoints"
     os.chmod(directory, 0o755)
     (directory / "filler").unlink(missing_ok=True)
     params = checkpoint.load_params(args["workdir"], step=1)  # the earlier checkpoint is intact
-    print("RESULT " + json.dumps({"message": str(e), "errno": e.errno, "listing": sorted(os.listdir(directory)),
-                                  "leaves": len(jax.tree.leaves(params))}), flush=True)
+    print(
+      "RESULT "
+      + json.dumps(
+        {
+          "message": str(e),
+          "errno": e.errno,
+          "listing": sorted(os.listdir(directory)),
+          "leaves": len(jax.tree.leaves(params)),
+        }
+      ),
+      flush=True,
+    )
     sys.exit(3)
 
 
@@ -146,8 +169,14 @@ def _env() -> dict:
 
 
 def _run_worker(args: dict, prefix: tuple = (), timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([*prefix, sys.executable, str(THIS), json.dumps(args)], cwd=ROOT, env=_env(),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [*prefix, sys.executable, str(THIS), json.dumps(args)],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _steps_per_key(rows: list[dict]) -> dict[str, list[int]]:
@@ -176,8 +205,9 @@ def test_second_trainer_fails_fast_and_a_killed_holders_lock_is_taken_over(data_
   and the lock file, and writes nothing; once that process is SIGKILLed, train() takes the stale lock over."""
   wd = tmp_path / "wd"
   wd.mkdir()
-  holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(wd)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLD, str(wd)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
     c = _config(data_dir, steps=1)
@@ -285,6 +315,7 @@ def test_resume_with_a_changed_model_names_the_keys_and_parameters(siglip_workdi
   assert recorded["total_steps"] == 7 and recorded["evals"] == {}
   assert [r["step"] for r in read_metrics(wd) if "train/loss" in r] == list(range(1, 8))
   from vlm.evaluate import load_workdir_config
+
   assert load_workdir_config(wd).total_steps == 7 and load_workdir_config(wd, step=5).total_steps == 6
 
 
@@ -292,22 +323,22 @@ def test_resume_with_a_changed_model_names_the_keys_and_parameters(siglip_workdi
 
 
 BAD_KEYS = [
-    ("total_steps", 0, r"config\.total_steps: must be an int >= 1, got 0"),
-    ("total_steps", -3, r"config\.total_steps: .*got -3"),
-    ("batch_size", 0, r"config\.batch_size: must be an int >= 1, got 0"),
-    ("checkpoint_every", -1, r"config\.checkpoint_every: must be an int >= 0, got -1"),
-    ("log_every", -1, r"config\.log_every: must be an int >= 0, got -1"),
-    ("accum_steps", 0, r"config\.accum_steps: must be an int >= 1, got 0"),
-    ("accum_steps", 3, r"config\.batch_size=16 is not divisible by config\.accum_steps=3"),
-    ("batch_size", 12, r"config\.batch_size=12 is not divisible by the 8 data-parallel devices"),
-    ("keep_checkpoints", 0, r"config\.keep_checkpoints: must be an int >= 1 or None, got 0"),
-    ("lr", -1.0, r"config\.lr: must be a finite number >= 0, got -1\.0"),
-    ("objective.loss", "sigmoidd", r"config\.objective\.loss: unknown value 'sigmoidd'; valid: 'sigmoid', 'softmax'"),
-    ("objective.impl", "rign", r"config\.objective\.impl: unknown value 'rign'; valid: 'all_gather', 'ring', 'local'"),
-    ("objective.temperature", 1.0, r"config\.objective: 'contrastive' has no option temperature; its options: loss"),
-    ("evals.zeroshot.every", -1, r"config\.evals\.zeroshot\.every: must be an int >= 0 or None, got -1"),
-    ("evals.zeroshot.type", "zeroshott", r"config\.evals\.zeroshot\.type: unknown evaluation 'zeroshott'"),
-    ("objective_name", "contrastiv", r"config\.objective_name: unknown objective 'contrastiv'"),
+  ("total_steps", 0, r"config\.total_steps: must be an int >= 1, got 0"),
+  ("total_steps", -3, r"config\.total_steps: .*got -3"),
+  ("batch_size", 0, r"config\.batch_size: must be an int >= 1, got 0"),
+  ("checkpoint_every", -1, r"config\.checkpoint_every: must be an int >= 0, got -1"),
+  ("log_every", -1, r"config\.log_every: must be an int >= 0, got -1"),
+  ("accum_steps", 0, r"config\.accum_steps: must be an int >= 1, got 0"),
+  ("accum_steps", 3, r"config\.batch_size=16 is not divisible by config\.accum_steps=3"),
+  ("batch_size", 12, r"config\.batch_size=12 is not divisible by the 8 data-parallel devices"),
+  ("keep_checkpoints", 0, r"config\.keep_checkpoints: must be an int >= 1 or None, got 0"),
+  ("lr", -1.0, r"config\.lr: must be a finite number >= 0, got -1\.0"),
+  ("objective.loss", "sigmoidd", r"config\.objective\.loss: unknown value 'sigmoidd'; valid: 'sigmoid', 'softmax'"),
+  ("objective.impl", "rign", r"config\.objective\.impl: unknown value 'rign'; valid: 'all_gather', 'ring', 'local'"),
+  ("objective.temperature", 1.0, r"config\.objective: 'contrastive' has no option temperature; its options: loss"),
+  ("evals.zeroshot.every", -1, r"config\.evals\.zeroshot\.every: must be an int >= 0 or None, got -1"),
+  ("evals.zeroshot.type", "zeroshott", r"config\.evals\.zeroshot\.type: unknown evaluation 'zeroshott'"),
+  ("objective_name", "contrastiv", r"config\.objective_name: unknown objective 'contrastiv'"),
 ]
 
 
@@ -327,14 +358,21 @@ def test_bad_trainer_keys_fail_before_anything_runs(data_dir, tmp_path, key, val
   assert not wd.exists()
 
 
-@pytest.mark.parametrize("name,options,match", [
+@pytest.mark.parametrize(
+  "name,options,match",
+  [
     ("coca", dict(loss="hinge"), r"config\.objective\.loss: unknown value 'hinge'; valid: 'sigmoid', 'softmax'"),
     ("vlmo", dict(impl="gather"), r"config\.objective\.impl: unknown value 'gather'"),
     ("vlmo", dict(mim_masking="grid"), r"config\.objective\.mim_masking: unknown value 'grid'; valid: 'blockwise'"),
     ("flava", dict(impl="gather"), r"config\.objective\.impl: unknown value 'gather'"),
     ("flava", dict(mim_masking="grid"), r"config\.objective\.mim_masking: unknown value 'grid'"),
-    ("lm", dict(label_smothing=0.1), r"config\.objective: 'lm' has no option label_smothing; its options: .*label_smoothing"),
-])
+    (
+      "lm",
+      dict(label_smothing=0.1),
+      r"config\.objective: 'lm' has no option label_smothing; its options: .*label_smoothing",
+    ),
+  ],
+)
 def test_objective_options_are_checked_when_built(name, options, match):
   with pytest.raises(ValueError, match=match):
     build_objective(name, options)
@@ -351,8 +389,9 @@ def _disk_fault(scratch: Path) -> tuple[str, tuple]:
     return "chmod", ()
   scratch.mkdir()
   if shutil.which("unshare") and shutil.which("mount"):
-    probe = subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(scratch)],
-                           capture_output=True)
+    probe = subprocess.run(
+      ["unshare", "-m", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(scratch)], capture_output=True
+    )
     if probe.returncode == 0:  # $0: the workdir, "$@": the worker's command line
       return "fill", ("unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=4m tmpfs "$0/checkpoints" && exec "$@"')
   return "patch", ()
@@ -372,13 +411,18 @@ def test_a_failed_save_is_one_clear_error_and_keeps_the_earlier_checkpoint(data_
   (wd / "checkpoints").mkdir(parents=True)
   if prefix:
     prefix = (*prefix, str(wd))
-  args = dict(mode="disk", workdir=str(wd), data_dir=str(data_dir), steps=3,
-              evals={"break": {"type": "test_break_disk", "every": 1, "mode": mode, "workdir": str(wd)}},
-              over={"checkpoint_every": 1, "async_checkpoint": async_save})
+  args = dict(
+    mode="disk",
+    workdir=str(wd),
+    data_dir=str(data_dir),
+    steps=3,
+    evals={"break": {"type": "test_break_disk", "every": 1, "mode": mode, "workdir": str(wd)}},
+    over={"checkpoint_every": 1, "async_checkpoint": async_save},
+  )
   run = _run_worker(args, prefix=prefix)
   output = run.stdout + run.stderr
   assert run.returncode == 3, output[-5000:]
-  result = json.loads(output[output.index("RESULT ") + len("RESULT "):].splitlines()[0])
+  result = json.loads(output[output.index("RESULT ") + len("RESULT ") :].splitlines()[0])
   expected = {"fill": errno.ENOSPC, "patch": errno.ENOSPC, "chmod": errno.EACCES}[mode]
   assert result["errno"] == expected, result
   message = result["message"]

@@ -16,9 +16,8 @@ from vlm.objectives import build_objective
 from vlm.train_step import create_train_state, make_train_step
 
 MODEL = dict(
-    image=dict(variant="mu/8", width=32, depth=2, mlp_dim=64, num_heads=4, pool_type="map", out_dim=16),
-    text=dict(variant="mu", width=32, depth=2, mlp_dim=64, num_heads=4, vocab_size=40, out_dim=16,
-              pool_type="last"),
+  image=dict(variant="mu/8", width=32, depth=2, mlp_dim=64, num_heads=4, pool_type="map", out_dim=16),
+  text=dict(variant="mu", width=32, depth=2, mlp_dim=64, num_heads=4, vocab_size=40, out_dim=16, pool_type="last"),
 )
 
 
@@ -37,7 +36,8 @@ def test_params_are_initialised_into_their_shardings():
   model = build_model("two_tower", MODEL)
   x, t = jnp.zeros((2, 16, 16, 3)), jnp.zeros((2, 8), jnp.int32)
   params, shardings = parallel.init_sharded(
-      lambda rng: model.init(rng, x, t)["params"], mesh, parallel.DEFAULT_RULES, jax.random.key(0))
+    lambda rng: model.init(rng, x, t)["params"], mesh, parallel.DEFAULT_RULES, jax.random.key(0)
+  )
   q = params["img"]["encoder"]["block_0"]["attn"]["query"]["kernel"]  # ('embed', 'heads', 'kv')
   assert q.sharding.spec == P("fsdp", "tensor", None)
   fc1 = params["txt"]["encoder"]["block_1"]["mlp"]["fc1"]["kernel"]  # ('embed', 'mlp')
@@ -72,8 +72,10 @@ def _one_step(mesh, batch, impl):
 @pytest.mark.parametrize("impl", ["all_gather", "ring"])
 def test_sharded_step_equals_single_device(impl):
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-           "text": rng.integers(1, 40, size=(16, 8)).astype(np.int32)}
+  batch = {
+    "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+    "text": rng.integers(1, 40, size=(16, 8)).astype(np.int32),
+  }
   one = parallel.make_mesh([("data", 1), ("fsdp", 1)], devices=jax.devices()[:1])
   eight = parallel.make_mesh([("data", 4), ("fsdp", 2)])
   p1, l1a, l1b, _ = _one_step(one, batch, impl)
@@ -99,6 +101,7 @@ def _compile_at_scale():
   """experiments/benchmarks/compile_at_scale.py as a module (imported, JAX keeps its 8 devices)."""
   import importlib.util
   from pathlib import Path
+
   path = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "compile_at_scale.py"
   spec = importlib.util.spec_from_file_location("compile_at_scale", path)
   module = importlib.util.module_from_spec(spec)
@@ -113,23 +116,33 @@ def test_abstract_train_state_matches_create_train_state_and_compiles_the_real_s
   frozen subtree's MaskedNodes and Adafactor's factored statistics), and the step compiled on it runs
   the real state and batch."""
   from vlm.train_step import abstract_train_state
+
   mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
   model = build_model("two_tower", MODEL)
   objective = build_objective("contrastive", dict(loss="sigmoid", impl="ring"), mesh=mesh)
   train = optax.chain(optax.scale_by_factored_rms(min_dim_size_to_factor=16), optax.ema(0.9), optax.scale(-1e-3))
-  tx = optax.multi_transform({"train": train, "frozen": optax.set_to_zero()},
-                             lambda params: {k: "frozen" if k == "img" else "train" for k in params})
+  tx = optax.multi_transform(
+    {"train": train, "frozen": optax.set_to_zero()},
+    lambda params: {k: "frozen" if k == "img" else "train" for k in params},
+  )
   rng = np.random.default_rng(0)
-  batch = parallel.shard_batch({"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-                                "text": rng.integers(1, 40, size=(16, 8)).astype(np.int32)}, mesh)
+  batch = parallel.shard_batch(
+    {
+      "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+      "text": rng.integers(1, 40, size=(16, 8)).astype(np.int32),
+    },
+    mesh,
+  )
   abstract_batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for k, x in batch.items()}
-  abstract, abstract_shardings = abstract_train_state(model, tx, mesh, parallel.DEFAULT_RULES,
-                                                      jax.eval_shape(objective.init_args, abstract_batch))
+  abstract, abstract_shardings = abstract_train_state(
+    model, tx, mesh, parallel.DEFAULT_RULES, jax.eval_shape(objective.init_args, abstract_batch)
+  )
   state, shardings = create_train_state(model, tx, mesh, parallel.DEFAULT_RULES, objective.init_args(batch))
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
   assert jax.tree.structure(abstract_shardings) == jax.tree.structure(shardings)
-  for a, x, s, s2 in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), jax.tree.leaves(shardings),
-                         jax.tree.leaves(abstract_shardings)):
+  for a, x, s, s2 in zip(
+    jax.tree.leaves(abstract), jax.tree.leaves(state), jax.tree.leaves(shardings), jax.tree.leaves(abstract_shardings)
+  ):
     assert isinstance(a, jax.ShapeDtypeStruct)
     assert (a.shape, a.dtype) == (x.shape, x.dtype)
     assert a.sharding == s2 == s
@@ -156,8 +169,15 @@ def test_compile_at_scale_on_a_tiny_recipe(data_dir):
   """The benchmark's machinery on the SigLIP demo (tiny towers, batch 16, fsdp over 8 devices): positive
   per-device bytes and FLOPs; its abstract batch has the real pipeline's keys, shapes and dtypes."""
   cas = _compile_at_scale()
-  tiny = (("batch_size", 16), ("mesh", [("data", 2), ("fsdp", 4)]), ("model.image.depth", 1),
-          ("model.text.depth", 1), ("model.image.width", 32), ("model.text.width", 32), ("model.text.out_dim", 32))
+  tiny = (
+    ("batch_size", 16),
+    ("mesh", [("data", 2), ("fsdp", 4)]),
+    ("model.image.depth", 1),
+    ("model.text.depth", 1),
+    ("model.image.width", 32),
+    ("model.text.width", 32),
+    ("model.text.out_dim", 32),
+  )
   config = cas.build_config(cas.Recipe("configs/siglip_b16.py:demo", tiny))
   row = cas.compile_config(config, "tiny")
   assert row["devices"] == 8 and row["mesh"] == {"data": 2, "fsdp": 4}
@@ -168,6 +188,7 @@ def test_compile_at_scale_on_a_tiny_recipe(data_dir):
 
   from conftest import TINY_DATA
   from vlm.data import make_pipeline
+
   for spec in ("configs/siglip_b16.py:demo", "configs/blip2_stage2.py:demo"):  # + tokens, loss_mask, instruction
     config = cas.load_config(spec)
     config.data.data_dir = str(data_dir)

@@ -25,14 +25,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli_args(config_path: str, workdir, data_dir, steps: int, extra=()):
   sizes = [f"--config.data.builder.{k}={v}" for k, v in TINY_DATA.items()]
-  return [sys.executable, "-m", "vlm.train", f"--config={config_path}", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", f"--config.total_steps={steps}", "--config.batch_size=16",
-          "--config.log_every=1", "--config.model.image.width=32", "--config.model.image.depth=1",
-          "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2", "--config.model.text.num_heads=2",
-          "--config.schedule.warmup_steps=2", "--config.model.text.width=32", "--config.model.text.depth=1",
-          "--config.model.text.mlp_dim=64", "--config.model.text.out_dim=32", "--config.evals.zeroshot.every=0",
-          "--config.evals.retrieval.every=0", "--config.evals.zeroshot.max_examples=64",
-          "--config.evals.retrieval.max_examples=64", "--config.tensorboard=False", *sizes, *extra]
+  return [
+    sys.executable,
+    "-m",
+    "vlm.train",
+    f"--config={config_path}",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    f"--config.total_steps={steps}",
+    "--config.batch_size=16",
+    "--config.log_every=1",
+    "--config.model.image.width=32",
+    "--config.model.image.depth=1",
+    "--config.model.image.mlp_dim=64",
+    "--config.model.image.num_heads=2",
+    "--config.model.text.num_heads=2",
+    "--config.schedule.warmup_steps=2",
+    "--config.model.text.width=32",
+    "--config.model.text.depth=1",
+    "--config.model.text.mlp_dim=64",
+    "--config.model.text.out_dim=32",
+    "--config.evals.zeroshot.every=0",
+    "--config.evals.retrieval.every=0",
+    "--config.evals.zeroshot.max_examples=64",
+    "--config.evals.retrieval.max_examples=64",
+    "--config.tensorboard=False",
+    *sizes,
+    *extra,
+  ]
 
 
 def _env(devices: int):
@@ -77,9 +97,16 @@ def test_fsdp_on_8_devices_matches_one_device(data_dir, tmp_path):
   c.mesh = [("data", 1), ("fsdp", 8), ("tensor", 1)]
   c.lr_mults = (("t", 10.0), ("b", 3.0))  # the CLI run below overrides the same (tuple-valued) key
   train(c, tmp_path / "fsdp")
-  ref = subprocess.run(_cli_args("configs/siglip_b16.py:demo", tmp_path / "one", data_dir, 4,
-                                 ["--config.lr_mults=(('t', 10.0), ('b', 3.0))"]),
-                       cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+  ref = subprocess.run(
+    _cli_args(
+      "configs/siglip_b16.py:demo", tmp_path / "one", data_dir, 4, ["--config.lr_mults=(('t', 10.0), ('b', 3.0))"]
+    ),
+    cwd=ROOT,
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert ref.returncode == 0, ref.stderr[-3000:]
   a = [r["train/loss"] for r in read_metrics(tmp_path / "fsdp") if "train/loss" in r]
   b = [r["train/loss"] for r in read_metrics(tmp_path / "one") if "train/loss" in r]
@@ -90,8 +117,14 @@ def test_fsdp_on_8_devices_matches_one_device(data_dir, tmp_path):
 def test_resume_after_sigkill_matches_uninterrupted(data_dir, tmp_path):
   steps = 12
   extra = ["--config.checkpoint_every=3"]
-  full = subprocess.run(_cli_args("configs/siglip_b16.py:demo", tmp_path / "full", data_dir, steps, extra),
-                        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+  full = subprocess.run(
+    _cli_args("configs/siglip_b16.py:demo", tmp_path / "full", data_dir, steps, extra),
+    cwd=ROOT,
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert full.returncode == 0, full.stderr[-3000:]
   args = _cli_args("configs/siglip_b16.py:demo", tmp_path / "killed", data_dir, steps, extra)
   proc = subprocess.Popen(args, cwd=ROOT, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,8 +143,9 @@ def test_resume_after_sigkill_matches_uninterrupted(data_dir, tmp_path):
   assert "Resumed from" in resumed.stdout
   loss = lambda wd: [r for r in read_metrics(wd) if "train/loss" in r][-1]  # noqa: E731
   assert loss(tmp_path / "killed")["step"] == steps
-  np.testing.assert_allclose(loss(tmp_path / "killed")["train/loss"], loss(tmp_path / "full")["train/loss"],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    loss(tmp_path / "killed")["train/loss"], loss(tmp_path / "full")["train/loss"], rtol=1e-5, atol=1e-6
+  )
   pa, pb = checkpoint.load_params(tmp_path / "killed"), checkpoint.load_params(tmp_path / "full")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), pa, pb)
 
@@ -158,19 +192,38 @@ def test_init_resamples_the_position_embedding_for_a_new_resolution(siglip_workd
 
 @pytest.mark.slow
 def test_evaluate_and_predict_commands(siglip_workdir, data_dir, tmp_path):
-  ev = subprocess.run([sys.executable, "-m", "vlm.evaluate", f"--workdir={siglip_workdir}"], cwd=ROOT,
-                      env=_env(1), capture_output=True, text=True, timeout=300)
+  ev = subprocess.run(
+    [sys.executable, "-m", "vlm.evaluate", f"--workdir={siglip_workdir}"],
+    cwd=ROOT,
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert ev.returncode == 0, ev.stderr[-3000:]
-  summary = json.loads(ev.stdout[ev.stdout.index("{"):])
+  summary = json.loads(ev.stdout[ev.stdout.index("{") :])
   assert 0.0 <= summary["zeroshot/top1"] <= 1.0 and "retrieval/i2t_r1" in summary
   from PIL import Image
+
   img = tmp_path / "img.png"
   Image.new("RGB", (50, 40), (200, 20, 20)).save(img)
-  pr = subprocess.run([sys.executable, "-m", "vlm.predict", f"--workdir={siglip_workdir}", f"--image={img}",
-                       "--labels=red circle,blue star,green square"], cwd=ROOT, env=_env(1),
-                      capture_output=True, text=True, timeout=300)
+  pr = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vlm.predict",
+      f"--workdir={siglip_workdir}",
+      f"--image={img}",
+      "--labels=red circle,blue star,green square",
+    ],
+    cwd=ROOT,
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert pr.returncode == 0, pr.stderr[-3000:]
-  ranked = json.loads(pr.stdout[pr.stdout.index("["):])
+  ranked = json.loads(pr.stdout[pr.stdout.index("[") :])
   assert sorted(r["label"] for r in ranked) == ["blue star", "green square", "red circle"]
   assert all(0.0 <= r["prob"] <= 1.0 for r in ranked)
 

@@ -9,8 +9,17 @@ import pytest
 from flax import traverse_util
 
 from conftest import shared_run
-from helpers import (IMAGE_TOKENS, TINY_LM, TINY_VISION, above_chance, image_prompt, shrink, tiny_vision_lm, tiny_vlm,
-                     vqa_accuracy)
+from helpers import (
+  IMAGE_TOKENS,
+  TINY_LM,
+  TINY_VISION,
+  above_chance,
+  image_prompt,
+  shrink,
+  tiny_vision_lm,
+  tiny_vlm,
+  vqa_accuracy,
+)
 from vlm import checkpoint
 from vlm.data.conversation import DEFAULT_SPECIALS, IMAGE, ChatTokenizer, build_turns, check_conversation_config
 from vlm.models.vision_lm import VisionLanguageModel, generate
@@ -31,8 +40,12 @@ class _FakeSP:
     return np.asarray(ids if length is None else (ids + [0] * length)[:length], np.int32)
 
 
-EX = {"caption": "a red star", "caption_detailed": "a large red star at the top",
-      "questions": ["what colour?", "what shape?", "where?"], "answers": ["red", "star", "top"]}
+EX = {
+  "caption": "a red star",
+  "caption_detailed": "a large red star at the top",
+  "questions": ["what colour?", "what shape?", "where?"],
+  "answers": ["red", "star", "top"],
+}
 
 
 def test_loss_mask_covers_exactly_the_assistant_answers_and_their_end_markers():
@@ -69,13 +82,15 @@ def test_prompts_are_left_padded_and_never_cut():
 
 def test_instructions_are_the_image_turns_text_for_training_and_prompt():
   from vlm.data.conversation import check_conversation_config, conversation_example
+
   conv = dict(tasks=("qa",), image_tokens=3, length=64, prompt_length=32, instruction_length=8)
   out = conversation_example(EX, conv, ChatTokenizer(_FakeSP(), image_tokens=3), np.random.default_rng(0), 1)
   # The training conversation's first question is question 1, as is the prompt's.
   np.testing.assert_array_equal(out["instruction"], _FakeSP().encode("what shape?", 8, add_bos=True))
   np.testing.assert_array_equal(out["prompt_instruction"], out["instruction"])
-  cap = conversation_example(EX, dict(conv, tasks=("caption",)), ChatTokenizer(_FakeSP(), image_tokens=3),
-                             np.random.default_rng(0), 2)
+  cap = conversation_example(
+    EX, dict(conv, tasks=("caption",)), ChatTokenizer(_FakeSP(), image_tokens=3), np.random.default_rng(0), 2
+  )
   assert cap["instruction"][0] == 3 and 1000 not in cap["instruction"]  # the brief-caption instruction
   np.testing.assert_array_equal(cap["prompt_instruction"], _FakeSP().encode("where?", 8, add_bos=True))
   with pytest.raises(ValueError, match="instruction_length > 0 does not work with data.conversation.pack"):
@@ -84,18 +99,21 @@ def test_instructions_are_the_image_turns_text_for_training_and_prompt():
     check_conversation_config(dict(conv, instruction_length=-1))
 
 
-QFORMER = dict(image=dict(VISION, class_token=True, pool_type="none"),
-               qformer=dict(width=32, depth=2, num_heads=2, mlp_dim=64, cross_attention_frequency=2,
-                            vocab_size=1001, max_len=16),
-               num_query_tokens=4, embed_dim=16, freeze_image=True, dec_id=1000)
+QFORMER = dict(
+  image=dict(VISION, class_token=True, pool_type="none"),
+  qformer=dict(width=32, depth=2, num_heads=2, mlp_dim=64, cross_attention_frequency=2, vocab_size=1001, max_len=16),
+  num_query_tokens=4,
+  embed_dim=16,
+  freeze_image=True,
+  dec_id=1000,
+)
 
 
 @pytest.mark.slow
 def test_instruction_aware_qformer_reads_the_instruction():
   """The BLIP-2 connector with an instruction: queries and instruction attend to each other, so
   different instructions give different image tokens; an all-padding instruction equals none."""
-  m = VisionLanguageModel(lm_config=LM, vision_config=QFORMER, vision_model="blip2_qformer",
-                          connector_type="linear")
+  m = VisionLanguageModel(lm_config=LM, vision_config=QFORMER, vision_model="blip2_qformer", connector_type="linear")
   imgs = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   prompt = jnp.asarray([[3, 1002] + [1000] * 4 + [270, 268, 1003]] * 2, jnp.int32)
   instr = jnp.asarray([[3, 270, 268, 301, 0, 0], [3, 280, 290, 0, 0, 0]], jnp.int32)
@@ -109,7 +127,7 @@ def test_instruction_aware_qformer_reads_the_instruction():
   for _ in range(3):
     nxt = jnp.argmax(m.apply({"params": params}, imgs, seq, instr)[:, -1], -1)
     seq = jnp.concatenate([seq, nxt[:, None]], 1)
-  np.testing.assert_array_equal(out.tokens, seq[:, prompt.shape[1]:])
+  np.testing.assert_array_equal(out.tokens, seq[:, prompt.shape[1] :])
   vit = tiny_vision_lm()
   vparams = jax.jit(vit.init)(jax.random.key(0), imgs, image_prompt(2))["params"]
   with pytest.raises(ValueError, match="a ViT image encoder reads no text"):
@@ -125,14 +143,14 @@ def test_image_embeddings_land_at_the_placeholders_in_order():
   params = jax.jit(m.init)(jax.random.key(0), imgs, toks)["params"]
   emb = m.apply({"params": params}, toks, imgs, method=VisionLanguageModel.embed)
   feats = m.apply({"params": params}, imgs, method=VisionLanguageModel.encode_images)  # [B, 2N, D]
-  np.testing.assert_allclose(emb[:, 2:2 + 2 * N], feats, atol=1e-6)
+  np.testing.assert_allclose(emb[:, 2 : 2 + 2 * N], feats, atol=1e-6)
   text = m.apply({"params": params}, toks, method=VisionLanguageModel.embed)  # no images: token embeddings
   np.testing.assert_allclose(emb[:, :2], text[:, :2])
   np.testing.assert_allclose(emb[:, -3:], text[:, -3:])
   # Changing the second image changes the second block of placeholders only.
   emb2 = m.apply({"params": params}, toks, imgs.at[:, 1].multiply(-1), method=VisionLanguageModel.embed)
-  np.testing.assert_allclose(emb2[:, :2 + N], emb[:, :2 + N])
-  assert not np.allclose(emb2[:, 2 + N:2 + 2 * N], emb[:, 2 + N:2 + 2 * N])
+  np.testing.assert_allclose(emb2[:, : 2 + N], emb[:, : 2 + N])
+  assert not np.allclose(emb2[:, 2 + N : 2 + 2 * N], emb[:, 2 + N : 2 + 2 * N])
   _, stats = m.apply({"params": params}, imgs, toks, return_stats=True)
   assert float(stats["image_token_mismatch"]) == 0.0
   # A row of M images may use a whole number of them (documents with fewer images than M), no more.
@@ -155,7 +173,7 @@ def test_cached_generation_equals_uncached_greedy_and_ignores_left_padding():
   seq = prompt
   for _ in range(4):
     seq = jnp.concatenate([seq, jnp.argmax(m.apply({"params": params}, imgs, seq)[:, -1], -1)[:, None]], 1)
-  np.testing.assert_array_equal(out.tokens, seq[:, prompt.shape[1]:])
+  np.testing.assert_array_equal(out.tokens, seq[:, prompt.shape[1] :])
   padded = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), prompt], 1)
   mask = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), jnp.ones_like(prompt)], 1)
   out2 = generate(m, params, imgs, padded, mask=mask, max_new_tokens=4, eos_id=-1)
@@ -171,8 +189,9 @@ def test_soft_prompts_fill_their_placeholders_after_bos():
   imgs = jnp.zeros((1, 32, 32, 3))
   params = jax.jit(m.init)(jax.random.key(0), imgs, toks)["params"]
   emb = m.apply({"params": params}, toks, imgs, method=VisionLanguageModel.embed)
-  np.testing.assert_allclose(emb[0, 1:3], params["soft_prompt"].value if hasattr(params["soft_prompt"], "value")
-                             else params["soft_prompt"])
+  np.testing.assert_allclose(
+    emb[0, 1:3], params["soft_prompt"].value if hasattr(params["soft_prompt"], "value") else params["soft_prompt"]
+  )
 
 
 def test_connectors_and_frozen_style_prefix():
@@ -208,6 +227,7 @@ def llava(data_dir, vlm_bed, tmp_path_factory):
 def llava_stages(data_dir, bed, root, seed: int = 0) -> dict:
   """The chain behind the `llava` fixture; seed varies both stages (the margin measurements)."""
   from configs import llava_stage1, llava_stage2
+
   s1 = shrink(llava_stage1.get_config("demo"), data_dir, 30, batch_size=32)
   s1.model.lm_config.update(LM)
   s1.model.vision_config.update(VISION)
@@ -250,7 +270,9 @@ def colour_run(c, data_dir, workdir, steps: int = 200, seed: int = 0, lr: float 
 def assert_learns_colour(out: dict, workdir, threshold: float, what: str, margin: float = 0.25) -> None:
   above_chance(out["vqa/accuracy"], threshold, f"{what} colour VQA accuracy", baseline=0.125)
   blind = vqa_accuracy(workdir, shuffle_images=True)
-  assert out["vqa/accuracy"] - blind > margin, f"{what}: {out['vqa/accuracy']:.3f} with the image, {blind:.3f} with another's"
+  assert out["vqa/accuracy"] - blind > margin, (
+    f"{what}: {out['vqa/accuracy']:.3f} with the image, {blind:.3f} with another's"
+  )
 
 
 @pytest.fixture(scope="session")
@@ -262,6 +284,7 @@ def blip2_stage1(data_dir, tmp_path_factory):
 
 def blip2_stage1_run(data_dir, workdir, seed: int = 0) -> dict:
   from configs import blip2_stage1 as recipe
+
   c = shrink(recipe.get_config("demo"), data_dir, 150, batch_size=32)
   c.model.update(QFORMER, freeze_image=False)
   c.evals.retrieval.every = c.evals.zeroshot.every = 0
@@ -274,6 +297,7 @@ def blip2_stage2(data_dir, bed, stage1, workdir, seed=0, variant="demo", steps=2
   """BLIP-2 stage 2 (variant 'demo': instruction-aware Q-Former; 'minigpt4_demo': MiniGPT-4, the whole
   visual side frozen) from `stage1` and the bed's LM."""
   from configs import blip2_stage2 as recipe
+
   c = recipe.get_config(variant)
   c.model.lm_config.update(LM)
   c.model.vision_config.update(QFORMER)
@@ -284,6 +308,7 @@ def blip2_stage2(data_dir, bed, stage1, workdir, seed=0, variant="demo", steps=2
 
 def frozen_run(data_dir, bed, workdir, seed=0):
   from configs import frozen
+
   c = tiny_vlm(frozen.get_config("demo"))
   c.init.vision.path, c.init.lm.path = str(bed / "clip"), str(bed / "lm")
   return colour_run(c, data_dir, workdir, seed=seed)
@@ -291,6 +316,7 @@ def frozen_run(data_dir, bed, workdir, seed=0):
 
 def qwen_vl_run(data_dir, bed, workdir, seed=0):
   from configs import qwen_vl
+
   c = qwen_vl.get_config("demo")
   c.model.lm_config.update(LM)
   c.model.vision_config.image.update(VISION)
@@ -303,6 +329,7 @@ def qwen_vl_run(data_dir, bed, workdir, seed=0):
 def flamingo_run(data_dir, bed, workdir, seed=0, steps=200, lr=None):
   """Flamingo on two-image documents: each question asks about the first or the second image."""
   from configs import flamingo
+
   c = flamingo.get_config("demo")
   c.model.lm_config.update(LM)
   c.model.vision_config.update(VISION)
@@ -314,6 +341,7 @@ def flamingo_run(data_dir, bed, workdir, seed=0, steps=200, lr=None):
 
 def fuyu_run(data_dir, bed, workdir, seed=0):
   from configs import fuyu
+
   c = fuyu.get_config("demo")
   c.model.lm_config.update(LM)
   c.model.vision_config.width = LM["width"]
@@ -333,6 +361,7 @@ def test_blip2_stage2_chain_with_instruction_aware_qformer(vlm_bed, blip2_stage1
   from PIL import Image
 
   from vlm.predict import chat
+
   (stage1, out1) = blip2_stage1
   above_chance(out1["retrieval/i2t_r1"], 0.08, "BLIP-2 stage-1 i2t R@1", baseline=0.02)
   out = blip2_stage2(data_dir, vlm_bed, stage1, tmp_path / "stage2")
@@ -357,8 +386,7 @@ def test_minigpt4_learns_through_one_linear_layer(vlm_bed, blip2_stage1, data_di
   37.1 / 19.9% colour accuracy with the image, 7.0 / 8.6 / 7.4% with another's (seeds 0-2; at 200 steps
   12.9%, chance 12.5%); threshold 15% and a gap of 6 points. The frozen tiny LM reads the 4 projected
   query tokens slowly: with the Q-Former learning too (BLIP-2 stage 2 above) 20.7-32.0% in 200 steps."""
-  out = blip2_stage2(data_dir, vlm_bed, blip2_stage1[0], tmp_path / "m", variant="minigpt4_demo", steps=400,
-                     lr=1e-2)
+  out = blip2_stage2(data_dir, vlm_bed, blip2_stage1[0], tmp_path / "m", variant="minigpt4_demo", steps=400, lr=1e-2)
   assert out["train/image_token_mismatch"] == 0.0 and np.isfinite(out["train/loss"])
   assert_learns_colour(out, tmp_path / "m", 0.15, "MiniGPT-4", margin=0.06)
   p, lm, p1 = _params(tmp_path / "m"), _params(vlm_bed / "lm"), _params(blip2_stage1[0])
@@ -378,8 +406,11 @@ def test_frozen_learns_through_a_visual_prefix(vlm_bed, data_dir, tmp_path):
   assert_learns_colour(out, tmp_path / "f", 0.15, "Frozen", margin=0.06)
   p, lm, clip = _params(tmp_path / "f"), _params(vlm_bed / "lm"), _params(vlm_bed / "clip")
   assert all(np.array_equal(v, lm[k[3:]]) for k, v in p.items() if k.startswith("lm/"))
-  assert any(not np.array_equal(v, clip["img/" + k[7:]]) for k, v in p.items()
-             if k.startswith("vision/") and "img/" + k[7:] in clip)
+  assert any(
+    not np.array_equal(v, clip["img/" + k[7:]])
+    for k, v in p.items()
+    if k.startswith("vision/") and "img/" + k[7:] in clip
+  )
 
 
 @pytest.mark.slow
@@ -398,8 +429,8 @@ def test_image_rows_end_with_the_row_break_marker():
   chat = ChatTokenizer(_FakeSP(), specials=specials, image_tokens=6, image_row_break="|NEWLINE|", image_rows=3)
   ids, loss = chat.encode([("user", f"{IMAGE}what colour?"), ("assistant", "red")])
   start = ids.index(1000)
-  assert ids[start:start + 9] == [1000, 1000, 1006] * 3 and ids.count(1000) == 6
-  assert not any(loss[start:start + 9])
+  assert ids[start : start + 9] == [1000, 1000, 1006] * 3 and ids.count(1000) == 6
+  assert not any(loss[start : start + 9])
   with pytest.raises(ValueError, match="image_rows=4 must divide image_tokens=6"):
     ChatTokenizer(_FakeSP(), specials=specials, image_tokens=6, image_row_break="|NEWLINE|", image_rows=4)
   with pytest.raises(ValueError, match="image_row_break"):
@@ -408,6 +439,7 @@ def test_image_rows_end_with_the_row_break_marker():
 
 def test_interleave_builds_a_document_around_the_example():
   from vlm.data.conversation import conversation_example, interleave
+
   other = dict(EX, caption="a blue circle", image=np.zeros((4, 4, 3), np.uint8))
   me = dict(EX, image=np.ones((4, 4, 3), np.uint8))
   seen = set()
@@ -429,8 +461,13 @@ def test_interleave_builds_a_document_around_the_example():
   first = me if doc["image_position"] == 0 else other
   assert doc["image_context"] == f"{IMAGE}{first['caption']}.<|endofchunk|>{IMAGE}"
   specials = dict(DEFAULT_SPECIALS, **{"<|endofchunk|>": 1005})
-  out = conversation_example(doc, dict(conv, end_of_chunk="<|endofchunk|>"),
-                             ChatTokenizer(_FakeSP(), specials=specials, image_tokens=1), np.random.default_rng(0), 0)
+  out = conversation_example(
+    doc,
+    dict(conv, end_of_chunk="<|endofchunk|>"),
+    ChatTokenizer(_FakeSP(), specials=specials, image_tokens=1),
+    np.random.default_rng(0),
+    0,
+  )
   (at,) = np.flatnonzero(out["prompt"] == 1005)
   assert out["prompt"][at + 1] == 1000 and np.sum(out["tokens"] == 1005) == 1
   with pytest.raises(ValueError, match="end_of_chunk"):
@@ -448,6 +485,7 @@ def test_flamingo_learns_questions_about_the_kth_image(vlm_bed, data_dir, tmp_pa
   from configs import flamingo
   from vlm.data.pipeline import check_config
   from vlm.predict import chat
+
   out = flamingo_run(data_dir, vlm_bed, tmp_path / "flamingo", steps=400, lr=5e-3)
   assert out["train/image_token_mismatch"] == 0.0
   assert_learns_colour(out, tmp_path / "flamingo", 0.30, "Flamingo", margin=0.15)
@@ -477,6 +515,7 @@ def test_fuyu_demo_chain_feeds_patches_straight_into_the_lm(vlm_bed, data_dir, t
   from vlm.data.pipeline import make_pipeline
   from vlm.evaluate import load_workdir_config
   from vlm.predict import chat
+
   out = fuyu_run(data_dir, vlm_bed, tmp_path / "fuyu")
   assert out["train/image_token_mismatch"] == 0.0
   assert_learns_colour(out, tmp_path / "fuyu", 0.40, "Fuyu")
@@ -487,7 +526,7 @@ def test_fuyu_demo_chain_feeds_patches_straight_into_the_lm(vlm_bed, data_dir, t
   data = load_workdir_config(tmp_path / "fuyu").data
   tokens = np.asarray(next(make_pipeline(data, split="train", batch_size=2, mesh=None, seed=0))["tokens"])[0]
   start = int(np.argmax(tokens == 1000))
-  assert tokens[start:start + 20].tolist() == ([1000] * 4 + [1006]) * 4
+  assert tokens[start : start + 20].tolist() == ([1000] * 4 + [1006]) * 4
   img = tmp_path / "x.png"
   Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(img)
   assert isinstance(chat(tmp_path / "fuyu", img, "what colour is the large circle?", max_new_tokens=3), str)
@@ -502,8 +541,8 @@ def test_stage1_trains_the_connector_only_from_the_clip_tower_and_the_lm(llava, 
   assert np.isfinite(out1["train/loss"]) and out1["train/image_token_mismatch"] == 0.0
   clip, lm, s1 = _params(vlm_bed / "clip"), _params(vlm_bed / "lm"), _params(root / "stage1")
   vision = [k for k in s1 if k.startswith("vision/")]
-  assert vision and all(np.array_equal(s1[k], clip["img/" + k[len("vision/"):]]) for k in vision)
-  assert all(np.array_equal(s1[k], lm[k[len("lm/"):]]) for k in s1 if k.startswith("lm/"))
+  assert vision and all(np.array_equal(s1[k], clip["img/" + k[len("vision/") :]]) for k in vision)
+  assert all(np.array_equal(s1[k], lm[k[len("lm/") :]]) for k in s1 if k.startswith("lm/"))
   rows = [r for r in read_metrics(root / "stage1") if "train/loss" in r]
   # ... so the connector, the only trainable part, learned to caption: 5.2 -> 4.0 measured in 30 steps.
   assert np.mean([r["train/loss"] for r in rows[-5:]]) < np.mean([r["train/loss"] for r in rows[:5]]) - 0.5
@@ -536,15 +575,20 @@ def test_export_cli_writes_what_transformers_loads(llava, vlm_bed, tmp_path):
   from vlm.evaluate import load_workdir_config
   from vlm.export import export
   from vlm.models import build_model
+
   root = llava[0]
   out = tmp_path / "lm_hf"
-  subprocess.run([sys.executable, "-m", "vlm.export", f"--workdir={vlm_bed / 'lm'}", f"--out={out}"], check=True,
-                 cwd=Path(__file__).resolve().parents[1])
+  subprocess.run(
+    [sys.executable, "-m", "vlm.export", f"--workdir={vlm_bed / 'lm'}", f"--out={out}"],
+    check=True,
+    cwd=Path(__file__).resolve().parents[1],
+  )
   hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   tokens = np.array([[3, 17, 250, 9, 400, 1]], np.int32)
   cfg = load_workdir_config(vlm_bed / "lm")
-  ours = build_model(cfg.model_name, cfg.model).apply({"params": checkpoint.load_params(vlm_bed / "lm")},
-                                                      jnp.asarray(tokens))
+  ours = build_model(cfg.model_name, cfg.model).apply(
+    {"params": checkpoint.load_params(vlm_bed / "lm")}, jnp.asarray(tokens)
+  )
   with torch.no_grad():
     theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
@@ -562,6 +606,7 @@ def test_predict_prompt_answers_in_words(llava, vlm_bed, tmp_path):
   from PIL import Image
 
   from vlm.predict import chat
+
   img = tmp_path / "x.png"
   Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(img)
   text = chat(llava[0] / "stage2", img, "what colour is the large circle?", max_new_tokens=4)
@@ -570,12 +615,28 @@ def test_predict_prompt_answers_in_words(llava, vlm_bed, tmp_path):
     chat(vlm_bed / "clip", img, "what colour?")
 
 
-@pytest.mark.parametrize("name,arg", [("llava_stage1", "demo"), ("llava_stage2", "demo"), ("frozen", "demo"),
-                                      ("blip2_stage2", "demo"), ("blip2_stage2", "minigpt4_demo"),
-                                      ("llava_stage1", None), ("llava_stage2", None), ("frozen", None),
-                                      ("blip2_stage2", None), ("blip2_stage2", "minigpt4"),
-                                      ("monkey", "demo"), ("monkey", "demo_global"), ("monkey", None),
-                                      ("qwen_vl", "demo"), ("qwen_vl", None), ("fuyu", "demo"), ("fuyu", None)])
+@pytest.mark.parametrize(
+  "name,arg",
+  [
+    ("llava_stage1", "demo"),
+    ("llava_stage2", "demo"),
+    ("frozen", "demo"),
+    ("blip2_stage2", "demo"),
+    ("blip2_stage2", "minigpt4_demo"),
+    ("llava_stage1", None),
+    ("llava_stage2", None),
+    ("frozen", None),
+    ("blip2_stage2", None),
+    ("blip2_stage2", "minigpt4"),
+    ("monkey", "demo"),
+    ("monkey", "demo_global"),
+    ("monkey", None),
+    ("qwen_vl", "demo"),
+    ("qwen_vl", None),
+    ("fuyu", "demo"),
+    ("fuyu", None),
+  ],
+)
 @pytest.mark.slow
 def test_recipes_build_and_their_frozen_patterns_match(name, arg):
   """Every VLM recipe's config is valid; demo models init (abstractly) with as many placeholders as
@@ -586,6 +647,7 @@ def test_recipes_build_and_their_frozen_patterns_match(name, arg):
   from vlm.data.pipeline import check_config
   from vlm.models import build_model
   from vlm.optim import tree_paths
+
   c = importlib.import_module(f"configs.{name}").get_config(arg)
   check_config(c.data)
   if arg is None or not arg.endswith("demo"):
@@ -596,8 +658,9 @@ def test_recipes_build_and_their_frozen_patterns_match(name, arg):
   size = 64 if c.model.get("vision_model") == "monkey" else 32  # Monkey: 2 x 2 windows of 32 px
   imgs = jnp.zeros((1, size, size, 3))
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), imgs, toks))["params"]
-  feats = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), imgs, toks), imgs,
-                                             method=VisionLanguageModel.encode_images))
+  feats = jax.eval_shape(
+    lambda: model.apply(model.init(jax.random.key(0), imgs, toks), imgs, method=VisionLanguageModel.encode_images)
+  )
   assert feats.shape[1] == conv.image_tokens
   paths = jax.tree.leaves(tree_paths(nn.unbox(shapes)))
   for pattern in c.frozen:
@@ -617,6 +680,7 @@ def test_llava_next_recipes_agree_with_their_anyres_op(arg):
   from vlm.data.preprocess import apply_ops, parse_pp
   from vlm.models import build_model
   from vlm.optim import tree_paths
+
   c = llava_next.get_config(arg)
   check_config(c.data)
   a = c.model["anyres"]
@@ -624,8 +688,9 @@ def test_llava_next_recipes_agree_with_their_anyres_op(arg):
   assert f"anyres({points}, {a['tile_size']}, {a['patch_grid']})" in c.data.pp_train
   assert c.data.pp_eval == c.data.pp_train
   if arg is None:
-    assert dict(a) == dict(grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
-                           tile_size=336, patch_grid=24)
+    assert dict(a) == dict(
+      grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)), tile_size=336, patch_grid=24
+    )
     assert [tuple(m) for m in c.lr_mults] == [(r"vision/.*", 0.1)]
     return
   ex = apply_ops(parse_pp(c.data.pp_eval), {"image": np.full((64, 64, 3), 90, np.uint8)}, np.random.default_rng(1))
@@ -634,8 +699,11 @@ def test_llava_next_recipes_agree_with_their_anyres_op(arg):
   toks = jnp.asarray([[3, 1002] + [1000] * n + [270, 1]], jnp.int32)
   views, layout = jnp.asarray(ex["image"])[None], jnp.asarray(ex["image_layout"])[None]
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), views, toks, None, layout))["params"]
-  _, stats = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), views, toks, None, layout), views,
-                                                toks, None, layout, return_stats=True))
+  _, stats = jax.eval_shape(
+    lambda: model.apply(
+      model.init(jax.random.key(0), views, toks, None, layout), views, toks, None, layout, return_stats=True
+    )
+  )
   assert n <= c.data.conversation.image_tokens and c.data.conversation.length >= n + 40
   paths = jax.tree.leaves(tree_paths(nn.unbox(params)))
   assert "anyres/image_newline" in paths

@@ -14,8 +14,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vlm import checkpoint, parallel
-from vlm.losses import (blockwise_patch_mask, hard_negative_indices, mask_tokens, masked_prediction_loss,
-                        random_patch_mask, take_rows)
+from vlm.losses import (
+  blockwise_patch_mask,
+  hard_negative_indices,
+  mask_tokens,
+  masked_prediction_loss,
+  random_patch_mask,
+  take_rows,
+)
 from vlm.models import VLMo
 from vlm.nn.mome import MoMEBlock, MoMEEncoder
 from vlm.objectives.vlmo import VLMoObjective
@@ -34,8 +40,10 @@ def _perturb(params, path: str, scale: float = 1.0):
 
 def _init_all_modes(module, x, num_text):
   """Params touched by image, text and fused calls (init creates experts lazily)."""
+
   def all_modes(m, x):
     return m(x, "image"), m(x, "text"), m(x, "fused", num_text)
+
   return nn.unbox(module.init(jax.random.key(0), x, method=all_modes)["params"])
 
 
@@ -120,16 +128,27 @@ def test_hard_negatives_skip_pairs_with_the_same_text():
   zt = z + 0.99 * np.roll(z, 1, axis=1) * (np.arange(b)[:, None] == 1)  # text 1 looks most like image 0
   f = jax.jit(lambda zi, zt, t, k: hard_negative_indices(zi, zt, k, scale=100.0, tokens=t, mesh=mesh))
   for s in range(5):
-    nt, ni = (np.asarray(a) for a in f(_sharded(z, mesh), _sharded(zt, mesh), _sharded(tokens, mesh),
-                                       jax.random.key(s)))
+    nt, ni = (
+      np.asarray(a) for a in f(_sharded(z, mesh), _sharded(zt, mesh), _sharded(tokens, mesh), jax.random.key(s))
+    )
     assert nt[0] not in (0, 1) and ni[1] not in (0, 1) and ni[0] not in (0, 1)
 
 
 def test_masking_rates():
-  tokens = jnp.asarray(np.concatenate([np.full((512, 1), 3), np.random.default_rng(0).integers(4, 1000, (512, 20)),
-                                       np.ones((512, 1)), np.zeros((512, 10))], axis=1), jnp.int32)
+  tokens = jnp.asarray(
+    np.concatenate(
+      [
+        np.full((512, 1), 3),
+        np.random.default_rng(0).integers(4, 1000, (512, 20)),
+        np.ones((512, 1)),
+        np.zeros((512, 10)),
+      ],
+      axis=1,
+    ),
+    jnp.int32,
+  )
   inputs, chosen = mask_tokens(jax.random.key(0), tokens, mask_id=1000, vocab_size=1001)
-  eligible = (tokens >= 4)
+  eligible = tokens >= 4
   assert not chosen[~eligible].any()  # never BOS (the CLS), EOS or padding
   rate = float(chosen.sum() / eligible.sum())
   assert abs(rate - 0.15) < 0.01, rate
@@ -137,8 +156,10 @@ def test_masking_rates():
   kept = float(((inputs == tokens) & chosen).sum() / chosen.sum())
   assert abs(masked - 0.8) < 0.02 and 0.08 < kept < 0.13, (masked, kept)  # 10% kept + random hits
   assert jnp.array_equal(jnp.where(chosen, 0, inputs), jnp.where(chosen, 0, tokens))
-  for mask in (random_patch_mask(jax.random.key(1), 64, 196, 0.4),
-               blockwise_patch_mask(jax.random.key(1), 64, (14, 14), 0.4)):
+  for mask in (
+    random_patch_mask(jax.random.key(1), 64, 196, 0.4),
+    blockwise_patch_mask(jax.random.key(1), 64, (14, 14), 0.4),
+  ):
     np.testing.assert_array_equal(np.asarray(mask.sum(1)), 78)  # round(0.4 * 196) in every row
   # The loss averages over masked positions only.
   logits = jax.random.normal(jax.random.key(2), (4, 6, 10))
@@ -149,8 +170,18 @@ def test_masking_rates():
 
 
 def _tiny_vlmo(**kw):
-  return VLMo(vocab_size=1001, width=32, depth=2, num_heads=2, mlp_dim=64, vl_layers=1, patch_size=8,
-              image_size=32, max_len=16, **kw)
+  return VLMo(
+    vocab_size=1001,
+    width=32,
+    depth=2,
+    num_heads=2,
+    mlp_dim=64,
+    vl_layers=1,
+    patch_size=8,
+    image_size=32,
+    max_len=16,
+    **kw,
+  )
 
 
 @pytest.mark.slow
@@ -233,7 +264,7 @@ def test_stage1_trains_mim_against_the_frozen_tokenizer(stages):
   loaded = [k for k in s1 if k.startswith("tokenizer/")]  # the encoder half (MIM needs no decoder)
   assert loaded
   for k in loaded:  # the tokenizer was loaded and stayed frozen
-    np.testing.assert_array_equal(s1[k], vq[k[len("tokenizer/"):]], err_msg=k)
+    np.testing.assert_array_equal(s1[k], vq[k[len("tokenizer/") :]], err_msg=k)
 
 
 def test_stage2_updates_l_ffn_only_and_keeps_attention_and_v_ffn_frozen(stages):
@@ -276,6 +307,7 @@ def _heldout(workdir, n: int = 256, batch: int = 64) -> dict:
   the maskable caption tokens (MLM) and, with a tokenizer, of the image codes (MIM)."""
   from vlm.data import make_pipeline
   from vlm.evaluate import load_model_and_params, load_workdir_config
+
   config = load_workdir_config(workdir)
   model, _, params = load_model_and_params(config, workdir)
   obj = VLMoObjective(**config.objective.to_dict())
@@ -304,6 +336,7 @@ def _heldout(workdir, n: int = 256, batch: int = 64) -> dict:
 def vlmo_chain(data_dir, root, seed: int = 0) -> dict:
   """The chain behind the `vlmo_chain_run` fixture (seed varies every stage: the margin measurements)."""
   from configs import vlmo_base, vlmo_stage1_mim, vlmo_stage2_mlm, vlmo_vqa, vq_tokenizer
+
   vq = vq_tokenizer.get_config("demo")
   vq.data.data_dir = str(data_dir)
   vq.data.builder.update(TINY_DATA)
@@ -351,16 +384,23 @@ def test_stagewise_pretraining_beats_stage3_alone_on_mlm(vlmo_chain_run):
   in both arms (66.7%: it calls every pair a negative)."""
   _, out = vlmo_chain_run
   s1, s2, staged, scratch = (out[k] for k in ("stage1", "stage2", "staged", "scratch"))
-  above_chance(s1["heldout/mim/accuracy"] - s1["heldout/code_majority"], 0.07,
-               "stage-1 MIM accuracy minus the top code's share", baseline=0.0)
+  above_chance(
+    s1["heldout/mim/accuracy"] - s1["heldout/code_majority"],
+    0.07,
+    "stage-1 MIM accuracy minus the top code's share",
+    baseline=0.0,
+  )
   assert s1["heldout/mim_loss"] < 3.5, s1
   above_chance(s2["heldout/mlm/accuracy"], 0.25, "stage-2 MLM accuracy", baseline=s2["heldout/mlm_majority"])
   assert s2["heldout/mlm_loss"] < 5.0, s2
   gap = scratch["heldout/mlm_loss"] - staged["heldout/mlm_loss"]
-  assert gap > 0.5, (f"stage-3 held-out MLM loss {staged['heldout/mlm_loss']:.3f} after stages 1-2 vs "
-                     f"{scratch['heldout/mlm_loss']:.3f} from scratch: the stages did not help")
-  above_chance(staged["heldout/mlm/accuracy"], 0.35, "staged stage-3 MLM accuracy",
-               baseline=staged["heldout/mlm_majority"])
+  assert gap > 0.5, (
+    f"stage-3 held-out MLM loss {staged['heldout/mlm_loss']:.3f} after stages 1-2 vs "
+    f"{scratch['heldout/mlm_loss']:.3f} from scratch: the stages did not help"
+  )
+  above_chance(
+    staged["heldout/mlm/accuracy"], 0.35, "staged stage-3 MLM accuracy", baseline=staged["heldout/mlm_majority"]
+  )
   for name in ("staged", "scratch"):
     above_chance(out[name]["retrieval/i2t_r1"], 0.05, f"{name} stage-3 image->text R@1", baseline=1 / 256)
 
@@ -379,6 +419,7 @@ def test_vqa_classifier_answers_a_question_from_the_command_line_api(stages, tmp
 
   from vlm.data import scenes
   from vlm.predict import answer
+
   root = stages[0]
   rows = _read(root / "vqa")
   assert any("vqa/top1" in r for r in rows)  # the classify evaluation ran on the fusion encoder

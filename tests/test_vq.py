@@ -107,8 +107,9 @@ def test_latent_tokens_one_dimensional_codes():
   codes = model.apply({"params": params}, x, method=VQTokenizer.encode)
   assert recon.shape == x.shape and codes.shape == (2, 1, 5)
   np.testing.assert_array_equal(np.asarray(aux["codes"]), np.asarray(codes))
-  np.testing.assert_allclose(np.asarray(recon), np.asarray(
-      model.apply({"params": params}, codes, method=VQTokenizer.decode)), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(recon), np.asarray(model.apply({"params": params}, codes, method=VQTokenizer.decode)), atol=1e-5
+  )
   # Every latent code sees the whole image: a change in one corner patch reaches each latent.
   z = model.apply({"params": params}, x, method=VQTokenizer.embed)
   z2 = model.apply({"params": params}, x.at[:, :8, :8].set(0.0), method=VQTokenizer.embed)

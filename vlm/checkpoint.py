@@ -49,9 +49,12 @@ def register_array_handler(min_slice_bytes: int = MIN_SLICE_BYTES_FOR_REPLICA_PA
   """Makes orbax save jax.Arrays with `min_slice_bytes_for_replica_parallel=min_slice_bytes` (0: orbax's split
   of every array); done once at import with vlm's default."""
   ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes,
-                                                array_metadata_store=array_metadata_store.Store()),
-      override=True)
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=min_slice_bytes, array_metadata_store=array_metadata_store.Store()
+    ),
+    override=True,
+  )
 
 
 register_array_handler()
@@ -216,10 +219,13 @@ class Checkpointer:
     self.async_save = bool(async_save)
     self._in_flight: int | None = None  # the step of an asynchronous save not yet known to be complete
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(self.save_every, 1), enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        save_interval_steps=max(self.save_every, 1),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+      ),
     )
 
   def latest_step(self) -> int | None:
@@ -237,11 +243,14 @@ class Checkpointer:
     kept = [s for s in _steps_on_disk(self.directory) if s != failed]
     cause = " ".join(f"{type(e).__name__}: {e}".split())
     cause = cause if len(cause) <= 400 else cause[:400] + " ..."
-    kept_text = (f"checkpoints on disk, untouched: {kept} (a rerun resumes from {kept[-1]})" if kept
-                 else "no earlier checkpoint")
+    kept_text = (
+      f"checkpoints on disk, untouched: {kept} (a rerun resumes from {kept[-1]})" if kept else "no earlier checkpoint"
+    )
     return CheckpointWriteError(
-        err, f"could not write checkpoint {self.directory / str(failed)}: [Errno {err}] {os.strerror(err)}; "
-             f"{_free_space(self.directory)}; {kept_text}. Cause: {cause}")
+      err,
+      f"could not write checkpoint {self.directory / str(failed)}: [Errno {err}] {os.strerror(err)}; "
+      f"{_free_space(self.directory)}; {kept_text}. Cause: {cause}",
+    )
 
   def save(self, step: int, state: Any, data_state: Any = None, force: bool = False) -> bool:
     if not force and not self.save_every:
@@ -290,8 +299,11 @@ class Checkpointer:
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """{'/'-joined path: shape} of the 'state' item saved at `step` (from its metadata, no data read)."""
     meta = _item_metadata(self.directory / str(step) / "state")
-    return {path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
-            if getattr(m, "shape", None) is not None}
+    return {
+      path_str(p): tuple(m.shape)
+      for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
+      if getattr(m, "shape", None) is not None
+    }
 
 
 def _item_metadata(item: Path) -> Any:
@@ -340,9 +352,11 @@ def load_params(path: str | Path, step: int | None = None) -> dict:
   path = Path(path)
   if path.suffix == ".npz" and path.is_file():
     from vlm.convert.big_vision import import_big_vision
+
     return import_big_vision(path)[2]
   if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
     from vlm.convert import import_hf
+
     return import_hf(path)[2]
   step = latest_step(path) if step is None else step
   if step is None:
@@ -363,12 +377,14 @@ def resample_grid_posemb(posemb: np.ndarray, length: int) -> np.ndarray:
   N - 1 is the square) resampled bicubically to [1, length, D] for another image resolution (the
   class token's row kept): what big_vision and timm do when fine-tuning at a new resolution."""
   n = posemb.shape[1]
+
   def split(count: int) -> tuple[int, int]:
     for extra in (0, 1):
       g = int(round(math.sqrt(count - extra)))
       if g * g == count - extra and g > 0:
         return extra, g
     raise ValueError(f"position embedding of length {count} is neither a square grid nor one plus a class token")
+
   extra, g = split(n)
   new_extra, new_g = split(length)
   if extra != new_extra:
@@ -385,19 +401,20 @@ def _other_layout(lflat: dict[str, Any], src: str) -> np.ndarray | None:
   for j, part in enumerate(parts):
     if part == "layers":
       blocks = []
-      while (key := "/".join(parts[:j] + [f"block_{len(blocks)}"] + parts[j + 1:])) in lflat:
+      while (key := "/".join(parts[:j] + [f"block_{len(blocks)}"] + parts[j + 1 :])) in lflat:
         blocks.append(np.asarray(lflat[key]))
       if blocks:
         return np.stack(blocks)
     elif (m := re.fullmatch(r"block_(\d+)", part)) is not None:
-      key = "/".join(parts[:j] + ["layers"] + parts[j + 1:])
+      key = "/".join(parts[:j] + ["layers"] + parts[j + 1 :])
       if key in lflat and np.ndim(lflat[key]) > 0 and np.shape(lflat[key])[0] > int(m.group(1)):
         return np.asarray(lflat[key])[int(m.group(1))]
   return None
 
 
-def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = None,
-                 resample_posemb: bool = False) -> dict:
+def merge_params(
+  target: dict, loaded: dict, mapping: dict[str, str] | None = None, resample_posemb: bool = False
+) -> dict:
   """Copies `loaded` parameters into `target` (a tree of arrays with the model's shapes).
 
   mapping: {target_prefix_regex: loaded_prefix}, e.g. {'img/': 'img/'} initialises the image
@@ -419,14 +436,19 @@ def merge_params(target: dict, loaded: dict, mapping: dict[str, str] | None = No
   for tpath, tval in tflat.items():
     for tprefix, lprefix in mapping.items():
       if tpath.startswith(tprefix):
-        src = lprefix + tpath[len(tprefix):]
+        src = lprefix + tpath[len(tprefix) :]
         value = lflat[src] if src in lflat else _other_layout(lflat, src)
         if value is None:
           if mapping != {"": ""} and not is_peft_path(tpath):  # PEFT params keep their init
             problems.append(f"{tpath}: no parameter {src!r} in the checkpoint")
           break
-        if (resample_posemb and tpath.endswith("pos_embedding") and tuple(value.shape) != tuple(tval.shape)
-            and value.ndim == 3 and value.shape[::2] == tval.shape[::2]):
+        if (
+          resample_posemb
+          and tpath.endswith("pos_embedding")
+          and tuple(value.shape) != tuple(tval.shape)
+          and value.ndim == 3
+          and value.shape[::2] == tval.shape[::2]
+        ):
           try:
             value = resample_grid_posemb(np.asarray(value), tval.shape[1])
           except ValueError as e:

@@ -44,8 +44,13 @@ STEPS = ("heuristic", "clip_score", "dedup", "balance", "recaption")
 
 def _source_key(config) -> list:
   d = config.data
-  return [str(d.source), d.get("data_dir"), dict(d.builder) if d.get("builder") is not None else None,
-          config.split, str(config.caption_key)]
+  return [
+    str(d.source),
+    d.get("data_dir"),
+    dict(d.builder) if d.get("builder") is not None else None,
+    config.split,
+    str(config.caption_key),
+  ]
 
 
 def _model_key(workdir: str) -> list:
@@ -70,8 +75,10 @@ def _check(config) -> None:
   if "dedup" in config.steps and config.dedup.embedding not in ("model", "pixels"):
     raise ValueError(f"dedup.embedding: {config.dedup.embedding!r}; expected 'model' or 'pixels'")
   if "dedup" in config.steps and config.dedup.embedding == "model" and "clip_score" not in config.steps:
-    raise ValueError("dedup.embedding='model' uses the clip_score model: add 'clip_score' to steps "
-                     "before 'dedup' or use dedup.embedding='pixels'")
+    raise ValueError(
+      "dedup.embedding='model' uses the clip_score model: add 'clip_score' to steps "
+      "before 'dedup' or use dedup.embedding='pixels'"
+    )
   if "balance" in config.steps and not config.balance.get("concepts"):
     raise ValueError("balance.concepts: give a list of concepts or a text file with one per line")
   if "recaption" in config.steps and not config.recaption.get("workdir"):
@@ -136,8 +143,7 @@ def curate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, 
   n = len(source)
   key, chunk, caption_key = _source_key(config), int(config.chunk_size), str(config.caption_key)
   keep = np.ones(n, bool)
-  report: dict[str, Any] = {"source": str(config.data.source), "split": config.split, "examples": n,
-                            "steps": {}}
+  report: dict[str, Any] = {"source": str(config.data.source), "split": config.split, "examples": n, "steps": {}}
   masks: dict[str, np.ndarray] = {}
   scores = embeddings = None
   overrides: dict[str, list[str]] = {}
@@ -193,18 +199,23 @@ def curate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, 
     elif step == "dedup":
       dd = config.dedup
       if dd.embedding == "pixels":
+
         def run(start, stop):
           images, _, _ = _pairs(source, np.arange(start, stop), caption_key)
-          return {"thumb": dedup.thumbnail_embedding(_resize(images, 4 * dd.thumbnail_size), dd.thumbnail_size)
-                  .astype(np.float16)}
+          return {
+            "thumb": dedup.thumbnail_embedding(_resize(images, 4 * dd.thumbnail_size), dd.thumbnail_size).astype(
+              np.float16
+            )
+          }
 
         emb = store.ChunkStore(cache, "thumbnails", [key, dd.thumbnail_size], n, chunk).compute(run, "thumbnails")
         emb = emb["thumb"].astype(np.float32)
       else:
         emb = embeddings
       alive = np.flatnonzero(keep)
-      clusters = dedup.near_duplicates(emb[alive], dd.threshold, num_bits=dd.num_bits,
-                                       num_tables=dd.num_tables, seed=dd.seed)
+      clusters = dedup.near_duplicates(
+        emb[alive], dd.threshold, num_bits=dd.num_bits, num_tables=dd.num_tables, seed=dd.seed
+      )
       survivors = dedup.keep_one_per_cluster(clusters, None if scores is None else scores[alive])
       keep[alive[~survivors]] = False
       sizes = np.bincount(clusters)
@@ -217,8 +228,9 @@ def curate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, 
       alive = np.flatnonzero(keep)
       caps = [to_str(source[int(i)].get(caption_key, "")) for i in alive]
       matches = filters.find_concepts(caps, list(concepts))
-      sel, counts = filters.balance(matches, len(concepts), int(bl.max_per_concept), int(bl.seed),
-                                    bool(bl.keep_unmatched))
+      sel, counts = filters.balance(
+        matches, len(concepts), int(bl.max_per_concept), int(bl.seed), bool(bl.keep_unmatched)
+      )
       keep[alive[~sel]] = False
       after = np.zeros(len(concepts), np.int64)
       for m in (m for m, s in zip(matches, sel) if s):
@@ -238,8 +250,13 @@ def curate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, 
         images, _, _ = _pairs(source, alive[start:stop], caption_key)
         return {"caption": np.asarray(captioner(images), dtype=np.str_)}
 
-      caps = store.ChunkStore(cache, "recaption", [key, *_model_key(rc.workdir), rc.method,
-                                                   store.fingerprint(alive.tolist())], len(alive), chunk)
+      caps = store.ChunkStore(
+        cache,
+        "recaption",
+        [key, *_model_key(rc.workdir), rc.method, store.fingerprint(alive.tolist())],
+        len(alive),
+        chunk,
+      )
       caps = caps.compute(run, "recaption")["caption"] if len(alive) else np.zeros(0, np.str_)
       overrides[rc.field] = dict(zip(alive.tolist(), caps.tolist()))
       info["field"] = rc.field
@@ -265,10 +282,21 @@ def curate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, 
       other = make_source(config.data, s)
       splits[s] = (other, np.arange(len(other)), {})
   summary = {"curation": {k: v["kept"] for k, v in report["steps"].items()}}
-  path = writer.write_dataset(out.name, data_dir, splits, source=source, extra_text_fields=list(overrides),
-                              metadata=summary, caption_key=caption_key)
-  report["output"] = {"tfds": f"{writer.NAME}/{out.name}", "data_dir": str(data_dir), "path": str(path),
-                      "examples": int(len(indices))}
+  path = writer.write_dataset(
+    out.name,
+    data_dir,
+    splits,
+    source=source,
+    extra_text_fields=list(overrides),
+    metadata=summary,
+    caption_key=caption_key,
+  )
+  report["output"] = {
+    "tfds": f"{writer.NAME}/{out.name}",
+    "data_dir": str(data_dir),
+    "path": str(path),
+    "examples": int(len(indices)),
+  }
   (workdir / "report.json").write_text(json.dumps(report, indent=1))
   return report
 

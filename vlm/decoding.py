@@ -73,8 +73,9 @@ class DecodeOutput:
 def _check_prompt(prompt) -> jax.Array:
   prompt = jnp.asarray(prompt)
   if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-    raise ValueError(f"prompt must be a 2-D integer array [batch, prompt_len], got shape "
-                     f"{prompt.shape} and dtype {prompt.dtype}")
+    raise ValueError(
+      f"prompt must be a 2-D integer array [batch, prompt_len], got shape {prompt.shape} and dtype {prompt.dtype}"
+    )
   if prompt.shape[1] < 1:
     raise ValueError("prompt must hold at least one token per row")
   return prompt.astype(jnp.int32)
@@ -88,8 +89,7 @@ def _check_at_least_one(name: str, value) -> None:
 # ----------------------------------------------------------------------------- shared steps
 
 
-def _next_logp(step_fn: StepFn, cache: Cache, tokens: jax.Array,
-               index: jax.Array) -> tuple[jax.Array, Cache]:
+def _next_logp(step_fn: StepFn, cache: Cache, tokens: jax.Array, index: jax.Array) -> tuple[jax.Array, Cache]:
   """Feeds tokens [B, T] at `index`; returns the log-probs [B, V] after the last one, and the cache."""
   logits, cache = step_fn(cache, tokens, jnp.asarray(index, jnp.int32))
   return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1), cache
@@ -129,8 +129,15 @@ class _LoopState(NamedTuple):
   done: jax.Array  # [B] bool, the row has emitted EOS
 
 
-def _decode(step_fn: StepFn, cache: Cache, prompt, select: Callable[[jax.Array, jax.Array], jax.Array],
-            max_new_tokens: int, eos_id: int, pad_id: int) -> DecodeOutput:
+def _decode(
+  step_fn: StepFn,
+  cache: Cache,
+  prompt,
+  select: Callable[[jax.Array, jax.Array], jax.Array],
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int,
+) -> DecodeOutput:
   """One token per row per step; `select(logp [B, V], i) -> tokens [B]` picks the i-th new token."""
   prompt = _check_prompt(prompt)
   _check_at_least_one("max_new_tokens", max_new_tokens)
@@ -139,10 +146,14 @@ def _decode(step_fn: StepFn, cache: Cache, prompt, select: Callable[[jax.Array, 
   def emit(s: _LoopState, logp: jax.Array) -> _LoopState:
     tok = jnp.where(s.done, pad_id, select(logp, s.i)).astype(jnp.int32)
     tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
-    return _LoopState(i=s.i + 1, cache=s.cache, tokens=s.tokens.at[:, s.i].set(tok),
-                      lengths=s.lengths + (~s.done).astype(jnp.int32),
-                      scores=s.scores + jnp.where(s.done, 0.0, tok_logp),
-                      done=s.done | (tok == eos_id))
+    return _LoopState(
+      i=s.i + 1,
+      cache=s.cache,
+      tokens=s.tokens.at[:, s.i].set(tok),
+      lengths=s.lengths + (~s.done).astype(jnp.int32),
+      scores=s.scores + jnp.where(s.done, 0.0, tok_logp),
+      done=s.done | (tok == eos_id),
+    )
 
   def cond(s: _LoopState) -> jax.Array:
     return (s.i < max_new_tokens) & ~jnp.all(s.done)
@@ -152,27 +163,41 @@ def _decode(step_fn: StepFn, cache: Cache, prompt, select: Callable[[jax.Array, 
     return emit(s._replace(cache=cache), logp)
 
   logp, cache = _next_logp(step_fn, cache, prompt, 0)
-  init = _LoopState(i=jnp.zeros((), jnp.int32), cache=cache,
-                    tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-                    lengths=jnp.zeros((batch,), jnp.int32), scores=jnp.zeros((batch,), jnp.float32),
-                    done=jnp.zeros((batch,), bool))
+  init = _LoopState(
+    i=jnp.zeros((), jnp.int32),
+    cache=cache,
+    tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+    lengths=jnp.zeros((batch,), jnp.int32),
+    scores=jnp.zeros((batch,), jnp.float32),
+    done=jnp.zeros((batch,), bool),
+  )
   s = jax.lax.while_loop(cond, body, emit(init, logp))
   return DecodeOutput(tokens=s.tokens, lengths=s.lengths, scores=s.scores)
 
 
-def greedy(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, max_new_tokens: int, eos_id: int,
-           pad_id: int = 0) -> DecodeOutput:
+def greedy(
+  step_fn: StepFn, cache: Cache, prompt: jax.Array, *, max_new_tokens: int, eos_id: int, pad_id: int = 0
+) -> DecodeOutput:
   """Greedy decoding: the most likely token at every step.
 
   prompt: [B, P] int. Returns DecodeOutput with tokens [B, max_new_tokens].
   """
-  return _decode(step_fn, cache, prompt, lambda logp, i: jnp.argmax(logp, axis=-1),
-                 max_new_tokens, eos_id, pad_id)
+  return _decode(step_fn, cache, prompt, lambda logp, i: jnp.argmax(logp, axis=-1), max_new_tokens, eos_id, pad_id)
 
 
-def sample(step_fn: StepFn, cache: Cache, prompt: jax.Array, rng: jax.Array, *, max_new_tokens: int,
-           eos_id: int, pad_id: int = 0, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0) -> DecodeOutput:
+def sample(
+  step_fn: StepFn,
+  cache: Cache,
+  prompt: jax.Array,
+  rng: jax.Array,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int = 0,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> DecodeOutput:
   """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering.
 
   Logits are divided by `temperature`, then filtered to the top_k most likely tokens (0 = off),
@@ -223,9 +248,17 @@ def _take_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jax.vmap(lambda row, i: row[i])(x, idx)
 
 
-def beam_search(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, max_new_tokens: int,
-                eos_id: int, pad_id: int = 0, num_beams: int = 4,
-                length_penalty: float = 0.6) -> DecodeOutput:
+def beam_search(
+  step_fn: StepFn,
+  cache: Cache,
+  prompt: jax.Array,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int = 0,
+  num_beams: int = 4,
+  length_penalty: float = 0.6,
+) -> DecodeOutput:
   """Beam search with K = num_beams alive beams and K finished hypotheses per example.
 
   The prompt is prefilled once per example; the cache is then repeated K times. Each step takes
@@ -264,22 +297,27 @@ def beam_search(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, max_new_tok
     is_eos = tok == eos_id
     rank = jnp.arange(top_idx.shape[1])
 
-    new_fin = jnp.where(is_eos & (rank < k), top_logp / _gnmt_length_penalty(s.i + 1, length_penalty),
-                        _NEG_INF)
+    new_fin = jnp.where(is_eos & (rank < k), top_logp / _gnmt_length_penalty(s.i + 1, length_penalty), _NEG_INF)
     fin_scores, fin_idx = jax.lax.top_k(jnp.concatenate([s.fin_scores, new_fin], axis=1), k)
     fin_seqs = _take_beams(jnp.concatenate([s.fin_seqs, seqs], axis=1), fin_idx)
     fin_lengths = _take_beams(
-        jnp.concatenate([s.fin_lengths, jnp.full(tok.shape, s.i + 1, jnp.int32)], axis=1), fin_idx)
+      jnp.concatenate([s.fin_lengths, jnp.full(tok.shape, s.i + 1, jnp.int32)], axis=1), fin_idx
+    )
 
     alive_logp, alive_idx = jax.lax.top_k(jnp.where(is_eos, _NEG_INF, top_logp), k)
     rows = (jnp.arange(batch)[:, None] * k + _take_beams(parent, alive_idx)).reshape(-1)
-    return _BeamState(i=s.i + 1, cache=jax.tree.map(lambda x: x[rows], s.cache),
-                      alive_seqs=_take_beams(seqs, alive_idx), alive_logp=alive_logp,
-                      fin_seqs=fin_seqs, fin_lengths=fin_lengths, fin_scores=fin_scores)
+    return _BeamState(
+      i=s.i + 1,
+      cache=jax.tree.map(lambda x: x[rows], s.cache),
+      alive_seqs=_take_beams(seqs, alive_idx),
+      alive_logp=alive_logp,
+      fin_seqs=fin_seqs,
+      fin_lengths=fin_lengths,
+      fin_scores=fin_scores,
+    )
 
   def cond(s: _BeamState) -> jax.Array:
-    best_lp = jnp.maximum(_gnmt_length_penalty(s.i + 1, length_penalty),
-                          _gnmt_length_penalty(n, length_penalty))
+    best_lp = jnp.maximum(_gnmt_length_penalty(s.i + 1, length_penalty), _gnmt_length_penalty(n, length_penalty))
     done = s.fin_scores[:, -1] >= s.alive_logp[:, 0] / best_lp
     return (s.i < n) & ~jnp.all(done)
 
@@ -290,13 +328,15 @@ def beam_search(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, max_new_tok
 
   logp, cache = _next_logp(step_fn, cache, prompt, 0)
   init = _BeamState(
-      i=jnp.zeros((), jnp.int32), cache=jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache),
-      alive_seqs=jnp.full((batch, k, n), pad_id, jnp.int32),
-      # Only beam 0 is live at first, so the first step does not pick the same token K times.
-      alive_logp=jnp.tile(jnp.array([0.0] + [_NEG_INF] * (k - 1), jnp.float32), (batch, 1)),
-      fin_seqs=jnp.full((batch, k, n), pad_id, jnp.int32),
-      fin_lengths=jnp.zeros((batch, k), jnp.int32),
-      fin_scores=jnp.full((batch, k), _NEG_INF, jnp.float32))
+    i=jnp.zeros((), jnp.int32),
+    cache=jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache),
+    alive_seqs=jnp.full((batch, k, n), pad_id, jnp.int32),
+    # Only beam 0 is live at first, so the first step does not pick the same token K times.
+    alive_logp=jnp.tile(jnp.array([0.0] + [_NEG_INF] * (k - 1), jnp.float32), (batch, 1)),
+    fin_seqs=jnp.full((batch, k, n), pad_id, jnp.int32),
+    fin_lengths=jnp.zeros((batch, k), jnp.int32),
+    fin_scores=jnp.full((batch, k), _NEG_INF, jnp.float32),
+  )
   first = expand(init, jnp.broadcast_to(logp[:, None], (batch, k, logp.shape[-1])))
   s = jax.lax.while_loop(cond, body, first)
 
@@ -307,11 +347,16 @@ def beam_search(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, max_new_tok
   group = jnp.where(scores == _NEG_INF, 2, group)
   order = jnp.lexsort((-scores, group), axis=-1)[:, :k]
   beams = _take_beams(jnp.concatenate([s.fin_seqs, s.alive_seqs], axis=1), order)
-  beam_lengths = _take_beams(
-      jnp.concatenate([s.fin_lengths, jnp.full_like(s.fin_lengths, s.i)], axis=1), order)
+  beam_lengths = _take_beams(jnp.concatenate([s.fin_lengths, jnp.full_like(s.fin_lengths, s.i)], axis=1), order)
   beam_scores = _take_beams(scores, order)
-  return DecodeOutput(tokens=beams[:, 0], lengths=beam_lengths[:, 0], scores=beam_scores[:, 0],
-                      beams=beams, beam_lengths=beam_lengths, beam_scores=beam_scores)
+  return DecodeOutput(
+    tokens=beams[:, 0],
+    lengths=beam_lengths[:, 0],
+    scores=beam_scores[:, 0],
+    beams=beams,
+    beam_lengths=beam_lengths,
+    beam_scores=beam_scores,
+  )
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -320,8 +365,9 @@ def beam_search(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, max_new_tok
 _METHODS = {"greedy": greedy, "sample": sample, "beam": beam_search}
 
 
-def generate(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, method: str = "greedy",
-             rng: jax.Array | None = None, **kw) -> DecodeOutput:
+def generate(
+  step_fn: StepFn, cache: Cache, prompt: jax.Array, *, method: str = "greedy", rng: jax.Array | None = None, **kw
+) -> DecodeOutput:
   """Decodes with `method` in {'greedy', 'sample', 'beam'}; `kw` go to that function.
 
   rng is required by 'sample' and ignored by the deterministic methods.
@@ -335,9 +381,14 @@ def generate(step_fn: StepFn, cache: Cache, prompt: jax.Array, *, method: str = 
   return _METHODS[method](step_fn, cache, prompt, **kw)
 
 
-def guided_step_fn(run: StepFn, cache: Cache, batch: int, guidance: float,
-                   second: Callable[[jax.Array], jax.Array] = lambda tokens: tokens,
-                   plausibility: float = 0.0) -> tuple[Cache, StepFn]:
+def guided_step_fn(
+  run: StepFn,
+  cache: Cache,
+  batch: int,
+  guidance: float,
+  second: Callable[[jax.Array], jax.Array] = lambda tokens: tokens,
+  plausibility: float = 0.0,
+) -> tuple[Cache, StepFn]:
   """Decodes two streams per example and mixes their logits: l_2 + guidance * (l_1 - l_2).
 
   `run` steps a model whose `cache` holds 2 * batch rows: rows [0, batch) the primary stream
@@ -386,6 +437,7 @@ def uncached_step_fn(logits_fn: Callable[[jax.Array], jax.Array]) -> StepFn:
   positions past the fed tokens hold zeros. The cache is the token buffer made by
   `init_token_cache`; each step writes the tokens at `index` and recomputes every position.
   """
+
   def step_fn(cache: jax.Array, tokens: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     cache = jax.lax.dynamic_update_slice(cache, tokens.astype(cache.dtype), (0, index))
     logits = jax.lax.dynamic_slice_in_dim(logits_fn(cache), index, tokens.shape[1], axis=1)

@@ -29,8 +29,9 @@ def load_workdir_config(workdir: str | Path, step: int | None = None) -> ml_coll
   """The config a run had in force at `step` (default: its newest): config.json or a config.<step>.json."""
   found = latest_config(workdir, step)
   if found is None:
-    raise FileNotFoundError(f"{Path(workdir) / 'config.json'}: not found; pass --config or train into this "
-                            "workdir first")
+    raise FileNotFoundError(
+      f"{Path(workdir) / 'config.json'}: not found; pass --config or train into this workdir first"
+    )
   return ml_collections.ConfigDict(found[1])
 
 
@@ -49,6 +50,7 @@ def load_run(path: str | Path, step: int | None = None, tokenizer: str | None = 
   .npz): then the config is vlm.convert.published's, or `config` with the published model, tokenizer
   and preprocessing put in (its evals and data kept)."""
   from vlm.convert.published import is_published, load_published
+
   if is_published(path):
     published, params = load_published(path, tokenizer=tokenizer)
     if config is not None:
@@ -74,8 +76,9 @@ def with_published(config, published):
   return config
 
 
-def evaluate(config, workdir: str | Path, step: int | None = None, init: str | Path | None = None,
-             tokenizer: str | None = None) -> dict[str, Any]:
+def evaluate(
+  config, workdir: str | Path, step: int | None = None, init: str | Path | None = None, tokenizer: str | None = None
+) -> dict[str, Any]:
   """Every eval of `config` on the workdir's checkpoint, or on the published checkpoint `init`."""
   config, model, mesh, params = load_run(init or workdir, step, tokenizer, config)
   results: dict[str, Any] = {}
@@ -88,23 +91,30 @@ def evaluate(config, workdir: str | Path, step: int | None = None, init: str | P
 def main(argv) -> None:
   del argv
   from absl import flags, logging
+
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   from vlm.convert.published import is_published
+
   init = f.init or (f.workdir if f.workdir and is_published(f.workdir) else None)
   if f.workdir is None and init is None:
     raise ValueError("pass --workdir (a training run) or --init (an HF directory or big_vision .npz)")
   if init is not None and f.config is None:
-    raise ValueError(f"--init={init}: a published checkpoint has no evals; pass --config with the evaluations "
-                     "to run, e.g. --config=configs/siglip_b16.py:demo")
+    raise ValueError(
+      f"--init={init}: a published checkpoint has no evals; pass --config with the evaluations "
+      "to run, e.g. --config=configs/siglip_b16.py:demo"
+    )
   config = f.config if f.config is not None else load_workdir_config(f.workdir, f.step)
-  print(json.dumps(evaluate(config, f.workdir, f.step, init=init, tokenizer=f.tokenizer), indent=2,
-                   sort_keys=True), flush=True)
+  print(
+    json.dumps(evaluate(config, f.workdir, f.step, init=init, tokenizer=f.tokenizer), indent=2, sort_keys=True),
+    flush=True,
+  )
 
 
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
+
   config_flags.DEFINE_config_file("config", None, "Config file (default: <workdir>/config.json).")
   flags.DEFINE_string("workdir", None, "Workdir of a training run (or a checkpoints directory).")
   flags.DEFINE_string("init", None, "A published checkpoint: HF directory or big_vision .npz (evaluated instead).")

@@ -21,17 +21,22 @@ import jax
 import numpy as np
 
 
-def export(workdir: str | Path, out: str | Path, step: int | None = None, model_type: str | None = None) -> dict[str, Any]:
+def export(
+  workdir: str | Path, out: str | Path, step: int | None = None, model_type: str | None = None
+) -> dict[str, Any]:
   """Writes the checkpoint of `workdir` (latest, or `step`) to `out`; returns the config.json written."""
   from vlm import checkpoint
   from vlm.convert import export_hf
   from vlm.convert.export_lm import export_hf_llava, export_hf_llm
   from vlm.evaluate import load_workdir_config
+
   config = load_workdir_config(workdir)
   name = config.model_name
   if name not in ("two_tower", "decoder_lm", "vision_lm"):
-    raise ValueError(f"{Path(workdir) / 'config.json'}: model_name={name!r} has no HF export; supported: "
-                     "two_tower (CLIP / SigLIP), decoder_lm (Llama / Qwen2 / Gemma), vision_lm (LLaVA / LLaVA-NeXT)")
+    raise ValueError(
+      f"{Path(workdir) / 'config.json'}: model_name={name!r} has no HF export; supported: "
+      "two_tower (CLIP / SigLIP), decoder_lm (Llama / Qwen2 / Gemma), vision_lm (LLaVA / LLaVA-NeXT)"
+    )
   params = jax.tree.map(np.asarray, checkpoint.load_params(workdir, step))
   kwargs = config.model.to_dict()
   peft = config.get("peft")
@@ -39,6 +44,7 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None, model_
   if name == "two_tower":
     if peft is not None:
       from vlm.peft import merge_lora
+
       params = merge_lora(params, float(peft["alpha"]), peft.get("rank"))
     loss = (config.get("objective") or {}).get("loss")
     kind = model_type or ("siglip" if loss == "sigmoid" else "clip")
@@ -47,12 +53,14 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None, model_
   if name == "decoder_lm":
     return export_hf_llm(kwargs, params, out, model_type=model_type, peft=peft)
   return export_hf_llava(  # vision_lm
-      kwargs, params, out, text_model_type=model_type, peft=peft)
+    kwargs, params, out, text_model_type=model_type, peft=peft
+  )
 
 
 def main(argv) -> None:
   del argv
   from absl import flags
+
   f = flags.FLAGS
   config = export(f.workdir, f.out, f.step, f.model_type)
   print(f"Wrote {f.out} ({config.get('model_type')}, {', '.join(config.get('architectures', []))})", flush=True)
@@ -60,6 +68,7 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags
+
   flags.DEFINE_string("workdir", None, "A vlm.train workdir.")
   flags.DEFINE_string("out", None, "The HF directory to write (config.json + model.safetensors).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

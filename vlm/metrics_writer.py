@@ -19,8 +19,9 @@ from vlm.workdir import write_atomic
 class MetricWriter:
   """Writes from process 0 only. Non-finite values are written as null in JSON."""
 
-  def __init__(self, workdir: str | Path, tensorboard: bool = True, wandb: dict | None = None,
-               purge_step: int | None = None):
+  def __init__(
+    self, workdir: str | Path, tensorboard: bool = True, wandb: dict | None = None, purge_step: int | None = None
+  ):
     """purge_step: a resumed run's first new step; TensorBoard then hides the events of steps >= it that
     the killed run had written (tensorboardX's SessionLog.START)."""
     self.active = jax.process_index() == 0
@@ -31,9 +32,11 @@ class MetricWriter:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if tensorboard:
       from tensorboardX import SummaryWriter
+
       self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge_step)
     if wandb:
       import wandb as wandb_lib  # optional: installed by the user who asks for it
+
       self.wandb = wandb_lib.init(**wandb)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:

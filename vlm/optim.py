@@ -51,8 +51,15 @@ def _compile(patterns: Sequence[str], key: str) -> list[re.Pattern]:
   return out
 
 
-def make_schedule(lr: float, total_steps: int, name: str = "warmup_cosine", warmup_steps: int = 0,
-                  end_lr_frac: float = 0.0, timescale: int = 10_000, cooldown_steps: int = 0) -> optax.Schedule:
+def make_schedule(
+  lr: float,
+  total_steps: int,
+  name: str = "warmup_cosine",
+  warmup_steps: int = 0,
+  end_lr_frac: float = 0.0,
+  timescale: int = 10_000,
+  cooldown_steps: int = 0,
+) -> optax.Schedule:
   """Learning-rate schedules. warmup_rsqrt: lr * sqrt(timescale / (step + timescale)) after warmup,
   with an optional linear cooldown to 0 over the last cooldown_steps (Zhai et al. 2022, "Scaling ViTs")."""
   warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
@@ -64,13 +71,16 @@ def make_schedule(lr: float, total_steps: int, name: str = "warmup_cosine", warm
   elif name == "constant":
     main = optax.constant_schedule(lr)
   elif name == "warmup_rsqrt":
+
     def main(step):
       value = lr * jnp.sqrt(timescale / (step + timescale))
       if cooldown_steps:
         value = value * jnp.clip((rest - step) / cooldown_steps, 0.0, 1.0)
       return value
   else:
-    raise ValueError(f"config.schedule.name: unknown schedule {name!r}; known: warmup_cosine, warmup_linear, warmup_rsqrt, constant")
+    raise ValueError(
+      f"config.schedule.name: unknown schedule {name!r}; known: warmup_cosine, warmup_linear, warmup_rsqrt, constant"
+    )
   if warmup_steps <= 0:
     return main
   return optax.join_schedules([warmup, main], [warmup_steps])
@@ -119,15 +129,16 @@ def frozen_labels(frozen: Sequence[str], trainable: Sequence[tuple[str, str]] | 
     flat = jax.tree.leaves(paths)
     for i, r in enumerate(regexes):  # a typo would otherwise silently train what it meant to freeze
       if not any(r.fullmatch(p) for p in flat):
-        raise ValueError(f"config.frozen[{i}]: {r.pattern!r} matches no parameter; parameters are e.g. "
-                         f"{', '.join(flat[:8])}")
+        raise ValueError(
+          f"config.frozen[{i}]: {r.pattern!r} matches no parameter; parameters are e.g. {', '.join(flat[:8])}"
+        )
     if train_re is not None:
       for r, key in train_re:
         if not any(r.fullmatch(p) for p in flat):
-          hint = (" (was the model built with build_model(..., peft=config.peft)?)"
-                  if key == "peft" else "")
-          raise ValueError(f"config.{key}: {r.pattern!r} matches no parameter{hint}; parameters are e.g. "
-                           f"{', '.join(flat[:8])}")
+          hint = " (was the model built with build_model(..., peft=config.peft)?)" if key == "peft" else ""
+          raise ValueError(
+            f"config.{key}: {r.pattern!r} matches no parameter{hint}; parameters are e.g. {', '.join(flat[:8])}"
+          )
 
     def label(p):
       if any(r.fullmatch(p) for r in regexes):
@@ -145,6 +156,7 @@ def trainable_patterns(config) -> list[tuple[str, str]] | None:
   """(regex, config key) pairs of config.trainable and the PEFT-implied ones; None if neither is set."""
   pats = [(p, "trainable") for p in (config.get("trainable") or [])]
   from vlm import peft
+
   cfg = peft.parse_config(config.get("peft")) if config.get("peft") else None
   if cfg is not None:
     train_also = set(cfg.train_also)
@@ -162,14 +174,18 @@ def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformat
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
   chain.append(_base(config.get("optimizer", "adamw"), dict(config.get("optimizer_kw", {}) or {})))
   if config.get("wd", 0.0):
-    chain.append(optax.add_decayed_weights(
-        config.wd, mask=lambda params: jax.tree.map(lambda p: bool(wd_re.fullmatch(p)), tree_paths(params))))
+    chain.append(
+      optax.add_decayed_weights(
+        config.wd, mask=lambda params: jax.tree.map(lambda p: bool(wd_re.fullmatch(p)), tree_paths(params))
+      )
+    )
   chain.append(optax.scale_by_learning_rate(sched))
   if config.get("lr_mults"):
     chain.append(scale_by_regex([tuple(x) for x in config.lr_mults]))
   tx = optax.chain(*chain)
   trainable = trainable_patterns(config)
   if config.get("frozen") or trainable is not None:
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                               frozen_labels(list(config.get("frozen") or []), trainable))
+    tx = optax.multi_transform(
+      {"train": tx, "frozen": optax.set_to_zero()}, frozen_labels(list(config.get("frozen") or []), trainable)
+    )
   return tx, sched

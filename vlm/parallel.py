@@ -18,20 +18,20 @@ DATA_AXES = ("data", "fsdp")
 
 # Logical name -> mesh axes. Parameters: embed/mlp/heads/kv/vocab/...; activations: act_*.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("act_batch", DATA_AXES),
-    ("act_len", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("proj", None),
-    ("pos", None),
-    ("norm", None),
-    ("layers", None),
+  ("act_batch", DATA_AXES),
+  ("act_len", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("vocab", "tensor"),
+  ("proj", None),
+  ("pos", None),
+  ("norm", None),
+  ("layers", None),
 )
 
 
@@ -96,13 +96,16 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str
   mesh_specs = nn.logical_to_mesh(specs, rules)
   shapes = nn.meta.unbox(abstract_boxed)
   return jax.tree.map(
-      lambda s, x: NamedSharding(mesh, _fit_spec(s, x.shape, mesh)),
-      mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P),
+    lambda s, x: NamedSharding(mesh, _fit_spec(s, x.shape, mesh)),
+    mesh_specs,
+    shapes,
+    is_leaf=lambda s: isinstance(s, P),
   )
 
 
-def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Sequence[tuple[str, Any]],
-                     *args) -> tuple[Any, Any]:
+def abstract_sharded(
+  init_fn: Callable[..., Any], mesh: Mesh, rules: Sequence[tuple[str, Any]], *args
+) -> tuple[Any, Any]:
   """The (boxed) variable tree `init_fn(*args)` would give, without allocating it: returns (unboxed
   jax.ShapeDtypeStructs carrying their NamedShardings, shardings). args may be abstract too."""
   abstract = jax.eval_shape(init_fn, *args)
@@ -120,11 +123,14 @@ def follow_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -
   ends with a parameter's path and has its shape gets that parameter's sharding (the longest such
   path wins); every other leaf (step counts, Adafactor's factored row/column statistics) is replicated.
   """
+
   def keys(path):
     return tuple(str(k) for k in path)
 
-  table = {keys(path): (x.shape, s) for (path, x), s in
-           zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
+  table = {
+    keys(path): (x.shape, s)
+    for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))
+  }
   rep = replicated(mesh)
 
   def one(path, x):
@@ -165,6 +171,7 @@ def shard_batch(batch: Any, mesh: Mesh, global_batch: int | None = None) -> Any:
 
   global_batch: the global leading dimension (default: inferred, local rows x processes).
   """
+
   def one(x):
     x = np.asarray(x)
     shape = None if global_batch is None else (global_batch, *x.shape[1:])
@@ -173,8 +180,9 @@ def shard_batch(batch: Any, mesh: Mesh, global_batch: int | None = None) -> Any:
   return jax.tree.map(one, batch)
 
 
-def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+def maybe_initialize_distributed(
+  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
   """Calls `jax.distributed.initialize` when the run spans processes; returns whether it did.
 
   Call it first, before anything touches a JAX device. Three cases:

@@ -65,8 +65,17 @@ ADAPTER_NAME = "adapter"
 LORA_TRAINABLE = r"(.*/)?lora_(a|b)"
 ADAPTER_TRAINABLE = r"(.*/)?adapter/.*"
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, HeadsDense)
-_KEYS = ("method", "rank", "alpha", "targets", "dropout", "adapter_dim", "adapter_targets", "train_also",
-         "save_only_peft")
+_KEYS = (
+  "method",
+  "rank",
+  "alpha",
+  "targets",
+  "dropout",
+  "adapter_dim",
+  "adapter_targets",
+  "train_also",
+  "save_only_peft",
+)
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -157,6 +166,7 @@ def default_config():
   it on, e.g. `--config.peft.method=lora --config.peft.rank=4 --config.peft.targets="('.*attn/query',)"`
   (a locked config accepts overrides of existing keys only; tuples, not lists, can be overridden)."""
   import ml_collections
+
   d = dataclasses.asdict(PeftConfig())
   d["method"] = ""
   return ml_collections.ConfigDict(d)
@@ -182,15 +192,27 @@ class Adapter(nn.Module):
   @nn.compact
   def __call__(self, y: jax.Array) -> jax.Array:
     d = y.shape[-1]
-    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm",
-                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(y)
-    h = nn.Dense(self.dim, dtype=self.dtype, name="down",
-                 kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", None)),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(h)
-    h = nn.Dense(d, dtype=self.dtype, name="up",
-                 kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(nn.gelu(h))
+    h = nn.LayerNorm(
+      epsilon=1e-6,
+      dtype=self.dtype,
+      name="norm",
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+    )(y)
+    h = nn.Dense(
+      self.dim,
+      dtype=self.dtype,
+      name="down",
+      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", None)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+    )(h)
+    h = nn.Dense(
+      d,
+      dtype=self.dtype,
+      name="up",
+      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(nn.gelu(h))
     return y + h.astype(y.dtype)
 
 
@@ -233,8 +255,9 @@ def _linear_geometry(m: nn.Module, x: jax.Array) -> tuple[tuple[int, ...], int]:
     return tuple(range(x.ndim - m.in_dims, x.ndim)), len(m.features)
   if isinstance(m, nn.DenseGeneral):
     if m.batch_dims:
-      raise ValueError(f"config.peft.targets: {'/'.join(m.path)} is a DenseGeneral with batch_dims, "
-                       "which LoRA does not support")
+      raise ValueError(
+        f"config.peft.targets: {'/'.join(m.path)} is a DenseGeneral with batch_dims, which LoRA does not support"
+      )
     axis = (m.axis,) if isinstance(m.axis, int) else tuple(m.axis)
     features = (m.features,) if isinstance(m.features, int) else tuple(m.features)
     return tuple(a % x.ndim for a in axis), len(features)
@@ -276,9 +299,18 @@ def _kernel_names(m: nn.Module, ndim: int) -> tuple | None:
   return tuple(names) if names is not None and len(names) == ndim else None
 
 
-def lora_update(m: nn.Module, y: jax.Array, x: jax.Array, *, rank: int, scale: float,
-                names: tuple[str, str] = LORA_PARAMS, dropout_keep: float | None = None,
-                num_sets: int = 0, set_index: jax.Array | None = None) -> jax.Array:
+def lora_update(
+  m: nn.Module,
+  y: jax.Array,
+  x: jax.Array,
+  *,
+  rank: int,
+  scale: float,
+  names: tuple[str, str] = LORA_PARAMS,
+  dropout_keep: float | None = None,
+  num_sets: int = 0,
+  set_index: jax.Array | None = None,
+) -> jax.Array:
   """y + scale * x A B for the linear layer `m` that mapped x to y, creating A and B on `m`.
 
   A [in, r] (kaiming-uniform, as loralib / HF PEFT), B [r, out] (zeros: the update starts at 0);
@@ -295,7 +327,7 @@ def lora_update(m: nn.Module, y: jax.Array, x: jax.Array, *, rank: int, scale: f
   trailing = tuple(range(x.ndim - k, x.ndim))
   if in_axes != trailing:
     x = jnp.moveaxis(x, in_axes, trailing)
-  in_shape, out_shape = x.shape[x.ndim - k:], y.shape[y.ndim - n_out:]
+  in_shape, out_shape = x.shape[x.ndim - k :], y.shape[y.ndim - n_out :]
   n_in, n_out_flat = math.prod(in_shape), math.prod(out_shape)
   kernel_names = _kernel_names(m, k + n_out) if m.is_initializing() else None
   lead = ((None,), (num_sets,)) if num_sets else ((), ())
@@ -304,17 +336,20 @@ def lora_update(m: nn.Module, y: jax.Array, x: jax.Array, *, rank: int, scale: f
   param_dtype = getattr(m, "param_dtype", jnp.float32)
   a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # U(+-1/sqrt(fan_in))
   a = m.param(names[0], nn.with_logical_partitioning(a_init, a_names), lead[1] + (n_in, rank), param_dtype)
-  b = m.param(names[1], nn.with_logical_partitioning(nn.initializers.zeros, b_names), lead[1] + (rank, n_out_flat),
-              param_dtype)
+  b = m.param(
+    names[1], nn.with_logical_partitioning(nn.initializers.zeros, b_names), lead[1] + (rank, n_out_flat), param_dtype
+  )
   dtype = getattr(m, "dtype", None) or jnp.result_type(x)
-  h = jnp.asarray(x, dtype).reshape(x.shape[:x.ndim - k] + (n_in,))
+  h = jnp.asarray(x, dtype).reshape(x.shape[: x.ndim - k] + (n_in,))
   if dropout_keep is not None:
     mask = jax.random.bernoulli(m.make_rng("dropout"), dropout_keep, h.shape)
     h = jnp.where(mask, h / dropout_keep, 0.0).astype(dtype)
   if num_sets:
     if set_index is None or set_index.shape != (h.shape[0],):
-      raise ValueError(f"LoRA sets at {'/'.join(m.path)}: set_index must be [{h.shape[0]}] (one per example), "
-                       f"got {None if set_index is None else set_index.shape}")
+      raise ValueError(
+        f"LoRA sets at {'/'.join(m.path)}: set_index must be [{h.shape[0]}] (one per example), "
+        f"got {None if set_index is None else set_index.shape}"
+      )
     idx = jnp.clip(set_index, 0, num_sets - 1)
     flat = h.reshape(h.shape[0], -1, n_in)
     u = jnp.einsum("bti,bir->btr", flat, jnp.asarray(a, dtype)[idx])
@@ -354,8 +389,9 @@ def lora_sets(targets: Sequence[tuple[str, int]], num_sets: int, set_index: jax.
       return next_fun(*args, **kwargs)
     path = "/".join(m.path)
     seen.append(path)
-    match = next(((r, rank) for r, rank in compiled if any(r.fullmatch("/".join(m.path[i:]))
-                                                           for i in range(len(m.path)))), None)
+    match = next(
+      ((r, rank) for r, rank in compiled if any(r.fullmatch("/".join(m.path[i:])) for i in range(len(m.path)))), None
+    )
     out = next_fun(*args, **kwargs)
     if match is None:
       return out
@@ -363,8 +399,7 @@ def lora_sets(targets: Sequence[tuple[str, int]], num_sets: int, set_index: jax.
     hits[r.pattern] += 1
     x = args[0] if args else next(iter(kwargs.values()))
     scale = (alpha if alpha is not None else rank) / rank
-    return lora_update(m, out, x, rank=rank, scale=scale, names=LORA_SET_PARAMS, num_sets=num_sets,
-                       set_index=set_index)
+    return lora_update(m, out, x, rank=rank, scale=scale, names=LORA_SET_PARAMS, num_sets=num_sets, set_index=set_index)
 
   class _Ctx:
     def __enter__(self):
@@ -411,8 +446,10 @@ def _interceptor(next_fun, args, kwargs, context):
     ad_hit = [r.pattern for r in tracker.adapter_re if r.fullmatch(path)]
     if ad_hit:
       if not m._state.in_compact_method:  # noqa: SLF001 (params can only be created in compact methods)
-        raise ValueError(f"config.peft.adapter_targets: {path} ({type(m).__name__}) has no @nn.compact "
-                         "__call__, so an adapter cannot be attached to it; target its blocks instead")
+        raise ValueError(
+          f"config.peft.adapter_targets: {path} ({type(m).__name__}) has no @nn.compact "
+          "__call__, so an adapter cannot be attached to it; target its blocks instead"
+        )
       for p in ad_hit:
         tracker.adapter_hits[p].add(path)
       adapter = Adapter(tracker.cfg.adapter_dim, dtype=getattr(m, "dtype", None), name=ADAPTER_NAME, parent=m)
@@ -435,13 +472,16 @@ def _validate(tracker: _Tracker, model_name: str) -> None:
   for pattern, hits in tracker.lora_hits.items():
     if not hits:
       raise ValueError(
-          f"config.peft.targets: {pattern!r} matches no linear layer (nn.Dense, nn.DenseGeneral, HeadsDense) "
-          f"of {model_name}; its linear layers are: {sample(tracker.linear_paths) or 'none'}")
+        f"config.peft.targets: {pattern!r} matches no linear layer (nn.Dense, nn.DenseGeneral, HeadsDense) "
+        f"of {model_name}; its linear layers are: {sample(tracker.linear_paths) or 'none'}"
+      )
   for pattern, hits in tracker.adapter_hits.items():
     if not hits:
       blocks = [p for p in tracker.module_paths if re.search(r"(block_\d+|layers)$", p)]
-      raise ValueError(f"config.peft.adapter_targets: {pattern!r} matches no module of {model_name}; "
-                       f"its blocks are: {sample(blocks or tracker.module_paths)}")
+      raise ValueError(
+        f"config.peft.adapter_targets: {pattern!r} matches no module of {model_name}; "
+        f"its blocks are: {sample(blocks or tracker.module_paths)}"
+      )
 
 
 class _Scope:
@@ -486,6 +526,7 @@ def peft_class(cls: type, peft: Any) -> type:
     raise ValueError(f"{cls.__name__} already has PEFT ({cls.peft_config})")
   key = (cls, cfg)
   if key not in _CLASSES:
+
     def wrap(name):
       base = getattr(cls, name)
 
@@ -498,8 +539,7 @@ def peft_class(cls: type, peft: Any) -> type:
       return nn.nowrap(method)
 
     ns = {n: wrap(n) for n in _WRAPPED}
-    ns.update(peft_config=cfg, __module__=cls.__module__, __qualname__=cls.__qualname__,
-              __doc__=cls.__doc__)
+    ns.update(peft_config=cfg, __module__=cls.__module__, __qualname__=cls.__qualname__, __doc__=cls.__doc__)
     _CLASSES[key] = type(cls.__name__, (cls,), ns)
   return _CLASSES[key]
 
@@ -551,8 +591,11 @@ def count_params(params: Any, trainable: Sequence[str] | None, frozen: Sequence[
 def is_peft_path(path: str) -> bool:
   """Whether a parameter path is a PEFT parameter (LoRA, LoRA sets or adapters): such parameters are
   not in a base checkpoint, so loading one leaves them at their init."""
-  return bool(re.fullmatch(LORA_TRAINABLE, path) or re.fullmatch(ADAPTER_TRAINABLE, path)
-              or path.rsplit("/", 1)[-1] in LORA_SET_PARAMS)
+  return bool(
+    re.fullmatch(LORA_TRAINABLE, path)
+    or re.fullmatch(ADAPTER_TRAINABLE, path)
+    or path.rsplit("/", 1)[-1] in LORA_SET_PARAMS
+  )
 
 
 def peft_params(params: Any, regexes: Sequence[str] | None = None) -> dict:
@@ -594,6 +637,7 @@ def merge_lora(params: Any, alpha: float, rank: int | None = None) -> dict:
 def save_params(directory: str | Path, params: Any, step: int = 0) -> Path:
   """Writes `params` as a checkpoint that `vlm.checkpoint.load_params(directory)` reads back."""
   from vlm import checkpoint
+
   ckpt = checkpoint.Checkpointer(directory, save_every=1, keep=1, async_save=False)
   ckpt.save(int(step), {"params": params}, force=True)
   ckpt.close()
@@ -615,6 +659,7 @@ def load_peft(base_params: Any, peft_dir: str | Path, step: int | None = None) -
   path and shape. Raises ValueError for a leaf that does not fit the base.
   """
   from vlm import checkpoint
+
   base = _flat(base_params)
   problems = []
   for path, v in _flat(checkpoint.load_params(peft_dir, step)).items():
@@ -633,6 +678,7 @@ def load_peft(base_params: Any, peft_dir: str | Path, step: int | None = None) -
 
 def _latest_step(path: Path) -> int:
   import orbax.checkpoint as ocp
+
   ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
   mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step()
@@ -644,6 +690,7 @@ def merge_workdir(workdir: str | Path, out: str | Path, step: int | None = None,
   """Loads a PEFT run's parameters (latest or `step`), merges LoRA and writes a plain checkpoint
   (and config.json without `peft`) to `out`; adapters cannot be merged and raise."""
   from vlm import checkpoint
+
   workdir, out = Path(workdir), Path(out)
   config = None
   if (workdir / "config.json").exists():
@@ -656,8 +703,10 @@ def merge_workdir(workdir: str | Path, out: str | Path, step: int | None = None,
   params = checkpoint.load_params(workdir, step)
   adapters = [p for p in _flat(params) if re.fullmatch(ADAPTER_TRAINABLE, p)]
   if adapters:
-    raise ValueError(f"{workdir}: adapters cannot be merged into the base weights (e.g. {adapters[0]}); "
-                     "serve this checkpoint with the PEFT model config")
+    raise ValueError(
+      f"{workdir}: adapters cannot be merged into the base weights (e.g. {adapters[0]}); "
+      "serve this checkpoint with the PEFT model config"
+    )
   if step is None:
     step = _latest_step(workdir)
   save_params(out, merge_lora(params, alpha), step)
@@ -669,6 +718,7 @@ def merge_workdir(workdir: str | Path, out: str | Path, step: int | None = None,
 
 def main(argv) -> None:
   from absl import flags
+
   f = flags.FLAGS
   if len(argv) != 2 or argv[1] != "merge":
     raise SystemExit("usage: python -m vlm.peft merge --workdir=DIR --out=DIR2 [--step=N] [--alpha=A]")
@@ -680,6 +730,7 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags
+
   flags.DEFINE_string("workdir", None, "Workdir (or checkpoints directory) of a PEFT training run.")
   flags.DEFINE_string("out", None, "Where to write the merged plain checkpoint.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")

@@ -68,8 +68,14 @@ def load_image(path: str | Path, pp: str) -> np.ndarray:
   return np.asarray(load_example(path, pp)["image"], np.float32)[None]
 
 
-def predict(workdir: str | Path, image: str | Path, labels: list[str], templates: list[str] | None = None,
-            step: int | None = None, tokenizer: str | None = None) -> list[tuple[str, float]]:
+def predict(
+  workdir: str | Path,
+  image: str | Path,
+  labels: list[str],
+  templates: list[str] | None = None,
+  step: int | None = None,
+  tokenizer: str | None = None,
+) -> list[tuple[str, float]]:
   """Labels ranked by a contrastive model's probability for the image (prompt-ensembled templates)."""
   config, model, _, params = load_run(workdir, step, tokenizer)
   if templates is None and is_published(workdir):  # a published model: no dataset templates
@@ -80,8 +86,12 @@ def predict(workdir: str | Path, image: str | Path, labels: list[str], templates
     except Exception:  # a source without metadata
       templates = list(DEFAULT_TEMPLATES)
   tok = get_tokenizer(config.data)
-  ids = tok.encode_batch([t.format(label) for label in labels for t in templates], config.data.text_length,
-                         config.data.add_bos, config.data.add_eos)
+  ids = tok.encode_batch(
+    [t.format(label) for label in labels for t in templates],
+    config.data.text_length,
+    config.data.add_bos,
+    config.data.add_eos,
+  )
   x = jnp.asarray(load_image(image, config.data.pp_eval))
   zimg = model.apply({"params": params}, x, method=model.encode_image)[0]
   ztxt = model.apply({"params": params}, jnp.asarray(ids), method=model.encode_text)[0]
@@ -98,8 +108,14 @@ def predict(workdir: str | Path, image: str | Path, labels: list[str], templates
   return [(labels[i], float(probs[i])) for i in order]
 
 
-def caption(workdir: str | Path, image: str | Path, method: str = "greedy", step: int | None = None,
-            tokenizer: str | None = None, **decode_kw) -> str:
+def caption(
+  workdir: str | Path,
+  image: str | Path,
+  method: str = "greedy",
+  step: int | None = None,
+  tokenizer: str | None = None,
+  **decode_kw,
+) -> str:
   """A caption of the image by a captioning model's KV-cached decoder (vlm.decoding)."""
   config, model, _, params = load_run(workdir, step, tokenizer)
   if not hasattr(model, "caption_context"):
@@ -107,18 +123,36 @@ def caption(workdir: str | Path, image: str | Path, method: str = "greedy", step
   tok = get_tokenizer(config.data)
   x = jnp.asarray(load_image(image, config.data.pp_eval))
   rng = jax.random.key(0) if method == "sample" else None
-  out = generate_captions(model, params, x, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                          max_len=int(config.data.text_length), method=method, rng=rng, **decode_kw)
+  out = generate_captions(
+    model,
+    params,
+    x,
+    bos_id=tok.bos_id,
+    eos_id=tok.eos_id,
+    pad_id=tok.pad_id,
+    max_len=int(config.data.text_length),
+    method=method,
+    rng=rng,
+    **decode_kw,
+  )
   return tok.decode(np.asarray(out.tokens)[0])
 
 
-def answer(workdir: str | Path, image: str | Path, question: str, top_k: int = 3,
-           step: int | None = None, tokenizer: str | None = None) -> list[tuple[str, float]]:
+def answer(
+  workdir: str | Path,
+  image: str | Path,
+  question: str,
+  top_k: int = 3,
+  step: int | None = None,
+  tokenizer: str | None = None,
+) -> list[tuple[str, float]]:
   """The top_k answers of data.answer_vocab (softmax probabilities) of a model with `vqa_logits`."""
   config, model, _, params = load_run(workdir, step, tokenizer)
   if not hasattr(model, "vqa_logits") or config.data.get("answer_vocab") is None:
-    raise ValueError(f"{workdir}: model {config.model_name!r} has no VQA classifier and answer vocabulary "
-                     "(train one with configs/vlmo_vqa.py)")
+    raise ValueError(
+      f"{workdir}: model {config.model_name!r} has no VQA classifier and answer vocabulary "
+      "(train one with configs/vlmo_vqa.py)"
+    )
   answers = list(load_answer_vocab(config.data.answer_vocab))
   tok = get_tokenizer(config.data)
   q = tok.encode_batch([question], config.data.text_length, config.data.add_bos, config.data.add_eos)
@@ -128,16 +162,27 @@ def answer(workdir: str | Path, image: str | Path, question: str, top_k: int = 3
   return [(answers[i], float(probs[i])) for i in order]
 
 
-def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "greedy", max_new_tokens: int = 32,
-         step: int | None = None, tokenizer: str | None = None, **decode_kw) -> str:
+def chat(
+  workdir: str | Path,
+  image: str | Path,
+  prompt: str,
+  method: str = "greedy",
+  max_new_tokens: int = 32,
+  step: int | None = None,
+  tokenizer: str | None = None,
+  **decode_kw,
+) -> str:
   """The answer of a VLM on a language model (vlm.models.vision_lm) to `prompt` about the image."""
   from vlm.data.conversation import IMAGE, chat_tokenizer_from_config, instruction_tokens
   from vlm.models.vision_lm import generate
+
   config, model, _, params = load_run(workdir, step, tokenizer)
   conv = config.data.get("conversation")
   if config.model_name not in ("vision_lm", "flamingo") or not conv:
-    raise ValueError(f"{workdir}: model {config.model_name!r} is not a VLM on a language model with "
-                     "data.conversation (train one with configs/llava_stage2.py); use --question or --labels")
+    raise ValueError(
+      f"{workdir}: model {config.model_name!r} is not a VLM on a language model with "
+      "data.conversation (train one with configs/llava_stage2.py); use --question or --labels"
+    )
   tok = get_tokenizer(config.data)
   turns = ([("system", conv.system)] if conv.get("system") else []) + [("user", IMAGE + prompt)]
   ex = load_example(image, config.data.pp_eval)
@@ -154,6 +199,7 @@ def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "gre
   kw = dict(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, method=method, rng=rng, **decode_kw)
   if config.model_name == "flamingo":
     from vlm.models import flamingo
+
     out = flamingo.generate(model, params, x, jnp.asarray(ids), **kw)
   else:
     out = generate(model, params, x, jnp.asarray(ids), instruction=instruction, image_layout=layout, **kw)
@@ -163,17 +209,19 @@ def chat(workdir: str | Path, image: str | Path, prompt: str, method: str = "gre
 def main(argv) -> None:
   del argv
   from absl import flags, logging
+
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   sources = [x for x in (f.workdir, f.hf, f.init) if x]
   if len(sources) != 1:
-    raise ValueError("pass exactly one of --workdir (a training run), --hf / --init (an HF directory or a "
-                     f"big_vision .npz); got {len(sources)}")
+    raise ValueError(
+      "pass exactly one of --workdir (a training run), --hf / --init (an HF directory or a "
+      f"big_vision .npz); got {len(sources)}"
+    )
   run, tok = sources[0], f.tokenizer
   if f.prompt is not None:
     kw = {"num_beams": f.num_beams} if f.method == "beam" else {}
-    print(json.dumps({"answer": chat(run, f.image, f.prompt, f.method, step=f.step, tokenizer=tok, **kw)}),
-          flush=True)
+    print(json.dumps({"answer": chat(run, f.image, f.prompt, f.method, step=f.step, tokenizer=tok, **kw)}), flush=True)
     return
   if f.question is not None:
     ranked = answer(run, f.image, f.question, step=f.step, tokenizer=tok)
@@ -193,12 +241,14 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags
+
   flags.DEFINE_string("workdir", None, "Workdir of a training run (or a published checkpoint, as --hf).")
   flags.DEFINE_string("hf", None, "A published checkpoint: HF Hub directory (or big_vision .npz).")
   flags.DEFINE_string("init", None, "Same as --hf.")
   flags.DEFINE_string("tokenizer", None, "Tokenizer file/directory (needed for a big_vision .npz).")
-  flags.DEFINE_string("templates", None, "'|'-separated prompt templates with {} (default: the data's, or "
-                      "'a photo of a {}.').")
+  flags.DEFINE_string(
+    "templates", None, "'|'-separated prompt templates with {} (default: the data's, or 'a photo of a {}.')."
+  )
   flags.DEFINE_string("image", None, "Path to an image file.")
   flags.DEFINE_string("labels", None, "Comma-separated candidate labels (zero-shot); without: a caption.")
   flags.DEFINE_string("question", None, "A question about the image (VQA classifiers).")

@@ -63,8 +63,16 @@ from vlm.train_step import abstract_train_state, create_train_state, make_train_
 from vlm.workdir import WorkdirLock, WorkdirLockedError, config_dict, config_diff, latest_config, record_config
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6e": 918e12,
-              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+PEAK_FLOPS = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6e": 918e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA A100": 312e12,
+}
 
 
 def peak_flops(config) -> float | None:
@@ -104,8 +112,10 @@ def _check(config) -> None:
   mesh = parallel.make_mesh(config.get("mesh", [("data", -1)]))
   n_data = int(np.prod([mesh.shape[a] for a in parallel.data_axes(mesh)]))
   if batch % n_data:
-    raise ValueError(f"config.batch_size={batch} is not divisible by the {n_data} data-parallel devices of "
-                     f"config.mesh={dict(mesh.shape)} (axes {parallel.data_axes(mesh)})")
+    raise ValueError(
+      f"config.batch_size={batch} is not divisible by the {n_data} data-parallel devices of "
+      f"config.mesh={dict(mesh.shape)} (axes {parallel.data_axes(mesh)})"
+    )
   if batch % jax.process_count():
     raise ValueError(f"config.batch_size={batch} is not divisible by the {jax.process_count()} processes")
   for key, registry in (("model_name", MODELS), ("objective_name", OBJECTIVES)):
@@ -164,6 +174,7 @@ def _agree(flags: list[bool]) -> list[bool]:
   if jax.process_count() == 1 or not flags:
     return flags
   from jax.experimental import multihost_utils
+
   return [bool(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(flags, np.int32)))]
 
 
@@ -210,9 +221,11 @@ def _check_resume(config, workdir: Path, ckpt: checkpoint.Checkpointer, step: in
     changed = f"config keys changed since {recorded[0].name}:\n{changed}"
   shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
   raise ValueError(
-      f"{workdir}: the config does not fit checkpoint {ckpt.directory / str(step)} it would resume from.\n"
-      f"{changed}\nstate whose shapes differ:\n  " + "\n  ".join(shown) +
-      "\nRevert those keys to resume, or train the new config in another --workdir.")
+    f"{workdir}: the config does not fit checkpoint {ckpt.directory / str(step)} it would resume from.\n"
+    f"{changed}\nstate whose shapes differ:\n  "
+    + "\n  ".join(shown)
+    + "\nRevert those keys to resume, or train the new config in another --workdir."
+  )
 
 
 def _short(value: Any) -> str:
@@ -231,9 +244,12 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
   total = int(config.total_steps)
   lead = jax.process_index() == 0
 
-  ckpt = checkpoint.Checkpointer(workdir, save_every=config.get("checkpoint_every", 1000),
-                                 keep=config.get("keep_checkpoints", 3),
-                                 async_save=config.get("async_checkpoint", True))
+  ckpt = checkpoint.Checkpointer(
+    workdir,
+    save_every=config.get("checkpoint_every", 1000),
+    keep=config.get("keep_checkpoints", 3),
+    async_save=config.get("async_checkpoint", True),
+  )
   start = ckpt.latest_step()
   loaded = []
   if start is None:  # before the data and the compiled init: a wrong path fails at once
@@ -245,8 +261,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     first = next(data_iter)
     init_args = objective.init_args(first)
     if start is not None:  # shapes from eval_shape: a changed model fails before any compile or write
-      _check_resume(config, workdir, ckpt, start,
-                    abstract_train_state(model, tx, mesh, rules, init_args, seed=config.seed)[0])
+      _check_resume(
+        config, workdir, ckpt, start, abstract_train_state(model, tx, mesh, rules, init_args, seed=config.seed)[0]
+      )
     state, shardings = create_train_state(model, tx, mesh, rules, init_args, seed=config.seed)
     pending = None
     if start is not None:  # resume: state, RNG and the data iterator exactly where they were
@@ -258,8 +275,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
       pending = first
       for block, params in loaded:
         mapping = dict(block.mapping) if block.get("mapping") else None
-        state = state.replace(params=checkpoint.merge_params(state.params, params, mapping,
-                                                              resample_posemb=bool(block.get("resample_posemb"))))
+        state = state.replace(
+          params=checkpoint.merge_params(
+            state.params, params, mapping, resample_posemb=bool(block.get("resample_posemb"))
+          )
+        )
         print(f"Initialised parameters from {block.path}", flush=True)
     resumed = start is not None
     start = start or 0
@@ -273,9 +293,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
         print(f"Config changed since the last start: recorded as {recorded}", flush=True)
       dropped = truncate_metrics(workdir, start if resumed else -1)
       if dropped:
-        print(f"metrics.jsonl: dropped {dropped} rows after step {start if resumed else 0} "
-              f"(written after the checkpoint the run {'resumes from' if resumed else 'restarts without'})",
-              flush=True)
+        print(
+          f"metrics.jsonl: dropped {dropped} rows after step {start if resumed else 0} "
+          f"(written after the checkpoint the run {'resumes from' if resumed else 'restarts without'})",
+          flush=True,
+        )
       rows = read_metrics(workdir)
 
     trainable = trainable_patterns(config)
@@ -284,8 +306,12 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
       print(f"Trainable parameters: {n_train:,} of {n_total:,} ({100.0 * n_train / max(n_total, 1):.3f}%)", flush=True)
 
     step_fn = make_train_step(model, objective, tx, mesh, rules, shardings, accum_steps=config.get("accum_steps", 1))
-    writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True), wandb=config.get("wandb"),
-                          purge_step=start + 1 if resumed else None)
+    writer = MetricWriter(
+      workdir,
+      tensorboard=config.get("tensorboard", True),
+      wandb=config.get("wandb"),
+      purge_step=start + 1 if resumed else None,
+    )
     n_dev = jax.device_count()
     flops = peak = None
     last: dict[str, Any] = {}
@@ -374,12 +400,14 @@ def _progress(start: int, total: int):
   if jax.process_index() != 0:
     return _NoProgress()
   from tqdm import tqdm
+
   return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=2.0)
 
 
 def main(argv) -> None:
   del argv
   from absl import flags, logging
+
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every save and read at INFO
   f = flags.FLAGS
   parallel.maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
@@ -391,6 +419,7 @@ def main(argv) -> None:
 def define_flags() -> None:
   from absl import flags
   from ml_collections import config_flags
+
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/siglip_b16.py:demo.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
@@ -401,5 +430,6 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   from absl import app
+
   define_flags()
   app.run(main)

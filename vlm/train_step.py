@@ -33,8 +33,9 @@ def _init_fn(model: nn.Module) -> Callable:
   return lambda rng, *args: model.init({"params": rng}, *args)["params"]
 
 
-def _state_around(tx: optax.GradientTransformation, mesh: Mesh, params, param_shardings,
-                  rng) -> tuple[TrainState, TrainState]:
+def _state_around(
+  tx: optax.GradientTransformation, mesh: Mesh, params, param_shardings, rng
+) -> tuple[TrainState, TrainState]:
   """(abstract state, state shardings) for params (arrays or abstract) and the state rng.
 
   The optimiser state's leaves that copy a parameter (Adam's mu and nu, ...) get that parameter's
@@ -42,15 +43,20 @@ def _state_around(tx: optax.GradientTransformation, mesh: Mesh, params, param_sh
   """
   opt_state = jax.eval_shape(tx.init, params)
   rep = parallel.replicated(mesh)
-  shardings = TrainState(step=rep, params=param_shardings,
-                         opt_state=parallel.follow_shardings(opt_state, params, param_shardings, mesh), rng=rep)
+  shardings = TrainState(
+    step=rep,
+    params=param_shardings,
+    opt_state=parallel.follow_shardings(opt_state, params, param_shardings, mesh),
+    rng=rep,
+  )
   step = jax.ShapeDtypeStruct((), jnp.int32)
   abstract = TrainState(step=step, params=params, opt_state=opt_state, rng=jax.eval_shape(lambda k: k, rng))
   return parallel.with_shardings(abstract, shardings), shardings
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
-                         init_args: tuple, seed: int = 0) -> tuple[TrainState, TrainState]:
+def abstract_train_state(
+  model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, init_args: tuple, seed: int = 0
+) -> tuple[TrainState, TrainState]:
   """The TrainState that create_train_state would make, as jax.ShapeDtypeStructs carrying their
   NamedShardings, computed with jax.eval_shape: nothing is allocated (e.g. to lower and compile a
   step for a mesh bigger than any machine at hand, `make_train_step(...).compiled(state, batch)`).
@@ -62,8 +68,9 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, mes
   return _state_around(tx, mesh, params, param_shardings, state_rng)
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                       rules, init_args: tuple, seed: int = 0) -> tuple[TrainState, TrainState]:
+def create_train_state(
+  model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, init_args: tuple, seed: int = 0
+) -> tuple[TrainState, TrainState]:
   """Initialises params straight into their shardings, then the optimiser state beside them.
 
   init_args: example inputs for `model.init` (shapes matter, values do not).
@@ -75,13 +82,24 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh:
   # jit with out_shardings, not device_put: in a multi-host run `rep` spans other processes' devices.
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  state = TrainState(step=jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings.step)(), params=params,
-                     opt_state=opt_state, rng=jax.jit(lambda k: k, out_shardings=shardings.rng)(state_rng))
+  state = TrainState(
+    step=jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings.step)(),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.jit(lambda k: k, out_shardings=shardings.rng)(state_rng),
+  )
   return state, shardings
 
 
-def make_train_step(model: nn.Module, objective: Objective, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules, state_shardings: TrainState, accum_steps: int = 1) -> Callable:
+def make_train_step(
+  model: nn.Module,
+  objective: Objective,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  rules,
+  state_shardings: TrainState,
+  accum_steps: int = 1,
+) -> Callable:
   """Returns step(state, batch) -> (state, metrics), jitted with shardings and donation.
 
   The step also has `.flops(state, batch)` (XLA's FLOP count per device), `.lower(state, batch)` and
@@ -124,8 +142,12 @@ def make_train_step(model: nn.Module, objective: Objective, tx: optax.GradientTr
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   batch_sharding = parallel.batch_sharding(mesh)  # a prefix: every batch leaf is batch-major
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  jitted = jax.jit(
+    step,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, parallel.replicated(mesh)),
+    donate_argnums=(0,),
+  )
 
   compiled = {}  # compiled once, on the first batch; also gives the FLOP count
 

@@ -75,14 +75,20 @@ class WorkdirLock:
   def _held(self, holder: dict[str, Any]) -> WorkdirLockedError:
     who = _describe(holder) if holder else "another process (it has not written its details yet)"
     hint = ""
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-        and not _pid_alive(holder["pid"]):
-      hint = (f" pid {holder['pid']} is not running, but a process it started (a data worker?) still has the "
-              "lock file open; end that process.")
+    if (
+      holder.get("host") == socket.gethostname()
+      and isinstance(holder.get("pid"), int)
+      and not _pid_alive(holder["pid"])
+    ):
+      hint = (
+        f" pid {holder['pid']} is not running, but a process it started (a data worker?) still has the "
+        "lock file open; end that process."
+      )
     return WorkdirLockedError(
-        f"workdir {self.path.parent} is in use: its lock {self.path} is held by {who}. Two trainers on one "
-        f"workdir interleave metrics.jsonl and delete each other's checkpoints; stop that run or pick another "
-        f"--workdir.{hint}")
+      f"workdir {self.path.parent} is in use: its lock {self.path} is held by {who}. Two trainers on one "
+      f"workdir interleave metrics.jsonl and delete each other's checkpoints; stop that run or pick another "
+      f"--workdir.{hint}"
+    )
 
   def acquire(self) -> "WorkdirLock":
     """Takes the lock or raises WorkdirLockedError naming the holder's host, pid, start time and the lock file."""
@@ -127,8 +133,11 @@ class WorkdirLock:
           continue
         holder = _read_holder(fd)
         os.close(fd)
-        stale = (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
-                 and not _pid_alive(holder["pid"]))
+        stale = (
+          holder.get("host") == socket.gethostname()
+          and isinstance(holder.get("pid"), int)
+          and not _pid_alive(holder["pid"])
+        )
         if not stale:
           raise self._held(holder) from None
         print(f"{self.path}: taking over the stale lock of {_describe(holder)}; that process is gone", flush=True)
@@ -182,7 +191,9 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any
   """{dotted key: (old value, new value)} of the keys whose values differ (a missing key is '<absent>')."""
   a, b = flatten(old), flatten(new)
   missing = "<absent>"
-  return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
+  return {
+    k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)
+  }
 
 
 def recorded_configs(workdir: str | Path) -> list[tuple[int, Path]]:
@@ -190,7 +201,7 @@ def recorded_configs(workdir: str | Path) -> list[tuple[int, Path]]:
   workdir = Path(workdir)
   out = [(0, workdir / "config.json")] if (workdir / "config.json").exists() else []
   for p in workdir.glob("config.*.json"):
-    step = p.name[len("config."):-len(".json")]
+    step = p.name[len("config.") : -len(".json")]
     if step.isdigit():
       out.append((int(step), p))
   return sorted(out)
@@ -219,7 +230,9 @@ def record_config(workdir: str | Path, config: Any, step: int | None) -> Path | 
   """Records the config a run (re)starts with: config.json on a fresh start (step None), else
   config.<step>.json when it differs from the config in force (None when it does not)."""
   workdir = Path(workdir)
-  text = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config, indent=2)
+  text = (
+    config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config, indent=2)
+  )
   if step is None:  # a fresh start: the configs of resumes of checkpoints that no longer exist go
     path = workdir / "config.json"
     for _, stale in recorded_configs(workdir):

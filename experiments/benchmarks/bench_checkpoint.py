@@ -28,6 +28,7 @@ def main() -> None:
   args = ap.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
+
   jax.config.update("jax_num_cpu_devices", args.devices)
   import numpy as np
 
@@ -35,12 +36,15 @@ def main() -> None:
 
   mesh = parallel.make_mesh([("data", -1)])
   rng = np.random.default_rng(0)
-  tree = {f"p{i}": jax.device_put(rng.normal(size=(64 + i % 7, 32)).astype(np.float32), parallel.replicated(mesh))
-          for i in range(args.arrays)}
+  tree = {
+    f"p{i}": jax.device_put(rng.normal(size=(64 + i % 7, 32)).astype(np.float32), parallel.replicated(mesh))
+    for i in range(args.arrays)
+  }
   tree["big"] = jax.device_put(np.zeros((1024, 1024), np.float32), parallel.replicated(mesh))
-  settings = {"replica-parallel, every array (orbax)": 0,
-              f"replica-parallel >= {checkpoint.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL} B (vlm)":
-              checkpoint.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL}
+  settings = {
+    "replica-parallel, every array (orbax)": 0,
+    f"replica-parallel >= {checkpoint.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL} B (vlm)": checkpoint.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
+  }
   times = {name: [] for name in settings}
   for r in range(args.repeats + 1):
     for name, min_bytes in settings.items():

@@ -26,17 +26,31 @@ import optax  # noqa: E402
 
 from vlm.models.decoder import DecoderLM  # noqa: E402
 
-VARIANTS = (("unrolled", False, "none"), ("scan_layers", True, "none"), ("unrolled + remat 'dots'", False, "dots"),
-            ("scan_layers + remat 'dots'", True, "dots"), ("unrolled + remat 'full'", False, "full"),
-            ("scan_layers + remat 'full'", True, "full"))
+VARIANTS = (
+  ("unrolled", False, "none"),
+  ("scan_layers", True, "none"),
+  ("unrolled + remat 'dots'", False, "dots"),
+  ("scan_layers + remat 'dots'", True, "dots"),
+  ("unrolled + remat 'full'", False, "full"),
+  ("scan_layers + remat 'full'", True, "full"),
+)
 
 
 def measure(args, scan: bool, remat: str) -> dict:
-  model = DecoderLM(vocab_size=args.vocab, width=args.width, depth=args.depth, num_heads=args.heads,
-                    num_kv_heads=args.heads // 2, mlp_dim=4 * args.width, scan_layers=scan, remat_policy=remat)
+  model = DecoderLM(
+    vocab_size=args.vocab,
+    width=args.width,
+    depth=args.depth,
+    num_heads=args.heads,
+    num_kv_heads=args.heads // 2,
+    mlp_dim=4 * args.width,
+    scan_layers=scan,
+    remat_policy=remat,
+  )
   tokens = jax.ShapeDtypeStruct((args.batch, args.seq + 1), jnp.int32)
-  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
-                         ["params"])
+  params = nn.meta.unbox(
+    jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
+  )
   tx = optax.adamw(1e-4)
   opt = jax.eval_shape(tx.init, params)
 
@@ -44,6 +58,7 @@ def measure(args, scan: bool, remat: str) -> dict:
     def loss(p):
       logits = model.apply({"params": p}, toks[:, :-1], train=True)
       return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
+
     value, grads = jax.value_and_grad(loss)(p)
     updates, o = tx.update(grads, o, p)
     return optax.apply_updates(p, updates), o, value
@@ -68,8 +83,14 @@ def measure(args, scan: bool, remat: str) -> dict:
   v.block_until_ready()
   step_s = (time.perf_counter() - t3) / 3
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  return dict(lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2), hlo_chars=hlo_chars, step_s=round(step_s, 3),
-              params=n_params, loss=round(float(v), 3))
+  return dict(
+    lower_s=round(t1 - t0, 2),
+    compile_s=round(t2 - t1, 2),
+    hlo_chars=hlo_chars,
+    step_s=round(step_s, 3),
+    params=n_params,
+    loss=round(float(v), 3),
+  )
 
 
 def main() -> None:
@@ -83,8 +104,11 @@ def main() -> None:
   p.add_argument("--only", default="", help="comma-separated variant indices (0-5) to run; default all")
   args = p.parse_args()
   chosen = [VARIANTS[int(i)] for i in args.only.split(",")] if args.only else list(VARIANTS)
-  print(f"DecoderLM depth {args.depth}, width {args.width}, {args.heads} heads, vocab {args.vocab}; train step on "
-        f"[{args.batch}, {args.seq}] tokens; jax {jax.__version__}, {jax.devices()[0].platform}", flush=True)
+  print(
+    f"DecoderLM depth {args.depth}, width {args.width}, {args.heads} heads, vocab {args.vocab}; train step on "
+    f"[{args.batch}, {args.seq}] tokens; jax {jax.__version__}, {jax.devices()[0].platform}",
+    flush=True,
+  )
   rows = []
   for name, scan, remat in chosen:
     r = dict(variant=name, **measure(args, scan, remat))

@@ -45,20 +45,28 @@ def main() -> None:
   n_new = args.max_len - 1
 
   def cached(p, x, method, **kw):
-    return generate_captions(model, p, x, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=args.max_len,
-                             method=method, **kw).tokens
+    return generate_captions(
+      model, p, x, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=args.max_len, method=method, **kw
+    ).tokens
 
   def uncached(p, x):
     def logits_fn(buf):
       return model.apply({"params": p}, x, buf)[2]["logits"]
+
     prompt = jnp.full((x.shape[0], 1), BOS, jnp.int32)
-    return decoding.greedy(decoding.uncached_step_fn(logits_fn), decoding.init_token_cache(x.shape[0], args.max_len),
-                           prompt, max_new_tokens=n_new, eos_id=EOS, pad_id=PAD).tokens
+    return decoding.greedy(
+      decoding.uncached_step_fn(logits_fn),
+      decoding.init_token_cache(x.shape[0], args.max_len),
+      prompt,
+      max_new_tokens=n_new,
+      eos_id=EOS,
+      pad_id=PAD,
+    ).tokens
 
   runs = {
-      "greedy_cached": jax.jit(lambda p, x: cached(p, x, "greedy")),
-      "greedy_uncached": jax.jit(uncached),
-      "beam4_cached": jax.jit(lambda p, x: cached(p, x, "beam", num_beams=4)),
+    "greedy_cached": jax.jit(lambda p, x: cached(p, x, "greedy")),
+    "greedy_uncached": jax.jit(uncached),
+    "beam4_cached": jax.jit(lambda p, x: cached(p, x, "beam", num_beams=4)),
   }
   for name, fn in runs.items():
     t0 = time.perf_counter()
@@ -70,9 +78,20 @@ def main() -> None:
       jax.block_until_ready(fn(params, images))
       times.append(time.perf_counter() - t0)
     best = min(times)
-    print(json.dumps(dict(method=name, batch=args.batch, new_tokens=n_new, first_call_s=round(compile_s, 2),
-                          run_s=round(best, 3), tokens_per_s=round(args.batch * n_new / best, 1),
-                          device=jax.devices()[0].device_kind)), flush=True)
+    print(
+      json.dumps(
+        dict(
+          method=name,
+          batch=args.batch,
+          new_tokens=n_new,
+          first_call_s=round(compile_s, 2),
+          run_s=round(best, 3),
+          tokens_per_s=round(args.batch * n_new / best, 1),
+          device=jax.devices()[0].device_kind,
+        )
+      ),
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,11 @@ def main() -> None:
     for _ in range(args.batches):
       next(it)
     wall, cpu = (time.perf_counter() - wall) / args.batches, (time.process_time() - cpu) / args.batches
-    print(f"read_threads={threads}: {wall * 1e3:.0f} ms/batch wall, {cpu * 1e3:.0f} ms/batch CPU "
-          f"({128 / cpu:.0f} examples per CPU-second)", flush=True)
+    print(
+      f"read_threads={threads}: {wall * 1e3:.0f} ms/batch wall, {cpu * 1e3:.0f} ms/batch CPU "
+      f"({128 / cpu:.0f} examples per CPU-second)",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -67,13 +67,16 @@ class VlmStep:
   def __init__(self, config):
     self.config = config
     self.mesh, rules, self.model, self.objective, tx, _, _ = setup(config)
-    self.data = make_pipeline(config.data, split="train", batch_size=config.batch_size, mesh=self.mesh,
-                              seed=config.seed)
+    self.data = make_pipeline(
+      config.data, split="train", batch_size=config.batch_size, mesh=self.mesh, seed=config.seed
+    )
     self.batch = next(self.data)
-    self.state, shardings = create_train_state(self.model, tx, self.mesh, rules, self.objective.init_args(self.batch),
-                                               seed=config.seed)
-    self.step_fn = make_train_step(self.model, self.objective, tx, self.mesh, rules, shardings,
-                                   accum_steps=config.get("accum_steps", 1))
+    self.state, shardings = create_train_state(
+      self.model, tx, self.mesh, rules, self.objective.init_args(self.batch), seed=config.seed
+    )
+    self.step_fn = make_train_step(
+      self.model, self.objective, tx, self.mesh, rules, shardings, accum_steps=config.get("accum_steps", 1)
+    )
     t0 = time.perf_counter()
     self.flops = self.step_fn.flops(self.state, self.batch)  # compiles
     self.compile_s = time.perf_counter() - t0
@@ -93,6 +96,7 @@ class VlmStep:
 
   def loss(self) -> float:
     import jax.numpy as jnp
+
     with jax.set_mesh(self.mesh):
       out = self.objective(self.model, self.state.params, self.batch, rng=jax.random.key(0), train=False)
     return float(jnp.asarray(out[0]))
@@ -106,6 +110,7 @@ class HFPeer:
     import transformers
 
     from vlm.convert import export_hf
+
     config = vlm.config
     if config.model_name != "two_tower":
       raise app.UsageError(f"--peer=hf: needs a two-tower config (SigLIP / CLIP), got model_name={config.model_name}")
@@ -119,8 +124,13 @@ class HFPeer:
     self.pixels = torch.from_numpy(np.asarray(batch["image"], np.float32)).permute(0, 3, 1, 2).contiguous()
     self.ids = torch.from_numpy(np.asarray(batch["text"], np.int64))
     wd = float(config.get("wd", 0.0))
-    self.opt = torch.optim.AdamW(self.model.parameters(), lr=float(config.lr), weight_decay=wd,
-                                 betas=(config.optimizer_kw.b1, config.optimizer_kw.b2), eps=config.optimizer_kw.eps)
+    self.opt = torch.optim.AdamW(
+      self.model.parameters(),
+      lr=float(config.lr),
+      weight_decay=wd,
+      betas=(config.optimizer_kw.b1, config.optimizer_kw.b2),
+      eps=config.optimizer_kw.eps,
+    )
     self.torch = torch
 
   def loss(self) -> float:
@@ -162,11 +172,18 @@ def main(argv) -> None:
   dt = _median(times)
   peak = peak_flops(config)
   row = {
-      "config": f"{config.model_name}/{config.objective_name}", "batch": config.batch_size,
-      "dtype": str(config.model.get("dtype") or "float32"), "attention": config.get("attention_impl", "auto"),
-      "data": FLAGS.data, "device": device.device_kind, "devices": n_dev,
-      "threads": os.cpu_count(), "compile_s": round(vlm.compile_s, 2), "step_s": round(dt, 4),
-      "steps_per_s": round(1 / dt, 3), "examples_per_s_per_device": round(config.batch_size / dt / n_dev, 2),
+    "config": f"{config.model_name}/{config.objective_name}",
+    "batch": config.batch_size,
+    "dtype": str(config.model.get("dtype") or "float32"),
+    "attention": config.get("attention_impl", "auto"),
+    "data": FLAGS.data,
+    "device": device.device_kind,
+    "devices": n_dev,
+    "threads": os.cpu_count(),
+    "compile_s": round(vlm.compile_s, 2),
+    "step_s": round(dt, 4),
+    "steps_per_s": round(1 / dt, 3),
+    "examples_per_s_per_device": round(config.batch_size / dt / n_dev, 2),
   }
   if "text" in vlm.batch:  # token positions per step (padding included): the LM recipes' throughput
     row["tokens_per_s_per_device"] = round(int(np.prod(vlm.batch["text"].shape)) / dt / n_dev, 1)
@@ -179,8 +196,13 @@ def main(argv) -> None:
   row.update(memory_figure(vlm.compiled))
   if peer is not None:
     pdt = _median(peer_times)
-    row.update(losses, peer=f"transformers {peer.kind}", peer_step_s=round(pdt, 4),
-               peer_examples_per_s=round(config.batch_size / pdt, 2), speedup_vs_peer=round(pdt / dt, 3))
+    row.update(
+      losses,
+      peer=f"transformers {peer.kind}",
+      peer_step_s=round(pdt, 4),
+      peer_examples_per_s=round(config.batch_size / pdt, 2),
+      speedup_vs_peer=round(pdt / dt, 3),
+    )
   print(json.dumps(row), flush=True)
 
 

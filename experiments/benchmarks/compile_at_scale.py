@@ -48,45 +48,54 @@ def _parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--devices", type=int, default=64, help="simulated CPU devices (JAX_NUM_CPU_DEVICES)")
   p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"comma-separated, of {sorted(RECIPES)}")
-  p.add_argument("--override", action="append", default=[],
-                 help="key=value (a Python literal) applied to every recipe's config after its own overrides")
+  p.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    help="key=value (a Python literal) applied to every recipe's config after its own overrides",
+  )
   p.add_argument("--loss_batch", type=int, default=32_768, help="global batch of the loss-alone compile (0: skip)")
   p.add_argument("--loss_dim", type=int, default=768)
   p.add_argument("--json", default=None, help="append one JSON line per result to this file")
-  p.add_argument("--unrolled_flops", type=int, default=1,
-                 help="1: a scanned LM's FLOPs from unrolled compiles at depth 1 and 2 (see unrolled_flops)")
+  p.add_argument(
+    "--unrolled_flops",
+    type=int,
+    default=1,
+    help="1: a scanned LM's FLOPs from unrolled compiles at depth 1 and 2 (see unrolled_flops)",
+  )
   return p.parse_args(argv)
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """A config file (+ ':variant') and the overrides (dotted config keys -> values) it is compiled with."""
+
   config: str
   overrides: tuple[tuple[str, Any], ...] = ()
 
 
-_FSDP_7B = (("mesh", [("fsdp", -1)]), ("model.lm_config.scan_layers", True),
-            ("model.lm_config.remat_policy", "full"))
+_FSDP_7B = (("mesh", [("fsdp", -1)]), ("model.lm_config.scan_layers", True), ("model.lm_config.remat_policy", "full"))
 _REMAT_TOWERS = (("model.image.remat_policy", "full"), ("model.text.remat_policy", "full"))
 _SCAN_REMAT_TOWERS = (("model.image.scan", True), ("model.text.scan", True)) + _REMAT_TOWERS
 RECIPES: dict[str, Recipe] = {
-    "siglip_b16_all_gather": Recipe("configs/siglip_b16.py", (("objective.impl", "all_gather"),)),
-    "siglip_b16_ring": Recipe("configs/siglip_b16.py", (("objective.impl", "ring"),)),
-    "coca_b16": Recipe("configs/coca_b16.py"),
-    "llava15_7b_stage2": Recipe("configs/llava_stage2.py", _FSDP_7B),
-    "blip2_stage2_7b": Recipe("configs/blip2_stage2.py", _FSDP_7B),
-    # Not in the default set: with / without rematerialisation, for comparison. XLA:CPU honours remat
-    # only inside a scan (unrolled, its scheduler moves the recomputation up beside the forward pass).
-    "siglip_b16_ring_remat": Recipe("configs/siglip_b16.py", (("objective.impl", "ring"),) + _REMAT_TOWERS),
-    "coca_b16_remat": Recipe("configs/coca_b16.py", _REMAT_TOWERS),
-    "siglip_b16_all_gather_scan_remat": Recipe("configs/siglip_b16.py",
-                                               (("objective.impl", "all_gather"),) + _SCAN_REMAT_TOWERS),
-    "siglip_b16_ring_scan_remat": Recipe("configs/siglip_b16.py", (("objective.impl", "ring"),) + _SCAN_REMAT_TOWERS),
-    "coca_b16_scan_remat": Recipe("configs/coca_b16.py", _SCAN_REMAT_TOWERS[:1] + _REMAT_TOWERS),  # no decoder scan
-    "llava15_7b_stage2_noremat": Recipe("configs/llava_stage2.py", _FSDP_7B[:2]),
-    # BLIP-2's captions are short (LAVIS: 32 text tokens after the 32 queries); the recipe inherits
-    # LLaVA's 2048-token conversations.
-    "blip2_stage2_7b_len128": Recipe("configs/blip2_stage2.py", _FSDP_7B + (("data.conversation.length", 128),)),
+  "siglip_b16_all_gather": Recipe("configs/siglip_b16.py", (("objective.impl", "all_gather"),)),
+  "siglip_b16_ring": Recipe("configs/siglip_b16.py", (("objective.impl", "ring"),)),
+  "coca_b16": Recipe("configs/coca_b16.py"),
+  "llava15_7b_stage2": Recipe("configs/llava_stage2.py", _FSDP_7B),
+  "blip2_stage2_7b": Recipe("configs/blip2_stage2.py", _FSDP_7B),
+  # Not in the default set: with / without rematerialisation, for comparison. XLA:CPU honours remat
+  # only inside a scan (unrolled, its scheduler moves the recomputation up beside the forward pass).
+  "siglip_b16_ring_remat": Recipe("configs/siglip_b16.py", (("objective.impl", "ring"),) + _REMAT_TOWERS),
+  "coca_b16_remat": Recipe("configs/coca_b16.py", _REMAT_TOWERS),
+  "siglip_b16_all_gather_scan_remat": Recipe(
+    "configs/siglip_b16.py", (("objective.impl", "all_gather"),) + _SCAN_REMAT_TOWERS
+  ),
+  "siglip_b16_ring_scan_remat": Recipe("configs/siglip_b16.py", (("objective.impl", "ring"),) + _SCAN_REMAT_TOWERS),
+  "coca_b16_scan_remat": Recipe("configs/coca_b16.py", _SCAN_REMAT_TOWERS[:1] + _REMAT_TOWERS),  # no decoder scan
+  "llava15_7b_stage2_noremat": Recipe("configs/llava_stage2.py", _FSDP_7B[:2]),
+  # BLIP-2's captions are short (LAVIS: 32 text tokens after the 32 queries); the recipe inherits
+  # LLaVA's 2048-token conversations.
+  "blip2_stage2_7b_len128": Recipe("configs/blip2_stage2.py", _FSDP_7B + (("data.conversation.length", 128),)),
 }
 DEFAULT_RECIPES = ("siglip_b16_all_gather", "siglip_b16_ring", "coca_b16", "llava15_7b_stage2", "blip2_stage2_7b")
 GB = 1e9
@@ -182,8 +191,10 @@ def batch_shapes(config, batch_size: int) -> dict[str, tuple[tuple[int, ...], An
   data = config.data
   if data.get("interleaved_images", 1) > 1 or (data.get("conversation") or {}).get("pack", 1) > 1:
     raise NotImplementedError("abstract batches of interleaved or packed data")
-  shapes = {"image": ((batch_size, *image_shape(data)), jnp.float32),
-            "text": ((batch_size, int(data.text_length)), jnp.int32)}
+  shapes = {
+    "image": ((batch_size, *image_shape(data)), jnp.float32),
+    "text": ((batch_size, int(data.text_length)), jnp.int32),
+  }
   conv = data.get("conversation")
   if conv:
     length = int(conv.get("length", 64))
@@ -195,8 +206,10 @@ def batch_shapes(config, batch_size: int) -> dict[str, tuple[tuple[int, ...], An
 
 def abstract_batch(config, mesh, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   """batch_shapes as jax.ShapeDtypeStructs with the batch sharding (dim 0 over the data axes)."""
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
-          for k, (shape, dtype) in batch_shapes(config, batch_size).items()}
+  return {
+    k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
+    for k, (shape, dtype) in batch_shapes(config, batch_size).items()
+  }
 
 
 # ----------------------------------------------------------------- compile --
@@ -204,8 +217,12 @@ def abstract_batch(config, mesh, batch_size: int) -> dict[str, jax.ShapeDtypeStr
 
 def memory_report(compiled) -> dict[str, int]:
   m = compiled.memory_analysis()
-  out = dict(argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
-             alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes))
+  out = dict(
+    argument_bytes=int(m.argument_size_in_bytes),
+    output_bytes=int(m.output_size_in_bytes),
+    alias_bytes=int(m.alias_size_in_bytes),
+    temp_bytes=int(m.temp_size_in_bytes),
+  )
   out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
   return out
 
@@ -234,11 +251,19 @@ def compile_config(config, name: str = "") -> dict[str, Any]:
     compiled = step.compiled(state, batch)
     t_compile = time.perf_counter() - t0
   flops = flops_per_device(compiled)
-  row = dict(recipe=name, mesh={k: int(v) for k, v in mesh.shape.items()}, devices=int(mesh.size),
-             global_batch=int(config.batch_size), dtype=compute_dtype(config), params=count_params(state.params),
-             **memory_report(compiled), flops_per_device=flops,
-             flops_per_step=None if flops is None else flops * mesh.size,
-             setup_s=round(t_setup, 1), compile_s=round(t_compile, 1))
+  row = dict(
+    recipe=name,
+    mesh={k: int(v) for k, v in mesh.shape.items()},
+    devices=int(mesh.size),
+    global_batch=int(config.batch_size),
+    dtype=compute_dtype(config),
+    params=count_params(state.params),
+    **memory_report(compiled),
+    flops_per_device=flops,
+    flops_per_step=None if flops is None else flops * mesh.size,
+    setup_s=round(t_setup, 1),
+    compile_s=round(t_compile, 1),
+  )
   row["fits_80gb"] = row["total_bytes"] <= HBM_BYTES
   return row
 
@@ -295,9 +320,15 @@ def compile_loss(mesh, impl: str, kind: str = "sigmoid", batch: int = 32_768, di
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar, scalar).compile()
-  return dict(recipe=f"loss_alone_{kind}_{impl}", devices=int(mesh.size), global_batch=batch, dim=dim,
-              **memory_report(compiled), flops_per_device=flops_per_device(compiled),
-              compile_s=round(time.perf_counter() - t0, 1))
+  return dict(
+    recipe=f"loss_alone_{kind}_{impl}",
+    devices=int(mesh.size),
+    global_batch=batch,
+    dim=dim,
+    **memory_report(compiled),
+    flops_per_device=flops_per_device(compiled),
+    compile_s=round(time.perf_counter() - t0, 1),
+  )
 
 
 # ------------------------------------------------------------------ report --
@@ -312,16 +343,20 @@ def _flops(x) -> str:
 
 
 def markdown_rows(rows: list[dict]) -> str:
-  head = ("| Recipe | Mesh | Global batch | dtype | Params | Argument GB | Output GB | Temp GB | Total GB | "
-          "FLOPs/step (per device) | Compile s | Fits 80 GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+  head = (
+    "| Recipe | Mesh | Global batch | dtype | Params | Argument GB | Output GB | Temp GB | Total GB | "
+    "FLOPs/step (per device) | Compile s | Fits 80 GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+  )
   lines = [head]
   for r in rows:
     mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
-    lines.append(f"| {r['recipe']} | {mesh} | {r['global_batch']:,} | {r['dtype']} | {r['params'] / 1e9:.2f}B | "
-                 f"{_gb(r['argument_bytes'])} | {_gb(r['output_bytes'])} | {_gb(r['temp_bytes'])} | "
-                 f"{_gb(r['total_bytes'])} | {_flops(r['flops_per_step'])} ({_flops(r['flops_per_device'])})"
-                 f"{' *' if r.get('flops_note') else ''} | "
-                 f"{r['compile_s']:.0f} | {'yes' if r['fits_80gb'] else 'no'} |")
+    lines.append(
+      f"| {r['recipe']} | {mesh} | {r['global_batch']:,} | {r['dtype']} | {r['params'] / 1e9:.2f}B | "
+      f"{_gb(r['argument_bytes'])} | {_gb(r['output_bytes'])} | {_gb(r['temp_bytes'])} | "
+      f"{_gb(r['total_bytes'])} | {_flops(r['flops_per_step'])} ({_flops(r['flops_per_device'])})"
+      f"{' *' if r.get('flops_note') else ''} | "
+      f"{r['compile_s']:.0f} | {'yes' if r['fits_80gb'] else 'no'} |"
+    )
   return "\n".join(lines)
 
 
@@ -356,18 +391,25 @@ def main(args: argparse.Namespace) -> None:
   by_name = {r["recipe"]: r for r in rows}
   if "siglip_b16_all_gather" in by_name and "siglip_b16_ring" in by_name:
     ag, ring = by_name["siglip_b16_all_gather"], by_name["siglip_b16_ring"]
-    print(f"SigLIP whole step: temp all-gather {_gb(ag['temp_bytes'])} GB, ring {_gb(ring['temp_bytes'])} GB, "
-          f"difference {_gb(ag['temp_bytes'] - ring['temp_bytes'])} GB", flush=True)
+    print(
+      f"SigLIP whole step: temp all-gather {_gb(ag['temp_bytes'])} GB, ring {_gb(ring['temp_bytes'])} GB, "
+      f"difference {_gb(ag['temp_bytes'] - ring['temp_bytes'])} GB",
+      flush=True,
+    )
   if args.loss_batch:
     mesh = parallel.make_mesh([("data", -1)])
-    loss_rows = {impl: compile_loss(mesh, impl, "sigmoid", args.loss_batch, args.loss_dim)
-                 for impl in ("all_gather", "ring")}
+    loss_rows = {
+      impl: compile_loss(mesh, impl, "sigmoid", args.loss_batch, args.loss_dim) for impl in ("all_gather", "ring")
+    }
     for row in loss_rows.values():
       _emit(row, args.json)
     ratio = loss_rows["all_gather"]["temp_bytes"] / max(loss_rows["ring"]["temp_bytes"], 1)
-    print(f"Sigmoid loss alone, value and gradient, [{args.loss_batch}, {args.loss_dim}] over {mesh.size} devices: "
-          f"temp all-gather {loss_rows['all_gather']['temp_bytes'] / 2**20:.1f} MiB, ring "
-          f"{loss_rows['ring']['temp_bytes'] / 2**20:.2f} MiB: ratio {ratio:.1f}x", flush=True)
+    print(
+      f"Sigmoid loss alone, value and gradient, [{args.loss_batch}, {args.loss_dim}] over {mesh.size} devices: "
+      f"temp all-gather {loss_rows['all_gather']['temp_bytes'] / 2**20:.1f} MiB, ring "
+      f"{loss_rows['ring']['temp_bytes'] / 2**20:.2f} MiB: ratio {ratio:.1f}x",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

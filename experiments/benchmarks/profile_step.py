@@ -83,16 +83,20 @@ def main(argv) -> None:
     wall = (time.perf_counter() - t0) / FLAGS.steps
   times = op_times(trace_dir)
   total = sum(times.values())
-  print(f"wall {wall:.3f} s/step (profiled); XLA ops {total / 1e6 / FLAGS.steps:.3f} s/step summed; trace in {trace_dir}")
-  for title, key in (("by kind of op", lambda n: re.sub(r"[.\d]+$", "", n)),
-                     ("by model code", lambda n: sources.get(n, "?"))):
+  print(
+    f"wall {wall:.3f} s/step (profiled); XLA ops {total / 1e6 / FLAGS.steps:.3f} s/step summed; trace in {trace_dir}"
+  )
+  for title, key in (
+    ("by kind of op", lambda n: re.sub(r"[.\d]+$", "", n)),
+    ("by model code", lambda n: sources.get(n, "?")),
+  ):
     groups: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     for name, us in times.items():
       g = groups[key(name)]
       g[0] += us
       g[1] += 1
     print(f"\n{title}: ms/step, share, ops per step")
-    for name, (us, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:FLAGS.top]:
+    for name, (us, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[: FLAGS.top]:
       print(f"{us / 1e3 / FLAGS.steps:9.1f} {100 * us / total:5.1f}% {n:5d}  {name[:110]}")
 
 

@@ -7,7 +7,20 @@ from vlm.convert.llava import import_hf_llava, model_kwargs_from_hf_llava
 from vlm.convert.llm import import_hf_llm, model_kwargs_from_hf_llm
 from vlm.convert.hf import export_hf, import_hf, model_kwargs_from_hf, stack_encoder_blocks, unstack_encoder_blocks
 
-__all__ = ["export_hf", "import_big_vision", "import_hf", "import_hf_blip2", "import_hf_blip2_qformer",
-           "import_hf_blip2_stage1", "import_hf_blip2_vision",
-           "import_hf_flava", "import_hf_llava", "import_hf_llm", "model_kwargs_from_hf", "model_kwargs_from_hf_llava",
-           "model_kwargs_from_hf_llm", "stack_encoder_blocks", "unstack_encoder_blocks"]
+__all__ = [
+  "export_hf",
+  "import_big_vision",
+  "import_hf",
+  "import_hf_blip2",
+  "import_hf_blip2_qformer",
+  "import_hf_blip2_stage1",
+  "import_hf_blip2_vision",
+  "import_hf_flava",
+  "import_hf_llava",
+  "import_hf_llm",
+  "model_kwargs_from_hf",
+  "model_kwargs_from_hf_llava",
+  "model_kwargs_from_hf_llm",
+  "stack_encoder_blocks",
+  "unstack_encoder_blocks",
+]

@@ -50,19 +50,33 @@ BIG_VISION_NORM_EPS = 1e-6  # flax nn.LayerNorm default (big_vision/models/vit.p
 BIG_VISION_MLP_ACT = "gelu_tanh"  # flax nn.gelu default approximate=True (big_vision/models/vit.py MlpBlock)
 
 _BLOCK = {  # big_vision encoder block sub-path -> ours
-    "LayerNorm_0/scale": "norm1/scale", "LayerNorm_0/bias": "norm1/bias",
-    "LayerNorm_1/scale": "norm2/scale", "LayerNorm_1/bias": "norm2/bias",
-    **{f"MultiHeadDotProductAttention_0/{p}/{w}": f"attn/{p}/{w}"
-       for p in ("query", "key", "value", "out") for w in ("kernel", "bias")},
-    "MlpBlock_0/Dense_0/kernel": "mlp/fc1/kernel", "MlpBlock_0/Dense_0/bias": "mlp/fc1/bias",
-    "MlpBlock_0/Dense_1/kernel": "mlp/fc2/kernel", "MlpBlock_0/Dense_1/bias": "mlp/fc2/bias",
+  "LayerNorm_0/scale": "norm1/scale",
+  "LayerNorm_0/bias": "norm1/bias",
+  "LayerNorm_1/scale": "norm2/scale",
+  "LayerNorm_1/bias": "norm2/bias",
+  **{
+    f"MultiHeadDotProductAttention_0/{p}/{w}": f"attn/{p}/{w}"
+    for p in ("query", "key", "value", "out")
+    for w in ("kernel", "bias")
+  },
+  "MlpBlock_0/Dense_0/kernel": "mlp/fc1/kernel",
+  "MlpBlock_0/Dense_0/bias": "mlp/fc1/bias",
+  "MlpBlock_0/Dense_1/kernel": "mlp/fc2/kernel",
+  "MlpBlock_0/Dense_1/bias": "mlp/fc2/bias",
 }
 _MAP_HEAD = {
-    "probe": "probe", "LayerNorm_0/scale": "norm/scale", "LayerNorm_0/bias": "norm/bias",
-    **{f"MultiHeadDotProductAttention_0/{p}/{w}": f"attn/{p}/{w}"
-       for p in ("query", "key", "value", "out") for w in ("kernel", "bias")},
-    "MlpBlock_0/Dense_0/kernel": "mlp/fc1/kernel", "MlpBlock_0/Dense_0/bias": "mlp/fc1/bias",
-    "MlpBlock_0/Dense_1/kernel": "mlp/fc2/kernel", "MlpBlock_0/Dense_1/bias": "mlp/fc2/bias",
+  "probe": "probe",
+  "LayerNorm_0/scale": "norm/scale",
+  "LayerNorm_0/bias": "norm/bias",
+  **{
+    f"MultiHeadDotProductAttention_0/{p}/{w}": f"attn/{p}/{w}"
+    for p in ("query", "key", "value", "out")
+    for w in ("kernel", "bias")
+  },
+  "MlpBlock_0/Dense_0/kernel": "mlp/fc1/kernel",
+  "MlpBlock_0/Dense_0/bias": "mlp/fc1/bias",
+  "MlpBlock_0/Dense_1/kernel": "mlp/fc2/kernel",
+  "MlpBlock_0/Dense_1/bias": "mlp/fc2/bias",
 }
 _PREFIXES = ("params/", "opt/target/")  # big_vision utils.load_params: checkpoint["params"] or ["opt"]["target"]
 TEXT_POOLS = {"last": "last", "first": "first", "gap": "gap", "mean": "gap", "map": "map"}
@@ -90,7 +104,7 @@ def load_big_vision_npz(path: str | Path) -> tuple[dict[str, np.ndarray], str, l
         a = a.view(ml_dtypes.bfloat16)
       if not (np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16):
         raise ValueError(f"{path}: key {k!r} has dtype {a.dtype}, not a float parameter")
-      arrays[k[len(prefix):]] = np.asarray(a, np.float32)
+      arrays[k[len(prefix) :]] = np.asarray(a, np.float32)
   return arrays, prefix, outside
 
 
@@ -135,17 +149,20 @@ def _encoder_layout(r: _Reader, base: str) -> tuple[bool, int]:
   idx = set()
   for k in r.arrays:
     if k.startswith(f"{base}/encoderblock_"):
-      head = k[len(f"{base}/encoderblock_"):].split("/", 1)[0]
+      head = k[len(f"{base}/encoderblock_") :].split("/", 1)[0]
       if head.isdigit():
         idx.add(int(head))
   if scanned and idx:
-    raise ValueError(f"{r.path}: {r.prefix}{base} holds both a scanned 'encoderblock/' and unrolled "
-                     f"'encoderblock_{{i}}/' blocks")
+    raise ValueError(
+      f"{r.path}: {r.prefix}{base} holds both a scanned 'encoderblock/' and unrolled 'encoderblock_{{i}}/' blocks"
+    )
   if scanned:
     return True, r.shape(f"{base}/encoderblock/LayerNorm_0/scale", 2)[0]
   if not idx:
-    raise ValueError(f"{r.path}: no encoder blocks under {r.prefix}{base}/ (expected 'encoderblock_0/...' "
-                     f"or a scanned 'encoderblock/...')")
+    raise ValueError(
+      f"{r.path}: no encoder blocks under {r.prefix}{base}/ (expected 'encoderblock_0/...' "
+      f"or a scanned 'encoderblock/...')"
+    )
   return False, max(idx) + 1
 
 
@@ -157,8 +174,10 @@ def _encoder(r: _Reader, base: str, ours: str, scan: bool) -> tuple[dict, dict[s
   mshape = r.shape(q + "MlpBlock_0/Dense_0/kernel", 3 if scanned else 2)[-2:]
   width, heads, hd = qshape
   if heads * hd != width:
-    raise ValueError(f"{r.path}: key {r.prefix + q}MultiHeadDotProductAttention_0/query/kernel has shape "
-                     f"{qshape}: heads x head_dim != width is not supported")
+    raise ValueError(
+      f"{r.path}: key {r.prefix + q}MultiHeadDotProductAttention_0/query/kernel has shape "
+      f"{qshape}: heads x head_dim != width is not supported"
+    )
   out = {}
   for sub, mine in _BLOCK.items():
     if scanned:
@@ -167,8 +186,9 @@ def _encoder(r: _Reader, base: str, ours: str, scan: bool) -> tuple[dict, dict[s
       if a is None:
         continue
       if a.shape[0] != depth:
-        raise ValueError(f"{r.path}: key {r.prefix + key!r} has shape {a.shape}; the scanned encoder has "
-                         f"depth {depth} on axis 0")
+        raise ValueError(
+          f"{r.path}: key {r.prefix + key!r} has shape {a.shape}; the scanned encoder has depth {depth} on axis 0"
+        )
       if scan:
         out[f"{ours}/layers/{mine}"] = a
         r.source[f"{ours}/layers/{mine}"] = r.prefix + key
@@ -183,8 +203,9 @@ def _encoder(r: _Reader, base: str, ours: str, scan: bool) -> tuple[dict, dict[s
         if all(a is not None for a in layers):
           shapes = {a.shape for a in layers}
           if len(shapes) > 1:
-            raise ValueError(f"{r.path}: keys {[r.prefix + k for k in keys]} differ in shape: "
-                             f"{[a.shape for a in layers]}")
+            raise ValueError(
+              f"{r.path}: keys {[r.prefix + k for k in keys]} differ in shape: {[a.shape for a in layers]}"
+            )
           out[f"{ours}/layers/{mine}"] = np.stack(layers)
           r.source[f"{ours}/layers/{mine}"] = r.prefix + keys[0].replace("encoderblock_0", "encoderblock_{i}")
       else:
@@ -208,15 +229,21 @@ def _grid(n: int, key: str, path: str, posemb_grid) -> tuple[int, int]:
     if grid[0] * grid[1] != n:
       raise ValueError(f"{path}: key {key!r} holds {n} positions, not posemb_grid={grid}")
     return grid
-  g = int(round(n ** 0.5))
+  g = int(round(n**0.5))
   if g * g != n:
     raise ValueError(f"{path}: key {key!r} holds {n} positions, not a square grid; pass posemb_grid=(h, w)")
   return g, g
 
 
-def import_big_vision(path: str | Path, *, scan: bool = False, posemb: str | None = None,
-                      posemb_grid: tuple[int, int] | None = None, text_pool: str | None = None,
-                      image_pool: str | None = None) -> tuple[str, dict[str, Any], dict]:
+def import_big_vision(
+  path: str | Path,
+  *,
+  scan: bool = False,
+  posemb: str | None = None,
+  posemb_grid: tuple[int, int] | None = None,
+  text_pool: str | None = None,
+  image_pool: str | None = None,
+) -> tuple[str, dict[str, Any], dict]:
   """A big_vision two-tower `.npz` (SigLIP, SigLIP 2, LiT-style) -> ('two_tower', model kwargs, params).
 
   Sizes (width, depth, mlp_dim, heads, patch size, position grid, vocabulary, text length, output
@@ -233,8 +260,10 @@ def import_big_vision(path: str | Path, *, scan: bool = False, posemb: str | Non
   arrays, prefix, outside = load_big_vision_npz(path)
   r = _Reader(arrays, prefix, path_s)
   if not any(k.startswith("img/") for k in arrays) or not any(k.startswith("txt/") for k in arrays):
-    raise ValueError(f"{path_s}: not a two-tower checkpoint: no {prefix}img/... and {prefix}txt/... keys "
-                     f"(top-level keys: {sorted({k.split('/')[0] for k in arrays})[:20]})")
+    raise ValueError(
+      f"{path_s}: not a two-tower checkpoint: no {prefix}img/... and {prefix}txt/... keys "
+      f"(top-level keys: {sorted({k.split('/')[0] for k in arrays})[:20]})"
+    )
   flat: dict[str, np.ndarray] = {}
 
   # Image tower (big_vision/models/vit.py _Model).
@@ -276,8 +305,17 @@ def import_big_vision(path: str | Path, *, scan: bool = False, posemb: str | Non
     img_out = r.shape("img/head/kernel", 2)[1]
     r.put(flat, "img/head/kernel", "img/head/kernel")
     r.put(flat, "img/head/bias", "img/head/bias")
-  image = dict(idims, patch_size=patch, posemb=posemb, class_token=vit_pool == "cls", pool_type=vit_pool,
-               out_dim=img_out, head_bias=True, mlp_act=BIG_VISION_MLP_ACT, norm_eps=BIG_VISION_NORM_EPS)
+  image = dict(
+    idims,
+    patch_size=patch,
+    posemb=posemb,
+    class_token=vit_pool == "cls",
+    pool_type=vit_pool,
+    out_dim=img_out,
+    head_bias=True,
+    mlp_act=BIG_VISION_MLP_ACT,
+    norm_eps=BIG_VISION_NORM_EPS,
+  )
   if grid is not None:
     image["posemb_grid"] = grid
 
@@ -293,8 +331,10 @@ def import_big_vision(path: str | Path, *, scan: bool = False, posemb: str | Non
   if text_pool is None:
     text_pool = "map" if any(k.startswith("txt/MAPHead_0/") for k in arrays) else "last"
   if text_pool not in TEXT_POOLS:
-    raise ValueError(f"text_pool {text_pool!r} is not supported; known: {sorted(TEXT_POOLS)} "
-                     "(big_vision's 'max'/'gmp' has no counterpart here)")
+    raise ValueError(
+      f"text_pool {text_pool!r} is not supported; known: {sorted(TEXT_POOLS)} "
+      "(big_vision's 'max'/'gmp' has no counterpart here)"
+    )
   if TEXT_POOLS[text_pool] == "map":
     flat.update(_map_head(r, "txt/MAPHead_0", "txt/MAPHead"))
   txt_out = None
@@ -302,12 +342,23 @@ def import_big_vision(path: str | Path, *, scan: bool = False, posemb: str | Non
     txt_out = r.shape("txt/head/kernel", 2)[1]
     r.put(flat, "txt/head/kernel", "txt/head/kernel")
     r.put(flat, "txt/head/bias", "txt/head/bias")
-  text = dict(tdims, vocab_size=vocab, max_len=max_len, causal=False, pool_type=TEXT_POOLS[text_pool],
-              padding_mask=False, pool_mask_pad=False, out_dim=txt_out, head_bias=True,
-              mlp_act=BIG_VISION_MLP_ACT, norm_eps=BIG_VISION_NORM_EPS)
+  text = dict(
+    tdims,
+    vocab_size=vocab,
+    max_len=max_len,
+    causal=False,
+    pool_type=TEXT_POOLS[text_pool],
+    padding_mask=False,
+    pool_mask_pad=False,
+    out_dim=txt_out,
+    head_bias=True,
+    mlp_act=BIG_VISION_MLP_ACT,
+    norm_eps=BIG_VISION_NORM_EPS,
+  )
   if twidth != tdims["width"]:
-    raise ValueError(f"{path_s}: key {prefix}txt/Embed_0/embedding has width {twidth}, the text encoder "
-                     f"{tdims['width']}")
+    raise ValueError(
+      f"{path_s}: key {prefix}txt/Embed_0/embedding has width {twidth}, the text encoder {tdims['width']}"
+    )
 
   # Temperature and bias (two_towers.py: t = log(temperature_init), scale = exp(t); b only with bias_init).
   r.put(flat, "t", "t", lambda a: a.reshape(1))
@@ -317,8 +368,9 @@ def import_big_vision(path: str | Path, *, scan: bool = False, posemb: str | Non
 
   unused = sorted(prefix + k for k in set(arrays) - r.used) + outside
   if r.missing:
-    raise ValueError(f"{path_s}: keys expected for this big_vision two-tower layout but absent: "
-                     f"{sorted(set(r.missing))[:20]}")
+    raise ValueError(
+      f"{path_s}: keys expected for this big_vision two-tower layout but absent: {sorted(set(r.missing))[:20]}"
+    )
   if unused:
     raise ValueError(f"{path_s}: keys not used by the importer (unsupported layout or option?): {unused[:20]}")
   ei = img_out or idims["width"]
@@ -326,8 +378,9 @@ def import_big_vision(path: str | Path, *, scan: bool = False, posemb: str | Non
   if ei != et:
     raise ValueError(f"{path_s}: image embeddings have {ei} dims, text embeddings {et}: no common space")
 
-  kwargs = dict(image=image, text=text, temperature_init=float(np.log(10.0)),
-                bias_init=-10.0 if has_bias else None, max_scale=None)
+  kwargs = dict(
+    image=image, text=text, temperature_init=float(np.log(10.0)), bias_init=-10.0 if has_bias else None, max_scale=None
+  )
   if scan:
     kwargs["image"]["scan"] = kwargs["text"]["scan"] = True
   _check_shapes(kwargs, flat, r.source, path_s, patch, channels, grid, max_len)
@@ -335,8 +388,16 @@ def import_big_vision(path: str | Path, *, scan: bool = False, posemb: str | Non
   return "two_tower", kwargs, params
 
 
-def _check_shapes(kwargs: dict, flat: dict[str, np.ndarray], source: dict[str, str], path: str,
-                  patch: tuple[int, int], channels: int, grid, max_len: int) -> None:
+def _check_shapes(
+  kwargs: dict,
+  flat: dict[str, np.ndarray],
+  source: dict[str, str],
+  path: str,
+  patch: tuple[int, int],
+  channels: int,
+  grid,
+  max_len: int,
+) -> None:
   """Every imported array has the shape our TwoTower gives that parameter (abstract init, no compute)."""
   import jax
   import jax.numpy as jnp
@@ -349,13 +410,15 @@ def _check_shapes(kwargs: dict, flat: dict[str, np.ndarray], source: dict[str, s
   tokens = jax.ShapeDtypeStruct((1, max_len), jnp.int32)
   model = TwoTower(**kwargs)
   try:
-    shapes = jax.eval_shape(lambda x, t: nn.meta.unbox(model.init(jax.random.key(0), x, t)["params"]),
-                            images, tokens)
+    shapes = jax.eval_shape(lambda x, t: nn.meta.unbox(model.init(jax.random.key(0), x, t)["params"]), images, tokens)
   except Exception as e:  # noqa: BLE001  (an architecture our model cannot build from these sizes)
     raise ValueError(f"{path}: the inferred architecture does not build ({e}); kwargs {kwargs}") from e
   want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
-  bad = [f"{source.get(k, k)}: shape {tuple(v.shape)}, expected {want[k]}" for k, v in flat.items()
-         if k in want and tuple(v.shape) != want[k]]
+  bad = [
+    f"{source.get(k, k)}: shape {tuple(v.shape)}, expected {want[k]}"
+    for k, v in flat.items()
+    if k in want and tuple(v.shape) != want[k]
+  ]
   extra = [source.get(k, k) for k in flat if k not in want]
   absent = [k for k in want if k not in flat]
   problems = bad + [f"{e}: no such parameter" for e in extra] + [f"{a}: not in the file" for a in absent]

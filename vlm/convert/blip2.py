@@ -59,8 +59,15 @@ def _attention_rows(hf: str, ours: str) -> list[Row]:
   return rows + _linear(f"{hf}.output.dense", f"{ours}/out", "out")
 
 
-def qformer_rows(depth: int, cross_attention_frequency: int, text: bool, *, hf: str = "qformer",
-                 ours: str = "qformer", embeddings: str | None = "embeddings") -> list[Row]:
+def qformer_rows(
+  depth: int,
+  cross_attention_frequency: int,
+  text: bool,
+  *,
+  hf: str = "qformer",
+  ours: str = "qformer",
+  embeddings: str | None = "embeddings",
+) -> list[Row]:
   """Rows for HF Blip2QFormerModel at prefix `hf` ('' for a standalone one) -> our QFormer at `ours`.
 
   text: the layers have the text FFN (HF use_qformer_text_input / LAVIS stage 1); embeddings: the HF
@@ -70,8 +77,10 @@ def qformer_rows(depth: int, cross_attention_frequency: int, text: bool, *, hf: 
   o = f"{ours}/" if ours else ""
   rows = _norm(f"{p}layernorm", f"{o}norm")
   if text and embeddings:
-    rows += [(f"{embeddings}.word_embeddings.weight", f"{o}word_embed/embedding", "id"),
-             (f"{embeddings}.position_embeddings.weight", f"{o}pos_embed/pos_embedding", "batch1")]
+    rows += [
+      (f"{embeddings}.word_embeddings.weight", f"{o}word_embed/embedding", "id"),
+      (f"{embeddings}.position_embeddings.weight", f"{o}pos_embed/pos_embedding", "batch1"),
+    ]
   for i in range(depth):
     h, b = f"{p}encoder.layer.{i}", f"{o}block_{i}"
     rows += _attention_rows(f"{h}.attention", f"{b}/attn") + _norm(f"{h}.attention.output.LayerNorm", f"{b}/norm_attn")
@@ -93,8 +102,10 @@ def vision_rows(depth: int, *, hf: str = "vision_model", ours: str = "img") -> l
   """
   p = f"{hf}." if hf else ""
   o = f"{ours}/" if ours else ""
-  rows = [(f"{p}embeddings.class_embedding", f"{o}cls", "id"),
-          (f"{p}embeddings.position_embedding", f"{o}pos_embedding/pos_embedding", "id")]
+  rows = [
+    (f"{p}embeddings.class_embedding", f"{o}cls", "id"),
+    (f"{p}embeddings.position_embedding", f"{o}pos_embedding/pos_embedding", "id"),
+  ]
   rows += _linear(f"{p}embeddings.patch_embedding", f"{o}embedding/conv", "conv")
   for i in range(depth):
     h, b = f"{p}encoder.layers.{i}", f"{o}encoder/block_{i}"
@@ -118,8 +129,8 @@ def split_fused_qkv(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     d = w.shape[0] // 3
     b = out.pop(f"{base}.qkv.bias", np.zeros((3 * d,), w.dtype))
     for i, name in enumerate("qkv"):
-      out[f"{base}.{name}.weight"] = w[i * d:(i + 1) * d]
-      out[f"{base}.{name}.bias"] = b[i * d:(i + 1) * d]
+      out[f"{base}.{name}.weight"] = w[i * d : (i + 1) * d]
+      out[f"{base}.{name}.bias"] = b[i * d : (i + 1) * d]
   return out
 
 
@@ -186,8 +197,9 @@ def _square(c: HFConfig, key: str) -> int:
   return v
 
 
-def _apply_rows(tensors: dict[str, np.ndarray], rows: list[Row], heads: dict[str, int],
-                what: str) -> tuple[dict, set[str]]:
+def _apply_rows(
+  tensors: dict[str, np.ndarray], rows: list[Row], heads: dict[str, int], what: str
+) -> tuple[dict, set[str]]:
   """Flat params {path tuple: array} for `rows`; heads maps an our-path prefix to the head count."""
   missing = [hf for hf, _, _ in rows if hf not in tensors]
   if missing:
@@ -203,8 +215,9 @@ def _prefix(tensors: dict[str, np.ndarray], marker: str, candidates: tuple[str, 
   for c in candidates:
     if f"{c}.{marker}" in tensors or (not c and marker in tensors):
       return c
-  raise ValueError(f"no {marker!r} under any of the prefixes {candidates}: not a BLIP-2 checkpoint? "
-                   f"keys: {sorted(tensors)[:10]}")
+  raise ValueError(
+    f"no {marker!r} under any of the prefixes {candidates}: not a BLIP-2 checkpoint? keys: {sorted(tensors)[:10]}"
+  )
 
 
 def qformer_kwargs_from_hf(qc, text: bool) -> dict[str, Any]:
@@ -215,11 +228,19 @@ def qformer_kwargs_from_hf(qc, text: bool) -> dict[str, Any]:
   if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
     raise qc.error("cross_attention_frequency", "expected a positive integer")
   pad = qc["pad_token_id"]  # the key mask of our text side; Blip2QFormerConfig's default is 0
-  return dict(width=qc["hidden_size"], depth=qc["num_hidden_layers"], num_heads=qc["num_attention_heads"],
-              mlp_dim=qc["intermediate_size"], cross_attention_frequency=every,
-              vocab_size=qc["vocab_size"] if text else None, max_len=qc["max_position_embeddings"],
-              pad_id=int(pad) if isinstance(pad, int) else 0, mlp_act=qc.choice("hidden_act", ACT_FROM_HF),
-              norm_eps=float(qc["layer_norm_eps"]), dropout=float(qc["hidden_dropout_prob"]))
+  return dict(
+    width=qc["hidden_size"],
+    depth=qc["num_hidden_layers"],
+    num_heads=qc["num_attention_heads"],
+    mlp_dim=qc["intermediate_size"],
+    cross_attention_frequency=every,
+    vocab_size=qc["vocab_size"] if text else None,
+    max_len=qc["max_position_embeddings"],
+    pad_id=int(pad) if isinstance(pad, int) else 0,
+    mlp_act=qc.choice("hidden_act", ACT_FROM_HF),
+    norm_eps=float(qc["layer_norm_eps"]),
+    dropout=float(qc["hidden_dropout_prob"]),
+  )
 
 
 def vit_kwargs_from_hf(vc) -> dict[str, Any]:
@@ -230,10 +251,21 @@ def vit_kwargs_from_hf(vc) -> dict[str, Any]:
   if size % patch:
     raise vc.error("image_size", f"not a multiple of patch_size {patch}")
   grid = size // patch
-  return dict(width=vc["hidden_size"], depth=vc["num_hidden_layers"], mlp_dim=vc["intermediate_size"],
-              num_heads=vc["num_attention_heads"], patch_size=patch, class_token=True, pool_type="none",
-              posemb="learn", posemb_grid=(grid, grid), pre_norm=False, patch_bias=True,
-              norm_eps=float(vc["layer_norm_eps"]), mlp_act=vc.choice("hidden_act", ACT_FROM_HF))
+  return dict(
+    width=vc["hidden_size"],
+    depth=vc["num_hidden_layers"],
+    mlp_dim=vc["intermediate_size"],
+    num_heads=vc["num_attention_heads"],
+    patch_size=patch,
+    class_token=True,
+    pool_type="none",
+    posemb="learn",
+    posemb_grid=(grid, grid),
+    pre_norm=False,
+    patch_bias=True,
+    norm_eps=float(vc["layer_norm_eps"]),
+    mlp_act=vc.choice("hidden_act", ACT_FROM_HF),
+  )
 
 
 # -- importers --------------------------------------------------------------------------------------
@@ -247,8 +279,7 @@ def _qformer_flat(tensors, qc, ours: str = ""):
   if emb:
     kwargs["vocab_size"] = tensors["embeddings.word_embeddings.weight"].shape[0]
     kwargs["max_len"] = tensors["embeddings.position_embeddings.weight"].shape[0]
-  rows = qformer_rows(kwargs["depth"], kwargs["cross_attention_frequency"], text, hf=qp, ours=ours,
-                      embeddings=emb)
+  rows = qformer_rows(kwargs["depth"], kwargs["cross_attention_frequency"], text, hf=qp, ours=ours, embeddings=emb)
   flat, used = _apply_rows(tensors, rows, {"": kwargs["num_heads"]}, "Blip2QFormerModel")
   return kwargs, flat, used
 
@@ -282,8 +313,9 @@ def import_hf_blip2_vision(source, config=None) -> tuple[dict[str, Any], dict]:
   tensors = split_fused_qkv(tensors)
   vp = _prefix(tensors, "post_layernorm.weight", ("vision_model", ""))
   kwargs = vit_kwargs_from_hf(vc)
-  flat, _ = _apply_rows(tensors, vision_rows(kwargs["depth"], hf=vp, ours=""), {"": kwargs["num_heads"]},
-                        "Blip2VisionModel")
+  flat, _ = _apply_rows(
+    tensors, vision_rows(kwargs["depth"], hf=vp, ours=""), {"": kwargs["num_heads"]}, "Blip2VisionModel"
+  )
   return kwargs, traverse_util.unflatten_dict(flat)
 
 
@@ -300,8 +332,10 @@ def import_hf_blip2_stage1(source, config=None) -> tuple[str, dict[str, Any], di
   vit = vit_kwargs_from_hf(vc)
   qkw, flat, used = _qformer_flat(tensors, qc, ours="qformer")
   if not qkw.get("vocab_size"):
-    raise ValueError("import_hf_blip2_stage1 needs a Q-Former with a text side (use_qformer_text_input) and "
-                     "'embeddings.*': a Blip2ForImageTextRetrieval checkpoint")
+    raise ValueError(
+      "import_hf_blip2_stage1 needs a Q-Former with a text side (use_qformer_text_input) and "
+      "'embeddings.*': a Blip2ForImageTextRetrieval checkpoint"
+    )
   vflat, vused = _apply_rows(tensors, vision_rows(vit["depth"]), {"img/": vit["num_heads"]}, "Blip2VisionModel")
   flat.update(vflat)
   used |= vused
@@ -314,8 +348,13 @@ def import_hf_blip2_stage1(source, config=None) -> tuple[str, dict[str, Any], di
   if unused:
     raise ValueError(f"tensors not used by the BLIP-2 importer (unsupported layout?): {unused[:20]}")
   query = tensors["query_tokens"]
-  kwargs = dict(image=vit, qformer=qkw, num_query_tokens=int(query.shape[1]),
-                embed_dim=int(tensors["text_projection.weight"].shape[0]), dec_id=qkw["vocab_size"] - 1)
+  kwargs = dict(
+    image=vit,
+    qformer=qkw,
+    num_query_tokens=int(query.shape[1]),
+    embed_dim=int(tensors["text_projection.weight"].shape[0]),
+    dec_id=qkw["vocab_size"] - 1,
+  )
   return "blip2_qformer", kwargs, traverse_util.unflatten_dict(flat)
 
 
@@ -339,10 +378,11 @@ def _text_config(config: HFConfig) -> HFConfig:
   tc = config["text_config"]
   if tc.model_type not in llm.MODEL_TYPES:
     raise NotImplementedError(
-        f"{tc.where('model_type')} = {tc.model_type!r}: VisionLanguageModel's DecoderLM imports decoder-only "
-        f"{'/'.join(llm.MODEL_TYPES)} LMs (vlm.convert.llm); "
-        "OPT (learned positions, ReLU MLP, pre-LN with biases) and encoder-decoder Flan-T5 language models are not "
-        "supported")
+      f"{tc.where('model_type')} = {tc.model_type!r}: VisionLanguageModel's DecoderLM imports decoder-only "
+      f"{'/'.join(llm.MODEL_TYPES)} LMs (vlm.convert.llm); "
+      "OPT (learned positions, ReLU MLP, pre-LN with biases) and encoder-decoder Flan-T5 language models are not "
+      "supported"
+    )
   return tc
 
 
@@ -353,8 +393,9 @@ def _image_token(config: HFConfig):
   return "image_token_index", config["image_token_index"]
 
 
-def import_hf_blip2(source, config=None, scan: bool = False,
-                    image_token_id: int | None = None) -> tuple[str, dict[str, Any], dict]:
+def import_hf_blip2(
+  source, config=None, scan: bool = False, image_token_id: int | None = None
+) -> tuple[str, dict[str, Any], dict]:
   """HF Blip2ForConditionalGeneration -> ('vision_lm', VisionLanguageModel kwargs, params float32).
 
   source: an HF directory (config.json + safetensors, sharded or not) or a state dict {key: array or
@@ -375,35 +416,45 @@ def import_hf_blip2(source, config=None, scan: bool = False,
   cross-attention). A stage-1 checkpoint has no scanned import (NotImplementedError).
   """
   from vlm.convert.llava import _LM_LAYOUTS, _Part, _apply
+
   where = str(source) if isinstance(source, (str, Path)) else "state dict"
   tensors, config = _load(source, config)
   if "language_projection.weight" not in tensors and "model.language_projection.weight" not in tensors:
     if "itm_head.weight" in tensors:
       if scan:
-        raise NotImplementedError(f"{where}: a BLIP-2 stage-1 (Blip2ForImageTextRetrieval) checkpoint has no scanned "
-                                  "import; import it with scan=False")
+        raise NotImplementedError(
+          f"{where}: a BLIP-2 stage-1 (Blip2ForImageTextRetrieval) checkpoint has no scanned "
+          "import; import it with scan=False"
+        )
       return import_hf_blip2_stage1(tensors, config)
-    raise ValueError(f"{where}: not a Blip2ForConditionalGeneration checkpoint (no language_projection; "
-                     f"architectures {config['architectures']}); keys: {sorted(tensors)[:10]}")
+    raise ValueError(
+      f"{where}: not a Blip2ForConditionalGeneration checkpoint (no language_projection; "
+      f"architectures {config['architectures']}); keys: {sorted(tensors)[:10]}"
+    )
   _expect_type(config, "blip-2")
   tc = _text_config(config)
   token_key, token = _image_token(config)
   token = token if image_token_id is None else image_token_id
   if token is None:
-    raise config.error(token_key, "a BLIP-2 checkpoint from before the placeholder layout (HF prepended the query "
-                       "outputs to the text): pass image_token_id, an id that never occurs in the text, and put "
-                       "num_query_tokens of them before the prompt")
+    raise config.error(
+      token_key,
+      "a BLIP-2 checkpoint from before the placeholder layout (HF prepended the query "
+      "outputs to the text): pass image_token_id, an id that never occurs in the text, and put "
+      "num_query_tokens of them before the prompt",
+    )
 
   # Split: the LM (canonical 'model.*' / 'lm_head.*' keys) and the rest without a 'model.' prefix.
   lm_map = next((m for m in _LM_LAYOUTS if any(k.startswith(next(iter(m))) for k in tensors)), None)
   if lm_map is None:
-    raise ValueError(f"{where}: no language model under 'language_model.model.' / 'model.language_model.'; "
-                     f"keys: {sorted(tensors)[:10]}")
+    raise ValueError(
+      f"{where}: no language model under 'language_model.model.' / 'model.language_model.'; "
+      f"keys: {sorted(tensors)[:10]}"
+    )
   lm = _Part("language model", lm_map)
   rest, stored = {}, {}
   for k, v in tensors.items():
     if not lm.take(k, v):
-      c = k[len("model."):] if k.startswith("model.") else k
+      c = k[len("model.") :] if k.startswith("model.") else k
       rest[c], stored[c] = v, k
   rest = split_fused_qkv(rest)
 
@@ -411,11 +462,16 @@ def import_hf_blip2(source, config=None, scan: bool = False,
   vit = vit_kwargs_from_hf(_sub_config(config, "vision_config"))
   qkw = qformer_kwargs_from_hf(_sub_config(config, "qformer_config"), text=False)
   rows = vision_rows(vit["depth"], hf="vision_model", ours="vision/img")
-  rows += qformer_rows(qkw["depth"], qkw["cross_attention_frequency"], text=False, hf="qformer", ours="vision/qformer",
-                       embeddings=None)
+  rows += qformer_rows(
+    qkw["depth"], qkw["cross_attention_frequency"], text=False, hf="qformer", ours="vision/qformer", embeddings=None
+  )
   rows += [("query_tokens", "vision/query_tokens", "id")] + language_projection_rows("connector/proj")
-  flat, used = _apply_rows(rest, rows, {"vision/img/": vit["num_heads"], "vision/qformer/": qkw["num_heads"]},
-                           f"{where}: Blip2ForConditionalGeneration")
+  flat, used = _apply_rows(
+    rest,
+    rows,
+    {"vision/img/": vit["num_heads"], "vision/qformer/": qkw["num_heads"]},
+    f"{where}: Blip2ForConditionalGeneration",
+  )
 
   # Language model: vlm.convert.llm's table on the canonical keys.
   lm_kw = llm.model_kwargs_from_hf_llm(tc, lm.tensors)
@@ -424,8 +480,10 @@ def import_hf_blip2(source, config=None, scan: bool = False,
 
   proj = flat[("connector", "proj", "kernel")]
   if proj.shape != (qkw["width"], lm_kw["width"]):
-    raise ValueError(f"{where}: language_projection maps {proj.shape[0]} -> {proj.shape[1]}; the Q-Former has width "
-                     f"{qkw['width']} and the LM {lm_kw['width']}")
+    raise ValueError(
+      f"{where}: language_projection maps {proj.shape[0]} -> {proj.shape[1]}; the Q-Former has width "
+      f"{qkw['width']} and the LM {lm_kw['width']}"
+    )
   num_query = int(flat[("vision", "query_tokens")].shape[1])
   if config["num_query_tokens"] != num_query:
     raise config.error("num_query_tokens", f"but the checkpoint's query_tokens holds {num_query}")
@@ -436,12 +494,20 @@ def import_hf_blip2(source, config=None, scan: bool = False,
   unused += [lm.stored(k) for k in lm.tensors if k not in lused and not k.endswith(_IGNORED_SUFFIXES)]
   if unused:
     raise ValueError(f"{where}: tensors not used by the BLIP-2 importer (unsupported layout?): {sorted(unused)[:20]}")
-  kwargs = dict(lm_config=lm_kw, vision_model="blip2_qformer", vision_config=_stage2_vision_config(vit, qkw, num_query),
-                vision_method="query_features", connector_type="linear", prefix_tokens=1, image_token_id=int(token))
+  kwargs = dict(
+    lm_config=lm_kw,
+    vision_model="blip2_qformer",
+    vision_config=_stage2_vision_config(vit, qkw, num_query),
+    vision_method="query_features",
+    connector_type="linear",
+    prefix_tokens=1,
+    image_token_id=int(token),
+  )
   params = traverse_util.unflatten_dict(flat)
   if scan:
     vc = kwargs["vision_config"]
-    kwargs = dict(kwargs, vision_config=dict(vc, image=dict(vc["image"], scan=True)),
-                  lm_config=dict(lm_kw, scan_layers=True))
+    kwargs = dict(
+      kwargs, vision_config=dict(vc, image=dict(vc["image"], scan=True)), lm_config=dict(lm_kw, scan_layers=True)
+    )
     params = stack_encoder_blocks(params, names=("encoder", "decoder"))
   return "vision_lm", kwargs, params

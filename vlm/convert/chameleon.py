@@ -69,8 +69,13 @@ def default_rope(c: HFConfig) -> dict[str, Any]:
   return rp
 
 
-def tied_head(c: HFConfig, tensors: Mapping[str, np.ndarray] | None, head: str = "lm_head.weight",
-              embed: str = "model.embed_tokens.weight", key: str = "tie_word_embeddings") -> bool:
+def tied_head(
+  c: HFConfig,
+  tensors: Mapping[str, np.ndarray] | None,
+  head: str = "lm_head.weight",
+  embed: str = "model.embed_tokens.weight",
+  key: str = "tie_word_embeddings",
+) -> bool:
   """Whether the output head is the input embedding, as transformers' tie_weights decides at load time: c[key]
   and either no `head` tensor or one equal to `embed` (both present and different: not tied). An untied
   config whose checkpoint lacks the head is a ConfigError (transformers would initialise it randomly)."""
@@ -102,19 +107,37 @@ def model_kwargs_from_hf_chameleon(config, tensors: dict[str, np.ndarray] | None
     raise c.error("num_key_value_heads", f"does not divide num_attention_heads = {heads}")
   head_dim = width // heads  # ChameleonAttention's, whatever config.head_dim says
   if c.given("head_dim") and c["head_dim"] not in (None, head_dim):
-    raise c.error("head_dim", f"!= hidden_size / num_attention_heads = {head_dim}: ChameleonAttention and its "
-                  "rotary embedding would disagree")
+    raise c.error(
+      "head_dim",
+      f"!= hidden_size / num_attention_heads = {head_dim}: ChameleonAttention and its rotary embedding would disagree",
+    )
   eps = float(c["rms_norm_eps"])
   if eps != QK_NORM_EPS:
-    raise c.error("rms_norm_eps", f"DecoderLM shares norm_eps between the RMSNorms and the q/k LayerNorms, whose "
-                  f"eps HF fixes at {QK_NORM_EPS}")
+    raise c.error(
+      "rms_norm_eps",
+      f"DecoderLM shares norm_eps between the RMSNorms and the q/k LayerNorms, whose eps HF fixes at {QK_NORM_EPS}",
+    )
   attn_bias, mlp_bias = bool(c["attention_bias"]), bool(c["mlp_bias"])  # as ChameleonAttention / ChameleonMLP
-  return dict(vocab_size=c["vocab_size"], width=width, depth=c["num_hidden_layers"], num_heads=heads,
-              num_kv_heads=kv_heads, head_dim=head_dim, mlp_dim=c["intermediate_size"], mlp_act=act,
-              qkv_bias=attn_bias, out_bias=attn_bias, mlp_bias=mlp_bias,
-              rope_theta=float(default_rope(c)["rope_theta"]), norm_eps=eps, norm_type="rms",
-              qk_norm="layer_per_head", swin_norm=bool(c["swin_norm"]), embed_scale=False,
-              tie_embeddings=tied_head(c, tensors))
+  return dict(
+    vocab_size=c["vocab_size"],
+    width=width,
+    depth=c["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=head_dim,
+    mlp_dim=c["intermediate_size"],
+    mlp_act=act,
+    qkv_bias=attn_bias,
+    out_bias=attn_bias,
+    mlp_bias=mlp_bias,
+    rope_theta=float(default_rope(c)["rope_theta"]),
+    norm_eps=eps,
+    norm_type="rms",
+    qk_norm="layer_per_head",
+    swin_norm=bool(c["swin_norm"]),
+    embed_scale=False,
+    tie_embeddings=tied_head(c, tensors),
+  )
 
 
 def _table(kw: dict) -> list[tuple[str, str, str, int]]:
@@ -124,8 +147,10 @@ def _table(kw: dict) -> list[tuple[str, str, str, int]]:
   for i in range(kw["depth"]):
     h, o = f"model.layers.{i}", f"decoder/block_{i}"
     for a, b in (("q_norm", "query_norm"), ("k_norm", "key_norm")):
-      rows += [(f"{h}.self_attn.{a}.weight", f"{o}/attn/{b}/scale", "id", 0),
-               (f"{h}.self_attn.{a}.bias", f"{o}/attn/{b}/bias", "id", 0)]
+      rows += [
+        (f"{h}.self_attn.{a}.weight", f"{o}/attn/{b}/scale", "id", 0),
+        (f"{h}.self_attn.{a}.bias", f"{o}/attn/{b}/bias", "id", 0),
+      ]
   return rows
 
 
@@ -149,15 +174,19 @@ def import_hf_chameleon(path: str | Path, scan: bool = False) -> tuple[str, dict
       for w in ("weight", "bias"):
         key = f"model.layers.{i}.self_attn.{name}.{w}"
         if tensors[key].shape != (heads, hd):
-          raise ValueError(f"{path}: {key} has shape {tensors[key].shape}; ChameleonLayerNorm's is "
-                           f"(heads, head_dim) = {(heads, hd)}")
+          raise ValueError(
+            f"{path}: {key} has shape {tensors[key].shape}; ChameleonLayerNorm's is (heads, head_dim) = {(heads, hd)}"
+          )
   flat = {}
   for hf, ours, kind, heads in table:
     x = _fwd(kind, np.asarray(tensors[hf], np.float32), heads)
     flat[tuple(ours.split("/"))] = np.ascontiguousarray(x, np.float32)
   used = {hf for hf, *_ in table} | ({"lm_head.weight"} if kw["tie_embeddings"] else set())
-  unused = sorted(key for key in tensors if key not in used and not key.startswith(_IGNORED_PREFIXES)
-                  and not key.endswith(_IGNORED_SUFFIXES))
+  unused = sorted(
+    key
+    for key in tensors
+    if key not in used and not key.startswith(_IGNORED_PREFIXES) and not key.endswith(_IGNORED_SUFFIXES)
+  )
   if unused:
     raise ValueError(f"{path}: tensors not used by the Chameleon importer (unsupported layout?): {unused[:20]}")
   params = traverse_util.unflatten_dict(flat)

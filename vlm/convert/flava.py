@@ -74,8 +74,10 @@ def _encoder(hf: str, ours: str, depth: int):
 def _table(config: HFConfig) -> list[tuple[str, str, str, str]]:
   """Rows (hf_key, our_path, layout, tower) for FlavaModel; text position rows are handled apart."""
   ic, tc, mc = config["image_config"], config["text_config"], config["multimodal_config"]
-  img = [("image_model.embeddings.cls_token", "img/cls", "id"),
-         ("image_model.embeddings.position_embeddings", "img/pos_embedding/pos_embedding", "id")]
+  img = [
+    ("image_model.embeddings.cls_token", "img/cls", "id"),
+    ("image_model.embeddings.position_embeddings", "img/pos_embedding/pos_embedding", "id"),
+  ]
   img += _linear("image_model.embeddings.patch_embeddings.projection", "img/embedding/conv", "conv")
   img += _encoder("image_model.encoder", "img/encoder", ic["num_hidden_layers"])
   img += _norm("image_model.layernorm", "img_norm")
@@ -89,15 +91,24 @@ def _table(config: HFConfig) -> list[tuple[str, str, str, str]]:
   top = _linear("image_projection", "img_proj") + _linear("text_projection", "txt_proj")
   top += _linear("image_to_mm_projection", "image_to_mm") + _linear("text_to_mm_projection", "text_to_mm")
   top += [("logit_scale", "t", "scalar")]
-  return ([r + ("image",) for r in img] + [r + ("text",) for r in txt] + [r + ("multimodal",) for r in mm]
-          + [r + ("none",) for r in top])
+  return (
+    [r + ("image",) for r in img]
+    + [r + ("text",) for r in txt]
+    + [r + ("multimodal",) for r in mm]
+    + [r + ("none",) for r in top]
+  )
 
 
 def _tower(c: HFConfig) -> dict[str, Any]:
   c.expect("qkv_bias", True, "FLAVA's attention without q/k/v biases")
-  return dict(width=c["hidden_size"], depth=c["num_hidden_layers"], mlp_dim=c["intermediate_size"],
-              num_heads=c["num_attention_heads"], mlp_act=c.choice("hidden_act", ACT_FROM_HF),
-              norm_eps=float(c["layer_norm_eps"]))
+  return dict(
+    width=c["hidden_size"],
+    depth=c["num_hidden_layers"],
+    mlp_dim=c["intermediate_size"],
+    num_heads=c["num_attention_heads"],
+    mlp_act=c.choice("hidden_act", ACT_FROM_HF),
+    norm_eps=float(c["layer_norm_eps"]),
+  )
 
 
 def flava_kwargs_from_hf(config) -> dict[str, Any]:
@@ -107,14 +118,35 @@ def flava_kwargs_from_hf(config) -> dict[str, Any]:
   ic, tc, mc = config["image_config"], config["text_config"], config["multimodal_config"]
   mc.expect("use_cls_token", True, "the multimodal encoder's [CLS] is what FLAVA's heads read")
   size, patch = _pair(ic, "image_size"), _pair(ic, "patch_size")
-  image = dict(_tower(ic), patch_size=patch, posemb="learn", posemb_grid=(size[0] // patch[0], size[1] // patch[1]),
-               patch_bias=True, pre_norm=False)
+  image = dict(
+    _tower(ic),
+    patch_size=patch,
+    posemb="learn",
+    posemb_grid=(size[0] // patch[0], size[1] // patch[1]),
+    patch_bias=True,
+    pre_norm=False,
+  )
   pad = tc["pad_token_id"]  # the key mask of our text tower (FlavaTextConfig's default: 0)
-  text = dict(_tower(tc), vocab_size=tc["vocab_size"], max_len=tc["max_position_embeddings"],
-              pad_id=int(pad) if isinstance(pad, int) else 0, pool_type="first", padding_mask=True, embed_norm=True)
-  return dict(image=image, text=text, multimodal=_tower(mc), tokenizer=None, embed_dim=config["projection_dim"],
-              temperature_init=float(config["logit_scale_init_value"]), bias_init=None, max_scale=100.0,
-              fuse_prenorm=True)
+  text = dict(
+    _tower(tc),
+    vocab_size=tc["vocab_size"],
+    max_len=tc["max_position_embeddings"],
+    pad_id=int(pad) if isinstance(pad, int) else 0,
+    pool_type="first",
+    padding_mask=True,
+    embed_norm=True,
+  )
+  return dict(
+    image=image,
+    text=text,
+    multimodal=_tower(mc),
+    tokenizer=None,
+    embed_dim=config["projection_dim"],
+    temperature_init=float(config["logit_scale_init_value"]),
+    bias_init=None,
+    max_scale=100.0,
+    fuse_prenorm=True,
+  )
 
 
 def _heads(config: HFConfig, tower: str) -> int:
@@ -129,8 +161,10 @@ def import_hf_flava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
   kwargs = flava_kwargs_from_hf(config)
   tensors = load_safetensors_dir(path)
   if any(k.startswith("flava.") for k in tensors):
-    raise ValueError(f"{path}: a FlavaForPreTraining checkpoint ('flava.' prefix); only FlavaModel's layout is "
-                     "supported (its heads and the image codebook are not imported)")
+    raise ValueError(
+      f"{path}: a FlavaForPreTraining checkpoint ('flava.' prefix); only FlavaModel's layout is "
+      "supported (its heads and the image codebook are not imported)"
+    )
   table = _table(config)
   pos_keys = ["text_model.embeddings.position_embeddings.weight", "text_model.embeddings.token_type_embeddings.weight"]
   missing = [hf for hf, *_ in table if hf not in tensors] + [k for k in pos_keys if k not in tensors]

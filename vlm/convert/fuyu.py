@@ -43,17 +43,43 @@ from vlm.convert.safetensors_io import load_safetensors_dir
 
 # FuyuConfig.__post_init__ (transformers 5): with text_config absent / null, these top-level keys become the
 # text config (its SubConfigSpec init_kwargs + rope_scaling, rope_theta; tests/test_fuyu.py checks the list).
-FLAT_TEXT_KEYS = ("vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "hidden_act", "initializer_range", "layer_norm_eps", "use_cache",
-                  "qk_layernorm", "hidden_dropout", "attention_dropout", "eos_token_id", "rope_scaling", "rope_theta")
+FLAT_TEXT_KEYS = (
+  "vocab_size",
+  "max_position_embeddings",
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "hidden_act",
+  "initializer_range",
+  "layer_norm_eps",
+  "use_cache",
+  "qk_layernorm",
+  "hidden_dropout",
+  "attention_dropout",
+  "eos_token_id",
+  "rope_scaling",
+  "rope_theta",
+)
 # HF activation names -> our non-gated vlm.nn.mlp activations.
-_ACT_FROM_HF = {"relu2": "relu2", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu_new": "gelu_tanh", "silu": "silu", "quick_gelu": "quick_gelu"}
+_ACT_FROM_HF = {
+  "relu2": "relu2",
+  "relu": "relu",
+  "gelu": "gelu",
+  "gelu_pytorch_tanh": "gelu_tanh",
+  "gelu_new": "gelu_tanh",
+  "silu": "silu",
+  "quick_gelu": "quick_gelu",
+}
 # Stored prefix -> canonical prefix, per key layout (the first holding the embeddings wins).
-_LAYOUTS = ({"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
-             "vision_embed_tokens.": "vision_embed_tokens."},
-            {"model.language_model.": "model.", "lm_head.": "lm_head.",
-             "model.vision_embed_tokens.": "vision_embed_tokens."})
+_LAYOUTS = (
+  {
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+    "vision_embed_tokens.": "vision_embed_tokens.",
+  },
+  {"model.language_model.": "model.", "lm_head.": "lm_head.", "model.vision_embed_tokens.": "vision_embed_tokens."},
+)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -83,8 +109,10 @@ def model_kwargs_from_hf_fuyu(config, tensors: dict[str, np.ndarray] | None = No
     raise tc.error("hidden_size", f"not a multiple of num_attention_heads = {heads}")
   head_dim = width // heads  # PersimmonAttention's, whatever config.head_dim says
   if tc.given("head_dim") and tc["head_dim"] not in (None, head_dim):
-    raise tc.error("head_dim", f"!= hidden_size / num_attention_heads = {head_dim}: PersimmonAttention and its "
-                   "rotary embedding would disagree")
+    raise tc.error(
+      "head_dim",
+      f"!= hidden_size / num_attention_heads = {head_dim}: PersimmonAttention and its rotary embedding would disagree",
+    )
   rp = default_rope(tc)
   fraction = float(rp["partial_rotary_factor"])
   patch = top["patch_size"]
@@ -94,15 +122,35 @@ def model_kwargs_from_hf_fuyu(config, tensors: dict[str, np.ndarray] | None = No
     patch = patch[0] if len(patch) == 2 and patch[0] == patch[1] else None
   if isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0:
     raise top.error("patch_size", "expected a positive integer (square patches)")
-  lm = dict(vocab_size=tc["vocab_size"], width=width, depth=tc["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=heads, head_dim=head_dim, mlp_dim=tc["intermediate_size"], mlp_act=act,
-            qkv_bias=True, out_bias=True, mlp_bias=True, rope_theta=float(rp["rope_theta"]),
-            norm_eps=float(tc["layer_norm_eps"]), norm_type="layer",
-            qk_norm="layer" if tc["qk_layernorm"] else None, rotary_fraction=fraction, embed_scale=False,
-            tie_embeddings=tied_head(top, tensors))
-  return dict(lm_config=lm, vision_config=dict(patch_size=int(patch), width=width), vision_model="fuyu_patches",
-              vision_method="patch_features", connector_type="none", prefix_tokens=1,
-              image_token_id=int(top["image_token_id"]))
+  lm = dict(
+    vocab_size=tc["vocab_size"],
+    width=width,
+    depth=tc["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=heads,
+    head_dim=head_dim,
+    mlp_dim=tc["intermediate_size"],
+    mlp_act=act,
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+    rope_theta=float(rp["rope_theta"]),
+    norm_eps=float(tc["layer_norm_eps"]),
+    norm_type="layer",
+    qk_norm="layer" if tc["qk_layernorm"] else None,
+    rotary_fraction=fraction,
+    embed_scale=False,
+    tie_embeddings=tied_head(top, tensors),
+  )
+  return dict(
+    lm_config=lm,
+    vision_config=dict(patch_size=int(patch), width=width),
+    vision_model="fuyu_patches",
+    vision_method="patch_features",
+    connector_type="none",
+    prefix_tokens=1,
+    image_token_id=int(top["image_token_id"]),
+  )
 
 
 def _canonical(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
@@ -110,44 +158,54 @@ def _canonical(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], d
   prefix -> canonical prefix), stored keys outside it)."""
   layout = next((m for m in _LAYOUTS if f"{next(iter(m))}embed_tokens.weight" in tensors), None)
   if layout is None:
-    raise ValueError("not a FuyuForCausalLM checkpoint: no language_model.model.embed_tokens.weight or "
-                     f"model.language_model.embed_tokens.weight; keys: {sorted(tensors)[:10]}")
+    raise ValueError(
+      "not a FuyuForCausalLM checkpoint: no language_model.model.embed_tokens.weight or "
+      f"model.language_model.embed_tokens.weight; keys: {sorted(tensors)[:10]}"
+    )
   out, rest = {}, []
   for key, value in tensors.items():
     theirs = next((p for p in layout if key.startswith(p)), None)
     if theirs is None:
       rest.append(key)
     else:
-      out[layout[theirs] + key[len(theirs):]] = value
+      out[layout[theirs] + key[len(theirs) :]] = value
   return out, layout, rest
 
 
 def _stored(layout: dict[str, str], key: str) -> str:
   """The checkpoint's name for a canonical key."""
   theirs = next(t for t, c in layout.items() if key.startswith(c))
-  return theirs + key[len(layout[theirs]):]
+  return theirs + key[len(layout[theirs]) :]
 
 
 def _rows(lm: dict) -> list[tuple[str, str, str]]:
   """(canonical HF key, our path, layout) for every tensor but the fused query_key_value."""
-  rows = [("model.embed_tokens.weight", "lm/embedding/embedding", "id"),
-          ("model.final_layernorm.weight", "lm/norm/scale", "id"),
-          ("model.final_layernorm.bias", "lm/norm/bias", "id"),
-          ("vision_embed_tokens.weight", "vision/vision_embed/kernel", "dense"),
-          ("vision_embed_tokens.bias", "vision/vision_embed/bias", "id")]
+  rows = [
+    ("model.embed_tokens.weight", "lm/embedding/embedding", "id"),
+    ("model.final_layernorm.weight", "lm/norm/scale", "id"),
+    ("model.final_layernorm.bias", "lm/norm/bias", "id"),
+    ("vision_embed_tokens.weight", "vision/vision_embed/kernel", "dense"),
+    ("vision_embed_tokens.bias", "vision/vision_embed/bias", "id"),
+  ]
   if not lm["tie_embeddings"]:
     rows.append(("lm_head.weight", "lm/head/kernel", "dense"))
   for i in range(lm["depth"]):
     h, o = f"model.layers.{i}", f"lm/decoder/block_{i}"
     for theirs, ours in (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")) + (
-        (("self_attn.q_layernorm", "attn/query_norm"), ("self_attn.k_layernorm", "attn/key_norm"))
-        if lm["qk_norm"] else ()):
+      (("self_attn.q_layernorm", "attn/query_norm"), ("self_attn.k_layernorm", "attn/key_norm"))
+      if lm["qk_norm"]
+      else ()
+    ):
       rows += [(f"{h}.{theirs}.weight", f"{o}/{ours}/scale", "id"), (f"{h}.{theirs}.bias", f"{o}/{ours}/bias", "id")]
-    rows += [(f"{h}.self_attn.dense.weight", f"{o}/attn/out/kernel", "out"),
-             (f"{h}.self_attn.dense.bias", f"{o}/attn/out/bias", "id")]
+    rows += [
+      (f"{h}.self_attn.dense.weight", f"{o}/attn/out/kernel", "out"),
+      (f"{h}.self_attn.dense.bias", f"{o}/attn/out/bias", "id"),
+    ]
     for theirs, ours in (("dense_h_to_4h", "fc1"), ("dense_4h_to_h", "fc2")):
-      rows += [(f"{h}.mlp.{theirs}.weight", f"{o}/mlp/{ours}/kernel", "dense"),
-               (f"{h}.mlp.{theirs}.bias", f"{o}/mlp/{ours}/bias", "id")]
+      rows += [
+        (f"{h}.mlp.{theirs}.weight", f"{o}/mlp/{ours}/kernel", "dense"),
+        (f"{h}.mlp.{theirs}.bias", f"{o}/mlp/{ours}/bias", "id"),
+      ]
   return rows
 
 
@@ -156,8 +214,9 @@ def split_query_key_value(weight: np.ndarray, bias: np.ndarray, num_heads: int) 
   {query,key,value}/kernel [D, N, hd] and /bias [N, hd]."""
   d = weight.shape[1]
   if weight.shape[0] != 3 * d or bias.shape != (3 * d,):
-    raise ValueError(f"query_key_value: weight {weight.shape} / bias {bias.shape}, expected ({3 * d}, {d}) / "
-                     f"({3 * d},)")
+    raise ValueError(
+      f"query_key_value: weight {weight.shape} / bias {bias.shape}, expected ({3 * d}, {d}) / ({3 * d},)"
+    )
   w = weight.reshape(num_heads, 3, d // num_heads, d)  # HF _split_heads: view(..., N, 3, hd)
   b = bias.reshape(num_heads, 3, d // num_heads)
   out = {}
@@ -186,12 +245,14 @@ def import_hf_fuyu(path: str | Path, scan: bool = False) -> tuple[str, dict[str,
     raise ValueError(f"{path}: Fuyu tensors expected but absent: {[_stored(layout, k) for k in missing][:20]}")
   flat = {}
   for key, ours, kind in rows:
-    flat[tuple(ours.split("/"))] = np.ascontiguousarray(_fwd(kind, np.asarray(tensors[key], np.float32),
-                                                             lm["num_heads"]), np.float32)
+    flat[tuple(ours.split("/"))] = np.ascontiguousarray(
+      _fwd(kind, np.asarray(tensors[key], np.float32), lm["num_heads"]), np.float32
+    )
   for i in range(lm["depth"]):
     h = f"model.layers.{i}.self_attn.query_key_value"
-    parts = split_query_key_value(np.asarray(tensors[f"{h}.weight"], np.float32),
-                                  np.asarray(tensors[f"{h}.bias"], np.float32), lm["num_heads"])
+    parts = split_query_key_value(
+      np.asarray(tensors[f"{h}.weight"], np.float32), np.asarray(tensors[f"{h}.bias"], np.float32), lm["num_heads"]
+    )
     for name, x in parts.items():
       flat[("lm", "decoder", f"block_{i}", "attn") + tuple(name.split("/"))] = np.ascontiguousarray(x, np.float32)
 
@@ -199,9 +260,11 @@ def import_hf_fuyu(path: str | Path, scan: bool = False) -> tuple[str, dict[str,
   p, c, d = kwargs["vision_config"]["patch_size"], config["num_channels"], lm["width"]
   kernel = flat[("vision", "vision_embed", "kernel")]
   if kernel.shape != (p * p * c, d):
-    raise ValueError(f"{path}: {_stored(layout, 'vision_embed_tokens.weight')} maps {kernel.shape[0]} -> "
-                     f"{kernel.shape[1]}; patch_size {p} x {p} x {c} channels -> hidden_size {d} needs "
-                     f"({p * p * c}, {d})")
+    raise ValueError(
+      f"{path}: {_stored(layout, 'vision_embed_tokens.weight')} maps {kernel.shape[0]} -> "
+      f"{kernel.shape[1]}; patch_size {p} x {p} x {c} channels -> hidden_size {d} needs "
+      f"({p * p * c}, {d})"
+    )
 
   used = {r[0] for r in rows} | set(qkv) | ({"lm_head.weight"} if lm["tie_embeddings"] else set())
   unused = rest + [_stored(layout, k) for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)]

@@ -18,10 +18,22 @@ from flax import traverse_util
 from vlm.convert.hf_config import HFConfig, from_dict, read_config
 from vlm.convert.safetensors_io import load_safetensors_dir, save_safetensors_dir
 
-ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-               "gelu_fast": "gelu_tanh", "relu": "relu", "silu": "silu"}
-ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu",
-             "silu": "silu"}
+ACT_FROM_HF = {
+  "quick_gelu": "quick_gelu",
+  "gelu": "gelu",
+  "gelu_pytorch_tanh": "gelu_tanh",
+  "gelu_new": "gelu_tanh",
+  "gelu_fast": "gelu_tanh",
+  "relu": "relu",
+  "silu": "silu",
+}
+ACT_TO_HF = {
+  "quick_gelu": "quick_gelu",
+  "gelu": "gelu",
+  "gelu_tanh": "gelu_pytorch_tanh",
+  "relu": "relu",
+  "silu": "silu",
+}
 
 
 # Layouts: how an HF tensor becomes ours (fwd) and back (inv). `h` is the number of heads.
@@ -93,20 +105,23 @@ def _encoder(hf: str, ours: str, depth: int):
 
 def _clip_table(vc: dict, tc: dict) -> list[tuple[str, str, str, str]]:
   """Rows (hf_key, our_path, layout, tower) for CLIPModel."""
-  img = [("vision_model.embeddings.class_embedding", "img/cls", "cls"),
-         ("vision_model.embeddings.patch_embedding.weight", "img/embedding/conv/kernel", "conv"),
-         ("vision_model.embeddings.position_embedding.weight", "img/pos_embedding/pos_embedding", "batch1")]
+  img = [
+    ("vision_model.embeddings.class_embedding", "img/cls", "cls"),
+    ("vision_model.embeddings.patch_embedding.weight", "img/embedding/conv/kernel", "conv"),
+    ("vision_model.embeddings.position_embedding.weight", "img/pos_embedding/pos_embedding", "batch1"),
+  ]
   img += _norm("vision_model.pre_layrnorm", "img/pre_norm")
   img += _encoder("vision_model.encoder", "img/encoder", vc["num_hidden_layers"])
   img += _norm("vision_model.post_layernorm", "img/encoder_norm")
   img += _linear("visual_projection", "img/head", bias=False)
-  txt = [("text_model.embeddings.token_embedding.weight", "txt/embedding/embedding", "id"),
-         ("text_model.embeddings.position_embedding.weight", "txt/pos_embedding/pos_embedding", "batch1")]
+  txt = [
+    ("text_model.embeddings.token_embedding.weight", "txt/embedding/embedding", "id"),
+    ("text_model.embeddings.position_embedding.weight", "txt/pos_embedding/pos_embedding", "batch1"),
+  ]
   txt += _encoder("text_model.encoder", "txt/encoder", tc["num_hidden_layers"])
   txt += _norm("text_model.final_layer_norm", "txt/encoder_norm")
   txt += _linear("text_projection", "txt/head", bias=False)
-  return ([r + ("image",) for r in img] + [r + ("text",) for r in txt]
-          + [("logit_scale", "t", "scalar", "none")])
+  return [r + ("image",) for r in img] + [r + ("text",) for r in txt] + [("logit_scale", "t", "scalar", "none")]
 
 
 def _siglip_table(vc: dict, tc: dict) -> list[tuple[str, str, str, str]]:
@@ -121,13 +136,18 @@ def _siglip_table(vc: dict, tc: dict) -> list[tuple[str, str, str, str]]:
     img += _norm("vision_model.head.layernorm", "img/MAPHead/norm")
     img += _linear("vision_model.head.mlp.fc1", "img/MAPHead/mlp/fc1")
     img += _linear("vision_model.head.mlp.fc2", "img/MAPHead/mlp/fc2")
-  txt = [("text_model.embeddings.token_embedding.weight", "txt/embedding/embedding", "id"),
-         ("text_model.embeddings.position_embedding.weight", "txt/pos_embedding/pos_embedding", "batch1")]
+  txt = [
+    ("text_model.embeddings.token_embedding.weight", "txt/embedding/embedding", "id"),
+    ("text_model.embeddings.position_embedding.weight", "txt/pos_embedding/pos_embedding", "batch1"),
+  ]
   txt += _encoder("text_model.encoder", "txt/encoder", tc["num_hidden_layers"])
   txt += _norm("text_model.final_layer_norm", "txt/encoder_norm")
   txt += _linear("text_model.head", "txt/head")
-  return ([r + ("image",) for r in img] + [r + ("text",) for r in txt]
-          + [("logit_scale", "t", "scalar", "none"), ("logit_bias", "b", "scalar", "none")])
+  return (
+    [r + ("image",) for r in img]
+    + [r + ("text",) for r in txt]
+    + [("logit_scale", "t", "scalar", "none"), ("logit_bias", "b", "scalar", "none")]
+  )
 
 
 def _split_in_proj(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,8 +159,8 @@ def _split_in_proj(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     b = out.pop(f"{base}.in_proj_bias")
     for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
       d = w.shape[0] // 3
-      out[f"{base}.{name}.weight"] = w[i * d:(i + 1) * d]
-      out[f"{base}.{name}.bias"] = b[i * d:(i + 1) * d]
+      out[f"{base}.{name}.weight"] = w[i * d : (i + 1) * d]
+      out[f"{base}.{name}.bias"] = b[i * d : (i + 1) * d]
   return out
 
 
@@ -156,9 +176,14 @@ def _tower_kwargs(c: HFConfig) -> dict[str, Any]:
   """Encoder kwargs (width, depth, MLP, heads, activation, eps) of an HF CLIP / SigLIP tower config."""
   if not isinstance(c, HFConfig):
     raise TypeError(f"_tower_kwargs needs an HFConfig (vlm.convert.hf_config.read_config), got {type(c).__name__}")
-  return dict(width=c["hidden_size"], depth=c["num_hidden_layers"], mlp_dim=c["intermediate_size"],
-              num_heads=c["num_attention_heads"], mlp_act=c.choice("hidden_act", ACT_FROM_HF),
-              norm_eps=float(c["layer_norm_eps"]))
+  return dict(
+    width=c["hidden_size"],
+    depth=c["num_hidden_layers"],
+    mlp_dim=c["intermediate_size"],
+    num_heads=c["num_attention_heads"],
+    mlp_act=c.choice("hidden_act", ACT_FROM_HF),
+    norm_eps=float(c["layer_norm_eps"]),
+  )
 
 
 def _image_size(c: HFConfig, key: str) -> int:
@@ -199,14 +224,27 @@ def model_kwargs_from_hf(config: HFConfig | dict) -> dict[str, Any]:
     if not isinstance(eos, int):
       raise tc.error("eos_token_id", "CLIP pools at one EOS id; expected an integer")
     pad = tc["pad_token_id"]
-    image.update(class_token=True, pool_type="cls", pre_norm=True, patch_bias=False,
-                 out_dim=config["projection_dim"], head_bias=False)
-    text.update(causal=True, pool_type="argmax" if eos == 2 else "eos", eos_id=eos,
-                pad_id=pad if isinstance(pad, int) else 0, out_dim=config["projection_dim"], head_bias=False)
+    image.update(
+      class_token=True,
+      pool_type="cls",
+      pre_norm=True,
+      patch_bias=False,
+      out_dim=config["projection_dim"],
+      head_bias=False,
+    )
+    text.update(
+      causal=True,
+      pool_type="argmax" if eos == 2 else "eos",
+      eos_id=eos,
+      pad_id=pad if isinstance(pad, int) else 0,
+      out_dim=config["projection_dim"],
+      head_bias=False,
+    )
     # What the checkpoint holds is imported as is: CLIPModel.forward applies exp(logit_scale) with no
     # clamp (training recipes keep the 100 clamp as their own model.max_scale).
-    return dict(image=image, text=text, temperature_init=float(config["logit_scale_init_value"]),
-                bias_init=None, max_scale=None)
+    return dict(
+      image=image, text=text, temperature_init=float(config["logit_scale_init_value"]), bias_init=None, max_scale=None
+    )
   image.update(class_token=False, pool_type="map" if vc["vision_use_head"] else "none")
   text.update(causal=False, pool_type="last", out_dim=tc["projection_size"], head_bias=True)
   return dict(image=image, text=text, temperature_init=float(np.log(10.0)), bias_init=-10.0)
@@ -242,26 +280,33 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   config = read_config(path)
   if config.model_type == "flava":
     from vlm.convert.flava import import_hf_flava
+
     return import_hf_flava(path, scan=scan)
   if config.model_type in ("llama", "qwen2", "gemma"):
     from vlm.convert.llm import import_hf_llm
+
     return import_hf_llm(path, scan=scan)
   if config.model_type in ("llava", "llava_next"):
     from vlm.convert.llava import import_hf_llava
+
     return import_hf_llava(path, scan=scan)
   if config.model_type == "idefics":  # Flamingo-style; the <image> id is the tokenizer's
     from vlm.convert.idefics import import_hf_idefics
+
     if scan:
       raise NotImplementedError("Flamingo's LM has no scanned layout; import IDEFICS with scan=False")
     return import_hf_idefics(path)
   if config.model_type == "blip-2":
     from vlm.convert.blip2 import import_hf_blip2
+
     return import_hf_blip2(path, scan=scan)
   if config.model_type == "fuyu":
     from vlm.convert.fuyu import import_hf_fuyu
+
     return import_hf_fuyu(path, scan=scan)
   if config.model_type == "chameleon":  # the text decoder only (the VQ-VAE is not imported)
     from vlm.convert.chameleon import import_hf_chameleon
+
     return import_hf_chameleon(path, scan=scan)
   kwargs = model_kwargs_from_hf(config)
   tensors = _split_in_proj(load_safetensors_dir(path))
@@ -273,8 +318,11 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   flat = {}
   for hf, ours, kind, tower in table:
     flat[tuple(ours.split("/"))] = np.asarray(_fwd(kind, tensors[hf], _heads(config, tower)), np.float32)
-  unused = sorted(set(tensors) - {hf for hf, *_ in table} - {"text_model.embeddings.position_ids",
-                                                             "vision_model.embeddings.position_ids"})
+  unused = sorted(
+    set(tensors)
+    - {hf for hf, *_ in table}
+    - {"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}
+  )
   if unused:
     raise ValueError(f"{path}: tensors not used by the importer (unsupported layout?): {unused[:20]}")
   params = traverse_util.unflatten_dict(flat)
@@ -334,13 +382,30 @@ def _tree_index(tree: dict, i: int) -> dict:
 
 # What HF's CLIPModel / SiglipModel compute, as our module fields: export refuses anything else by name.
 _EXPORT_LAYOUT = {
-    "clip": dict(image=dict(class_token=True, pool_type=("cls",), pre_norm=True, patch_bias=False, head_bias=False,
-                            posemb="learn", extra_tokens=0),
-                 text=dict(causal=True, pool_type=("argmax", "eos"), head_bias=False, embed_norm=False,
-                           final_norm=True)),
-    "siglip": dict(image=dict(class_token=False, pool_type=("map", "none"), pre_norm=False, patch_bias=True,
-                              posemb="learn", extra_tokens=0, out_dim=None),
-                   text=dict(causal=False, pool_type=("last",), head_bias=True, embed_norm=False, final_norm=True)),
+  "clip": dict(
+    image=dict(
+      class_token=True,
+      pool_type=("cls",),
+      pre_norm=True,
+      patch_bias=False,
+      head_bias=False,
+      posemb="learn",
+      extra_tokens=0,
+    ),
+    text=dict(causal=True, pool_type=("argmax", "eos"), head_bias=False, embed_norm=False, final_norm=True),
+  ),
+  "siglip": dict(
+    image=dict(
+      class_token=False,
+      pool_type=("map", "none"),
+      pre_norm=False,
+      patch_bias=True,
+      posemb="learn",
+      extra_tokens=0,
+      out_dim=None,
+    ),
+    text=dict(causal=False, pool_type=("last",), head_bias=True, embed_norm=False, final_norm=True),
+  ),
 }
 
 
@@ -350,10 +415,11 @@ def with_posemb_grid(vit_kwargs: dict[str, Any], pos_embedding: np.ndarray | Non
   if vit_kwargs.get("posemb_grid") or vit_kwargs.get("posemb", "learn") != "learn" or pos_embedding is None:
     return vit_kwargs
   n = int(pos_embedding.shape[1]) - (1 if vit_kwargs.get("class_token") else 0)
-  g = int(round(n ** 0.5))
+  g = int(round(n**0.5))
   if g * g != n:
-    raise ValueError(f"export: the learned position table has {n} patch positions, not a square grid; set "
-                     "model posemb_grid")
+    raise ValueError(
+      f"export: the learned position table has {n} patch positions, not a square grid; set model posemb_grid"
+    )
   return dict(vit_kwargs, posemb_grid=(g, g))
 
 
@@ -362,6 +428,7 @@ def hf_config_from_kwargs(kwargs: dict[str, Any], model_type: str, num_channels:
   (our module's own defaults for fields the kwargs leave out), so nothing rests on transformers'."""
   from vlm.models.text import TextTransformer
   from vlm.models.vit import ViT
+
   if model_type not in _EXPORT_LAYOUT:
     raise ValueError(f"export: model_type must be 'clip' or 'siglip', got {model_type!r}")
   vit, txt = ViT(**kwargs["image"]), TextTransformer(**kwargs["text"])
@@ -380,26 +447,49 @@ def hf_config_from_kwargs(kwargs: dict[str, Any], model_type: str, num_channels:
     raise ValueError(f"export: model.image.patch_size={idims['patch_size']}; HF needs square patches")
 
   def tower(d, module):
-    return dict(hidden_size=d["width"], num_hidden_layers=d["depth"], intermediate_size=d["mlp_dim"],
-                num_attention_heads=d["num_heads"], hidden_act=ACT_TO_HF[module.mlp_act],
-                layer_norm_eps=float(module.norm_eps))
+    return dict(
+      hidden_size=d["width"],
+      num_hidden_layers=d["depth"],
+      intermediate_size=d["mlp_dim"],
+      num_attention_heads=d["num_heads"],
+      hidden_act=ACT_TO_HF[module.mlp_act],
+      layer_norm_eps=float(module.norm_eps),
+    )
 
-  vc = dict(tower(idims, vit), model_type=f"{model_type}_vision_model", image_size=vit.posemb_grid[0] * ph,
-            patch_size=ph, num_channels=int(num_channels))
-  tc = dict(tower(tdims, txt), model_type=f"{model_type}_text_model", vocab_size=txt.vocab_size,
-            max_position_embeddings=txt.max_len, pad_token_id=txt.pad_id)
+  vc = dict(
+    tower(idims, vit),
+    model_type=f"{model_type}_vision_model",
+    image_size=vit.posemb_grid[0] * ph,
+    patch_size=ph,
+    num_channels=int(num_channels),
+  )
+  tc = dict(
+    tower(tdims, txt),
+    model_type=f"{model_type}_text_model",
+    vocab_size=txt.vocab_size,
+    max_position_embeddings=txt.max_len,
+    pad_token_id=txt.pad_id,
+  )
   if model_type == "clip":
     if vit.out_dim is None or vit.out_dim != txt.out_dim:
-      raise ValueError(f"export: CLIP needs model.image.out_dim == model.text.out_dim (got {vit.out_dim}, "
-                       f"{txt.out_dim})")
+      raise ValueError(
+        f"export: CLIP needs model.image.out_dim == model.text.out_dim (got {vit.out_dim}, {txt.out_dim})"
+      )
     if txt.pool_type == "eos" and txt.eos_id == 2:
-      raise ValueError("export: model.text.eos_id=2 means legacy argmax pooling to CLIPTextTransformer; "
-                       "an 'eos'-pooled tower needs another EOS id")
+      raise ValueError(
+        "export: model.text.eos_id=2 means legacy argmax pooling to CLIPTextTransformer; "
+        "an 'eos'-pooled tower needs another EOS id"
+      )
     tc.update(eos_token_id=txt.eos_id if txt.pool_type == "eos" else 2, bos_token_id=0, projection_dim=vit.out_dim)
     vc.update(projection_dim=vit.out_dim)
-    return dict(model_type="clip", architectures=["CLIPModel"], projection_dim=vit.out_dim,
-                logit_scale_init_value=float(kwargs.get("temperature_init", 2.6592)), vision_config=vc,
-                text_config=tc)
+    return dict(
+      model_type="clip",
+      architectures=["CLIPModel"],
+      projection_dim=vit.out_dim,
+      logit_scale_init_value=float(kwargs.get("temperature_init", 2.6592)),
+      vision_config=vc,
+      text_config=tc,
+    )
   vc.update(vision_use_head=vit.pool_type == "map")
   tc.update(projection_size=txt.out_dim or tdims["width"])
   return dict(model_type="siglip", architectures=["SiglipModel"], vision_config=vc, text_config=tc)
@@ -412,7 +502,9 @@ def export_hf(kwargs: dict[str, Any], params: dict, path: str | Path, model_type
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
   if "img/embedding/conv/kernel" not in flat:
     raise ValueError("export: parameter 'img/embedding/conv/kernel' (the patch embedding) is absent")
-  kwargs = dict(kwargs, image=with_posemb_grid(dict(kwargs.get("image") or {}), flat.get("img/pos_embedding/pos_embedding")))
+  kwargs = dict(
+    kwargs, image=with_posemb_grid(dict(kwargs.get("image") or {}), flat.get("img/pos_embedding/pos_embedding"))
+  )
   config = hf_config_from_kwargs(kwargs, model_type, num_channels=flat["img/embedding/conv/kernel"].shape[2])
   tensors = {}
   for hf, ours, kind, tower in _table(from_dict(config)):

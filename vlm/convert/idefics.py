@@ -72,10 +72,18 @@ def perceiver_kwargs_from_hf(config: Any) -> dict[str, Any]:
   """PerceiverResampler kwargs for an IdeficsConfig (its perceiver_config and vision_config)."""
   config = _cfg(config)
   pc, vc = config["perceiver_config"], config["vision_config"]
-  return dict(num_latents=pc["resampler_n_latents"], depth=pc["resampler_depth"], num_heads=pc["resampler_n_heads"],
-              head_dim=pc["resampler_head_dim"], mlp_dim=4 * vc["embed_dim"], mlp_act="relu", max_frames=None,
-              qk_norm="layer" if pc["qk_layer_norms_perceiver"] else None, use_bias=False,
-              norm_eps=RESAMPLER_NORM_EPS)
+  return dict(
+    num_latents=pc["resampler_n_latents"],
+    depth=pc["resampler_depth"],
+    num_heads=pc["resampler_n_heads"],
+    head_dim=pc["resampler_head_dim"],
+    mlp_dim=4 * vc["embed_dim"],
+    mlp_act="relu",
+    max_frames=None,
+    qk_norm="layer" if pc["qk_layer_norms_perceiver"] else None,
+    use_bias=False,
+    norm_eps=RESAMPLER_NORM_EPS,
+  )
 
 
 def gated_xattn_kwargs_from_hf(config: Any) -> dict[str, Any]:
@@ -83,11 +91,18 @@ def gated_xattn_kwargs_from_hf(config: Any) -> dict[str, Any]:
   config = _cfg(config)
   alpha_type = config.choice("alpha_type", ("float", "vector"))
   width, heads = config["hidden_size"], config["num_attention_heads"]
-  return dict(num_heads=heads, head_dim=width // heads, mlp_dim=config["intermediate_size"],
-              mlp_act=config.choice("hidden_act", _GATED_FROM_HF), norm="rms", norm_eps=float(config["rms_norm_eps"]),
-              qk_norm="rms" if config["qk_layer_norms"] else None, use_bias=False,
-              alpha_shape="scalar" if alpha_type == "float" else "vector",
-              alpha_init=config.choice("alpha_initializer", _ALPHA_INIT))
+  return dict(
+    num_heads=heads,
+    head_dim=width // heads,
+    mlp_dim=config["intermediate_size"],
+    mlp_act=config.choice("hidden_act", _GATED_FROM_HF),
+    norm="rms",
+    norm_eps=float(config["rms_norm_eps"]),
+    qk_norm="rms" if config["qk_layer_norms"] else None,
+    use_bias=False,
+    alpha_shape="scalar" if alpha_type == "float" else "vector",
+    alpha_init=config.choice("alpha_initializer", _ALPHA_INIT),
+  )
 
 
 # -- rows -----------------------------------------------------------------------------------------
@@ -117,15 +132,20 @@ def perceiver_rows(depth: int, qk_norm: bool, *, hf: str = "", ours: str = "") -
 def gated_xattn_rows(qk_norm: bool, *, hf: str = "", ours: str = "") -> list[Row]:
   """IdeficsGatedCrossAttentionLayer at HF prefix `hf` -> our GatedCrossAttentionBlock at `ours`."""
   h_, o_ = (lambda n: _join(hf, n, ".")), (lambda n: _join(ours, n, "/"))
-  rows = [(h_("alpha_cross_attn"), o_("alpha_attn"), "alpha"), (h_("alpha_dense"), o_("alpha_ffw"), "alpha"),
-          (h_("input_layernorm.weight"), o_("norm_attn/scale"), "id"),
-          (h_("post_attention_layernorm.weight"), o_("norm_ffw/scale"), "id")]
+  rows = [
+    (h_("alpha_cross_attn"), o_("alpha_attn"), "alpha"),
+    (h_("alpha_dense"), o_("alpha_ffw"), "alpha"),
+    (h_("input_layernorm.weight"), o_("norm_attn/scale"), "id"),
+    (h_("post_attention_layernorm.weight"), o_("norm_ffw/scale"), "id"),
+  ]
   for name, our in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
     rows += _linear(h_(f"cross_attn.{name}"), o_(f"attn/{our}"), "qkv", bias=False)
   rows += _linear(h_("cross_attn.o_proj"), o_("attn/out"), "out", bias=False)
   if qk_norm:
-    rows += [(h_("cross_attn.q_layer_norm.weight"), o_("attn/query_norm/scale"), "id"),
-             (h_("cross_attn.k_layer_norm.weight"), o_("attn/key_norm/scale"), "id")]
+    rows += [
+      (h_("cross_attn.q_layer_norm.weight"), o_("attn/query_norm/scale"), "id"),
+      (h_("cross_attn.k_layer_norm.weight"), o_("attn/key_norm/scale"), "id"),
+    ]
   for name, our in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
     rows += _linear(h_(f"mlp.{name}"), o_(f"mlp/{our}"), bias=False)
   return rows
@@ -161,8 +181,9 @@ def import_hf_idefics_perceiver(source, config=None) -> tuple[dict[str, Any], di
   """IdeficsPerceiverResampler weights -> (PerceiverResampler kwargs, params)."""
   tensors, config = _load(source, config)
   kw = perceiver_kwargs_from_hf(config)
-  hf = _find_prefix(tensors, "latents", ("", "perceiver_resampler", "model.perceiver_resampler"),
-                    "IdeficsPerceiverResampler")
+  hf = _find_prefix(
+    tensors, "latents", ("", "perceiver_resampler", "model.perceiver_resampler"), "IdeficsPerceiverResampler"
+  )
   depth = kw["depth"]
   rows = perceiver_rows(depth, kw["qk_norm"] is not None, hf=hf)
   return kw, traverse_util.unflatten_dict(_apply(tensors, rows, {"": kw["num_heads"]}, "IdeficsPerceiverResampler"))
@@ -173,12 +194,16 @@ def import_hf_idefics_gated_xattn(source, config=None, index: int = 0) -> tuple[
   params)."""
   tensors, config = _load(source, config)
   kw = gated_xattn_kwargs_from_hf(config)
-  hf = _find_prefix(tensors, "alpha_cross_attn",
-                    ("", f"gated_cross_attn_layers.{index}", f"model.gated_cross_attn_layers.{index}"),
-                    "IdeficsGatedCrossAttentionLayer")
+  hf = _find_prefix(
+    tensors,
+    "alpha_cross_attn",
+    ("", f"gated_cross_attn_layers.{index}", f"model.gated_cross_attn_layers.{index}"),
+    "IdeficsGatedCrossAttentionLayer",
+  )
   rows = gated_xattn_rows(kw["qk_norm"] is not None, hf=hf)
-  return kw, traverse_util.unflatten_dict(_apply(tensors, rows, {"": kw["num_heads"]},
-                                                 "IdeficsGatedCrossAttentionLayer"))
+  return kw, traverse_util.unflatten_dict(
+    _apply(tensors, rows, {"": kw["num_heads"]}, "IdeficsGatedCrossAttentionLayer")
+  )
 
 
 def flamingo_kwargs_from_hf(config: Any, tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
@@ -187,16 +212,28 @@ def flamingo_kwargs_from_hf(config: Any, tensors: dict[str, np.ndarray] | None =
   config = _cfg(config)
   vc = config["vision_config"]
   if not config["use_resampler"]:
-    raise config.error("use_resampler", "cross-attention to the raw ViT tokens is not supported: our Flamingo "
-                       "always resamples")
+    raise config.error(
+      "use_resampler", "cross-attention to the raw ViT tokens is not supported: our Flamingo always resamples"
+    )
   depth, every = config["num_hidden_layers"], config["cross_layer_interval"]
   if isinstance(every, bool) or not isinstance(every, int) or every <= 0 or depth % every:
     raise config.error("cross_layer_interval", f"needs a positive divisor of num_hidden_layers = {depth}")
   size, patch = _square(vc, "image_size"), _square(vc, "patch_size")
-  vision = dict(width=vc["embed_dim"], depth=vc["num_hidden_layers"], mlp_dim=vc["intermediate_size"],
-                num_heads=vc["num_attention_heads"], patch_size=patch, class_token=True, posemb="learn",
-                posemb_grid=(size // patch,) * 2, pre_norm=True, patch_bias=False, final_norm=False,
-                norm_eps=float(vc["layer_norm_eps"]), mlp_act=vc.choice("hidden_act", ACT_FROM_HF))
+  vision = dict(
+    width=vc["embed_dim"],
+    depth=vc["num_hidden_layers"],
+    mlp_dim=vc["intermediate_size"],
+    num_heads=vc["num_attention_heads"],
+    patch_size=patch,
+    class_token=True,
+    posemb="learn",
+    posemb_grid=(size // patch,) * 2,
+    pre_norm=True,
+    patch_bias=False,
+    final_norm=False,
+    norm_eps=float(vc["layer_norm_eps"]),
+    mlp_act=vc.choice("hidden_act", ACT_FROM_HF),
+  )
   width, heads = config["hidden_size"], config["num_attention_heads"]
   if width % heads:
     raise config.error("hidden_size", f"not a multiple of num_attention_heads = {heads}")
@@ -205,12 +242,27 @@ def flamingo_kwargs_from_hf(config: Any, tensors: dict[str, np.ndarray] | None =
     tie = True  # an IdeficsModel (no head): our logits use the embedding
   else:
     tie = tied_head(config, tensors)  # IdeficsForVisionText2Text (additional_fc merged into lm_head)
-  lm = dict(vocab_size=vocab, width=width, depth=depth, num_heads=heads, num_kv_heads=heads,
-            head_dim=width // heads, mlp_dim=config["intermediate_size"],
-            mlp_act=config.choice("hidden_act", _GATED_FROM_HF), rope_theta=float(default_rope(config)["rope_theta"]),
-            norm_eps=float(config["rms_norm_eps"]), tie_embeddings=tie)
-  return dict(lm_config=lm, vision_config=vision, resampler_config=perceiver_kwargs_from_hf(config),
-              xattn_config=gated_xattn_kwargs_from_hf(config), cross_attention_every=every, keep_cls=True)
+  lm = dict(
+    vocab_size=vocab,
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    num_kv_heads=heads,
+    head_dim=width // heads,
+    mlp_dim=config["intermediate_size"],
+    mlp_act=config.choice("hidden_act", _GATED_FROM_HF),
+    rope_theta=float(default_rope(config)["rope_theta"]),
+    norm_eps=float(config["rms_norm_eps"]),
+    tie_embeddings=tie,
+  )
+  return dict(
+    lm_config=lm,
+    vision_config=vision,
+    resampler_config=perceiver_kwargs_from_hf(config),
+    xattn_config=gated_xattn_kwargs_from_hf(config),
+    cross_attention_every=every,
+    keep_cls=True,
+  )
 
 
 def _merge_decoupled(tensors: dict[str, np.ndarray], p: str) -> dict[str, np.ndarray]:
@@ -225,8 +277,9 @@ def _merge_decoupled(tensors: dict[str, np.ndarray], p: str) -> dict[str, np.nda
   return out
 
 
-def import_hf_idefics(source, config=None, *, image_token_id: int | None = None,
-                      eod_token_id: int | None = None) -> tuple[str, dict[str, Any], dict]:
+def import_hf_idefics(
+  source, config=None, *, image_token_id: int | None = None, eod_token_id: int | None = None
+) -> tuple[str, dict[str, Any], dict]:
   """IdeficsForVisionText2Text (or IdeficsModel) -> ('flamingo', Flamingo kwargs, params float32).
 
   image_token_id / eod_token_id: the tokenizer's `<image>` and end-of-document ids (not in the model's
@@ -244,9 +297,11 @@ def import_hf_idefics(source, config=None, *, image_token_id: int | None = None,
       kw[key] = value
   lm, vis, res, xa = kw["lm_config"], kw["vision_config"], kw["resampler_config"], kw["xattn_config"]
   v = f"{p}vision_model"
-  rows = [(f"{v}.embeddings.class_embedding", "vision/cls", "cls"),
-          (f"{v}.embeddings.patch_embedding.weight", "vision/embedding/conv/kernel", "conv"),
-          (f"{v}.embeddings.position_embedding.weight", "vision/pos_embedding/pos_embedding", "batch1")]
+  rows = [
+    (f"{v}.embeddings.class_embedding", "vision/cls", "cls"),
+    (f"{v}.embeddings.patch_embedding.weight", "vision/embedding/conv/kernel", "conv"),
+    (f"{v}.embeddings.position_embedding.weight", "vision/pos_embedding/pos_embedding", "batch1"),
+  ]
   rows += _norm(f"{v}.pre_layrnorm", "vision/pre_norm") + _encoder(f"{v}.encoder", "vision/encoder", vis["depth"])
   rows += perceiver_rows(res["depth"], res["qk_norm"] is not None, hf=f"{p}perceiver_resampler", ours="resampler")
   for j in range(lm["depth"] // kw["cross_attention_every"]):
@@ -256,15 +311,21 @@ def import_hf_idefics(source, config=None, *, image_token_id: int | None = None,
     rows.append(("lm_head.weight", "lm/head/kernel", "dense"))
   for i in range(lm["depth"]):
     h, o = f"{p}layers.{i}", f"lm/decoder/block_{i}"
-    rows += [(f"{h}.input_layernorm.weight", f"{o}/norm1/scale", "id"),
-             (f"{h}.post_attention_layernorm.weight", f"{o}/norm2/scale", "id")]
+    rows += [
+      (f"{h}.input_layernorm.weight", f"{o}/norm1/scale", "id"),
+      (f"{h}.post_attention_layernorm.weight", f"{o}/norm2/scale", "id"),
+    ]
     for a, b in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
       rows += _linear(f"{h}.self_attn.{a}", f"{o}/attn/{b}", "qkv", bias=False)
     rows += _linear(f"{h}.self_attn.o_proj", f"{o}/attn/out", "out", bias=False)
     for a, b in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
       rows += _linear(f"{h}.mlp.{a}", f"{o}/mlp/{b}", bias=False)
-  heads = {"vision/": vis["num_heads"], "resampler/": res["num_heads"], "xattn_": xa["num_heads"],
-           "lm/": lm["num_heads"]}
+  heads = {
+    "vision/": vis["num_heads"],
+    "resampler/": res["num_heads"],
+    "xattn_": xa["num_heads"],
+    "lm/": lm["num_heads"],
+  }
   flat = _apply(tensors, rows, heads, "IdeficsForVisionText2Text")
   used = {hf for hf, _, _ in rows} | {f"{v}.post_layernorm.weight", f"{v}.post_layernorm.bias"}
   if lm["tie_embeddings"]:
@@ -275,6 +336,13 @@ def import_hf_idefics(source, config=None, *, image_token_id: int | None = None,
   return "flamingo", kw, traverse_util.unflatten_dict(flat)
 
 
-__all__ = ["flamingo_kwargs_from_hf", "gated_xattn_kwargs_from_hf", "gated_xattn_rows", "import_hf_idefics",
-           "import_hf_idefics_gated_xattn", "import_hf_idefics_perceiver", "perceiver_kwargs_from_hf",
-           "perceiver_rows"]
+__all__ = [
+  "flamingo_kwargs_from_hf",
+  "gated_xattn_kwargs_from_hf",
+  "gated_xattn_rows",
+  "import_hf_idefics",
+  "import_hf_idefics_gated_xattn",
+  "import_hf_idefics_perceiver",
+  "perceiver_kwargs_from_hf",
+  "perceiver_rows",
+]

@@ -52,10 +52,16 @@ VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 _TEXT_DEFAULTS: dict[str, dict] = {}
 
 # Where the parts live in the two key layouts (longest prefix first), and the prefix our tables use.
-_VISION_PREFIXES = ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.",
-                    "vision_tower.")
-_LM_LAYOUTS = ({"language_model.model.": "model.", "language_model.lm_head.": "lm_head."},  # old
-               {"model.language_model.": "model.", "lm_head.": "lm_head."})  # new
+_VISION_PREFIXES = (
+  "model.vision_tower.vision_model.",
+  "model.vision_tower.",
+  "vision_tower.vision_model.",
+  "vision_tower.",
+)
+_LM_LAYOUTS = (
+  {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."},  # old
+  {"model.language_model.": "model.", "lm_head.": "lm_head."},
+)  # new
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 _NEWLINE_KEYS = ("model.image_newline", "image_newline")
 _IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
@@ -68,8 +74,9 @@ def _configs(config: "dict | HFConfig") -> tuple[HFConfig, HFConfig, HFConfig]:
     raise top.error("model_type", f"expected one of {MODEL_TYPES}")
   vc, tc = top["vision_config"], top["text_config"]
   if vc.model_type not in VISION_TYPES:
-    raise top.error("vision_config", f"vision_config.model_type {vc.model_type!r} is not supported; supported: "
-                    f"{VISION_TYPES}")
+    raise top.error(
+      "vision_config", f"vision_config.model_type {vc.model_type!r} is not supported; supported: {VISION_TYPES}"
+    )
   return top, vc, tc
 
 
@@ -100,20 +107,27 @@ def _vision_rows(vc) -> list[tuple[str, str, str]]:
     table = _clip_table(vc, no_text)
   else:
     table = _siglip_table(dict(vc, vision_use_head=False), no_text)
-  return [(hf, ours[len("img/"):], kind) for hf, ours, kind, tower in table
-          if tower == "image" and hf.startswith("vision_model.")]
+  return [
+    (hf, ours[len("img/") :], kind)
+    for hf, ours, kind, tower in table
+    if tower == "image" and hf.startswith("vision_model.")
+  ]
 
 
 def _feature_layer(top: HFConfig, depth: int) -> int:
   """HF's vision_feature_layer (an index into depth + 1 hidden_states) -> our feature_layer in [-depth, -1]."""
   layer = top["vision_feature_layer"]
   if isinstance(layer, bool) or not isinstance(layer, int):
-    raise top.error("vision_feature_layer", "several layers concatenated (VipLlava-style) are not expressible by "
-                    "VisionLanguageModel (one feature_layer)")
+    raise top.error(
+      "vision_feature_layer",
+      "several layers concatenated (VipLlava-style) are not expressible by VisionLanguageModel (one feature_layer)",
+    )
   ours = layer - (depth + 1) if layer >= 0 else layer  # hidden_states[0] = the embeddings
   if ours == -(depth + 1):
-    raise top.error("vision_feature_layer", f"the embedding output of a {depth}-block tower, which "
-                    "VisionLanguageModel cannot select (block outputs only)")
+    raise top.error(
+      "vision_feature_layer",
+      f"the embedding output of a {depth}-block tower, which VisionLanguageModel cannot select (block outputs only)",
+    )
   if not -depth <= ours < 0:
     raise top.error("vision_feature_layer", f"out of range for a {depth}-block tower")
   return ours
@@ -128,7 +142,7 @@ class _Part:
   def take(self, key: str, value: np.ndarray) -> bool:
     for theirs, ours in self.renames.items():
       if key.startswith(theirs):
-        self.tensors[ours + key[len(theirs):]] = value
+        self.tensors[ours + key[len(theirs) :]] = value
         return True
     return False
 
@@ -136,7 +150,7 @@ class _Part:
     """The checkpoint's name for a canonical key."""
     for theirs, ours in self.renames.items():
       if key.startswith(ours):
-        return theirs + key[len(ours):]
+        return theirs + key[len(ours) :]
     return key
 
 
@@ -145,11 +159,15 @@ def _split(tensors: dict[str, np.ndarray]) -> tuple[_Part, _Part, _Part, list[st
   vp = next((p for p in _VISION_PREFIXES if f"{p}embeddings.patch_embedding.weight" in tensors), None)
   lm_map = next((m for m in _LM_LAYOUTS if any(k.startswith(next(iter(m))) for k in tensors)), None)
   if vp is None or lm_map is None:
-    raise ValueError("not a LlavaForConditionalGeneration checkpoint: no vision tower under "
-                     f"{_VISION_PREFIXES} or no language model under 'language_model.model.' / "
-                     f"'model.language_model.'; keys: {sorted(tensors)[:10]}")
-  pp = next((p for p in _PROJECTOR_PREFIXES if any(k.startswith(p) for k in tensors)),
-            "model.multi_modal_projector." if vp.startswith("model.") else "multi_modal_projector.")
+    raise ValueError(
+      "not a LlavaForConditionalGeneration checkpoint: no vision tower under "
+      f"{_VISION_PREFIXES} or no language model under 'language_model.model.' / "
+      f"'model.language_model.'; keys: {sorted(tensors)[:10]}"
+    )
+  pp = next(
+    (p for p in _PROJECTOR_PREFIXES if any(k.startswith(p) for k in tensors)),
+    "model.multi_modal_projector." if vp.startswith("model.") else "multi_modal_projector.",
+  )
   vision = _Part("vision tower", {vp: "vision_model."})
   lm = _Part("language model", lm_map)
   proj = _Part("multi_modal_projector", {pp: ""})
@@ -174,8 +192,9 @@ def _apply(part: _Part, rows, where: Path, gemma_norm: bool = False) -> dict:
   return flat
 
 
-def model_kwargs_from_hf_llava(config: "dict | HFConfig",
-                               tensors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def model_kwargs_from_hf_llava(
+  config: "dict | HFConfig", tensors: dict[str, np.ndarray] | None = None
+) -> dict[str, Any]:
   """VisionLanguageModel kwargs from an HF LlavaConfig / LlavaNextConfig (a config.json dict or an HFConfig;
   tensors, the LM's under canonical keys, if given, decide the tying as transformers does)."""
   top, vc, tc = _configs(config)
@@ -183,25 +202,44 @@ def model_kwargs_from_hf_llava(config: "dict | HFConfig",
   strategy = top.choice("vision_feature_select_strategy", ("default", "full"))
   vit = _vision_kwargs(vc)
   if strategy == "default" and not vit["class_token"]:
-    raise top.error("vision_feature_select_strategy", f"on a {vc.model_type} tower (no class token) HF drops the "
-                    "first patch; VisionLanguageModel drops only a class token")
+    raise top.error(
+      "vision_feature_select_strategy",
+      f"on a {vc.model_type} tower (no class token) HF drops the "
+      "first patch; VisionLanguageModel drops only a class token",
+    )
   # LlavaConfig.__post_init__: the text config's tie_word_embeddings ties the model's head too.
   tie = bool(top["tie_word_embeddings"] or tc["tie_word_embeddings"])
-  token = top["image_token_id"] if top.given("image_token_id") and not top.given("image_token_index") else (
-      top["image_token_index"])  # LlavaConfig.attribute_map
-  kwargs = dict(lm_config=llm.model_kwargs_from_hf_llm(tc, tensors, tie=tie), vision_config=vit, vision_model="vit",
-                feature_layer=_feature_layer(top, vit["depth"]), keep_cls=strategy == "full", pool=None,
-                connector_type="mlp", prefix_tokens=1, image_token_id=int(token))
+  token = (
+    top["image_token_id"]
+    if top.given("image_token_id") and not top.given("image_token_index")
+    else (top["image_token_index"])
+  )  # LlavaConfig.attribute_map
+  kwargs = dict(
+    lm_config=llm.model_kwargs_from_hf_llm(tc, tensors, tie=tie),
+    vision_config=vit,
+    vision_model="vit",
+    feature_layer=_feature_layer(top, vit["depth"]),
+    keep_cls=strategy == "full",
+    pool=None,
+    connector_type="mlp",
+    prefix_tokens=1,
+    image_token_id=int(token),
+  )
   if top.model_type == "llava_next":
     if strategy == "full" and vit["class_token"]:
-      raise top.error("vision_feature_select_strategy", "LLaVA-NeXT lays each tile's features out as a grid, "
-                      "which a CLS token breaks (transformers too)")
+      raise top.error(
+        "vision_feature_select_strategy",
+        "LLaVA-NeXT lays each tile's features out as a grid, which a CLS token breaks (transformers too)",
+      )
     tile = _int(vc, "image_size")
     points = top["image_grid_pinpoints"]
     if not isinstance(points, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in points):
       raise top.error("image_grid_pinpoints", "expected a list of [height, width] pairs")
-    kwargs["anyres"] = dict(grid_pinpoints=tuple(tuple(int(v) for v in p) for p in points), tile_size=tile,
-                            patch_grid=tile // _int(vc, "patch_size"))
+    kwargs["anyres"] = dict(
+      grid_pinpoints=tuple(tuple(int(v) for v in p) for p in points),
+      tile_size=tile,
+      patch_grid=tile // _int(vc, "patch_size"),
+    )
   return kwargs
 
 
@@ -242,13 +280,18 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
   if not top["multimodal_projector_bias"]:
     for i in (1, 2):
       proj.tensors.setdefault(f"linear_{i}.bias", np.zeros((lm_kw["width"],), np.float32))
-  prows = [(f"linear_{i}.{w}", f"fc{i}/{o}", kind, 0)
-           for i in (1, 2) for w, o, kind in (("weight", "kernel", "dense"), ("bias", "bias", "id"))]
+  prows = [
+    (f"linear_{i}.{w}", f"fc{i}/{o}", kind, 0)
+    for i in (1, 2)
+    for w, o, kind in (("weight", "kernel", "dense"), ("bias", "bias", "id"))
+  ]
   flat.update({("connector",) + k: v for k, v in _apply(proj, prows, path).items()})
   fc1 = flat[("connector", "fc1", "kernel")]
   if fc1.shape != (width, lm_kw["width"]):
-    raise ValueError(f"{path}: {proj.stored('linear_1.weight')} maps {fc1.shape[0]} -> {fc1.shape[1]}; the "
-                     f"vision tower has width {width} and the LM {lm_kw['width']}")
+    raise ValueError(
+      f"{path}: {proj.stored('linear_1.weight')} maps {fc1.shape[0]} -> {fc1.shape[1]}; the "
+      f"vision tower has width {width} and the LM {lm_kw['width']}"
+    )
 
   if newline is not None:
     if newline.shape != (lm_kw["width"],):
@@ -260,8 +303,11 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
   unused = list(rest)
   for part, rows in ((vision, vrows), (lm, lrows), (proj, prows)):
     used = {r[0] for r in rows} | ignored
-    unused += [part.stored(k) for k in part.tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)
-               and not k.startswith("vision_model.head.")]  # a SigLIP tower's MAP head: unused by LLaVA
+    unused += [
+      part.stored(k)
+      for k in part.tensors
+      if k not in used and not k.endswith(_IGNORED_SUFFIXES) and not k.startswith("vision_model.head.")
+    ]  # a SigLIP tower's MAP head: unused by LLaVA
   if unused:
     raise ValueError(f"{path}: tensors not used by the LLaVA importer (unsupported layout?): {sorted(unused)[:20]}")
   params = traverse_util.unflatten_dict(flat)

@@ -42,8 +42,14 @@ from vlm.convert.safetensors_io import load_safetensors_dir
 from vlm.nn import rope as rope_lib
 
 MODEL_TYPES = ("llama", "qwen2", "gemma")
-_GATED_FROM_HF = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_tanh": "geglu",
-                  "gelu_new": "geglu", "gelu_fast": "geglu"}
+_GATED_FROM_HF = {
+  "silu": "swiglu",
+  "swish": "swiglu",
+  "gelu_pytorch_tanh": "geglu",
+  "gelu_tanh": "geglu",
+  "gelu_new": "geglu",
+  "gelu_fast": "geglu",
+}
 
 
 def as_config(config: "dict | HFConfig", file: str = "config.json") -> HFConfig:
@@ -53,8 +59,11 @@ def as_config(config: "dict | HFConfig", file: str = "config.json") -> HFConfig:
 
 def _rope_key(c: HFConfig) -> str:
   """The key that holds the rope settings in this file (for messages)."""
-  return "rope_parameters" if c.given("rope_parameters") and c["rope_parameters"] is not None else (
-      "rope_scaling" if c.given("rope_scaling") else "rope_theta")
+  return (
+    "rope_parameters"
+    if c.given("rope_parameters") and c["rope_parameters"] is not None
+    else ("rope_scaling" if c.given("rope_scaling") else "rope_theta")
+  )
 
 
 def rope_kwargs(c: HFConfig) -> dict[str, Any]:
@@ -95,8 +104,11 @@ def _activation(c: HFConfig) -> str:
   act = "gelu_pytorch_tanh" if act == "gelu" else act  # GemmaConfig.__post_init__ (transformers 5)
   legacy = c["hidden_activation"]  # transformers 4.39-4.47's GemmaMLP read this one
   if c.given("hidden_activation") and legacy is not None and legacy != act:
-    raise c.error("hidden_activation", f"disagrees with hidden_act = {c['hidden_act']!r} (which transformers 5 "
-                  f"runs as {act!r}; transformers 4.39-4.47 ran hidden_activation): make them agree")
+    raise c.error(
+      "hidden_activation",
+      f"disagrees with hidden_act = {c['hidden_act']!r} (which transformers 5 "
+      f"runs as {act!r}; transformers 4.39-4.47 ran hidden_activation): make them agree",
+    )
   if act not in _GATED_FROM_HF:
     raise c.error("hidden_act", f"not supported by vlm; supported: {', '.join(sorted(map(repr, _GATED_FROM_HF)))}")
   return _GATED_FROM_HF[act]
@@ -109,16 +121,19 @@ def _tied(c: HFConfig, tie: bool, tensors: dict[str, np.ndarray] | None) -> bool
   head, emb = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
   if head is None:
     if not tie:
-      raise c.error("tie_word_embeddings", "but the checkpoint has no lm_head.weight (transformers would "
-                    "initialise the head randomly)")
+      raise c.error(
+        "tie_word_embeddings",
+        "but the checkpoint has no lm_head.weight (transformers would initialise the head randomly)",
+      )
     return True
   if tie and emb is not None and not np.array_equal(np.asarray(head), np.asarray(emb)):
     return False  # transformers: both present and different -> not tied
   return bool(tie)
 
 
-def model_kwargs_from_hf_llm(config: "dict | HFConfig", tensors: dict[str, np.ndarray] | None = None,
-                             tie: bool | None = None) -> dict[str, Any]:
+def model_kwargs_from_hf_llm(
+  config: "dict | HFConfig", tensors: dict[str, np.ndarray] | None = None, tie: bool | None = None
+) -> dict[str, Any]:
   """DecoderLM kwargs from an HF Llama / Qwen2 / Gemma config (a config.json dict or an HFConfig).
 
   tensors (canonical keys 'model.*', 'lm_head.*'), if given, decide the tying as transformers does;
@@ -130,8 +145,11 @@ def model_kwargs_from_hf_llm(config: "dict | HFConfig", tensors: dict[str, np.nd
   if mt == "qwen2":
     window = c["sliding_window"] if c["use_sliding_window"] else None  # Qwen2Config.__post_init__
     if window is not None and "sliding_attention" in c["layer_types"]:
-      raise c.error("use_sliding_window", f"sliding-window attention (sliding_window = {window}, layer_types "
-                    f"{c['layer_types']}) is not supported by DecoderLM")
+      raise c.error(
+        "use_sliding_window",
+        f"sliding-window attention (sliding_window = {window}, layer_types "
+        f"{c['layer_types']}) is not supported by DecoderLM",
+      )
   if mt == "gemma" and c["use_bidirectional_attention"]:
     raise c.error("use_bidirectional_attention", "DecoderLM is causal")
   act = _activation(c)
@@ -145,24 +163,36 @@ def model_kwargs_from_hf_llm(config: "dict | HFConfig", tensors: dict[str, np.nd
     mlp_bias = bool(c["mlp_bias"]) if mt == "llama" else False
   tie = c["tie_word_embeddings"] if tie is None else tie
   return dict(
-      vocab_size=c["vocab_size"], width=width, depth=c["num_hidden_layers"], num_heads=heads,
-      num_kv_heads=c["num_key_value_heads"], head_dim=head_dim, mlp_dim=c["intermediate_size"], mlp_act=act,
-      qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias, **rope_kwargs(c),
-      norm_eps=float(c["rms_norm_eps"]), embed_scale=(mt == "gemma"), tie_embeddings=_tied(c, tie, tensors),
+    vocab_size=c["vocab_size"],
+    width=width,
+    depth=c["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=c["num_key_value_heads"],
+    head_dim=head_dim,
+    mlp_dim=c["intermediate_size"],
+    mlp_act=act,
+    qkv_bias=qkv_bias,
+    out_bias=out_bias,
+    mlp_bias=mlp_bias,
+    **rope_kwargs(c),
+    norm_eps=float(c["rms_norm_eps"]),
+    embed_scale=(mt == "gemma"),
+    tie_embeddings=_tied(c, tie, tensors),
   )
 
 
 def _table(kw: dict) -> list[tuple[str, str, str, int]]:
   """Rows (hf_key, our_path, layout, heads)."""
   n, k = kw["num_heads"], kw.get("num_kv_heads") or kw["num_heads"]
-  rows = [("model.embed_tokens.weight", "embedding/embedding", "id", 0),
-          ("model.norm.weight", "norm/scale", "norm", 0)]
+  rows = [("model.embed_tokens.weight", "embedding/embedding", "id", 0), ("model.norm.weight", "norm/scale", "norm", 0)]
   if not kw.get("tie_embeddings", False):
     rows.append(("lm_head.weight", "head/kernel", "dense", 0))
   for i in range(kw["depth"]):
     h, o = f"model.layers.{i}", f"decoder/block_{i}"
-    rows += [(f"{h}.input_layernorm.weight", f"{o}/norm1/scale", "norm", 0),
-             (f"{h}.post_attention_layernorm.weight", f"{o}/norm2/scale", "norm", 0)]
+    rows += [
+      (f"{h}.input_layernorm.weight", f"{o}/norm1/scale", "norm", 0),
+      (f"{h}.post_attention_layernorm.weight", f"{o}/norm2/scale", "norm", 0),
+    ]
     for a, b, heads in (("q_proj", "query", n), ("k_proj", "key", k), ("v_proj", "value", k)):
       rows.append((f"{h}.self_attn.{a}.weight", f"{o}/attn/{b}/kernel", "qkv", heads))
       if kw.get("qkv_bias", False):
@@ -199,8 +229,9 @@ def import_hf_llm(path: str | Path, scan: bool = False) -> tuple[str, dict[str, 
       x = _fwd(kind, x, heads)
     flat[tuple(ours.split("/"))] = np.ascontiguousarray(x, np.float32)
   ignored = {"lm_head.weight"} if kw["tie_embeddings"] else set()  # a tied head saved anyway
-  unused = sorted(set(tensors) - {hf for hf, *_ in table} - ignored
-                  - {k for k in tensors if k.endswith("rotary_emb.inv_freq")})
+  unused = sorted(
+    set(tensors) - {hf for hf, *_ in table} - ignored - {k for k in tensors if k.endswith("rotary_emb.inv_freq")}
+  )
   if unused:
     raise ValueError(f"{path}: tensors not used by the importer (unsupported layout?): {unused[:20]}")
   params = traverse_util.unflatten_dict(flat)

@@ -14,6 +14,7 @@ file, the reference recipe of the model type is used (REFERENCE_PP) and the choi
 The tokenizer is the directory's own (tokenizer.json, spiece.model or tokenizer.model) with the
 family of the model type (SigLIP: 'siglip'); a big_vision .npz carries none: pass `tokenizer=`.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,15 @@ from vlm.data.preprocess import REFERENCE_PP, reference_pp
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # Tokenizer conventions and reference preprocessing by model type.
 _FAMILY = {"siglip": "siglip", "llama": "llama", "gemma": "gemma", "llava": None, "llava_next": None}
-_REFERENCE = {"clip": "clip", "siglip": "siglip", "llava": "llava", "llava_next": "clip", "blip-2": "blip",
-              "idefics": "blip", "chameleon": "chameleon"}
+_REFERENCE = {
+  "clip": "clip",
+  "siglip": "siglip",
+  "llava": "llava",
+  "llava_next": "clip",
+  "blip-2": "blip",
+  "idefics": "blip",
+  "chameleon": "chameleon",
+}
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")
 
 
@@ -50,8 +58,11 @@ def pp_from_processor(file: str | Path) -> str:
   if p.get("do_resize", True):
     size = p.get("size")
     if isinstance(size, int):
-      size = {"shortest_edge": size} if p.get("image_processor_type", "").startswith("CLIP") else \
-          {"height": size, "width": size}
+      size = (
+        {"shortest_edge": size}
+        if p.get("image_processor_type", "").startswith("CLIP")
+        else {"height": size, "width": size}
+      )
     if not isinstance(size, dict):
       raise ConfigError(f"{where('size')} = {size!r}: expected shortest_edge or height/width")
     if "shortest_edge" in size:
@@ -98,21 +109,31 @@ def _hf_data(path: Path, cfg, tokenizer: str | None) -> dict[str, Any]:
     pp = "decode|" + reference_pp(_REFERENCE[mt], size)
     logging.warning("%s: no preprocessor_config.json; using vlm's %r reference recipe: %s", path, _REFERENCE[mt], pp)
   else:
-    raise FileNotFoundError(f"{path}: no preprocessor_config.json and no reference recipe for {mt!r}; "
-                            f"known: {sorted(REFERENCE_PP)}")
+    raise FileNotFoundError(
+      f"{path}: no preprocessor_config.json and no reference recipe for {mt!r}; known: {sorted(REFERENCE_PP)}"
+    )
   text = _text_config(cfg)
   length = int(text["max_position_embeddings"]) if mt in ("clip", "siglip") else 64
-  return dict(tokenizer=tok, tokenizer_family=_FAMILY.get(mt) if tok.endswith(".model") else None,
-              text_length=length, pp_eval=pp, add_bos=None, add_eos=None)
+  return dict(
+    tokenizer=tok,
+    tokenizer_family=_FAMILY.get(mt) if tok.endswith(".model") else None,
+    text_length=length,
+    pp_eval=pp,
+    add_bos=None,
+    add_eos=None,
+  )
 
 
-def load_published(path: str | Path, tokenizer: str | None = None,
-                   **import_kw) -> tuple[ml_collections.ConfigDict, dict]:
+def load_published(
+  path: str | Path, tokenizer: str | None = None, **import_kw
+) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, params numpy) for an HF directory or a big_vision .npz (see the module docstring)."""
   from vlm.data.pipeline import get_default_config
+
   path = Path(path)
   if path.suffix == ".npz":
     from vlm.convert.big_vision import import_big_vision
+
     if not path.is_file():
       raise FileNotFoundError(f"{path}: no such file")
     name, kwargs, params = import_big_vision(path, **import_kw)
@@ -122,14 +143,22 @@ def load_published(path: str | Path, tokenizer: str | None = None,
       raise ValueError(f"{path}: sin-cos position embeddings do not fix the image size; pass posemb_grid=(h, w)")
     image_size = kwargs["image"]["posemb_grid"][0] * patch
     # big_vision's SigLIP evaluation pp: f"resize({res})|value_range(-1, 1)" (bilinear, no crop).
-    data = dict(tokenizer=tokenizer, tokenizer_family="siglip" if tokenizer and tokenizer.endswith(".model")
-                else None, text_length=int(kwargs["text"]["max_len"]), add_bos=None, add_eos=None,
-                pp_eval=f"decode|resize({image_size})|value_range(-1, 1)")
+    data = dict(
+      tokenizer=tokenizer,
+      tokenizer_family="siglip" if tokenizer and tokenizer.endswith(".model") else None,
+      text_length=int(kwargs["text"]["max_len"]),
+      add_bos=None,
+      add_eos=None,
+      pp_eval=f"decode|resize({image_size})|value_range(-1, 1)",
+    )
     if tokenizer is None:
-      raise ValueError(f"{path}: a big_vision .npz holds no tokenizer; pass tokenizer= (--tokenizer=), e.g. the "
-                       "SigLIP SentencePiece model")
+      raise ValueError(
+        f"{path}: a big_vision .npz holds no tokenizer; pass tokenizer= (--tokenizer=), e.g. the "
+        "SigLIP SentencePiece model"
+      )
   else:
     from vlm.convert import import_hf
+
     cfg = read_config(path)
     name, kwargs, params = import_hf(path, **import_kw)
     data = _hf_data(path, cfg, tokenizer)
@@ -149,12 +178,14 @@ def load_published(path: str | Path, tokenizer: str | None = None,
 
 def _to_config(kwargs: dict) -> ml_collections.ConfigDict:
   """Model kwargs (nested dicts, tuples) as a ConfigDict that build_model reads back unchanged."""
+
   def conv(v):
     if isinstance(v, dict):
       return {k: conv(x) for k, x in v.items()}
     if isinstance(v, np.generic):
       return v.item()
     return v
+
   return ml_collections.ConfigDict(conv(kwargs))
 
 

@@ -33,8 +33,10 @@ def _shard_path(index: Path, shard: str) -> Path:
   if not isinstance(shard, str) or not shard:
     raise ValueError(f"{index}: weight_map shard name {shard!r} is not a file name")
   if Path(shard).is_absolute() or shard.startswith(("/", "\\")) or ".." in shard.replace("\\", "/").split("/"):
-    raise ValueError(f"{index}: weight_map shard {shard!r} is outside the checkpoint directory "
-                     f"{index.parent} (absolute, or '..'); shards must sit beside the index")
+    raise ValueError(
+      f"{index}: weight_map shard {shard!r} is outside the checkpoint directory "
+      f"{index.parent} (absolute, or '..'); shards must sit beside the index"
+    )
   return index.parent / shard
 
 
@@ -42,6 +44,9 @@ def save_safetensors_dir(tensors: dict[str, np.ndarray], path: str | Path, confi
   """Writes config.json and model.safetensors (float32, contiguous) into `path`."""
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(path / "model.safetensors"),
-            metadata={"format": "pt"})
+  save_file(
+    {k: np.require(v, requirements="C") for k, v in tensors.items()},
+    str(path / "model.safetensors"),
+    metadata={"format": "pt"},
+  )
   (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

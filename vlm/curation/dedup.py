@@ -34,15 +34,16 @@ class _UnionFind:
 def _pairs_above(z: np.ndarray, idx: np.ndarray, threshold: float, block: int = 2048):
   """(i, j) index pairs of z[idx] (i < j) with cosine >= threshold."""
   for s in range(0, len(idx), block):
-    rows = idx[s:s + block]
+    rows = idx[s : s + block]
     sim = z[rows] @ z[idx].T
     a, b = np.nonzero(sim >= threshold)
     sel = idx[b] > rows[a]
     yield rows[a[sel]], idx[b[sel]]
 
 
-def near_duplicates(emb: np.ndarray, threshold: float = 0.95, *, num_bits: int = 12, num_tables: int = 16,
-                    seed: int = 0) -> np.ndarray:
+def near_duplicates(
+  emb: np.ndarray, threshold: float = 0.95, *, num_bits: int = 12, num_tables: int = 16, seed: int = 0
+) -> np.ndarray:
   """Cluster id of each row of emb [N, D] (the smallest member index); singletons are their own."""
   z = np.asarray(emb, np.float32)
   z = z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)

@@ -13,8 +13,19 @@ import numpy as np
 from PIL import Image
 
 # Reasons in the order they are checked; an example is reported under its first failing rule.
-REASONS = ("ok", "no_image", "bad_image", "image_too_small", "aspect_ratio", "too_few_words",
-           "too_many_words", "char_repeat", "few_letters", "word_repeat", "url_or_markup")
+REASONS = (
+  "ok",
+  "no_image",
+  "bad_image",
+  "image_too_small",
+  "aspect_ratio",
+  "too_few_words",
+  "too_many_words",
+  "char_repeat",
+  "few_letters",
+  "word_repeat",
+  "url_or_markup",
+)
 _MARKUP = re.compile(r"(https?://|www\.|<[a-zA-Z/][^>]*>|&[a-z]+;|\S+@\S+\.\w+|\.(jpe?g|png|gif|webp)\b)", re.I)
 
 
@@ -39,8 +50,15 @@ def image_size(data: Any) -> tuple[int, int] | None:
     return None
 
 
-def caption_reason(caption: str, *, min_words: int = 2, max_words: int = 64, max_char_repeat: int = 5,
-                   min_letter_fraction: float = 0.5, max_word_share: float = 0.5) -> str:
+def caption_reason(
+  caption: str,
+  *,
+  min_words: int = 2,
+  max_words: int = 64,
+  max_char_repeat: int = 5,
+  min_letter_fraction: float = 0.5,
+  max_word_share: float = 0.5,
+) -> str:
   """The first junk rule `caption` fails, else 'ok'. Language-agnostic: words are whitespace
   separated runs, letters are any Unicode letter (so CJK, Cyrillic, ... pass the same rules)."""
   words = caption.split()
@@ -54,15 +72,18 @@ def caption_reason(caption: str, *, min_words: int = 2, max_words: int = 64, max
   letters = sum(unicodedata.category(ch).startswith("L") for ch in chars)
   if letters < min_letter_fraction * len(chars):
     return "few_letters"
-  if len(words) >= 4 and collections.Counter(w.lower() for w in words).most_common(1)[0][1] > max_word_share * len(words):
+  if len(words) >= 4 and collections.Counter(w.lower() for w in words).most_common(1)[0][1] > max_word_share * len(
+    words
+  ):
     return "word_repeat"
   if _MARKUP.search(caption):
     return "url_or_markup"
   return "ok"
 
 
-def heuristic_reason(image: Any, caption: str, *, min_image_side: int = 16, max_aspect_ratio: float = 3.0,
-                     **caption_rules) -> str:
+def heuristic_reason(
+  image: Any, caption: str, *, min_image_side: int = 16, max_aspect_ratio: float = 3.0, **caption_rules
+) -> str:
   """The first rule an (encoded image, caption) pair fails, else 'ok' (one of REASONS)."""
   if image is None or (isinstance(image, (bytes, str)) and not image):
     return "no_image"
@@ -79,14 +100,16 @@ def heuristic_reason(image: Any, caption: str, *, min_image_side: int = 16, max_
 def find_concepts(captions: Sequence[str], concepts: Sequence[str]) -> list[list[int]]:
   """Indices of the concepts (words or phrases, matched on word boundaries, case-insensitive)
   that each caption mentions (MetaCLIP's sub-string matching, sec. 3.2)."""
-  pattern = re.compile(r"\b(" + "|".join(re.escape(c.lower()) for c in sorted(concepts, key=len, reverse=True))
-                       + r")\b")
+  pattern = re.compile(
+    r"\b(" + "|".join(re.escape(c.lower()) for c in sorted(concepts, key=len, reverse=True)) + r")\b"
+  )
   index = {c.lower(): i for i, c in enumerate(concepts)}
   return [sorted({index[m] for m in pattern.findall(cap.lower())}) for cap in captions]
 
 
-def balance(matches: Sequence[Sequence[int]], num_concepts: int, max_per_concept: int, seed: int = 0,
-            keep_unmatched: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def balance(
+  matches: Sequence[Sequence[int]], num_concepts: int, max_per_concept: int, seed: int = 0, keep_unmatched: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
   """MetaCLIP balancing (Xu et al. 2023, sec. 3.3 / Algorithm 1): an example is kept with
   probability max over its concepts c of min(1, t / count_c), t = max_per_concept; so a concept
   seen in fewer than t examples keeps them all, and a frequent one keeps about t in expectation.
@@ -98,6 +121,5 @@ def balance(matches: Sequence[Sequence[int]], num_concepts: int, max_per_concept
     counts[list(m)] += 1
   prob = np.minimum(1.0, max_per_concept / np.maximum(counts, 1))
   u = np.random.default_rng(seed).random(len(matches))
-  keep = np.array([u[i] < max(prob[list(m)]) if len(m) else keep_unmatched for i, m in enumerate(matches)],
-                  bool)
+  keep = np.array([u[i] < max(prob[list(m)]) if len(m) else keep_unmatched for i, m in enumerate(matches)], bool)
   return keep, counts

@@ -39,7 +39,8 @@ class ContrastiveScorer:
     self.data, self.batch_size = config.data, batch_size
     self.tok = get_tokenizer(config.data)
     self.enc_image, self.enc_text, self.pair_sim = encoders(
-        self.model, self.mesh, config.get("rules", parallel.DEFAULT_RULES))
+      self.model, self.mesh, config.get("rules", parallel.DEFAULT_RULES)
+    )
 
   def __call__(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> dict[str, np.ndarray]:
     """{'score': [N], 'image_embedding': [N, D] (flattened for pytree sides)} for N pairs."""
@@ -50,9 +51,18 @@ class ContrastiveScorer:
     if self.pair_sim is None:
       score = np.sum(zi * zt, axis=-1)
     else:  # the diagonal of the [n, n] pair scores, in blocks of 64
-      score = np.concatenate([np.diag(np.asarray(self.pair_sim(self.params, (
-          jax.tree.map(lambda a: a[s:s + 64], zi), jax.tree.map(lambda a: a[s:s + 64], zt)))))
-          for s in range(0, len(x), 64)])
+      score = np.concatenate(
+        [
+          np.diag(
+            np.asarray(
+              self.pair_sim(
+                self.params, (jax.tree.map(lambda a: a[s : s + 64], zi), jax.tree.map(lambda a: a[s : s + 64], zt))
+              )
+            )
+          )
+          for s in range(0, len(x), 64)
+        ]
+      )
     flat = np.concatenate([np.asarray(a, np.float32).reshape(len(x), -1) for a in jax.tree.leaves(zi)], -1)
     return {"score": score.astype(np.float32), "image_embedding": flat}
 
@@ -61,15 +71,22 @@ class Captioner:
   """Synthetic captions from a trained captioning workdir (CoCa, or any model `generate_captions`
   decodes: early fusion too), greedy by default."""
 
-  def __init__(self, workdir: str | Path, method: str = "greedy", batch_size: int = 256, seed: int = 0,
-               **decode_kw):
+  def __init__(self, workdir: str | Path, method: str = "greedy", batch_size: int = 256, seed: int = 0, **decode_kw):
     config, self.model, self.mesh, self.params = _load(workdir)
     if not (hasattr(self.model, "caption_context") or hasattr(self.model, "caption_prompt")):
       raise ValueError(f"{workdir}: model {config.model_name!r} does not caption")
     self.data, self.batch_size = config.data, batch_size
     self.tok = get_tokenizer(config.data)
-    self.generate = caption_fn(self.model, self.mesh, config.get("rules", parallel.DEFAULT_RULES), self.tok,
-                               int(config.data.text_length), method, seed, **decode_kw)
+    self.generate = caption_fn(
+      self.model,
+      self.mesh,
+      config.get("rules", parallel.DEFAULT_RULES),
+      self.tok,
+      int(config.data.text_length),
+      method,
+      seed,
+      **decode_kw,
+    )
 
   def __call__(self, images: Sequence[np.ndarray]) -> list[str]:
     x = eval_images(images, self.data.pp_eval)

@@ -59,8 +59,14 @@ class ChunkStore:
     from tqdm import tqdm
 
     todo = self.missing()
-    with tqdm(total=self.n, initial=self.n - sum(self._rows(c) for c in todo), desc=desc, unit="ex",
-              dynamic_ncols=True, mininterval=2.0) as bar:
+    with tqdm(
+      total=self.n,
+      initial=self.n - sum(self._rows(c) for c in todo),
+      desc=desc,
+      unit="ex",
+      dynamic_ncols=True,
+      mininterval=2.0,
+    ) as bar:
       for c in todo:
         start = c * self.chunk_size
         stop = min(start + self.chunk_size, self.n)

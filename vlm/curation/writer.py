@@ -25,9 +25,17 @@ class VlmCurated(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == 
 
   VERSION = tfds.core.Version("1.0.0")
 
-  def __init__(self, *, name: str, features=None, metadata: Mapping | None = None,
-               splits: Mapping[str, tuple] | None = None, caption_key: str = "caption",
-               extra_text_fields: Sequence[str] = (), **kwargs):
+  def __init__(
+    self,
+    *,
+    name: str,
+    features=None,
+    metadata: Mapping | None = None,
+    splits: Mapping[str, tuple] | None = None,
+    caption_key: str = "caption",
+    extra_text_fields: Sequence[str] = (),
+    **kwargs,
+  ):
     self._features, self._metadata, self._extra = features, dict(metadata or {}), tuple(extra_text_fields)
     self._splits, self._caption_key = dict(splits or {}), caption_key
     kwargs.setdefault("file_format", "array_record")
@@ -35,8 +43,11 @@ class VlmCurated(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == 
 
   def _info(self):
     return self.dataset_info_from_configs(
-        features=self._features, disable_shuffling=True, metadata=tfds.core.MetadataDict(self._metadata),
-        description="A curated selection (vlm.curate).")
+      features=self._features,
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(self._metadata),
+      description="A curated selection (vlm.curate).",
+    )
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(*args) for split, args in self._splits.items()}
@@ -52,9 +63,16 @@ class VlmCurated(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == 
       yield row, rec
 
 
-def write_dataset(name: str, data_dir: str, splits: Mapping[str, tuple], *, source,
-                  extra_text_fields: Sequence[str] = (), metadata: Mapping | None = None,
-                  caption_key: str = "caption") -> Path:
+def write_dataset(
+  name: str,
+  data_dir: str,
+  splits: Mapping[str, tuple],
+  *,
+  source,
+  extra_text_fields: Sequence[str] = (),
+  metadata: Mapping | None = None,
+  caption_key: str = "caption",
+) -> Path:
   """Writes `vlm_curated/<name>` under data_dir; splits: {split: (source, indices, overrides)}.
 
   Raises FileExistsError (naming the directory) instead of replacing a dataset already written.
@@ -69,11 +87,18 @@ def write_dataset(name: str, data_dir: str, splits: Mapping[str, tuple], *, sour
     if key not in features:
       features[key] = tfds.features.Text()
   meta.update(metadata or {})
-  builder = VlmCurated(name=name, features=tfds.features.FeaturesDict(features), metadata=meta,
-                       splits=splits, caption_key=caption_key, extra_text_fields=extra_text_fields,
-                       data_dir=data_dir)
+  builder = VlmCurated(
+    name=name,
+    features=tfds.features.FeaturesDict(features),
+    metadata=meta,
+    splits=splits,
+    caption_key=caption_key,
+    extra_text_fields=extra_text_fields,
+    data_dir=data_dir,
+  )
   if builder.is_prepared():
-    raise FileExistsError(f"output.name: {NAME}/{name} already exists at {builder.data_dir}; "
-                          "choose another name or delete that directory")
+    raise FileExistsError(
+      f"output.name: {NAME}/{name} already exists at {builder.data_dir}; choose another name or delete that directory"
+    )
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return Path(builder.data_dir)

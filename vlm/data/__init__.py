@@ -6,12 +6,33 @@ Entry points for the trainer:
     load_split_numpy(config.data, split) -> (arrays, metadata)
     get_tokenizer(config.data) -> Tokenizer | HFTokenizer (vlm.data.tokenizer.load_tokenizer)
 """
-from vlm.data.pipeline import (DataIterator, check_config, get_default_config, get_metadata, get_tokenizer,
-                               load_split_numpy, make_pipeline, make_source)
+
+from vlm.data.pipeline import (
+  DataIterator,
+  check_config,
+  get_default_config,
+  get_metadata,
+  get_tokenizer,
+  load_split_numpy,
+  make_pipeline,
+  make_source,
+)
 from vlm.data.preprocess import known_ops, parse_pp
 from vlm.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "DataIterator", "HFTokenizer", "Tokenizer", "check_config", "get_default_config", "get_metadata", "get_tokenizer",
-    "known_ops", "load_split_numpy", "load_tokenizer", "make_pipeline", "make_source", "parse_pp", "train_tokenizer",
+  "DataIterator",
+  "HFTokenizer",
+  "Tokenizer",
+  "check_config",
+  "get_default_config",
+  "get_metadata",
+  "get_tokenizer",
+  "known_ops",
+  "load_split_numpy",
+  "load_tokenizer",
+  "make_pipeline",
+  "make_source",
+  "parse_pp",
+  "train_tokenizer",
 ]

@@ -105,6 +105,7 @@ Config keys (`config.data`, see `get_default_config`):
                   error names data.source, the reasons counted and one bad example (file:line). Both
                   caps count this process's examples since the iterator was made or `set_state`
 """
+
 from __future__ import annotations
 
 import collections
@@ -136,703 +137,787 @@ STATS_STATE_KEY = "vlm_stats"
 
 
 class TooManyBadExamples(RuntimeError):
-    """More bad examples than data.max_consecutive_bad / data.max_bad_fraction allow: the source is
-    broken (e.g. a wrong image root), and skipping on would yield few or no batches, or hang."""
+  """More bad examples than data.max_consecutive_bad / data.max_bad_fraction allow: the source is
+  broken (e.g. a wrong image root), and skipping on would yield few or no batches, or hang."""
 
 
 def get_default_config() -> ml_collections.ConfigDict:
-    """`config.data` for the embedded scenes dataset at 64 px."""
-    c = ml_collections.ConfigDict()
-    c.source = "embedded"
-    c.data_dir = ml_collections.config_dict.placeholder(str)
-    c.builder = ml_collections.ConfigDict(dict(
-        num_train=20000, num_validation=1000, num_test=2000, image_size=64, num_frames=0, seed=0,
-        vocab_size=1000, text_rich=0, noise_shuffled=0, noise_duplicates=0, documents=0))
-    c.image_size = 64
-    c.pp_train = "decode|random_resized_crop(64, scale=(0.8, 1))|flip_lr|value_range(-1, 1)"
-    c.pp_eval = "decode|resize(64)|value_range(-1, 1)"
-    c.text_length = 32
-    c.detailed_text_length = 64
-    c.caption_key = "caption"
-    c.tokenizer = ml_collections.config_dict.placeholder(str)
-    c.tokenizer_family = ml_collections.config_dict.placeholder(str)
-    c.add_bos = False
-    c.add_eos = True
-    c.extra_text_keys = ()
-    c.question_regex = ml_collections.config_dict.placeholder(str)
-    c.interleaved_images = 1
-    c.max_images = 4
-    c.mixgen = 0.0
-    c.with_boxes = False
-    c.max_boxes = 8
-    c.with_frames = False
-    c.worker_count = -1
-    c.prefetch = 2
-    c.read_threads = 0
-    c.strict = False
-    c.image_root = ml_collections.config_dict.placeholder(str)
-    c.allow_absolute_paths = False
-    c.max_image_pixels = sources.MAX_IMAGE_PIXELS
-    c.max_consecutive_bad = MAX_CONSECUTIVE_BAD
-    c.max_bad_fraction = MAX_BAD_FRACTION
-    c.bad_window = BAD_WINDOW
-    return c
+  """`config.data` for the embedded scenes dataset at 64 px."""
+  c = ml_collections.ConfigDict()
+  c.source = "embedded"
+  c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.builder = ml_collections.ConfigDict(
+    dict(
+      num_train=20000,
+      num_validation=1000,
+      num_test=2000,
+      image_size=64,
+      num_frames=0,
+      seed=0,
+      vocab_size=1000,
+      text_rich=0,
+      noise_shuffled=0,
+      noise_duplicates=0,
+      documents=0,
+    )
+  )
+  c.image_size = 64
+  c.pp_train = "decode|random_resized_crop(64, scale=(0.8, 1))|flip_lr|value_range(-1, 1)"
+  c.pp_eval = "decode|resize(64)|value_range(-1, 1)"
+  c.text_length = 32
+  c.detailed_text_length = 64
+  c.caption_key = "caption"
+  c.tokenizer = ml_collections.config_dict.placeholder(str)
+  c.tokenizer_family = ml_collections.config_dict.placeholder(str)
+  c.add_bos = False
+  c.add_eos = True
+  c.extra_text_keys = ()
+  c.question_regex = ml_collections.config_dict.placeholder(str)
+  c.interleaved_images = 1
+  c.max_images = 4
+  c.mixgen = 0.0
+  c.with_boxes = False
+  c.max_boxes = 8
+  c.with_frames = False
+  c.worker_count = -1
+  c.prefetch = 2
+  c.read_threads = 0
+  c.strict = False
+  c.image_root = ml_collections.config_dict.placeholder(str)
+  c.allow_absolute_paths = False
+  c.max_image_pixels = sources.MAX_IMAGE_PIXELS
+  c.max_consecutive_bad = MAX_CONSECUTIVE_BAD
+  c.max_bad_fraction = MAX_BAD_FRACTION
+  c.bad_window = BAD_WINDOW
+  return c
 
 
 def check_config(data: ml_collections.ConfigDict) -> None:
-    """Validates `config.data`; ValueError names the bad key, op or argument."""
-    kind = str(data.source).split(":", 1)[0]
-    if kind not in ("embedded", "digits", "tfds", "jsonl", "csv", "wds", "docs"):
-        raise ValueError(f"data.source: unknown source {data.source!r}; expected 'embedded', 'digits', "
-                         "'tfds:NAME', 'jsonl:PATH', 'csv:PATH', 'wds:GLOB' or 'docs:PATH'")
-    if int(data.get("max_images", 4)) < 1:
-        raise ValueError(f"data.max_images: must be >= 1, got {data.max_images!r}")
-    if kind in ("tfds", "jsonl", "csv", "wds", "docs") and not str(data.source).partition(":")[2]:
-        raise ValueError(f"data.source: {data.source!r} needs a name or path after ':'")
-    for key in ("pp_train", "pp_eval"):
-        if key in data:
-            preprocess.parse_pp(data[key], where=f"data.{key}")
-    for key in data.get("extra_text_keys", ()):
-        if key not in EXTRA_TEXT_KEYS:
-            raise ValueError(f"data.extra_text_keys: unknown key {key!r}; known: {EXTRA_TEXT_KEYS}")
-    for key in ("text_length", "detailed_text_length", "max_boxes"):
-        if key in data and not (isinstance(data[key], int) and data[key] > 0):
-            raise ValueError(f"data.{key}: must be a positive int, got {data[key]!r}")
-    if data.get("answer_vocab") is not None:
-        if "question" not in data.get("extra_text_keys", ()):
-            raise ValueError("data.answer_vocab needs 'question' in data.extra_text_keys")
-        load_answer_vocab(data.answer_vocab)
-    if data.get("conversation") is not None:
-        conversation.check_conversation_config(data.conversation)
-    if data.get("grounding") is not None:
-        grounding.check_tasks(tuple(data.grounding.get("tasks", grounding.GROUNDING_TASKS)))
-    m = data.get("interleaved_images", 1)
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-        raise ValueError(f"data.interleaved_images: must be an int >= 1, got {m!r}")
-    if (m or 1) > 1 and (data.get("conversation") is None or tuple(data.conversation.get("tasks", ())) != ("qa",)):
-        raise ValueError("data.interleaved_images > 1 needs data.conversation with tasks=('qa',) (the question "
-                         "names the image it is about)")
-    anyres = any("anyres" in preprocess.op_names(data[k]) for k in ("pp_train", "pp_eval") if k in data)
-    mixgen = data.get("mixgen", 0.0)
-    if mixgen is not None and (isinstance(mixgen, bool) or not isinstance(mixgen, (int, float))
-                               or not 0 <= mixgen <= 1):
-        raise ValueError(f"data.mixgen: must be a probability in [0, 1], got {mixgen!r}")
-    if anyres and mixgen:
-        raise ValueError("data.mixgen does not work with the pp op 'anyres' (examples have their own tile grids)")
-    documents = kind == "docs" or (kind == "embedded" and int((data.get("builder") or {}).get("documents", 0) or 0))
-    if documents and (mixgen or int(data.get("interleaved_images", 1) or 1) > 1 or anyres):
-        raise ValueError("data.mixgen, data.interleaved_images > 1 and the pp op 'anyres' do not work with "
-                         "interleaved documents (data.source docs:, or data.builder.documents > 0)")
-    if anyres and ((m or 1) > 1 or int((data.get("conversation") or {}).get("pack", 1)) > 1):
-        raise ValueError("the pp op 'anyres' gives one image per example with its own token count: it does not "
-                         "work with data.interleaved_images > 1 or data.conversation.pack > 1")
-    if data.get("cm3"):
-        if data.get("conversation") is None or tuple(data.conversation.get("tasks", ())) != ("text",):
-            raise ValueError("data.cm3 needs data.conversation with tasks=('text',): it rearranges whole documents, "
-                             "every token trained")
-        cm3.check_cm3_config(data.cm3)
-    if data.get("question_regex"):
-        try:
-            re.compile(data.question_regex)
-        except re.error as e:
-            raise ValueError(f"data.question_regex: bad regex {data.question_regex!r}: {e}") from None
-    if int(data.get("worker_count", 0)) < -1:
-        raise ValueError(f"data.worker_count: must be >= 0, or -1 for 'auto', got {data.worker_count}")
-    if int(data.get("prefetch", 0)) < 0:
-        raise ValueError(f"data.prefetch: must be >= 0, got {data.prefetch}")
-    if int(data.get("read_threads", 0)) < 0:
-        raise ValueError(f"data.read_threads: must be >= 0, got {data.read_threads}")
-    for key in ("max_image_pixels", "max_consecutive_bad", "bad_window"):
-        v = data.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"data.{key}: must be a positive int or None, got {v!r}")
-    v = data.get("max_bad_fraction")
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
-        raise ValueError(f"data.max_bad_fraction: must be in (0, 1] or None, got {v!r}")
-    if data.get("image_root") is not None and not isinstance(data.image_root, str):
-        raise ValueError(f"data.image_root: must be a directory path or None, got {data.image_root!r}")
+  """Validates `config.data`; ValueError names the bad key, op or argument."""
+  kind = str(data.source).split(":", 1)[0]
+  if kind not in ("embedded", "digits", "tfds", "jsonl", "csv", "wds", "docs"):
+    raise ValueError(
+      f"data.source: unknown source {data.source!r}; expected 'embedded', 'digits', "
+      "'tfds:NAME', 'jsonl:PATH', 'csv:PATH', 'wds:GLOB' or 'docs:PATH'"
+    )
+  if int(data.get("max_images", 4)) < 1:
+    raise ValueError(f"data.max_images: must be >= 1, got {data.max_images!r}")
+  if kind in ("tfds", "jsonl", "csv", "wds", "docs") and not str(data.source).partition(":")[2]:
+    raise ValueError(f"data.source: {data.source!r} needs a name or path after ':'")
+  for key in ("pp_train", "pp_eval"):
+    if key in data:
+      preprocess.parse_pp(data[key], where=f"data.{key}")
+  for key in data.get("extra_text_keys", ()):
+    if key not in EXTRA_TEXT_KEYS:
+      raise ValueError(f"data.extra_text_keys: unknown key {key!r}; known: {EXTRA_TEXT_KEYS}")
+  for key in ("text_length", "detailed_text_length", "max_boxes"):
+    if key in data and not (isinstance(data[key], int) and data[key] > 0):
+      raise ValueError(f"data.{key}: must be a positive int, got {data[key]!r}")
+  if data.get("answer_vocab") is not None:
+    if "question" not in data.get("extra_text_keys", ()):
+      raise ValueError("data.answer_vocab needs 'question' in data.extra_text_keys")
+    load_answer_vocab(data.answer_vocab)
+  if data.get("conversation") is not None:
+    conversation.check_conversation_config(data.conversation)
+  if data.get("grounding") is not None:
+    grounding.check_tasks(tuple(data.grounding.get("tasks", grounding.GROUNDING_TASKS)))
+  m = data.get("interleaved_images", 1)
+  if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+    raise ValueError(f"data.interleaved_images: must be an int >= 1, got {m!r}")
+  if (m or 1) > 1 and (data.get("conversation") is None or tuple(data.conversation.get("tasks", ())) != ("qa",)):
+    raise ValueError(
+      "data.interleaved_images > 1 needs data.conversation with tasks=('qa',) (the question "
+      "names the image it is about)"
+    )
+  anyres = any("anyres" in preprocess.op_names(data[k]) for k in ("pp_train", "pp_eval") if k in data)
+  mixgen = data.get("mixgen", 0.0)
+  if mixgen is not None and (isinstance(mixgen, bool) or not isinstance(mixgen, (int, float)) or not 0 <= mixgen <= 1):
+    raise ValueError(f"data.mixgen: must be a probability in [0, 1], got {mixgen!r}")
+  if anyres and mixgen:
+    raise ValueError("data.mixgen does not work with the pp op 'anyres' (examples have their own tile grids)")
+  documents = kind == "docs" or (kind == "embedded" and int((data.get("builder") or {}).get("documents", 0) or 0))
+  if documents and (mixgen or int(data.get("interleaved_images", 1) or 1) > 1 or anyres):
+    raise ValueError(
+      "data.mixgen, data.interleaved_images > 1 and the pp op 'anyres' do not work with "
+      "interleaved documents (data.source docs:, or data.builder.documents > 0)"
+    )
+  if anyres and ((m or 1) > 1 or int((data.get("conversation") or {}).get("pack", 1)) > 1):
+    raise ValueError(
+      "the pp op 'anyres' gives one image per example with its own token count: it does not "
+      "work with data.interleaved_images > 1 or data.conversation.pack > 1"
+    )
+  if data.get("cm3"):
+    if data.get("conversation") is None or tuple(data.conversation.get("tasks", ())) != ("text",):
+      raise ValueError(
+        "data.cm3 needs data.conversation with tasks=('text',): it rearranges whole documents, every token trained"
+      )
+    cm3.check_cm3_config(data.cm3)
+  if data.get("question_regex"):
+    try:
+      re.compile(data.question_regex)
+    except re.error as e:
+      raise ValueError(f"data.question_regex: bad regex {data.question_regex!r}: {e}") from None
+  if int(data.get("worker_count", 0)) < -1:
+    raise ValueError(f"data.worker_count: must be >= 0, or -1 for 'auto', got {data.worker_count}")
+  if int(data.get("prefetch", 0)) < 0:
+    raise ValueError(f"data.prefetch: must be >= 0, got {data.prefetch}")
+  if int(data.get("read_threads", 0)) < 0:
+    raise ValueError(f"data.read_threads: must be >= 0, got {data.read_threads}")
+  for key in ("max_image_pixels", "max_consecutive_bad", "bad_window"):
+    v = data.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+      raise ValueError(f"data.{key}: must be a positive int or None, got {v!r}")
+  v = data.get("max_bad_fraction")
+  if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+    raise ValueError(f"data.max_bad_fraction: must be in (0, 1] or None, got {v!r}")
+  if data.get("image_root") is not None and not isinstance(data.image_root, str):
+    raise ValueError(f"data.image_root: must be a directory path or None, got {data.image_root!r}")
 
 
 def worker_count(data: ml_collections.ConfigDict) -> int:
-    """grain worker processes for data.worker_count (-1: 0 on the CPU backend, else min(16, cpus // 2))."""
-    n = int(data.get("worker_count", 0))
-    if n >= 0:
-        return n
-    return 0 if jax.default_backend() == "cpu" else min(16, (os.cpu_count() or 2) // 2)
+  """grain worker processes for data.worker_count (-1: 0 on the CPU backend, else min(16, cpus // 2))."""
+  n = int(data.get("worker_count", 0))
+  if n >= 0:
+    return n
+  return 0 if jax.default_backend() == "cpu" else min(16, (os.cpu_count() or 2) // 2)
 
 
 def load_answer_vocab(vocab: Any) -> dict[str, int]:
-    """data.answer_vocab (a list of answers, or a path to a file with one per line) -> {answer: index}."""
-    if isinstance(vocab, str):
-        try:
-            with open(vocab, encoding="utf-8") as f:
-                vocab = [line.strip() for line in f if line.strip()]
-        except OSError as e:
-            raise ValueError(f"data.answer_vocab: cannot read {vocab!r}: {e}") from None
-    answers = [str(a) for a in vocab]
-    if not answers:
-        raise ValueError("data.answer_vocab is empty")
-    dup = sorted(a for a, n in collections.Counter(answers).items() if n > 1)
-    if dup:
-        raise ValueError(f"data.answer_vocab: duplicate answers {dup[:5]}")
-    return {a: i for i, a in enumerate(answers)}
+  """data.answer_vocab (a list of answers, or a path to a file with one per line) -> {answer: index}."""
+  if isinstance(vocab, str):
+    try:
+      with open(vocab, encoding="utf-8") as f:
+        vocab = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+      raise ValueError(f"data.answer_vocab: cannot read {vocab!r}: {e}") from None
+  answers = [str(a) for a in vocab]
+  if not answers:
+    raise ValueError("data.answer_vocab is empty")
+  dup = sorted(a for a, n in collections.Counter(answers).items() if n > 1)
+  if dup:
+    raise ValueError(f"data.answer_vocab: duplicate answers {dup[:5]}")
+  return {a: i for i, a in enumerate(answers)}
 
 
 def _builder_kwargs(data) -> dict:
-    return dict(data.builder) if "builder" in data and data.builder is not None else {}
+  return dict(data.builder) if "builder" in data and data.builder is not None else {}
 
 
 def make_source(data: ml_collections.ConfigDict, split: str):
-    """The random-access source of `split` named by `data.source`."""
-    kind, _, arg = str(data.source).partition(":")
-    arg = arg.replace("{split}", split)
-    if kind == "embedded":
-        from vlm.data import embedded
+  """The random-access source of `split` named by `data.source`."""
+  kind, _, arg = str(data.source).partition(":")
+  arg = arg.replace("{split}", split)
+  if kind == "embedded":
+    from vlm.data import embedded
 
-        embedded.build(data.get("data_dir"), **_builder_kwargs(data))
-        return sources.TfdsSource(embedded.tfds_name(**_builder_kwargs(data)), split,
-                                  data.get("data_dir") or embedded.default_data_dir())
-    if kind == "digits":
-        from vlm.data.digits import DigitsSource
+    embedded.build(data.get("data_dir"), **_builder_kwargs(data))
+    return sources.TfdsSource(
+      embedded.tfds_name(**_builder_kwargs(data)), split, data.get("data_dir") or embedded.default_data_dir()
+    )
+  if kind == "digits":
+    from vlm.data.digits import DigitsSource
 
-        return DigitsSource(split, int(data.get("image_size", 64)))
-    if kind == "tfds":
-        return sources.TfdsSource(arg, split, data.get("data_dir"))
-    paths = dict(image_root=data.get("image_root"), allow_absolute_paths=bool(data.get("allow_absolute_paths", False)))
-    if kind in ("jsonl", "csv", "docs") and paths["image_root"] and not os.path.isdir(paths["image_root"]):
-        raise ValueError(f"data.image_root: {paths['image_root']!r} is not a directory")
-    if kind in ("jsonl", "csv"):
-        return sources.ManifestSource(arg, data.get("caption_key", "caption"), **paths)
-    if kind == "wds":
-        return sources.WebDatasetSource(arg)
-    if kind == "docs":
-        return sources.DocumentSource(arg, **paths)
-    raise ValueError(f"data.source: unknown source {data.source!r}")
+    return DigitsSource(split, int(data.get("image_size", 64)))
+  if kind == "tfds":
+    return sources.TfdsSource(arg, split, data.get("data_dir"))
+  paths = dict(image_root=data.get("image_root"), allow_absolute_paths=bool(data.get("allow_absolute_paths", False)))
+  if kind in ("jsonl", "csv", "docs") and paths["image_root"] and not os.path.isdir(paths["image_root"]):
+    raise ValueError(f"data.image_root: {paths['image_root']!r} is not a directory")
+  if kind in ("jsonl", "csv"):
+    return sources.ManifestSource(arg, data.get("caption_key", "caption"), **paths)
+  if kind == "wds":
+    return sources.WebDatasetSource(arg)
+  if kind == "docs":
+    return sources.DocumentSource(arg, **paths)
+  raise ValueError(f"data.source: unknown source {data.source!r}")
 
 
 def get_tokenizer(data: ml_collections.ConfigDict) -> Tokenizer | HFTokenizer:
-    """`data.tokenizer` if set (a .model, a tokenizer.json or a directory), else the tokenizer of the
-    embedded dataset that `data.builder` describes (built on first use; its corpus also covers the
-    digits captions); with the conventions of `data.tokenizer_family` (None: vlm's)."""
-    family = data.get("tokenizer_family")
-    if data.get("tokenizer"):
-        return load_tokenizer(data.tokenizer, family)
-    from vlm.data import embedded
+  """`data.tokenizer` if set (a .model, a tokenizer.json or a directory), else the tokenizer of the
+  embedded dataset that `data.builder` describes (built on first use; its corpus also covers the
+  digits captions); with the conventions of `data.tokenizer_family` (None: vlm's)."""
+  family = data.get("tokenizer_family")
+  if data.get("tokenizer"):
+    return load_tokenizer(data.tokenizer, family)
+  from vlm.data import embedded
 
-    return load_tokenizer(embedded.tokenizer_path(data.get("data_dir"), **_builder_kwargs(data)), family)
+  return load_tokenizer(embedded.tokenizer_path(data.get("data_dir"), **_builder_kwargs(data)), family)
 
 
 def get_metadata(data: ml_collections.ConfigDict, split: str = "train") -> dict:
-    """Class names, prompt templates, held-out classes (where the source has them)."""
-    return dict(make_source(data, split).metadata)
+  """Class names, prompt templates, held-out classes (where the source has them)."""
+  return dict(make_source(data, split).metadata)
 
 
 class _Process:
-    """Index, record -> model-ready example (runs in grain workers); bad -> {'_bad': reason}."""
+  """Index, record -> model-ready example (runs in grain workers); bad -> {'_bad': reason}."""
 
-    def __init__(self, source, data, ops, tokenizer: Tokenizer, seed: int):
-        self.source, self.ops, self.tok = source, ops, tokenizer
-        self.seed = seed
-        self.caption_key = data.get("caption_key", "caption")
-        self.strict = bool(data.get("strict", False))
-        self.max_pixels = data.get("max_image_pixels", sources.MAX_IMAGE_PIXELS)
-        self.length = int(data.get("text_length", 32))
-        self.detailed_length = int(data.get("detailed_text_length", 64))
-        # None: the tokenizer's default (its family's, or a tokenizer.json's post-processor).
-        self.add_bos, self.add_eos = data.get("add_bos", False), data.get("add_eos", True)
-        self.extra = tuple(data.get("extra_text_keys", ()))
-        self.with_boxes, self.max_boxes = bool(data.get("with_boxes", False)), int(data.get("max_boxes", 8))
-        self.with_frames = bool(data.get("with_frames", False))
-        self.num_images = int(data.get("interleaved_images", 1) or 1)
-        self.mixgen = float(data.get("mixgen", 0.0) or 0.0)
-        regex = data.get("question_regex")
-        self.question_re = re.compile(regex) if regex else None
-        vocab = data.get("answer_vocab")
-        self.answers = load_answer_vocab(vocab) if vocab is not None else None
-        self.conv = data.get("conversation")
-        self.chat = conversation.chat_tokenizer_from_config(self.conv, tokenizer) if self.conv else None
-        self.cm3 = data.get("cm3")
-        self.grounding = data.get("grounding")
-        self.max_images = int(data.get("max_images", 4))
+  def __init__(self, source, data, ops, tokenizer: Tokenizer, seed: int):
+    self.source, self.ops, self.tok = source, ops, tokenizer
+    self.seed = seed
+    self.caption_key = data.get("caption_key", "caption")
+    self.strict = bool(data.get("strict", False))
+    self.max_pixels = data.get("max_image_pixels", sources.MAX_IMAGE_PIXELS)
+    self.length = int(data.get("text_length", 32))
+    self.detailed_length = int(data.get("detailed_text_length", 64))
+    # None: the tokenizer's default (its family's, or a tokenizer.json's post-processor).
+    self.add_bos, self.add_eos = data.get("add_bos", False), data.get("add_eos", True)
+    self.extra = tuple(data.get("extra_text_keys", ()))
+    self.with_boxes, self.max_boxes = bool(data.get("with_boxes", False)), int(data.get("max_boxes", 8))
+    self.with_frames = bool(data.get("with_frames", False))
+    self.num_images = int(data.get("interleaved_images", 1) or 1)
+    self.mixgen = float(data.get("mixgen", 0.0) or 0.0)
+    regex = data.get("question_regex")
+    self.question_re = re.compile(regex) if regex else None
+    vocab = data.get("answer_vocab")
+    self.answers = load_answer_vocab(vocab) if vocab is not None else None
+    self.conv = data.get("conversation")
+    self.chat = conversation.chat_tokenizer_from_config(self.conv, tokenizer) if self.conv else None
+    self.cm3 = data.get("cm3")
+    self.grounding = data.get("grounding")
+    self.max_images = int(data.get("max_images", 4))
 
-    def _others(self, rng: np.random.Generator, n: int | None = None) -> list[dict]:
-        """n (default num_images - 1) random other examples of the split, decoded and preprocessed."""
-        n = self.num_images - 1 if n is None else n
-        out = []
-        for _ in range(100 * (n + 1)):
-            if len(out) == n:
-                break
-            i = int(rng.integers(len(self.source)))
-            try:
-                ex = sources.decode_record(self.source[i], self.caption_key, self.max_pixels)
-                out.append(preprocess.apply_ops(self.ops, ex, rng))
-            except sources.BadExample:
-                continue
-        if len(out) < n:
-            raise ValueError("data.interleaved_images / data.mixgen: could not find enough readable examples")
-        return out
+  def _others(self, rng: np.random.Generator, n: int | None = None) -> list[dict]:
+    """n (default num_images - 1) random other examples of the split, decoded and preprocessed."""
+    n = self.num_images - 1 if n is None else n
+    out = []
+    for _ in range(100 * (n + 1)):
+      if len(out) == n:
+        break
+      i = int(rng.integers(len(self.source)))
+      try:
+        ex = sources.decode_record(self.source[i], self.caption_key, self.max_pixels)
+        out.append(preprocess.apply_ops(self.ops, ex, rng))
+      except sources.BadExample:
+        continue
+    if len(out) < n:
+      raise ValueError("data.interleaved_images / data.mixgen: could not find enough readable examples")
+    return out
 
-    def _mixgen(self, ex: dict, position: int) -> dict:
-        """MixGen (Hao et al. 2023, "MixGen: A New Multi-Modal Data Augmentation", sec. 3), with
-        probability data.mixgen: image (and frames) lam * own + (1 - lam) * other's with lam = 0.5 as in
-        the paper, in float (rounded back to uint8 if the pp ops left uint8); caption "own other". Its own
-        rng stream, so every other draw is the same with and without data.mixgen."""
-        rng = np.random.default_rng([self.seed, 3, position])
-        if rng.random() >= self.mixgen:
-            return ex
-        other = self._others(rng, 1)[0]
-        lam = 0.5
-        ex = dict(ex, caption=f"{ex['caption']} {other['caption']}")
-        for key in ("image", "frames"):
-            if key not in ex or key not in other:
-                continue
-            a, b = ex[key], other[key]
-            if a.shape != b.shape:
-                raise ValueError(f"data.mixgen: the pp ops must give every example's {key} the same shape "
-                                 f"(e.g. end with resize), got {a.shape} and {b.shape}")
-            mixed = lam * a.astype(np.float32) + (1 - lam) * b.astype(np.float32)
-            ex[key] = np.round(mixed).astype(np.uint8) if a.dtype == np.uint8 else mixed
-        return ex
+  def _mixgen(self, ex: dict, position: int) -> dict:
+    """MixGen (Hao et al. 2023, "MixGen: A New Multi-Modal Data Augmentation", sec. 3), with
+    probability data.mixgen: image (and frames) lam * own + (1 - lam) * other's with lam = 0.5 as in
+    the paper, in float (rounded back to uint8 if the pp ops left uint8); caption "own other". Its own
+    rng stream, so every other draw is the same with and without data.mixgen."""
+    rng = np.random.default_rng([self.seed, 3, position])
+    if rng.random() >= self.mixgen:
+      return ex
+    other = self._others(rng, 1)[0]
+    lam = 0.5
+    ex = dict(ex, caption=f"{ex['caption']} {other['caption']}")
+    for key in ("image", "frames"):
+      if key not in ex or key not in other:
+        continue
+      a, b = ex[key], other[key]
+      if a.shape != b.shape:
+        raise ValueError(
+          f"data.mixgen: the pp ops must give every example's {key} the same shape "
+          f"(e.g. end with resize), got {a.shape} and {b.shape}"
+        )
+      mixed = lam * a.astype(np.float32) + (1 - lam) * b.astype(np.float32)
+      ex[key] = np.round(mixed).astype(np.uint8) if a.dtype == np.uint8 else mixed
+    return ex
 
-    def _document(self, ex: dict, rng: np.random.Generator) -> dict:
-        """A decoded document -> 'image' [max_images, ...] and 'image_context' (text + placeholders)."""
-        images, parts = [], []
-        eoc = (self.conv or {}).get("end_of_chunk") or ""
-        for kind, value in ex.pop("document"):
-            if kind == "image":
-                if len(images) == self.max_images:
-                    break
-                images.append(preprocess.apply_ops(self.ops, {"image": value}, rng)["image"])
-                parts.append(conversation.IMAGE)
-            else:  # a paragraph after an image closes its chunk (Flamingo's <EOC>) when one is set
-                parts.append(value + (eoc if images and eoc else " "))
-        pad = [np.zeros_like(images[0])] * (self.max_images - len(images))
-        return dict(ex, image=np.stack(images + pad), image_context="".join(parts))
+  def _document(self, ex: dict, rng: np.random.Generator) -> dict:
+    """A decoded document -> 'image' [max_images, ...] and 'image_context' (text + placeholders)."""
+    images, parts = [], []
+    eoc = (self.conv or {}).get("end_of_chunk") or ""
+    for kind, value in ex.pop("document"):
+      if kind == "image":
+        if len(images) == self.max_images:
+          break
+        images.append(preprocess.apply_ops(self.ops, {"image": value}, rng)["image"])
+        parts.append(conversation.IMAGE)
+      else:  # a paragraph after an image closes its chunk (Flamingo's <EOC>) when one is set
+        parts.append(value + (eoc if images and eoc else " "))
+    pad = [np.zeros_like(images[0])] * (self.max_images - len(images))
+    return dict(ex, image=np.stack(images + pad), image_context="".join(parts))
 
-    def _tok(self, text: str, length: int) -> np.ndarray:
-        return self.tok.encode(text, length, self.add_bos, self.add_eos)
+  def _tok(self, text: str, length: int) -> np.ndarray:
+    return self.tok.encode(text, length, self.add_bos, self.add_eos)
 
-    def __call__(self, item: tuple[int, int]) -> dict:
-        position, source_index = item  # global stream position, index into the source
-        # The 0 keeps single-process streams as they were when the key held the process index.
-        rng = np.random.default_rng([self.seed, 0, position])
-        try:
-            ex = sources.decode_record(self.source[source_index], self.caption_key, self.max_pixels)
-        except sources.BadExample as e:
-            where = self.source.describe(source_index)
-            if self.strict:
-                raise ValueError(f"bad example {where}: {e} (data.strict=True)") from None
-            return {"_bad": e.reason, "_where": where, "_detail": e.detail}
-        if "document" in ex:
-            ex = self._document(ex, rng)
-        else:
-            ex = preprocess.apply_ops(self.ops, ex, rng)
-        if self.mixgen > 0:
-            ex = self._mixgen(ex, position)
-        if self.grounding is not None:  # after the pp ops: boxes are in the final image's pixels
-            gq, ga = grounding.grounding_pairs(ex, tuple(self.grounding.get("tasks", grounding.GROUNDING_TASKS)))
-            keep = not self.grounding.get("only", False)
-            ex = dict(ex, questions=(list(ex.get("questions", [])) if keep else []) + gq,
-                      answers=(list(ex.get("answers", [])) if keep else []) + ga)
-        if self.question_re is not None:
-            pairs = [(q, a) for q, a in zip(ex.get("questions", []), ex.get("answers", []))
-                     if self.question_re.search(q)]
-            ex = dict(ex, questions=[q for q, _ in pairs], answers=[a for _, a in pairs])
-        if self.num_images > 1:
-            ex = conversation.interleave(ex, self._others(rng), rng,
-                                         end_of_chunk=(self.conv or {}).get("end_of_chunk") or "")
-        image = ex["image"]
-        out = {
-            "image": (image.astype(np.float32) / 255 if image.dtype == np.uint8 else image.astype(np.float32)),
-            "text": self._tok(ex["caption"], self.length),
-            "label": np.int32(ex["label"]),
-            "seen": np.bool_(ex["seen"]),
-        }
-        if "caption_detailed" in self.extra:
-            out["text_detailed"] = self._tok(ex.get("caption_detailed", ex["caption"]), self.detailed_length)
-        j = None
-        if "question" in self.extra or "answer" in self.extra:
-            qs, ans = ex.get("questions", []), ex.get("answers", [])
-            j = int(rng.integers(len(qs))) if qs else -1
-            out["question"] = self._tok(qs[j] if j >= 0 else "", self.length)
-            out["answer"] = self._tok(ans[j] if j >= 0 else "", self.length)
-            if self.answers is not None:
-                out["answer_label"] = np.int32(self.answers.get(ans[j], -1) if j >= 0 else -1)
-        if "image_layout" in ex:  # pp op `anyres`: the tile grid and original size
-            out["image_layout"] = ex["image_layout"]
-        if self.chat is not None:  # its own stream, so the draws above stay as they were
-            conv_rng = np.random.default_rng([self.seed, 1, position])
-            out.update(conversation.conversation_example(ex, self.conv, self.chat, conv_rng,
-                                                         j if j is not None and j >= 0 else None))
-            if self.cm3:  # CM3: spans moved to the end (its own stream too)
-                out["tokens"], out["loss_mask"] = cm3.apply_cm3(
-                    out["tokens"], out["loss_mask"], self.cm3, np.random.default_rng([self.seed, 2, position]),
-                    pad_id=self.tok.pad_id, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id)
-        if self.with_boxes:
-            boxes = np.zeros((self.max_boxes, 4), np.float32)
-            labels = np.full((self.max_boxes,), -1, np.int32)
-            b = np.asarray(ex.get("boxes", np.zeros((0, 4))), np.float32)[: self.max_boxes]
-            boxes[: len(b)] = b
-            labels[: len(b)] = np.asarray(ex.get("box_labels", np.zeros(len(b))), np.int32)[: len(b)]
-            out["boxes"], out["box_labels"] = boxes, labels
-        if self.with_frames:
-            frames = ex.get("frames", image[None])
-            out["frames"] = frames.astype(np.float32) / 255 if frames.dtype == np.uint8 else frames.astype(np.float32)
-            out["motion"] = np.int32(ex.get("motion", -1))
-        return out
+  def __call__(self, item: tuple[int, int]) -> dict:
+    position, source_index = item  # global stream position, index into the source
+    # The 0 keeps single-process streams as they were when the key held the process index.
+    rng = np.random.default_rng([self.seed, 0, position])
+    try:
+      ex = sources.decode_record(self.source[source_index], self.caption_key, self.max_pixels)
+    except sources.BadExample as e:
+      where = self.source.describe(source_index)
+      if self.strict:
+        raise ValueError(f"bad example {where}: {e} (data.strict=True)") from None
+      return {"_bad": e.reason, "_where": where, "_detail": e.detail}
+    if "document" in ex:
+      ex = self._document(ex, rng)
+    else:
+      ex = preprocess.apply_ops(self.ops, ex, rng)
+    if self.mixgen > 0:
+      ex = self._mixgen(ex, position)
+    if self.grounding is not None:  # after the pp ops: boxes are in the final image's pixels
+      gq, ga = grounding.grounding_pairs(ex, tuple(self.grounding.get("tasks", grounding.GROUNDING_TASKS)))
+      keep = not self.grounding.get("only", False)
+      ex = dict(
+        ex,
+        questions=(list(ex.get("questions", [])) if keep else []) + gq,
+        answers=(list(ex.get("answers", [])) if keep else []) + ga,
+      )
+    if self.question_re is not None:
+      pairs = [(q, a) for q, a in zip(ex.get("questions", []), ex.get("answers", [])) if self.question_re.search(q)]
+      ex = dict(ex, questions=[q for q, _ in pairs], answers=[a for _, a in pairs])
+    if self.num_images > 1:
+      ex = conversation.interleave(ex, self._others(rng), rng, end_of_chunk=(self.conv or {}).get("end_of_chunk") or "")
+    image = ex["image"]
+    out = {
+      "image": (image.astype(np.float32) / 255 if image.dtype == np.uint8 else image.astype(np.float32)),
+      "text": self._tok(ex["caption"], self.length),
+      "label": np.int32(ex["label"]),
+      "seen": np.bool_(ex["seen"]),
+    }
+    if "caption_detailed" in self.extra:
+      out["text_detailed"] = self._tok(ex.get("caption_detailed", ex["caption"]), self.detailed_length)
+    j = None
+    if "question" in self.extra or "answer" in self.extra:
+      qs, ans = ex.get("questions", []), ex.get("answers", [])
+      j = int(rng.integers(len(qs))) if qs else -1
+      out["question"] = self._tok(qs[j] if j >= 0 else "", self.length)
+      out["answer"] = self._tok(ans[j] if j >= 0 else "", self.length)
+      if self.answers is not None:
+        out["answer_label"] = np.int32(self.answers.get(ans[j], -1) if j >= 0 else -1)
+    if "image_layout" in ex:  # pp op `anyres`: the tile grid and original size
+      out["image_layout"] = ex["image_layout"]
+    if self.chat is not None:  # its own stream, so the draws above stay as they were
+      conv_rng = np.random.default_rng([self.seed, 1, position])
+      out.update(
+        conversation.conversation_example(ex, self.conv, self.chat, conv_rng, j if j is not None and j >= 0 else None)
+      )
+      if self.cm3:  # CM3: spans moved to the end (its own stream too)
+        out["tokens"], out["loss_mask"] = cm3.apply_cm3(
+          out["tokens"],
+          out["loss_mask"],
+          self.cm3,
+          np.random.default_rng([self.seed, 2, position]),
+          pad_id=self.tok.pad_id,
+          bos_id=self.tok.bos_id,
+          eos_id=self.tok.eos_id,
+        )
+    if self.with_boxes:
+      boxes = np.zeros((self.max_boxes, 4), np.float32)
+      labels = np.full((self.max_boxes,), -1, np.int32)
+      b = np.asarray(ex.get("boxes", np.zeros((0, 4))), np.float32)[: self.max_boxes]
+      boxes[: len(b)] = b
+      labels[: len(b)] = np.asarray(ex.get("box_labels", np.zeros(len(b))), np.int32)[: len(b)]
+      out["boxes"], out["box_labels"] = boxes, labels
+    if self.with_frames:
+      frames = ex.get("frames", image[None])
+      out["frames"] = frames.astype(np.float32) / 255 if frames.dtype == np.uint8 else frames.astype(np.float32)
+      out["motion"] = np.int32(ex.get("motion", -1))
+    return out
 
 
 class _ProcessRows:
-    """Local index i -> (global position, source index) of this process's i-th element.
+  """Local index i -> (global position, source index) of this process's i-th element.
 
-    The global stream is cut into global batches of `global_batch`; this process owns rows
-    [process_index * local_batch, (process_index + 1) * local_batch) of each.
-    """
+  The global stream is cut into global batches of `global_batch`; this process owns rows
+  [process_index * local_batch, (process_index + 1) * local_batch) of each.
+  """
 
-    def __init__(self, order: grain.MapDataset, global_batch: int, local_batch: int, process_index: int):
-        self.order, self.global_batch, self.local_batch = order, global_batch, local_batch
-        self.offset = process_index * local_batch
+  def __init__(self, order: grain.MapDataset, global_batch: int, local_batch: int, process_index: int):
+    self.order, self.global_batch, self.local_batch = order, global_batch, local_batch
+    self.offset = process_index * local_batch
 
-    def position(self, i: int) -> int:
-        s, r = divmod(i, self.local_batch)
-        return s * self.global_batch + self.offset + r
+  def position(self, i: int) -> int:
+    s, r = divmod(i, self.local_batch)
+    return s * self.global_batch + self.offset + r
 
-    def __call__(self, i: int) -> tuple[int, int]:
-        g = self.position(int(i))
-        return g, int(self.order[g])
+  def __call__(self, i: int) -> tuple[int, int]:
+    g = self.position(int(i))
+    return g, int(self.order[g])
 
-    @staticmethod
-    def local_length(stream_length: int, global_batch: int, local_batch: int, process_index: int) -> int:
-        """How many elements of a stream of `stream_length` fall in this process's rows."""
-        full, rest = divmod(stream_length, global_batch)
-        return full * local_batch + min(max(rest - process_index * local_batch, 0), local_batch)
+  @staticmethod
+  def local_length(stream_length: int, global_batch: int, local_batch: int, process_index: int) -> int:
+    """How many elements of a stream of `stream_length` fall in this process's rows."""
+    full, rest = divmod(stream_length, global_batch)
+    return full * local_batch + min(max(rest - process_index * local_batch, 0), local_batch)
 
 
 class _BadExampleFilter:
-    """The grain filter that drops bad examples ({'_bad': reason}, from _Process), counting each as
-    counts['skipped/<reason>'], and raises TooManyBadExamples past the caps: more than max_consecutive
-    bad examples in a row, or more than max_fraction of the last `window` examples. Runs in the main
-    process (after any grain workers), so the counts are complete and the error reaches `next()`."""
+  """The grain filter that drops bad examples ({'_bad': reason}, from _Process), counting each as
+  counts['skipped/<reason>'], and raises TooManyBadExamples past the caps: more than max_consecutive
+  bad examples in a row, or more than max_fraction of the last `window` examples. Runs in the main
+  process (after any grain workers), so the counts are complete and the error reaches `next()`."""
 
-    def __init__(self, counts: collections.Counter, source_name: str, max_consecutive: int | None,
-                 max_fraction: float | None, window: int | None):
-        self.counts, self.source_name = counts, source_name
-        self.max_consecutive, self.max_fraction = max_consecutive, max_fraction
-        self.window = int(window or BAD_WINDOW)
-        self.reset()
+  def __init__(
+    self,
+    counts: collections.Counter,
+    source_name: str,
+    max_consecutive: int | None,
+    max_fraction: float | None,
+    window: int | None,
+  ):
+    self.counts, self.source_name = counts, source_name
+    self.max_consecutive, self.max_fraction = max_consecutive, max_fraction
+    self.window = int(window or BAD_WINDOW)
+    self.reset()
 
-    def reset(self) -> None:
-        """Forgets the run of consecutive bad examples and the window (a new position in the stream)."""
-        self.run: collections.Counter = collections.Counter()  # reasons of the current run of bad examples
-        self.recent: collections.deque = collections.deque(maxlen=self.window)  # reason or None per example
-        self.recent_bad: collections.Counter = collections.Counter()
+  def reset(self) -> None:
+    """Forgets the run of consecutive bad examples and the window (a new position in the stream)."""
+    self.run: collections.Counter = collections.Counter()  # reasons of the current run of bad examples
+    self.recent: collections.deque = collections.deque(maxlen=self.window)  # reason or None per example
+    self.recent_bad: collections.Counter = collections.Counter()
 
-    def __call__(self, ex: dict) -> bool:
-        reason = ex.get("_bad")
-        if self.max_fraction is not None:
-            if len(self.recent) == self.window:
-                old = self.recent[0]
-                if old is not None:
-                    self.recent_bad[old] -= 1
-            self.recent.append(reason)
-            if reason is not None:
-                self.recent_bad[reason] += 1
-        if reason is None:
-            self.run.clear()
-            return True
-        self.counts[f"skipped/{reason}"] += 1
-        self.run[reason] += 1
-        n = sum(self.run.values())
-        if self.max_consecutive is not None and n > self.max_consecutive:
-            raise self._error(f"{n} bad examples in a row (data.max_consecutive_bad={self.max_consecutive})",
-                              self.run, ex)
-        if self.max_fraction is not None and len(self.recent) == self.window:
-            bad = sum(self.recent_bad.values())
-            if bad > self.max_fraction * self.window:
-                share = 100 * bad / self.window
-                raise self._error(f"{bad} of the last {self.window} examples were bad ({share:.1f}% > "
-                                  f"data.max_bad_fraction={self.max_fraction} of data.bad_window={self.window})",
-                                  self.recent_bad, ex)
-        return False
+  def __call__(self, ex: dict) -> bool:
+    reason = ex.get("_bad")
+    if self.max_fraction is not None:
+      if len(self.recent) == self.window:
+        old = self.recent[0]
+        if old is not None:
+          self.recent_bad[old] -= 1
+      self.recent.append(reason)
+      if reason is not None:
+        self.recent_bad[reason] += 1
+    if reason is None:
+      self.run.clear()
+      return True
+    self.counts[f"skipped/{reason}"] += 1
+    self.run[reason] += 1
+    n = sum(self.run.values())
+    if self.max_consecutive is not None and n > self.max_consecutive:
+      raise self._error(f"{n} bad examples in a row (data.max_consecutive_bad={self.max_consecutive})", self.run, ex)
+    if self.max_fraction is not None and len(self.recent) == self.window:
+      bad = sum(self.recent_bad.values())
+      if bad > self.max_fraction * self.window:
+        share = 100 * bad / self.window
+        raise self._error(
+          f"{bad} of the last {self.window} examples were bad ({share:.1f}% > "
+          f"data.max_bad_fraction={self.max_fraction} of data.bad_window={self.window})",
+          self.recent_bad,
+          ex,
+        )
+    return False
 
-    def _error(self, what: str, reasons: collections.Counter, ex: dict) -> TooManyBadExamples:
-        counted = ", ".join(f"{r}: {n}" for r, n in reasons.most_common() if n > 0)
-        total = sum(v for k, v in self.counts.items() if k.startswith("skipped/"))
-        return TooManyBadExamples(
-            f"{what} from data.source {self.source_name!r}; reasons: {counted}. One of them: {ex.get('_where')}: "
-            f"{ex['_bad']}: {ex.get('_detail', '')}. Skipped so far: {total}. Check the source (image paths, "
-            "data.image_root, the files), or raise data.max_consecutive_bad / data.max_bad_fraction (None: off).")
+  def _error(self, what: str, reasons: collections.Counter, ex: dict) -> TooManyBadExamples:
+    counted = ", ".join(f"{r}: {n}" for r, n in reasons.most_common() if n > 0)
+    total = sum(v for k, v in self.counts.items() if k.startswith("skipped/"))
+    return TooManyBadExamples(
+      f"{what} from data.source {self.source_name!r}; reasons: {counted}. One of them: {ex.get('_where')}: "
+      f"{ex['_bad']}: {ex.get('_detail', '')}. Skipped so far: {total}. Check the source (image paths, "
+      "data.image_root, the files), or raise data.max_consecutive_bad / data.max_bad_fraction (None: off)."
+    )
 
 
 def _ensure_absl_flags_parsed() -> None:
-    """grain workers read absl flags; outside an absl app (pytest, notebooks) mark them parsed."""
-    from absl import flags
+  """grain workers read absl flags; outside an absl app (pytest, notebooks) mark them parsed."""
+  from absl import flags
 
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 class DataIterator(Iterator[dict[str, Any]]):
-    """Yields batches (global jax.Arrays on `mesh`, numpy without); checkpointable.
+  """Yields batches (global jax.Arrays on `mesh`, numpy without); checkpointable.
 
-    prefetch > 0: a background thread makes up to that many batches ahead, device transfer
-    included, so the train step never waits for the host while the pipeline keeps up. The
-    checkpointable state stays the caller's: `get_state()` is the state after the last batch
-    handed out (not after the ones made ahead), so a resumed run sees exactly the batches it
-    did not train on. An error in the pipeline is raised by the `next()` that would have
-    returned that batch. `stats()` is likewise the caller's: the counters as of the last batch handed
-    out, never the ones made ahead (which a thread race would make nondeterministic).
-    """
+  prefetch > 0: a background thread makes up to that many batches ahead, device transfer
+  included, so the train step never waits for the host while the pipeline keeps up. The
+  checkpointable state stays the caller's: `get_state()` is the state after the last batch
+  handed out (not after the ones made ahead), so a resumed run sees exactly the batches it
+  did not train on. An error in the pipeline is raised by the `next()` that would have
+  returned that batch. `stats()` is likewise the caller's: the counters as of the last batch handed
+  out, never the ones made ahead (which a thread race would make nondeterministic).
+  """
 
-    def __init__(self, dataset: grain.IterDataset, counts: collections.Counter, mesh, global_batch: int,
-                 prefetch: int = 0, bad_filter: _BadExampleFilter | None = None):
-        self._it = iter(dataset)
-        self._counts = counts
-        self._bad_filter = bad_filter
-        self._mesh, self._global_batch = mesh, global_batch
-        self._prefetch = int(prefetch)
-        self._worker: _Prefetcher | None = None
-        self._state: dict | None = None  # with prefetch: the state after the last batch handed out
-        self._counted: dict | None = None  # with prefetch: the counters after the last batch handed out
+  def __init__(
+    self,
+    dataset: grain.IterDataset,
+    counts: collections.Counter,
+    mesh,
+    global_batch: int,
+    prefetch: int = 0,
+    bad_filter: _BadExampleFilter | None = None,
+  ):
+    self._it = iter(dataset)
+    self._counts = counts
+    self._bad_filter = bad_filter
+    self._mesh, self._global_batch = mesh, global_batch
+    self._prefetch = int(prefetch)
+    self._worker: _Prefetcher | None = None
+    self._state: dict | None = None  # with prefetch: the state after the last batch handed out
+    self._counted: dict | None = None  # with prefetch: the counters after the last batch handed out
 
-    def _make(self) -> tuple[dict[str, Any], Any, dict | None]:
-        """The next batch (on the mesh), and with prefetch the iterator state and counters after it."""
-        batch = next(self._it)
-        self._counts["examples"] += int(np.size(batch["label"]))  # packed: label [rows, k]
-        self._counts["batches"] += 1
-        state = self._it.get_state() if self._prefetch else None
-        counted = dict(self._counts) if self._prefetch else None
-        if self._mesh is not None:
-            batch = parallel.shard_batch(batch, self._mesh, self._global_batch)
-        return batch, state, counted
+  def _make(self) -> tuple[dict[str, Any], Any, dict | None]:
+    """The next batch (on the mesh), and with prefetch the iterator state and counters after it."""
+    batch = next(self._it)
+    self._counts["examples"] += int(np.size(batch["label"]))  # packed: label [rows, k]
+    self._counts["batches"] += 1
+    state = self._it.get_state() if self._prefetch else None
+    counted = dict(self._counts) if self._prefetch else None
+    if self._mesh is not None:
+      batch = parallel.shard_batch(batch, self._mesh, self._global_batch)
+    return batch, state, counted
 
-    def __next__(self) -> dict[str, Any]:
-        if not self._prefetch:
-            return self._make()[0]
-        if self._worker is None:
-            self._state, self._counted = self._it.get_state(), dict(self._counts)
-            self._worker = _Prefetcher(weakref.WeakMethod(self._make), self._prefetch)
-            weakref.finalize(self, self._worker.stop_event.set)  # an abandoned iterator stops its thread
-        try:
-            batch, self._state, self._counted = self._worker.get()
-        except StopIteration:
-            self._counted = None  # the stream is exhausted: the producer's counts are final
-            raise
-        return batch
+  def __next__(self) -> dict[str, Any]:
+    if not self._prefetch:
+      return self._make()[0]
+    if self._worker is None:
+      self._state, self._counted = self._it.get_state(), dict(self._counts)
+      self._worker = _Prefetcher(weakref.WeakMethod(self._make), self._prefetch)
+      weakref.finalize(self, self._worker.stop_event.set)  # an abandoned iterator stops its thread
+    try:
+      batch, self._state, self._counted = self._worker.get()
+    except StopIteration:
+      self._counted = None  # the stream is exhausted: the producer's counts are final
+      raise
+    return batch
 
-    def get_state(self) -> dict:
-        """grain's state plus, under STATS_STATE_KEY, the counters of `stats()` (JSON-able ints)."""
-        state = self._state if self._state is not None else self._it.get_state()
-        counts = self._counts if self._counted is None else self._counted
-        return {**state, STATS_STATE_KEY: {k: int(v) for k, v in counts.items()}}
+  def get_state(self) -> dict:
+    """grain's state plus, under STATS_STATE_KEY, the counters of `stats()` (JSON-able ints)."""
+    state = self._state if self._state is not None else self._it.get_state()
+    counts = self._counts if self._counted is None else self._counted
+    return {**state, STATS_STATE_KEY: {k: int(v) for k, v in counts.items()}}
 
-    def set_state(self, state: dict) -> None:
-        """Continues at `state` (from get_state), its counters included, so stats() go on from there;
-        a state without counters (written before they were saved) keeps the current ones."""
-        self.close()
-        state = dict(state)
-        counts = state.pop(STATS_STATE_KEY, None)
-        self._it.set_state(state)
-        if counts is not None:
-            self._counts.clear()
-            self._counts.update({str(k): int(v) for k, v in counts.items()})
-        if self._bad_filter is not None:
-            self._bad_filter.reset()
-        self._state = self._counted = None
+  def set_state(self, state: dict) -> None:
+    """Continues at `state` (from get_state), its counters included, so stats() go on from there;
+    a state without counters (written before they were saved) keeps the current ones."""
+    self.close()
+    state = dict(state)
+    counts = state.pop(STATS_STATE_KEY, None)
+    self._it.set_state(state)
+    if counts is not None:
+      self._counts.clear()
+      self._counts.update({str(k): int(v) for k, v in counts.items()})
+    if self._bad_filter is not None:
+      self._bad_filter.reset()
+    self._state = self._counted = None
 
-    def close(self) -> None:
-        """Stops the prefetch thread (batches made ahead are dropped; the state is kept)."""
-        if self._worker is not None:
-            self._worker.stop()
-            self._worker = None
+  def close(self) -> None:
+    """Stops the prefetch thread (batches made ahead are dropped; the state is kept)."""
+    if self._worker is not None:
+      self._worker.stop()
+      self._worker = None
 
-    def stats(self) -> dict[str, int]:
-        """Counters since this iterator was made: examples, batches, skipped[/reason] and, when
-        packing, packed_dropped / packed_truncated (see conversation.pack_examples)."""
-        counts = self._counts if self._counted is None else self._counted
-        out = {k: int(v) for k, v in counts.items()}
-        out["skipped"] = sum(v for k, v in out.items() if k.startswith("skipped/"))
-        return out
+  def stats(self) -> dict[str, int]:
+    """Counters since this iterator was made: examples, batches, skipped[/reason] and, when
+    packing, packed_dropped / packed_truncated (see conversation.pack_examples)."""
+    counts = self._counts if self._counted is None else self._counted
+    out = {k: int(v) for k, v in counts.items()}
+    out["skipped"] = sum(v for k, v in out.items() if k.startswith("skipped/"))
+    return out
 
 
 class _Prefetcher:
-    """Runs `make()` on a daemon thread, up to `depth` results ahead; `get()` returns them in order.
+  """Runs `make()` on a daemon thread, up to `depth` results ahead; `get()` returns them in order.
 
-    `make` is a weakref.WeakMethod, so the thread does not keep its iterator alive. StopIteration
-    and errors of `make()` are re-raised by the `get()` at their place in the stream.
-    """
+  `make` is a weakref.WeakMethod, so the thread does not keep its iterator alive. StopIteration
+  and errors of `make()` are re-raised by the `get()` at their place in the stream.
+  """
 
-    def __init__(self, make: weakref.WeakMethod, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop_event = threading.Event()
-        self._done = False
-        self._thread = threading.Thread(target=self._run, args=(make, self._queue, self.stop_event), daemon=True,
-                                        name="vlm-data-prefetch")
-        self._thread.start()
+  def __init__(self, make: weakref.WeakMethod, depth: int):
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self.stop_event = threading.Event()
+    self._done = False
+    self._thread = threading.Thread(
+      target=self._run, args=(make, self._queue, self.stop_event), daemon=True, name="vlm-data-prefetch"
+    )
+    self._thread.start()
 
-    @staticmethod
-    def _run(make: weakref.WeakMethod, out: queue.Queue, stop: threading.Event) -> None:
-        while not stop.is_set():
-            fn = make()
-            if fn is None:  # the iterator is gone
-                return
-            try:
-                item = ("ok", fn())
-            except StopIteration:
-                item = ("end", None)
-            except BaseException as e:  # re-raised on the consumer's thread
-                item = ("error", e)
-            del fn
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[0] != "ok":
-                return
+  @staticmethod
+  def _run(make: weakref.WeakMethod, out: queue.Queue, stop: threading.Event) -> None:
+    while not stop.is_set():
+      fn = make()
+      if fn is None:  # the iterator is gone
+        return
+      try:
+        item = ("ok", fn())
+      except StopIteration:
+        item = ("end", None)
+      except BaseException as e:  # re-raised on the consumer's thread
+        item = ("error", e)
+      del fn
+      while not stop.is_set():
+        try:
+          out.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item[0] != "ok":
+        return
 
-    def get(self):
-        if self._done:
-            raise StopIteration
-        while True:
-            try:
-                kind, value = self._queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("vlm data prefetch thread stopped without a result") from None
-        if kind == "ok":
-            return value
-        self._done = True
-        if kind == "end":
-            raise StopIteration
-        raise value
+  def get(self):
+    if self._done:
+      raise StopIteration
+    while True:
+      try:
+        kind, value = self._queue.get(timeout=1.0)
+        break
+      except queue.Empty:
+        if not self._thread.is_alive() and self._queue.empty():
+          raise RuntimeError("vlm data prefetch thread stopped without a result") from None
+    if kind == "ok":
+      return value
+    self._done = True
+    if kind == "end":
+      raise StopIteration
+    raise value
 
-    def stop(self) -> None:
-        self.stop_event.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=60)
+  def stop(self) -> None:
+    self.stop_event.set()
+    if self._thread is not threading.current_thread():
+      self._thread.join(timeout=60)
 
 
-def make_pipeline(config: ml_collections.ConfigDict, *, split: str, batch_size: int,
-                  mesh: jax.sharding.Mesh | None, seed: int, tokenizer: Tokenizer | None = None,
-                  shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
-                  pp: str | list[str] | None = None, process_index: int | None = None,
-                  process_count: int | None = None, pack: int | None = None) -> DataIterator:
-    """Batches of `split`: 'image' [B, H, W, 3] f32, 'text' [B, L] i32, 'label' [B] i32, 'seen' [B] bool.
+def make_pipeline(
+  config: ml_collections.ConfigDict,
+  *,
+  split: str,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None,
+  seed: int,
+  tokenizer: Tokenizer | None = None,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  drop_remainder: bool = True,
+  pp: str | list[str] | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  pack: int | None = None,
+) -> DataIterator:
+  """Batches of `split`: 'image' [B, H, W, 3] f32, 'text' [B, L] i32, 'label' [B] i32, 'seen' [B] bool.
 
-    `config` is `config.data` (or a config holding it as `.data`); `batch_size` is
-    GLOBAL: each process yields its batch_size / process_count contiguous rows of each global
-    batch, so concatenating the processes' batches in process order gives the 1-process batch.
-    `process_index` / `process_count` default to JAX's (set them to simulate processes).
-    With drop_remainder, a finite stream is cut to whole global batches, so every process
-    yields the same number of batches (bad examples aside).
-    `pp` defaults to data.pp_train for split 'train', else data.pp_eval.
-    `pack` (default: data.conversation.pack for split 'train', else 1): k > 1 packs k consecutive
-    examples into each row (conversation.pack_examples): batch_size stays the number of rows, each
-    of k examples, so a batch holds batch_size * k examples.
-    """
-    data = config.data if "data" in config else config
-    check_config(data)
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
-    tokenizer = tokenizer or get_tokenizer(data)
-    if pp is None:
-        pp = data.pp_train if split == "train" else data.pp_eval
-    ops = preprocess.parse_pp(pp, where="data.pp_train" if split == "train" else "data.pp_eval")
-    source = make_source(data, split)
+  `config` is `config.data` (or a config holding it as `.data`); `batch_size` is
+  GLOBAL: each process yields its batch_size / process_count contiguous rows of each global
+  batch, so concatenating the processes' batches in process order gives the 1-process batch.
+  `process_index` / `process_count` default to JAX's (set them to simulate processes).
+  With drop_remainder, a finite stream is cut to whole global batches, so every process
+  yields the same number of batches (bad examples aside).
+  `pp` defaults to data.pp_train for split 'train', else data.pp_eval.
+  `pack` (default: data.conversation.pack for split 'train', else 1): k > 1 packs k consecutive
+  examples into each row (conversation.pack_examples): batch_size stays the number of rows, each
+  of k examples, so a batch holds batch_size * k examples.
+  """
+  data = config.data if "data" in config else config
+  check_config(data)
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
+  tokenizer = tokenizer or get_tokenizer(data)
+  if pp is None:
+    pp = data.pp_train if split == "train" else data.pp_eval
+  ops = preprocess.parse_pp(pp, where="data.pp_train" if split == "train" else "data.pp_eval")
+  source = make_source(data, split)
 
-    # The global stream of source indices: identical for every process and process count.
-    order = grain.MapDataset.range(len(source))
-    if shuffle:
-        order = order.shuffle(seed=seed)  # shuffle before repeat: a new permutation each epoch
-    if num_epochs != 1:
-        order = order.repeat(num_epochs)
-    local_batch = batch_size // process_count
-    conv = data.get("conversation")
-    if pack is None:
-        pack = int(conv.get("pack", 1)) if conv is not None and split == "train" else 1
-    if not (isinstance(pack, int) and pack > 0):
-        raise ValueError(f"make_pipeline: pack must be a positive int, got {pack!r}")
-    if pack > 1 and conv is None:
-        raise ValueError(f"make_pipeline: pack={pack} needs data.conversation (it packs conversations)")
-    # Packing: a global batch of batch_size rows reads batch_size * pack stream elements, row r
-    # elements [r * pack, (r + 1) * pack) of them, so processes still split it into contiguous rows.
-    ex_batch, ex_local = batch_size * pack, local_batch * pack
-    stream_length = len(order)
-    if drop_remainder:
-        stream_length -= stream_length % ex_batch
-    n_local = _ProcessRows.local_length(stream_length, ex_batch, ex_local, process_index)
-    rows = _ProcessRows(order, ex_batch, ex_local, process_index)
-    ds = grain.MapDataset.range(n_local).map(rows).map(_Process(source, data, ops, tokenizer, seed))
-    threads = int(data.get("read_threads", 0))
-    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * ex_local if threads else 0))
-    workers = worker_count(data)
-    if workers > 0:
-        _ensure_absl_flags_parsed()
-        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  # The global stream of source indices: identical for every process and process count.
+  order = grain.MapDataset.range(len(source))
+  if shuffle:
+    order = order.shuffle(seed=seed)  # shuffle before repeat: a new permutation each epoch
+  if num_epochs != 1:
+    order = order.repeat(num_epochs)
+  local_batch = batch_size // process_count
+  conv = data.get("conversation")
+  if pack is None:
+    pack = int(conv.get("pack", 1)) if conv is not None and split == "train" else 1
+  if not (isinstance(pack, int) and pack > 0):
+    raise ValueError(f"make_pipeline: pack must be a positive int, got {pack!r}")
+  if pack > 1 and conv is None:
+    raise ValueError(f"make_pipeline: pack={pack} needs data.conversation (it packs conversations)")
+  # Packing: a global batch of batch_size rows reads batch_size * pack stream elements, row r
+  # elements [r * pack, (r + 1) * pack) of them, so processes still split it into contiguous rows.
+  ex_batch, ex_local = batch_size * pack, local_batch * pack
+  stream_length = len(order)
+  if drop_remainder:
+    stream_length -= stream_length % ex_batch
+  n_local = _ProcessRows.local_length(stream_length, ex_batch, ex_local, process_index)
+  rows = _ProcessRows(order, ex_batch, ex_local, process_index)
+  ds = grain.MapDataset.range(n_local).map(rows).map(_Process(source, data, ops, tokenizer, seed))
+  threads = int(data.get("read_threads", 0))
+  ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * ex_local if threads else 0))
+  workers = worker_count(data)
+  if workers > 0:
+    _ensure_absl_flags_parsed()
+    ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
-    counts: collections.Counter = collections.Counter()
-    keep = _BadExampleFilter(counts, str(data.source).replace("{split}", split),
-                             data.get("max_consecutive_bad", MAX_CONSECUTIVE_BAD),
-                             data.get("max_bad_fraction", MAX_BAD_FRACTION), data.get("bad_window", BAD_WINDOW))
-    ids = ids.filter(keep)  # runs in the main process, so counts are complete
-    if pack > 1:
-        packer = _Packer(pack, int(conv.get("length", 64)), tokenizer.pad_id,
-                         conversation.chat_tokenizer_from_config(conv, tokenizer).image_id, counts)
-        ids = ids.batch(ex_local, drop_remainder=drop_remainder).map(packer)
-    else:
-        ids = ids.batch(local_batch, drop_remainder=drop_remainder)
-    return DataIterator(ids, counts, mesh, batch_size, prefetch=int(data.get("prefetch", 0)), bad_filter=keep)
+  counts: collections.Counter = collections.Counter()
+  keep = _BadExampleFilter(
+    counts,
+    str(data.source).replace("{split}", split),
+    data.get("max_consecutive_bad", MAX_CONSECUTIVE_BAD),
+    data.get("max_bad_fraction", MAX_BAD_FRACTION),
+    data.get("bad_window", BAD_WINDOW),
+  )
+  ids = ids.filter(keep)  # runs in the main process, so counts are complete
+  if pack > 1:
+    packer = _Packer(
+      pack,
+      int(conv.get("length", 64)),
+      tokenizer.pad_id,
+      conversation.chat_tokenizer_from_config(conv, tokenizer).image_id,
+      counts,
+    )
+    ids = ids.batch(ex_local, drop_remainder=drop_remainder).map(packer)
+  else:
+    ids = ids.batch(local_batch, drop_remainder=drop_remainder)
+  return DataIterator(ids, counts, mesh, batch_size, prefetch=int(data.get("prefetch", 0)), bad_filter=keep)
 
 
 class _Packer:
-    """A batch of rows * k examples -> rows packed rows (conversation.pack_examples), counting
-    dropped / truncated examples. Runs in the main process. A short final batch (drop_remainder
-    False) fills its last row's missing examples with empty (all-zero, all-padding) ones."""
+  """A batch of rows * k examples -> rows packed rows (conversation.pack_examples), counting
+  dropped / truncated examples. Runs in the main process. A short final batch (drop_remainder
+  False) fills its last row's missing examples with empty (all-zero, all-padding) ones."""
 
-    def __init__(self, k: int, length: int, pad_id: int, image_id: int, counts: collections.Counter):
-        self.k, self.length, self.pad_id, self.image_id, self.counts = k, length, pad_id, image_id, counts
+  def __init__(self, k: int, length: int, pad_id: int, image_id: int, counts: collections.Counter):
+    self.k, self.length, self.pad_id, self.image_id, self.counts = k, length, pad_id, image_id, counts
 
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["tokens"])
-        rows = []
-        for start in range(0, n, self.k):
-            examples = [{key: v[i] for key, v in batch.items()} for i in range(start, min(start + self.k, n))]
-            while len(examples) < self.k:
-                empty = {key: np.zeros_like(v) for key, v in examples[0].items()}
-                empty["tokens"] = np.full_like(examples[0]["tokens"], self.pad_id)
-                examples.append(empty)
-            row = conversation.pack_examples(examples, self.length, self.pad_id, self.image_id)
-            self.counts["packed_dropped"] += row.pop("packed_dropped")
-            self.counts["packed_truncated"] += row.pop("packed_truncated")
-            rows.append(row)
-        return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+  def __call__(self, batch: dict) -> dict:
+    n = len(batch["tokens"])
+    rows = []
+    for start in range(0, n, self.k):
+      examples = [{key: v[i] for key, v in batch.items()} for i in range(start, min(start + self.k, n))]
+      while len(examples) < self.k:
+        empty = {key: np.zeros_like(v) for key, v in examples[0].items()}
+        empty["tokens"] = np.full_like(examples[0]["tokens"], self.pad_id)
+        examples.append(empty)
+      row = conversation.pack_examples(examples, self.length, self.pad_id, self.image_id)
+      self.counts["packed_dropped"] += row.pop("packed_dropped")
+      self.counts["packed_truncated"] += row.pop("packed_truncated")
+      rows.append(row)
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
 
-def load_split_numpy(config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer | None = None,
-                     max_examples: int | None = None, chunk: int = 256) -> tuple[dict[str, np.ndarray], dict]:
-    """A whole (small) split as numpy arrays with data.pp_eval, in source order, plus metadata.
+def load_split_numpy(
+  config: ml_collections.ConfigDict,
+  split: str,
+  tokenizer: Tokenizer | None = None,
+  max_examples: int | None = None,
+  chunk: int = 256,
+) -> tuple[dict[str, np.ndarray], dict]:
+  """A whole (small) split as numpy arrays with data.pp_eval, in source order, plus metadata.
 
-    Returns (arrays, meta): arrays as make_pipeline's batches with N rows (bad examples
-    skipped); meta holds the source metadata ('class_names', 'templates', ...) and 'stats'.
-    """
-    data = config.data if "data" in config else config
-    it = make_pipeline(data, split=split, batch_size=chunk, mesh=None, seed=0, tokenizer=tokenizer,
-                       shuffle=False, num_epochs=1, drop_remainder=False, pp=data.pp_eval,
-                       process_index=0, process_count=1, pack=1)  # never packed: evals read examples
-    parts: list[dict] = []
-    total = 0
-    for batch in it:
-        parts.append(batch)
-        total += len(batch["label"])
-        if max_examples is not None and total >= max_examples:
-            break
-    arrays = {k: np.concatenate([p[k] for p in parts])[:max_examples] for k in parts[0]} if parts else {}
-    meta = get_metadata(data, split)
-    meta["stats"] = it.stats()
-    return arrays, meta
-
+  Returns (arrays, meta): arrays as make_pipeline's batches with N rows (bad examples
+  skipped); meta holds the source metadata ('class_names', 'templates', ...) and 'stats'.
+  """
+  data = config.data if "data" in config else config
+  it = make_pipeline(
+    data,
+    split=split,
+    batch_size=chunk,
+    mesh=None,
+    seed=0,
+    tokenizer=tokenizer,
+    shuffle=False,
+    num_epochs=1,
+    drop_remainder=False,
+    pp=data.pp_eval,
+    process_index=0,
+    process_count=1,
+    pack=1,
+  )  # never packed: evals read examples
+  parts: list[dict] = []
+  total = 0
+  for batch in it:
+    parts.append(batch)
+    total += len(batch["label"])
+    if max_examples is not None and total >= max_examples:
+      break
+  arrays = {k: np.concatenate([p[k] for p in parts])[:max_examples] for k in parts[0]} if parts else {}
+  meta = get_metadata(data, split)
+  meta["stats"] = it.stats()
+  return arrays, meta

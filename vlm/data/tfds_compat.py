@@ -6,6 +6,7 @@ backport, which is not a dependency of this project. Python 3.11's own
 `importlib.resources` has the same `abc.Traversable`, so we alias it when the
 backport is missing. Import tfds through `import_tfds()`.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -14,11 +15,11 @@ import sys
 
 
 def import_tfds():
-    """Returns the `tensorflow_datasets` module, usable without TensorFlow."""
-    try:
-        import importlib_resources  # noqa: F401
-    except ImportError:
-        sys.modules.setdefault("importlib_resources", importlib.resources)
-    import tensorflow_datasets as tfds
+  """Returns the `tensorflow_datasets` module, usable without TensorFlow."""
+  try:
+    import importlib_resources  # noqa: F401
+  except ImportError:
+    sys.modules.setdefault("importlib_resources", importlib.resources)
+  import tensorflow_datasets as tfds
 
-    return tfds
+  return tfds

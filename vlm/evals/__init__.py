@@ -5,7 +5,15 @@ config.evals = {'<name>': dict(type='zeroshot'|'retrieval'|'captioning'|'probe'|
 """
 
 from vlm.evals.base import EVALS, build_evals
-from vlm.evals import (captioning, classification, contrastive, grounding, probe, reconstruction,  # noqa: F401
-                       text_to_image, vqa)  # (imported to register them)
+from vlm.evals import (
+  captioning,
+  classification,
+  contrastive,
+  grounding,
+  probe,
+  reconstruction,  # noqa: F401
+  text_to_image,
+  vqa,
+)  # (imported to register them)
 
 __all__ = ["EVALS", "build_evals"]

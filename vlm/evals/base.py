@@ -26,8 +26,7 @@ def build_evals(config, model, mesh: Mesh) -> dict[str, Any]:
   return out
 
 
-def batched_apply(fn: Callable[[Any, Any], jax.Array], params: Any, x: Any, mesh: Mesh,
-                  batch_size: int) -> np.ndarray:
+def batched_apply(fn: Callable[[Any, Any], jax.Array], params: Any, x: Any, mesh: Mesh, batch_size: int) -> np.ndarray:
   """Runs jitted fn(params, batch) over x (an array [N, ...] or a tuple/pytree of them) in batches
   sharded on the data axes; pads the last one. fn may return an array or a pytree of arrays [n, ...]."""
   n_data = int(np.prod([mesh.shape[a] for a in parallel.data_axes(mesh)])) // max(jax.process_count(), 1)
@@ -39,7 +38,7 @@ def batched_apply(fn: Callable[[Any, Any], jax.Array], params: Any, x: Any, mesh
     pad = (-rows) % n_data
 
     def chunk(a):
-      c = a[i:i + bs]
+      c = a[i : i + bs]
       return np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) if pad else c
 
     out = jax.device_get(fn(params, parallel.shard_batch(jax.tree.map(chunk, x), mesh)))

@@ -39,14 +39,17 @@ def tokenize(text: str) -> list[str]:
   return _PUNCT.sub(" ", text.lower()).split()
 
 
-def _prepare(candidates: Sequence[str], references: Sequence[Sequence[str]],
-             tokenized: bool) -> tuple[list[list[str]], list[list[list[str]]]]:
+def _prepare(
+  candidates: Sequence[str], references: Sequence[Sequence[str]], tokenized: bool
+) -> tuple[list[list[str]], list[list[list[str]]]]:
   """Checks the shapes of the inputs and splits every caption into tokens."""
   if isinstance(candidates, str):
     raise TypeError("candidates must be a sequence of captions (one per image), not a single string")
   if len(candidates) != len(references):
-    raise ValueError(f"got {len(candidates)} candidates but {len(references)} reference lists; "
-                     "need one list of references per candidate")
+    raise ValueError(
+      f"got {len(candidates)} candidates but {len(references)} reference lists; "
+      "need one list of references per candidate"
+    )
   if not candidates:
     raise ValueError("no captions to score: candidates and references are empty")
   split = str.split if tokenized else tokenize
@@ -67,7 +70,7 @@ def _prepare(candidates: Sequence[str], references: Sequence[Sequence[str]],
 
 def _ngrams(tokens: list[str], n: int) -> list[Counter]:
   """counts[k][ngram]: occurrences of each (k+1)-gram of `tokens`, for k < n."""
-  return [Counter(tuple(tokens[i:i + k]) for i in range(len(tokens) - k + 1)) for k in range(1, n + 1)]
+  return [Counter(tuple(tokens[i : i + k]) for i in range(len(tokens) - k + 1)) for k in range(1, n + 1)]
 
 
 def _check_n(n: int) -> None:
@@ -119,7 +122,7 @@ def _cider(cands: list[list[str]], refs: list[list[list[str]]], n: int, sigma: f
       vec_ref, norm_ref = tfidf(counts)
       # pycocoevalcap measures length in bigrams (words - 1, 0 for an empty caption): the same difference
       # unless one caption is empty, and then the similarity is 0 anyway.
-      penalty = math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma ** 2))
+      penalty = math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma**2))
       for k in range(n):
         # Cosine similarity with each candidate weight clipped to the reference's (CIDEr-D).
         sim = sum(min(x, vec_ref[k].get(g, 0.0)) * vec_ref[k].get(g, 0.0) for g, x in vec[k].items())
@@ -130,8 +133,9 @@ def _cider(cands: list[list[str]], refs: list[list[list[str]]], n: int, sigma: f
   return scores
 
 
-def bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, *,
-         tokenized: bool = False) -> list[float]:
+def bleu(
+  candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, *, tokenized: bool = False
+) -> list[float]:
   """Corpus-level [BLEU-1, ..., BLEU-n] as pycocoevalcap.bleu computes it.
 
   Clipped n-gram counts and candidate lengths are summed over the corpus; the effective reference
@@ -142,8 +146,14 @@ def bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int 
   return _bleu(*_prepare(candidates, references, tokenized), n)
 
 
-def cider(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0, *,
-          tokenized: bool = False) -> tuple[float, np.ndarray]:
+def cider(
+  candidates: Sequence[str],
+  references: Sequence[Sequence[str]],
+  n: int = 4,
+  sigma: float = 6.0,
+  *,
+  tokenized: bool = False,
+) -> tuple[float, np.ndarray]:
   """CIDEr-D as pycocoevalcap.cider computes it: (corpus mean, per-image scores).
 
   Per n-gram order: tf-idf vectors with document frequencies over the references of the whole corpus
@@ -158,8 +168,9 @@ def cider(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int
   return float(np.mean(scores)), scores
 
 
-def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]], *,
-                   tokenized: bool = False) -> dict[str, float]:
+def caption_scores(
+  candidates: Sequence[str], references: Sequence[Sequence[str]], *, tokenized: bool = False
+) -> dict[str, float]:
   """{'bleu1', 'bleu4', 'cider'} of a captioning evaluation, tokenizing the captions once."""
   cands, refs = _prepare(candidates, references, tokenized)
   bleus = _bleu(cands, refs, 4)

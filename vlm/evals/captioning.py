@@ -22,9 +22,19 @@ from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
 from vlm.evals.caption_metrics import caption_scores
 
 
-def generate_captions(model: nn.Module, params: Any, images: jax.Array, *, bos_id: int, eos_id: int,
-                      pad_id: int, max_len: int, method: str = "greedy", rng: jax.Array | None = None,
-                      **decode_kw) -> decoding.DecodeOutput:
+def generate_captions(
+  model: nn.Module,
+  params: Any,
+  images: jax.Array,
+  *,
+  bos_id: int,
+  eos_id: int,
+  pad_id: int,
+  max_len: int,
+  method: str = "greedy",
+  rng: jax.Array | None = None,
+  **decode_kw,
+) -> decoding.DecodeOutput:
   """Captions for images [B, H, W, 3]: prompt [BOS], then up to max_len - 1 tokens (jit-able).
 
   The cache is created by one decode_step on the BOS token with the image context (which also
@@ -32,21 +42,33 @@ def generate_captions(model: nn.Module, params: Any, images: jax.Array, *, bos_i
   """
   if hasattr(model, "caption_prompt"):  # early fusion: [BOS, image tokens] is the prompt
     prompt = model.apply({"params": params}, images, method=model.caption_prompt)
-    _, variables = model.apply({"params": params}, prompt, 0, prompt.shape[1] + max_len,
-                               method=model.decode_step, mutable=["cache"])
+    _, variables = model.apply(
+      {"params": params}, prompt, 0, prompt.shape[1] + max_len, method=model.decode_step, mutable=["cache"]
+    )
   else:
     context = model.apply({"params": params}, images, method=model.caption_context)
     prompt = jnp.full((images.shape[0], 1), bos_id, jnp.int32)
-    _, variables = model.apply({"params": params}, prompt, 0, context, max_len, method=model.decode_step,
-                               mutable=["cache"])
+    _, variables = model.apply(
+      {"params": params}, prompt, 0, context, max_len, method=model.decode_step, mutable=["cache"]
+    )
 
   def step_fn(cache, tokens, index):
-    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, method=model.decode_step,
-                              mutable=["cache"])
+    logits, new = model.apply(
+      {"params": params, "cache": cache}, tokens, index, method=model.decode_step, mutable=["cache"]
+    )
     return logits.astype(jnp.float32), new["cache"]
 
-  return decoding.generate(step_fn, variables["cache"], prompt, method=method, rng=rng,
-                           max_new_tokens=max_len - 1, eos_id=eos_id, pad_id=pad_id, **decode_kw)
+  return decoding.generate(
+    step_fn,
+    variables["cache"],
+    prompt,
+    method=method,
+    rng=rng,
+    max_new_tokens=max_len - 1,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    **decode_kw,
+  )
 
 
 def reference_captions(data_config, split: str, keys: Sequence[str], n: int) -> list[list[str]]:
@@ -59,13 +81,29 @@ def reference_captions(data_config, split: str, keys: Sequence[str], n: int) -> 
   return refs
 
 
-def caption_fn(model: nn.Module, mesh, rules, tok, max_len: int, method: str = "greedy", seed: int = 0,
-               **decode_kw) -> Callable:
+def caption_fn(
+  model: nn.Module, mesh, rules, tok, max_len: int, method: str = "greedy", seed: int = 0, **decode_kw
+) -> Callable:
   """Jitted fn(params, images [B, H, W, 3]) -> caption tokens [B, max_len], for batched_apply."""
   rng = jax.random.key(seed) if method == "sample" else None
-  return jit_on_mesh(lambda p, x: generate_captions(
-      model, p, x, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=max_len, method=method,
-      rng=rng, **decode_kw).tokens, mesh, rules)
+  return jit_on_mesh(
+    lambda p, x: (
+      generate_captions(
+        model,
+        p,
+        x,
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        max_len=max_len,
+        method=method,
+        rng=rng,
+        **decode_kw,
+      ).tokens
+    ),
+    mesh,
+    rules,
+  )
 
 
 @EVALS.register("captioning")
@@ -79,10 +117,22 @@ class Captioning:
   case and surrounding spaces ignored) and keeps the last captions in `self.last_captions`.
   """
 
-  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
-               max_examples: int | None = None, method: str = "greedy",
-               reference_keys: Sequence[str] = ("caption",), max_len: int | None = None, seed: int = 0,
-               **decode_kw):
+  def __init__(
+    self,
+    *,
+    config,
+    model,
+    mesh,
+    prefix: str,
+    split: str = "test",
+    batch_size: int = 256,
+    max_examples: int | None = None,
+    method: str = "greedy",
+    reference_keys: Sequence[str] = ("caption",),
+    max_len: int | None = None,
+    seed: int = 0,
+    **decode_kw,
+  ):
     self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.reference_keys = tuple(reference_keys)
@@ -97,8 +147,9 @@ class Captioning:
   def _generate_fn(self):
     """The jitted generation, built once (evaluations every N steps reuse its compilation)."""
     if self._generate is None:
-      self._generate = caption_fn(self.model, self.mesh, self.rules, self.tokenizer(), self.max_len,
-                                  self.method, self.seed, **self.decode_kw)
+      self._generate = caption_fn(
+        self.model, self.mesh, self.rules, self.tokenizer(), self.max_len, self.method, self.seed, **self.decode_kw
+      )
     return self._generate
 
   def tokenizer(self):
@@ -122,7 +173,7 @@ class Captioning:
     images, refs = self.data()
     self.last_captions = self.captions(params, images)
     scores = caption_scores(self.last_captions, refs)
-    scores["exact_match"] = float(np.mean([c.strip().lower() in {r.strip().lower() for r in rs}
-                                           for c, rs in zip(self.last_captions, refs)]))
+    scores["exact_match"] = float(
+      np.mean([c.strip().lower() in {r.strip().lower() for r in rs} for c, rs in zip(self.last_captions, refs)])
+    )
     return {f"{self.prefix}/{k}": float(v) for k, v in scores.items()}
-

@@ -1,7 +1,6 @@
 """Top-1 of a classifier's logits over a split (e.g. VideoClassifier on the scenes' motion labels),
 and the helpers it shares with the frozen-feature probe (vlm.evals.probe)."""
 
-
 import ml_collections
 import numpy as np
 
@@ -42,9 +41,20 @@ class Classify(SplitData):
   and label_key 'answer_label' for VQA as answer classification; None calls the model.
   """
 
-  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test",
-               input_key: str | tuple[str, ...] = "frames", label_key: str = "motion", method: str | None = None,
-               batch_size: int = 256, max_examples: int | None = None):
+  def __init__(
+    self,
+    *,
+    config,
+    model,
+    mesh,
+    prefix: str,
+    split: str = "test",
+    input_key: str | tuple[str, ...] = "frames",
+    label_key: str = "motion",
+    method: str | None = None,
+    batch_size: int = 256,
+    max_examples: int | None = None,
+  ):
     self.prefix, self.mesh, self.split = prefix, mesh, split
     self.input_keys = (input_key,) if isinstance(input_key, str) else tuple(input_key)
     self.label_key = label_key

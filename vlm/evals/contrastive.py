@@ -23,6 +23,7 @@ def encoders(model: nn.Module, mesh: Mesh, rules) -> tuple[Callable, Callable, C
   """Jitted (image encoder, text encoder, pair similarity or None) of a contrastive model, each
   fn(params, x) for batched_apply; the pair similarity (Llip's `similarity_fn`) takes x = (image
   side, text side)."""
+
   def wrap(method):
     return jit_on_mesh(lambda p, x: model.apply({"params": p}, x, method=method)[0], mesh, rules)
 
@@ -34,8 +35,18 @@ def encoders(model: nn.Module, mesh: Mesh, rules) -> tuple[Callable, Callable, C
 
 
 class _Base(SplitData):
-  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
-               max_examples: int | None = None, caption_key: str | None = None):
+  def __init__(
+    self,
+    *,
+    config,
+    model,
+    mesh,
+    prefix: str,
+    split: str = "test",
+    batch_size: int = 256,
+    max_examples: int | None = None,
+    caption_key: str | None = None,
+  ):
     """caption_key: evaluate on this caption field instead of `data.caption_key`."""
     self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
     self.data_config = config.data
@@ -51,8 +62,12 @@ class _Base(SplitData):
     if self.pair_sim is None:
       return similarity(zimg, ztxt)
     n = len(jax.tree.leaves(zimg)[0])
-    return np.concatenate([np.asarray(self.pair_sim(params, (jax.tree.map(lambda x: x[i:i + chunk], zimg), ztxt)))
-                           for i in range(0, n, chunk)])
+    return np.concatenate(
+      [
+        np.asarray(self.pair_sim(params, (jax.tree.map(lambda x: x[i : i + chunk], zimg), ztxt)))
+        for i in range(0, n, chunk)
+      ]
+    )
 
   def image_embeddings(self, params) -> np.ndarray:
     return batched_apply(self.enc_image, params, self.data()[0]["image"], self.mesh, self.batch_size)
@@ -76,8 +91,9 @@ class ZeroShot(_Base):
     tok = get_tokenizer(self.config.data)
     texts = [t.format(c) for c in class_names for t in templates]
     ids = tok.encode_batch(texts, self.config.data.text_length, self.config.data.add_bos, self.config.data.add_eos)
-    z = jax.tree.map(lambda x: x.reshape(len(class_names), len(templates), *x.shape[1:]).mean(1),
-                     self.text_embeddings(params, ids))
+    z = jax.tree.map(
+      lambda x: x.reshape(len(class_names), len(templates), *x.shape[1:]).mean(1), self.text_embeddings(params, ids)
+    )
     if isinstance(z, np.ndarray):
       return z / np.linalg.norm(z, axis=-1, keepdims=True)
     return z  # pytree sides (Llip: mean query and caption embedding over the templates)

@@ -21,8 +21,18 @@ from vlm.evals.vqa import GenerateAnswers, normalize_answer
 class _Objects(GenerateAnswers):
   """Queries about the uniquely named objects of the split (images with data.pp_eval, boxes)."""
 
-  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
-               max_examples: int | None = None, max_new_tokens: int = 32):
+  def __init__(
+    self,
+    *,
+    config,
+    model,
+    mesh,
+    prefix: str,
+    split: str = "test",
+    batch_size: int = 256,
+    max_examples: int | None = None,
+    max_new_tokens: int = 32,
+  ):
     if not config.data.get("conversation"):
       raise ValueError(f"evals.{prefix}: grounding evaluations need data.conversation (the chat template)")
     self._setup(config, model, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
@@ -50,9 +60,16 @@ class _Objects(GenerateAnswers):
     conv = self.config.data.conversation
     chat = conversation.chat_tokenizer_from_config(conv, get_tokenizer(self.config.data))
     system = conv.get("system")
-    rows = [chat.pad(chat.encode_prompt(([("system", system)] if system else []) + [("user", conversation.IMAGE + q)]),
-                     None, int(conv.get("prompt_length", 48)), left=True, where="data.conversation.prompt_length")
-            for q in questions]
+    rows = [
+      chat.pad(
+        chat.encode_prompt(([("system", system)] if system else []) + [("user", conversation.IMAGE + q)]),
+        None,
+        int(conv.get("prompt_length", 48)),
+        left=True,
+        where="data.conversation.prompt_length",
+      )
+      for q in questions
+    ]
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
   @staticmethod
@@ -123,8 +140,9 @@ class RegionQA(_Objects):
           questions.append(f"what {kind} is the object in {grounding.box_text(box)}?")
           refs.append(ref), main.append(k == 0), rows.append(i), boxes.append(pixels)
       prompt, mask = self.prompts(questions)
-      self._questions = dict(images=arrays["image"][rows], prompt=prompt, mask=mask, refs=refs,
-                             main=np.asarray(main), boxes=boxes)
+      self._questions = dict(
+        images=arrays["image"][rows], prompt=prompt, mask=mask, refs=refs, main=np.asarray(main), boxes=boxes
+      )
     return self._questions
 
   def _score(self, answers: list[str], key: str) -> dict[str, float]:
@@ -138,9 +156,16 @@ class RegionQA(_Objects):
     masked = q["images"].copy()
     black = self.black()
     for j, (x1, y1, x2, y2) in enumerate(q["boxes"]):
-      masked[j, int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = black
-    self.last_answers_crg = self.answers(params, q["images"], q["prompt"], q["mask"], contrast_images=masked,
-                                         crg_alpha=alpha, crg_plausibility=plausibility)
+      masked[j, int(np.floor(y1)) : int(np.ceil(y2)), int(np.floor(x1)) : int(np.ceil(x2))] = black
+    self.last_answers_crg = self.answers(
+      params,
+      q["images"],
+      q["prompt"],
+      q["mask"],
+      contrast_images=masked,
+      crg_alpha=alpha,
+      crg_plausibility=plausibility,
+    )
     return self._score(self.last_answers_crg, "accuracy_crg")
 
   def __call__(self, params) -> dict[str, float]:
@@ -150,4 +175,3 @@ class RegionQA(_Objects):
     if self.crg_alpha > 0:
       out.update(self.crg_scores(params, self.crg_alpha, self.crg_plausibility))
     return out
-

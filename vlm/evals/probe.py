@@ -37,22 +37,45 @@ class Probe:
   Also reports top1_seen / top1_unseen where the split has 'seen'.
   """
 
-  def __init__(self, *, config, model, mesh, prefix: str, train_split: str = "train", test_split: str = "test",
-               train_examples: int | None = 2048, test_examples: int | None = None, label_key: str = "label",
-               num_classes: int | None = None, steps: int = 300, batch_size: int = 128, lr: float = 1e-3,
-               wd: float = 1e-4, num_queries: int = 1, num_heads: int = 4, tokens_key: str = "encoded",
-               frames: bool = False, seed: int = 0):
+  def __init__(
+    self,
+    *,
+    config,
+    model,
+    mesh,
+    prefix: str,
+    train_split: str = "train",
+    test_split: str = "test",
+    train_examples: int | None = 2048,
+    test_examples: int | None = None,
+    label_key: str = "label",
+    num_classes: int | None = None,
+    steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    wd: float = 1e-4,
+    num_queries: int = 1,
+    num_heads: int = 4,
+    tokens_key: str = "encoded",
+    frames: bool = False,
+    seed: int = 0,
+  ):
     self.mesh, self.prefix = mesh, prefix
     self.splits = {"train": (train_split, train_examples), "test": (test_split, test_examples)}
     self.label_key, self.num_classes, self.frames = label_key, num_classes, frames
     self.steps, self.batch_size, self.seed = steps, batch_size, seed
     self.num_queries, self.num_heads = num_queries, num_heads
-    self.tx = optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=wd,
-                          mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+    self.tx = optax.adamw(
+      optax.cosine_decay_schedule(lr, max(steps, 1)),
+      weight_decay=wd,
+      mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+    )
     self.data_config = data_config(config, frames)
     self.encode = jit_on_mesh(
-        lambda p, x: model.apply({"params": p}, x, train=False, method=model.encode_image)[1][tokens_key],
-        mesh, config.get("rules", parallel.DEFAULT_RULES))
+      lambda p, x: model.apply({"params": p}, x, train=False, method=model.encode_image)[1][tokens_key],
+      mesh,
+      config.get("rules", parallel.DEFAULT_RULES),
+    )
     self._data: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
     self._init = self._step = self._logits = None
 
@@ -104,7 +127,7 @@ class Probe:
     for _ in range(self.steps):
       if pos + bs > len(order):  # a new epoch
         order, pos = rng.permutation(len(x)), 0
-      idx = np.sort(order[pos:pos + bs])
+      idx = np.sort(order[pos : pos + bs])
       pos += bs
       params, opt_state = self._step(params, opt_state, x[idx], y[idx])
     return params
@@ -113,7 +136,7 @@ class Probe:
     """Predicted classes [N], in fixed-size (padded) batches so the predict step compiles once."""
     bs, out = self.batch_size, []
     for i in range(0, len(x), bs):
-      chunk = x[i:i + bs]
+      chunk = x[i : i + bs]
       pad = bs - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])

@@ -1,6 +1,5 @@
 """Reconstruction quality and codebook use of an image tokenizer (vlm.models.vq.VQTokenizer) on a split."""
 
-
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,8 +17,18 @@ class Reconstruction(SplitData):
   histogram; at most codebook_size).
   """
 
-  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
-               max_examples: int | None = None, image_key: str = "image"):
+  def __init__(
+    self,
+    *,
+    config,
+    model,
+    mesh,
+    prefix: str,
+    split: str = "test",
+    batch_size: int = 256,
+    max_examples: int | None = None,
+    image_key: str = "image",
+  ):
     self.prefix, self.mesh, self.split = prefix, mesh, split
     self.batch_size, self.max_examples, self.image_key = batch_size, max_examples, image_key
     self.data_config = config.data
@@ -40,8 +49,8 @@ class Reconstruction(SplitData):
     probs = counts[counts > 0] / counts.sum()
     psnr = 10.0 * np.log10(4.0 / np.maximum(mse, 1e-10))
     return {
-        f"{self.prefix}/mse": float(mse.mean()),
-        f"{self.prefix}/psnr": float(psnr.mean()),
-        f"{self.prefix}/usage": float((counts > 0).mean()),
-        f"{self.prefix}/perplexity": float(np.exp(-np.sum(probs * np.log(probs)))),
+      f"{self.prefix}/mse": float(mse.mean()),
+      f"{self.prefix}/psnr": float(psnr.mean()),
+      f"{self.prefix}/usage": float((counts > 0).mean()),
+      f"{self.prefix}/perplexity": float(np.exp(-np.sum(probs * np.log(probs)))),
     }

@@ -30,10 +30,25 @@ class TextToImage(SplitData):
   guidance: classifier-free guidance scale (1: none; vlm.models.early_fusion.generate_images).
   caption_key: the prompts' field (default: data.caption_key's canonical 'caption')."""
 
-  def __init__(self, *, config, model, mesh, prefix: str, judge: str, split: str = "test",
-               batch_size: int = 256, max_examples: int | None = 512, method: str = "greedy", seed: int = 0,
-               caption_key: str = "caption", guidance: float = 1.0, **decode_kw):
+  def __init__(
+    self,
+    *,
+    config,
+    model,
+    mesh,
+    prefix: str,
+    judge: str,
+    split: str = "test",
+    batch_size: int = 256,
+    max_examples: int | None = 512,
+    method: str = "greedy",
+    seed: int = 0,
+    caption_key: str = "caption",
+    guidance: float = 1.0,
+    **decode_kw,
+  ):
     from vlm.evaluate import load_model_and_params, load_workdir_config  # vlm.evaluate imports vlm.evals
+
     self.model, self.mesh, self.prefix = model, mesh, prefix
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.method, self.seed, self.guidance, self.decode_kw = method, seed, guidance, decode_kw
@@ -43,11 +58,20 @@ class TextToImage(SplitData):
     try:
       judge_config = load_workdir_config(judge)
     except FileNotFoundError as e:
-      raise FileNotFoundError(f"evals.{prefix}.judge={judge!r}: no trained contrastive run there ({e}); train "
-                              "one first, e.g. configs/llip_b16.py:demo") from e
+      raise FileNotFoundError(
+        f"evals.{prefix}.judge={judge!r}: no trained contrastive run there ({e}); train "
+        "one first, e.g. configs/llip_b16.py:demo"
+      ) from e
     self.judge_model, _, self.judge_params = load_model_and_params(judge_config, judge, None)
-    self.judge = ZeroShot(config=judge_config, model=self.judge_model, mesh=mesh, prefix="judge", split=split,
-                          batch_size=batch_size, max_examples=max_examples)
+    self.judge = ZeroShot(
+      config=judge_config,
+      model=self.judge_model,
+      mesh=mesh,
+      prefix="judge",
+      split=split,
+      batch_size=batch_size,
+      max_examples=max_examples,
+    )
     self._generate = None
     self._recon = None
     self._zcls = None  # the judge's class embeddings and its accuracy on the real images: fixed
@@ -57,12 +81,17 @@ class TextToImage(SplitData):
   def _fns(self, grid):
     if self._generate is None:
       rng = jax.random.key(self.seed) if self.method == "sample" else None
-      self._generate = jit_on_mesh(lambda p, t: generate_images(
-          self.model, p, t, grid, method=self.method, rng=rng, guidance=self.guidance, **self.decode_kw)[1],
-          self.mesh, self.rules)
+      self._generate = jit_on_mesh(
+        lambda p, t: generate_images(
+          self.model, p, t, grid, method=self.method, rng=rng, guidance=self.guidance, **self.decode_kw
+        )[1],
+        self.mesh,
+        self.rules,
+      )
       model = self.model
-      self._recon = jit_on_mesh(lambda p, x: model.apply({"params": p}, x, method=model.reconstruct),
-                                self.mesh, self.rules)
+      self._recon = jit_on_mesh(
+        lambda p, x: model.apply({"params": p}, x, method=model.reconstruct), self.mesh, self.rules
+      )
     return self._generate, self._recon
 
   def judge_labels(self, images: np.ndarray) -> np.ndarray:
@@ -85,7 +114,10 @@ class TextToImage(SplitData):
     label = arrays["label"]
     pred = self.judge_labels(np.clip(generated, -1.0, 1.0))
     out: dict[str, Any] = {
-        "match": pred == label, "colour": colour[pred] == colour[label], "shape": shape[pred] == shape[label]}
+      "match": pred == label,
+      "colour": colour[pred] == colour[label],
+      "shape": shape[pred] == shape[label],
+    }
     res = {f"{self.prefix}/{k}": float(v.mean()) for k, v in out.items()}
     if "seen" in arrays:
       seen = arrays["seen"].astype(bool)

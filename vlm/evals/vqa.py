@@ -18,8 +18,9 @@ class GenerateAnswers(SplitData):
   """Greedy answers of a VLM on an LM (vlm.models.vision_lm or vlm.models.flamingo, each with its
   cached `generate`) to left-padded prompts, batched on the mesh; the base of the generation evals."""
 
-  def _setup(self, config, model, mesh, prefix: str, split: str, batch_size: int, max_examples: int | None,
-             max_new_tokens: int) -> None:
+  def _setup(
+    self, config, model, mesh, prefix: str, split: str, batch_size: int, max_examples: int | None, max_new_tokens: int
+  ) -> None:
     self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
     self.data_config = config.data
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
@@ -31,6 +32,7 @@ class GenerateAnswers(SplitData):
     """The jitted answer function; crg = (alpha, plausibility) decodes with contrastive region guidance."""
     if crg not in self._fns:
       from vlm.models import flamingo, vision_lm
+
       tok = get_tokenizer(self.config.data)
       if crg is not None and isinstance(self.model, flamingo.Flamingo):
         raise ValueError(f"evals.{self.prefix}: contrastive region guidance needs a vision_lm model")
@@ -47,15 +49,26 @@ class GenerateAnswers(SplitData):
       self._fns[crg] = jit_on_mesh(fn, self.mesh, self.rules)
     return self._fns[crg]
 
-  def answers(self, params: Any, images: np.ndarray, prompt: np.ndarray, mask: np.ndarray,
-              instruction: np.ndarray | None = None, image_layout: np.ndarray | None = None,
-              contrast_images: np.ndarray | None = None, crg_alpha: float = 1.0,
-              crg_plausibility: float = 0.0) -> list[str]:
+  def answers(
+    self,
+    params: Any,
+    images: np.ndarray,
+    prompt: np.ndarray,
+    mask: np.ndarray,
+    instruction: np.ndarray | None = None,
+    image_layout: np.ndarray | None = None,
+    contrast_images: np.ndarray | None = None,
+    crg_alpha: float = 1.0,
+    crg_plausibility: float = 0.0,
+  ) -> list[str]:
     """Greedy answers; instruction [N, L]: the image encoder's ('prompt_instruction' of the data);
     image_layout [N, 4]: AnyRes views' layout ('image_layout' of the data); contrast_images: decode
     with contrastive region guidance against them (vlm.models.vision_lm.generate)."""
-    extra = {k: v for k, v in (("instruction", instruction), ("image_layout", image_layout),
-                               ("contrast_images", contrast_images)) if v is not None}
+    extra = {
+      k: v
+      for k, v in (("instruction", instruction), ("image_layout", image_layout), ("contrast_images", contrast_images))
+      if v is not None
+    }
     inputs = (images, prompt, mask, extra)
     fn = self._generate_fn(None if contrast_images is None else (float(crg_alpha), float(crg_plausibility)))
     tokens = batched_apply(fn, params, inputs, self.mesh, self.batch_size)
@@ -78,8 +91,18 @@ class VQAGenerate(GenerateAnswers):
   main-object combination is held out of training; keeps the last answers in `last_answers`.
   """
 
-  def __init__(self, *, config, model, mesh, prefix: str, split: str = "test", batch_size: int = 256,
-               max_examples: int | None = None, max_new_tokens: int = 8):
+  def __init__(
+    self,
+    *,
+    config,
+    model,
+    mesh,
+    prefix: str,
+    split: str = "test",
+    batch_size: int = 256,
+    max_examples: int | None = None,
+    max_new_tokens: int = 8,
+  ):
     if not config.data.get("conversation"):
       raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs data.conversation")
     if not {"question", "answer"} <= set(config.data.get("extra_text_keys", ())):
@@ -94,8 +117,14 @@ class VQAGenerate(GenerateAnswers):
     """The metrics on `arrays` (the split's arrays, self.data()[0], or a changed copy: e.g. another
     example's images, to measure what the answers owe to the image)."""
     tok = get_tokenizer(self.config.data)
-    self.last_answers = self.answers(params, arrays["image"], arrays["prompt"], arrays["prompt_mask"],
-                                     arrays.get("prompt_instruction"), arrays.get("image_layout"))
+    self.last_answers = self.answers(
+      params,
+      arrays["image"],
+      arrays["prompt"],
+      arrays["prompt_mask"],
+      arrays.get("prompt_instruction"),
+      arrays.get("image_layout"),
+    )
     refs = [normalize_answer(a) for a in tok.decode_batch(arrays["answer"])]
     hit = np.array([normalize_answer(a) == r for a, r in zip(self.last_answers, refs)], np.float64)
     out = {f"{self.prefix}/accuracy": float(hit.mean())}

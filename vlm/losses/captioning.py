@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import optax
 
 
-def caption_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, *, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def caption_loss(
+  logits: jax.Array, targets: jax.Array, mask: jax.Array, *, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Token-averaged cross-entropy of logits [B, T, V] against targets [B, T] where mask [B, T] is True.
 
   label_smoothing: mass spread uniformly over the vocabulary. z_loss: weight of log(Z)^2 (PaLM,

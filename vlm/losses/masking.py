@@ -12,9 +12,16 @@ import jax.numpy as jnp
 from vlm.losses.captioning import caption_loss
 
 
-def mask_tokens(rng: jax.Array, tokens: jax.Array, *, mask_id: int, vocab_size: int, rate: float = 0.15,
-                special_ids: Sequence[int] = (0, 1, 3), replace: tuple[float, float, float] = (0.8, 0.1, 0.1)
-                ) -> tuple[jax.Array, jax.Array]:
+def mask_tokens(
+  rng: jax.Array,
+  tokens: jax.Array,
+  *,
+  mask_id: int,
+  vocab_size: int,
+  rate: float = 0.15,
+  special_ids: Sequence[int] = (0, 1, 3),
+  replace: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> tuple[jax.Array, jax.Array]:
   """BERT masking (Devlin et al. 2019, sec. 3.1): each non-special token is chosen with probability
   `rate`; a chosen token becomes [MASK] (80%), a random token (10%) or stays (10%).
 
@@ -53,8 +60,15 @@ def random_patch_mask(rng: jax.Array, batch: int, num_patches: int, ratio: float
   return rank < n
 
 
-def blockwise_patch_mask(rng: jax.Array, batch: int, grid: tuple[int, int], ratio: float,
-                         min_block: int = 4, max_aspect: float = 3.0, max_tries: int = 64) -> jax.Array:
+def blockwise_patch_mask(
+  rng: jax.Array,
+  batch: int,
+  grid: tuple[int, int],
+  ratio: float,
+  min_block: int = 4,
+  max_aspect: float = 3.0,
+  max_tries: int = 64,
+) -> jax.Array:
   """BEiT's blockwise masking (Bao et al. 2022, Algorithm 1), [batch, gh * gw] bool.
 
   Adds random rectangles (area >= min_block patches, aspect ratio in [1/max_aspect, max_aspect])
@@ -94,8 +108,9 @@ def blockwise_patch_mask(rng: jax.Array, batch: int, grid: tuple[int, int], rati
   return jax.vmap(one)(jax.random.split(rng, batch))
 
 
-def masked_prediction_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, *,
-                           label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def masked_prediction_loss(
+  logits: jax.Array, targets: jax.Array, mask: jax.Array, *, label_smoothing: float = 0.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy of logits [B, T, V] against targets [B, T], averaged over the masked positions only.
 
   The same token-mean cross-entropy as captioning (vlm.losses.caption_loss); metrics

@@ -30,9 +30,16 @@ def _run(fn, mesh: Mesh | None, args: tuple, in_specs: tuple, out_specs):
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
-def hard_negative_indices(zimg: jax.Array, ztxt: jax.Array, rng: jax.Array, *, scale: jax.Array | float = 1.0,
-                          tokens: jax.Array | None = None, hard: bool = True,
-                          mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+def hard_negative_indices(
+  zimg: jax.Array,
+  ztxt: jax.Array,
+  rng: jax.Array,
+  *,
+  scale: jax.Array | float = 1.0,
+  tokens: jax.Array | None = None,
+  hard: bool = True,
+  mesh: Mesh | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Global indices of one negative text and one negative image per pair.
 
   zimg, ztxt [B, D] (global, sharded over the mesh's data axes) -> (neg_text [B], neg_image [B]),
@@ -72,8 +79,9 @@ def hard_negative_indices(zimg: jax.Array, ztxt: jax.Array, rng: jax.Array, *, s
 
   spec = P(axes if axes else None)
   img_spec = P(axes if axes else None, *([None] * (zimg.ndim - 1)))
-  return _run(per_device, mesh, (zimg, ztxt, tokens, rng, scale),
-              (img_spec, P(axes, None), P(axes, None), P(), P()), (spec, spec))
+  return _run(
+    per_device, mesh, (zimg, ztxt, tokens, rng, scale), (img_spec, P(axes, None), P(axes, None), P(), P()), (spec, spec)
+  )
 
 
 def similarities(zi: jax.Array, zt: jax.Array, zi_all: jax.Array, zt_all: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -48,8 +48,31 @@ def build_model(name: str, config, peft=None) -> nn.Module:
   cls = MODELS.get(name)
   if peft:
     from vlm.peft import peft_class
+
     cls = peft_class(cls, peft)
   return cls(**to_kwargs(config))
 
 
-__all__ = ["MODELS", "Blip2QFormer", "CoCa", "CoCaTextDecoder", "DecoderLM", "EarlyFusionLM", "Flamingo", "FLAVA", "FuyuPatchEmbed", "Llip", "Monkey", "TextTransformer", "TwoTower", "VIT_VARIANTS", "VLMo", "VideoClassifier", "VisionLanguageModel", "VQTokenizer", "ViT", "build_model", "decode_variant"]
+__all__ = [
+  "MODELS",
+  "Blip2QFormer",
+  "CoCa",
+  "CoCaTextDecoder",
+  "DecoderLM",
+  "EarlyFusionLM",
+  "Flamingo",
+  "FLAVA",
+  "FuyuPatchEmbed",
+  "Llip",
+  "Monkey",
+  "TextTransformer",
+  "TwoTower",
+  "VIT_VARIANTS",
+  "VLMo",
+  "VideoClassifier",
+  "VisionLanguageModel",
+  "VQTokenizer",
+  "ViT",
+  "build_model",
+  "decode_variant",
+]

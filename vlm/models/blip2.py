@@ -38,11 +38,29 @@ from vlm.nn.qformer import QFormer
 BLIP2_TEMPERATURE_INIT = math.log(1 / 0.07)  # LAVIS: temp = 0.07, learned, clamped to [0.001, 0.5]
 
 # EVA-CLIP ViT-g/14 without its last block, as BLIP-2 uses it (HF Blip2VisionConfig defaults).
-EVA_VIT_G = dict(variant="g/14", depth=39, class_token=True, pool_type="none", posemb="learn", posemb_grid=(16, 16),
-                 patch_bias=True, norm_eps=1e-6, mlp_act="gelu")
+EVA_VIT_G = dict(
+  variant="g/14",
+  depth=39,
+  class_token=True,
+  pool_type="none",
+  posemb="learn",
+  posemb_grid=(16, 16),
+  patch_bias=True,
+  norm_eps=1e-6,
+  mlp_act="gelu",
+)
 # BERT-base Q-Former (HF Blip2QFormerConfig defaults; [DEC] = 30522 appended to BERT's vocabulary).
-BERT_BASE_QFORMER = dict(width=768, depth=12, num_heads=12, mlp_dim=3072, cross_attention_frequency=2,
-                         vocab_size=30523, max_len=512, norm_eps=1e-12, dropout=0.1)
+BERT_BASE_QFORMER = dict(
+  width=768,
+  depth=12,
+  num_heads=12,
+  mlp_dim=3072,
+  cross_attention_frequency=2,
+  vocab_size=30523,
+  max_len=512,
+  norm_eps=1e-12,
+  dropout=0.1,
+)
 
 
 class Blip2QFormer(LearnedScaleAndBias, nn.Module):
@@ -85,8 +103,10 @@ class Blip2QFormer(LearnedScaleAndBias, nn.Module):
     self.qformer_module = QFormer(**qf, name="qformer")
     width = self.qformer_module.width
     self.query_tokens = self.param(
-        "query_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
-        (1, self.num_query_tokens, width))
+      "query_tokens",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
+      (1, self.num_query_tokens, width),
+    )
     if not text:
       return
     self.vision_proj = dense(self.embed_dim, ("embed", "proj"), use_bias=True, dtype=self.dtype, name="vision_proj")
@@ -121,8 +141,13 @@ class Blip2QFormer(LearnedScaleAndBias, nn.Module):
       features = self.image_features(images, train)
     return features
 
-  def query_features(self, images: jax.Array | None, train: bool = False,
-                     features: jax.Array | None = None, instruction: jax.Array | None = None) -> jax.Array:
+  def query_features(
+    self,
+    images: jax.Array | None,
+    train: bool = False,
+    features: jax.Array | None = None,
+    instruction: jax.Array | None = None,
+  ) -> jax.Array:
     """Raw Q-Former query outputs [B, Q, D] (what stage 2 projects into the LLM).
 
     images [B, H, W, 3], or features [B, N, Dv] from `image_features`. instruction [B, L] tokens
@@ -137,14 +162,15 @@ class Blip2QFormer(LearnedScaleAndBias, nn.Module):
     if instruction is None:
       return self.qformer_module(queries, None, feats, mode="unimodal", train=train)
     out = self.qformer_module(queries, instruction, feats, mode="bidirectional", train=train)
-    return out[:, :queries.shape[1]]
+    return out[:, : queries.shape[1]]
 
   def embed_queries(self, query_out: jax.Array) -> jax.Array:
     """Query outputs [B, Q, D] -> L2-normalised ITC embeddings [B, Q, E]."""
     return l2_normalize(self.vision_proj(query_out).astype(jnp.float32))
 
-  def encode_image(self, images: jax.Array | None, train: bool = False,
-                   features: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def encode_image(
+    self, images: jax.Array | None, train: bool = False, features: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     """ITC image embeddings [B, Q, E] (one per query, L2-normalised) and aux {'query_features'}."""
     q = self.query_features(images, train, features)
     return self.embed_queries(q), {"query_features": q}
@@ -159,8 +185,9 @@ class Blip2QFormer(LearnedScaleAndBias, nn.Module):
 
   # -- multimodal heads ---------------------------------------------------------------------------
 
-  def itm_logits(self, images: jax.Array | None, tokens: jax.Array, train: bool = False,
-                 features: jax.Array | None = None) -> jax.Array:
+  def itm_logits(
+    self, images: jax.Array | None, tokens: jax.Array, train: bool = False, features: jax.Array | None = None
+  ) -> jax.Array:
     """Match / no-match logits [B, 2] (index 1: the pair matches): the ITM head on every query
     output of the bidirectional pass over [queries; text], averaged over the queries."""
     feats = self._features(images, features, train)
@@ -179,18 +206,21 @@ class Blip2QFormer(LearnedScaleAndBias, nn.Module):
     """tokens [B, T] with the first token ([CLS]/BOS) replaced by [DEC] (dec_id)."""
     return tokens.at[:, 0].set(self.dec_id)
 
-  def encode_image_and_itg(self, images: jax.Array | None, tokens: jax.Array, train: bool = False,
-                           features: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  def encode_image_and_itg(
+    self, images: jax.Array | None, tokens: jax.Array, train: bool = False, features: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     """One 'multimodal_causal' pass over [queries; [DEC] w1 ..]: (ITC image embeddings [B, Q, E],
     ITG logits [B, T, V]). The queries see only queries, so the first equals encode_image's."""
     feats = self._features(images, features, train)
     q = self.num_query_tokens
-    h = self.qformer_module(self.queries(feats.shape[0]), self.decoder_tokens(tokens), feats,
-                            mode="multimodal_causal", train=train)
+    h = self.qformer_module(
+      self.queries(feats.shape[0]), self.decoder_tokens(tokens), feats, mode="multimodal_causal", train=train
+    )
     return self.embed_queries(h[:, :q]), self.lm_logits(h[:, q:])
 
-  def itg_logits(self, images: jax.Array | None, tokens: jax.Array, train: bool = False,
-                 features: jax.Array | None = None) -> jax.Array:
+  def itg_logits(
+    self, images: jax.Array | None, tokens: jax.Array, train: bool = False, features: jax.Array | None = None
+  ) -> jax.Array:
     """ITG logits [B, T, V] for tokens [B, T] = [BOS/CLS, w1, ..] (the first becomes [DEC]);
     position t predicts token t + 1, seeing every query and the text up to t."""
     return self.encode_image_and_itg(images, tokens, train, features)[1]

@@ -51,8 +51,13 @@ class CoCaTextDecoder(nn.Module):
 
   def dims(self) -> dict[str, int]:
     v = decode_variant(self.variant)
-    d = dict(width=v.get("width"), mlp_dim=v.get("mlp_dim"), num_heads=v.get("num_heads"),
-             unimodal_depth=v.get("depth"), multimodal_depth=v.get("depth"))
+    d = dict(
+      width=v.get("width"),
+      mlp_dim=v.get("mlp_dim"),
+      num_heads=v.get("num_heads"),
+      unimodal_depth=v.get("depth"),
+      multimodal_depth=v.get("depth"),
+    )
     d.update({k: getattr(self, k) for k in d if getattr(self, k) is not None})
     missing = [k for k, x in d.items() if x is None]
     if missing:
@@ -62,16 +67,29 @@ class CoCaTextDecoder(nn.Module):
   def setup(self):
     d = self.dims()
     self.embedding = nn.Embed(
-        self.vocab_size, d["width"], dtype=self.dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+      self.vocab_size,
+      d["width"],
+      dtype=self.dtype,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
     )
     # max_len text positions + 1 for the CLS token (open_clip's embed_cls layout).
-    self.pos_embedding = self.param("pos_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(0.01), (None, "pos", "embed")), (1, self.max_len + 1, d["width"]))
-    self.cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, None, "embed")),
-                          (1, 1, d["width"]))
-    common = dict(num_heads=d["num_heads"], mlp_dim=d["mlp_dim"], mlp_act=self.mlp_act, norm_eps=self.norm_eps,
-                  dropout=self.dropout, remat_policy=self.remat_policy, dtype=self.dtype)
+    self.pos_embedding = self.param(
+      "pos_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "pos", "embed")),
+      (1, self.max_len + 1, d["width"]),
+    )
+    self.cls = self.param(
+      "cls", nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, None, "embed")), (1, 1, d["width"])
+    )
+    common = dict(
+      num_heads=d["num_heads"],
+      mlp_dim=d["mlp_dim"],
+      mlp_act=self.mlp_act,
+      norm_eps=self.norm_eps,
+      dropout=self.dropout,
+      remat_policy=self.remat_policy,
+      dtype=self.dtype,
+    )
     self.unimodal = Decoder(depth=d["unimodal_depth"], **common)
     self.multimodal = Decoder(depth=d["multimodal_depth"], cross_attention=True, **common)
     self.cls_norm = make_norm("layer", self.norm_eps, self.dtype)
@@ -88,7 +106,7 @@ class CoCaTextDecoder(nn.Module):
     """Unimodal layers over [text; CLS] -> (CLS state after LN [B, W], text states [B, L, W])."""
     b, length = tokens.shape
     x = self._embed(tokens)
-    cls = jnp.broadcast_to(self.cls + self.pos_embedding[:, length:length + 1], (b, 1, x.shape[-1]))
+    cls = jnp.broadcast_to(self.cls + self.pos_embedding[:, length : length + 1], (b, 1, x.shape[-1]))
     x = jnp.concatenate([x, cls.astype(x.dtype)], axis=1)
     # Text rows attend causally to everything before them, as in decoding; the CLS row (last)
     # attends to real tokens only.
@@ -103,8 +121,9 @@ class CoCaTextDecoder(nn.Module):
     y = self.multimodal(h, context, deterministic=not train)
     return cls_state, self.head(self.norm(y))
 
-  def decode_step(self, tokens: jax.Array, index: jax.Array | int, context: jax.Array | None = None,
-                  cache_len: int | None = None) -> jax.Array:
+  def decode_step(
+    self, tokens: jax.Array, index: jax.Array | int, context: jax.Array | None = None, cache_len: int | None = None
+  ) -> jax.Array:
     """Cached decoding: tokens [B, T] at slots [index, index + T) -> logits [B, T, vocab].
 
     The call that creates the cache needs `context` (its cross-attention keys are cached) and
@@ -180,8 +199,9 @@ class CoCa(LearnedScaleAndBias, nn.Module):
     cls_state, h = self.txt.encode(tokens, train)
     return l2_normalize(self.txt_proj(cls_state).astype(jnp.float32)), {"unimodal": h}
 
-  def decode_step(self, tokens: jax.Array, index: jax.Array | int, context: jax.Array | None = None,
-                  cache_len: int | None = None) -> jax.Array:
+  def decode_step(
+    self, tokens: jax.Array, index: jax.Array | int, context: jax.Array | None = None, cache_len: int | None = None
+  ) -> jax.Array:
     """See CoCaTextDecoder.decode_step; `context` comes from caption_context."""
     return self.txt.decode_step(tokens, index, context, cache_len)
 

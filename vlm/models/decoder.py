@@ -121,18 +121,35 @@ class LMBlock(nn.Module):
   dtype: Dtype = None
 
   @nn.compact
-  def __call__(self, x, mask=None, positions=None, deterministic: bool = True, decode: bool = False,
-               index: jax.Array | int = 0, cache_len: int | None = None):
+  def __call__(
+    self,
+    x,
+    mask=None,
+    positions=None,
+    deterministic: bool = True,
+    decode: bool = False,
+    index: jax.Array | int = 0,
+    cache_len: int | None = None,
+  ):
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
     norm1 = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm1")
     attn = MultiHeadAttention(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        use_bias=self.qkv_bias, out_bias=self.out_bias, qk_norm=self.qk_norm, norm_eps=self.norm_eps,
-        rope_theta=make_rope(self.rope_theta, self.rope_scaling), rotary_fraction=self.rotary_fraction,
-        dtype=self.dtype, name="attn")
+      num_heads=self.num_heads,
+      num_kv_heads=self.num_kv_heads,
+      head_dim=self.head_dim,
+      use_bias=self.qkv_bias,
+      out_bias=self.out_bias,
+      qk_norm=self.qk_norm,
+      norm_eps=self.norm_eps,
+      rope_theta=make_rope(self.rope_theta, self.rope_scaling),
+      rotary_fraction=self.rotary_fraction,
+      dtype=self.dtype,
+      name="attn",
+    )
     norm2 = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm2")
-    mlp = Mlp(self.mlp_dim, act=self.mlp_act, use_bias=self.mlp_bias, dropout=self.dropout, dtype=self.dtype,
-              name="mlp")
+    mlp = Mlp(
+      self.mlp_dim, act=self.mlp_act, use_bias=self.mlp_bias, dropout=self.dropout, dtype=self.dtype, name="mlp"
+    )
 
     def attend(h):
       return attn(h, mask=mask, causal=True, decode=decode, index=index, cache_len=cache_len, positions=positions)
@@ -160,20 +177,34 @@ class LMStack(nn.Module):
   scan: bool = False
 
   @nn.compact
-  def __call__(self, x, mask=None, positions=None, deterministic: bool = True, decode: bool = False,
-               index: jax.Array | int = 0, cache_len: int | None = None):
+  def __call__(
+    self,
+    x,
+    mask=None,
+    positions=None,
+    deterministic: bool = True,
+    decode: bool = False,
+    index: jax.Array | int = 0,
+    cache_len: int | None = None,
+  ):
     block = LMBlock
     if self.remat_policy != "none" and not decode:
       # Inside a scan the loop already keeps XLA from merging the recomputation away (flax's advice).
-      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4, 5, 7),
-                       prevent_cse=not self.scan)
+      block = nn.remat(
+        block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4, 5, 7), prevent_cse=not self.scan
+      )
     if self.scan:
+
       def body(layer, carry, _):
         return layer(carry, mask, positions, deterministic, decode, index, cache_len), None
 
-      scanned = nn.scan(body, variable_axes={"params": 0, "cache": 1},
-                        split_rngs={"params": True, "dropout": True}, length=self.depth,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+      scanned = nn.scan(
+        body,
+        variable_axes={"params": 0, "cache": 1},
+        split_rngs={"params": True, "dropout": True},
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x, _ = scanned(block(**self.block, name="layers"), x, None)
       return x
     for i in range(self.depth):
@@ -252,27 +283,48 @@ class DecoderLM(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
     self.embedding = nn.Embed(
-        self.vocab_size, self.width, dtype=self.dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+      self.vocab_size,
+      self.width,
+      dtype=self.dtype,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
     )
-    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
-              head_dim=self.head_dim, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias, out_bias=self.out_bias,
-              mlp_bias=self.mlp_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
-              rope_scaling=self.rope_scaling, norm_type=self.norm_type,
-              qk_norm=self.qk_norm, rotary_fraction=self.rotary_fraction, swin_norm=self.swin_norm,
-              dropout=self.dropout, dtype=self.dtype)
+    kw = dict(
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      num_kv_heads=self.num_kv_heads,
+      head_dim=self.head_dim,
+      mlp_act=self.mlp_act,
+      qkv_bias=self.qkv_bias,
+      out_bias=self.out_bias,
+      mlp_bias=self.mlp_bias,
+      rope_theta=self.rope_theta,
+      norm_eps=self.norm_eps,
+      rope_scaling=self.rope_scaling,
+      norm_type=self.norm_type,
+      qk_norm=self.qk_norm,
+      rotary_fraction=self.rotary_fraction,
+      swin_norm=self.swin_norm,
+      dropout=self.dropout,
+      dtype=self.dtype,
+    )
     stack_kw = dict(depth=self.depth, block=kw, remat_policy=self.remat_policy)
     if self.scan_layers:
       if "scan" not in getattr(self.stack_class, "__dataclass_fields__", {}):
-        raise ValueError(f"{type(self).__name__}: scan_layers=True is not supported: its layer stack "
-                         f"{self.stack_class.__name__} runs the blocks one by one; set scan_layers=False")
+        raise ValueError(
+          f"{type(self).__name__}: scan_layers=True is not supported: its layer stack "
+          f"{self.stack_class.__name__} runs the blocks one by one; set scan_layers=False"
+        )
       stack_kw["scan"] = True
     self.decoder = self.stack_class(**stack_kw, name="decoder")
     self.norm = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm")
     if not self.tie_embeddings:
-      self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head",
-                           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                    ("embed", "vocab")))
+      self.head = nn.Dense(
+        self.vocab_size,
+        use_bias=False,
+        dtype=self.dtype,
+        name="head",
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+      )
 
   # ------------------------------------------------------------------------ pieces
 
@@ -280,7 +332,7 @@ class DecoderLM(nn.Module):
     """Token embeddings [B, T, D] (Gemma's sqrt(D) scaling included: HF scales inside its embedding)."""
     x = self.embedding(tokens)
     if self.embed_scale:
-      x = x * jnp.asarray(self.width ** 0.5, x.dtype)
+      x = x * jnp.asarray(self.width**0.5, x.dtype)
     return x
 
   def logits(self, h: jax.Array) -> jax.Array:
@@ -293,9 +345,14 @@ class DecoderLM(nn.Module):
 
   # ------------------------------------------------------------------------ forward
 
-  def hidden_states(self, inputs_embeds: jax.Array, mask: jax.Array | None = None,
-                    positions: jax.Array | None = None, train: bool = False,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
+  def hidden_states(
+    self,
+    inputs_embeds: jax.Array,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    train: bool = False,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """inputs_embeds [B, T, D] -> final normed states [B, T, D].
 
     mask: padding [B, T] (True = real); positions: rotary positions [B, T] (default: from
@@ -313,15 +370,22 @@ class DecoderLM(nn.Module):
       if positions is None:
         positions = positions_from_mask(mask)
       # Keys: real tokens, plus the query itself so a padded row never attends to nothing.
-      attn_mask = (mask[:, None, None, :] | jnp.eye(t, dtype=bool)[None, None])
+      attn_mask = mask[:, None, None, :] | jnp.eye(t, dtype=bool)[None, None]
     if positions is None:
       positions = jnp.arange(t)
     x = inputs_embeds.astype(self.dtype) if self.dtype is not None else inputs_embeds
     return self._blocks(x, attn_mask, positions, train)
 
-  def __call__(self, tokens: jax.Array | None = None, train: bool = False, *, mask: jax.Array | None = None,
-               positions: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    tokens: jax.Array | None = None,
+    train: bool = False,
+    *,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """Logits [B, T, V] from tokens [B, T] or from inputs_embeds [B, T, D] (e.g. `embed(tokens)` with
     image embeddings written at placeholder positions). mask / positions / segment_ids (packed
     rows): see hidden_states."""
@@ -333,8 +397,14 @@ class DecoderLM(nn.Module):
 
   # ------------------------------------------------------------------------ cached decoding
 
-  def decode_step(self, tokens: jax.Array | None, index: jax.Array | int, cache_len: int | None = None,
-                  mask: jax.Array | None = None, inputs_embeds: jax.Array | None = None) -> jax.Array:
+  def decode_step(
+    self,
+    tokens: jax.Array | None,
+    index: jax.Array | int,
+    cache_len: int | None = None,
+    mask: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
+  ) -> jax.Array:
     """Cached decoding: tokens [B, T] (or inputs_embeds [B, T, D]) at cache slots [index, index + T)
     -> logits [B, T, V].
 
@@ -365,14 +435,14 @@ class DecoderLM(nn.Module):
     return self.logits(h)
 
 
-def init_cache(model: DecoderLM, params: Any, prompt: jax.Array, cache_len: int,
-               mask: jax.Array | None = None) -> Any:
+def init_cache(model: DecoderLM, params: Any, prompt: jax.Array, cache_len: int, mask: jax.Array | None = None) -> Any:
   """A fresh cache for `prompt` [B, P] (+ its padding mask) with room for cache_len slots.
 
   vlm.decoding then prefills the prompt again from slot 0 (overwriting the same keys/values).
   """
-  _, variables = model.apply({"params": params}, prompt, 0, cache_len, mask, method=DecoderLM.decode_step,
-                             mutable=["cache"])
+  _, variables = model.apply(
+    {"params": params}, prompt, 0, cache_len, mask, method=DecoderLM.decode_step, mutable=["cache"]
+  )
   return variables["cache"]
 
 
@@ -380,17 +450,35 @@ def make_step_fn(model: DecoderLM, params: Any) -> decoding.StepFn:
   """vlm.decoding's step_fn(cache, tokens, index) -> (logits, cache) for DecoderLM."""
 
   def step_fn(cache, tokens, index):
-    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, method=DecoderLM.decode_step,
-                              mutable=["cache"])
+    logits, new = model.apply(
+      {"params": params, "cache": cache}, tokens, index, method=DecoderLM.decode_step, mutable=["cache"]
+    )
     return logits, new["cache"]
 
   return step_fn
 
 
-def generate(model: DecoderLM, params: Any, prompt: jax.Array, *, max_new_tokens: int, eos_id: int,
-             pad_id: int = 0, mask: jax.Array | None = None, method: str = "greedy",
-             **decode_kw) -> decoding.DecodeOutput:
+def generate(
+  model: DecoderLM,
+  params: Any,
+  prompt: jax.Array,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int = 0,
+  mask: jax.Array | None = None,
+  method: str = "greedy",
+  **decode_kw,
+) -> decoding.DecodeOutput:
   """Decodes after prompt [B, P] (left-padded rows: pass `mask`), jit-able with static sizes."""
   cache = init_cache(model, params, prompt, prompt.shape[1] + max_new_tokens, mask)
-  return decoding.generate(make_step_fn(model, params), cache, prompt, method=method,
-                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, **decode_kw)
+  return decoding.generate(
+    make_step_fn(model, params),
+    cache,
+    prompt,
+    method=method,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    **decode_kw,
+  )

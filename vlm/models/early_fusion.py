@@ -70,12 +70,16 @@ class EarlyFusionLM(nn.Module):
   def setup(self):
     codebook = self.codebook_size
     if self.lm["vocab_size"] < self.image_token_offset + codebook:
-      raise ValueError(f"model.lm.vocab_size={self.lm['vocab_size']} cannot hold the image codes: "
-                       f"model.image_token_offset={self.image_token_offset} + codebook_size={codebook}")
+      raise ValueError(
+        f"model.lm.vocab_size={self.lm['vocab_size']} cannot hold the image codes: "
+        f"model.image_token_offset={self.image_token_offset} + codebook_size={codebook}"
+      )
     for key in ("boi_id", "eoi_id"):
       if self.image_token_offset <= getattr(self, key) < self.image_token_offset + codebook:
-        raise ValueError(f"model.{key}={getattr(self, key)} falls inside the image-code range "
-                         f"[{self.image_token_offset}, {self.image_token_offset + codebook})")
+        raise ValueError(
+          f"model.{key}={getattr(self, key)} falls inside the image-code range "
+          f"[{self.image_token_offset}, {self.image_token_offset + codebook})"
+        )
     self.lm_model = DecoderLM(**{"dtype": self.dtype, **self.lm}, name="lm")
     self.vq = VQTokenizer(**{"dtype": self.dtype, **self.tokenizer}, name="tokenizer")
 
@@ -111,8 +115,9 @@ class EarlyFusionLM(nn.Module):
   def _image_block(self, images: jax.Array) -> jax.Array:
     codes = self.image_tokens(images)
     b = codes.shape[0]
-    return jnp.concatenate([jnp.full((b, 1), self.boi_id, jnp.int32), codes,
-                            jnp.full((b, 1), self.eoi_id, jnp.int32)], axis=1)
+    return jnp.concatenate(
+      [jnp.full((b, 1), self.boi_id, jnp.int32), codes, jnp.full((b, 1), self.eoi_id, jnp.int32)], axis=1
+    )
 
   def caption_tokens(self, text: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The caption's content tokens moved to the front of each row, and their count."""
@@ -120,8 +125,9 @@ class EarlyFusionLM(nn.Module):
     order = jnp.argsort(~keep, axis=1, stable=True)
     return jnp.take_along_axis(text, order, axis=1), keep.sum(axis=1)
 
-  def sequences(self, images: jax.Array, text: jax.Array,
-                image_first: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  def sequences(
+    self, images: jax.Array, text: jax.Array, image_first: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     """Mixed-modal rows (module docstring) -> (tokens [B, L + N + 3], mask [B, L + N + 3])."""
     b = images.shape[0]
     if image_first is None:
@@ -136,13 +142,22 @@ class EarlyFusionLM(nn.Module):
     first = image_first.astype(bool)
     length = text.shape[1] + img.shape[1] + 1
     # image first: BOS, image, caption, EOS. text first: BOS, caption, image, EOS.
-    return concat_ragged([(bos, one), (img, jnp.where(first, n_img, zero)), (cap, n_cap),
-                          (img, jnp.where(first, zero, n_img)), (eos, one)], length)
+    return concat_ragged(
+      [
+        (bos, one),
+        (img, jnp.where(first, n_img, zero)),
+        (cap, n_cap),
+        (img, jnp.where(first, zero, n_img)),
+        (eos, one),
+      ],
+      length,
+    )
 
   # ------------------------------------------------------------------------ forward and decoding
 
-  def __call__(self, images: jax.Array, text: jax.Array, image_first: jax.Array | None = None,
-               train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(
+    self, images: jax.Array, text: jax.Array, image_first: jax.Array | None = None, train: bool = False
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     if self.is_initializing():
       self.vq(images)  # creates the tokenizer's decoder too (encoding alone does not touch it)
     tokens, mask = self.sequences(images, text, image_first)
@@ -153,24 +168,34 @@ class EarlyFusionLM(nn.Module):
     bos = jnp.full((images.shape[0], 1), self.bos_id, jnp.int32)
     return jnp.concatenate([bos, self._image_block(images)], axis=1)
 
-  def decode_step(self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None,
-                  mask: jax.Array | None = None) -> jax.Array:
+  def decode_step(
+    self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None, mask: jax.Array | None = None
+  ) -> jax.Array:
     """Cached text decoding (DecoderLM.decode_step) with image codes and markers masked out."""
     logits = self.lm_model.decode_step(tokens, index, cache_len, mask)
     vocab = jnp.arange(logits.shape[-1])
     banned = self.is_image_token(vocab) | (vocab == self.boi_id) | (vocab == self.eoi_id)
     return jnp.where(banned, _NEG, logits)
 
-  def decode_image_step(self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None,
-                        mask: jax.Array | None = None) -> jax.Array:
+  def decode_image_step(
+    self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None, mask: jax.Array | None = None
+  ) -> jax.Array:
     """Cached image decoding: logits of everything but the image codes masked out."""
     logits = self.lm_model.decode_step(tokens, index, cache_len, mask)
     return jnp.where(self.is_image_token(jnp.arange(logits.shape[-1])), logits, _NEG)
 
 
-def generate_images(model: EarlyFusionLM, params: Any, text: jax.Array, grid: tuple[int, int], *,
-                    method: str = "greedy", rng: jax.Array | None = None, guidance: float = 1.0,
-                    **decode_kw) -> tuple[jax.Array, jax.Array]:
+def generate_images(
+  model: EarlyFusionLM,
+  params: Any,
+  text: jax.Array,
+  grid: tuple[int, int],
+  *,
+  method: str = "greedy",
+  rng: jax.Array | None = None,
+  guidance: float = 1.0,
+  **decode_kw,
+) -> tuple[jax.Array, jax.Array]:
   """Text-to-image: prompts [BOS, caption, BOI] from tokenised captions text [B, L] (left-padded
   inside the cache), then gh * gw image tokens -> (ids [B, gh * gw], pixels [B, H, W, 3]).
 
@@ -179,6 +204,7 @@ def generate_images(model: EarlyFusionLM, params: Any, text: jax.Array, grid: tu
   image-first rows of training teach that distribution); 'greedy' and 'sample' only.
   """
   from vlm import decoding
+
   cap, n = model.apply({"params": params}, text, method=model.caption_tokens)
   b, length = cap.shape
   # Left-pad: the caption ends right before BOI in every row.
@@ -194,26 +220,36 @@ def generate_images(model: EarlyFusionLM, params: Any, text: jax.Array, grid: tu
   cache_len = prompt.shape[1] + count
 
   def run(cache, tokens, index):
-    logits, new = model.apply({"params": params, "cache": cache}, tokens, index,
-                              method=model.decode_image_step, mutable=["cache"])
+    logits, new = model.apply(
+      {"params": params, "cache": cache}, tokens, index, method=model.decode_image_step, mutable=["cache"]
+    )
     return logits, new["cache"]
 
   if guidance == 1.0:
-    _, variables = model.apply({"params": params}, prompt, 0, cache_len, mask,
-                               method=model.decode_image_step, mutable=["cache"])
+    _, variables = model.apply(
+      {"params": params}, prompt, 0, cache_len, mask, method=model.decode_image_step, mutable=["cache"]
+    )
     cache, step_fn = variables["cache"], run
   else:
     if method not in ("greedy", "sample"):
       raise ValueError(f"classifier-free guidance decodes with 'greedy' or 'sample', not {method!r}")
     uncond = jnp.concatenate([bos, jnp.full_like(body, model.pad_id, dtype=jnp.int32), boi], axis=1)
     umask = jnp.concatenate([ones, jnp.zeros_like(mask[:, 1:-1]), ones], axis=1)
-    _, variables = model.apply({"params": params}, jnp.concatenate([prompt, uncond]), 0, cache_len,
-                               jnp.concatenate([mask, umask]), method=model.decode_image_step, mutable=["cache"])
+    _, variables = model.apply(
+      {"params": params},
+      jnp.concatenate([prompt, uncond]),
+      0,
+      cache_len,
+      jnp.concatenate([mask, umask]),
+      method=model.decode_image_step,
+      mutable=["cache"],
+    )
     cache, step_fn = decoding.guided_step_fn(
-        run, variables["cache"], b, guidance,
-        second=lambda t: uncond if t.shape[1] == prompt.shape[1] else t)  # the prefill feeds [BOS, BOI]
+      run, variables["cache"], b, guidance, second=lambda t: uncond if t.shape[1] == prompt.shape[1] else t
+    )  # the prefill feeds [BOS, BOI]
 
-  out = decoding.generate(step_fn, cache, prompt, method=method, rng=rng, max_new_tokens=count,
-                          eos_id=-1, pad_id=model.pad_id, **decode_kw)
+  out = decoding.generate(
+    step_fn, cache, prompt, method=method, rng=rng, max_new_tokens=count, eos_id=-1, pad_id=model.pad_id, **decode_kw
+  )
   pixels = model.apply({"params": params}, out.tokens, grid, method=model.decode_image)
   return out.tokens, pixels

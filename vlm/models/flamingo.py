@@ -38,11 +38,15 @@ import jax
 import jax.numpy as jnp
 
 from vlm import decoding
-from vlm.models.decoder import (DecoderLM, LMBlock, positions_from_mask, positions_from_segments,
-                                segment_attention_mask)
+from vlm.models.decoder import DecoderLM, LMBlock, positions_from_mask, positions_from_segments, segment_attention_mask
 from vlm.models.vit import ViT
-from vlm.nn.perceiver import (GatedCrossAttentionBlock, PerceiverResampler, expand_media_mask, media_index,
-                              media_mask_from_index)
+from vlm.nn.perceiver import (
+  GatedCrossAttentionBlock,
+  PerceiverResampler,
+  expand_media_mask,
+  media_index,
+  media_mask_from_index,
+)
 from vlm.nn.transformer import REMAT_POLICIES
 
 Dtype = Any
@@ -62,8 +66,16 @@ class LMLayers(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4, 5, 7))
     self.layers = [block(**self.block, name=f"block_{i}") for i in range(self.depth)]
 
-  def __call__(self, x, mask=None, positions=None, deterministic: bool = True, decode: bool = False,
-               index: jax.Array | int = 0, cache_len: int | None = None):
+  def __call__(
+    self,
+    x,
+    mask=None,
+    positions=None,
+    deterministic: bool = True,
+    decode: bool = False,
+    index: jax.Array | int = 0,
+    cache_len: int | None = None,
+  ):
     for layer in self.layers:
       x = layer(x, mask, positions, deterministic, decode, index, cache_len)
     return x
@@ -109,9 +121,11 @@ class Flamingo(nn.Module):
     if self.cross_attention_every < 1:
       raise ValueError(f"cross_attention_every must be >= 1, got {self.cross_attention_every}")
     if self.lm_config.get("scan_layers", False):
-      raise ValueError("Flamingo: lm_config.scan_layers=True is not supported: the gated cross-attention blocks "
-                       "run between the LM blocks, which stay unrolled (lm/decoder/block_{i}); set "
-                       "lm_config.scan_layers=False")
+      raise ValueError(
+        "Flamingo: lm_config.scan_layers=True is not supported: the gated cross-attention blocks "
+        "run between the LM blocks, which stay unrolled (lm/decoder/block_{i}); set "
+        "lm_config.scan_layers=False"
+      )
     self.vision = ViT(**dict(self.vision_config, pool_type="none"), dtype=self.dtype)
     self.resampler = PerceiverResampler(**dict(self.resampler_config or {}), dtype=self.dtype)
     self.lm = FlamingoLM(**self.lm_config, dtype=self.dtype)
@@ -152,8 +166,18 @@ class Flamingo(nn.Module):
 
   # ------------------------------------------------------------------------ forward
 
-  def _layers(self, x, media, media_mask, attn_mask, positions, train: bool, decode: bool = False,
-              index: jax.Array | int = 0, cache_len: int | None = None) -> jax.Array:
+  def _layers(
+    self,
+    x,
+    media,
+    media_mask,
+    attn_mask,
+    positions,
+    train: bool,
+    decode: bool = False,
+    index: jax.Array | int = 0,
+    cache_len: int | None = None,
+  ) -> jax.Array:
     """Gated cross-attention before every cross_attention_every-th LM block; the LM's final norm."""
     for i, block in enumerate(self.lm.decoder.layers):
       if i % self.cross_attention_every == 0:
@@ -161,9 +185,15 @@ class Flamingo(nn.Module):
       x = block(x, attn_mask, positions, not train, decode, index, cache_len)
     return self.lm.norm(x)
 
-  def __call__(self, images: jax.Array | None, tokens: jax.Array, train: bool = False,
-               mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               return_stats: bool = False):
+  def __call__(
+    self,
+    images: jax.Array | None,
+    tokens: jax.Array,
+    train: bool = False,
+    mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    return_stats: bool = False,
+  ):
     """Logits [B, T, V] float32 of tokens [B, T] conditioned on images ([B, M, H, W, 3], see
     encode_images; None: text only, every cross-attention sees nothing).
 
@@ -198,8 +228,14 @@ class Flamingo(nn.Module):
 
   # ------------------------------------------------------------------------ cached decoding
 
-  def decode_step(self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None,
-                  mask: jax.Array | None = None, images: jax.Array | None = None) -> jax.Array:
+  def decode_step(
+    self,
+    tokens: jax.Array,
+    index: jax.Array | int,
+    cache_len: int | None = None,
+    mask: jax.Array | None = None,
+    images: jax.Array | None = None,
+  ) -> jax.Array:
     """Cached decoding: tokens [B, T] at cache slots [index, index + T) -> logits [B, T, V].
 
     The call that creates the cache (mutable=['cache']) gives cache_len, the prompt's padding mask
@@ -242,16 +278,32 @@ class Flamingo(nn.Module):
     x = self.lm.embed(tokens)
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    h = self._layers(x, media, expand_media_mask(mm, r), attn_mask, positions, False, decode=True, index=index,
-                     cache_len=valid.shape[1])
+    h = self._layers(
+      x,
+      media,
+      expand_media_mask(mm, r),
+      attn_mask,
+      positions,
+      False,
+      decode=True,
+      index=index,
+      cache_len=valid.shape[1],
+    )
     return self.lm.logits(h)
 
 
-def init_cache(model: Flamingo, params: Any, images: jax.Array | None, prompt: jax.Array, cache_len: int,
-               mask: jax.Array | None = None) -> Any:
+def init_cache(
+  model: Flamingo,
+  params: Any,
+  images: jax.Array | None,
+  prompt: jax.Array,
+  cache_len: int,
+  mask: jax.Array | None = None,
+) -> Any:
   """A fresh cache for prompt [B, P] about images, with room for cache_len slots (media encoded here)."""
-  _, variables = model.apply({"params": params}, prompt, 0, cache_len, mask, images, method=Flamingo.decode_step,
-                             mutable=["cache"])
+  _, variables = model.apply(
+    {"params": params}, prompt, 0, cache_len, mask, images, method=Flamingo.decode_step, mutable=["cache"]
+  )
   return variables["cache"]
 
 
@@ -259,17 +311,36 @@ def make_step_fn(model: Flamingo, params: Any) -> decoding.StepFn:
   """vlm.decoding's step_fn(cache, tokens, index) -> (logits, cache): tokens only, media from the cache."""
 
   def step_fn(cache, tokens, index):
-    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, method=Flamingo.decode_step,
-                              mutable=["cache"])
+    logits, new = model.apply(
+      {"params": params, "cache": cache}, tokens, index, method=Flamingo.decode_step, mutable=["cache"]
+    )
     return logits, new["cache"]
 
   return step_fn
 
 
-def generate(model: Flamingo, params: Any, images: jax.Array | None, prompt: jax.Array, *, max_new_tokens: int,
-             eos_id: int, pad_id: int = 0, mask: jax.Array | None = None, method: str = "greedy",
-             **decode_kw) -> decoding.DecodeOutput:
+def generate(
+  model: Flamingo,
+  params: Any,
+  images: jax.Array | None,
+  prompt: jax.Array,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int = 0,
+  mask: jax.Array | None = None,
+  method: str = "greedy",
+  **decode_kw,
+) -> decoding.DecodeOutput:
   """Decodes after prompt [B, P] (left-padded rows: pass `mask`) about images, with the KV cache (jit-able)."""
   cache = init_cache(model, params, images, prompt, prompt.shape[1] + max_new_tokens, mask)
-  return decoding.generate(make_step_fn(model, params), cache, prompt, method=method,
-                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, **decode_kw)
+  return decoding.generate(
+    make_step_fn(model, params),
+    cache,
+    prompt,
+    method=method,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    **decode_kw,
+  )

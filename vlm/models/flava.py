@@ -48,8 +48,9 @@ class ITMHead(nn.Module):
 
   @nn.compact
   def __call__(self, cls_state: jax.Array) -> jax.Array:
-    x = jnp.tanh(dense(cls_state.shape[-1], ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="pooler")(
-        cls_state))
+    x = jnp.tanh(
+      dense(cls_state.shape[-1], ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="pooler")(cls_state)
+    )
     return dense(2, ("mlp", None), use_bias=True, dtype=self.dtype, name="classifier")(x)
 
 
@@ -80,14 +81,25 @@ class MultimodalEncoder(nn.Module):
   def __call__(self, x: jax.Array, valid: jax.Array, train: bool = False) -> jax.Array:
     d = self.dims()
     b = x.shape[0]
-    cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
-                     (1, 1, d["width"]))
+    cls = self.param(
+      "cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")), (1, 1, d["width"])
+    )
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d["width"])).astype(x.dtype), x], axis=1)
     mask = make_attention_mask(None, jnp.concatenate([jnp.ones((b, 1), bool), valid.astype(bool)], axis=1))
     x = nn.Dropout(self.dropout)(x, not train)
-    x = Encoder(depth=d["depth"], num_heads=d["num_heads"], mlp_dim=d["mlp_dim"], mlp_act=self.mlp_act,
-                norm_eps=self.norm_eps, dropout=self.dropout, droppath=self.droppath, scan=self.scan,
-                remat_policy=self.remat_policy, dtype=self.dtype, name="encoder")(x, mask, not train)
+    x = Encoder(
+      depth=d["depth"],
+      num_heads=d["num_heads"],
+      mlp_dim=d["mlp_dim"],
+      mlp_act=self.mlp_act,
+      norm_eps=self.norm_eps,
+      dropout=self.dropout,
+      droppath=self.droppath,
+      scan=self.scan,
+      remat_policy=self.remat_policy,
+      dtype=self.dtype,
+      name="encoder",
+    )(x, mask, not train)
     return make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
 
 
@@ -129,7 +141,9 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
   dtype: Any = None  # compute dtype of the three encoders and the tokenizer (their own `dtype` keys win)
 
   def image_kwargs(self) -> dict:
-    kw = dict({"dtype": self.dtype, **(self.image or {})}, class_token=True, pool_type="cls", out_dim=None, mask_token=True)
+    kw = dict(
+      {"dtype": self.dtype, **(self.image or {})}, class_token=True, pool_type="cls", out_dim=None, mask_token=True
+    )
     return dict(kw, final_norm=False) if self.fuse_prenorm else kw
 
   def text_kwargs(self) -> dict:
@@ -221,9 +235,10 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
     grid = self.patch_grid(images)
     if tuple(codes.shape[1:]) != tuple(grid):
       raise ValueError(
-          f"the tokenizer's code grid {tuple(codes.shape[1:])} (patch_size {self.tokenizer_module.patch_size}) "
-          f"differs from the image encoder's patch grid {tuple(grid)} (patch_size {self.img.dims()['patch_size']}) "
-          f"for images of size {tuple(images.shape[1:3])}: MIM needs one code per ViT patch")
+        f"the tokenizer's code grid {tuple(codes.shape[1:])} (patch_size {self.tokenizer_module.patch_size}) "
+        f"differs from the image encoder's patch grid {tuple(grid)} (patch_size {self.img.dims()['patch_size']}) "
+        f"for images of size {tuple(images.shape[1:3])}: MIM needs one code per ViT patch"
+      )
     return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1))
 
   # --- multimodal encoder and heads ----------------------------------------------------------
@@ -243,17 +258,23 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
     return self.mim_head(self.image_normed(h_img[:, 1:]))
 
   def mmm_text_logits(self, h_mm: jax.Array, text_len: int) -> jax.Array:
-    return self.mmm_text_head(h_mm[:, h_mm.shape[1] - text_len:])
+    return self.mmm_text_head(h_mm[:, h_mm.shape[1] - text_len :])
 
   def mmm_image_logits(self, h_mm: jax.Array, num_patches: int) -> jax.Array:
     """Codebook logits [B, N, K] at h_M's patch positions (after cls_M and [CLS_I])."""
-    return self.mmm_image_head(h_mm[:, 2:2 + num_patches])
+    return self.mmm_image_head(h_mm[:, 2 : 2 + num_patches])
 
   def itm_logits(self, h_mm: jax.Array) -> jax.Array:
     return self.itm_head(h_mm[:, 0])
 
-  def __call__(self, images: jax.Array, tokens: jax.Array, patch_mask: jax.Array | None = None,
-               masked_tokens: jax.Array | None = None, train: bool = False):
+  def __call__(
+    self,
+    images: jax.Array,
+    tokens: jax.Array,
+    patch_mask: jax.Array | None = None,
+    masked_tokens: jax.Array | None = None,
+    train: bool = False,
+  ):
     codes = self.image_codes(images) if self.tokenizer is not None else None  # first: a grid mismatch fails fast
     h_img = self.image_states(images, train=train)
     h_txt = self.text_states(tokens, train)
@@ -261,8 +282,11 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
     hm_img = self.image_states(images, patch_mask, train) if patch_mask is not None else h_img
     hm_txt = self.text_states(masked_tokens, train) if masked_tokens is not None else h_txt
     h_mm = self.fuse(hm_img, hm_txt, self.text_valid(tokens), train)
-    out: dict[str, Any] = {"mlm_logits": self.mlm_logits(hm_txt), "itm_logits": self.itm_logits(h_mm),
-                           "mmm_text_logits": self.mmm_text_logits(h_mm, tokens.shape[1])}
+    out: dict[str, Any] = {
+      "mlm_logits": self.mlm_logits(hm_txt),
+      "itm_logits": self.itm_logits(h_mm),
+      "mmm_text_logits": self.mmm_text_logits(h_mm, tokens.shape[1]),
+    }
     if self.tokenizer is not None:
       out["codes"] = codes
       out["mim_logits"] = self.mim_logits(hm_img)

@@ -38,14 +38,17 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   b, h, w, c = images.shape
   p = patch_size
   if h % p or w % p:
-    raise ValueError(f"Fuyu: the image size {h}x{w} is not a multiple of patch_size={p}; crop or pad the "
-                     f"input to a multiple of it (data.pp_train / pp_eval)")
+    raise ValueError(
+      f"Fuyu: the image size {h}x{w} is not a multiple of patch_size={p}; crop or pad the "
+      f"input to a multiple of it (data.pp_train / pp_eval)"
+    )
   x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def image_token_layout(height: int, width: int, patch_size: int, image_token_id: int,
-                       newline_token_id: int) -> np.ndarray:
+def image_token_layout(
+  height: int, width: int, patch_size: int, image_token_id: int, newline_token_id: int
+) -> np.ndarray:
   """The ids [(H / p) * (W / p + 1)] that stand for one image in Fuyu's sequence: each patch row's
   W / p placeholders followed by one newline token."""
   if height % patch_size or width % patch_size:

@@ -73,8 +73,10 @@ class Llip(LearnedScaleAndBias, nn.Module):
     image = dict(self.image or {})
     for key in ("pool_type", "out_dim", "extra_tokens"):
       if key in image:
-        raise ValueError(f"model.image.{key}: Llip's image tower emits its {self.num_mixture_tokens} mixture "
-                         "tokens (model.num_mixture_tokens) unpooled; remove the key")
+        raise ValueError(
+          f"model.image.{key}: Llip's image tower emits its {self.num_mixture_tokens} mixture "
+          "tokens (model.num_mixture_tokens) unpooled; remove the key"
+        )
     text = dict(self.text or {})
     if not text.get("out_dim"):
       raise ValueError("model.text.out_dim: Llip needs the embedding size D (the text head's output)")
@@ -83,8 +85,7 @@ class Llip(LearnedScaleAndBias, nn.Module):
       raise ValueError(f"model.num_heads={self.num_heads} must divide model.text.out_dim={self.embed_dim}")
     if self.num_mixture_tokens < 1:
       raise ValueError(f"model.num_mixture_tokens must be >= 1, got {self.num_mixture_tokens}")
-    self.img = ViT(**{"dtype": self.dtype, **image}, pool_type="none", extra_tokens=self.num_mixture_tokens,
-                   name="img")
+    self.img = ViT(**{"dtype": self.dtype, **image}, pool_type="none", extra_tokens=self.num_mixture_tokens, name="img")
     self.txt = TextTransformer(**{"dtype": self.dtype, **text}, name="txt")
     proj = partial(dense, self.embed_dim, ("embed", "proj"), use_bias=True, dtype=self.dtype)
     self.key_proj, self.value_proj, self.query_proj = proj(name="key"), proj(name="value"), proj(name="query")

@@ -40,8 +40,10 @@ def cut_windows(images: jax.Array, window: int) -> jax.Array:
   """images [B, H, W, C] -> non-overlapping windows [B, (H / w) * (W / w), w, w, C], row-major."""
   b, h, w, c = images.shape
   if h % window or w % window:
-    raise ValueError(f"Monkey: the image size {h}x{w} is not a multiple of window_size={window}; resize the "
-                     f"input to a multiple of it (data.pp_train / pp_eval)")
+    raise ValueError(
+      f"Monkey: the image size {h}x{w} is not a multiple of window_size={window}; resize the "
+      f"input to a multiple of it (data.pp_train / pp_eval)"
+    )
   rows, cols = h // window, w // window
   x = images.reshape(b, rows, window, cols, window, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, rows * cols, window, window, c)

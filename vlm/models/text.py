@@ -61,9 +61,11 @@ class TextTransformer(nn.Module):
   def __call__(self, tokens: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     dims = self.dims()
     embed = nn.Embed(
-        self.vocab_size, dims["width"], dtype=self.dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        name="embedding",
+      self.vocab_size,
+      dims["width"],
+      dtype=self.dtype,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+      name="embedding",
     )
     x = embed(tokens)
     x = LearnedPosEmb(self.max_len, stddev=0.01, name="pos_embedding")(x)
@@ -73,17 +75,32 @@ class TextTransformer(nn.Module):
     valid = tokens != self.pad_id
     mask = make_attention_mask(None, valid) if self.padding_mask else None
     x = Encoder(
-        depth=dims["depth"], num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,
-        norm_eps=self.norm_eps, dropout=self.dropout, droppath=self.droppath, causal=self.causal,
-        scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype, name="encoder",
+      depth=dims["depth"],
+      num_heads=dims["num_heads"],
+      mlp_dim=dims["mlp_dim"],
+      mlp_act=self.mlp_act,
+      norm_eps=self.norm_eps,
+      dropout=self.dropout,
+      droppath=self.droppath,
+      causal=self.causal,
+      scan=self.scan,
+      remat_policy=self.remat_policy,
+      dtype=self.dtype,
+      name="encoder",
     )(x, mask, not train)
     if self.final_norm:
       x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
     aux = {"encoded": x}
     pool_mask = valid if self.pool_mask_pad else None
     if self.pool_type == "map":
-      x = MAPHead(num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,
-                  norm_eps=self.norm_eps, dtype=self.dtype, name="MAPHead")(x, mask=pool_mask)
+      x = MAPHead(
+        num_heads=dims["num_heads"],
+        mlp_dim=dims["mlp_dim"],
+        mlp_act=self.mlp_act,
+        norm_eps=self.norm_eps,
+        dtype=self.dtype,
+        name="MAPHead",
+      )(x, mask=pool_mask)
     else:
       x = pool(x, self.pool_type, tokens=tokens, eos_id=self.eos_id, mask=pool_mask)
     aux["pre_logits"] = x

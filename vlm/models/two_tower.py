@@ -29,11 +29,11 @@ class LearnedScaleAndBias:
   """
 
   def setup_scale_and_bias(self) -> None:
-    self.t = self.param("t", nn.with_logical_partitioning(nn.initializers.constant(self.temperature_init), (None,)),
-                        (1,))
+    self.t = self.param(
+      "t", nn.with_logical_partitioning(nn.initializers.constant(self.temperature_init), (None,)), (1,)
+    )
     if self.bias_init is not None:
-      self.b = self.param("b", nn.with_logical_partitioning(nn.initializers.constant(self.bias_init), (None,)),
-                          (1,))
+      self.b = self.param("b", nn.with_logical_partitioning(nn.initializers.constant(self.bias_init), (None,)), (1,))
 
   def scale_and_bias(self) -> tuple[jax.Array, jax.Array | None]:
     scale = jnp.exp(self.t[0])

@@ -43,9 +43,11 @@ class AttentionalProbe(nn.Module):
     if tokens.ndim == 4:
       b, f, t, d = tokens.shape
       if self.temporal_embedding:
-        temb = self.param("temporal_embedding",
-                          nn.with_logical_partitioning(nn.initializers.normal(self.temporal_std), (None, "embed")),
-                          (f, d))
+        temb = self.param(
+          "temporal_embedding",
+          nn.with_logical_partitioning(nn.initializers.normal(self.temporal_std), (None, "embed")),
+          (f, d),
+        )
         tokens = tokens + temb[None, :, None, :].astype(tokens.dtype)
       tokens = tokens.reshape(b, f * t, d)
     elif tokens.ndim != 3:
@@ -89,8 +91,14 @@ class VideoClassifier(nn.Module):
     kw.update(pool_type="none", out_dim=None)
     kw.setdefault("dtype", self.dtype)
     self.img = ViT(**kw, name="img")
-    self.head = AttentionalProbe(self.num_classes, self.num_queries, self.num_heads or self.img.dims()["num_heads"],
-                                 temporal_embedding=self.temporal_embedding, dtype=self.dtype, name="head")
+    self.head = AttentionalProbe(
+      self.num_classes,
+      self.num_queries,
+      self.num_heads or self.img.dims()["num_heads"],
+      temporal_embedding=self.temporal_embedding,
+      dtype=self.dtype,
+      name="head",
+    )
 
   def encode_frames(self, frames: jax.Array, train: bool = False) -> jax.Array:
     """[B, F, H, W, 3] -> per-frame tokens [B, F, T, D], every frame encoded on its own."""

@@ -127,24 +127,32 @@ class VisionLanguageModel(nn.Module):
       self.vision = ViT(**kw, dtype=self.dtype)
     else:
       from vlm.models import MODELS
+
       self.vision = MODELS.get(self.vision_model)(**self.vision_config)
     self.lm = DecoderLM(**self.lm_config, dtype=self.dtype)
     self.connector = Connector(self.connector_type, self.lm_config["width"], self.prefix_tokens, self.dtype)
     if self.anyres is not None:
       if set(self.anyres) != {"grid_pinpoints", "tile_size", "patch_grid"}:
-        raise ValueError(f"model.anyres: needs exactly grid_pinpoints, tile_size, patch_grid; got {sorted(self.anyres)}")
+        raise ValueError(
+          f"model.anyres: needs exactly grid_pinpoints, tile_size, patch_grid; got {sorted(self.anyres)}"
+        )
       a = self.anyres
       self.anyres_pack = AnyResPack(
-          self._patch_grid(), anyres_data.max_image_tokens(a["grid_pinpoints"], a["tile_size"], a["patch_grid"]),
-          dtype=self.dtype, name="anyres")
+        self._patch_grid(),
+        anyres_data.max_image_tokens(a["grid_pinpoints"], a["tile_size"], a["patch_grid"]),
+        dtype=self.dtype,
+        name="anyres",
+      )
     if self.num_soft_prompts:
-      self.soft_prompt = self.param("soft_prompt", nn.with_logical_partitioning(
-          nn.initializers.normal(0.02), (None, "embed")), (self.num_soft_prompts, self.lm_config["width"]))
+      self.soft_prompt = self.param(
+        "soft_prompt",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+        (self.num_soft_prompts, self.lm_config["width"]),
+      )
 
   # ------------------------------------------------------------------------ images
 
-  def image_features(self, images: jax.Array, train: bool = False,
-                     instruction: jax.Array | None = None) -> jax.Array:
+  def image_features(self, images: jax.Array, train: bool = False, instruction: jax.Array | None = None) -> jax.Array:
     """images [B, H, W, 3] -> encoder features [B, N, Dv] (the chosen layer, CLS per keep_cls).
 
     instruction [B, L]: the vision model's text input (instruction-aware Q-Former:
@@ -155,8 +163,10 @@ class VisionLanguageModel(nn.Module):
         return getattr(self.vision, self.vision_method)(images)
       return getattr(self.vision, self.vision_method)(images, instruction=instruction)
     if instruction is not None:
-      raise ValueError("instruction: a ViT image encoder reads no text; an instruction-aware encoder is "
-                       "vision_model='blip2_qformer' (data.conversation.instruction_length > 0 feeds it)")
+      raise ValueError(
+        "instruction: a ViT image encoder reads no text; an instruction-aware encoder is "
+        "vision_model='blip2_qformer' (data.conversation.instruction_length > 0 feeds it)"
+      )
     pooled, aux = self.vision(images, train=train)
     if self.pool is not None:
       return pooled[:, None]
@@ -171,8 +181,7 @@ class VisionLanguageModel(nn.Module):
       feats = feats[:, 1:]
     return feats
 
-  def encode_images(self, images: jax.Array, train: bool = False,
-                    instruction: jax.Array | None = None) -> jax.Array:
+  def encode_images(self, images: jax.Array, train: bool = False, instruction: jax.Array | None = None) -> jax.Array:
     """images [B, H, W, 3] or [B, M, H, W, 3] -> LM-width image tokens [B, M * N, D].
 
     instruction [B, L] (optional): every image of row b is encoded with row b's instruction."""
@@ -188,8 +197,9 @@ class VisionLanguageModel(nn.Module):
     g = self.anyres["patch_grid"]
     return (int(g), int(g)) if isinstance(g, int) else (int(g[0]), int(g[1]))
 
-  def encode_anyres(self, views: jax.Array, image_layout: jax.Array,
-                    train: bool = False) -> tuple[jax.Array, jax.Array]:
+  def encode_anyres(
+    self, views: jax.Array, image_layout: jax.Array, train: bool = False
+  ) -> tuple[jax.Array, jax.Array]:
     """LLaVA-NeXT: views [B, 1 + max_tiles, t, t, 3], image_layout [B, 4] (rows, cols, height, width)
     -> (tokens [B, max_tokens, D]: global view, then the unpadded tile grid with a newline per row,
     zeros after; count [B]: how many are valid). All views run through the encoder as one batch
@@ -197,18 +207,24 @@ class VisionLanguageModel(nn.Module):
     a = self.anyres
     views_per_image = 1 + anyres_data.max_tiles(a["grid_pinpoints"], a["tile_size"])
     if views.ndim != 5 or views.shape[1] != views_per_image or views.shape[2:4] != (a["tile_size"],) * 2:
-      raise ValueError(f"model.anyres: images must be the pp op anyres's views [B, {views_per_image}, "
-                       f"{a['tile_size']}, {a['tile_size']}, C], got shape {views.shape}")
+      raise ValueError(
+        f"model.anyres: images must be the pp op anyres's views [B, {views_per_image}, "
+        f"{a['tile_size']}, {a['tile_size']}, C], got shape {views.shape}"
+      )
     if image_layout is None or image_layout.shape != (views.shape[0], 4):
-      raise ValueError(f"model.anyres: needs image_layout [B={views.shape[0]}, 4] (rows, cols, height, width; "
-                       f"the pp op anyres puts it in the batch), got "
-                       f"{None if image_layout is None else image_layout.shape}")
+      raise ValueError(
+        f"model.anyres: needs image_layout [B={views.shape[0]}, 4] (rows, cols, height, width; "
+        f"the pp op anyres puts it in the batch), got "
+        f"{None if image_layout is None else image_layout.shape}"
+      )
     b, v = views.shape[:2]
     feats = self.connector(self.image_features(views.reshape(b * v, *views.shape[2:]), train))
     gh, gw = self._patch_grid()
     if feats.shape[1] != gh * gw:
-      raise ValueError(f"model.anyres.patch_grid {(gh, gw)}: the encoder gives {feats.shape[1]} features per "
-                       f"{a['tile_size']} px tile, not {gh * gw}")
+      raise ValueError(
+        f"model.anyres.patch_grid {(gh, gw)}: the encoder gives {feats.shape[1]} features per "
+        f"{a['tile_size']} px tile, not {gh * gw}"
+      )
     return self.anyres_pack(feats.reshape(b, v, *feats.shape[1:]), image_layout[:, :2], image_layout[:, 2:])
 
   # ------------------------------------------------------------------------ sequence
@@ -220,9 +236,16 @@ class VisionLanguageModel(nn.Module):
     gathered = jnp.take_along_axis(values, idx[..., None], axis=1).astype(x.dtype)
     return jnp.where(is_slot[..., None], gathered, x)
 
-  def embed(self, tokens: jax.Array, images: jax.Array | None = None, train: bool = False,
-            stats: dict | None = None, surplus_images: bool = False,
-            instruction: jax.Array | None = None, image_layout: jax.Array | None = None) -> jax.Array:
+  def embed(
+    self,
+    tokens: jax.Array,
+    images: jax.Array | None = None,
+    train: bool = False,
+    stats: dict | None = None,
+    surplus_images: bool = False,
+    instruction: jax.Array | None = None,
+    image_layout: jax.Array | None = None,
+  ) -> jax.Array:
     """tokens [B, T] -> LM input embeddings [B, T, D] with image tokens and soft prompts written in.
     stats: a dict that receives image_token_mismatch (see vlm.objectives.lm); surplus_images (packed
     rows, whose examples may be absent or have no image): a row may use any whole number of its
@@ -256,9 +279,17 @@ class VisionLanguageModel(nn.Module):
       x = self._scatter(x, tokens == self.soft_prompt_token_id, prompts)
     return x
 
-  def __call__(self, images: jax.Array | None, tokens: jax.Array, instruction: jax.Array | None = None,
-               image_layout: jax.Array | None = None, train: bool = False, mask: jax.Array | None = None,
-               return_stats: bool = False, segment_ids: jax.Array | None = None):
+  def __call__(
+    self,
+    images: jax.Array | None,
+    tokens: jax.Array,
+    instruction: jax.Array | None = None,
+    image_layout: jax.Array | None = None,
+    train: bool = False,
+    mask: jax.Array | None = None,
+    return_stats: bool = False,
+    segment_ids: jax.Array | None = None,
+  ):
     """Logits [B, T, V] of tokens [B, T] with the images at their placeholders (mask: padding [B, T];
     segment_ids: packed rows [B, T], see DecoderLM; instruction [B, L]: the image encoder's text
     input, see encode_images; image_layout [B, 4]: AnyRes, see encode_anyres); with return_stats also {'image_token_mismatch':
@@ -268,25 +299,47 @@ class VisionLanguageModel(nn.Module):
     stats: dict = {}
     # Packed rows, and documents [B, M, ...] that may hold fewer than M images, use a whole number of theirs.
     surplus = segment_ids is not None or (images is not None and images.ndim == 5)
-    x = self.embed(tokens, images, train, stats, surplus_images=surplus, instruction=instruction,
-                   image_layout=image_layout)
+    x = self.embed(
+      tokens, images, train, stats, surplus_images=surplus, instruction=instruction, image_layout=image_layout
+    )
     logits = self.lm(inputs_embeds=x, train=train, mask=mask, segment_ids=segment_ids)
     return (logits, stats) if return_stats else logits
 
-  def decode_step(self, tokens: jax.Array, index: jax.Array | int, cache_len: int | None = None,
-                  mask: jax.Array | None = None, images: jax.Array | None = None,
-                  instruction: jax.Array | None = None, image_layout: jax.Array | None = None) -> jax.Array:
+  def decode_step(
+    self,
+    tokens: jax.Array,
+    index: jax.Array | int,
+    cache_len: int | None = None,
+    mask: jax.Array | None = None,
+    images: jax.Array | None = None,
+    instruction: jax.Array | None = None,
+    image_layout: jax.Array | None = None,
+  ) -> jax.Array:
     """DecoderLM.decode_step on embeddings: pass images (and instruction, image_layout) with the
     prompt (prefill), not after."""
     x = self.embed(tokens, images, instruction=instruction, image_layout=image_layout)
     return self.lm.decode_step(None, index, cache_len, mask, inputs_embeds=x)
 
 
-def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt: jax.Array, *,
-             max_new_tokens: int, eos_id: int, pad_id: int = 0, mask: jax.Array | None = None,
-             method: str = "greedy", rng: jax.Array | None = None, instruction: jax.Array | None = None,
-             image_layout: jax.Array | None = None, contrast_images: jax.Array | None = None,
-             crg_alpha: float = 1.0, crg_plausibility: float = 0.0, **decode_kw) -> decoding.DecodeOutput:
+def generate(
+  model: VisionLanguageModel,
+  params: Any,
+  images: jax.Array,
+  prompt: jax.Array,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int = 0,
+  mask: jax.Array | None = None,
+  method: str = "greedy",
+  rng: jax.Array | None = None,
+  instruction: jax.Array | None = None,
+  image_layout: jax.Array | None = None,
+  contrast_images: jax.Array | None = None,
+  crg_alpha: float = 1.0,
+  crg_plausibility: float = 0.0,
+  **decode_kw,
+) -> decoding.DecodeOutput:
   """Answers after prompt [B, P] (left-padded: pass `mask`) about images, with the KV cache (jit-able).
 
   The prefill (T = P > 1) embeds the images (with `instruction` [B, L] for an instruction-aware
@@ -310,18 +363,47 @@ def generate(model: VisionLanguageModel, params: Any, images: jax.Array, prompt:
     instruction, image_layout = two(instruction), two(image_layout)
   else:
     prompt2, mask2 = prompt, mask
-  _, variables = model.apply({"params": params}, prompt2, 0, p + max_new_tokens, mask2, images, instruction,
-                             image_layout, method=VisionLanguageModel.decode_step, mutable=["cache"])
+  _, variables = model.apply(
+    {"params": params},
+    prompt2,
+    0,
+    p + max_new_tokens,
+    mask2,
+    images,
+    instruction,
+    image_layout,
+    method=VisionLanguageModel.decode_step,
+    mutable=["cache"],
+  )
 
   def step_fn(cache, tokens, index):
     prefill = tokens.shape[1] == p and p > 1
     imgs, instr, layout = (images, instruction, image_layout) if prefill else (None, None, None)
-    logits, new = model.apply({"params": params, "cache": cache}, tokens, index, None, None, imgs, instr, layout,
-                              method=VisionLanguageModel.decode_step, mutable=["cache"])
+    logits, new = model.apply(
+      {"params": params, "cache": cache},
+      tokens,
+      index,
+      None,
+      None,
+      imgs,
+      instr,
+      layout,
+      method=VisionLanguageModel.decode_step,
+      mutable=["cache"],
+    )
     return logits, new["cache"]
 
   cache = variables["cache"]
   if crg:
     cache, step_fn = decoding.guided_step_fn(step_fn, cache, b, 1.0 + crg_alpha, plausibility=crg_plausibility)
-  return decoding.generate(step_fn, cache, prompt, method=method, rng=rng,
-                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, **decode_kw)
+  return decoding.generate(
+    step_fn,
+    cache,
+    prompt,
+    method=method,
+    rng=rng,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    **decode_kw,
+  )

@@ -17,16 +17,16 @@ from vlm.nn.mlp import dense
 # width, depth, mlp_dim, num_heads. Zhai et al. 2022 ("Scaling ViTs", Table 2) and
 # Alabdulmohsin et al. 2023 (So400m, "Getting ViT in Shape").
 VIT_VARIANTS: dict[str, tuple[int, int, int, int]] = {
-    "mu": (144, 12, 576, 3),
-    "Ti": (192, 12, 768, 3),
-    "S": (384, 12, 1536, 6),
-    "M": (512, 12, 2048, 8),
-    "B": (768, 12, 3072, 12),
-    "L": (1024, 24, 4096, 16),
-    "So400m": (1152, 27, 4304, 16),
-    "H": (1280, 32, 5120, 16),
-    "g": (1408, 40, 6144, 16),
-    "G": (1664, 48, 8192, 16),
+  "mu": (144, 12, 576, 3),
+  "Ti": (192, 12, 768, 3),
+  "S": (384, 12, 1536, 6),
+  "M": (512, 12, 2048, 8),
+  "B": (768, 12, 3072, 12),
+  "L": (1024, 24, 4096, 16),
+  "So400m": (1152, 27, 4304, 16),
+  "H": (1280, 32, 5120, 16),
+  "g": (1408, 40, 6144, 16),
+  "G": (1664, 48, 8192, 16),
 }
 
 
@@ -115,32 +115,37 @@ class ViT(nn.Module):
     return d
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False,
-               patch_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(
+    self, images: jax.Array, train: bool = False, patch_mask: jax.Array | None = None
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     dims = self.dims()
     if patch_mask is not None and not self.mask_token:
       raise ValueError("ViT got a patch_mask but has no mask token: set mask_token=True")
     images = jnp.asarray(images, self.dtype or jnp.float32)
-    x = PatchEmbed(dims["width"], tuple(dims["patch_size"]), use_bias=self.patch_bias, dtype=self.dtype,
-                   name="embedding")(images)
+    x = PatchEmbed(
+      dims["width"], tuple(dims["patch_size"]), use_bias=self.patch_bias, dtype=self.dtype, name="embedding"
+    )(images)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     if self.mask_token:
-      token = self.param("mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                    (None, None, "embed")), (1, 1, d))
+      token = self.param(
+        "mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, d)
+      )
       if patch_mask is not None:
         if patch_mask.shape != (b, gh * gw):
-          raise ValueError(f"patch_mask has shape {patch_mask.shape}; this image gives {(b, gh * gw)} "
-                           f"(a {gh}x{gw} patch grid)")
+          raise ValueError(
+            f"patch_mask has shape {patch_mask.shape}; this image gives {(b, gh * gw)} (a {gh}x{gw} patch grid)"
+          )
         x = jnp.where(patch_mask[..., None], token.astype(x.dtype), x)
     if self.posemb == "learn":
       grid = self.posemb_grid or (gh, gw)
       if tuple(grid) != (gh, gw):
-        raise ValueError(f"image grid {(gh, gw)} differs from the learned position grid {tuple(grid)}; "
-                         "resample the checkpoint with vlm.nn.resample_posemb")
+        raise ValueError(
+          f"image grid {(gh, gw)} differs from the learned position grid {tuple(grid)}; "
+          "resample the checkpoint with vlm.nn.resample_posemb"
+        )
     if self.class_token:
-      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
-                       (1, 1, d))
+      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")), (1, 1, d))
       x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)
     if self.posemb == "learn":
       x = LearnedPosEmb(x.shape[1], stddev=1 / d**0.5, name="pos_embedding")(x)
@@ -153,16 +158,25 @@ class ViT(nn.Module):
       raise ValueError(f"unknown posemb {self.posemb!r}; known: 'learn', 'sincos2d'")
     k = self.extra_tokens
     if k:
-      extra = self.param("extra_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                      (None, None, "embed")), (1, k, d))
+      extra = self.param(
+        "extra_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")), (1, k, d)
+      )
       x = jnp.concatenate([jnp.tile(extra, (b, 1, 1)).astype(x.dtype), x], axis=1)
     if self.pre_norm:
       x = make_norm("layer", self.norm_eps, self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout)(x, not train)
     enc = Encoder(
-        depth=dims["depth"], num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,
-        norm_eps=self.norm_eps, dropout=self.dropout, droppath=self.droppath, scan=self.scan,
-        remat_policy=self.remat_policy, dtype=self.dtype, name="encoder",
+      depth=dims["depth"],
+      num_heads=dims["num_heads"],
+      mlp_dim=dims["mlp_dim"],
+      mlp_act=self.mlp_act,
+      norm_eps=self.norm_eps,
+      dropout=self.dropout,
+      droppath=self.droppath,
+      scan=self.scan,
+      remat_policy=self.remat_policy,
+      dtype=self.dtype,
+      name="encoder",
     )(x, None, not train, return_all=self.return_all_layers)
     aux: dict[str, jax.Array] = {}
     if self.return_all_layers:
@@ -175,8 +189,14 @@ class ViT(nn.Module):
       aux["extra"], x = x[:, :k], x[:, k:]
     aux["encoded"] = x
     if self.pool_type == "map":
-      x = MAPHead(num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], mlp_act=self.mlp_act,
-                  norm_eps=self.norm_eps, dtype=self.dtype, name="MAPHead")(x)
+      x = MAPHead(
+        num_heads=dims["num_heads"],
+        mlp_dim=dims["mlp_dim"],
+        mlp_act=self.mlp_act,
+        norm_eps=self.norm_eps,
+        dtype=self.dtype,
+        name="MAPHead",
+      )(x)
     elif self.pool_type == "cls":
       if not self.class_token:
         raise ValueError("pool_type='cls' needs class_token=True")
@@ -188,6 +208,7 @@ class ViT(nn.Module):
     aux["pre_logits"] = x
     if self.out_dim is not None:
       kinit = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-      x = dense(self.out_dim, ("embed", "proj"), use_bias=self.head_bias, dtype=self.dtype, name="head",
-                kernel_init=kinit)(x)
+      x = dense(
+        self.out_dim, ("embed", "proj"), use_bias=self.head_bias, dtype=self.dtype, name="head", kernel_init=kinit
+      )(x)
     return x, aux

@@ -69,17 +69,34 @@ class VLMo(LearnedScaleAndBias, nn.Module):
     self.patch_embed = PatchEmbed(d, (self.patch_size, self.patch_size), dtype=self.dtype, name="patch_embed")
     self.cls_image = self.param("cls_image", nn.with_logical_partitioning(init, (None, None, "embed")), (1, 1, d))
     self.mask_token = self.param("mask_token", nn.with_logical_partitioning(init, (None, None, "embed")), (1, 1, d))
-    self.pos_image = self.param("pos_image", nn.with_logical_partitioning(init, (None, "pos", "embed")),
-                                (1, 1 + self.grid**2, d))
-    self.word_embed = nn.Embed(self.vocab_size, d, dtype=self.dtype, name="word_embed",
-                               embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))
-    self.pos_text = self.param("pos_text", nn.with_logical_partitioning(init, (None, "pos", "embed")),
-                               (1, self.max_len, d))
+    self.pos_image = self.param(
+      "pos_image", nn.with_logical_partitioning(init, (None, "pos", "embed")), (1, 1 + self.grid**2, d)
+    )
+    self.word_embed = nn.Embed(
+      self.vocab_size,
+      d,
+      dtype=self.dtype,
+      name="word_embed",
+      embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+    )
+    self.pos_text = self.param(
+      "pos_text", nn.with_logical_partitioning(init, (None, "pos", "embed")), (1, self.max_len, d)
+    )
     self.type_embed = self.param("type_embed", nn.with_logical_partitioning(init, (None, "embed")), (2, d))
     self.encoder = MoMEEncoder(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, vl_layers=self.vl_layers,
-        mlp_act=self.mlp_act, norm_eps=self.norm_eps, layer_scale=self.layer_scale, dropout=self.dropout,
-        droppath=self.droppath, remat_policy=self.remat_policy, dtype=self.dtype, name="encoder")
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      vl_layers=self.vl_layers,
+      mlp_act=self.mlp_act,
+      norm_eps=self.norm_eps,
+      layer_scale=self.layer_scale,
+      dropout=self.dropout,
+      droppath=self.droppath,
+      remat_policy=self.remat_policy,
+      dtype=self.dtype,
+      name="encoder",
+    )
     self.norm = make_norm("layer", self.norm_eps, self.dtype, name="norm")
     out = self.out_dim or d
     self.itc_image = dense(out, ("embed", "proj"), use_bias=False, dtype=self.dtype, name="itc_image")
@@ -96,6 +113,7 @@ class VLMo(LearnedScaleAndBias, nn.Module):
       self.vqa_head = dense(self.num_answers, ("mlp", None), use_bias=True, dtype=self.dtype, name="vqa_head")
     if self.tokenizer is not None:
       from vlm.models.vq import VQTokenizer
+
       self.image_tokenizer = VQTokenizer(**self.tokenizer, name="tokenizer")
     self.setup_scale_and_bias()
 
@@ -106,8 +124,10 @@ class VLMo(LearnedScaleAndBias, nn.Module):
     x = self.patch_embed(jnp.asarray(images, self.dtype or jnp.float32))
     b, gh, gw, d = x.shape
     if (gh, gw) != (self.grid, self.grid):
-      raise ValueError(f"images {images.shape[1:3]} give a {gh}x{gw} patch grid; the model was built for "
-                       f"image_size={self.image_size}, patch_size={self.patch_size} ({self.grid}x{self.grid})")
+      raise ValueError(
+        f"images {images.shape[1:3]} give a {gh}x{gw} patch grid; the model was built for "
+        f"image_size={self.image_size}, patch_size={self.patch_size} ({self.grid}x{self.grid})"
+      )
     x = x.reshape(b, gh * gw, d)
     if patch_mask is not None:
       x = jnp.where(patch_mask[..., None], self.mask_token.astype(x.dtype), x)
@@ -140,8 +160,9 @@ class VLMo(LearnedScaleAndBias, nn.Module):
     v = self.embed_image(images)
     valid = jnp.concatenate([valid, jnp.ones(v.shape[:2], bool)], axis=1)
     x = jnp.concatenate([t, v], axis=1)
-    x = self.encoder(x, "fused", num_text=tokens.shape[1], mask=make_attention_mask(None, valid),
-                     deterministic=not train)
+    x = self.encoder(
+      x, "fused", num_text=tokens.shape[1], mask=make_attention_mask(None, valid), deterministic=not train
+    )
     return self.norm(x)
 
   # -- heads --------------------------------------------------------------------------------------
@@ -191,8 +212,10 @@ class VLMo(LearnedScaleAndBias, nn.Module):
       raise ValueError("masked image modelling needs model.tokenizer (the VQTokenizer kwargs)")
     codes = self.image_tokenizer.encode(images)
     if codes.shape[1:] != (self.grid, self.grid):
-      raise ValueError(f"tokenizer grid {codes.shape[1:]} differs from the model's patch grid "
-                       f"{(self.grid, self.grid)}: model.tokenizer.patch_size must equal model.patch_size")
+      raise ValueError(
+        f"tokenizer grid {codes.shape[1:]} differs from the model's patch grid "
+        f"{(self.grid, self.grid)}: model.tokenizer.patch_size must equal model.patch_size"
+      )
     return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1))
 
   def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False):

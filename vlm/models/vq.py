@@ -48,8 +48,14 @@ class _Tower(nn.Module):
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     x = LearnedPosEmb(gh * gw, stddev=1 / d**0.5, name="pos_embedding")(x)
-    x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, norm_eps=self.norm_eps,
-                dtype=self.dtype, name="encoder")(x, None, True)
+    x = Encoder(
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+      name="encoder",
+    )(x, None, True)
     x = make_norm("layer", self.norm_eps, self.dtype, name="norm")(x)
     x = jnp.tanh(dense(self.width, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="head_hidden")(x))
     x = dense(self.out_dim, ("mlp", self.out_axis), use_bias=True, dtype=self.dtype, name="head_out")(x)
@@ -92,20 +98,30 @@ class VQTokenizer(nn.Module):
 
   def setup(self):
     p = self.patch_size
-    tower = dict(width=self.width, depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                 norm_eps=self.norm_eps, dtype=self.dtype)
+    tower = dict(
+      width=self.width,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+    )
     self.embedding = PatchEmbed(self.width, (p, p), dtype=self.dtype)
     self.encoder = _Tower(out_dim=self.code_dim, **tower)
     # Normal init (sec. 3.2); only directions matter, as codes are compared by cosine.
     self.codebook = self.param(
-        "codebook", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "proj")),
-        (self.codebook_size, self.code_dim))
+      "codebook",
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "proj")),
+      (self.codebook_size, self.code_dim),
+    )
     self.decoder_in = dense(self.width, ("proj", "embed"), use_bias=True, dtype=self.dtype, name=None)
     self.decoder = _Tower(out_dim=p * p * 3, **tower)
     if self.latent_tokens:
       if not self.image_size or self.image_size % p:
-        raise ValueError(f"VQTokenizer(latent_tokens={self.latent_tokens}) needs image_size divisible by "
-                         f"patch_size={p}, got image_size={self.image_size}")
+        raise ValueError(
+          f"VQTokenizer(latent_tokens={self.latent_tokens}) needs image_size divisible by "
+          f"patch_size={p}, got image_size={self.image_size}"
+        )
       init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
       self.latents = self.param("latents", init, (self.latent_tokens, self.width))
       self.mask_token = self.param("mask_token", init, (1, self.width))
@@ -133,7 +149,7 @@ class VQTokenizer(nn.Module):
         raise ValueError(f"VQTokenizer(image_size={self.image_size}) got images of size {images.shape[1:3]}")
       lat = jnp.broadcast_to(self.latents.astype(x.dtype), (b, self.latent_tokens, d))
       x = jnp.concatenate([x.reshape(b, gh * gw, d), lat], axis=1)[:, None]
-      return l2_normalize(self.encoder(x)[:, :, gh * gw:].astype(jnp.float32))
+      return l2_normalize(self.encoder(x)[:, :, gh * gw :].astype(jnp.float32))
     return l2_normalize(self.encoder(x).astype(jnp.float32))
 
   def normalized_codebook(self) -> jax.Array:
@@ -165,7 +181,7 @@ class VQTokenizer(nn.Module):
       b, g = x.shape[0], self.image_size // p
       masks = jnp.broadcast_to(self.mask_token.astype(x.dtype), (b, g * g, x.shape[-1]))
       x = jnp.concatenate([masks, x.reshape(b, -1, x.shape[-1])], axis=1)[:, None]
-      x = self.decoder(x)[:, 0, :g * g].reshape(b, g, g, -1)
+      x = self.decoder(x)[:, 0, : g * g].reshape(b, g, g, -1)
     else:
       x = self.decoder(x)
     b, gh, gw, _ = x.shape

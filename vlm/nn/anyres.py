@@ -27,14 +27,18 @@ import jax.numpy as jnp
 def _hw(patch_grid: int | tuple[int, int]) -> tuple[int, int]:
   if isinstance(patch_grid, int) and not isinstance(patch_grid, bool) and patch_grid > 0:
     return patch_grid, patch_grid
-  if (isinstance(patch_grid, (tuple, list)) and len(patch_grid) == 2
-      and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch_grid)):
+  if (
+    isinstance(patch_grid, (tuple, list))
+    and len(patch_grid) == 2
+    and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch_grid)
+  ):
     return int(patch_grid[0]), int(patch_grid[1])
   raise ValueError(f"patch_grid must be a positive int or (h, w) of positive ints, got {patch_grid!r}")
 
 
-def anyres_token_indices(grid: jax.Array, image_hw: jax.Array, *, num_views: int,
-                         patch_grid: int | tuple[int, int], max_tokens: int) -> tuple[jax.Array, jax.Array]:
+def anyres_token_indices(
+  grid: jax.Array, image_hw: jax.Array, *, num_views: int, patch_grid: int | tuple[int, int], max_tokens: int
+) -> tuple[jax.Array, jax.Array]:
   """Where each packed token comes from: (src [B, max_tokens] int32, count [B] int32).
 
   grid [B, 2] (rows, cols) and image_hw [B, 2] (original height, width), ints. src indexes the
@@ -67,8 +71,15 @@ def anyres_token_indices(grid: jax.Array, image_hw: jax.Array, *, num_views: int
   return src.astype(jnp.int32), count.astype(jnp.int32)
 
 
-def pack_anyres_features(features: jax.Array, grid: jax.Array, image_hw: jax.Array, newline: jax.Array, *,
-                         patch_grid: int | tuple[int, int], max_tokens: int) -> tuple[jax.Array, jax.Array]:
+def pack_anyres_features(
+  features: jax.Array,
+  grid: jax.Array,
+  image_hw: jax.Array,
+  newline: jax.Array,
+  *,
+  patch_grid: int | tuple[int, int],
+  max_tokens: int,
+) -> tuple[jax.Array, jax.Array]:
   """features [B, 1 + max_tiles, h*w, D] -> (tokens [B, max_tokens, D], count [B] int32).
 
   grid [B, 2]: (rows, cols) of tiles; image_hw [B, 2]: the original image size; newline [D].
@@ -78,8 +89,9 @@ def pack_anyres_features(features: jax.Array, grid: jax.Array, image_hw: jax.Arr
   """
   ph, pw = _hw(patch_grid)
   if features.ndim != 4 or features.shape[2] != ph * pw:
-    raise ValueError(f"features must be [B, views, h*w={ph * pw}, D] for patch_grid {(ph, pw)}, "
-                     f"got shape {features.shape}")
+    raise ValueError(
+      f"features must be [B, views, h*w={ph * pw}, D] for patch_grid {(ph, pw)}, got shape {features.shape}"
+    )
   b, v, n, d = features.shape
   if newline.shape != (d,):
     raise ValueError(f"newline must be [D={d}], got shape {newline.shape}")
@@ -89,7 +101,8 @@ def pack_anyres_features(features: jax.Array, grid: jax.Array, image_hw: jax.Arr
     raise ValueError(f"max_tokens must be an int >= h*w = {n}, got {max_tokens!r}")
   src, count = anyres_token_indices(grid, image_hw, num_views=v, patch_grid=(ph, pw), max_tokens=max_tokens)
   source = jnp.concatenate(
-      [features.reshape(b, v * n, d), jnp.broadcast_to(newline.astype(features.dtype), (b, 1, d))], axis=1)
+    [features.reshape(b, v * n, d), jnp.broadcast_to(newline.astype(features.dtype), (b, 1, d))], axis=1
+  )
   tokens = jnp.take_along_axis(source, src[..., None], axis=1)
   valid = jnp.arange(max_tokens)[None] < count[:, None]
   return jnp.where(valid[..., None], tokens, 0), count
@@ -121,10 +134,12 @@ class AnyResPack(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array, grid: jax.Array, image_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
     d = features.shape[-1]
-    newline = self.param("image_newline", nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=d ** -0.5), ("embed",)), (d,))
+    newline = self.param(
+      "image_newline", nn.with_logical_partitioning(nn.initializers.normal(stddev=d**-0.5), ("embed",)), (d,)
+    )
     if self.dtype is not None:
       features = features.astype(self.dtype)
-    tokens, count = pack_anyres_features(features, grid, image_hw, newline, patch_grid=self.patch_grid,
-                                         max_tokens=self.max_tokens)
+    tokens, count = pack_anyres_features(
+      features, grid, image_hw, newline, patch_grid=self.patch_grid, max_tokens=self.max_tokens
+    )
     return nn.with_logical_constraint(tokens, ("act_batch", "act_len", "act_embed")), count

@@ -75,9 +75,15 @@ def make_qk_norm(kind: str, eps: float = 1e-6, dtype: Dtype = None, name: str | 
   (logical axes 'heads', 'kv'), as Chameleon's ChameleonLayerNorm.
   """
   if kind == "layer_per_head":
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, reduction_axes=-1, feature_axes=(-2, -1), name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("heads", "kv")),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+    return nn.LayerNorm(
+      epsilon=eps,
+      dtype=dtype,
+      reduction_axes=-1,
+      feature_axes=(-2, -1),
+      name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("heads", "kv")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
+    )
   if kind not in QK_NORMS:
     raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {kind!r}")
   return make_norm(kind, eps, dtype, name=name)
@@ -111,17 +117,19 @@ class HeadsDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    in_shape = x.shape[-self.in_dims:]
+    in_shape = x.shape[-self.in_dims :]
     n_in, n_out = len(in_shape), len(self.features)
-    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)),
-                                            out_axis=tuple(range(n_in, n_in + n_out)))
+    init = nn.initializers.variance_scaling(
+      1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
+    )
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), in_shape + tuple(self.features))
     dtype = self.dtype or x.dtype
     x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
     y = jax.lax.dot_general(x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
-                        tuple(self.features))
+      bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]), tuple(self.features)
+      )
       y = y + jnp.asarray(bias, dtype)
     return y
 
@@ -168,18 +176,18 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(
-      self,
-      x: jax.Array,
-      kv: jax.Array | None = None,
-      *,
-      mask: jax.Array | None = None,
-      causal: bool = False,
-      decode: bool = False,
-      index: jax.Array | int = 0,
-      cache_len: int | None = None,
-      cross: bool | None = None,
-      positions: jax.Array | None = None,
-      values: jax.Array | None = None,
+    self,
+    x: jax.Array,
+    kv: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
+    causal: bool = False,
+    decode: bool = False,
+    index: jax.Array | int = 0,
+    cache_len: int | None = None,
+    cross: bool | None = None,
+    positions: jax.Array | None = None,
+    values: jax.Array | None = None,
   ) -> jax.Array:
     """mask: boolean, broadcastable to [B, N, Tq, Tk]; True = may attend.
 
@@ -239,8 +247,7 @@ class MultiHeadAttention(nn.Module):
         mask = jnp.broadcast_to(mask, (*mask.shape[:-2], q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
     out_bias = self.use_bias if self.out_bias is None else self.out_bias
-    return HeadsDense((self.out_dim or d,), ("heads", "kv", "embed"), out_bias, self.dtype, in_dims=2,
-                      name="out")(out)
+    return HeadsDense((self.out_dim or d,), ("heads", "kv", "embed"), out_bias, self.dtype, in_dims=2, name="out")(out)
 
   def _cached_cross_kv(self, kv, key_value):
     """Cross-attention K/V: projected once (when the cache is created), then read from the cache."""

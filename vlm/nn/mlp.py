@@ -20,12 +20,12 @@ def relu2(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf), torch "gelu"
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # torch "gelu_pytorch_tanh"
-    "quick_gelu": quick_gelu,
-    "relu": jax.nn.relu,
-    "relu2": relu2,
-    "silu": jax.nn.silu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf), torch "gelu"
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # torch "gelu_pytorch_tanh"
+  "quick_gelu": quick_gelu,
+  "relu": jax.nn.relu,
+  "relu2": relu2,
+  "silu": jax.nn.silu,
 }
 GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}
 
@@ -36,17 +36,24 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: Dtype, name: str,
-          kernel_init: Callable = nn.initializers.xavier_uniform(),
-          bias_init: Callable = nn.initializers.zeros) -> nn.Dense:
+def dense(
+  features: int,
+  axes: tuple[str, str],
+  *,
+  use_bias: bool,
+  dtype: Dtype,
+  name: str,
+  kernel_init: Callable = nn.initializers.xavier_uniform(),
+  bias_init: Callable = nn.initializers.zeros,
+) -> nn.Dense:
   """A Dense layer whose kernel/bias carry logical axis names (`axes` = (in, out))."""
   return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)),
-      name=name,
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+    bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)),
+    name=name,
   )
 
 
@@ -76,11 +83,13 @@ class Mlp(nn.Module):
       names = "wo"
     else:
       act = get_activation(self.act)
-      h = act(dense(self.mlp_dim, ("embed", "mlp"), use_bias=self.use_bias, dtype=self.dtype, name="fc1",
-                    bias_init=bias_init)(x))
+      h = act(
+        dense(
+          self.mlp_dim, ("embed", "mlp"), use_bias=self.use_bias, dtype=self.dtype, name="fc1", bias_init=bias_init
+        )(x)
+      )
       names = "fc2"
     h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp")) if h.ndim == 3 else h
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     out = dense(d, ("mlp", "embed"), use_bias=self.use_bias, dtype=self.dtype, name=names, bias_init=bias_init)(h)
     return out
-

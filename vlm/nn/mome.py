@@ -33,8 +33,9 @@ class LayerScale(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    gamma = self.param("scale", nn.with_logical_partitioning(nn.initializers.constant(self.init), ("embed",)),
-                       (x.shape[-1],))
+    gamma = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.constant(self.init), ("embed",)), (x.shape[-1],)
+    )
     return x * gamma.astype(x.dtype)
 
 
@@ -77,13 +78,16 @@ class MoMEBlock(nn.Module):
     return LayerScale(self.layer_scale, name=name) if self.layer_scale is not None else (lambda y: y)
 
   @nn.compact
-  def __call__(self, x: jax.Array, mode: str, num_text: int = 0, mask: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, mode: str, num_text: int = 0, mask: jax.Array | None = None, deterministic: bool = True
+  ) -> jax.Array:
     if mode not in MODES:
       raise ValueError(f"unknown MoME mode {mode!r}; known: {MODES}")
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
     y = make_norm("layer", self.norm_eps, self.dtype, name="norm1")(x)
-    y = MultiHeadAttention(num_heads=self.num_heads, norm_eps=self.norm_eps, dtype=self.dtype, name="attn")(y, mask=mask)
+    y = MultiHeadAttention(num_heads=self.num_heads, norm_eps=self.norm_eps, dtype=self.dtype, name="attn")(
+      y, mask=mask
+    )
     y = nn.Dropout(self.dropout)(y, deterministic)
     x = x + DropPath(self.droppath)(self._scale("ls1")(y), deterministic)
     if mode == "image":
@@ -95,8 +99,9 @@ class MoMEBlock(nn.Module):
     else:
       if not 0 < num_text < x.shape[1]:
         raise ValueError(f"fused mode needs 0 < num_text < sequence length {x.shape[1]}, got {num_text}")
-      y = jnp.concatenate([self._expert("l")(x[:, :num_text], deterministic),
-                           self._expert("v")(x[:, num_text:], deterministic)], axis=1)
+      y = jnp.concatenate(
+        [self._expert("l")(x[:, :num_text], deterministic), self._expert("v")(x[:, num_text:], deterministic)], axis=1
+      )
     y = nn.Dropout(self.dropout)(y, deterministic)
     x = x + DropPath(self.droppath)(self._scale("ls2")(y), deterministic)
     return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
@@ -121,8 +126,9 @@ class MoMEEncoder(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, mode: str, num_text: int = 0, mask: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, mode: str, num_text: int = 0, mask: jax.Array | None = None, deterministic: bool = True
+  ) -> jax.Array:
     if not 0 <= self.vl_layers <= self.depth:
       raise ValueError(f"vl_layers={self.vl_layers} must be in [0, depth={self.depth}]")
     if self.remat_policy not in REMAT_POLICIES:
@@ -133,7 +139,16 @@ class MoMEEncoder(nn.Module):
     for i in range(self.depth):
       # Stochastic depth grows linearly with depth (BEiT / VLMo).
       rate = self.droppath * i / max(self.depth - 1, 1)
-      x = block(self.num_heads, self.mlp_dim, vl_expert=i >= self.depth - self.vl_layers, mlp_act=self.mlp_act,
-                norm_eps=self.norm_eps, layer_scale=self.layer_scale, dropout=self.dropout, droppath=rate,
-                dtype=self.dtype, name=f"block_{i}")(x, mode, num_text, mask, deterministic)
+      x = block(
+        self.num_heads,
+        self.mlp_dim,
+        vl_expert=i >= self.depth - self.vl_layers,
+        mlp_act=self.mlp_act,
+        norm_eps=self.norm_eps,
+        layer_scale=self.layer_scale,
+        dropout=self.dropout,
+        droppath=rate,
+        dtype=self.dtype,
+        name=f"block_{i}",
+      )(x, mode, num_text, mask, deterministic)
     return x

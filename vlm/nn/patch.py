@@ -24,9 +24,11 @@ class PatchProjection(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     b, h, w, c = images.shape
     ph, pw = self.patch_size
-    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(in_axis=(0, 1, 2)),
-                                                               (None, None, None, "embed")),
-                        (ph, pw, c, self.width))
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.lecun_normal(in_axis=(0, 1, 2)), (None, None, None, "embed")),
+      (ph, pw, c, self.width),
+    )
     dtype = self.dtype or jnp.result_type(images.dtype, jnp.float32)
     x = jnp.asarray(images, dtype).reshape(b, h // ph, ph, w // pw, pw, c)
     y = jnp.einsum("bipjqc,pqcd->bijd", x, jnp.asarray(kernel, dtype))

@@ -78,8 +78,9 @@ def media_mask_from_index(index: jax.Array, num_media: int, all_previous: bool =
   return m == index
 
 
-def media_attention_mask(tokens: jax.Array, image_token_id: int, num_media: int, *,
-                         eod_token_id: int | None = None, all_previous: bool = False) -> jax.Array:
+def media_attention_mask(
+  tokens: jax.Array, image_token_id: int, num_media: int, *, eod_token_id: int | None = None, all_previous: bool = False
+) -> jax.Array:
   """Boolean [B, T, num_media]: token t may attend to media m (default: m is the last image at or before t).
 
   tokens [B, T] int; the k-th `image_token_id` of a row marks where its k-th image occurs.
@@ -112,13 +113,15 @@ class SquaredReLUMlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     bias_init = nn.initializers.normal(stddev=1e-6)
-    h = dense(self.mlp_dim, ("embed", "mlp"), use_bias=self.use_bias, dtype=self.dtype, name="fc1",
-              bias_init=bias_init)(x)
+    h = dense(
+      self.mlp_dim, ("embed", "mlp"), use_bias=self.use_bias, dtype=self.dtype, name="fc1", bias_init=bias_init
+    )(x)
     h = jnp.square(jax.nn.relu(h))
     h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp")) if h.ndim == 3 else h
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    return dense(x.shape[-1], ("mlp", "embed"), use_bias=self.use_bias, dtype=self.dtype, name="fc2",
-                 bias_init=bias_init)(h)
+    return dense(
+      x.shape[-1], ("mlp", "embed"), use_bias=self.use_bias, dtype=self.dtype, name="fc2", bias_init=bias_init
+    )(h)
 
 
 def make_ffw(mlp_dim: int, act: str, use_bias: bool, dropout: float, dtype: Dtype, name: str) -> nn.Module:
@@ -145,8 +148,9 @@ class PerceiverLayer(nn.Module):
   dtype: Dtype = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, media: jax.Array, media_mask: jax.Array | None,
-               deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, media: jax.Array, media_mask: jax.Array | None, deterministic: bool = True
+  ) -> jax.Array:
     """x [B, R, D] latents; media [B, S, D]; media_mask [B, S] bool (True = real) or None."""
     norm = lambda name: make_norm("layer", self.norm_eps, self.dtype, name=name)  # noqa: E731
     y = norm("norm_latents")(x)
@@ -155,12 +159,19 @@ class PerceiverLayer(nn.Module):
     if media_mask is not None:
       keys = jnp.concatenate([media_mask.astype(bool), jnp.ones(x.shape[:2], bool)], axis=1)
       mask = keys[:, None, None, :]
-    y = MultiHeadAttention(num_heads=self.num_heads, head_dim=self.head_dim, use_bias=self.use_bias,
-                           qk_norm=self.qk_norm, norm_eps=self.norm_eps, dtype=self.dtype, name="attn")(
-                               y, kv, mask=mask)
+    y = MultiHeadAttention(
+      num_heads=self.num_heads,
+      head_dim=self.head_dim,
+      use_bias=self.use_bias,
+      qk_norm=self.qk_norm,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+      name="attn",
+    )(y, kv, mask=mask)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     y = make_ffw(self.mlp_dim, self.mlp_act, self.use_bias, self.dropout, self.dtype, "mlp")(
-        norm("norm_mlp")(x), deterministic)
+      norm("norm_mlp")(x), deterministic
+    )
     return x + nn.Dropout(self.dropout)(y, deterministic)
 
 
@@ -214,18 +225,29 @@ class PerceiverResampler(nn.Module):
     if self.max_frames is not None:
       if t > self.max_frames:
         raise ValueError(f"{t} frames exceed max_frames={self.max_frames} (the learned time embeddings)")
-      time = self.param("time_embed", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
-                        (self.max_frames, d))
+      time = self.param(
+        "time_embed", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")), (self.max_frames, d)
+      )
       x = x + time[:t][None, :, None].astype(x.dtype)
     media = x.reshape(b, t * n, d)
     mask = None if mask is None else mask.reshape(b, t * n)
-    latents = self.param("latents", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
-                         (self.num_latents, d))
+    latents = self.param(
+      "latents", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")), (self.num_latents, d)
+    )
     h = jnp.broadcast_to(latents.astype(media.dtype), (b, self.num_latents, d))
     for i in range(self.depth):
-      h = PerceiverLayer(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim or 4 * d,
-                         mlp_act=self.mlp_act, qk_norm=self.qk_norm, use_bias=self.use_bias, norm_eps=self.norm_eps,
-                         dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(h, media, mask, not train)
+      h = PerceiverLayer(
+        num_heads=self.num_heads,
+        head_dim=self.head_dim,
+        mlp_dim=self.mlp_dim or 4 * d,
+        mlp_act=self.mlp_act,
+        qk_norm=self.qk_norm,
+        use_bias=self.use_bias,
+        norm_eps=self.norm_eps,
+        dropout=self.dropout,
+        dtype=self.dtype,
+        name=f"block_{i}",
+      )(h, media, mask, not train)
     h = make_norm("layer", self.norm_eps, self.dtype, name="norm")(h)
     return nn.with_logical_constraint(h, ("act_batch", "act_len", "act_embed"))
 
@@ -266,8 +288,14 @@ class GatedCrossAttentionBlock(nn.Module):
   dtype: Dtype = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, media: jax.Array | None, media_mask: jax.Array | None = None,
-               deterministic: bool = True, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    media: jax.Array | None,
+    media_mask: jax.Array | None = None,
+    deterministic: bool = True,
+    decode: bool = False,
+  ) -> jax.Array:
     """x [B, T, D]; media [B, S, Dm] (None: no media: only the gated FFW runs, unless decoding reads
     the cached media keys/values); media_mask: boolean key mask broadcastable to [B, 1, T, S]
     (e.g. expand_media_mask(media_attention_mask(...))); a token whose row of the mask is all False
@@ -283,8 +311,15 @@ class GatedCrossAttentionBlock(nn.Module):
     alpha_ffw = self.param("alpha_ffw", nn.with_logical_partitioning(init, axes), shape)
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
     norm_attn = make_norm(self.norm, self.norm_eps, self.dtype, name="norm_attn")
-    attn = MultiHeadAttention(num_heads=self.num_heads, head_dim=self.head_dim, use_bias=self.use_bias,
-                              qk_norm=self.qk_norm, norm_eps=self.norm_eps, dtype=self.dtype, name="attn")
+    attn = MultiHeadAttention(
+      num_heads=self.num_heads,
+      head_dim=self.head_dim,
+      use_bias=self.use_bias,
+      qk_norm=self.qk_norm,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+      name="attn",
+    )
     if media is not None or decode:
       if media is not None:
         media = jnp.asarray(media, x.dtype)
@@ -298,6 +333,7 @@ class GatedCrossAttentionBlock(nn.Module):
     elif self.is_initializing():
       raise ValueError("GatedCrossAttentionBlock: initialise with media (its attention params need the media width)")
     y = make_ffw(self.mlp_dim or 4 * d, self.mlp_act, self.use_bias, self.dropout, self.dtype, "mlp")(
-        make_norm(self.norm, self.norm_eps, self.dtype, name="norm_ffw")(x), deterministic)
+      make_norm(self.norm, self.norm_eps, self.dtype, name="norm_ffw")(x), deterministic
+    )
     x = x + jnp.tanh(alpha_ffw).astype(y.dtype) * nn.Dropout(self.dropout)(y, deterministic)
     return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))

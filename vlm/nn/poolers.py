@@ -30,9 +30,9 @@ class MAPHead(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     b, _, d = x.shape
     probe = self.param(
-        "probe",
-        nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed")),
-        (1, self.num_queries, d),
+      "probe",
+      nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed")),
+      (1, self.num_queries, d),
     )
     probe = jnp.tile(probe, (b, 1, 1)).astype(x.dtype)
     attn_mask = None if mask is None else mask[:, None, None, :]
@@ -61,8 +61,9 @@ class AttentionalPooler(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """x [B, T, Dc]; mask [B, T] bool (True = a real token) -> [B, num_queries, D]."""
     d = self.width or x.shape[-1]
-    query = self.param("query", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
-                       (self.num_queries, d))
+    query = self.param(
+      "query", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")), (self.num_queries, d)
+    )
     q = make_norm("layer", self.norm_eps, self.dtype, name="ln_q")(query)
     x = make_norm("layer", self.norm_eps, self.dtype, name="ln_k")(x)
     q = jnp.broadcast_to(q.astype(x.dtype), (x.shape[0], self.num_queries, d))
@@ -73,8 +74,14 @@ class AttentionalPooler(nn.Module):
 POOL_TYPES = ("first", "cls", "last", "eos", "argmax", "gap", "map", "none")
 
 
-def pool(x: jax.Array, pool_type: str, *, tokens: jax.Array | None = None, eos_id: int | None = None,
-         mask: jax.Array | None = None) -> jax.Array:
+def pool(
+  x: jax.Array,
+  pool_type: str,
+  *,
+  tokens: jax.Array | None = None,
+  eos_id: int | None = None,
+  mask: jax.Array | None = None,
+) -> jax.Array:
   """Non-parametric pooling of [B, T, D] -> [B, D] ('map' is the MAPHead module).
 
   first/cls: token 0. last: token T-1. eos: first position where tokens == eos_id.

@@ -45,9 +45,9 @@ class LearnedPosEmb(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     pe = self.param(
-        "pos_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(self.stddev), (None, "pos", "embed")),
-        (1, self.length, x.shape[-1]),
+      "pos_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(self.stddev), (None, "pos", "embed")),
+      (1, self.length, x.shape[-1]),
     )
     if x.shape[1] > self.length:
       raise ValueError(f"sequence length {x.shape[1]} exceeds the position embedding length {self.length}")

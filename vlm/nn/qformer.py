@@ -49,8 +49,9 @@ Dtype = Any
 MODES = ("unimodal", "bidirectional", "multimodal_causal")
 
 
-def qformer_attention_mask(num_query: int, text_valid: jax.Array | None, mode: str,
-                           num_text: int | None = None) -> jax.Array:
+def qformer_attention_mask(
+  num_query: int, text_valid: jax.Array | None, mode: str, num_text: int | None = None
+) -> jax.Array:
   """The Q-Former self-attention mask [B or 1, 1, Q + T, Q + T], True = may attend.
 
   text_valid [B, T] bool (None: every text position valid; then num_text gives T).
@@ -91,8 +92,15 @@ class QFormerLayer(nn.Module):
   dtype: Dtype = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, image: jax.Array | None, mask: jax.Array | None,
-               image_mask: jax.Array | None, num_query: int, deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    image: jax.Array | None,
+    mask: jax.Array | None,
+    image_mask: jax.Array | None,
+    num_query: int,
+    deterministic: bool = True,
+  ) -> jax.Array:
     """x [B, Q + T, D]; image [B, N, Dv] (needed when this layer cross-attends and Q > 0);
     mask [B or 1, 1, Q+T, Q+T] bool; image_mask [B, N] bool or None; num_query Q (static)."""
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
@@ -163,8 +171,13 @@ class QFormer(nn.Module):
       raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
     init = nn.initializers.normal(0.02)
     if self.vocab_size:
-      self.word_embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="word_embed",
-                                 embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))
+      self.word_embed = nn.Embed(
+        self.vocab_size,
+        self.width,
+        dtype=self.dtype,
+        name="word_embed",
+        embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+      )
       self.pos_embed = LearnedPosEmb(self.max_len, stddev=0.02, name="pos_embed")
     self.norm = make_norm("layer", self.norm_eps, self.dtype, name="norm")
     self.embed_dropout = nn.Dropout(self.dropout)
@@ -172,10 +185,18 @@ class QFormer(nn.Module):
     if self.remat_policy != "none":
       layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(5, 6))
     self.layers = [
-        layer(num_heads=self.num_heads, mlp_dim=self.mlp_dim, cross_attention=self.has_cross_attention(i),
-              text=bool(self.vocab_size), mlp_act=self.mlp_act, norm_eps=self.norm_eps, dropout=self.dropout,
-              dtype=self.dtype, name=f"block_{i}")
-        for i in range(self.depth)
+      layer(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        cross_attention=self.has_cross_attention(i),
+        text=bool(self.vocab_size),
+        mlp_act=self.mlp_act,
+        norm_eps=self.norm_eps,
+        dropout=self.dropout,
+        dtype=self.dtype,
+        name=f"block_{i}",
+      )
+      for i in range(self.depth)
     ]
 
   def has_cross_attention(self, i: int) -> bool:
@@ -195,15 +216,15 @@ class QFormer(nn.Module):
     return self.word_embed.attend(x)
 
   def __call__(
-      self,
-      query_embeds: jax.Array | None,
-      tokens: jax.Array | None = None,
-      image: jax.Array | None = None,
-      *,
-      mode: str = "unimodal",
-      text_mask: jax.Array | None = None,
-      image_mask: jax.Array | None = None,
-      train: bool = False,
+    self,
+    query_embeds: jax.Array | None,
+    tokens: jax.Array | None = None,
+    image: jax.Array | None = None,
+    *,
+    mode: str = "unimodal",
+    text_mask: jax.Array | None = None,
+    image_mask: jax.Array | None = None,
+    train: bool = False,
   ) -> jax.Array:
     """Hidden states [B, Q + T, D]: the Q query outputs, then the T text outputs.
 

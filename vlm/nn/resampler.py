@@ -66,13 +66,17 @@ class QwenVLResampler(nn.Module):
     kv = make_norm("layer", self.norm_eps, self.dtype, name="ln_kv")(x)
     pos_q = sincos2d(g, g, d)
     pos_k = resample_posemb(pos_q, (h, h), method="cubic")
-    query = self.param("query", nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, "embed")),
-                       (self.num_queries, d))
+    query = self.param(
+      "query",
+      nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, "embed")),
+      (self.num_queries, d),
+    )
     q = make_norm("layer", self.norm_eps, self.dtype, name="ln_q")(query)[None] + pos_q
     q = jnp.broadcast_to(q, (x.shape[0],) + q.shape[1:])
     attn_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
     out = MultiHeadAttention(self.num_heads, use_bias=True, dtype=self.dtype, name="attn")(
-        q, kv + pos_k.astype(kv.dtype), values=kv, mask=attn_mask)
+      q, kv + pos_k.astype(kv.dtype), values=kv, mask=attn_mask
+    )
     out = make_norm("layer", self.norm_eps, self.dtype, name="ln_post")(out)
     if self.out_dim is not None:
       out = dense(self.out_dim, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="proj")(out)

@@ -53,10 +53,10 @@ import jax.numpy as jnp
 
 # The canonical parameters of each scaled type (what DecoderLM's rope_scaling holds besides rope_type).
 SCALING_KEYS: dict[str, tuple[str, ...]] = {
-    "linear": ("factor",),
-    "dynamic": ("factor", "max_position_embeddings"),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate", "attention_factor"),
+  "linear": ("factor",),
+  "dynamic": ("factor", "max_position_embeddings"),
+  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+  "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate", "attention_factor"),
 }
 ROPE_TYPES = ("default",) + tuple(SCALING_KEYS)
 
@@ -83,12 +83,16 @@ def check_scaling(scaling: Mapping[str, Any]) -> dict[str, Any]:
   scaling = dict(scaling)
   rope_type = scaling.pop("rope_type", None)
   if rope_type not in SCALING_KEYS:
-    raise ValueError(f"rope_scaling: rope_type {rope_type!r} is not supported; supported: {sorted(SCALING_KEYS)} "
-                     "(None for the default rope)")
+    raise ValueError(
+      f"rope_scaling: rope_type {rope_type!r} is not supported; supported: {sorted(SCALING_KEYS)} "
+      "(None for the default rope)"
+    )
   want = set(SCALING_KEYS[rope_type])
   if set(scaling) != want:
-    raise ValueError(f"rope_scaling {rope_type!r}: needs exactly {sorted(want)}; missing "
-                     f"{sorted(want - set(scaling))}, unknown {sorted(set(scaling) - want)}")
+    raise ValueError(
+      f"rope_scaling {rope_type!r}: needs exactly {sorted(want)}; missing "
+      f"{sorted(want - set(scaling))}, unknown {sorted(set(scaling) - want)}"
+    )
   if rope_type == "yarn":
     scaling["truncate"] = bool(scaling["truncate"])
     for k in ("factor", "beta_fast", "beta_slow", "attention_factor"):
@@ -122,8 +126,10 @@ def scaling_from_hf(rope_parameters: Mapping[str, Any], max_position_embeddings:
   if rope_type not in SCALING_KEYS:
     raise ValueError(f"rope_type {rope_type!r} is not supported by vlm; supported: {list(ROPE_TYPES)}")
   if rp.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError(f"partial_rotary_factor {rp['partial_rotary_factor']} with rope_type {rope_type!r} is not "
-                     "supported (the scaled frequencies would cover part of the head only)")
+    raise ValueError(
+      f"partial_rotary_factor {rp['partial_rotary_factor']} with rope_type {rope_type!r} is not "
+      "supported (the scaled frequencies would cover part of the head only)"
+    )
 
   def need(key):
     if rp.get(key) is None:
@@ -135,22 +141,38 @@ def scaling_from_hf(rope_parameters: Mapping[str, Any], max_position_embeddings:
   if rope_type == "dynamic":
     return dict(rope_type="dynamic", factor=float(need("factor")), max_position_embeddings=int(max_position_embeddings))
   if rope_type == "llama3":
-    return check_scaling(dict(rope_type="llama3", factor=need("factor"), low_freq_factor=need("low_freq_factor"),
-                              high_freq_factor=need("high_freq_factor"),
-                              original_max_position_embeddings=need("original_max_position_embeddings")))
+    return check_scaling(
+      dict(
+        rope_type="llama3",
+        factor=need("factor"),
+        low_freq_factor=need("low_freq_factor"),
+        high_freq_factor=need("high_freq_factor"),
+        original_max_position_embeddings=need("original_max_position_embeddings"),
+      )
+    )
   # yarn (_compute_yarn_parameters): factor None -> max / original; attention_factor from mscale(s).
   original = int(need("original_max_position_embeddings"))
   factor = rp.get("factor")
   factor = max_position_embeddings / original if factor is None else float(factor)
   attention = rp.get("attention_factor")
   if attention is None:
+
     def mscale(scale, m=1.0):
       return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
     m, m_all = rp.get("mscale"), rp.get("mscale_all_dim")
     attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
-  return check_scaling(dict(rope_type="yarn", factor=factor, original_max_position_embeddings=original,
-                            beta_fast=rp.get("beta_fast") or 32, beta_slow=rp.get("beta_slow") or 1,
-                            truncate=rp.get("truncate", True), attention_factor=attention))
+  return check_scaling(
+    dict(
+      rope_type="yarn",
+      factor=factor,
+      original_max_position_embeddings=original,
+      beta_fast=rp.get("beta_fast") or 32,
+      beta_slow=rp.get("beta_slow") or 1,
+      truncate=rp.get("truncate", True),
+      attention_factor=attention,
+    )
+  )
 
 
 def scaling_to_hf(scaling: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -188,7 +210,7 @@ def inv_frequencies(dim: int, rope: "float | ScaledRope", seq_len: jax.Array | i
     factor, m = rope.get("factor"), rope.get("max_position_embeddings")
     length = jnp.maximum(jnp.asarray(seq_len, jnp.int32), m).astype(jnp.float32)
     base = theta * ((factor * length / m) - (factor - 1)) ** (dim / (dim - 2))
-    return 1.0 / (base ** exponents)
+    return 1.0 / (base**exponents)
   if t == "llama3":
     inv = rope_frequencies(dim, theta)
     factor, low, high = rope.get("factor"), rope.get("low_freq_factor"), rope.get("high_freq_factor")
@@ -212,7 +234,7 @@ def inv_frequencies(dim: int, rope: "float | ScaledRope", seq_len: jax.Array | i
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
       high += 0.001  # as transformers: no singularity
-    pos_freqs = theta ** exponents
+    pos_freqs = theta**exponents
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
     keep = 1 - ramp  # the extrapolation factor
@@ -229,13 +251,16 @@ def rotary_dims(head_dim: int, fraction: float = 1.0) -> int:
   """Rotated channels per head: int(head_dim * fraction), truncated as HF's rotary_ndims."""
   r = int(head_dim * fraction)
   if not 0 < r <= head_dim or r % 2:
-    raise ValueError(f"rotary fraction {fraction} of head_dim {head_dim} gives {r} rotated channels; "
-                     "need an even number in (0, head_dim]")
+    raise ValueError(
+      f"rotary fraction {fraction} of head_dim {head_dim} gives {r} rotated channels; "
+      "need an even number in (0, head_dim]"
+    )
   return r
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: "float | ScaledRope",
-               rotary_dim: int | None = None) -> jax.Array:
+def apply_rope(
+  x: jax.Array, positions: jax.Array, theta: "float | ScaledRope", rotary_dim: int | None = None
+) -> jax.Array:
   """Rotates x [B, T, H, hd] by integer (or float) positions [B, T] or [T].
 
   theta: the base (default rope) or a ScaledRope (make_rope). rotary_dim: rotate only the first r

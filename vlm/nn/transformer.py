@@ -13,10 +13,10 @@ from vlm.nn.norms import make_norm
 Dtype = Any
 
 REMAT_POLICIES = {
-    "none": None,  # no rematerialisation
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "none": None,  # no rematerialisation
+  "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward pass
+  "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
@@ -55,8 +55,12 @@ class EncoderBlock(nn.Module):
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
     y = make_norm(self.norm, self.norm_eps, self.dtype, name="norm1")(x)
     y = MultiHeadAttention(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qk_norm=self.qk_norm,
-        norm_eps=self.norm_eps, dtype=self.dtype, name="attn",
+      num_heads=self.num_heads,
+      num_kv_heads=self.num_kv_heads,
+      qk_norm=self.qk_norm,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+      name="attn",
     )(y, mask=mask, causal=self.causal)
     y = nn.Dropout(self.dropout)(y, deterministic)
     x = x + DropPath(self.droppath)(y, deterministic)
@@ -93,30 +97,38 @@ class Encoder(nn.Module):
 
   def _block_kwargs(self) -> dict:
     return dict(
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, mlp_act=self.mlp_act, num_kv_heads=self.num_kv_heads,
-        qk_norm=self.qk_norm, norm=self.norm, norm_eps=self.norm_eps, dropout=self.dropout,
-        droppath=self.droppath, causal=self.causal, dtype=self.dtype,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      mlp_act=self.mlp_act,
+      num_kv_heads=self.num_kv_heads,
+      qk_norm=self.qk_norm,
+      norm=self.norm,
+      norm_eps=self.norm_eps,
+      dropout=self.dropout,
+      droppath=self.droppath,
+      causal=self.causal,
+      dtype=self.dtype,
     )
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True,
-               return_all: bool = False):
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True, return_all: bool = False):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
     block = EncoderBlock
     if self.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,))
     if self.scan:
+
       def body(mdl, carry, _):
         out = mdl(carry, mask, deterministic)
         return out, (out if return_all else None)
 
       scanned = nn.scan(
-          body,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          length=self.depth,
-          metadata_params={nn.PARTITION_NAME: "layers"},
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x, hidden = scanned(block(**self._block_kwargs(), name="layers"), x, None)
       return (x, hidden) if return_all else x
@@ -149,9 +161,16 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
-               deterministic: bool = True, decode: bool = False, index: jax.Array | int = 0,
-               cache_len: int | None = None):
+  def __call__(
+    self,
+    x: jax.Array,
+    context: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    deterministic: bool = True,
+    decode: bool = False,
+    index: jax.Array | int = 0,
+    cache_len: int | None = None,
+  ):
     """mask: extra self-attention mask (e.g. key padding), combined with the causal mask."""
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
@@ -159,11 +178,17 @@ class DecoderBlock(nn.Module):
       y = nn.Dropout(self.dropout)(y, deterministic)
       return x + DropPath(self.droppath)(y, deterministic)
 
-    attn_kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qk_norm=self.qk_norm,
-                   norm_eps=self.norm_eps, dtype=self.dtype)
+    attn_kw = dict(
+      num_heads=self.num_heads,
+      num_kv_heads=self.num_kv_heads,
+      qk_norm=self.qk_norm,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+    )
     y = make_norm(self.norm, self.norm_eps, self.dtype, name="norm1")(x)
-    y = MultiHeadAttention(**attn_kw, name="attn")(y, mask=mask, causal=True, decode=decode, index=index,
-                                                   cache_len=cache_len)
+    y = MultiHeadAttention(**attn_kw, name="attn")(
+      y, mask=mask, causal=True, decode=decode, index=index, cache_len=cache_len
+    )
     x = residual(y)
     if self.cross_attention:
       if context is None and not decode:
@@ -199,9 +224,16 @@ class Decoder(nn.Module):
   dtype: Dtype = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
-               deterministic: bool = True, decode: bool = False, index: jax.Array | int = 0,
-               cache_len: int | None = None):
+  def __call__(
+    self,
+    x: jax.Array,
+    context: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    deterministic: bool = True,
+    decode: bool = False,
+    index: jax.Array | int = 0,
+    cache_len: int | None = None,
+  ):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
     block = DecoderBlock
@@ -209,9 +241,17 @@ class Decoder(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4, 5, 7))
     for i in range(self.depth):
       x = block(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim, cross_attention=self.cross_attention,
-          mlp_act=self.mlp_act, num_kv_heads=self.num_kv_heads, qk_norm=self.qk_norm, norm=self.norm,
-          norm_eps=self.norm_eps, dropout=self.dropout, droppath=self.droppath, dtype=self.dtype,
-          name=f"block_{i}",
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        cross_attention=self.cross_attention,
+        mlp_act=self.mlp_act,
+        num_kv_heads=self.num_kv_heads,
+        qk_norm=self.qk_norm,
+        norm=self.norm,
+        norm_eps=self.norm_eps,
+        dropout=self.dropout,
+        droppath=self.droppath,
+        dtype=self.dtype,
+        name=f"block_{i}",
       )(x, context, mask, deterministic, decode, index, cache_len)
     return x

@@ -17,6 +17,7 @@ def check_choice(key: str, value, choices: Sequence) -> None:
 def check_contrastive(loss: str, impl: str) -> None:
   """The options of the shared contrastive loss (vlm.losses.contrastive's kinds and implementations)."""
   from vlm.losses import IMPLS, KINDS
+
   check_choice("loss", loss, KINDS)
   check_choice("impl", impl, IMPLS)
 
@@ -30,5 +31,7 @@ def build_objective(name: str, config, mesh=None):
     fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "mesh"]
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
-      raise ValueError(f"config.objective: {name!r} has no option {', '.join(unknown)}; its options: {', '.join(fields)}")
+      raise ValueError(
+        f"config.objective: {name!r} has no option {', '.join(unknown)}; its options: {', '.join(fields)}"
+      )
   return cls(mesh=mesh, **kwargs)

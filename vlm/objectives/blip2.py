@@ -39,8 +39,9 @@ def _smoothed_ce(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.
   return (1.0 - smoothing) * nll - smoothing * jnp.mean(logp, axis=-1)
 
 
-def max_query_itc_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, *, label_smoothing: float = 0.0,
-                       mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def max_query_itc_loss(
+  zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, *, label_smoothing: float = 0.0, mesh: Mesh | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """BLIP-2's ITC: zimg [B, Q, E], ztxt [B, E] (global, L2-normalised) -> (loss [], metrics).
 
   loss = 0.5 * (mean_i CE(scale * sim(i, :), i) + mean_t CE(scale * sim(:, t), t)), sim(i, t) =
@@ -55,16 +56,22 @@ def max_query_itc_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, *, la
     zi_all, zt_all = all_gather_batch(zi, axes), all_gather_batch(zt, axes)
     i2t, t2i = similarities(zi, zt, zi_all, zt_all)
     labels = index * b + jnp.arange(b)
-    local = (jnp.sum(_smoothed_ce(s * i2t, labels, label_smoothing))
-             + jnp.sum(_smoothed_ce(s * t2i, labels, label_smoothing)))
+    local = jnp.sum(_smoothed_ce(s * i2t, labels, label_smoothing)) + jnp.sum(
+      _smoothed_ce(s * t2i, labels, label_smoothing)
+    )
     stats = jnp.stack([local, jnp.sum(jnp.argmax(i2t, -1) == labels), jnp.sum(jnp.argmax(t2i, -1) == labels)])
     stats = jax.lax.psum(stats, axes) if axes else stats
     n = zi_all.shape[0]  # the global batch
     return 0.5 * stats[0] / n, {"i2t_accuracy": stats[1] / n, "t2i_accuracy": stats[2] / n}
 
   spec = P(axes if axes else None, None)
-  return _run(per_device, mesh, (zimg.astype(jnp.float32), ztxt.astype(jnp.float32), scale),
-              (P(axes if axes else None, None, None), spec, P()), (P(), P()))
+  return _run(
+    per_device,
+    mesh,
+    (zimg.astype(jnp.float32), ztxt.astype(jnp.float32), scale),
+    (P(axes if axes else None, None, None), spec, P()),
+    (P(), P()),
+  )
 
 
 @OBJECTIVES.register("blip2_stage1")
@@ -97,8 +104,9 @@ class Blip2Stage1:
     cls = type(model)
 
     def apply(method, *args, salt: int = 0, **kw):
-      return model.apply({"params": params}, *args, train=train, method=method,
-                         rngs={"dropout": jax.random.fold_in(r_drop, salt)}, **kw)
+      return model.apply(
+        {"params": params}, *args, train=train, method=method, rngs={"dropout": jax.random.fold_in(r_drop, salt)}, **kw
+      )
 
     feats = apply(cls.image_features, images, salt=0)  # [B, N, Dv], the ViT runs once
     metrics, total = {}, 0.0
@@ -119,14 +127,16 @@ class Blip2Stage1:
         metrics.update({f"itc/{k}": v for k, v in m.items()}, itc_loss=itc)
         total += self.itc_weight * itc
       if self.itm_weight:
-        neg_txt, neg_img = hard_negative_indices(zimg, ztxt, r_neg, scale=scale, tokens=text,
-                                                    hard=self.itm_hard_negatives, mesh=self.mesh)
+        neg_txt, neg_img = hard_negative_indices(
+          zimg, ztxt, r_neg, scale=scale, tokens=text, hard=self.itm_hard_negatives, mesh=self.mesh
+        )
         neg_text, neg_feats = take_rows(text, neg_txt, self.mesh), take_rows(feats, neg_img, self.mesh)
         # [B, 3, ...] -> [3B, ...] keeps every device's rows on that device (see vlm.objectives.vlmo).
         b = text.shape[0]
         triple = lambda x, y, z: jnp.stack([x, y, z], axis=1).reshape(3 * b, *x.shape[1:])  # noqa: E731
-        logits = apply(cls.itm_logits, None, triple(text, text, neg_text), salt=3,
-                       features=triple(feats, neg_feats, feats)).reshape(b, 3, 2)
+        logits = apply(
+          cls.itm_logits, None, triple(text, text, neg_text), salt=3, features=triple(feats, neg_feats, feats)
+        ).reshape(b, 3, 2)
         itm, m = itm_loss(logits[:, 0], logits[:, 1:].reshape(2 * b, 2))
         metrics.update({f"itm/{k}": v for k, v in m.items()}, itm_loss=itm)
         total += self.itm_weight * itm

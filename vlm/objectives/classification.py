@@ -34,8 +34,10 @@ class Classification:
     keys = (self.input_key,) if isinstance(self.input_key, str) else tuple(self.input_key)
     missing = [k for k in (*keys, self.label_key) if k not in batch]
     if missing:
-      raise ValueError(f"objective: the batch has no {missing} (has {sorted(batch)}); check objective.input_key / "
-                       "label_key and the data config (extra_text_keys, answer_vocab, with_frames)")
+      raise ValueError(
+        f"objective: the batch has no {missing} (has {sorted(batch)}); check objective.input_key / "
+        "label_key and the data config (extra_text_keys, answer_vocab, with_frames)"
+      )
     return tuple(batch[k] for k in keys)
 
   def init_args(self, batch) -> tuple:

@@ -40,7 +40,8 @@ class CoCaObjective:
     zimg, ztxt, out = model.apply({"params": params}, batch["image"], text, train=train, rngs={"dropout": rng})
     con, metrics = contrastive_term(zimg, ztxt, out, loss=self.loss, impl=self.impl, mesh=self.mesh)
     targets = text[:, 1:]
-    cap, cap_metrics = caption_loss(out["logits"][:, :-1], targets, targets != self.pad_id,
-                                    label_smoothing=self.label_smoothing)
+    cap, cap_metrics = caption_loss(
+      out["logits"][:, :-1], targets, targets != self.pad_id, label_smoothing=self.label_smoothing
+    )
     metrics.update(cap_metrics, contrastive_loss=con, caption_loss=cap)
     return self.contrastive_weight * con + self.caption_weight * cap, metrics

@@ -32,8 +32,7 @@ class Contrastive:
     return (batch["image"][:1], batch["text"][:1])
 
   def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
-    zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=train,
-                                  rngs={"dropout": rng})
+    zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=train, rngs={"dropout": rng})
     sim_fn = model.similarity_fn() if hasattr(model, "similarity_fn") else None
     return contrastive_term(zimg, ztxt, out, loss=self.loss, impl=self.impl, mesh=self.mesh, sim_fn=sim_fn)
 
@@ -47,11 +46,11 @@ def contrastive_term(zimg, ztxt, out: dict, *, loss: str, impl: str, mesh: Mesh 
   axes = parallel.data_axes(mesh) if mesh is not None else ()
   impl = impl if mesh is not None else "local"
   if sim_fn is None:
-    value, metrics = contrastive_loss(zimg, ztxt, out["scale"], out["bias"], kind=loss, impl=impl, mesh=mesh,
-                                      axes=axes)
+    value, metrics = contrastive_loss(zimg, ztxt, out["scale"], out["bias"], kind=loss, impl=impl, mesh=mesh, axes=axes)
   else:
-    value, metrics = pairwise_contrastive_loss(zimg, ztxt, sim_fn, out["scale"], out["bias"], kind=loss,
-                                               impl=impl, mesh=mesh, axes=axes)
+    value, metrics = pairwise_contrastive_loss(
+      zimg, ztxt, sim_fn, out["scale"], out["bias"], kind=loss, impl=impl, mesh=mesh, axes=axes
+    )
   metrics = dict(metrics, scale=out["scale"])
   if out["bias"] is not None:
     metrics["bias"] = out["bias"]

@@ -36,8 +36,9 @@ class EarlyFusion:
     order_rng, dropout_rng = jax.random.split(rng)
     b = batch["image"].shape[0]
     image_first = jax.random.bernoulli(order_rng, self.image_first_prob, (b,))
-    logits, tokens, mask = model.apply({"params": params}, batch["image"], batch["text"], image_first,
-                                       train=train, rngs={"dropout": dropout_rng})
+    logits, tokens, mask = model.apply(
+      {"params": params}, batch["image"], batch["text"], image_first, train=train, rngs={"dropout": dropout_rng}
+    )
     logits, targets, mask = logits[:, :-1], tokens[:, 1:], mask[:, 1:]
     is_image = model.is_image_token(targets)
     text_mask, image_mask = mask & ~is_image, mask & is_image
@@ -45,5 +46,10 @@ class EarlyFusion:
     image_loss, image_m = caption_loss(logits, targets, image_mask, z_loss=self.z_loss)
     n_text, n_image = text_mask.sum(), image_mask.sum()
     loss = (n_text * text_loss + self.image_weight * n_image * image_loss) / jnp.maximum(n_text + n_image, 1)
-    return loss, {"text_loss": text_loss, "image_loss": image_loss, "text_accuracy": text_m["token_accuracy"],
-                  "image_accuracy": image_m["token_accuracy"], "log_z": text_m["log_z"]}
+    return loss, {
+      "text_loss": text_loss,
+      "image_loss": image_loss,
+      "text_accuracy": text_m["token_accuracy"],
+      "image_accuracy": image_m["token_accuracy"],
+      "log_z": text_m["log_z"],
+    }

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from vlm.losses import (
-    blockwise_patch_mask,
-    hard_negative_indices,
-    itm_loss,
-    mask_tokens,
-    masked_prediction_loss,
-    random_patch_mask,
-    take_rows,
+  blockwise_patch_mask,
+  hard_negative_indices,
+  itm_loss,
+  mask_tokens,
+  masked_prediction_loss,
+  random_patch_mask,
+  take_rows,
 )
 from vlm.objectives.base import OBJECTIVES, check_choice, check_contrastive
 from vlm.objectives.contrastive import contrastive_term
@@ -83,13 +83,16 @@ class FlavaObjective:
   def _check(self, model: nn.Module) -> int:
     vocab = model.text_vocab_size()
     if not 0 <= self.mask_id < vocab:
-      raise ValueError(f"objective.mask_id={self.mask_id} is not a row of the model's text embedding "
-                       f"(vocab_size {vocab}): give the text encoder vocab_size > mask_id, e.g. the tokenizer's "
-                       f"pieces + 1 with mask_id = that piece count")
+      raise ValueError(
+        f"objective.mask_id={self.mask_id} is not a row of the model's text embedding "
+        f"(vocab_size {vocab}): give the text encoder vocab_size > mask_id, e.g. the tokenizer's "
+        f"pieces + 1 with mask_id = that piece count"
+      )
     needs_codes = self.mim_weight > 0 or self.mmm_image_weight > 0
     if needs_codes and model.tokenizer is None:
-      raise ValueError("MIM and MMM-image need model.tokenizer (VQTokenizer kwargs); or set mim_weight and "
-                       "mmm_image_weight to 0")
+      raise ValueError(
+        "MIM and MMM-image need model.tokenizer (VQTokenizer kwargs); or set mim_weight and mmm_image_weight to 0"
+      )
     if self.random_vocab is not None:
       return self.random_vocab
     return self.mask_id if self.mask_id == vocab - 1 else vocab
@@ -99,10 +102,23 @@ class FlavaObjective:
     images, text = batch["image"], batch["text"]
     b, length = text.shape
     k_text, k_img, k_neg, k_drop = jax.random.split(rng, 4)
-    text_in, chosen = mask_tokens(k_text, text, mask_id=self.mask_id, vocab_size=random_vocab, rate=self.mlm_rate,
-                                  special_ids=self.special_ids, replace=tuple(self.mlm_replace))
-    w = dict(contrastive=self.contrastive_weight, mlm=self.mlm_weight, mim=self.mim_weight,
-             mmm_text=self.mmm_text_weight, mmm_image=self.mmm_image_weight, itm=self.itm_weight)
+    text_in, chosen = mask_tokens(
+      k_text,
+      text,
+      mask_id=self.mask_id,
+      vocab_size=random_vocab,
+      rate=self.mlm_rate,
+      special_ids=self.special_ids,
+      replace=tuple(self.mlm_replace),
+    )
+    w = dict(
+      contrastive=self.contrastive_weight,
+      mlm=self.mlm_weight,
+      mim=self.mim_weight,
+      mmm_text=self.mmm_text_weight,
+      mmm_image=self.mmm_image_weight,
+      itm=self.itm_weight,
+    )
     need_codes = w["mim"] > 0 or w["mmm_image"] > 0
     need_fusion = w["mmm_text"] > 0 or w["mmm_image"] > 0 or w["itm"] > 0
 
@@ -130,8 +146,9 @@ class FlavaObjective:
         ztxt = m.embed_text_states(m.text_states(text, train))
       scale, bias = m.scale_and_bias()
       if w["contrastive"] > 0:
-        value, ms = contrastive_term(zimg, ztxt, {"scale": scale, "bias": bias}, loss="softmax", impl=self.impl,
-                                     mesh=self.mesh)
+        value, ms = contrastive_term(
+          zimg, ztxt, {"scale": scale, "bias": bias}, loss="softmax", impl=self.impl, mesh=self.mesh
+        )
         terms["contrastive"] = value
         metrics.update(ms, contrastive_loss=value)
 

@@ -46,8 +46,10 @@ class LanguageModeling:
     keys = ((self.image_key,) if self.image_key else ()) + (self.tokens_key, self.loss_mask_key)
     missing = [k for k in keys if k not in batch]
     if missing:
-      raise ValueError(f"objective 'lm': the batch has no {missing} (has {sorted(batch)}); set "
-                       "data.conversation (vlm.data.conversation) or objective.image_key / tokens_key")
+      raise ValueError(
+        f"objective 'lm': the batch has no {missing} (has {sorted(batch)}); set "
+        "data.conversation (vlm.data.conversation) or objective.image_key / tokens_key"
+      )
     return tuple(batch[k] for k in keys[:-1])
 
   def _instruction(self, batch) -> tuple:
@@ -75,6 +77,7 @@ class LanguageModeling:
     targets = weights[:, 1:] > 0
     if segments is not None:
       targets = targets & (segments[:, 1:] == segments[:, :-1])
-    loss, metrics = caption_loss(logits[:, :-1], tokens[:, 1:], targets,
-                                 label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+    loss, metrics = caption_loss(
+      logits[:, :-1], tokens[:, 1:], targets, label_smoothing=self.label_smoothing, z_loss=self.z_loss
+    )
     return loss, dict(metrics, **stats)

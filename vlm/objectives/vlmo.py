@@ -23,8 +23,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from vlm.losses import (blockwise_patch_mask, hard_negative_indices, itm_loss, mask_tokens, masked_prediction_loss,
-                        random_patch_mask, take_rows)
+from vlm.losses import (
+  blockwise_patch_mask,
+  hard_negative_indices,
+  itm_loss,
+  mask_tokens,
+  masked_prediction_loss,
+  random_patch_mask,
+  take_rows,
+)
 from vlm.objectives.base import OBJECTIVES, check_choice, check_contrastive
 from vlm.objectives.contrastive import contrastive_term
 
@@ -66,8 +73,9 @@ class VLMoObjective:
     r_drop, r_neg, r_mlm, r_mim = jax.random.split(rng, 4)
 
     def apply(method, *args, salt: int = 0):
-      return model.apply({"params": params}, *args, train=train, method=method,
-                         rngs={"dropout": jax.random.fold_in(r_drop, salt)})
+      return model.apply(
+        {"params": params}, *args, train=train, method=method, rngs={"dropout": jax.random.fold_in(r_drop, salt)}
+      )
 
     metrics, total = {}, 0.0
     if self.itc_weight or self.itm_weight:
@@ -75,29 +83,40 @@ class VLMoObjective:
       ztxt, _ = apply(type(model).encode_text, text, salt=2)
       scale, bias = model.apply({"params": params}, method=lambda m: m.scale_and_bias())
       if self.itc_weight:
-        itc, m = contrastive_term(zimg, ztxt, {"scale": scale, "bias": bias}, loss=self.loss, impl=self.impl,
-                                  mesh=self.mesh)
+        itc, m = contrastive_term(
+          zimg, ztxt, {"scale": scale, "bias": bias}, loss=self.loss, impl=self.impl, mesh=self.mesh
+        )
         metrics.update({f"itc/{k}": v for k, v in m.items()}, itc_loss=itc)
         total += self.itc_weight * itc
       if self.itm_weight:
-        neg_txt, neg_img = hard_negative_indices(zimg, ztxt, r_neg, scale=scale, tokens=text,
-                                                 hard=self.itm_hard_negatives, mesh=self.mesh)
+        neg_txt, neg_img = hard_negative_indices(
+          zimg, ztxt, r_neg, scale=scale, tokens=text, hard=self.itm_hard_negatives, mesh=self.mesh
+        )
         neg_text, neg_images = take_rows(text, neg_txt, self.mesh), take_rows(images, neg_img, self.mesh)
         # Each pair with its negative text and its negative image, [B, 3, ...] -> [3B, ...]: every
         # device keeps its own rows (a concatenation along the batch would reshuffle them).
         b = text.shape[0]
         triple = lambda x, y, z: jnp.stack([x, y, z], axis=1).reshape(3 * b, *x.shape[1:])  # noqa: E731
-        logits = apply(type(model).itm_logits, triple(images, images, neg_images), triple(text, neg_text, text),
-                       salt=3).reshape(b, 3, 2)
+        logits = apply(
+          type(model).itm_logits, triple(images, images, neg_images), triple(text, neg_text, text), salt=3
+        ).reshape(b, 3, 2)
         itm, m = itm_loss(logits[:, 0], logits[:, 1:].reshape(2 * b, 2))
         metrics.update({f"itm/{k}": v for k, v in m.items()}, itm_loss=itm)
         total += self.itm_weight * itm
     if self.mlm_weight:
       if self.mask_id >= model.vocab_size:
-        raise ValueError(f"objective.mask_id={self.mask_id} must be < model.vocab_size={model.vocab_size} "
-                         "(give the text embedding a row for [MASK])")
-      inputs, chosen = mask_tokens(r_mlm, text, mask_id=self.mask_id, vocab_size=model.vocab_size,
-                                   rate=self.mask_rate, special_ids=self.special_ids)
+        raise ValueError(
+          f"objective.mask_id={self.mask_id} must be < model.vocab_size={model.vocab_size} "
+          "(give the text embedding a row for [MASK])"
+        )
+      inputs, chosen = mask_tokens(
+        r_mlm,
+        text,
+        mask_id=self.mask_id,
+        vocab_size=model.vocab_size,
+        rate=self.mask_rate,
+        special_ids=self.special_ids,
+      )
       logits = apply(type(model).mlm_logits, inputs, images if self.mlm_with_image else None, salt=5)
       mlm, m = masked_prediction_loss(logits, text, chosen)
       metrics.update({f"mlm/{k}": v for k, v in m.items()}, mlm_loss=mlm)

@@ -24,7 +24,8 @@ setup(
     # filelock: trained fixtures shared by the xdist workers (tests/conftest.py:shared_run).
     # torch/transformers are parity oracles for the importers, pycocoevalcap (its pure-Python
     # BLEU and CIDEr scorers) for vlm.evals.caption_metrics: tests only.
-    # torch==2.13.0 is the CPU build available on the project's machines.
+    # torch==2.13.0 is the CPU build available on the project's machines. ruff: the formatter and linter
+    # that .ci/run checks (pinned: another release may format differently).
     "test": [
       "pytest>=8.0",
       "pytest-xdist>=3.5",
@@ -32,6 +33,7 @@ setup(
       "torch==2.13.0",
       "transformers>=5.0",
       "matplotlib>=3.8",
+      "ruff==0.17.6",
       "pycocoevalcap==1.2",
     ],
   },

@@ -16,7 +16,8 @@ batch 32,768, Adam (b1 0.9, b2 0.98, eps 1e-6) with decoupled weight decay 0.2, 
 Augmentation (off in every variant; vlm.data.augment, README "Augmentation"), e.g.:
 
   python -m vlm.train --config=configs/clip_b16.py:demo --workdir=/tmp/clip_demo_aug \
-      --config.data.pp_train="decode|randaugment(2, 5, geometric=False)|resize(32)|flip_lr|synonyms(0.5)|value_range(-1, 1)" \
+      --config.data.pp_train="decode|randaugment(2, 5, geometric=False)|resize(32)|flip_lr|synonyms(0.5)|\
+value_range(-1, 1)" \
       --config.data.mixgen=0.1
 """
 

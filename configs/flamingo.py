@@ -5,9 +5,9 @@ layers; keys/values from [media; latents]) -> a frozen LM with gated cross-atten
 
 Data: interleaved image-text documents (data.interleaved_images = M; vlm.data.conversation.interleave):
 `<image>caption of image 1.<|endofchunk|><image>question about image k?` -> answer, each text chunk
-closed by the end-of-chunk marker (sec. 2.3's <EOC>; data.conversation.end_of_chunk, one special id). A question about the
-second image is answered through the cross-attention to it; one about the first image must be
-answered from the document's text (that image is out of the question's view).
+closed by the end-of-chunk marker (sec. 2.3's <EOC>; data.conversation.end_of_chunk, one special id).
+A question about the second image is answered through the cross-attention to it; one about the first
+image must be answered from the document's text (that image is out of the question's view).
 
 `:demo` (embedded scenes, two images per document, the CLIP demo's tower and the LM demo, both
 frozen) reports `vqa/accuracy`: exact match of greedy answers to "... in the first / second image?":

@@ -20,8 +20,9 @@ instruction examples, the vision encoder at 2e-6 and the rest at 2e-5 (lr_mults)
 Demo (`:demo`, the embedded text-rich scenes: small text legible at 64 px, a blur at 32 px), padded
 to a random aspect ratio of 1:2, 1:1 or 2:1 (pp op `random_aspect_pad`) so the grids differ per
 image. The encoder is the CLIP demo's image tower (32 px tiles, 4 x 4 features; it learns at a tenth
-of the rate, as in stage 2 at scale), the LM configs/lm_pretrain.py's. Pinpoints: LLaVA-NeXT's set scaled 336 -> 32 px plus 2 x 4 and 4 x 2 tiles,
-so that the demo's wide and tall images, like its square ones, are seen at twice the tile's
+of the rate, as in stage 2 at scale), the LM configs/lm_pretrain.py's. Pinpoints: LLaVA-NeXT's set
+scaled 336 -> 32 px plus 2 x 4 and 4 x 2 tiles, so that the demo's wide and tall images, like its
+square ones, are seen at twice the tile's
 resolution (the paper's set would give a 1:2 image only 1 x 2 tiles). The test bed is reading the
 text (questions filtered to "what does the text say?", data.question_regex), as Monkey's demo.
 `:demo_base` is the same model with one pinpoint, a single tile: the image padded to a square and

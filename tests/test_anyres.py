@@ -456,8 +456,8 @@ def test_llava_next_demo_chain_trains_the_whole_model(vlm_bed, data_dir, tmp_pat
   token count, the whole model learns (the vision tower too, at lr_mults 0.1, as LLaVA-NeXT's stage
   2) to answer from the image: colour questions (8 answers) after 150 steps of batch 32 at lr 2e-3
   (at 100 steps it was still at chance: 14.8/14.1%). Chance 12.5%; measured 34.0/35.9/71.9% (seeds
-  0-2), with another example's views and layout 10.9/12.5/7.8%; thresholds: >= 22%, shuffled <= 25%. The VQA eval and `predict --prompt` feed the
-  views' layout to the model."""
+  0-2), with another example's views and layout 10.9/12.5/7.8%; thresholds: >= 22%, shuffled <= 25%.
+  The VQA eval and `predict --prompt` feed the views' layout to the model."""
   from PIL import Image
 
   from configs import llava_next

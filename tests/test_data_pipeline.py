@@ -37,7 +37,7 @@ def _ids(config, split="train", **kw):
   args.update(kw)
   out = []
   for b in make_pipeline(c, **args):
-    out += [tuple(t) + (int(l),) for t, l in zip(b["text_detailed"].tolist(), b["label"].tolist())]
+    out += [tuple(t) + (int(y),) for t, y in zip(b["text_detailed"].tolist(), b["label"].tolist())]
   return out
 
 

@@ -71,27 +71,27 @@ def _open_gates(params, value=1.0):
 
 
 def test_media_attention_mask_on_known_sequences():
-  I, E = IMG, EOD
-  tokens = jnp.array([[1, 3, I, 4, 5, I, 6, I], [I, 3, 4, E, 5, I, E, 6], [3, 4, 5, 6, 7, 8, 9, 3]])
+  M, E = IMG, EOD
+  tokens = jnp.array([[1, 3, M, 4, 5, M, 6, M], [M, 3, 4, E, 5, M, E, 6], [3, 4, 5, 6, 7, 8, 9, 3]])
   np.testing.assert_array_equal(
-    media_index(tokens, I), [[-1, -1, 0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 1, 1, 1], [-1] * 8]
+    media_index(tokens, M), [[-1, -1, 0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 1, 1, 1], [-1] * 8]
   )
   # After an end-of-document token nothing is attended until the next image (the EOD keeps its own).
-  np.testing.assert_array_equal(media_index(tokens, I, eod_token_id=E)[1], [0, 0, 0, 0, -1, 1, 1, -1])
-  mask = np.asarray(media_attention_mask(tokens, I, 2))
+  np.testing.assert_array_equal(media_index(tokens, M, eod_token_id=E)[1], [0, 0, 0, 0, -1, 1, 1, -1])
+  mask = np.asarray(media_attention_mask(tokens, M, 2))
   assert mask.shape == (3, 8, 2) and mask.dtype == bool
   np.testing.assert_array_equal(
     mask[0].astype(int), [[0, 0], [0, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 0]]
   )  # a third image that was not given: nothing
   assert not mask[2].any()
   assert (mask.sum(-1) <= 1).all()
-  prev = np.asarray(media_attention_mask(tokens, I, 3, all_previous=True))
+  prev = np.asarray(media_attention_mask(tokens, M, 3, all_previous=True))
   np.testing.assert_array_equal(prev[0].astype(int)[[0, 2, 5, 7]], [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
   kv = np.asarray(expand_media_mask(jnp.asarray(mask), 3))
   assert kv.shape == (3, 1, 8, 6)
   np.testing.assert_array_equal(kv[0, 0, 5], [0, 0, 0, 1, 1, 1])
   with pytest.raises(ValueError, match="num_media"):
-    media_attention_mask(tokens, I, 0)
+    media_attention_mask(tokens, M, 0)
 
 
 # ----------------------------------------------------------------------------- (4) resampler
@@ -250,7 +250,7 @@ from transformers.models.idefics.perceiver import IdeficsPerceiverResampler  # n
 
 from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
 from vlm.convert.hf_config import ConfigError  # noqa: E402
-from vlm.convert.idefics import (
+from vlm.convert.idefics import (  # noqa: E402
   import_hf_idefics,
   import_hf_idefics_gated_xattn,  # noqa: E402
   import_hf_idefics_perceiver,

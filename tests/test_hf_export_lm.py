@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import test_decoder_lm as dlm  # noqa: E402  (its model builders and batches)
 import test_hf_llava as llava  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
-from vlm.convert.export_lm import (
+from vlm.convert.export_lm import (  # noqa: E402
   export_hf_llava,
   export_hf_lm,
   export_hf_llm,  # noqa: E402

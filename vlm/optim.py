@@ -3,10 +3,10 @@ weight-decay masks, frozen parameters and learning-rate multipliers by regex on 
 
 Parameter paths are '/'-joined names, e.g. 'img/encoder/block_3/attn/query/kernel'.
 Config keys (all under the trainer config):
-  optimizer: 'adamw' | 'adafactor' | 'sgd';  optimizer_kw: extra kwargs (adamw: b1, b2, eps; adafactor: decay_rate, eps, b1
-      momentum; sgd: momentum, nesterov)
-  lr: peak learning rate;  schedule: dict(name='warmup_cosine'|'warmup_linear'|'warmup_rsqrt'|'constant', warmup_steps=...,
-      end_lr_frac=0.0, timescale=..., cooldown_steps=...)
+  optimizer: 'adamw' | 'adafactor' | 'sgd';  optimizer_kw: extra kwargs (adamw: b1, b2, eps;
+      adafactor: decay_rate, eps, b1 momentum; sgd: momentum, nesterov)
+  lr: peak learning rate;  schedule: dict(name='warmup_cosine'|'warmup_linear'|'warmup_rsqrt'|'constant',
+      warmup_steps=..., end_lr_frac=0.0, timescale=..., cooldown_steps=...)
   wd: decoupled weight decay (scaled by the learning rate, as in AdamW);  wd_mask: regex of decayed
       paths (default: kernels and embeddings, i.e. not biases, norms, temperature and bias scalars)
   grad_clip_norm: clip by global norm (None: off)

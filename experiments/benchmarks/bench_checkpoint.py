@@ -41,9 +41,10 @@ def main() -> None:
     for i in range(args.arrays)
   }
   tree["big"] = jax.device_put(np.zeros((1024, 1024), np.float32), parallel.replicated(mesh))
+  min_bytes = checkpoint.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL
   settings = {
     "replica-parallel, every array (orbax)": 0,
-    f"replica-parallel >= {checkpoint.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL} B (vlm)": checkpoint.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
+    f"replica-parallel >= {min_bytes} B (vlm)": min_bytes,
   }
   times = {name: [] for name in settings}
   for r in range(args.repeats + 1):

@@ -107,7 +107,8 @@ def noise_of(args: BuildArgs, split: str, index: int) -> tuple[int, int]:
   """(duplicate_of, captions_from) of example `index`: -1 where it is clean (always outside train).
 
   duplicate_of = j < index: the image is example j's with its brightness scaled by 0.9-1.1 and
-  +-4 levels of pixel noise (as a re-encoded copy), with j's captions; captions_from = k: the captions are those of (clean) example k, the image is not.
+  +-4 levels of pixel noise (as a re-encoded copy), with j's captions; captions_from = k: the
+  captions are those of (clean) example k, the image is not.
   A pure function of its arguments, so experiments can score a filter against the truth.
   """
   if split != "train" or not (args.noise_shuffled or args.noise_duplicates):

@@ -36,9 +36,11 @@ image processors do. Reference processors, reproduced pixel for pixel (REFERENCE
     CLIPImageProcessor      resize_small(224, method='bicubic')|center_crop(224)|rescale|normalize('clip')
     SiglipImageProcessor    resize(224, method='bicubic')|rescale|normalize('siglip')
     BlipImageProcessor      resize(224, method='bicubic')|rescale|normalize('clip')   (BLIP-2; also IDEFICS)
-    LLaVA-1.5 (pad)         pad_to_square('clip')|resize_small(336, method='bicubic')|center_crop(336)|rescale|normalize('clip')
+    LLaVA-1.5 (pad)         pad_to_square('clip')|resize_small(336, method='bicubic')|center_crop(336)|
+                            rescale|normalize('clip')
     LLaVA-NeXT              anyres(...)|rescale|normalize('clip')   (CLIP processing of each 336 tile)
-    ChameleonImageProcessor resize_small(512, method='lanczos')|center_crop(512)|rescale(0.0078)|normalize(mean=1.0, std=1.0)
+    ChameleonImageProcessor resize_small(512, method='lanczos')|center_crop(512)|rescale(0.0078)|
+                            normalize(mean=1.0, std=1.0)
 
 Against transformers' PIL-backend processors these give the same float32 values (difference 0 on
 the test photos). `resize_small` truncates the longer side as transformers does (427 x 640 ->
@@ -94,9 +96,13 @@ REFERENCE_PP = {
   # BlipImageProcessor (BLIP-2's Blip2Processor at 224), IdeficsImageProcessor (224), Qwen-VL's transform (448)
   "blip": "resize({size}, method='bicubic')|rescale|normalize('clip')",
   # LLaVA-1.5 (image_aspect_ratio='pad'): expand2square with the CLIP mean, then CLIPImageProcessor at 336
-  "llava": "pad_to_square('clip')|resize_small({size}, method='bicubic')|center_crop({size})|rescale|normalize('clip')",
+  "llava": (
+    "pad_to_square('clip')|resize_small({size}, method='bicubic')|center_crop({size})|rescale|normalize('clip')"
+  ),
   # ChameleonImageProcessor: shortest side 512 lanczos, centre crop, x * 0.0078 - 1
-  "chameleon": "resize_small({size}, method='lanczos')|center_crop({size})|rescale(0.0078)|normalize(mean=1.0, std=1.0)",
+  "chameleon": (
+    "resize_small({size}, method='lanczos')|center_crop({size})|rescale(0.0078)|normalize(mean=1.0, std=1.0)"
+  ),
 }
 REFERENCE_SIZE = {"clip": 224, "siglip": 224, "blip": 384, "llava": 336, "chameleon": 512}
 

@@ -1,19 +1,19 @@
 """Evaluations: callables `evaluator(params) -> {name: value}` built from the config by name.
 
-config.evals = {'<name>': dict(type='zeroshot'|'retrieval'|'captioning'|'probe'|'classify'|'vqa_generate'|'text_to_image'|'grounding'|'region_qa', every=N,
-                              split='test', ...)}
+config.evals = {'<name>': dict(type=TYPE, every=N, split='test', ...)}, TYPE one of 'zeroshot', 'retrieval',
+'captioning', 'probe', 'classify', 'vqa_generate', 'text_to_image', 'grounding', 'region_qa'.
 """
 
 from vlm.evals.base import EVALS, build_evals
-from vlm.evals import (
+from vlm.evals import (  # noqa: F401 (imported to register them)
   captioning,
   classification,
   contrastive,
   grounding,
   probe,
-  reconstruction,  # noqa: F401
+  reconstruction,
   text_to_image,
   vqa,
-)  # (imported to register them)
+)
 
 __all__ = ["EVALS", "build_evals"]

@@ -86,9 +86,10 @@ class VQAGenerate(GenerateAnswers):
 
   Needs data.conversation and 'question', 'answer' in data.extra_text_keys (the prompt asks the
   same drawn question as 'answer' holds; with data.conversation.instruction_length, the question
-  also goes to the image encoder as 'prompt_instruction'; AnyRes views come with 'image_layout'). The model is a vlm.models.vision_lm or a vlm.models.flamingo
-  model (each with its cached `generate`). Reports {prefix}/accuracy, and /accuracy_unseen for examples whose
-  main-object combination is held out of training; keeps the last answers in `last_answers`.
+  also goes to the image encoder as 'prompt_instruction'; AnyRes views come with 'image_layout').
+  The model is a vlm.models.vision_lm or a vlm.models.flamingo model (each with its cached
+  `generate`). Reports {prefix}/accuracy, and /accuracy_unseen for examples whose main-object
+  combination is held out of training; keeps the last answers in `last_answers`.
   """
 
   def __init__(

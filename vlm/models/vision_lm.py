@@ -292,10 +292,10 @@ class VisionLanguageModel(nn.Module):
   ):
     """Logits [B, T, V] of tokens [B, T] with the images at their placeholders (mask: padding [B, T];
     segment_ids: packed rows [B, T], see DecoderLM; instruction [B, L]: the image encoder's text
-    input, see encode_images; image_layout [B, 4]: AnyRes, see encode_anyres); with return_stats also {'image_token_mismatch':
-    fraction of rows whose placeholders do not match the images' token count (a row with one image
-    must hold all its tokens; a row with several images, or a packed row, a whole number of images:
-    documents may hold fewer images than the batch's M)}."""
+    input, see encode_images; image_layout [B, 4]: AnyRes, see encode_anyres); with return_stats also
+    {'image_token_mismatch': fraction of rows whose placeholders do not match the images' token count
+    (a row with one image must hold all its tokens; a row with several images, or a packed row, a whole
+    number of images: documents may hold fewer images than the batch's M)}."""
     stats: dict = {}
     # Packed rows, and documents [B, M, ...] that may hold fewer than M images, use a whole number of theirs.
     surplus = segment_ids is not None or (images is not None and images.ndim == 5)

@@ -28,7 +28,7 @@ scratch jointly with a 4-layer, 96-wide Q-Former with 8 queries (model.freeze_im
 import ml_collections
 
 from configs.common import base_config, demo_data, demo_trainer
-from vlm.models.blip2 import BERT_BASE_QFORMER, BLIP2_TEMPERATURE_INIT, EVA_VIT_G
+from configs.defaults import BERT_BASE_QFORMER, BLIP2_TEMPERATURE_INIT, EVA_VIT_G
 
 TOKENIZER_VOCAB = 1000  # the embedded dataset's SentencePiece vocabulary; [DEC] = 1000 is one more row
 

@@ -24,7 +24,7 @@ value_range(-1, 1)" \
 import ml_collections
 
 from configs.common import base_config, demo_data, demo_trainer, demo_two_tower
-from vlm.models.two_tower import CLIP_TEMPERATURE_INIT
+from configs.defaults import CLIP_TEMPERATURE_INIT
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -30,7 +30,7 @@ from a trained CoCa image encoder of the same shape:
 import ml_collections
 
 from configs.common import base_config, demo_data, demo_trainer
-from vlm.models.two_tower import CLIP_TEMPERATURE_INIT
+from configs.defaults import CLIP_TEMPERATURE_INIT
 
 placeholder = ml_collections.config_dict.placeholder
 

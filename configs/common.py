@@ -1,9 +1,11 @@
-"""Pieces shared by the configs: the trainer defaults and the demo-sized towers."""
+"""Pieces shared by the configs: the trainer defaults and the demo-sized towers.
+
+The defaults taken from vlm (sharding rules, `config.data`, `config.peft`) are the copies in configs/defaults.py.
+"""
 
 import ml_collections
 
-from vlm import parallel, peft
-from vlm.data import get_default_config as data_config
+from configs.defaults import DEFAULT_RULES, data_config, peft_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -11,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
-  c.rules = [list(r) for r in parallel.DEFAULT_RULES]
+  c.rules = [list(r) for r in DEFAULT_RULES]
   c.data = data_config()
   c.batch_size = 256
   c.total_steps = 1000
@@ -25,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0
   c.frozen = ()
   c.trainable = ()  # regexes; parameters matching none are frozen (vlm.optim)
-  c.peft = peft.default_config()  # LoRA / adapters (vlm.peft): off until peft.method is set
+  c.peft = peft_config()  # LoRA / adapters (vlm.peft): off until peft.method is set
   c.lr_mults = ()
   c.log_every = 50
   c.checkpoint_every = 1000

@@ -19,8 +19,7 @@ Point `data` at your own source (`tfds:NAME`, `jsonl:PATH`, `wds:GLOB`) to curat
 
 import ml_collections
 
-from vlm.data import get_default_config as data_config
-from vlm.data import scenes
+from configs.defaults import SCENE_COLOUR_NAMES, SCENE_SHAPES, data_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -64,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
   if arg == "full":
     c.steps = ("heuristic", "clip_score", "dedup", "balance", "recaption")
-    c.balance.concepts = tuple(scenes.COLOUR_NAMES) + tuple(scenes.SHAPES)
+    c.balance.concepts = SCENE_COLOUR_NAMES + SCENE_SHAPES
     c.output.name = "scenes_noisy_full"
     return c
   raise ValueError(f"configs/curate.py: unknown variant {arg!r}; known: demo, full")

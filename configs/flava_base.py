@@ -41,7 +41,7 @@ import ml_collections
 
 from configs import vq_tokenizer
 from configs.common import base_config, demo_data, demo_trainer
-from vlm.models.two_tower import CLIP_TEMPERATURE_INIT
+from configs.defaults import CLIP_TEMPERATURE_INIT
 
 DEMO_TOKENIZER_DIR = "/tmp/vq_demo"
 

@@ -19,7 +19,7 @@ CLIP/SigLIP directory:
 import ml_collections
 
 from configs.common import base_config, demo_data, demo_two_tower
-from vlm.models.two_tower import CLIP_TEMPERATURE_INIT
+from configs.defaults import CLIP_TEMPERATURE_INIT
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -46,7 +46,7 @@ import ml_collections
 from configs.common import base_config, demo_data
 from configs.lm_pretrain import conversation, demo_lm
 from configs.llava_base import demo_init, demo_vision, model, vicuna_chat, vqa_eval
-from vlm.data import anyres
+from configs.defaults import LLAVA_NEXT_PINPOINTS, anyres_max_image_tokens
 
 DEMO_TILE = 32
 # LLaVA-NeXT's pinpoints scaled 336 -> 32 px (1x2, 2x1, 2x2, 1x3, 3x1 tiles) plus 2x4 and 4x2.
@@ -82,10 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   else:
     # LLaVA-NeXT-7B (Vicuna-7B v1.5): LLaVA-1.5's model, CLIP ViT-L/14 at 336 px (24 x 24 features per tile).
-    c.model = dict(
-      model(demo=False), anyres=dict(grid_pinpoints=anyres.LLAVA_NEXT_PINPOINTS, tile_size=336, patch_grid=24)
-    )
-  max_tokens = anyres.max_image_tokens(**c.model["anyres"])
+    c.model = dict(model(demo=False), anyres=dict(grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_size=336, patch_grid=24))
+  max_tokens = anyres_max_image_tokens(**c.model["anyres"])
   c.data.extra_text_keys = ("caption_detailed", "question", "answer")
   if demo:
     demo_data(c)

@@ -29,8 +29,7 @@ stage); each stage's default init.path is the previous stage's workdir below:
 import ml_collections
 
 from configs.common import base_config, demo_data, demo_trainer
-from vlm.data import scenes
-from vlm.models.two_tower import CLIP_TEMPERATURE_INIT
+from configs.defaults import CLIP_TEMPERATURE_INIT, scene_answer_vocab
 
 DEMO_ROOT = "/tmp/vlmo_demo"
 VQ_DEMO_WORKDIR = "/tmp/vq_demo"
@@ -183,7 +182,7 @@ def _vqa(c: ml_collections.ConfigDict, demo: bool) -> None:
     dict(input_key=("image", "question"), label_key="answer_label", method="vqa_logits")
   )
   c.data.extra_text_keys = ("question",)
-  answers = scenes.answer_vocab()
+  answers = scene_answer_vocab()
   c.data.answer_vocab = answers
   c.model.num_answers = len(answers)
   c.evals = ml_collections.ConfigDict(

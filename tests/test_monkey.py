@@ -1,5 +1,5 @@
 """Monkey's high-resolution encoding (vlm.models.monkey): windows, per-window LoRA sets
-(vlm.peft.lora_sets) and the Qwen-VL resampler (vlm.nn.resampler)."""
+(lora_sets) and the Qwen-VL resampler (vlm.nn.resampler)."""
 
 import flax.linen as nn
 import jax
@@ -9,8 +9,7 @@ import pytest
 from flax import traverse_util
 
 from helpers import above_chance, ridge_probe_accuracy, text_answers
-from vlm import peft
-from vlm.models.monkey import Monkey, cut_windows, merge_windows
+from vlm.models.monkey import Monkey, cut_windows, lora_sets, merge_windows
 from vlm.models.vit import ViT
 from vlm.nn.resampler import QwenVLResampler
 
@@ -116,7 +115,7 @@ def test_lora_sets_name_what_matches_nothing():
   class M(nn.Module):
     @nn.compact
     def __call__(self, x):
-      with peft.lora_sets([("nothing", 2)], 2, jnp.zeros((x.shape[0],), jnp.int32)):
+      with lora_sets([("nothing", 2)], 2, jnp.zeros((x.shape[0],), jnp.int32)):
         return nn.Dense(3, name="fc")(x)
 
   with pytest.raises(ValueError, match=r"LoRA set targets \['nothing'\] match no linear layer.*fc"):

@@ -1,4 +1,4 @@
-"""PEFT (vlm/peft.py): LoRA and adapters on any model through method interception, the optimiser
+"""PEFT (vlm/peft/): LoRA and adapters on any model through method interception, the optimiser
 that trains only them, merging LoRA into the base weights, and a PEFT run of the trainer."""
 
 import functools
@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from vlm import checkpoint, peft
+from vlm import checkpoint, peft, tree
 from vlm.models import build_model
 from vlm.optim import build_optimizer
 
@@ -41,17 +41,17 @@ def _init(model, *args, boxed=False):
 
 
 def _flat(params):
-  return peft._flat(params)
+  return tree.flatten(params)
 
 
 def _base_of(params):
-  return peft._unflat({k: v for k, v in _flat(params).items() if not peft.is_peft_path(k)})
+  return tree.unflatten({k: v for k, v in _flat(params).items() if not peft.is_peft_path(k)})
 
 
 def _randomise(params, regex, scale=0.1, seed=0):
   """Sets every leaf whose path matches `regex` to random values (e.g. lora_b, adapter/up)."""
   rng = np.random.default_rng(seed)
-  return peft._unflat(
+  return tree.unflatten(
     {
       k: (scale * rng.standard_normal(v.shape).astype(v.dtype) if re.fullmatch(regex, k) else v)
       for k, v in _flat(params).items()
@@ -60,7 +60,7 @@ def _randomise(params, regex, scale=0.1, seed=0):
 
 
 def _drop(params, regex):
-  return peft._unflat({k: v for k, v in _flat(params).items() if not re.fullmatch(regex, k)})
+  return tree.unflatten({k: v for k, v in _flat(params).items() if not re.fullmatch(regex, k)})
 
 
 def _lm_out(model, params):
@@ -305,7 +305,7 @@ def test_trainer_peft_run_keeps_base_and_merges(data_dir, tmp_path):
   shapes = jax.eval_shape(lambda: nn.meta.unbox(plain.init(jax.random.key(0), *args)["params"]))
   rng = np.random.default_rng(0)  # any values will do for the base (and cost no compilation)
   base = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-  peft.save_params(tmp_path / "base", base)
+  checkpoint.save_params(tmp_path / "base", base)
 
   c.init = ml_collections.ConfigDict(dict(path=str(tmp_path / "base")))
   c.peft = ml_collections.ConfigDict(
@@ -323,10 +323,10 @@ def test_trainer_peft_run_keeps_base_and_merges(data_dir, tmp_path):
   # peft_params/ holds only the LoRA leaves; with the base they are the trained params.
   saved = _flat(checkpoint.load_params(wd / "peft_params"))
   assert saved and all(k.endswith(("lora_a", "lora_b")) for k in saved)
-  rebuilt = _flat(peft.load_peft(base, wd / "peft_params"))
+  rebuilt = _flat(checkpoint.load_peft(base, wd / "peft_params"))
   assert set(rebuilt) == set(flat) and all(np.array_equal(rebuilt[k], flat[k]) for k in flat)
   # Merge (function) -> a plain checkpoint + config.json without peft; plain outputs == PEFT outputs.
-  merged_dir = peft.merge_workdir(wd, tmp_path / "merged")
+  merged_dir = checkpoint.merge_workdir(wd, tmp_path / "merged")
   merged = checkpoint.load_params(merged_dir)
   assert "peft" not in json.loads((merged_dir / "config.json").read_text())
   x = (batch["image"][:4], batch["text"][:4])

@@ -1,6 +1,8 @@
 """Checkpoints with orbax: async saves every N steps, keep the last K, atomic finalisation,
 resume with optimiser/step/RNG/data-iterator state, and loading some or all parameters from a
 checkpoint (ours or an imported HF one) with an error that lists the paths that do not fit.
+PEFT runs (vlm.peft): their trainable leaves alone (save_peft / load_peft onto a base), and a
+workdir with LoRA merged into a plain checkpoint (merge_workdir; the CLI `python -m vlm.peft merge`).
 
 Orbax writes each step into a temporary directory and renames it only once every item is
 complete, so an interrupted save is never listed as a checkpoint.
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import traverse_util
 from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's default handler uses
 
 from vlm.nn.posemb import resample_posemb
-from vlm.optim import path_str
-from vlm.peft import is_peft_path
+from vlm.peft import ADAPTER_TRAINABLE, LORA_PARAMS, is_peft_path, merge_lora, parse_config, peft_params
+from vlm.tree import flatten, path_str, unflatten
 
 
 # Replica-parallel saving splits every replicated array into one slice per replica, each an op
@@ -429,8 +431,7 @@ def merge_params(
   an unrolled target from a scanned checkpoint (layer i sliced out), so an HF directory (imported unrolled
   by load_params) or a checkpoint of the other layout initialises either model.
   """
-  tflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(target).items()}
-  lflat = {"/".join(k): v for k, v in traverse_util.flatten_dict(loaded).items()}
+  tflat, lflat = flatten(target, unbox=False), flatten(loaded, unbox=False)
   mapping = mapping or {"": ""}
   problems, out, used = [], dict(tflat), 0
   for tpath, tval in tflat.items():
@@ -465,4 +466,73 @@ def merge_params(
     problems.append("no parameter of the checkpoint matched the model")
   if problems:
     raise ValueError("checkpoint does not fit the model:\n  " + "\n  ".join(problems))
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+  return unflatten(out)
+
+
+# ------------------------------------------------------------------------------------------- PEFT
+
+
+def save_params(directory: str | Path, params: Any, step: int = 0) -> Path:
+  """Writes `params` as a checkpoint that `load_params(directory)` reads back."""
+  ckpt = Checkpointer(directory, save_every=1, keep=1, async_save=False)
+  ckpt.save(int(step), {"params": params}, force=True)
+  ckpt.close()
+  return Path(directory)
+
+
+def save_peft(directory: str | Path, params: Any, regexes: Sequence[str] | None = None, step: int = 0) -> Path:
+  """Writes only the PEFT (trainable) leaves of `params` to `directory` (vlm.peft.peft_params)."""
+  sub = peft_params(params, regexes)
+  if not sub:
+    raise ValueError("save_peft: no parameter matches the PEFT regexes")
+  return save_params(directory, sub, step)
+
+
+def load_peft(base_params: Any, peft_dir: str | Path, step: int | None = None) -> dict:
+  """Base parameters (e.g. the plain pretrained checkpoint) + the leaves saved by save_peft.
+
+  LoRA / adapter leaves are added; other saved leaves (train_also) replace base leaves of the same
+  path and shape. Raises ValueError for a leaf that does not fit the base.
+  """
+  base = flatten(base_params)
+  problems = []
+  for path, v in flatten(load_params(peft_dir, step)).items():
+    if path in base:
+      if tuple(np.shape(base[path])) != tuple(np.shape(v)):
+        problems.append(f"{path}: shape {tuple(np.shape(v))} != base {tuple(np.shape(base[path]))}")
+    elif not is_peft_path(path):
+      problems.append(f"{path}: not in the base parameters")
+    elif path.endswith(LORA_PARAMS) and path.rsplit("/", 1)[0] + "/kernel" not in base:
+      problems.append(f"{path}: the base has no {path.rsplit('/', 1)[0]}/kernel")
+    base[path] = v
+  if problems:
+    raise ValueError(f"{peft_dir}: PEFT parameters do not fit the base:\n  " + "\n  ".join(problems))
+  return unflatten(base)
+
+
+def merge_workdir(workdir: str | Path, out: str | Path, step: int | None = None, alpha: float | None = None) -> Path:
+  """Loads a PEFT run's parameters (latest or `step`), merges LoRA and writes a plain checkpoint
+  (and config.json without `peft`) to `out`; adapters cannot be merged and raise."""
+  workdir, out = Path(workdir), Path(out)
+  config = None
+  if (workdir / "config.json").exists():
+    config = json.loads((workdir / "config.json").read_text())
+  cfg = parse_config((config or {}).get("peft"))
+  if alpha is None:
+    if cfg is None:
+      raise ValueError(f"{workdir}: no config.json with a `peft` block; pass --alpha")
+    alpha = cfg.alpha
+  params = load_params(workdir, step)
+  adapters = [p for p in flatten(params) if re.fullmatch(ADAPTER_TRAINABLE, p)]
+  if adapters:
+    raise ValueError(
+      f"{workdir}: adapters cannot be merged into the base weights (e.g. {adapters[0]}); "
+      "serve this checkpoint with the PEFT model config"
+    )
+  if step is None:
+    step = latest_step(workdir) or 0
+  save_params(out, merge_lora(params, alpha), step)
+  if config is not None:
+    config.pop("peft", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+  return out

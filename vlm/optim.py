@@ -1,7 +1,7 @@
 """Optimisers from config: optax AdamW / Adafactor / SGD-momentum, schedules, clipping,
 weight-decay masks, frozen parameters and learning-rate multipliers by regex on parameter paths.
 
-Parameter paths are '/'-joined names, e.g. 'img/encoder/block_3/attn/query/kernel'.
+Parameter paths are '/'-joined names (vlm.tree), e.g. 'img/encoder/block_3/attn/query/kernel'.
 Config keys (all under the trainer config):
   optimizer: 'adamw' | 'adafactor' | 'sgd';  optimizer_kw: extra kwargs (adamw: b1, b2, eps;
       adafactor: decay_rate, eps, b1 momentum; sgd: momentum, nesterov)
@@ -17,7 +17,6 @@ Config keys (all under the trainer config):
   lr_mults: list of (regex, multiplier); the first match wins
 """
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,30 +24,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlm import peft
+from vlm.tree import compile_regexes, matches, path_str, tree_paths
+
 DEFAULT_WD_MASK = r".*(kernel|embedding)$"
-
-
-def path_str(path: tuple) -> str:
-  """A jax tree path -> 'a/b/c'."""
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-  return "/".join(parts)
-
-
-def tree_paths(tree: Any) -> Any:
-  """The same tree with each leaf replaced by its '/'-joined path."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree)
-
-
-def _compile(patterns: Sequence[str], key: str) -> list[re.Pattern]:
-  out = []
-  for p in patterns:
-    try:
-      out.append(re.compile(p))
-    except re.error as e:
-      raise ValueError(f"config.{key}: bad regex {p!r}: {e}") from None
-  return out
 
 
 def make_schedule(
@@ -101,7 +80,9 @@ def _base(name: str, kw: dict[str, Any]) -> optax.GradientTransformation:
 
 def scale_by_regex(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
   """Multiplies each update by the multiplier of the first regex that matches its path (else 1)."""
-  compiled = [(r, float(m)) for r, m in zip(_compile([r for r, _ in rules], "lr_mults"), [m for _, m in rules])]
+  compiled = [
+    (r, float(m)) for r, m in zip(compile_regexes([r for r, _ in rules], "config.lr_mults"), [m for _, m in rules])
+  ]
 
   def mult(path: str) -> float:
     return next((m for r, m in compiled if r.fullmatch(path)), 1.0)
@@ -119,10 +100,10 @@ def frozen_labels(frozen: Sequence[str], trainable: Sequence[tuple[str, str]] | 
   trainable: None (everything not frozen trains) or (regex, config key) pairs; a parameter that
   matches none of them is frozen, and a regex that matches no parameter is an error naming its key.
   """
-  regexes = _compile(frozen, "frozen")
+  regexes = compile_regexes(frozen, "config.frozen")
   train_re = None
   if trainable is not None:
-    train_re = [(_compile([p], key)[0], key) for p, key in trainable]
+    train_re = [(compile_regexes([p], f"config.{key}")[0], key) for p, key in trainable]
 
   def labels(params):
     paths = tree_paths(params)
@@ -141,7 +122,7 @@ def frozen_labels(frozen: Sequence[str], trainable: Sequence[tuple[str, str]] | 
           )
 
     def label(p):
-      if any(r.fullmatch(p) for r in regexes):
+      if matches(p, regexes):
         return "frozen"
       if train_re is not None and not any(r.fullmatch(p) for r, _ in train_re):
         return "frozen"
@@ -155,8 +136,6 @@ def frozen_labels(frozen: Sequence[str], trainable: Sequence[tuple[str, str]] | 
 def trainable_patterns(config) -> list[tuple[str, str]] | None:
   """(regex, config key) pairs of config.trainable and the PEFT-implied ones; None if neither is set."""
   pats = [(p, "trainable") for p in (config.get("trainable") or [])]
-  from vlm import peft
-
   cfg = peft.parse_config(config.get("peft")) if config.get("peft") else None
   if cfg is not None:
     train_also = set(cfg.train_also)
@@ -168,7 +147,7 @@ def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformat
   """(tx, schedule) from the trainer config (keys in the module docstring)."""
   sched_cfg = dict(config.get("schedule", {}) or {})
   sched = make_schedule(config.lr, total_steps, **sched_cfg)
-  wd_re = _compile([config.get("wd_mask", DEFAULT_WD_MASK)], "wd_mask")[0]
+  wd_re = compile_regexes([config.get("wd_mask", DEFAULT_WD_MASK)], "config.wd_mask")[0]
   chain = []
   if config.get("grad_clip_norm"):
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))

@@ -372,7 +372,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     completed = True
     peft_cfg = peft.parse_config(config.get("peft"))
     if peft_cfg is not None and peft_cfg.save_only_peft:  # every process: orbax saves are collective
-      peft.save_peft(workdir / "peft_params", state.params, peft.trainable_regexes(peft_cfg), step=total)
+      checkpoint.save_peft(workdir / "peft_params", state.params, peft.trainable_regexes(peft_cfg), step=total)
     writer.close()
     return last
   finally:

@@ -6,7 +6,7 @@ Are Important Things for Large Multi-modal Models", sec. 3.1).
          image resized to w (the global view)                       views [B, K + 1, w, w, 3]
       -> ONE shared (frozen) ViT over all B (K + 1) views as one batch; window k's view goes
          through the ViT with LoRA set k on its attention and MLP layers (ranks 16 and 32), the
-         global view with none (vlm.peft.lora_sets: a per-example set index)
+         global view with none (lora_sets below: a per-example set index)
       -> the shared resampler (vlm.nn.resampler.QwenVLResampler, 256 queries) on every view
       -> [B, (K + 1) * Q, D]: window tokens in row order, then the global view's
 
@@ -20,20 +20,71 @@ sit beside the kernels of the targeted layers), resampler/... . Freeze the ViT b
 sets with config.frozen = [r'vision/img/(?!.*lora_sets_).*'] (configs/monkey.py).
 """
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm import peft
 from vlm.models.vit import ViT
 from vlm.nn.resampler import QwenVLResampler
+from vlm.peft import LINEAR_TYPES, LORA_SET_PARAMS, lora_update
 
 Dtype = Any
 
 ATTN_TARGETS = r"attn/(query|key|value|out)"
 MLP_TARGETS = r"mlp/(fc1|fc2)"
+
+
+def lora_sets(targets: Sequence[tuple[str, int]], num_sets: int, set_index: jax.Array, alpha: float | None = None):
+  """A context (`with lora_sets(...): y = module(x)`, inside a compact method) adding per-example
+  LoRA sets (lora_update with num_sets) to the targeted linear layers that run inside it.
+
+  targets: (regex, rank) pairs; a layer is targeted when a regex fullmatches a trailing part of its
+  module path (r'attn/(query|key|value|out)' matches 'img/encoder/block_0/attn/query'); the
+  first matching pair decides the rank. alpha: the LoRA scale numerator (alpha / rank; None: alpha = rank, scale 1).
+  Parameters `lora_sets_a`, `lora_sets_b` [num_sets, ...] sit on the targeted layers (apart from
+  config.peft's `lora_a` / `lora_b`, which may be added on top). A regex that matches no
+  layer raises when the context exits.
+  """
+  compiled = [(re.compile(p), int(r)) for p, r in targets]
+  hits = {p.pattern: 0 for p, _ in compiled}
+  seen: list[str] = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    m = context.module
+    if context.method_name != "__call__" or not isinstance(m, LINEAR_TYPES):
+      return next_fun(*args, **kwargs)
+    path = "/".join(m.path)
+    seen.append(path)
+    match = next(
+      ((r, rank) for r, rank in compiled if any(r.fullmatch("/".join(m.path[i:])) for i in range(len(m.path)))), None
+    )
+    out = next_fun(*args, **kwargs)
+    if match is None:
+      return out
+    r, rank = match
+    hits[r.pattern] += 1
+    x = args[0] if args else next(iter(kwargs.values()))
+    scale = (alpha if alpha is not None else rank) / rank
+    return lora_update(m, out, x, rank=rank, scale=scale, names=LORA_SET_PARAMS, num_sets=num_sets, set_index=set_index)
+
+  class _Ctx:
+    def __enter__(self):
+      self._cm = nn.intercept_methods(interceptor)
+      self._cm.__enter__()
+
+    def __exit__(self, exc_type, exc, tb):
+      self._cm.__exit__(exc_type, exc, tb)
+      if exc_type is None:
+        missing = [p for p, n in hits.items() if n == 0]
+        if missing:
+          raise ValueError(f"LoRA set targets {missing} match no linear layer; layers are e.g. {seen[:6]}")
+      return False
+
+  return _Ctx()
 
 
 def cut_windows(images: jax.Array, window: int) -> jax.Array:
@@ -101,7 +152,7 @@ class Monkey(nn.Module):
       # View j of every image uses LoRA set j; the global view (j = K) none. One batched ViT call.
       set_index = jnp.tile(jnp.append(jnp.arange(k), -1), b)
       targets = [(ATTN_TARGETS, self.lora_attn_rank), (MLP_TARGETS, self.lora_mlp_rank)]
-      with peft.lora_sets(targets, k, set_index):
+      with lora_sets(targets, k, set_index):
         _, aux = self.img(flat, train=train)
     else:
       _, aux = self.img(flat, train=train)

@@ -11,14 +11,14 @@
 
 - `import_hf_blip2`: Blip2ForConditionalGeneration with a decoder-only Llama / Qwen2 / Gemma LM ->
   ('vision_lm', vlm.models.vision_lm.VisionLanguageModel kwargs, params): vision_model 'blip2_qformer'
-  (its `query_features`), connector 'linear' (language_projection), the LM by vlm.convert.llm's table.
+  (its `query_features`), connector 'linear' (language_projection), the LM by vlm.convert.common.lm_table.
   `vlm.convert.import_hf` dispatches here for model_type 'blip-2' (a Blip2ForImageTextRetrieval
   checkpoint goes to import_hf_blip2_stage1).
 
 The row tables (`qformer_rows`, `vision_rows`, `language_projection_rows`) map HF keys to our paths
-with a layout; `import_hf_blip2` combines them with vlm.convert.llm's.
+with a layout; `import_hf_blip2` combines them with vlm.convert.common.lm_table's.
 
-Layout names are those of vlm.convert.hf (`dense`: torch [out, in] -> [in, out]; `qkv`:
+Layout names are those of vlm.convert.common.fwd (`dense`: torch [out, in] -> [in, out]; `qkv`:
 [h*hd, D] -> [D, h, hd]; `out`: [D, h*hd] -> [h, hd, D]; `conv`: [D, C, p, p] -> [p, p, C, D]).
 
 Config: config.json is read only through vlm.convert.hf_config (transformers' defaults of Blip2Config,
@@ -31,7 +31,6 @@ use_decoder_only_language_model is not read), its head tying is the LM config's 
 and Blip2VisionConfig.qkv_bias=False (no q/v biases) imports as zero biases.
 """
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +38,36 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import hf_config, llm
-from vlm.convert.hf import ACT_FROM_HF, _fwd, _linear, _norm, stack_encoder_blocks
+from vlm.convert.common import (
+  ACT_FROM_HF,
+  LM_LAYOUTS,
+  Part,
+  Row,
+  apply_part,
+  as_config,
+  fwd,
+  linear_rows,
+  lm_table,
+  load_source,
+  norm_rows,
+  square_size,
+  stack_encoder_blocks,
+)
 from vlm.convert.hf_config import HFConfig
-from vlm.convert.safetensors_io import load_safetensors_dir
-
-Row = tuple[str, str, str]  # (HF key, our path, layout)
+from vlm.convert.registry import register_importer
 
 
 def language_projection_rows(ours: str = "projector", hf: str = "language_projection") -> list[Row]:
   """Stage 2's Linear from the query outputs [.., D] to the LLM width (Blip2ForConditionalGeneration)."""
-  return _linear(hf, ours, "dense")
+  return linear_rows(hf, ours, "dense")
 
 
 def _attention_rows(hf: str, ours: str) -> list[Row]:
   """BERT attention: {query,key,value} Linear + output.dense (+ output.LayerNorm)."""
   rows = []
   for name in ("query", "key", "value"):
-    rows += _linear(f"{hf}.attention.{name}", f"{ours}/{name}", "qkv", bias_kind="qkv_bias")
-  return rows + _linear(f"{hf}.output.dense", f"{ours}/out", "out")
+    rows += linear_rows(f"{hf}.attention.{name}", f"{ours}/{name}", "qkv", bias_kind="qkv_bias")
+  return rows + linear_rows(f"{hf}.output.dense", f"{ours}/out", "out")
 
 
 def qformer_rows(
@@ -75,7 +86,7 @@ def qformer_rows(
   """
   p = f"{hf}." if hf else ""
   o = f"{ours}/" if ours else ""
-  rows = _norm(f"{p}layernorm", f"{o}norm")
+  rows = norm_rows(f"{p}layernorm", f"{o}norm")
   if text and embeddings:
     rows += [
       (f"{embeddings}.word_embeddings.weight", f"{o}word_embed/embedding", "id"),
@@ -83,15 +94,16 @@ def qformer_rows(
     ]
   for i in range(depth):
     h, b = f"{p}encoder.layer.{i}", f"{o}block_{i}"
-    rows += _attention_rows(f"{h}.attention", f"{b}/attn") + _norm(f"{h}.attention.output.LayerNorm", f"{b}/norm_attn")
+    rows += _attention_rows(f"{h}.attention", f"{b}/attn")
+    rows += norm_rows(f"{h}.attention.output.LayerNorm", f"{b}/norm_attn")
     if i % cross_attention_frequency == 0:
       rows += _attention_rows(f"{h}.crossattention", f"{b}/cross_attn")
-      rows += _norm(f"{h}.crossattention.output.LayerNorm", f"{b}/norm_cross")
+      rows += norm_rows(f"{h}.crossattention.output.LayerNorm", f"{b}/norm_cross")
     ffns = [("_query", "query")] + ([("", "text")] if text else [])
     for suffix, name in ffns:
-      rows += _linear(f"{h}.intermediate{suffix}.dense", f"{b}/mlp_{name}/fc1")
-      rows += _linear(f"{h}.output{suffix}.dense", f"{b}/mlp_{name}/fc2")
-      rows += _norm(f"{h}.output{suffix}.LayerNorm", f"{b}/norm_mlp_{name}")
+      rows += linear_rows(f"{h}.intermediate{suffix}.dense", f"{b}/mlp_{name}/fc1")
+      rows += linear_rows(f"{h}.output{suffix}.dense", f"{b}/mlp_{name}/fc2")
+      rows += norm_rows(f"{h}.output{suffix}.LayerNorm", f"{b}/norm_mlp_{name}")
   return rows
 
 
@@ -106,15 +118,15 @@ def vision_rows(depth: int, *, hf: str = "vision_model", ours: str = "img") -> l
     (f"{p}embeddings.class_embedding", f"{o}cls", "id"),
     (f"{p}embeddings.position_embedding", f"{o}pos_embedding/pos_embedding", "id"),
   ]
-  rows += _linear(f"{p}embeddings.patch_embedding", f"{o}embedding/conv", "conv")
+  rows += linear_rows(f"{p}embeddings.patch_embedding", f"{o}embedding/conv", "conv")
   for i in range(depth):
     h, b = f"{p}encoder.layers.{i}", f"{o}encoder/block_{i}"
-    rows += _norm(f"{h}.layer_norm1", f"{b}/norm1") + _norm(f"{h}.layer_norm2", f"{b}/norm2")
+    rows += norm_rows(f"{h}.layer_norm1", f"{b}/norm1") + norm_rows(f"{h}.layer_norm2", f"{b}/norm2")
     for a, name in (("q", "query"), ("k", "key"), ("v", "value")):
-      rows += _linear(f"{h}.self_attn.{a}", f"{b}/attn/{name}", "qkv", bias_kind="qkv_bias")
-    rows += _linear(f"{h}.self_attn.projection", f"{b}/attn/out", "out")
-    rows += _linear(f"{h}.mlp.fc1", f"{b}/mlp/fc1") + _linear(f"{h}.mlp.fc2", f"{b}/mlp/fc2")
-  return rows + _norm(f"{p}post_layernorm", f"{o}encoder_norm")
+      rows += linear_rows(f"{h}.self_attn.{a}", f"{b}/attn/{name}", "qkv", bias_kind="qkv_bias")
+    rows += linear_rows(f"{h}.self_attn.projection", f"{b}/attn/out", "out")
+    rows += linear_rows(f"{h}.mlp.fc1", f"{b}/mlp/fc1") + linear_rows(f"{h}.mlp.fc2", f"{b}/mlp/fc2")
+  return rows + norm_rows(f"{p}post_layernorm", f"{o}encoder_norm")
 
 
 def split_fused_qkv(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,43 +149,6 @@ def split_fused_qkv(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # -- sources ----------------------------------------------------------------------------------------
 
 
-def _numpy(x) -> np.ndarray:
-  if hasattr(x, "detach"):  # a torch tensor
-    x = x.detach().cpu().float().numpy()
-  return np.asarray(x, np.float32)
-
-
-def as_config(config, model_type: str | None = None) -> HFConfig:
-  """An HFConfig (transformers' defaults filled) for an HFConfig (returned as it is), a transformers config
-  (its to_dict) or a config.json dict; model_type: the type a dict without one has (a bare sub-config)."""
-  if isinstance(config, HFConfig):
-    return config
-  file = "config.json"
-  if hasattr(config, "to_dict"):
-    file, config = type(config).__name__, config.to_dict()
-  if not isinstance(config, Mapping):
-    raise TypeError(f"expected an HF config (HFConfig, transformers config or dict), got {type(config).__name__}")
-  config = dict(config)
-  if model_type and not config.get("model_type"):
-    config["model_type"] = model_type
-  return hf_config.from_dict(config, file)
-
-
-def _load(source, config) -> tuple[dict[str, np.ndarray], HFConfig]:
-  """(tensors, HFConfig) from an HF directory (its config.json unless config is given) or a state dict
-  (+ its config: an HFConfig, a transformers config or a dict)."""
-  if isinstance(source, (str, Path)):
-    path = Path(source)
-    tensors = load_safetensors_dir(path)
-    if config is None:
-      config = hf_config.read_config(path)
-  else:
-    tensors = {k: _numpy(v) for k, v in source.items()}
-  if config is None:
-    raise ValueError("import from a state dict needs the HF config (a dict or a transformers config)")
-  return tensors, as_config(config)
-
-
 def _sub_config(config: HFConfig, key: str) -> HFConfig:
   """config[key] for a composite config that has the sub-config `key`; else config itself (a bare
   sub-config, e.g. a Blip2QFormerConfig)."""
@@ -187,16 +162,6 @@ def _expect_type(c: HFConfig, *model_types: str) -> HFConfig:
   return c
 
 
-def _square(c: HFConfig, key: str) -> int:
-  """An image_size / patch_size: an int, or [h, w] with h == w."""
-  v = c[key]
-  if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1]:
-    v = v[0]
-  if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-    raise c.error(key, "expected a positive integer (or a square [h, w])")
-  return v
-
-
 def _apply_rows(
   tensors: dict[str, np.ndarray], rows: list[Row], heads: dict[str, int], what: str
 ) -> tuple[dict, set[str]]:
@@ -207,7 +172,7 @@ def _apply_rows(
   flat = {}
   for hf, ours, kind in rows:
     h = next((n for prefix, n in heads.items() if ours.startswith(prefix)), 1)
-    flat[tuple(ours.split("/"))] = np.asarray(_fwd(kind, tensors[hf], h), np.float32)
+    flat[tuple(ours.split("/"))] = np.asarray(fwd(kind, tensors[hf], h), np.float32)
   return flat, {hf for hf, _, _ in rows}
 
 
@@ -247,7 +212,7 @@ def vit_kwargs_from_hf(vc) -> dict[str, Any]:
   """Our ViT kwargs for an HF Blip2VisionConfig (an HFConfig, or a dict / transformers config: wrapped).
   qkv_bias False needs nothing: split_fused_qkv gives zero biases."""
   vc = _expect_type(as_config(vc, "blip_2_vision_model"), "blip_2_vision_model")
-  size, patch = _square(vc, "image_size"), _square(vc, "patch_size")
+  size, patch = square_size(vc, "image_size"), square_size(vc, "patch_size")
   if size % patch:
     raise vc.error("image_size", f"not a multiple of patch_size {patch}")
   grid = size // patch
@@ -295,7 +260,7 @@ def import_hf_blip2_qformer(source, config=None) -> tuple[dict[str, Any], dict, 
   vocab_size; the word / position embeddings are imported when the source has 'embeddings.*'
   (Blip2ForImageTextRetrieval, Blip2TextModelWithProjection), else absent from the params.
   """
-  tensors, config = _load(source, config)
+  tensors, config = load_source(source, config)
   kwargs, flat, _ = _qformer_flat(tensors, _sub_config(config, "qformer_config"))
   query = tensors.get("query_tokens")
   return kwargs, traverse_util.unflatten_dict(flat), (None if query is None else np.asarray(query, np.float32))
@@ -308,7 +273,7 @@ def import_hf_blip2_vision(source, config=None) -> tuple[dict[str, Any], dict]:
   blocks (the fused qkv with q/v biases is split, k bias 0), exact GELU, post_layernorm as the
   final norm, pool_type 'none' (aux['encoded'] = HF last_hidden_state).
   """
-  tensors, config = _load(source, config)
+  tensors, config = load_source(source, config)
   vc = _sub_config(config, "vision_config")
   tensors = split_fused_qkv(tensors)
   vp = _prefix(tensors, "post_layernorm.weight", ("vision_model", ""))
@@ -326,7 +291,7 @@ def import_hf_blip2_stage1(source, config=None) -> tuple[str, dict[str, Any], di
   model: they are absent from the params. dec_id is set to the last vocabulary row (LAVIS appends
   [DEC] to BERT's vocabulary). Raises listing tensors that were not used.
   """
-  tensors, config = _load(source, config)
+  tensors, config = load_source(source, config)
   tensors = split_fused_qkv(tensors)
   vc, qc = _sub_config(config, "vision_config"), _sub_config(config, "qformer_config")
   vit = vit_kwargs_from_hf(vc)
@@ -339,8 +304,8 @@ def import_hf_blip2_stage1(source, config=None) -> tuple[str, dict[str, Any], di
   vflat, vused = _apply_rows(tensors, vision_rows(vit["depth"]), {"img/": vit["num_heads"]}, "Blip2VisionModel")
   flat.update(vflat)
   used |= vused
-  heads = _linear("vision_projection", "vision_proj") + _linear("text_projection", "text_proj")
-  heads += _linear("itm_head", "itm_head") + [("query_tokens", "query_tokens", "id")]
+  heads = linear_rows("vision_projection", "vision_proj") + linear_rows("text_projection", "text_proj")
+  heads += linear_rows("itm_head", "itm_head") + [("query_tokens", "query_tokens", "id")]
   hflat, hused = _apply_rows(tensors, heads, {}, "Blip2ForImageTextRetrieval")
   flat.update(hflat)
   used |= hused
@@ -360,7 +325,7 @@ def import_hf_blip2_stage1(source, config=None) -> tuple[str, dict[str, Any], di
 
 # -- stage 2: Blip2ForConditionalGeneration -> VisionLanguageModel ----------------------------------
 
-# The LM is found in vlm.convert.llava's two layouts ('language_model.model.*' + 'language_model.lm_head.*', as
+# The LM is found in vlm.convert.common.LM_LAYOUTS ('language_model.model.*' + 'language_model.lm_head.*', as
 # transformers saves Blip2ForConditionalGeneration, or 'model.language_model.*' + 'lm_head.*'); the other parts
 # may sit under a 'model.' prefix too. Buffers that some versions save:
 _IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
@@ -393,6 +358,7 @@ def _image_token(config: HFConfig):
   return "image_token_index", config["image_token_index"]
 
 
+@register_importer("blip-2")
 def import_hf_blip2(
   source, config=None, scan: bool = False, image_token_id: int | None = None
 ) -> tuple[str, dict[str, Any], dict]:
@@ -415,10 +381,8 @@ def import_hf_blip2(
   lm/decoder/layers/...); the Q-Former stays unrolled (its blocks alternate with and without
   cross-attention). A stage-1 checkpoint has no scanned import (NotImplementedError).
   """
-  from vlm.convert.llava import _LM_LAYOUTS, _Part, _apply
-
   where = str(source) if isinstance(source, (str, Path)) else "state dict"
-  tensors, config = _load(source, config)
+  tensors, config = load_source(source, config)
   if "language_projection.weight" not in tensors and "model.language_projection.weight" not in tensors:
     if "itm_head.weight" in tensors:
       if scan:
@@ -444,13 +408,13 @@ def import_hf_blip2(
     )
 
   # Split: the LM (canonical 'model.*' / 'lm_head.*' keys) and the rest without a 'model.' prefix.
-  lm_map = next((m for m in _LM_LAYOUTS if any(k.startswith(next(iter(m))) for k in tensors)), None)
+  lm_map = next((m for m in LM_LAYOUTS if any(k.startswith(next(iter(m))) for k in tensors)), None)
   if lm_map is None:
     raise ValueError(
       f"{where}: no language model under 'language_model.model.' / 'model.language_model.'; "
       f"keys: {sorted(tensors)[:10]}"
     )
-  lm = _Part("language model", lm_map)
+  lm = Part("language model", lm_map)
   rest, stored = {}, {}
   for k, v in tensors.items():
     if not lm.take(k, v):
@@ -473,10 +437,10 @@ def import_hf_blip2(
     f"{where}: Blip2ForConditionalGeneration",
   )
 
-  # Language model: vlm.convert.llm's table on the canonical keys.
+  # Language model: vlm.convert.common's lm_table on the canonical keys.
   lm_kw = llm.model_kwargs_from_hf_llm(tc, lm.tensors)
-  lrows = llm._table(lm_kw)
-  flat.update({("lm",) + k: v for k, v in _apply(lm, lrows, where, gemma_norm=tc.model_type == "gemma").items()})
+  lrows = lm_table(lm_kw)
+  flat.update({("lm",) + k: v for k, v in apply_part(lm, lrows, where, gemma_norm=tc.model_type == "gemma").items()})
 
   proj = flat[("connector", "proj", "kernel")]
   if proj.shape != (qkw["width"], lm_kw["width"]):

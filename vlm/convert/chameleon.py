@@ -47,10 +47,9 @@ from flax import traverse_util
 
 from vlm import decoding
 from vlm.convert import hf_config
-from vlm.convert.hf import _fwd, stack_encoder_blocks
+from vlm.convert.common import GATED_FROM_HF, fwd, lm_table, stack_encoder_blocks
 from vlm.convert.hf_config import HFConfig
-from vlm.convert.llm import _GATED_FROM_HF
-from vlm.convert.llm import _table as _llm_table
+from vlm.convert.registry import register_importer
 from vlm.convert.safetensors_io import load_safetensors_dir
 
 QK_NORM_EPS = 1e-5  # ChameleonLayerNorm's, hard-coded in transformers
@@ -99,7 +98,7 @@ def model_kwargs_from_hf_chameleon(config, tensors: dict[str, np.ndarray] | None
   c = config if isinstance(config, HFConfig) else hf_config.from_dict(dict(config))
   if c.model_type != "chameleon":
     raise c.error("model_type", "expected 'chameleon'")
-  act = c.choice("hidden_act", _GATED_FROM_HF)
+  act = c.choice("hidden_act", GATED_FROM_HF)
   width, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
   if width % heads:
     raise c.error("hidden_size", f"not a multiple of num_attention_heads = {heads}")
@@ -140,10 +139,10 @@ def model_kwargs_from_hf_chameleon(config, tensors: dict[str, np.ndarray] | None
   )
 
 
-def _table(kw: dict) -> list[tuple[str, str, str, int]]:
-  """Rows (hf_key, our_path, layout, heads): the Llama table (vlm.convert.llm; RMSNorm scales as they
-  are) plus the per-head q/k LayerNorms."""
-  rows = [(hf, ours, "id" if kind == "norm" else kind, heads) for hf, ours, kind, heads in _llm_table(kw)]
+def _chameleon_table(kw: dict) -> list[tuple[str, str, str, int]]:
+  """Rows (hf_key, our_path, layout, heads): the Llama table (vlm.convert.common.lm_table; RMSNorm scales as
+  they are) plus the per-head q/k LayerNorms."""
+  rows = [(hf, ours, "id" if kind == "norm" else kind, heads) for hf, ours, kind, heads in lm_table(kw)]
   for i in range(kw["depth"]):
     h, o = f"model.layers.{i}", f"decoder/block_{i}"
     for a, b in (("q_norm", "query_norm"), ("k_norm", "key_norm")):
@@ -154,6 +153,7 @@ def _table(kw: dict) -> list[tuple[str, str, str, int]]:
   return rows
 
 
+@register_importer("chameleon")  # the text decoder only (the VQ-VAE is not imported)
 def import_hf_chameleon(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF ChameleonForConditionalGeneration directory -> ('decoder_lm', DecoderLM kwargs, params float32).
 
@@ -164,7 +164,7 @@ def import_hf_chameleon(path: str | Path, scan: bool = False) -> tuple[str, dict
   config = hf_config.read_config(path)
   tensors = load_safetensors_dir(path)
   kw = model_kwargs_from_hf_chameleon(config, tensors)
-  table = _table(kw)
+  table = _chameleon_table(kw)
   missing = [hf for hf, *_ in table if hf not in tensors]
   if missing:
     raise ValueError(f"{path}: Chameleon tensors expected but absent: {missing[:20]}")
@@ -179,7 +179,7 @@ def import_hf_chameleon(path: str | Path, scan: bool = False) -> tuple[str, dict
           )
   flat = {}
   for hf, ours, kind, heads in table:
-    x = _fwd(kind, np.asarray(tensors[hf], np.float32), heads)
+    x = fwd(kind, np.asarray(tensors[hf], np.float32), heads)
     flat[tuple(ours.split("/"))] = np.ascontiguousarray(x, np.float32)
   used = {hf for hf, *_ in table} | ({"lm_head.weight"} if kw["tie_embeddings"] else set())
   unused = sorted(

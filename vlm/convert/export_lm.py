@@ -42,8 +42,8 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import llm
-from vlm.convert.hf import ACT_TO_HF, _inv, unstack_encoder_blocks, with_posemb_grid
-from vlm.convert.llava import _vision_rows
+from vlm.convert.common import ACT_TO_HF, inv, lm_table, unstack_encoder_blocks, vision_tower_rows
+from vlm.convert.hf import with_posemb_grid
 from vlm.convert.safetensors_io import save_safetensors_dir
 from vlm.nn import rope as rope_lib
 
@@ -194,14 +194,14 @@ def hf_config_from_llm_kwargs(
 def _lm_tensors(kw: Mapping[str, Any], flat: dict[str, np.ndarray], mt: str) -> dict[str, np.ndarray]:
   """HF tensors (canonical 'model.*' / 'lm_head.*') from a DecoderLM's flat params (popped from `flat`)."""
   tensors = {}
-  for hf, ours, kind, _ in llm._table(kw):
+  for hf, ours, kind, _ in lm_table(kw):
     if ours not in flat:
       raise ValueError(f"export: parameter {ours!r} (for {hf!r}) is absent")
     x = np.asarray(flat.pop(ours), np.float32)
     if kind == "norm":
       x = x - np.float32(1.0) if mt == "gemma" else x  # Gemma stores w for its (1 + w) RMSNorm
     else:
-      x = _inv(kind, x, (-1,))
+      x = inv(kind, x, (-1,))
     tensors[hf] = np.ascontiguousarray(x, np.float32)
   return tensors
 
@@ -389,13 +389,13 @@ def export_hf_llava(
   if "vision/encoder_norm/scale" not in flat:
     flat["vision/encoder_norm/scale"] = np.ones((width,), np.float32)
     flat["vision/encoder_norm/bias"] = np.zeros((width,), np.float32)
-  for hf, ours, kind in _vision_rows(vc):
+  for hf, ours, kind in vision_tower_rows(vc):
     key = "vision/" + ours
     if key not in flat:
       raise ValueError(f"export: parameter {key!r} (for {hf!r}) is absent")
     x = flat.pop(key)
     shape = {"qkv_bias": (-1,), "cls": (-1,), "batch1": x.shape[1:]}.get(kind)
-    tensors["vision_tower." + hf[len("vision_model.") :]] = np.ascontiguousarray(_inv(kind, x, shape), np.float32)
+    tensors["vision_tower." + hf[len("vision_model.") :]] = np.ascontiguousarray(inv(kind, x, shape), np.float32)
   # Projector and LLaVA-NeXT's newline.
   for i in (1, 2):
     for ours, hf, kind in (("kernel", "weight", "dense"), ("bias", "bias", "id")):
@@ -403,7 +403,7 @@ def export_hf_llava(
       if key not in flat:
         raise ValueError(f"export: parameter {key!r} is absent")
       tensors[f"multi_modal_projector.linear_{i}.{hf}"] = np.ascontiguousarray(
-        _inv(kind, flat.pop(key), None), np.float32
+        inv(kind, flat.pop(key), None), np.float32
       )
   if config["model_type"] == "llava_next":
     if "anyres/image_newline" not in flat:

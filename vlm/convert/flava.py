@@ -22,7 +22,7 @@ for model_type 'flava'. Never unpickles. What maps where (transformers' modeling
 Config: config.json is read only through vlm.convert.hf_config (the defaults of FlavaConfig and its
 image / text / multimodal sub-configs for what a 4.x file leaves out); each tower's activation and
 LayerNorm eps are its own sub-config's (hidden_act, layer_norm_eps). Not expressible (ConfigError naming
-file, key and value): an activation vlm.convert.hf.ACT_FROM_HF lacks, qkv_bias=False,
+file, key and value): an activation vlm.convert.common.ACT_FROM_HF lacks, qkv_bias=False,
 multimodal_config.use_cls_token=False.
 """
 
@@ -33,8 +33,9 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import hf_config
-from vlm.convert.hf import ACT_FROM_HF, _fwd, _linear, _norm, stack_encoder_blocks
+from vlm.convert.common import ACT_FROM_HF, fwd, linear_rows, norm_rows, stack_encoder_blocks
 from vlm.convert.hf_config import HFConfig
+from vlm.convert.registry import register_importer
 from vlm.convert.safetensors_io import load_safetensors_dir
 
 # Present in FlavaModel checkpoints, used by none of its embeddings outputs.
@@ -58,38 +59,39 @@ def _as_config(config) -> HFConfig:
   return c
 
 
-def _encoder(hf: str, ours: str, depth: int):
+def _flava_encoder_rows(hf: str, ours: str, depth: int):
+  """Rows of a FlavaEncoder (BERT-style names, pre-LN) `hf.layer.{i}` -> our Encoder blocks `ours/block_{i}`."""
   rows = []
   for i in range(depth):
     h, o = f"{hf}.layer.{i}", f"{ours}/block_{i}"
-    rows += _norm(f"{h}.layernorm_before", f"{o}/norm1")
+    rows += norm_rows(f"{h}.layernorm_before", f"{o}/norm1")
     for a, b in (("query", "query"), ("key", "key"), ("value", "value")):
-      rows += _linear(f"{h}.attention.attention.{a}", f"{o}/attn/{b}", "qkv", bias_kind="qkv_bias")
-    rows += _linear(f"{h}.attention.output.dense", f"{o}/attn/out", "out")
-    rows += _norm(f"{h}.layernorm_after", f"{o}/norm2")
-    rows += _linear(f"{h}.intermediate.dense", f"{o}/mlp/fc1") + _linear(f"{h}.output.dense", f"{o}/mlp/fc2")
+      rows += linear_rows(f"{h}.attention.attention.{a}", f"{o}/attn/{b}", "qkv", bias_kind="qkv_bias")
+    rows += linear_rows(f"{h}.attention.output.dense", f"{o}/attn/out", "out")
+    rows += norm_rows(f"{h}.layernorm_after", f"{o}/norm2")
+    rows += linear_rows(f"{h}.intermediate.dense", f"{o}/mlp/fc1") + linear_rows(f"{h}.output.dense", f"{o}/mlp/fc2")
   return rows
 
 
-def _table(config: HFConfig) -> list[tuple[str, str, str, str]]:
+def _flava_table(config: HFConfig) -> list[tuple[str, str, str, str]]:
   """Rows (hf_key, our_path, layout, tower) for FlavaModel; text position rows are handled apart."""
   ic, tc, mc = config["image_config"], config["text_config"], config["multimodal_config"]
   img = [
     ("image_model.embeddings.cls_token", "img/cls", "id"),
     ("image_model.embeddings.position_embeddings", "img/pos_embedding/pos_embedding", "id"),
   ]
-  img += _linear("image_model.embeddings.patch_embeddings.projection", "img/embedding/conv", "conv")
-  img += _encoder("image_model.encoder", "img/encoder", ic["num_hidden_layers"])
-  img += _norm("image_model.layernorm", "img_norm")
+  img += linear_rows("image_model.embeddings.patch_embeddings.projection", "img/embedding/conv", "conv")
+  img += _flava_encoder_rows("image_model.encoder", "img/encoder", ic["num_hidden_layers"])
+  img += norm_rows("image_model.layernorm", "img_norm")
   txt = [("text_model.embeddings.word_embeddings.weight", "txt/embedding/embedding", "id")]
-  txt += _norm("text_model.embeddings.LayerNorm", "txt/embed_norm")
-  txt += _encoder("text_model.encoder", "txt/encoder", tc["num_hidden_layers"])
-  txt += _norm("text_model.layernorm", "txt_norm")
+  txt += norm_rows("text_model.embeddings.LayerNorm", "txt/embed_norm")
+  txt += _flava_encoder_rows("text_model.encoder", "txt/encoder", tc["num_hidden_layers"])
+  txt += norm_rows("text_model.layernorm", "txt_norm")
   mm = [("multimodal_model.cls_token", "mm/cls", "id")]
-  mm += _encoder("multimodal_model.encoder", "mm/encoder", mc["num_hidden_layers"])
-  mm += _norm("multimodal_model.layernorm", "mm/encoder_norm")
-  top = _linear("image_projection", "img_proj") + _linear("text_projection", "txt_proj")
-  top += _linear("image_to_mm_projection", "image_to_mm") + _linear("text_to_mm_projection", "text_to_mm")
+  mm += _flava_encoder_rows("multimodal_model.encoder", "mm/encoder", mc["num_hidden_layers"])
+  mm += norm_rows("multimodal_model.layernorm", "mm/encoder_norm")
+  top = linear_rows("image_projection", "img_proj") + linear_rows("text_projection", "txt_proj")
+  top += linear_rows("image_to_mm_projection", "image_to_mm") + linear_rows("text_to_mm_projection", "text_to_mm")
   top += [("logit_scale", "t", "scalar")]
   return (
     [r + ("image",) for r in img]
@@ -154,6 +156,7 @@ def _heads(config: HFConfig, tower: str) -> int:
   return config[key]["num_attention_heads"] if key else 1
 
 
+@register_importer("flava")
 def import_hf_flava(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF FlavaModel directory -> ('flava', kwargs, params). Raises listing missing/unused tensors."""
   path = Path(path)
@@ -165,14 +168,14 @@ def import_hf_flava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
       f"{path}: a FlavaForPreTraining checkpoint ('flava.' prefix); only FlavaModel's layout is "
       "supported (its heads and the image codebook are not imported)"
     )
-  table = _table(config)
+  table = _flava_table(config)
   pos_keys = ["text_model.embeddings.position_embeddings.weight", "text_model.embeddings.token_type_embeddings.weight"]
   missing = [hf for hf, *_ in table if hf not in tensors] + [k for k in pos_keys if k not in tensors]
   if missing:
     raise ValueError(f"{path}: tensors expected for flava but absent: {missing[:20]}")
   flat = {}
   for hf, ours, kind, tower in table:
-    flat[tuple(ours.split("/"))] = np.asarray(_fwd(kind, tensors[hf], _heads(config, tower)), np.float32)
+    flat[tuple(ours.split("/"))] = np.asarray(fwd(kind, tensors[hf], _heads(config, tower)), np.float32)
   # BERT embeddings with token type 0 everywhere: word + (position + token_type[0]), then LayerNorm.
   pos = tensors[pos_keys[0]] + tensors[pos_keys[1]][0][None]
   flat[("txt", "pos_embedding", "pos_embedding")] = np.asarray(pos[None], np.float32)

@@ -37,8 +37,9 @@ from flax import traverse_util
 
 from vlm.convert import hf_config
 from vlm.convert.chameleon import default_rope, tied_head
-from vlm.convert.hf import _fwd, stack_encoder_blocks
+from vlm.convert.common import fwd, stack_encoder_blocks
 from vlm.convert.hf_config import HFConfig
+from vlm.convert.registry import register_importer
 from vlm.convert.safetensors_io import load_safetensors_dir
 
 # FuyuConfig.__post_init__ (transformers 5): with text_config absent / null, these top-level keys become the
@@ -226,6 +227,7 @@ def split_query_key_value(weight: np.ndarray, bias: np.ndarray, num_heads: int) 
   return out
 
 
+@register_importer("fuyu")
 def import_hf_fuyu(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF FuyuForCausalLM directory -> ('vision_lm', VisionLanguageModel kwargs, params float32).
 
@@ -246,7 +248,7 @@ def import_hf_fuyu(path: str | Path, scan: bool = False) -> tuple[str, dict[str,
   flat = {}
   for key, ours, kind in rows:
     flat[tuple(ours.split("/"))] = np.ascontiguousarray(
-      _fwd(kind, np.asarray(tensors[key], np.float32), lm["num_heads"]), np.float32
+      fwd(kind, np.asarray(tensors[key], np.float32), lm["num_heads"]), np.float32
     )
   for i in range(lm["depth"]):
     h = f"model.layers.{i}.self_attn.query_key_value"

@@ -1,13 +1,14 @@
-"""Import and export of Hugging Face format CLIP and SigLIP checkpoints (config.json + safetensors);
-import_hf also imports FLAVA (vlm.convert.flava) and Llama / Qwen2 / Gemma causal LMs
-(vlm.convert.llm), import only.
+"""Import and export of Hugging Face format CLIP and SigLIP checkpoints (config.json + safetensors), and
+`import_hf`, the entry point for every HF checkpoint vlm imports.
 
-`import_hf(path)` returns our model name, model kwargs and params; `export_hf(...)` writes a
-directory that `transformers.{CLIP,Siglip}Model.from_pretrained` loads. One table of
-(HF key, our path, layout) per architecture serves both directions.
+`import_hf(path)` returns our model name, model kwargs and params from the importer registered for the
+config.json model_type (vlm.convert.registry): CLIP / SigLIP here (import_hf_two_tower), FLAVA
+(vlm.convert.flava), Llama / Qwen2 / Gemma (vlm.convert.llm), LLaVA (vlm.convert.llava), BLIP-2
+(vlm.convert.blip2), Fuyu (vlm.convert.fuyu), Chameleon (vlm.convert.chameleon), IDEFICS (vlm.convert.idefics).
+`export_hf(...)` writes a directory that `transformers.{CLIP,Siglip}Model.from_pretrained` loads. One table of
+(HF key, our path, layout) per architecture (vlm.convert.common) serves both directions.
 """
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,139 +16,34 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from vlm.convert.common import (
+  ACT_FROM_HF,
+  ACT_TO_HF,
+  clip_table,
+  fwd,
+  inv,
+  siglip_table,
+  stack_encoder_blocks,
+  tower_kwargs,
+  unstack_encoder_blocks,
+)
 from vlm.convert.hf_config import HFConfig, from_dict, read_config
+from vlm.convert.registry import importer_for, register_importer
 from vlm.convert.safetensors_io import load_safetensors_dir, save_safetensors_dir
 
-ACT_FROM_HF = {
-  "quick_gelu": "quick_gelu",
-  "gelu": "gelu",
-  "gelu_pytorch_tanh": "gelu_tanh",
-  "gelu_new": "gelu_tanh",
-  "gelu_fast": "gelu_tanh",
-  "relu": "relu",
-  "silu": "silu",
-}
-ACT_TO_HF = {
-  "quick_gelu": "quick_gelu",
-  "gelu": "gelu",
-  "gelu_tanh": "gelu_pytorch_tanh",
-  "relu": "relu",
-  "silu": "silu",
-}
-
-
-# Layouts: how an HF tensor becomes ours (fwd) and back (inv). `h` is the number of heads.
-def _fwd(kind: str, x: np.ndarray, h: int) -> np.ndarray:
-  if kind == "id":
-    return x
-  if kind == "dense":  # torch Linear [out, in] -> [in, out]
-    return x.T
-  if kind == "qkv":  # [h*hd, D] -> [D, h, hd]
-    return x.T.reshape(x.shape[1], h, -1)
-  if kind == "qkv_bias":
-    return x.reshape(h, -1)
-  if kind == "out":  # [D, h*hd] -> [h, hd, D]
-    return x.T.reshape(h, -1, x.shape[0])
-  if kind == "conv":  # [D, C, p, p] -> [p, p, C, D]
-    return x.transpose(2, 3, 1, 0)
-  if kind == "batch1":  # [N, D] -> [1, N, D]
-    return x[None]
-  if kind == "cls":  # [D] -> [1, 1, D]
-    return x[None, None]
-  if kind == "scalar":  # [] or [1] -> [1]
-    return x.reshape(1)
-  raise ValueError(kind)
-
-
-def _inv(kind: str, x: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
-  if kind == "id":
-    return x
-  if kind == "dense":
-    return x.T
-  if kind == "qkv":
-    return x.reshape(x.shape[0], -1).T
-  if kind in ("qkv_bias", "cls", "batch1", "scalar"):
-    return x.reshape(hf_shape)
-  if kind == "out":
-    return x.reshape(-1, x.shape[-1]).T
-  if kind == "conv":
-    return x.transpose(3, 2, 0, 1)
-  raise ValueError(kind)
-
-
-def _linear(hf: str, ours: str, kind: str = "dense", bias: bool = True, bias_kind: str = "id"):
-  rows = [(f"{hf}.weight", f"{ours}/kernel", kind)]
-  if bias:
-    rows.append((f"{hf}.bias", f"{ours}/bias", bias_kind))
-  return rows
-
-
-def _norm(hf: str, ours: str):
-  return [(f"{hf}.weight", f"{ours}/scale", "id"), (f"{hf}.bias", f"{ours}/bias", "id")]
-
-
-def _attention(hf: str, ours: str):
-  rows = []
-  for a, b in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-    rows += _linear(f"{hf}.{a}", f"{ours}/{b}", "qkv", bias_kind="qkv_bias")
-  return rows + _linear(f"{hf}.out_proj", f"{ours}/out", "out")
-
-
-def _encoder(hf: str, ours: str, depth: int):
-  rows = []
-  for i in range(depth):
-    h, o = f"{hf}.layers.{i}", f"{ours}/block_{i}"
-    rows += _norm(f"{h}.layer_norm1", f"{o}/norm1") + _attention(f"{h}.self_attn", f"{o}/attn")
-    rows += _norm(f"{h}.layer_norm2", f"{o}/norm2")
-    rows += _linear(f"{h}.mlp.fc1", f"{o}/mlp/fc1") + _linear(f"{h}.mlp.fc2", f"{o}/mlp/fc2")
-  return rows
-
-
-def _clip_table(vc: dict, tc: dict) -> list[tuple[str, str, str, str]]:
-  """Rows (hf_key, our_path, layout, tower) for CLIPModel."""
-  img = [
-    ("vision_model.embeddings.class_embedding", "img/cls", "cls"),
-    ("vision_model.embeddings.patch_embedding.weight", "img/embedding/conv/kernel", "conv"),
-    ("vision_model.embeddings.position_embedding.weight", "img/pos_embedding/pos_embedding", "batch1"),
-  ]
-  img += _norm("vision_model.pre_layrnorm", "img/pre_norm")
-  img += _encoder("vision_model.encoder", "img/encoder", vc["num_hidden_layers"])
-  img += _norm("vision_model.post_layernorm", "img/encoder_norm")
-  img += _linear("visual_projection", "img/head", bias=False)
-  txt = [
-    ("text_model.embeddings.token_embedding.weight", "txt/embedding/embedding", "id"),
-    ("text_model.embeddings.position_embedding.weight", "txt/pos_embedding/pos_embedding", "batch1"),
-  ]
-  txt += _encoder("text_model.encoder", "txt/encoder", tc["num_hidden_layers"])
-  txt += _norm("text_model.final_layer_norm", "txt/encoder_norm")
-  txt += _linear("text_projection", "txt/head", bias=False)
-  return [r + ("image",) for r in img] + [r + ("text",) for r in txt] + [("logit_scale", "t", "scalar", "none")]
-
-
-def _siglip_table(vc: dict, tc: dict) -> list[tuple[str, str, str, str]]:
-  """Rows for SiglipModel. The MAP head's fused torch in_proj is split into q/k/v_proj first."""
-  img = _linear("vision_model.embeddings.patch_embedding", "img/embedding/conv", "conv")
-  img += [("vision_model.embeddings.position_embedding.weight", "img/pos_embedding/pos_embedding", "batch1")]
-  img += _encoder("vision_model.encoder", "img/encoder", vc["num_hidden_layers"])
-  img += _norm("vision_model.post_layernorm", "img/encoder_norm")
-  if vc.get("vision_use_head", True):
-    img += [("vision_model.head.probe", "img/MAPHead/probe", "id")]
-    img += _attention("vision_model.head.attention", "img/MAPHead/attn")
-    img += _norm("vision_model.head.layernorm", "img/MAPHead/norm")
-    img += _linear("vision_model.head.mlp.fc1", "img/MAPHead/mlp/fc1")
-    img += _linear("vision_model.head.mlp.fc2", "img/MAPHead/mlp/fc2")
-  txt = [
-    ("text_model.embeddings.token_embedding.weight", "txt/embedding/embedding", "id"),
-    ("text_model.embeddings.position_embedding.weight", "txt/pos_embedding/pos_embedding", "batch1"),
-  ]
-  txt += _encoder("text_model.encoder", "txt/encoder", tc["num_hidden_layers"])
-  txt += _norm("text_model.final_layer_norm", "txt/encoder_norm")
-  txt += _linear("text_model.head", "txt/head")
-  return (
-    [r + ("image",) for r in img]
-    + [r + ("text",) for r in txt]
-    + [("logit_scale", "t", "scalar", "none"), ("logit_bias", "b", "scalar", "none")]
-  )
+__all__ = [
+  "ACT_FROM_HF",
+  "ACT_TO_HF",
+  "export_hf",
+  "hf_config_from_kwargs",
+  "import_hf",
+  "import_hf_two_tower",
+  "model_kwargs_from_hf",
+  "stack_encoder_blocks",
+  "unstack_encoder_blocks",
+  "vision_kwargs_from_hf",
+  "with_posemb_grid",
+]
 
 
 def _split_in_proj(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -172,20 +68,6 @@ def _fuse_in_proj(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.n
   return out
 
 
-def _tower_kwargs(c: HFConfig) -> dict[str, Any]:
-  """Encoder kwargs (width, depth, MLP, heads, activation, eps) of an HF CLIP / SigLIP tower config."""
-  if not isinstance(c, HFConfig):
-    raise TypeError(f"_tower_kwargs needs an HFConfig (vlm.convert.hf_config.read_config), got {type(c).__name__}")
-  return dict(
-    width=c["hidden_size"],
-    depth=c["num_hidden_layers"],
-    mlp_dim=c["intermediate_size"],
-    num_heads=c["num_attention_heads"],
-    mlp_act=c.choice("hidden_act", ACT_FROM_HF),
-    norm_eps=float(c["layer_norm_eps"]),
-  )
-
-
 def _image_size(c: HFConfig, key: str) -> int:
   """A square image_size / patch_size (an int, or a [h, w] pair with h == w)."""
   v = c[key]
@@ -204,7 +86,7 @@ def vision_kwargs_from_hf(vc: HFConfig) -> dict[str, Any]:
   if size % patch:
     raise vc.error("image_size", f"not a multiple of patch_size {patch}")
   grid = size // patch
-  return dict(_tower_kwargs(vc), patch_size=patch, posemb="learn", posemb_grid=(grid, grid))
+  return dict(tower_kwargs(vc), patch_size=patch, posemb="learn", posemb_grid=(grid, grid))
 
 
 def model_kwargs_from_hf(config: HFConfig | dict) -> dict[str, Any]:
@@ -216,7 +98,7 @@ def model_kwargs_from_hf(config: HFConfig | dict) -> dict[str, Any]:
     raise config.error("model_type", "not a two-tower model; known: 'clip', 'siglip'")
   vc, tc = config["vision_config"], config["text_config"]
   image = vision_kwargs_from_hf(vc)
-  text = dict(_tower_kwargs(tc), vocab_size=tc["vocab_size"], max_len=tc["max_position_embeddings"])
+  text = dict(tower_kwargs(tc), vocab_size=tc["vocab_size"], max_len=tc["max_position_embeddings"])
   if mt == "clip":
     # CLIPTextTransformer: eos_token_id 2 is the legacy configuration (pool at the largest id), any other
     # value pools at the first occurrence of that id.
@@ -250,8 +132,9 @@ def model_kwargs_from_hf(config: HFConfig | dict) -> dict[str, Any]:
   return dict(image=image, text=text, temperature_init=float(np.log(10.0)), bias_init=-10.0)
 
 
-def _table(config: HFConfig):
-  fn = {"clip": _clip_table, "siglip": _siglip_table}[config.model_type]
+def _two_tower_table(config: HFConfig) -> list[tuple[str, str, str, str]]:
+  """Rows (hf_key, our_path, layout, tower) of a CLIP / SigLIP config."""
+  fn = {"clip": clip_table, "siglip": siglip_table}[config.model_type]
   return fn(config["vision_config"], config["text_config"])
 
 
@@ -268,56 +151,37 @@ def _heads(config: HFConfig, tower: str) -> int:
 
 
 def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
-  """HF directory -> ('two_tower', model kwargs, params) for CLIP / SigLIP, ('flava', ...) for FLAVA
-  (vlm.convert.flava), ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm) and
-  Chameleon's text decoder (vlm.convert.chameleon),
-  ('vision_lm', ...) for LLaVA, LLaVA-NeXT, BLIP-2 and Fuyu (vlm.convert.fuyu), ('flamingo', ...) for IDEFICS
-  (vlm.convert.idefics).
+  """HF directory (config.json + safetensors) -> (our model name, model kwargs, params float32), by the importer
+  registered for its config.json model_type (vlm.convert.registry; ValueError naming the known types):
+  ('two_tower', ...) for CLIP / SigLIP (import_hf_two_tower), ('flava', ...) for FLAVA (vlm.convert.flava),
+  ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm) and Chameleon's text decoder
+  (vlm.convert.chameleon), ('vision_lm', ...) for LLaVA, LLaVA-NeXT (vlm.convert.llava), BLIP-2
+  (vlm.convert.blip2) and Fuyu (vlm.convert.fuyu), ('flamingo', ...) for IDEFICS (vlm.convert.idefics).
   scan: the nn.scan layouts, stacks' params `encoder/layers/...` / `decoder/layers/...` with a leading
   depth axis (towers and ViTs scan=True, DecoderLMs scan_layers=True); IDEFICS (Flamingo) has none.
   Raises listing missing/unused tensors."""
   path = Path(path)
   config = read_config(path)
-  if config.model_type == "flava":
-    from vlm.convert.flava import import_hf_flava
+  return importer_for(config.model_type, config.file)(path, scan=scan)
 
-    return import_hf_flava(path, scan=scan)
-  if config.model_type in ("llama", "qwen2", "gemma"):
-    from vlm.convert.llm import import_hf_llm
 
-    return import_hf_llm(path, scan=scan)
-  if config.model_type in ("llava", "llava_next"):
-    from vlm.convert.llava import import_hf_llava
-
-    return import_hf_llava(path, scan=scan)
-  if config.model_type == "idefics":  # Flamingo-style; the <image> id is the tokenizer's
-    from vlm.convert.idefics import import_hf_idefics
-
-    if scan:
-      raise NotImplementedError("Flamingo's LM has no scanned layout; import IDEFICS with scan=False")
-    return import_hf_idefics(path)
-  if config.model_type == "blip-2":
-    from vlm.convert.blip2 import import_hf_blip2
-
-    return import_hf_blip2(path, scan=scan)
-  if config.model_type == "fuyu":
-    from vlm.convert.fuyu import import_hf_fuyu
-
-    return import_hf_fuyu(path, scan=scan)
-  if config.model_type == "chameleon":  # the text decoder only (the VQ-VAE is not imported)
-    from vlm.convert.chameleon import import_hf_chameleon
-
-    return import_hf_chameleon(path, scan=scan)
+@register_importer("clip", "siglip")
+def import_hf_two_tower(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
+  """HF CLIPModel / SiglipModel directory -> ('two_tower', TwoTower kwargs, params float32).
+  scan: the towers' scanned layout (scan=True, encoder/layers/... [depth, ...]). Raises listing
+  missing/unused tensors."""
+  path = Path(path)
+  config = read_config(path)
   kwargs = model_kwargs_from_hf(config)
   tensors = _split_in_proj(load_safetensors_dir(path))
-  table = _table(config)
+  table = _two_tower_table(config)
   missing = [hf for hf, *_ in table if hf not in tensors]
   if missing:
     raise ValueError(f"{path}: tensors expected for {config.model_type} but absent: {missing[:20]}")
   _check_channels(config["vision_config"], tensors["vision_model.embeddings.patch_embedding.weight"])
   flat = {}
   for hf, ours, kind, tower in table:
-    flat[tuple(ours.split("/"))] = np.asarray(_fwd(kind, tensors[hf], _heads(config, tower)), np.float32)
+    flat[tuple(ours.split("/"))] = np.asarray(fwd(kind, tensors[hf], _heads(config, tower)), np.float32)
   unused = sorted(
     set(tensors)
     - {hf for hf, *_ in table}
@@ -330,54 +194,6 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
     kwargs["image"]["scan"] = kwargs["text"]["scan"] = True
     params = stack_encoder_blocks(params)
   return "two_tower", kwargs, params
-
-
-def stack_encoder_blocks(params: dict, names: Iterable[str] | None = None) -> dict:
-  """Replaces every `<module>/block_{i}/...` by `<module>/layers/...` stacked on axis 0: the nn.scan layout
-  of vlm.nn.transformer.Encoder(scan=True) (`encoder`) and of DecoderLM(scan_layers=True) (`decoder`).
-
-  names: the module names whose blocks are stacked (e.g. ('encoder', 'decoder') leaves a Q-Former's
-  blocks alone); None: every module with `block_0`. The blocks must hold the same parameters.
-  """
-  names = None if names is None else tuple(names)
-  out = {}
-  for k, v in params.items():
-    if isinstance(v, dict) and "block_0" in v and (names is None or k in names):
-      n = len([b for b in v if b.startswith("block_")])
-      blocks = [v[f"block_{i}"] for i in range(n)]
-      out[k] = {"layers": _tree_stack(blocks), **{kk: vv for kk, vv in v.items() if not kk.startswith("block_")}}
-    elif isinstance(v, dict):
-      out[k] = stack_encoder_blocks(v, names)
-    else:
-      out[k] = v
-  return out
-
-
-def unstack_encoder_blocks(params: dict, names: Iterable[str] = ("encoder", "decoder")) -> dict:
-  """Inverse of stack_encoder_blocks: every `<module>/layers/...` of a module named in `names` (an Encoder's
-  `encoder`, a DecoderLM's `decoder`) becomes `<module>/block_{i}/...`."""
-  names = tuple(names)
-  out = {}
-  for k, v in params.items():
-    if isinstance(v, dict) and "layers" in v and k in names:
-      layers = v["layers"]
-      n = next(iter(traverse_util.flatten_dict(layers).values())).shape[0]
-      rest = {kk: vv for kk, vv in v.items() if kk != "layers"}
-      out[k] = {**{f"block_{i}": _tree_index(layers, i) for i in range(n)}, **rest}
-    elif isinstance(v, dict):
-      out[k] = unstack_encoder_blocks(v, names)
-    else:
-      out[k] = v
-  return out
-
-
-def _tree_stack(trees: list[dict]) -> dict:
-  flats = [traverse_util.flatten_dict(t) for t in trees]
-  return traverse_util.unflatten_dict({k: np.stack([np.asarray(f[k]) for f in flats]) for k in flats[0]})
-
-
-def _tree_index(tree: dict, i: int) -> dict:
-  return traverse_util.unflatten_dict({k: np.asarray(v)[i] for k, v in traverse_util.flatten_dict(tree).items()})
 
 
 # What HF's CLIPModel / SiglipModel compute, as our module fields: export refuses anything else by name.
@@ -507,13 +323,13 @@ def export_hf(kwargs: dict[str, Any], params: dict, path: str | Path, model_type
   )
   config = hf_config_from_kwargs(kwargs, model_type, num_channels=flat["img/embedding/conv/kernel"].shape[2])
   tensors = {}
-  for hf, ours, kind, tower in _table(from_dict(config)):
+  for hf, ours, kind, tower in _two_tower_table(from_dict(config)):
     if ours not in flat:
       raise ValueError(f"export: parameter {ours!r} needed for {hf!r} is absent")
     hf_shape = (1,) if kind == "scalar" and model_type == "siglip" else (() if kind == "scalar" else None)
     if kind in ("qkv_bias", "cls", "batch1"):
       hf_shape = {"qkv_bias": (-1,), "cls": (-1,), "batch1": flat[ours].shape[1:]}[kind]
-    tensors[hf] = np.asarray(_inv(kind, flat[ours], hf_shape), np.float32)
+    tensors[hf] = np.asarray(inv(kind, flat[ours], hf_shape), np.float32)
   if model_type == "siglip":
     tensors = _fuse_in_proj(tensors, "vision_model.head.attention")
   save_safetensors_dir(tensors, path, config)

@@ -35,7 +35,7 @@ transformers' fixed 1e-5 (nn.LayerNorm's default), the LM's and gated blocks' RM
 the vision tower's LayerNorm eps vision_config.layer_norm_eps. The head is tied as transformers ties
 it: tie_word_embeddings and no lm_head (or one equal to the embedding).
 
-Layouts (vlm.convert.hf): `dense` torch [out, in] -> [in, out]; `qkv` [h*hd, D] -> [D, h, hd];
+Layouts (vlm.convert.common.fwd): `dense` torch [out, in] -> [in, out]; `qkv` [h*hd, D] -> [D, h, hd];
 `out` [D, h*hd] -> [h, hd, D]; `alpha` [1] or [1, 1, D] -> [1] or [D].
 """
 
@@ -44,13 +44,21 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from vlm.convert.blip2 import _load, _square, as_config
 from vlm.convert.chameleon import default_rope, tied_head
-from vlm.convert.hf import ACT_FROM_HF, _encoder, _fwd, _linear, _norm
+from vlm.convert.common import (
+  ACT_FROM_HF,
+  GATED_FROM_HF,
+  Row,
+  as_config,
+  encoder_rows,
+  fwd,
+  linear_rows,
+  load_source,
+  norm_rows,
+  square_size,
+)
 from vlm.convert.hf_config import HFConfig
-from vlm.convert.llm import _GATED_FROM_HF
-
-Row = tuple[str, str, str]  # (HF key, our path, layout)
+from vlm.convert.registry import register_importer
 
 # IdeficsGatedCrossAttentionLayer's alpha_initializer -> our alpha_init ('normal' draws: 0, imported anyway).
 _ALPHA_INIT = {"zeros": 0.0, "ones": 1.0, "normal": 0.0, "gaussian": 0.0, "random": 0.0}
@@ -95,7 +103,7 @@ def gated_xattn_kwargs_from_hf(config: Any) -> dict[str, Any]:
     num_heads=heads,
     head_dim=width // heads,
     mlp_dim=config["intermediate_size"],
-    mlp_act=config.choice("hidden_act", _GATED_FROM_HF),
+    mlp_act=config.choice("hidden_act", GATED_FROM_HF),
     norm="rms",
     norm_eps=float(config["rms_norm_eps"]),
     qk_norm="rms" if config["qk_layer_norms"] else None,
@@ -115,17 +123,19 @@ def _join(prefix: str, name: str, sep: str) -> str:
 def perceiver_rows(depth: int, qk_norm: bool, *, hf: str = "", ours: str = "") -> list[Row]:
   """IdeficsPerceiverResampler at HF prefix `hf` -> our PerceiverResampler at `ours`."""
   h_, o_ = (lambda n: _join(hf, n, ".")), (lambda n: _join(ours, n, "/"))
-  rows = [(h_("latents"), o_("latents"), "id")] + _norm(h_("layer_norm"), o_("norm"))
+  rows = [(h_("latents"), o_("latents"), "id")] + norm_rows(h_("layer_norm"), o_("norm"))
   for i in range(depth):
     a, f, b = h_(f"blocks.{i}.0"), h_(f"blocks.{i}.1"), o_(f"block_{i}")
-    rows += _norm(f"{a}.context_layer_norm", f"{b}/norm_media") + _norm(f"{a}.latents_layer_norm", f"{b}/norm_latents")
+    rows += norm_rows(f"{a}.context_layer_norm", f"{b}/norm_media")
+    rows += norm_rows(f"{a}.latents_layer_norm", f"{b}/norm_latents")
     for name, our in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-      rows += _linear(f"{a}.{name}", f"{b}/attn/{our}", "qkv", bias=False)
-    rows += _linear(f"{a}.output_proj", f"{b}/attn/out", "out", bias=False)
+      rows += linear_rows(f"{a}.{name}", f"{b}/attn/{our}", "qkv", bias=False)
+    rows += linear_rows(f"{a}.output_proj", f"{b}/attn/out", "out", bias=False)
     if qk_norm:
-      rows += _norm(f"{a}.q_layer_norm", f"{b}/attn/query_norm") + _norm(f"{a}.k_layer_norm", f"{b}/attn/key_norm")
-    rows += _norm(f"{f}.ln", f"{b}/norm_mlp")
-    rows += _linear(f"{f}.fc", f"{b}/mlp/fc1", bias=False) + _linear(f"{f}.c_proj", f"{b}/mlp/fc2", bias=False)
+      rows += norm_rows(f"{a}.q_layer_norm", f"{b}/attn/query_norm")
+      rows += norm_rows(f"{a}.k_layer_norm", f"{b}/attn/key_norm")
+    rows += norm_rows(f"{f}.ln", f"{b}/norm_mlp")
+    rows += linear_rows(f"{f}.fc", f"{b}/mlp/fc1", bias=False) + linear_rows(f"{f}.c_proj", f"{b}/mlp/fc2", bias=False)
   return rows
 
 
@@ -139,19 +149,19 @@ def gated_xattn_rows(qk_norm: bool, *, hf: str = "", ours: str = "") -> list[Row
     (h_("post_attention_layernorm.weight"), o_("norm_ffw/scale"), "id"),
   ]
   for name, our in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-    rows += _linear(h_(f"cross_attn.{name}"), o_(f"attn/{our}"), "qkv", bias=False)
-  rows += _linear(h_("cross_attn.o_proj"), o_("attn/out"), "out", bias=False)
+    rows += linear_rows(h_(f"cross_attn.{name}"), o_(f"attn/{our}"), "qkv", bias=False)
+  rows += linear_rows(h_("cross_attn.o_proj"), o_("attn/out"), "out", bias=False)
   if qk_norm:
     rows += [
       (h_("cross_attn.q_layer_norm.weight"), o_("attn/query_norm/scale"), "id"),
       (h_("cross_attn.k_layer_norm.weight"), o_("attn/key_norm/scale"), "id"),
     ]
   for name, our in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
-    rows += _linear(h_(f"mlp.{name}"), o_(f"mlp/{our}"), bias=False)
+    rows += linear_rows(h_(f"mlp.{name}"), o_(f"mlp/{our}"), bias=False)
   return rows
 
 
-def _apply(tensors: dict[str, np.ndarray], rows: list[Row], heads: dict[str, int], what: str) -> dict:
+def _apply_rows(tensors: dict[str, np.ndarray], rows: list[Row], heads: dict[str, int], what: str) -> dict:
   """Flat params {path tuple: float32 array}; heads maps an our-path prefix to its head count."""
   missing = [hf for hf, _, _ in rows if hf not in tensors]
   if missing:
@@ -162,7 +172,7 @@ def _apply(tensors: dict[str, np.ndarray], rows: list[Row], heads: dict[str, int
     if kind == "alpha":
       x = x.reshape(-1)
     else:
-      x = _fwd(kind, x, next((n for prefix, n in heads.items() if ours.startswith(prefix)), 1))
+      x = fwd(kind, x, next((n for prefix, n in heads.items() if ours.startswith(prefix)), 1))
     flat[tuple(ours.split("/"))] = np.ascontiguousarray(x, np.float32)
   return flat
 
@@ -179,20 +189,22 @@ def _find_prefix(tensors: dict[str, np.ndarray], marker: str, candidates: tuple[
 
 def import_hf_idefics_perceiver(source, config=None) -> tuple[dict[str, Any], dict]:
   """IdeficsPerceiverResampler weights -> (PerceiverResampler kwargs, params)."""
-  tensors, config = _load(source, config)
+  tensors, config = load_source(source, config)
   kw = perceiver_kwargs_from_hf(config)
   hf = _find_prefix(
     tensors, "latents", ("", "perceiver_resampler", "model.perceiver_resampler"), "IdeficsPerceiverResampler"
   )
   depth = kw["depth"]
   rows = perceiver_rows(depth, kw["qk_norm"] is not None, hf=hf)
-  return kw, traverse_util.unflatten_dict(_apply(tensors, rows, {"": kw["num_heads"]}, "IdeficsPerceiverResampler"))
+  return kw, traverse_util.unflatten_dict(
+    _apply_rows(tensors, rows, {"": kw["num_heads"]}, "IdeficsPerceiverResampler")
+  )
 
 
 def import_hf_idefics_gated_xattn(source, config=None, index: int = 0) -> tuple[dict[str, Any], dict]:
   """IdeficsGatedCrossAttentionLayer weights (the `index`-th of a model) -> (GatedCrossAttentionBlock kwargs,
   params)."""
-  tensors, config = _load(source, config)
+  tensors, config = load_source(source, config)
   kw = gated_xattn_kwargs_from_hf(config)
   hf = _find_prefix(
     tensors,
@@ -202,7 +214,7 @@ def import_hf_idefics_gated_xattn(source, config=None, index: int = 0) -> tuple[
   )
   rows = gated_xattn_rows(kw["qk_norm"] is not None, hf=hf)
   return kw, traverse_util.unflatten_dict(
-    _apply(tensors, rows, {"": kw["num_heads"]}, "IdeficsGatedCrossAttentionLayer")
+    _apply_rows(tensors, rows, {"": kw["num_heads"]}, "IdeficsGatedCrossAttentionLayer")
   )
 
 
@@ -218,7 +230,7 @@ def flamingo_kwargs_from_hf(config: Any, tensors: dict[str, np.ndarray] | None =
   depth, every = config["num_hidden_layers"], config["cross_layer_interval"]
   if isinstance(every, bool) or not isinstance(every, int) or every <= 0 or depth % every:
     raise config.error("cross_layer_interval", f"needs a positive divisor of num_hidden_layers = {depth}")
-  size, patch = _square(vc, "image_size"), _square(vc, "patch_size")
+  size, patch = square_size(vc, "image_size"), square_size(vc, "patch_size")
   vision = dict(
     width=vc["embed_dim"],
     depth=vc["num_hidden_layers"],
@@ -250,7 +262,7 @@ def flamingo_kwargs_from_hf(config: Any, tensors: dict[str, np.ndarray] | None =
     num_kv_heads=heads,
     head_dim=width // heads,
     mlp_dim=config["intermediate_size"],
-    mlp_act=config.choice("hidden_act", _GATED_FROM_HF),
+    mlp_act=config.choice("hidden_act", GATED_FROM_HF),
     rope_theta=float(default_rope(config)["rope_theta"]),
     norm_eps=float(config["rms_norm_eps"]),
     tie_embeddings=tie,
@@ -277,18 +289,28 @@ def _merge_decoupled(tensors: dict[str, np.ndarray], p: str) -> dict[str, np.nda
   return out
 
 
+@register_importer("idefics")  # Flamingo-style; the <image> id is the tokenizer's
 def import_hf_idefics(
-  source, config=None, *, image_token_id: int | None = None, eod_token_id: int | None = None
+  source,
+  config=None,
+  *,
+  scan: bool = False,
+  image_token_id: int | None = None,
+  eod_token_id: int | None = None,
 ) -> tuple[str, dict[str, Any], dict]:
   """IdeficsForVisionText2Text (or IdeficsModel) -> ('flamingo', Flamingo kwargs, params float32).
 
   image_token_id / eod_token_id: the tokenizer's `<image>` and end-of-document ids (not in the model's
   config; IdeficsProcessor resets the image attention after the EOS token): added to the kwargs if given.
+  scan: Flamingo's LM has no scanned layout, scan=True raises NotImplementedError (vlm.convert.import_hf
+  passes its scan).
 
   The vision tower's post_layernorm (which IDEFICS applies to the pooled CLS only, never to what the
   resampler reads) is not imported. Raises listing tensors that were not used.
   """
-  tensors, config = _load(source, config)
+  if scan:
+    raise NotImplementedError("Flamingo's LM has no scanned layout; import IDEFICS with scan=False")
+  tensors, config = load_source(source, config)
   p = "model." if "model.embed_tokens.weight" in tensors else ""
   tensors = _merge_decoupled(tensors, p)
   kw = flamingo_kwargs_from_hf(config, tensors)
@@ -302,7 +324,8 @@ def import_hf_idefics(
     (f"{v}.embeddings.patch_embedding.weight", "vision/embedding/conv/kernel", "conv"),
     (f"{v}.embeddings.position_embedding.weight", "vision/pos_embedding/pos_embedding", "batch1"),
   ]
-  rows += _norm(f"{v}.pre_layrnorm", "vision/pre_norm") + _encoder(f"{v}.encoder", "vision/encoder", vis["depth"])
+  rows += norm_rows(f"{v}.pre_layrnorm", "vision/pre_norm")
+  rows += encoder_rows(f"{v}.encoder", "vision/encoder", vis["depth"])
   rows += perceiver_rows(res["depth"], res["qk_norm"] is not None, hf=f"{p}perceiver_resampler", ours="resampler")
   for j in range(lm["depth"] // kw["cross_attention_every"]):
     rows += gated_xattn_rows(xa["qk_norm"] is not None, hf=f"{p}gated_cross_attn_layers.{j}", ours=f"xattn_{j}")
@@ -316,17 +339,17 @@ def import_hf_idefics(
       (f"{h}.post_attention_layernorm.weight", f"{o}/norm2/scale", "id"),
     ]
     for a, b in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-      rows += _linear(f"{h}.self_attn.{a}", f"{o}/attn/{b}", "qkv", bias=False)
-    rows += _linear(f"{h}.self_attn.o_proj", f"{o}/attn/out", "out", bias=False)
+      rows += linear_rows(f"{h}.self_attn.{a}", f"{o}/attn/{b}", "qkv", bias=False)
+    rows += linear_rows(f"{h}.self_attn.o_proj", f"{o}/attn/out", "out", bias=False)
     for a, b in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
-      rows += _linear(f"{h}.mlp.{a}", f"{o}/mlp/{b}", bias=False)
+      rows += linear_rows(f"{h}.mlp.{a}", f"{o}/mlp/{b}", bias=False)
   heads = {
     "vision/": vis["num_heads"],
     "resampler/": res["num_heads"],
     "xattn_": xa["num_heads"],
     "lm/": lm["num_heads"],
   }
-  flat = _apply(tensors, rows, heads, "IdeficsForVisionText2Text")
+  flat = _apply_rows(tensors, rows, heads, "IdeficsForVisionText2Text")
   used = {hf for hf, _, _ in rows} | {f"{v}.post_layernorm.weight", f"{v}.post_layernorm.bias"}
   if lm["tie_embeddings"]:
     used.add("lm_head.weight")

@@ -5,13 +5,15 @@ vlm.models.vision_lm.VisionLanguageModel.
 model.safetensors (or sharded model.safetensors.index.json); `vlm.convert.import_hf` dispatches here
 for model_type 'llava'. Never unpickles. The three parts reuse the existing per-part tables:
 
-- vision tower (CLIP or SigLIP vision model) -> vision/...: vlm.convert.hf's CLIP / SigLIP image rows
-  (`_clip_table` / `_siglip_table`, tower 'image', our 'img/' prefix dropped). CLIP's pre_layrnorm is
-  our ViT's pre_norm; post_layernorm is imported as encoder_norm (LLaVA never applies it; absent, it
-  is filled with the identity). A SigLIP tower's MAP head is unused by LLaVA and ignored.
-- language model (Llama / Qwen2 / Gemma) -> lm/...: vlm.convert.llm's table and kwargs. Keys are
-  accepted in both layouts: `language_model.model.*` + `language_model.lm_head.*` (transformers < 4.52
-  and the llava-hf checkpoints) and `model.language_model.*` + `lm_head.*` (newer).
+- vision tower (CLIP or SigLIP vision model) -> vision/...: the CLIP / SigLIP image rows of
+  vlm.convert.common (`vision_tower_rows`: `clip_table` / `siglip_table`, tower 'image', our 'img/' prefix
+  dropped). CLIP's pre_layrnorm is our ViT's pre_norm; post_layernorm is imported as encoder_norm (LLaVA
+  never applies it; absent, it is filled with the identity). A SigLIP tower's MAP head is unused by LLaVA
+  and ignored.
+- language model (Llama / Qwen2 / Gemma) -> lm/...: vlm.convert.common's lm_table and vlm.convert.llm's
+  kwargs. Keys are accepted in both layouts (common.LM_LAYOUTS): `language_model.model.*` +
+  `language_model.lm_head.*` (transformers < 4.52 and the llava-hf checkpoints) and `model.language_model.*`
+  + `lm_head.*` (newer).
 - multi_modal_projector.linear_{1,2} -> connector/fc{1,2} (connector 'mlp': Dense - exact GELU - Dense);
   only projector_hidden_act 'gelu' is expressible. Without projector biases
   (multimodal_projector_bias=False) the biases are zeros.
@@ -41,8 +43,17 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import hf_config, llm
-from vlm.convert.hf import _clip_table, _fwd, _siglip_table, _tower_kwargs, stack_encoder_blocks
+from vlm.convert.common import (
+  LM_LAYOUTS,
+  Part,
+  apply_part,
+  lm_table,
+  stack_encoder_blocks,
+  tower_kwargs,
+  vision_tower_rows,
+)
 from vlm.convert.hf_config import HFConfig
+from vlm.convert.registry import register_importer
 from vlm.convert.safetensors_io import load_safetensors_dir
 
 MODEL_TYPES = ("llava", "llava_next")
@@ -58,10 +69,6 @@ _VISION_PREFIXES = (
   "vision_tower.vision_model.",
   "vision_tower.",
 )
-_LM_LAYOUTS = (
-  {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."},  # old
-  {"model.language_model.": "model.", "lm_head.": "lm_head."},
-)  # new
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 _NEWLINE_KEYS = ("model.image_newline", "image_newline")
 _IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
@@ -94,24 +101,10 @@ def _vision_kwargs(vc: HFConfig) -> dict[str, Any]:
   """ViT kwargs for an HF CLIP / SigLIP vision config (the layouts of vlm.convert.hf.model_kwargs_from_hf)."""
   size, patch = _int(vc, "image_size"), _int(vc, "patch_size")
   grid = size // patch
-  kw = dict(_tower_kwargs(vc), patch_size=patch, posemb="learn", posemb_grid=(grid, grid))
+  kw = dict(tower_kwargs(vc), patch_size=patch, posemb="learn", posemb_grid=(grid, grid))
   if vc.model_type == "clip_vision_model":
     return dict(kw, class_token=True, pre_norm=True, patch_bias=False)
   return dict(kw, class_token=False)
-
-
-def _vision_rows(vc) -> list[tuple[str, str, str]]:
-  """(canonical HF key 'vision_model.*', path under our 'vision', layout) for the image tower."""
-  no_text = {"num_hidden_layers": 0}
-  if vc["model_type"] == "clip_vision_model":
-    table = _clip_table(vc, no_text)
-  else:
-    table = _siglip_table(dict(vc, vision_use_head=False), no_text)
-  return [
-    (hf, ours[len("img/") :], kind)
-    for hf, ours, kind, tower in table
-    if tower == "image" and hf.startswith("vision_model.")
-  ]
 
 
 def _feature_layer(top: HFConfig, depth: int) -> int:
@@ -133,31 +126,10 @@ def _feature_layer(top: HFConfig, depth: int) -> int:
   return ours
 
 
-class _Part:
-  """One part of the checkpoint under canonical keys (our tables' prefixes), able to name keys as stored."""
-
-  def __init__(self, what: str, renames: dict[str, str]):
-    self.what, self.renames, self.tensors = what, renames, {}  # renames: stored prefix -> canonical prefix
-
-  def take(self, key: str, value: np.ndarray) -> bool:
-    for theirs, ours in self.renames.items():
-      if key.startswith(theirs):
-        self.tensors[ours + key[len(theirs) :]] = value
-        return True
-    return False
-
-  def stored(self, key: str) -> str:
-    """The checkpoint's name for a canonical key."""
-    for theirs, ours in self.renames.items():
-      if key.startswith(ours):
-        return theirs + key[len(ours) :]
-    return key
-
-
-def _split(tensors: dict[str, np.ndarray]) -> tuple[_Part, _Part, _Part, list[str]]:
+def _split(tensors: dict[str, np.ndarray]) -> tuple[Part, Part, Part, list[str]]:
   """The checkpoint as (vision 'vision_model.*', LM 'model.*' / 'lm_head.*', projector 'linear_*', other keys)."""
   vp = next((p for p in _VISION_PREFIXES if f"{p}embeddings.patch_embedding.weight" in tensors), None)
-  lm_map = next((m for m in _LM_LAYOUTS if any(k.startswith(next(iter(m))) for k in tensors)), None)
+  lm_map = next((m for m in LM_LAYOUTS if any(k.startswith(next(iter(m))) for k in tensors)), None)
   if vp is None or lm_map is None:
     raise ValueError(
       "not a LlavaForConditionalGeneration checkpoint: no vision tower under "
@@ -168,28 +140,11 @@ def _split(tensors: dict[str, np.ndarray]) -> tuple[_Part, _Part, _Part, list[st
     (p for p in _PROJECTOR_PREFIXES if any(k.startswith(p) for k in tensors)),
     "model.multi_modal_projector." if vp.startswith("model.") else "multi_modal_projector.",
   )
-  vision = _Part("vision tower", {vp: "vision_model."})
-  lm = _Part("language model", lm_map)
-  proj = _Part("multi_modal_projector", {pp: ""})
+  vision = Part("vision tower", {vp: "vision_model."})
+  lm = Part("language model", lm_map)
+  proj = Part("multi_modal_projector", {pp: ""})
   rest = [k for k, v in tensors.items() if not (vision.take(k, v) or lm.take(k, v) or proj.take(k, v))]
   return vision, lm, proj, rest
-
-
-def _apply(part: _Part, rows, where: Path, gemma_norm: bool = False) -> dict:
-  """{our path tuple: float32 array} for rows (canonical key, our path, layout, heads); raises naming the
-  absent tensors as the checkpoint would store them."""
-  missing = [part.stored(r[0]) for r in rows if r[0] not in part.tensors]
-  if missing:
-    raise ValueError(f"{where}: {part.what} tensors expected but absent: {missing[:20]}")
-  flat = {}
-  for key, ours, kind, heads in rows:
-    x = np.asarray(part.tensors[key], np.float32)
-    if kind == "norm":  # vlm.convert.llm's RMSNorm scale (Gemma stores weight - 1)
-      x = x + np.float32(1.0) if gemma_norm else x
-    else:
-      x = _fwd(kind, x, heads)
-    flat[tuple(ours.split("/"))] = np.ascontiguousarray(x, np.float32)
-  return flat
 
 
 def model_kwargs_from_hf_llava(
@@ -243,6 +198,7 @@ def model_kwargs_from_hf_llava(
   return kwargs
 
 
+@register_importer(*MODEL_TYPES)
 def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF LlavaForConditionalGeneration directory -> ('vision_lm', VisionLanguageModel kwargs, params float32).
 
@@ -269,12 +225,12 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
   if "vision_model.post_layernorm.weight" not in vision.tensors:
     vision.tensors["vision_model.post_layernorm.weight"] = np.ones((width,), np.float32)
     vision.tensors["vision_model.post_layernorm.bias"] = np.zeros((width,), np.float32)
-  vrows = [(hf, ours, kind, vit["num_heads"]) for hf, ours, kind in _vision_rows(vc)]
-  flat = {("vision",) + k: v for k, v in _apply(vision, vrows, path).items()}
+  vrows = [(hf, ours, kind, vit["num_heads"]) for hf, ours, kind in vision_tower_rows(vc)]
+  flat = {("vision",) + k: v for k, v in apply_part(vision, vrows, path).items()}
 
-  # Language model: vlm.convert.llm's table on the canonical keys.
-  lrows = llm._table(lm_kw)
-  flat.update({("lm",) + k: v for k, v in _apply(lm, lrows, path, gemma_norm=tc.model_type == "gemma").items()})
+  # Language model: vlm.convert.common's lm_table on the canonical keys.
+  lrows = lm_table(lm_kw)
+  flat.update({("lm",) + k: v for k, v in apply_part(lm, lrows, path, gemma_norm=tc.model_type == "gemma").items()})
 
   # Projector: Linear - GELU - Linear; zero biases when the checkpoint has none.
   if not top["multimodal_projector_bias"]:
@@ -285,7 +241,7 @@ def import_hf_llava(path: str | Path, scan: bool = False) -> tuple[str, dict[str
     for i in (1, 2)
     for w, o, kind in (("weight", "kernel", "dense"), ("bias", "bias", "id"))
   ]
-  flat.update({("connector",) + k: v for k, v in _apply(proj, prows, path).items()})
+  flat.update({("connector",) + k: v for k, v in apply_part(proj, prows, path).items()})
   fc1 = flat[("connector", "fc1", "kernel")]
   if fc1.shape != (width, lm_kw["width"]):
     raise ValueError(

@@ -36,20 +36,13 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import hf_config
-from vlm.convert.hf import _fwd, stack_encoder_blocks
+from vlm.convert.common import GATED_FROM_HF, fwd, lm_table, stack_encoder_blocks
 from vlm.convert.hf_config import HFConfig
+from vlm.convert.registry import register_importer
 from vlm.convert.safetensors_io import load_safetensors_dir
 from vlm.nn import rope as rope_lib
 
 MODEL_TYPES = ("llama", "qwen2", "gemma")
-_GATED_FROM_HF = {
-  "silu": "swiglu",
-  "swish": "swiglu",
-  "gelu_pytorch_tanh": "geglu",
-  "gelu_tanh": "geglu",
-  "gelu_new": "geglu",
-  "gelu_fast": "geglu",
-}
 
 
 def as_config(config: "dict | HFConfig", file: str = "config.json") -> HFConfig:
@@ -99,7 +92,7 @@ def _rope_theta(config) -> float:
 def _activation(c: HFConfig) -> str:
   """The gated MLP activation as transformers runs it (see the module docstring for Gemma)."""
   if c.model_type != "gemma":
-    return c.choice("hidden_act", _GATED_FROM_HF)
+    return c.choice("hidden_act", GATED_FROM_HF)
   act = c["hidden_act"]
   act = "gelu_pytorch_tanh" if act == "gelu" else act  # GemmaConfig.__post_init__ (transformers 5)
   legacy = c["hidden_activation"]  # transformers 4.39-4.47's GemmaMLP read this one
@@ -109,9 +102,9 @@ def _activation(c: HFConfig) -> str:
       f"disagrees with hidden_act = {c['hidden_act']!r} (which transformers 5 "
       f"runs as {act!r}; transformers 4.39-4.47 ran hidden_activation): make them agree",
     )
-  if act not in _GATED_FROM_HF:
-    raise c.error("hidden_act", f"not supported by vlm; supported: {', '.join(sorted(map(repr, _GATED_FROM_HF)))}")
-  return _GATED_FROM_HF[act]
+  if act not in GATED_FROM_HF:
+    raise c.error("hidden_act", f"not supported by vlm; supported: {', '.join(sorted(map(repr, GATED_FROM_HF)))}")
+  return GATED_FROM_HF[act]
 
 
 def _tied(c: HFConfig, tie: bool, tensors: dict[str, np.ndarray] | None) -> bool:
@@ -181,32 +174,7 @@ def model_kwargs_from_hf_llm(
   )
 
 
-def _table(kw: dict) -> list[tuple[str, str, str, int]]:
-  """Rows (hf_key, our_path, layout, heads)."""
-  n, k = kw["num_heads"], kw.get("num_kv_heads") or kw["num_heads"]
-  rows = [("model.embed_tokens.weight", "embedding/embedding", "id", 0), ("model.norm.weight", "norm/scale", "norm", 0)]
-  if not kw.get("tie_embeddings", False):
-    rows.append(("lm_head.weight", "head/kernel", "dense", 0))
-  for i in range(kw["depth"]):
-    h, o = f"model.layers.{i}", f"decoder/block_{i}"
-    rows += [
-      (f"{h}.input_layernorm.weight", f"{o}/norm1/scale", "norm", 0),
-      (f"{h}.post_attention_layernorm.weight", f"{o}/norm2/scale", "norm", 0),
-    ]
-    for a, b, heads in (("q_proj", "query", n), ("k_proj", "key", k), ("v_proj", "value", k)):
-      rows.append((f"{h}.self_attn.{a}.weight", f"{o}/attn/{b}/kernel", "qkv", heads))
-      if kw.get("qkv_bias", False):
-        rows.append((f"{h}.self_attn.{a}.bias", f"{o}/attn/{b}/bias", "qkv_bias", heads))
-    rows.append((f"{h}.self_attn.o_proj.weight", f"{o}/attn/out/kernel", "out", n))
-    if kw.get("out_bias", False):
-      rows.append((f"{h}.self_attn.o_proj.bias", f"{o}/attn/out/bias", "id", 0))
-    for a, b in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
-      rows.append((f"{h}.mlp.{a}.weight", f"{o}/mlp/{b}/kernel", "dense", 0))
-      if kw.get("mlp_bias", False):
-        rows.append((f"{h}.mlp.{a}.bias", f"{o}/mlp/{b}/bias", "id", 0))
-  return rows
-
-
+@register_importer(*MODEL_TYPES)
 def import_hf_llm(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any], dict]:
   """HF Llama / Qwen2 / Gemma causal-LM directory -> ('decoder_lm', DecoderLM kwargs, params float32).
 
@@ -216,7 +184,7 @@ def import_hf_llm(path: str | Path, scan: bool = False) -> tuple[str, dict[str, 
   tensors = load_safetensors_dir(path)
   kw = model_kwargs_from_hf_llm(config, tensors)
   gemma = config.model_type == "gemma"
-  table = _table(kw)
+  table = lm_table(kw)
   missing = [hf for hf, *_ in table if hf not in tensors]
   if missing:
     raise ValueError(f"{path}: tensors expected for {config.model_type} but absent: {missing[:20]}")
@@ -226,7 +194,7 @@ def import_hf_llm(path: str | Path, scan: bool = False) -> tuple[str, dict[str, 
     if kind == "norm":
       x = x + np.float32(1.0) if gemma else x
     else:
-      x = _fwd(kind, x, heads)
+      x = fwd(kind, x, heads)
     flat[tuple(ours.split("/"))] = np.ascontiguousarray(x, np.float32)
   ignored = {"lm_head.weight"} if kw["tie_embeddings"] else set()  # a tied head saved anyway
   unused = sorted(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `configs`
 
-from vlm.evaluate import load_model_and_params, load_workdir_config  # noqa: E402
+from vlm.load import load_model_and_params, load_workdir_config  # noqa: E402
 from vlm.evals.grounding import RegionQA  # noqa: E402
 
 

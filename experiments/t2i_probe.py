@@ -29,7 +29,7 @@ import optax  # noqa: E402
 from vlm import parallel  # noqa: E402
 from vlm.data import load_split_numpy  # noqa: E402
 from vlm.evals.base import batched_apply, jit_on_mesh  # noqa: E402
-from vlm.evaluate import load_model_and_params, load_workdir_config  # noqa: E402
+from vlm.load import load_model_and_params, load_workdir_config  # noqa: E402
 from vlm.models.early_fusion import generate_images  # noqa: E402
 
 

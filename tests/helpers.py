@@ -93,7 +93,7 @@ def vqa_accuracy(workdir, name: str = "vqa", shuffle_images: bool = False) -> fl
   shuffle_images: every question is asked about another example's image (and its AnyRes layout), which
   leaves only what the LM can guess from the question."""
   from vlm.evals.base import build_evals
-  from vlm.evaluate import load_run
+  from vlm.load import load_run
 
   config, model, mesh, params = load_run(workdir)
   ev = build_evals(config, model, mesh)[name]

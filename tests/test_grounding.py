@@ -215,7 +215,7 @@ def test_grounding_and_region_qa_evaluations_report_with_and_without_crg(groundi
 
 def test_region_qa_masks_the_asked_box_in_the_contrast_image(grounding_workdir, monkeypatch):
   from vlm.evals.grounding import RegionQA
-  from vlm.evaluate import load_model_and_params, load_workdir_config
+  from vlm.load import load_model_and_params, load_workdir_config
 
   wd, _ = grounding_workdir
   config = load_workdir_config(wd)

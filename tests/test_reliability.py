@@ -314,7 +314,7 @@ def test_resume_with_a_changed_model_names_the_keys_and_parameters(siglip_workdi
   recorded = json.loads((wd / "config.6.json").read_text())
   assert recorded["total_steps"] == 7 and recorded["evals"] == {}
   assert [r["step"] for r in read_metrics(wd) if "train/loss" in r] == list(range(1, 8))
-  from vlm.evaluate import load_workdir_config
+  from vlm.load import load_workdir_config
 
   assert load_workdir_config(wd).total_steps == 7 and load_workdir_config(wd, step=5).total_steps == 6
 

@@ -513,7 +513,7 @@ def test_fuyu_demo_chain_feeds_patches_straight_into_the_lm(vlm_bed, data_dir, t
   from PIL import Image
 
   from vlm.data.pipeline import make_pipeline
-  from vlm.evaluate import load_workdir_config
+  from vlm.load import load_workdir_config
   from vlm.predict import chat
 
   out = fuyu_run(data_dir, vlm_bed, tmp_path / "fuyu")
@@ -572,7 +572,7 @@ def test_export_cli_writes_what_transformers_loads(llava, vlm_bed, tmp_path):
   import sys
   from pathlib import Path
 
-  from vlm.evaluate import load_workdir_config
+  from vlm.load import load_workdir_config
   from vlm.export import export
   from vlm.models import build_model
 

@@ -306,7 +306,7 @@ def _heldout(workdir, n: int = 256, batch: int = 64) -> dict:
   loss and accuracy terms, plus the frequency baselines of its targets: the entropy and top share of
   the maskable caption tokens (MLM) and, with a tokenizer, of the image codes (MIM)."""
   from vlm.data import make_pipeline
-  from vlm.evaluate import load_model_and_params, load_workdir_config
+  from vlm.load import load_model_and_params, load_workdir_config
 
   config = load_workdir_config(workdir)
   model, _, params = load_model_and_params(config, workdir)

@@ -28,7 +28,7 @@ def export(
   from vlm import checkpoint
   from vlm.convert import export_hf
   from vlm.convert.export_lm import export_hf_llava, export_hf_llm
-  from vlm.evaluate import load_workdir_config
+  from vlm.load import load_workdir_config
 
   config = load_workdir_config(workdir)
   name = config.model_name

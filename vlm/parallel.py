@@ -56,9 +56,18 @@ def make_mesh(axes: Sequence[tuple[str, int]] | dict[str, int], devices: Sequenc
   return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
-def data_axes(mesh: Mesh) -> tuple[str, ...]:
-  """The data-parallel axes present in `mesh` (the batch is sharded over them)."""
+def data_axes(mesh: Mesh | None) -> tuple[str, ...]:
+  """The data-parallel axes present in `mesh` (the batch is sharded over them); () without a mesh."""
+  if mesh is None:
+    return ()
   return tuple(a for a in DATA_AXES if a in mesh.axis_names)
+
+
+def shard_map_or_call(fn: Callable, mesh: Mesh | None, args: tuple, in_specs: tuple, out_specs: Any) -> Any:
+  """fn(*args) on each device's shards under `jax.shard_map` over `mesh`; without a mesh, fn(*args)."""
+  if mesh is None:
+    return fn(*args)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
 def filter_rules(rules: Sequence[tuple[str, Any]], mesh: Mesh) -> tuple[tuple[str, Any], ...]:

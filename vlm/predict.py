@@ -48,7 +48,7 @@ from vlm.data.preprocess import apply_ops, parse_pp
 from vlm.data.sources import decode_image
 from vlm.evals.captioning import generate_captions
 from vlm.convert.published import is_published
-from vlm.evaluate import load_run
+from vlm.load import load_run
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 

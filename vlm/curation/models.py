@@ -17,7 +17,7 @@ from vlm.evals.contrastive import encoders
 
 
 def _load(workdir: str | Path):
-  from vlm.evaluate import load_model_and_params, load_workdir_config
+  from vlm.load import load_model_and_params, load_workdir_config
 
   config = load_workdir_config(workdir)
   model, mesh, params = load_model_and_params(config, workdir)

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from vlm.data import scenes
-from vlm.data.preprocess import Example, Op, _images, register
+from vlm.data.preprocess import Example, Op, map_images, register
 
 # ----------------------------------------------------------------- RandAugment
 
@@ -181,7 +181,7 @@ def randaugment(
       raise ValueError("randaugment works on uint8 images: put it before value_range / normalize")
     for k in rng.integers(len(names), size=num_ops):
       sign = 1.0 if rng.random() < 0.5 else -1.0
-      ex = _images(ex, ra_image_fn(names[int(k)], mag, sign, fill))
+      ex = map_images(ex, ra_image_fn(names[int(k)], mag, sign, fill))
     return ex
 
   return op

@@ -152,7 +152,7 @@ def _range(value: Any, name: str, lo: float = 0.0) -> tuple[float, float]:
   return float(value[0]), float(value[1])
 
 
-def _images(ex: Example, fn: Callable[[np.ndarray], np.ndarray]) -> Example:
+def map_images(ex: Example, fn: Callable[[np.ndarray], np.ndarray]) -> Example:
   """Applies `fn` to the image and to every frame."""
   ex["image"] = fn(ex["image"])
   if "frames" in ex and len(ex["frames"]):
@@ -192,7 +192,7 @@ def _crop_resize(
     pil = Image.fromarray(img).resize((ow, oh), resample, box=(x0, y0, x1, y1))
     return np.asarray(pil)
 
-  ex = _images(ex, fn)
+  ex = map_images(ex, fn)
   if "boxes" in ex and len(ex["boxes"]):
     sx, sy = ow / (x1 - x0), oh / (y1 - y0)
     b = (np.asarray(ex["boxes"], np.float32) - [x0, y0, x0, y0]) * [sx, sy, sx, sy]
@@ -318,7 +318,7 @@ def center_crop(size: int | Sequence[int]) -> Op:
       out[dy : dy + ly, dx : dx + lx] = img[sy : sy + ly, sx : sx + lx]
       return out
 
-    return _shift_boxes(_images(ex, fn), dx - sx, dy - sy, (ch, cw))
+    return _shift_boxes(map_images(ex, fn), dx - sx, dy - sy, (ch, cw))
 
   return op
 
@@ -349,7 +349,7 @@ def pad_to_square(fill: int | Sequence[int] | str = 0) -> Op:
       out[top : top + h, left : left + w] = img
       return out
 
-    return _shift_boxes(_images(ex, fn), left, top, (n, n))
+    return _shift_boxes(map_images(ex, fn), left, top, (n, n))
 
   return op
 
@@ -421,7 +421,7 @@ def flip_lr(p: float = 0.5) -> Op:
     if rng.random() >= p:
       return ex
     w = _size(ex)[1]
-    ex = _images(ex, lambda img: np.ascontiguousarray(img[:, ::-1]))
+    ex = map_images(ex, lambda img: np.ascontiguousarray(img[:, ::-1]))
     if "boxes" in ex and len(ex["boxes"]):
       b = np.asarray(ex["boxes"], np.float32)
       ex["boxes"] = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], axis=1)
@@ -446,7 +446,7 @@ def value_range(vmin: float, vmax: float) -> Op:
   """Maps uint8 [0, 255] (or floats in [0, 1]) linearly to float32 [vmin, vmax]."""
   if not all(isinstance(v, (int, float)) for v in (vmin, vmax)) or vmin >= vmax:
     raise ValueError(f"need vmin < vmax, got ({vmin!r}, {vmax!r})")
-  return lambda ex, rng: _images(ex, lambda img: _to_unit(img) * (vmax - vmin) + vmin)
+  return lambda ex, rng: map_images(ex, lambda img: _to_unit(img) * (vmax - vmin) + vmin)
 
 
 @register
@@ -464,7 +464,7 @@ def rescale(factor: float = 1 / 255) -> Op:
       raise ValueError(f"rescale needs uint8 pixels, got {img.dtype} (rescaled twice?)")
     return _rescale(img, factor)
 
-  return lambda ex, rng: _images(ex, fn)
+  return lambda ex, rng: map_images(ex, fn)
 
 
 def _stat(v: Any, name: str) -> np.ndarray:
@@ -506,7 +506,7 @@ def normalize(
       raise ValueError(f"normalize: {len(m)} mean values for {x.shape[-1]} channels")
     return (x - m) / s
 
-  return lambda ex, rng: _images(ex, fn)
+  return lambda ex, rng: map_images(ex, fn)
 
 
 @register
@@ -533,7 +533,7 @@ def random_aspect_pad(ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> Op:
     if (th, tw) == (h, w):
       return ex
     pad = ((top, th - h - top), (left, tw - w - left), (0, 0))
-    ex = _images(ex, lambda img: np.pad(img, pad, mode="edge"))
+    ex = map_images(ex, lambda img: np.pad(img, pad, mode="edge"))
     if "boxes" in ex and len(ex["boxes"]):
       ex["boxes"] = (np.asarray(ex["boxes"], np.float32) + [left, top, left, top]).astype(np.float32)
     return ex

@@ -20,6 +20,7 @@ import numpy as np
 from vlm import parallel
 from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
 from vlm.evals.contrastive import ZeroShot
+from vlm.load import load_model_and_params, load_workdir_config
 from vlm.models.early_fusion import generate_images
 
 
@@ -47,8 +48,6 @@ class TextToImage(SplitData):
     guidance: float = 1.0,
     **decode_kw,
   ):
-    from vlm.evaluate import load_model_and_params, load_workdir_config  # vlm.evaluate imports vlm.evals
-
     self.model, self.mesh, self.prefix = model, mesh, prefix
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.method, self.seed, self.guidance, self.decode_kw = method, seed, guidance, decode_kw

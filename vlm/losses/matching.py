@@ -20,16 +20,6 @@ from vlm import parallel
 from vlm.losses.contrastive import all_gather_batch
 
 
-def _axes(mesh: Mesh | None) -> tuple[str, ...]:
-  return parallel.data_axes(mesh) if mesh is not None else ()
-
-
-def _run(fn, mesh: Mesh | None, args: tuple, in_specs: tuple, out_specs):
-  if mesh is None:
-    return fn(*args)
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
-
-
 def hard_negative_indices(
   zimg: jax.Array,
   ztxt: jax.Array,
@@ -51,7 +41,7 @@ def hard_negative_indices(
   """
   if zimg.shape[0] < 2:
     raise ValueError(f"hard negatives need a global batch of at least 2 pairs, got {zimg.shape[0]}")
-  axes = _axes(mesh)
+  axes = parallel.data_axes(mesh)
   zimg, ztxt = jax.lax.stop_gradient(zimg.astype(jnp.float32)), jax.lax.stop_gradient(ztxt.astype(jnp.float32))
   scale = jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32))
   if tokens is None:
@@ -79,7 +69,7 @@ def hard_negative_indices(
 
   spec = P(axes if axes else None)
   img_spec = P(axes if axes else None, *([None] * (zimg.ndim - 1)))
-  return _run(
+  return parallel.shard_map_or_call(
     per_device, mesh, (zimg, ztxt, tokens, rng, scale), (img_spec, P(axes, None), P(axes, None), P(), P()), (spec, spec)
   )
 
@@ -98,13 +88,13 @@ def take_rows(x: Any, index: jax.Array, mesh: Mesh | None = None) -> Any:
   Each device gathers every device's rows and keeps the ones its local indices name (the
   negatives' images or tokens for ITM).
   """
-  axes = _axes(mesh)
+  axes = parallel.data_axes(mesh)
 
   def per_device(xs, idx):
     return jax.tree.map(lambda a: jnp.take(all_gather_batch(a, axes), idx, axis=0), xs)
 
   specs = jax.tree.map(lambda a: P(axes, *([None] * (a.ndim - 1))), x)
-  return _run(per_device, mesh, (x, index), (specs, P(axes)), specs)
+  return parallel.shard_map_or_call(per_device, mesh, (x, index), (specs, P(axes)), specs)
 
 
 def itm_loss(pos_logits: jax.Array, neg_logits: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

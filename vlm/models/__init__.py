@@ -18,9 +18,9 @@ from vlm.models.video import VideoClassifier
 from vlm.models.vlmo import VLMo
 from vlm.models.vit import VIT_VARIANTS, ViT, decode_variant
 from vlm.models.vq import VQTokenizer
-from vlm.registry import Registry, to_kwargs
+from vlm.models.registry import MODELS
+from vlm.registry import to_kwargs
 
-MODELS: Registry = Registry("model")
 MODELS.register("vit")(ViT)
 MODELS.register("text")(TextTransformer)
 MODELS.register("two_tower")(TwoTower)

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from vlm import decoding
 from vlm.data import anyres as anyres_data
 from vlm.models.decoder import DecoderLM
+from vlm.models.registry import MODELS
 from vlm.models.vit import ViT
 from vlm.nn.anyres import AnyResPack
 from vlm.nn.mlp import dense
@@ -126,8 +127,6 @@ class VisionLanguageModel(nn.Module):
         kw.update(pool_type="none", return_all_layers=self.feature_layer is not None)
       self.vision = ViT(**kw, dtype=self.dtype)
     else:
-      from vlm.models import MODELS
-
       self.vision = MODELS.get(self.vision_model)(**self.vision_config)
     self.lm = DecoderLM(**self.lm_config, dtype=self.dtype)
     self.connector = Connector(self.connector_type, self.lm_config["width"], self.prefix_tokens, self.dtype)

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from vlm import parallel
 from vlm.losses import caption_loss, itm_loss, take_rows
-from vlm.losses.matching import _axes, _run, hard_negative_indices, similarities
+from vlm.losses.matching import hard_negative_indices, similarities
 from vlm.losses.contrastive import all_gather_batch
 from vlm.objectives.base import OBJECTIVES
 
@@ -47,7 +48,7 @@ def max_query_itc_loss(
   loss = 0.5 * (mean_i CE(scale * sim(i, :), i) + mean_t CE(scale * sim(:, t), t)), sim(i, t) =
   max_q <zimg[i, q], ztxt[t]>, over the global batch. Metrics: i2t / t2i accuracy of the argmax.
   """
-  axes = _axes(mesh)
+  axes = parallel.data_axes(mesh)
   scale = jnp.asarray(scale, jnp.float32)
 
   def per_device(zi, zt, s):
@@ -65,7 +66,7 @@ def max_query_itc_loss(
     return 0.5 * stats[0] / n, {"i2t_accuracy": stats[1] / n, "t2i_accuracy": stats[2] / n}
 
   spec = P(axes if axes else None, None)
-  return _run(
+  return parallel.shard_map_or_call(
     per_device,
     mesh,
     (zimg.astype(jnp.float32), ztxt.astype(jnp.float32), scale),

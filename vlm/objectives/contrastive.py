@@ -43,7 +43,7 @@ def contrastive_term(zimg, ztxt, out: dict, *, loss: str, impl: str, mesh: Mesh 
   sim_fn: pair similarity sim(zimg, ztxt) -> [I, J] of pytree sides (None: dot products).
   Returns (loss, metrics) with the loss's pos/neg logits, the scale and the bias.
   """
-  axes = parallel.data_axes(mesh) if mesh is not None else ()
+  axes = parallel.data_axes(mesh)
   impl = impl if mesh is not None else "local"
   if sim_fn is None:
     value, metrics = contrastive_loss(zimg, ztxt, out["scale"], out["bias"], kind=loss, impl=impl, mesh=mesh, axes=axes)

@@ -204,6 +204,7 @@ def main(argv) -> None:
       speedup_vs_peer=round(pdt / dt, 3),
     )
   print(json.dumps(row), flush=True)
+  vlm.data.close()  # stops the prefetch thread before exit (a daemon thread inside XLA aborts the interpreter)
 
 
 if __name__ == "__main__":

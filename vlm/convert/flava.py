@@ -33,7 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert import hf_config
-from vlm.convert.common import ACT_FROM_HF, fwd, linear_rows, norm_rows, stack_encoder_blocks
+from vlm.convert.common import fwd, linear_rows, norm_rows, stack_encoder_blocks, tower_kwargs
 from vlm.convert.hf_config import HFConfig
 from vlm.convert.registry import register_importer
 from vlm.convert.safetensors_io import load_safetensors_dir
@@ -103,14 +103,7 @@ def _flava_table(config: HFConfig) -> list[tuple[str, str, str, str]]:
 
 def _tower(c: HFConfig) -> dict[str, Any]:
   c.expect("qkv_bias", True, "FLAVA's attention without q/k/v biases")
-  return dict(
-    width=c["hidden_size"],
-    depth=c["num_hidden_layers"],
-    mlp_dim=c["intermediate_size"],
-    num_heads=c["num_attention_heads"],
-    mlp_act=c.choice("hidden_act", ACT_FROM_HF),
-    norm_eps=float(c["layer_norm_eps"]),
-  )
+  return tower_kwargs(c)
 
 
 def flava_kwargs_from_hf(config) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.xdist_group(group))
 
 
-from helpers import TINY_DATA, TINY_LM, TINY_VISION, shrink  # noqa: E402
+from helpers import TINY_DATA, TINY_LM, TINY_VISION, shrink, tiny_demo  # noqa: E402
 
 
 def rewrite_checkpoint(src, dst, rename=lambda k: k, drop=(), add=None, config=None) -> str:
@@ -150,9 +150,8 @@ def vlm_bed(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="session")
 def coca_run(tmp_path_factory, data_dir):
-  """CoCa's lighter demo (test_coca.tiny_demo at width 64, 150 steps, every evaluation at start and end):
+  """CoCa's lighter demo (helpers.tiny_demo at width 64, 150 steps, every evaluation at start and end):
   (workdir, final metrics). The learning, logging and predict tests and curation's captioner."""
-  from test_coca import tiny_demo
   from vlm.train import train
 
   def make(wd):

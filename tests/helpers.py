@@ -62,6 +62,32 @@ def tiny(module, data_dir, steps: int = 8, **over):
   return c
 
 
+def tiny_demo(data_dir, steps: int, **model_sizes):
+  from configs import coca_b16
+
+  c = coca_b16.get_config("demo")
+  c.data.data_dir = str(data_dir)
+  c.data.builder.update(TINY_DATA)
+  sizes = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+  sizes.update(model_sizes)
+  c.model["image"].update(sizes)
+  c.model["text"].update(
+    width=sizes["width"], mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"], unimodal_depth=1, multimodal_depth=1
+  )
+  c.model["embed_dim"] = sizes["width"]
+  c.batch_size = 16
+  c.total_steps = steps
+  c.log_every = 1
+  c.checkpoint_every = 1000
+  c.schedule.warmup_steps = 2
+  for name in ("zeroshot", "retrieval", "captioning"):
+    c.evals[name].every = 0
+    c.evals[name].max_examples = 64
+  c.evals.probe.update(every=0, train_examples=256, steps=20)
+  c.tensorboard = False
+  return c
+
+
 def tiny_vlm(c, lm: dict | None = None, vision: dict | None = None):
   """A VLM-on-an-LM recipe with the tiny LM and vision sizes (model.lm_config / model.vision_config)."""
   c.model.lm_config.update(TINY_LM if lm is None else lm)

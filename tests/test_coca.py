@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY_DATA
 from vlm import decoding
 from vlm.evals.captioning import generate_captions
 from vlm.metrics_writer import read_metrics
@@ -172,32 +171,6 @@ def test_frozen_image_encoder_gets_no_gradient(coca):
   grads = jax.jit(jax.grad(lambda p: CoCaObjective()(model, p, batch, rng=jax.random.key(0), train=True)[0]))(params)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["img"]))
   assert float(jnp.abs(grads["cap_pooler"]["query"]).max()) > 0.0
-
-
-def tiny_demo(data_dir, steps: int, **model_sizes):
-  from configs import coca_b16
-
-  c = coca_b16.get_config("demo")
-  c.data.data_dir = str(data_dir)
-  c.data.builder.update(TINY_DATA)
-  sizes = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
-  sizes.update(model_sizes)
-  c.model["image"].update(sizes)
-  c.model["text"].update(
-    width=sizes["width"], mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"], unimodal_depth=1, multimodal_depth=1
-  )
-  c.model["embed_dim"] = sizes["width"]
-  c.batch_size = 16
-  c.total_steps = steps
-  c.log_every = 1
-  c.checkpoint_every = 1000
-  c.schedule.warmup_steps = 2
-  for name in ("zeroshot", "retrieval", "captioning"):
-    c.evals[name].every = 0
-    c.evals[name].max_examples = 64
-  c.evals.probe.update(every=0, train_examples=256, steps=20)
-  c.tensorboard = False
-  return c
 
 
 @pytest.mark.slow

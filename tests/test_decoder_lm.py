@@ -2,7 +2,6 @@
 as transformers 5 writes them and as the Hub's 4.x files are (defaults left out), scaled RoPE."""
 
 import functools
-import json
 
 import numpy as np
 import pytest
@@ -14,6 +13,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
+from hf_builders import (  # noqa: E402
+  ARCHS,
+  COMMON,
+  EOS,
+  ORIG,
+  PAD,
+  ROPE,
+  VOCAB,
+  hub_import,
+  imported_lm,
+  make_lm,
+  padded_batch,
+  rope_llama,
+)
 from vlm import decoding  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
 from vlm.convert.hf_config import ConfigError  # noqa: E402
@@ -22,54 +35,7 @@ from vlm.models.decoder import DecoderLM, generate  # noqa: E402
 from vlm.nn.attention import MultiHeadAttention  # noqa: E402
 
 TOL = 1e-4
-VOCAB, PAD, EOS = 100, 0, 2
 NEW = 8
-COMMON = dict(
-  vocab_size=VOCAB,
-  hidden_size=32,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  max_position_embeddings=64,
-  pad_token_id=PAD,
-  bos_token_id=1,
-  eos_token_id=EOS,
-)
-ARCHS = {
-  "llama": lambda: transformers.LlamaForCausalLM(
-    transformers.LlamaConfig(
-      **COMMON, rope_parameters={"rope_type": "default", "rope_theta": 500.0}, tie_word_embeddings=False
-    )
-  ),
-  "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, tie_word_embeddings=False)),
-  "gemma": lambda: transformers.GemmaForCausalLM(
-    transformers.GemmaConfig(**COMMON, head_dim=16, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
-  ),
-}
-
-
-def _make(arch, factory=None):
-  torch.manual_seed(0)
-  model = (factory or ARCHS[arch])().eval()
-  # HF inits norms to 1 (Gemma: 0) and biases to 0: perturb every tensor. Gemma's layers get more
-  # noise: against its sqrt(D)-scaled tied embeddings they would otherwise just repeat the last token.
-  layer_noise = 0.3 if arch.startswith("gemma") else 0.1
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.add_((0.1 if "embed" in name else layer_noise) * torch.randn_like(p))
-  return model
-
-
-@functools.cache
-def _imported(arch, tmp_root):
-  model = _make(arch)
-  path = f"{tmp_root}/{arch}"
-  # Qwen2 is saved sharded (model.safetensors.index.json + shards).
-  model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": "20KB"} if arch == "qwen2" else {}))
-  name, kwargs, params = import_hf(path)
-  assert name == "decoder_lm"
-  return model, build_model(name, kwargs), params, kwargs
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +43,10 @@ def tmp_root(tmp_path_factory):
   return str(tmp_path_factory.mktemp("hf_llm"))
 
 
-def _padded_batch():
-  rng = np.random.default_rng(0)
-  ids = rng.integers(3, VOCAB, size=(4, 12))
-  mask = np.ones_like(ids, dtype=bool)
-  mask[1, 7:] = False  # right-padded
-  mask[2, :3] = False  # left-padded
-  mask[3, :5] = False  # left-padded
-  ids[~mask] = PAD
-  return ids, mask
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_import_and_logits_match_hf(arch, tmp_root):
-  hf, model, params, kwargs = _imported(arch, tmp_root)
+  hf, model, params, kwargs = imported_lm(arch, tmp_root)
   if arch == "qwen2":
     import pathlib
 
@@ -100,7 +55,7 @@ def test_import_and_logits_match_hf(arch, tmp_root):
   if arch == "gemma":
     assert kwargs["tie_embeddings"] and kwargs["embed_scale"] and kwargs["head_dim"] == 16
     assert kwargs["mlp_act"] == "geglu" and "head" not in params
-  ids, mask = _padded_batch()
+  ids, mask = padded_batch()
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
   with torch.no_grad():
     theirs = hf(
@@ -138,7 +93,7 @@ def _hf_greedy(hf, ids, mask):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_greedy_generation_matches_hf(arch, tmp_root):
-  hf, model, params, _ = _imported(arch, tmp_root)
+  hf, model, params, _ = imported_lm(arch, tmp_root)
   rng = np.random.default_rng(1)
   ids = rng.integers(3, VOCAB, size=(3, 6))
   mask = np.ones_like(ids, dtype=bool)
@@ -266,20 +221,6 @@ def _max_diff(hf, model, params, ids, mask=None):
   return float(np.abs(ours - theirs)[mask].max())
 
 
-def _hub_import(name, factory, path, edit=None):
-  """A random model saved the way 4.x Hub files are (save_hub_style), config.json optionally edited;
-  returns (transformers' model loaded from that directory, our model, params, kwargs, the file's config)."""
-  save_hub_style(_make(name, factory), path)
-  file = f"{path}/config.json"
-  if edit:
-    cfg = json.load(open(file))
-    edit(cfg)
-    json.dump(cfg, open(file, "w"))
-  hf = type(factory()).from_pretrained(path).eval()
-  mname, kwargs, params = import_hf(path)
-  return hf, build_model(mname, kwargs), params, kwargs, json.load(open(file))
-
-
 def _set(**kv):
   return lambda cfg: cfg.update(kv)
 
@@ -328,10 +269,10 @@ HUB = {
 @pytest.mark.parametrize("case", list(HUB))
 def test_hub_style_config_imports_exactly(case, tmp_path):
   factory, edit, expect, absent = HUB[case]
-  hf, model, params, kwargs, file_cfg = _hub_import(case.split("_")[0], factory, tmp_path / case, edit)
+  hf, model, params, kwargs, file_cfg = hub_import(case.split("_")[0], factory, tmp_path / case, edit)
   assert not set(absent) & set(file_cfg), "the file should leave these to the class defaults"
   assert {k: kwargs[k] for k in expect} == expect
-  ids, mask = _padded_batch()
+  ids, mask = padded_batch()
   diff = _max_diff(hf, model, params, ids, mask)
   print(f"{case}: hub-style config {sorted(file_cfg)}; max abs logit diff {diff:.2e}")
   assert diff <= TOL
@@ -339,39 +280,13 @@ def test_hub_style_config_imports_exactly(case, tmp_path):
 
 # ------------------------------------------------------------------ scaled RoPE
 
-ORIG = 16  # max_position_embeddings / original_max_position_embeddings of the rope tests; sequences of 40
-ROPE = {
-  "llama3": dict(
-    rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=ORIG
-  ),
-  "linear": dict(rope_type="linear", factor=3.0),
-  "dynamic": dict(rope_type="dynamic", factor=2.0),
-  "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=ORIG),
-  "yarn_mscale": dict(
-    rope_type="yarn",
-    factor=4.0,
-    original_max_position_embeddings=ORIG,
-    mscale=0.8,
-    mscale_all_dim=0.5,
-    beta_fast=16,
-    beta_slow=2,
-    truncate=False,
-  ),
-}
-
-
-def _rope_llama(rope_type):
-  rp = dict(ROPE[rope_type], rope_theta=1000.0)
-  common = dict(COMMON, max_position_embeddings=ORIG if rope_type == "dynamic" else 4 * ORIG)
-  return lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_parameters=rp))
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rope_type", list(ROPE))
 def test_scaled_rope_matches_hf(rope_type, tmp_path):
   """Each rope_type, from a 4.x-style file (rope_theta + rope_scaling), on 40 tokens (> ORIG): HF's logits;
   the same params without the scaling are far off."""
-  hf, model, params, kwargs, file_cfg = _hub_import("llama", _rope_llama(rope_type), tmp_path / rope_type)
+  hf, model, params, kwargs, file_cfg = hub_import("llama", rope_llama(rope_type), tmp_path / rope_type)
   assert file_cfg["rope_scaling"]["rope_type"] == ROPE[rope_type]["rope_type"] and "rope_parameters" not in file_cfg
   assert kwargs["rope_scaling"]["rope_type"] == ROPE[rope_type]["rope_type"]
   ids = np.random.default_rng(3).integers(3, VOCAB, size=(2, 40))
@@ -389,7 +304,7 @@ def test_dynamic_rope_cached_decoding_matches_hf_generate(tmp_path):
   """NTK-dynamic under KV caching: each step's frequencies follow its own length (as HF's generate from a
   fresh model), so our cached logits equal HF's at every step while the prompt + new tokens cross
   max_position_embeddings; one uncached forward over the whole sequence differs (HF's too)."""
-  hf, model, params, _, _ = _hub_import("llama", _rope_llama("dynamic"), tmp_path / "dyn")
+  hf, model, params, _, _ = hub_import("llama", rope_llama("dynamic"), tmp_path / "dyn")
   rng = np.random.default_rng(1)
   ids = rng.integers(3, VOCAB, size=(2, 12))
   mask = np.ones_like(ids, dtype=bool)
@@ -427,7 +342,7 @@ def test_dynamic_rope_cached_decoding_matches_hf_generate(tmp_path):
 
 def test_unsupported_config_values_raise_naming_them(tmp_path):
   src = str(tmp_path / "src")
-  save_hub_style(_make("llama"), src)
+  save_hub_style(make_lm("llama"), src)
 
   def raises(name, match, **config):
     with pytest.raises(ConfigError, match=match):
@@ -490,7 +405,7 @@ def test_scan_layers_same_params_logits_and_gradients():
   q = init["decoder"]["layers"]["attn"]["query"]["kernel"]
   assert q.names == ("layers", "embed", "heads", "kv") and q.value.shape == (3, 32, 4, 8)
   assert jax.tree.map(np.shape, stacked) == jax.tree.map(np.shape, nn.meta.unbox(init))
-  ids, mask = _padded_batch()
+  ids, mask = padded_batch()
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)
 
   def loss(m):
@@ -571,14 +486,14 @@ def test_llama_imported_with_scan_matches_hf_and_loads_into_scanned_init(tmp_roo
   from vlm import checkpoint
   from vlm.convert import stack_encoder_blocks
 
-  hf, _, params, _ = _imported("llama", tmp_root)
+  hf, _, params, _ = imported_lm("llama", tmp_root)
   name, kwargs, scanned_params = import_hf(f"{tmp_root}/llama", scan=True)
   assert name == "decoder_lm" and kwargs["scan_layers"] is True
   assert set(scanned_params["decoder"]) == {"layers"}
   assert scanned_params["decoder"]["layers"]["attn"]["query"]["kernel"].shape[0] == kwargs["depth"]
   jax.tree.map(np.testing.assert_array_equal, scanned_params, stack_encoder_blocks(params, names=("decoder",)))
   model = build_model(name, kwargs)
-  ids, mask = _padded_batch()
+  ids, mask = padded_batch()
   diff = _max_diff(hf, model, scanned_params, ids, mask)
   print(f"llama imported with scan=True: max abs logit diff {diff:.2e}")
   assert diff <= TOL

@@ -14,8 +14,22 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import test_decoder_lm as dlm  # noqa: E402  (its model builders and batches)
-import test_hf_llava as llava  # noqa: E402
+from hf_builders import (  # noqa: E402
+  CASES,
+  IMAGE,
+  NEXT_PINPOINTS,
+  VOCAB,
+  hub_import,
+  imported_llava,
+  imported_llava_next,
+  imported_lm,
+  llava_pixels,
+  llava_prompt,
+  next_logits_diff,
+  nhwc,
+  padded_batch,
+  rope_llama,
+)
 from vlm.convert import import_hf  # noqa: E402
 from vlm.convert.export_lm import (  # noqa: E402
   export_hf_llava,
@@ -29,7 +43,6 @@ from vlm.nn import rope as rope_lib  # noqa: E402
 from vlm.peft import merge_lora  # noqa: E402
 
 TOL = 1e-4
-VOCAB = dlm.VOCAB
 ARCH_CLASS = {
   "llama": transformers.LlamaForCausalLM,
   "qwen2": transformers.Qwen2ForCausalLM,
@@ -76,14 +89,14 @@ def _lm_logits(hf, ids, mask):
 def test_hf_llm_import_export_round_trip(arch, tmp_root, tmp_path):
   """HF -> import_hf -> export_hf_lm -> from_pretrained: the original weights, config and logits."""
   if arch == "llama_yarn":
-    hf, _, _, _, _ = dlm._hub_import("llama", dlm._rope_llama("yarn"), tmp_path / "src")
+    hf, _, _, _, _ = hub_import("llama", rope_llama("yarn"), tmp_path / "src")
     name, kwargs, params = import_hf(tmp_path / "src")
     ids = np.random.default_rng(3).integers(3, VOCAB, size=(2, 40))
     mask = np.ones_like(ids, dtype=bool)
   else:
-    hf, _, params, kwargs = dlm._imported(arch, tmp_root)
+    hf, _, params, kwargs = imported_lm(arch, tmp_root)
     name = "decoder_lm"
-    ids, mask = dlm._padded_batch()
+    ids, mask = padded_batch()
   config = export_hf_lm(
     name, kwargs, params, tmp_path / "out", max_position_embeddings=hf.config.max_position_embeddings
   )
@@ -117,7 +130,7 @@ def test_hf_llm_import_export_round_trip(arch, tmp_root, tmp_path):
 
 def test_scanned_imports_export_the_original_checkpoint(tmp_root, tmp_path):
   """import_hf(scan=True) (DecoderLM scan_layers, LLaVA's ViT and LM both scanned) -> export: the same files."""
-  hf, _, _, _ = dlm._imported("llama", tmp_root)
+  hf, _, _, _ = imported_lm("llama", tmp_root)
   name, kwargs, params = import_hf(f"{tmp_root}/llama", scan=True)
   assert kwargs["scan_layers"] and set(params["decoder"]) == {"layers"}
   config = export_hf_lm(
@@ -125,16 +138,16 @@ def test_scanned_imports_export_the_original_checkpoint(tmp_root, tmp_path):
   )
   assert "scan_layers" not in config
   assert _weights_diff(hf, _load(tmp_path / "lm", "llama")) == 0
-  hf, _, _, _, path = llava._imported("penultimate_default", tmp_root)
+  hf, _, _, _, path = imported_llava("penultimate_default", tmp_root)
   name, kwargs, params = import_hf(path, scan=True)
   assert kwargs["vision_config"]["scan"] and kwargs["lm_config"]["scan_layers"]
   assert set(params["vision"]["encoder"]) == {"layers"} and set(params["lm"]["decoder"]) == {"layers"}
   rng = np.random.default_rng(0)
-  ids = np.stack([llava._prompt(rng, "default") for _ in range(2)])
-  pixels = llava._pixels(rng, 2)
+  ids = np.stack([llava_prompt(rng, "default") for _ in range(2)])
+  pixels = llava_pixels(rng, 2)
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
-  ours = np.asarray(build_model(name, kwargs).apply({"params": params}, llava._nhwc(pixels), jnp.asarray(ids)))
+  ours = np.asarray(build_model(name, kwargs).apply({"params": params}, nhwc(pixels), jnp.asarray(ids)))
   diff = float(np.abs(ours - theirs).max())
   print(f"LLaVA imported with scan=True: max |logits diff| {diff:.2e}")
   assert diff <= TOL
@@ -186,7 +199,7 @@ def test_random_decoder_lm_exports_with_its_logits(case, tmp_path):
   config = export_hf_llm(kwargs, params, tmp_path, extra_config=dict(pad_token_id=0))
   assert config["model_type"] == mt
   hf = _load(tmp_path, mt)
-  ids, mask = dlm._padded_batch()
+  ids, mask = padded_batch()
   ids = np.concatenate([ids, ids], axis=1)  # 24 tokens: past the scaled ropes' 8
   mask = np.concatenate([mask, np.ones_like(mask)], axis=1)
   ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), mask=jnp.asarray(mask)))
@@ -205,7 +218,7 @@ def test_lora_is_merged_on_export(tmp_path):
     export_hf_llm(kwargs, params, tmp_path / "refused")
   export_hf_llm(kwargs, params, tmp_path, peft=peft)
   hf = _load(tmp_path, "llama")
-  ids, mask = dlm._padded_batch()
+  ids, mask = padded_batch()
   ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), mask=jnp.asarray(mask)))
   diff = float(np.abs(ours - _lm_logits(hf, ids, mask))[mask].max())
   base = np.asarray(
@@ -255,15 +268,15 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
 
 @pytest.mark.parametrize("case", ["penultimate_default", "siglip_gemma_full"])
 def test_hf_llava_import_export_round_trip(case, tmp_root, tmp_path):
-  hf, model, params, kwargs, _ = llava._imported(case, tmp_root)
+  hf, model, params, kwargs, _ = imported_llava(case, tmp_root)
   config = export_hf_lm("vision_lm", kwargs, params, tmp_path)
   out = _load(tmp_path, "llava")
   assert config["vision_config"]["hidden_act"] == hf.config.vision_config.hidden_act
   assert config["vision_config"]["layer_norm_eps"] == hf.config.vision_config.layer_norm_eps
   rng = np.random.default_rng(0)
-  strategy, tower = llava.CASES[case][1], llava.CASES[case][3]
-  ids = np.stack([llava._prompt(rng, strategy, tower=tower) for _ in range(2)])
-  pixels = llava._pixels(rng, 2)
+  strategy, tower = CASES[case][1], CASES[case][3]
+  ids = np.stack([llava_prompt(rng, strategy, tower=tower) for _ in range(2)])
+  pixels = llava_pixels(rng, 2)
   with torch.no_grad():
     theirs, again = (
       m(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy() for m in (hf, out)
@@ -275,11 +288,11 @@ def test_hf_llava_import_export_round_trip(case, tmp_root, tmp_path):
 
 @pytest.mark.slow
 def test_hf_llava_next_import_export_round_trip(tmp_root, tmp_path):
-  hf, model, params, kwargs, _ = llava._imported_next(tmp_root)
+  hf, model, params, kwargs, _ = imported_llava_next(tmp_root)
   config = export_hf_lm("vision_lm", kwargs, params, tmp_path)
-  assert config["model_type"] == "llava_next" and config["image_grid_pinpoints"] == llava.NEXT_PINPOINTS
+  assert config["model_type"] == "llava_next" and config["image_grid_pinpoints"] == NEXT_PINPOINTS
   out = _load(tmp_path, "llava_next")
-  wdiff, diff = _weights_diff(hf, out), llava._next_logits_diff(out, model, params, kwargs)
+  wdiff, diff = _weights_diff(hf, out), next_logits_diff(out, model, params, kwargs)
   print(f"llava_next: round trip, max |weight diff| {wdiff:.1e}, max |logits diff| (ours vs the export) {diff:.2e}")
   assert wdiff <= 1e-6 and diff <= TOL
 
@@ -311,7 +324,7 @@ def _random_llava():
     pool=None,
     connector_type="mlp",
     prefix_tokens=1,
-    image_token_id=llava.IMAGE,
+    image_token_id=IMAGE,
   )
   model = build_model("vision_lm", kwargs)
   params = _random(model, (jnp.zeros((1, 32, 32, 1)), jnp.zeros((1, 20), jnp.int32)))
@@ -326,7 +339,7 @@ def test_random_llava_exports_with_its_logits(tmp_path):
   assert config["vision_config"]["hidden_act"] == "gelu" and config["text_config"]["model_type"] == "qwen2"
   hf = _load(tmp_path, "llava")
   rng = np.random.default_rng(5)
-  ids = np.stack([llava._prompt(rng, "default") for _ in range(2)])
+  ids = np.stack([llava_prompt(rng, "default") for _ in range(2)])
   pixels = rng.normal(size=(2, 1, 32, 32)).astype(np.float32)
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()

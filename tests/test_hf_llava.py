@@ -5,7 +5,6 @@ eps / theta / tying come from transformers' defaults)."""
 
 import functools
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -17,69 +16,30 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from conftest import hub_style_config, rewrite_checkpoint, save_hub_style  # noqa: E402
+from conftest import rewrite_checkpoint  # noqa: E402
+from hf_builders import (  # noqa: E402
+  CASES,
+  EOS,
+  IMAGE,
+  NEXT_PINPOINTS,
+  NEXT_TILE,
+  PAD,
+  PATCH,
+  imported_llava,
+  imported_llava_next,
+  llava_pixels,
+  llava_prompt,
+  next_logits_diff,
+  nhwc,
+)
 from vlm.convert import import_hf  # noqa: E402
 from vlm.convert.hf_config import ConfigError  # noqa: E402
-from vlm.models import build_model  # noqa: E402
 from vlm.models.vision_lm import generate  # noqa: E402
 
 TOL = 1e-4
-VOCAB, IMAGE, PAD, EOS = 200, 150, 0, 2
-SIZE, PATCH = 32, 8
-NUM_PATCHES = (SIZE // PATCH) ** 2
 NEW = 6
-# (vision_feature_layer, vision_feature_select_strategy, sharded, vision tower, language model)
-CASES = {
-  "penultimate_default": (-2, "default", False, "clip", "llama"),
-  "last_full_sharded": (-1, "full", True, "clip", "llama"),
-  "siglip_tower_full": (-2, "full", False, "siglip", "llama"),
-  "siglip_gemma_full": (-2, "full", False, "siglip", "gemma"),
-}
 # What the towers run with, all class defaults the hub-style file leaves out (a wrong default would hide).
 TOWER_ACT = {"clip": ("quick_gelu", 1e-5), "siglip": ("gelu_tanh", 1e-6)}
-_TEXT = dict(
-  vocab_size=VOCAB,
-  hidden_size=32,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  max_position_embeddings=128,
-  pad_token_id=PAD,
-  bos_token_id=1,
-  eos_token_id=EOS,
-)
-
-
-def _text_config(text="llama"):
-  if text == "gemma":  # Gemma's defaults: tanh-GELU, tied head, eps 1e-6; theta 10000
-    return transformers.GemmaConfig(**_TEXT, head_dim=8)
-  return transformers.LlamaConfig(**_TEXT, tie_word_embeddings=False)
-
-
-def _make(layer, strategy, tower="clip", text="llama"):
-  torch.manual_seed(0)
-  vision = dict(
-    hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE, patch_size=PATCH
-  )
-  if tower == "clip":
-    vc = transformers.CLIPVisionConfig(**vision, projection_dim=16)
-  else:  # a SigLIP tower (no class token; its MAP head is saved but unused by LLaVA)
-    vc = transformers.SiglipVisionConfig(**vision)
-  tc = _text_config(text)
-  cfg = transformers.LlavaConfig(
-    vision_config=vc,
-    text_config=tc,
-    image_token_index=IMAGE,
-    projector_hidden_act="gelu",
-    vision_feature_layer=layer,
-    vision_feature_select_strategy=strategy,
-  )
-  model = transformers.LlavaForConditionalGeneration(cfg).eval()
-  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
-    for name, p in model.named_parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  return model
 
 
 @pytest.fixture(scope="module")
@@ -87,48 +47,10 @@ def tmp_root(tmp_path_factory):
   return str(tmp_path_factory.mktemp("hf_llava"))
 
 
-@functools.cache
-def _imported(case, tmp_root):
-  layer, strategy, sharded, tower, text = CASES[case]
-  hf = _make(layer, strategy, tower, text)
-  path = f"{tmp_root}/{case}"
-  if sharded:
-    hf.save_pretrained(path, safe_serialization=True, max_shard_size="20KB")
-    file = pathlib.Path(path) / "config.json"
-    file.write_text(json.dumps(hub_style_config(json.loads(file.read_text()))))
-  else:
-    save_hub_style(hf, path)
-  hf = type(hf).from_pretrained(path).eval()  # transformers reads the same file
-  name, kwargs, params = import_hf(path)
-  assert name == "vision_lm"
-  return hf, build_model(name, kwargs), params, kwargs, path
-
-
-def _num_image_tokens(strategy, tower="clip"):  # LlavaProcessor: patches + CLS, minus the CLS for 'default'
-  return NUM_PATCHES + (strategy == "full" and tower == "clip")
-
-
-def _prompt(rng, strategy, n_images=1, before=3, after=4, tower="clip"):
-  n = _num_image_tokens(strategy, tower)
-  parts = [rng.integers(3, 100, size=before)]
-  for _ in range(n_images):
-    parts += [np.full(n, IMAGE), rng.integers(3, 100, size=2)]
-  parts.append(rng.integers(3, 100, size=after))
-  return np.concatenate(parts)
-
-
-def _pixels(rng, n):
-  return rng.normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)  # NCHW
-
-
-def _nhwc(pixels):
-  return jnp.asarray(pixels.transpose(0, 2, 3, 1))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_hf(case, tmp_root):
-  hf, model, params, kwargs, path = _imported(case, tmp_root)
+  hf, model, params, kwargs, path = imported_llava(case, tmp_root)
   layer, strategy, sharded, tower, text = CASES[case]
   assert kwargs["feature_layer"] == layer and kwargs["keep_cls"] == (strategy == "full")
   assert kwargs["image_token_id"] == IMAGE
@@ -144,30 +66,30 @@ def test_logits_match_hf(case, tmp_root):
   if sharded:
     assert len(json.load(open(f"{path}/model.safetensors.index.json"))["weight_map"]) > 0
   rng = np.random.default_rng(0)
-  ids = np.stack([_prompt(rng, strategy, tower=tower) for _ in range(2)])  # one image per row
-  pixels = _pixels(rng, 2)
+  ids = np.stack([llava_prompt(rng, strategy, tower=tower) for _ in range(2)])  # one image per row
+  pixels = llava_pixels(rng, 2)
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
-  ours = np.asarray(model.apply({"params": params}, _nhwc(pixels), jnp.asarray(ids)))
+  ours = np.asarray(model.apply({"params": params}, nhwc(pixels), jnp.asarray(ids)))
   diff = float(np.abs(ours - theirs).max())
   print(f"{case}: max |logits diff| {diff:.2e}")
   assert ours.shape == theirs.shape and diff <= TOL
   # Two images in one row: HF fills the placeholders in order, ours takes images [B, M, H, W, 3].
-  ids2 = _prompt(rng, strategy, n_images=2, tower=tower)[None]
-  pixels2 = _pixels(rng, 2)
+  ids2 = llava_prompt(rng, strategy, n_images=2, tower=tower)[None]
+  pixels2 = llava_pixels(rng, 2)
   with torch.no_grad():
     theirs2 = hf(input_ids=torch.tensor(ids2), pixel_values=torch.tensor(pixels2)).logits.numpy()
-  ours2 = np.asarray(model.apply({"params": params}, _nhwc(pixels2)[None], jnp.asarray(ids2)))
+  ours2 = np.asarray(model.apply({"params": params}, nhwc(pixels2)[None], jnp.asarray(ids2)))
   diff2 = float(np.abs(ours2 - theirs2).max())
   print(f"{case}: two images, max |logits diff| {diff2:.2e}")
   assert diff2 <= TOL
 
 
 def test_greedy_generation_matches_hf(tmp_root):
-  hf, model, params, _, _ = _imported("penultimate_default", tmp_root)
+  hf, model, params, _, _ = imported_llava("penultimate_default", tmp_root)
   rng = np.random.default_rng(1)
-  ids = np.stack([_prompt(rng, "default") for _ in range(2)])
-  pixels = _pixels(rng, 2)
+  ids = np.stack([llava_prompt(rng, "default") for _ in range(2)])
+  pixels = llava_pixels(rng, 2)
   with torch.no_grad():
     out = hf.generate(
       input_ids=torch.tensor(ids),
@@ -181,7 +103,7 @@ def test_greedy_generation_matches_hf(tmp_root):
   theirs = out[:, ids.shape[1] :]
   theirs = np.pad(theirs, ((0, 0), (0, NEW - theirs.shape[1])), constant_values=PAD)
   ours = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
-    params, _nhwc(pixels), jnp.asarray(ids)
+    params, nhwc(pixels), jnp.asarray(ids)
   )
   print(f"HF {theirs.tolist()} ours {np.asarray(ours.tokens).tolist()}")
   np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
@@ -200,7 +122,7 @@ def _new_layout(k):  # transformers >= 4.52 names
 
 
 def test_both_key_layouts_import_the_same(tmp_root, tmp_path):
-  _, _, params, kwargs, path = _imported("penultimate_default", tmp_root)
+  _, _, params, kwargs, path = imported_llava("penultimate_default", tmp_root)
   keys = load_file(f"{path}/model.safetensors").keys()
   assert any(k.startswith("language_model.model.") for k in keys)  # this transformers saves the old layout
   for variant, fn in (
@@ -213,7 +135,7 @@ def test_both_key_layouts_import_the_same(tmp_root, tmp_path):
 
 
 def test_unsupported_and_missing_raise(tmp_root, tmp_path):
-  _, _, _, _, path = _imported("penultimate_default", tmp_root)
+  _, _, _, _, path = imported_llava("penultimate_default", tmp_root)
   with pytest.raises(ConfigError, match=r"config.json: projector_hidden_act = 'gelu_pytorch_tanh': not supported"):
     import_hf(rewrite_checkpoint(path, tmp_path / "act", config={"projector_hidden_act": "gelu_pytorch_tanh"}))
   with pytest.raises(ConfigError, match=r"config.json: vision_config.hidden_act = 'swish': not supported"):
@@ -269,78 +191,16 @@ def test_partial_config_takes_transformers_defaults():
 
 # ------------------------------------------------------------------ LLaVA-NeXT, hub-style config
 
-NEXT_TILE, NEXT_PINPOINTS = 16, [[16, 32], [32, 16], [32, 32]]
-
-
-@functools.cache
-def _imported_next(tmp_root):
-  """A LlavaNextForConditionalGeneration (CLIP tower, Llama LM), saved hub-style, imported."""
-  torch.manual_seed(1)
-  vc = transformers.CLIPVisionConfig(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=NEXT_TILE,
-    patch_size=PATCH,
-  )
-  cfg = transformers.LlavaNextConfig(
-    vision_config=vc,
-    text_config=_text_config(),
-    image_grid_pinpoints=NEXT_PINPOINTS,
-    image_token_index=IMAGE,
-    vision_feature_layer=-2,
-  )
-  hf = transformers.LlavaNextForConditionalGeneration(cfg).eval()
-  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
-    for p in hf.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  path = f"{tmp_root}/llava_next"
-  save_hub_style(hf, path)
-  name, kwargs, params = import_hf(path)
-  return type(hf).from_pretrained(path).eval(), build_model(name, kwargs), params, kwargs, path
-
-
-def _next_batch(kwargs, sizes=((20, 37), (40, 18))):
-  """(ids, views [B, V, t, t, 3], layout [B, 4], lengths) from the pp op `anyres` with the model's values."""
-  from vlm.data.preprocess import apply_ops, parse_pp
-
-  a = kwargs["anyres"]
-  op = f"anyres({[list(p) for p in a['grid_pinpoints']]}, {a['tile_size']}, {a['patch_grid']})|value_range(0, 1)"
-  rng = np.random.default_rng(4)
-  exs = [apply_ops(parse_pp(op), {"image": rng.integers(0, 256, (*hw, 3), dtype=np.uint8)}, rng) for hw in sizes]
-  lengths = [3 + ex["image_tokens"] + 4 for ex in exs]
-  ids = np.zeros((len(sizes), max(lengths)), np.int64)
-  for i, ex in enumerate(exs):  # text, the image's placeholders, text, then right padding
-    ids[i, : lengths[i]] = np.concatenate(
-      [rng.integers(3, 100, 3), np.full(ex["image_tokens"], IMAGE), rng.integers(3, 100, 4)]
-    )
-  views = np.stack([ex["image"] for ex in exs]).astype(np.float32)
-  return ids, views, np.stack([ex["image_layout"] for ex in exs]), lengths
-
-
-def _next_logits_diff(hf, model, params, kwargs):
-  """max |logits diff| (real positions) of our LLaVA-NeXT against a transformers one on _next_batch."""
-  ids, views, layout, lengths = _next_batch(kwargs)
-  with torch.no_grad():
-    theirs = hf(
-      input_ids=torch.tensor(ids),
-      pixel_values=torch.tensor(views.transpose(0, 1, 4, 2, 3)),
-      image_sizes=torch.tensor(layout[:, 2:]),
-    ).logits.numpy()
-  ours = np.asarray(model.apply({"params": params}, jnp.asarray(views), jnp.asarray(ids), None, jnp.asarray(layout)))
-  return max(float(np.abs(ours[i, :n] - theirs[i, :n]).max()) for i, n in enumerate(lengths))
-
 
 @pytest.mark.slow
 def test_llava_next_hub_style_logits_match_hf(tmp_root):
-  hf, model, params, kwargs, path = _imported_next(tmp_root)
+  hf, model, params, kwargs, path = imported_llava_next(tmp_root)
   file_cfg = json.load(open(f"{path}/config.json"))
   assert not {"hidden_act", "layer_norm_eps"} & set(file_cfg["vision_config"])
   assert kwargs["vision_config"]["mlp_act"] == "quick_gelu" and kwargs["vision_config"]["norm_eps"] == 1e-5
   assert kwargs["anyres"] == dict(
     grid_pinpoints=tuple(map(tuple, NEXT_PINPOINTS)), tile_size=NEXT_TILE, patch_grid=NEXT_TILE // PATCH
   )
-  diff = _next_logits_diff(hf, model, params, kwargs)
+  diff = next_logits_diff(hf, model, params, kwargs)
   print(f"llava_next (hub-style config): max |logits diff| {diff:.2e}")
   assert diff <= TOL

@@ -170,7 +170,7 @@ def test_clip_hub_style_parity_and_roundtrip(tmp_path, case):
   assert not any(info.values()), info
   _check(_theirs(reloaded.eval(), pixels, ids, 49), ref)
   exported = reloaded.config
-  from vlm.convert.hf import ACT_FROM_HF
+  from vlm.convert.common import ACT_FROM_HF
 
   for tower in ("text_config", "vision_config"):  # the same functions (gelu_new is written as its twin)
     a, b = getattr(exported, tower), getattr(model.config, tower)

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import traverse_util
+
+from vlm.tree import flatten, unflatten
 
 BIG_VISION_NORM_EPS = 1e-6  # flax nn.LayerNorm default (big_vision/models/vit.py)
 BIG_VISION_MLP_ACT = "gelu_tanh"  # flax nn.gelu default approximate=True (big_vision/models/vit.py MlpBlock)
@@ -384,7 +385,7 @@ def import_big_vision(
   if scan:
     kwargs["image"]["scan"] = kwargs["text"]["scan"] = True
   _check_shapes(kwargs, flat, r.source, path_s, patch, channels, grid, max_len)
-  params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  params = unflatten(flat)
   return "two_tower", kwargs, params
 
 
@@ -413,7 +414,7 @@ def _check_shapes(
     shapes = jax.eval_shape(lambda x, t: nn.meta.unbox(model.init(jax.random.key(0), x, t)["params"]), images, tokens)
   except Exception as e:  # noqa: BLE001  (an architecture our model cannot build from these sizes)
     raise ValueError(f"{path}: the inferred architecture does not build ({e}); kwargs {kwargs}") from e
-  want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
+  want = {k: tuple(v.shape) for k, v in flatten(shapes, unbox=False).items()}
   bad = [
     f"{source.get(k, k)}: shape {tuple(v.shape)}, expected {want[k]}"
     for k, v in flat.items()

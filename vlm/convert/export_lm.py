@@ -39,12 +39,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from flax import traverse_util
 
 from vlm.convert import llm
 from vlm.convert.common import ACT_TO_HF, inv, lm_table, unstack_encoder_blocks, vision_tower_rows
 from vlm.convert.hf import with_posemb_grid
 from vlm.convert.safetensors_io import save_safetensors_dir
+from vlm.tree import flatten
 from vlm.nn import rope as rope_lib
 
 LM_TYPES = llm.MODEL_TYPES
@@ -62,8 +62,7 @@ _IGNORED = ("dropout", "remat_policy", "scan_layers", "dtype")  # training / com
 
 
 def _flat(params) -> dict[str, np.ndarray]:
-  params = jax.tree.map(np.asarray, nn.meta.unbox(params))
-  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+  return {k: np.asarray(v) for k, v in flatten(params).items()}
 
 
 def _merge_peft(params, peft: Mapping | None):

@@ -17,7 +17,6 @@ import numpy as np
 from flax import traverse_util
 
 from vlm.convert.common import (
-  ACT_FROM_HF,
   ACT_TO_HF,
   clip_table,
   fwd,
@@ -30,17 +29,14 @@ from vlm.convert.common import (
 from vlm.convert.hf_config import HFConfig, from_dict, read_config
 from vlm.convert.registry import importer_for, register_importer
 from vlm.convert.safetensors_io import load_safetensors_dir, save_safetensors_dir
+from vlm.tree import flatten
 
 __all__ = [
-  "ACT_FROM_HF",
-  "ACT_TO_HF",
   "export_hf",
   "hf_config_from_kwargs",
   "import_hf",
   "import_hf_two_tower",
   "model_kwargs_from_hf",
-  "stack_encoder_blocks",
-  "unstack_encoder_blocks",
   "vision_kwargs_from_hf",
   "with_posemb_grid",
 ]
@@ -315,7 +311,7 @@ def export_hf(kwargs: dict[str, Any], params: dict, path: str | Path, model_type
   """Writes our TwoTower params as an HF directory (config.json + model.safetensors) that
   transformers.{CLIP,Siglip}Model.from_pretrained loads. A LoRA model is merged first (vlm.peft.merge_lora)."""
   params = unstack_encoder_blocks(jax.tree.map(np.asarray, params))
-  flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+  flat = flatten(params, unbox=False)
   if "img/embedding/conv/kernel" not in flat:
     raise ValueError("export: parameter 'img/embedding/conv/kernel' (the patch embedding) is absent")
   kwargs = dict(

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from vlm.load import load_model_and_params, load_workdir_config  # noqa: E402
 from vlm.evals.grounding import RegionQA  # noqa: E402
+from vlm.models import predict_fns  # noqa: E402
 
 
 def parse_settings(text: str) -> list[tuple[float, float]]:
@@ -45,7 +46,7 @@ def main() -> None:
   model, mesh, params = load_model_and_params(config, args.workdir)
   ev = RegionQA(
     config=config,
-    model=model,
+    predict_fns=predict_fns(model),
     mesh=mesh,
     prefix="r",
     split=args.split,

@@ -306,7 +306,7 @@ def test_llava_next_logits_match_hf(tmp_path):
   from vlm.convert import import_hf
   from vlm.data.preprocess import parse_pp, apply_ops
   from vlm.models import build_model
-  from vlm.models.vision_lm import generate
+  from vlm.models import predict_fns
 
   hf = _hf_llava_next(tmp_path)
   name, kwargs, params = import_hf(tmp_path)
@@ -360,8 +360,7 @@ def test_llava_next_logits_match_hf(tmp_path):
       eos_token_id=2,
       pad_token_id=0,
     ).numpy()[:, prompt.shape[1] :]
-  mine = generate(
-    model,
+  mine = predict_fns(model)["generate"](
     params,
     jnp.asarray(views[1:2]),
     jnp.asarray(prompt),

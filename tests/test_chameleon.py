@@ -29,7 +29,8 @@ from vlm.convert import import_hf  # noqa: E402
 from vlm.convert.chameleon import image_token_ids, model_kwargs_from_hf_chameleon, suppress_tokens  # noqa: E402
 from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
-from vlm.models.decoder import init_cache, make_step_fn  # noqa: E402
+from vlm.models import generation  # noqa: E402
+from vlm.models.generation import init_cache  # noqa: E402
 from vlm.nn.attention import MultiHeadAttention, make_qk_norm  # noqa: E402
 
 TOL = 1e-4
@@ -198,7 +199,7 @@ def test_greedy_generation_matches_hf(imported):
   logp = torch.log_softmax(torch.stack(out.logits, 1), -1).numpy()  # [B, steps, V]
   ended = np.cumsum(theirs[:, :steps] == EOS, axis=1) - (theirs[:, :steps] == EOS)  # EOS already emitted
   their_scores = np.where(ended == 0, np.take_along_axis(logp, theirs[:, :steps, None], -1)[..., 0], 0).sum(1)
-  step_fn = suppress_tokens(make_step_fn(model, params), image_token_ids(json.load(open(f"{path}/config.json"))))
+  step_fn = suppress_tokens(generation.step_fn(model, params), image_token_ids(json.load(open(f"{path}/config.json"))))
 
   @jax.jit
   def greedy(prompt):

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from vlm import decoding
-from vlm.evals.captioning import generate_captions
 from vlm.metrics_writer import read_metrics
-from vlm.models import CoCa
+from vlm.models import CoCa, predict_fns
 from vlm.nn import AttentionalPooler
 from vlm.objectives.coca import CoCaObjective
 
@@ -128,8 +127,8 @@ def test_loss_is_weighted_sum_and_ignores_padding(coca):
 def test_cached_and_uncached_decoding_give_the_same_tokens(coca, method, kw):
   model, params, images, _ = coca
   rng = jax.random.key(7) if method == "sample" else None
-  cached = generate_captions(
-    model, params, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=L, method=method, rng=rng, **kw
+  cached = predict_fns(model)["caption"](
+    params, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=L, method=method, rng=rng, **kw
   )
 
   def logits_fn(tokens):  # the training forward, recomputed over the whole buffer
@@ -158,7 +157,7 @@ def test_caption_decoding_is_jittable_and_stops_at_eos(coca):
   # Make EOS the certain next token: every caption is [EOS] and then padding.
   p2 = jax.tree.map(lambda x: x, params)
   p2["txt"]["head"]["bias"] = params["txt"]["head"]["bias"].at[EOS].set(1e4)
-  fn = jax.jit(lambda p, x: generate_captions(model, p, x, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=L).tokens)
+  fn = jax.jit(lambda p, x: predict_fns(model)["caption"](p, x, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=L).tokens)
   tokens = np.asarray(fn(p2, images))
   assert tokens.shape == (3, L - 1)
   assert (tokens[:, 0] == EOS).all() and (tokens[:, 1:] == PAD).all()

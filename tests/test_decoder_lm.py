@@ -31,7 +31,8 @@ from vlm import decoding  # noqa: E402
 from vlm.convert import import_hf  # noqa: E402
 from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
-from vlm.models.decoder import DecoderLM, generate  # noqa: E402
+from vlm.models import predict_fns  # noqa: E402
+from vlm.models.decoder import DecoderLM  # noqa: E402
 from vlm.nn.attention import MultiHeadAttention  # noqa: E402
 
 TOL = 1e-4
@@ -98,18 +99,20 @@ def test_greedy_generation_matches_hf(arch, tmp_root):
   ids = rng.integers(3, VOCAB, size=(3, 6))
   mask = np.ones_like(ids, dtype=bool)
   theirs = _hf_greedy(hf, ids, mask)
-  ours = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
-    params, jnp.asarray(ids)
+  ours = jax.jit(functools.partial(predict_fns(model)["generate"], max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
+    params, None, jnp.asarray(ids)
   )
   print(f"{arch}: HF {theirs.tolist()} ours {np.asarray(ours.tokens).tolist()}")
   np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
   # Left-padded prompts (with the mask) generate what their unpadded rows do.
   lp_ids, lp_mask = ids.copy(), mask.copy()
   lp_ids[1, :2], lp_mask[1, :2] = PAD, False
-  lp = generate(
-    model, params, jnp.asarray(lp_ids), max_new_tokens=NEW, eos_id=EOS, pad_id=PAD, mask=jnp.asarray(lp_mask)
+  lp = predict_fns(model)["generate"](
+    params, None, jnp.asarray(lp_ids), max_new_tokens=NEW, eos_id=EOS, pad_id=PAD, mask=jnp.asarray(lp_mask)
   )
-  alone = generate(model, params, jnp.asarray(lp_ids[1:2, 2:]), max_new_tokens=NEW, eos_id=EOS, pad_id=PAD)
+  alone = predict_fns(model)["generate"](
+    params, None, jnp.asarray(lp_ids[1:2, 2:]), max_new_tokens=NEW, eos_id=EOS, pad_id=PAD
+  )
   np.testing.assert_array_equal(np.asarray(lp.tokens)[1], np.asarray(alone.tokens)[0])
   np.testing.assert_array_equal(np.asarray(lp.tokens)[[0, 2]], np.asarray(ours.tokens)[[0, 2]])
   np.testing.assert_array_equal(np.asarray(lp.tokens), _hf_greedy(hf, lp_ids, lp_mask))
@@ -163,7 +166,9 @@ def test_cached_decoding_equals_uncached_forward(kw):
     steps.append(logits)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=1e-5, rtol=0)
   # The generic decoder: cached greedy == uncached greedy (full recompute each step).
-  cached = jax.jit(lambda p, t: generate(model, p, t, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(params, prompt)
+  cached = jax.jit(lambda p, t: predict_fns(model)["generate"](p, None, t, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
+    params, prompt
+  )
   logits_fn = jax.jit(lambda t: model.apply({"params": params}, t))
   uncached = decoding.generate(
     decoding.uncached_step_fn(logits_fn),
@@ -463,7 +468,7 @@ def test_scan_layers_cached_greedy_and_beam_equal_unrolled():
   mask = np.ones_like(prompt, dtype=bool)
   prompt[1, :2], mask[1, :2] = PAD, False  # left-padded
   prompt, mask = jnp.asarray(prompt, jnp.int32), jnp.asarray(mask)
-  from vlm.models.decoder import init_cache
+  from vlm.models.generation import init_cache
 
   cache = init_cache(scanned, stacked, prompt, 5 + NEW, mask)
   # Batch-major: the stacked layer axis comes second.
@@ -471,8 +476,8 @@ def test_scan_layers_cached_greedy_and_beam_equal_unrolled():
   assert cache["valid"].shape == (3, 5 + NEW)
   for method, kw in (("greedy", {}), ("beam", dict(num_beams=3))):
     run = jax.jit(
-      lambda m, p, method=method, kw=kw: generate(
-        m, p, prompt, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD, mask=mask, method=method, **kw
+      lambda m, p, method=method, kw=kw: predict_fns(m)["generate"](
+        p, None, prompt, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD, mask=mask, method=method, **kw
       ),
       static_argnums=0,
     )

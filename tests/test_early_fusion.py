@@ -11,7 +11,7 @@ import pytest
 
 from configs import chameleon, vq_tokenizer
 from vlm import checkpoint
-from vlm.evals.captioning import generate_captions
+from vlm.models import predict_fns
 from vlm.metrics_writer import read_metrics
 from vlm.models.early_fusion import EarlyFusionLM, concat_ragged, generate_images
 from vlm.objectives import build_objective
@@ -83,7 +83,7 @@ def test_cached_generation_matches_uncached_both_ways(setup):
   model, params, images, text = setup
   vocab = jnp.arange(OFFSET + 64)
   # Text from image: [BOS, BOI, codes, EOI] then text ids only.
-  out = generate_captions(model, params, images, bos_id=3, eos_id=-1, pad_id=0, max_len=6).tokens
+  out = predict_fns(model)["caption"](params, images, bos_id=3, eos_id=-1, pad_id=0, max_len=6).tokens
   prompt = model.apply({"params": params}, images, method=model.caption_prompt)
   text_ids = (vocab < OFFSET) & (vocab != BOI) & (vocab != EOI)
   np.testing.assert_array_equal(out, _greedy_uncached(model, params, prompt, 5, text_ids))
@@ -210,7 +210,9 @@ def test_text_to_image_names_a_missing_judge(setup):
 
   model = setup[0]
   with pytest.raises(FileNotFoundError, match="evals.t2i.judge='/nonexistent'"):
-    TextToImage(config=chameleon.get_config("demo"), model=model, mesh=None, prefix="t2i", judge="/nonexistent")
+    TextToImage(
+      config=chameleon.get_config("demo"), predict_fns=predict_fns(model), mesh=None, prefix="t2i", judge="/nonexistent"
+    )
 
 
 @pytest.mark.slow

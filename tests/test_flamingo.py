@@ -12,7 +12,9 @@ import pytest
 from flax import traverse_util
 
 from vlm.models.decoder import DecoderLM
-from vlm.models.flamingo import Flamingo, generate, init_cache, make_step_fn
+from vlm.models import predict_fns
+from vlm.models.flamingo import Flamingo
+from vlm.models.generation import init_cache, step_fn
 from vlm.nn.perceiver import (
   GatedCrossAttentionBlock,
   PerceiverResampler,
@@ -206,7 +208,7 @@ def test_cached_generation_equals_uncached_greedy():
   tokens, images = _tokens(), _images()
   p, new = 7, 6
   mask = jnp.ones(tokens.shape, bool).at[1, :1].set(False)  # row 1 left-padded by one token
-  out = jax.jit(functools.partial(generate, model, max_new_tokens=new, eos_id=-1))(
+  out = jax.jit(functools.partial(predict_fns(model)["generate"], max_new_tokens=new, eos_id=-1))(
     params, images, tokens[:, :p], mask=mask[:, :p]
   )
   # Uncached: the full forward over a fixed-size buffer (causal: later slots do not change earlier logits).
@@ -225,10 +227,10 @@ def test_teacher_forced_steps_match_the_full_forward():
   params = _open_gates(params, 0.8)
   tokens, images = _tokens(), _images()
   ones = jnp.ones(tokens.shape, bool)
-  step = jax.jit(make_step_fn(model, params))
+  step = jax.jit(step_fn(model, params))
   for imgs in (images, None):
     full = fwd(params, imgs, tokens, ones)[0]
-    cache = jax.jit(functools.partial(init_cache, model, cache_len=tokens.shape[1]))(params, imgs, tokens[:, :1])
+    cache = jax.jit(lambda p, x, t: init_cache(model, p, t, tokens.shape[1], images=x))(params, imgs, tokens[:, :1])
     steps = []
     for i in range(tokens.shape[1]):
       logits, cache = step(cache, tokens[:, i : i + 1], jnp.int32(i))

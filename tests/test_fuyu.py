@@ -30,7 +30,7 @@ from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
 from vlm.models.decoder import DecoderLM  # noqa: E402
 from vlm.models.fuyu import FuyuPatchEmbed, image_token_layout, patchify  # noqa: E402
-from vlm.models.vision_lm import generate  # noqa: E402
+from vlm.models import predict_fns  # noqa: E402
 from vlm.nn.mlp import Mlp, relu2  # noqa: E402
 from vlm.nn.rope import apply_rope, rotary_dims  # noqa: E402
 
@@ -204,7 +204,7 @@ def test_greedy_generation_matches_hf(imported):
     ).numpy()
   theirs = out[:, ids.shape[1] :]
   theirs = np.pad(theirs, ((0, 0), (0, NEW - theirs.shape[1])), constant_values=0)
-  ours = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, eos_id=EOS, pad_id=0))(
+  ours = jax.jit(functools.partial(predict_fns(model)["generate"], max_new_tokens=NEW, eos_id=EOS, pad_id=0))(
     params, _nhwc(pixels), jnp.asarray(ids)
   )
   print(f"fuyu greedy: HF {theirs.tolist()} ours {np.asarray(ours.tokens).tolist()}")

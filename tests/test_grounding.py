@@ -16,7 +16,7 @@ from helpers import TINY_LM as LM, TINY_VISION as VISION, image_prompt, tiny_vis
 
 from vlm import decoding
 from vlm.data import grounding
-from vlm.models.vision_lm import generate
+from vlm.models import predict_fns
 
 
 def test_qwen_boxes_round_trip_and_iou():
@@ -160,17 +160,17 @@ def test_crg_is_plain_decoding_against_the_same_image_and_the_formula_otherwise(
   prompt = image_prompt(2)
   params = jax.jit(m.init)(jax.random.key(0), imgs, prompt)["params"]
   kw = dict(mask=jnp.ones_like(prompt), max_new_tokens=3, eos_id=-1)
-  plain = generate(m, params, imgs, prompt, **kw).tokens
+  plain = predict_fns(m)["generate"](params, imgs, prompt, **kw).tokens
   np.testing.assert_array_equal(
-    generate(m, params, imgs, prompt, contrast_images=imgs, crg_alpha=2.0, **kw).tokens, plain
+    predict_fns(m)["generate_guided"](params, imgs, prompt, contrast_images=imgs, crg_alpha=2.0, **kw).tokens, plain
   )
-  out = generate(m, params, imgs, prompt, contrast_images=other, crg_alpha=1.5, **kw).tokens
+  out = predict_fns(m)["generate_guided"](params, imgs, prompt, contrast_images=other, crg_alpha=1.5, **kw).tokens
   first = (
     2.5 * m.apply({"params": params}, imgs, prompt)[:, -1] - 1.5 * m.apply({"params": params}, other, prompt)[:, -1]
   )
   np.testing.assert_array_equal(out[:, 0], jnp.argmax(first, -1))
   with pytest.raises(ValueError, match="contrastive region guidance"):
-    generate(m, params, imgs, prompt, contrast_images=other, method="beam", **kw)
+    predict_fns(m)["generate_guided"](params, imgs, prompt, contrast_images=other, method="beam", **kw)
 
 
 @pytest.fixture(scope="session")
@@ -220,7 +220,7 @@ def test_region_qa_masks_the_asked_box_in_the_contrast_image(grounding_workdir, 
   wd, _ = grounding_workdir
   config = load_workdir_config(wd)
   model, mesh, params = load_model_and_params(config, wd)
-  ev = RegionQA(config=config, model=model, mesh=mesh, prefix="r", max_examples=8, max_new_tokens=2)
+  ev = RegionQA(config=config, predict_fns=predict_fns(model), mesh=mesh, prefix="r", max_examples=8, max_new_tokens=2)
   seen, calls = {}, []
   real = ev.answers
 

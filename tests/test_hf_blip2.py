@@ -28,7 +28,7 @@ from conftest import rewrite_checkpoint, save_hub_style  # noqa: E402
 from vlm.convert import import_hf, import_hf_blip2  # noqa: E402
 from vlm.convert.hf_config import ConfigError  # noqa: E402
 from vlm.models import build_model  # noqa: E402
-from vlm.models.vision_lm import generate  # noqa: E402
+from vlm.models import predict_fns  # noqa: E402
 
 TOL = 1e-4
 VOCAB, IMAGE, PAD, BOS, EOS = 200, 150, 0, 1, 2
@@ -244,7 +244,7 @@ def test_greedy_generation_matches_hf(imported):
     ).numpy()
   theirs = out[:, ids.shape[1] :]  # the LM's generate returns the prompt too
   theirs = np.pad(theirs, ((0, 0), (0, NEW - theirs.shape[1])), constant_values=PAD)
-  ours = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
+  ours = jax.jit(functools.partial(predict_fns(model)["generate"], max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
     params, _nhwc(pixels), jnp.asarray(ids)
   )
   print(f"HF {theirs.tolist()} ours {np.asarray(ours.tokens).tolist()}")

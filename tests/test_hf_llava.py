@@ -34,7 +34,7 @@ from hf_builders import (  # noqa: E402
 )
 from vlm.convert import import_hf  # noqa: E402
 from vlm.convert.hf_config import ConfigError  # noqa: E402
-from vlm.models.vision_lm import generate  # noqa: E402
+from vlm.models import predict_fns  # noqa: E402
 
 TOL = 1e-4
 NEW = 6
@@ -102,7 +102,7 @@ def test_greedy_generation_matches_hf(tmp_root):
     ).numpy()
   theirs = out[:, ids.shape[1] :]
   theirs = np.pad(theirs, ((0, 0), (0, NEW - theirs.shape[1])), constant_values=PAD)
-  ours = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
+  ours = jax.jit(functools.partial(predict_fns(model)["generate"], max_new_tokens=NEW, eos_id=EOS, pad_id=PAD))(
     params, nhwc(pixels), jnp.asarray(ids)
   )
   print(f"HF {theirs.tolist()} ours {np.asarray(ours.tokens).tolist()}")

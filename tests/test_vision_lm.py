@@ -22,7 +22,8 @@ from helpers import (
 )
 from vlm import checkpoint
 from vlm.data.conversation import DEFAULT_SPECIALS, IMAGE, ChatTokenizer, build_turns, check_conversation_config
-from vlm.models.vision_lm import VisionLanguageModel, generate
+from vlm.models import predict_fns
+from vlm.models.vision_lm import VisionLanguageModel
 from vlm.metrics_writer import read_metrics
 from vlm.train import train
 
@@ -122,7 +123,9 @@ def test_instruction_aware_qformer_reads_the_instruction():
   assert enc(instr).shape == (2, 4, LM["width"])
   np.testing.assert_allclose(enc(jnp.zeros_like(instr)), enc(None), atol=1e-5)
   assert float(jnp.max(jnp.abs(enc(instr) - enc(instr[::-1])))) > 1e-3
-  out = generate(m, params, imgs, prompt, mask=jnp.ones_like(prompt), max_new_tokens=3, eos_id=-1, instruction=instr)
+  out = predict_fns(m)["generate"](
+    params, imgs, prompt, mask=jnp.ones_like(prompt), max_new_tokens=3, eos_id=-1, instruction=instr
+  )
   seq = prompt
   for _ in range(3):
     nxt = jnp.argmax(m.apply({"params": params}, imgs, seq, instr)[:, -1], -1)
@@ -169,14 +172,14 @@ def test_cached_generation_equals_uncached_greedy_and_ignores_left_padding():
   imgs = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   prompt = image_prompt(2)
   params = jax.jit(m.init)(jax.random.key(0), imgs, prompt)["params"]
-  out = generate(m, params, imgs, prompt, mask=jnp.ones_like(prompt), max_new_tokens=4, eos_id=-1)
+  out = predict_fns(m)["generate"](params, imgs, prompt, mask=jnp.ones_like(prompt), max_new_tokens=4, eos_id=-1)
   seq = prompt
   for _ in range(4):
     seq = jnp.concatenate([seq, jnp.argmax(m.apply({"params": params}, imgs, seq)[:, -1], -1)[:, None]], 1)
   np.testing.assert_array_equal(out.tokens, seq[:, prompt.shape[1] :])
   padded = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), prompt], 1)
   mask = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), jnp.ones_like(prompt)], 1)
-  out2 = generate(m, params, imgs, padded, mask=mask, max_new_tokens=4, eos_id=-1)
+  out2 = predict_fns(m)["generate"](params, imgs, padded, mask=mask, max_new_tokens=4, eos_id=-1)
   np.testing.assert_array_equal(out2.tokens, out.tokens)
 
 

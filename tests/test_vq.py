@@ -11,7 +11,7 @@ from vlm import parallel
 from vlm.checkpoint import load_params
 from vlm.evals.reconstruction import Reconstruction
 from vlm.metrics_writer import read_metrics
-from vlm.models import MODELS, VQTokenizer
+from vlm.models import MODELS, VQTokenizer, predict_fns
 from vlm.objectives import OBJECTIVES
 from vlm.train import train
 
@@ -169,7 +169,9 @@ def test_demo_config_learns(tmp_path, data_dir):
 
   mesh = parallel.make_mesh([("data", -1)])
   model = VQTokenizer(**c.model)
-  arrays, _ = Reconstruction(config=c, model=model, mesh=mesh, prefix="r", split="test", max_examples=64).data()
+  arrays, _ = Reconstruction(
+    config=c, predict_fns=predict_fns(model), mesh=mesh, prefix="r", split="test", max_examples=64
+  ).data()
   images = jnp.asarray(arrays["image"])
   mean_image = float(jnp.mean(jnp.square(images - images.mean(0))))
   recon, _ = model.apply({"params": load_params(tmp_path)}, images)

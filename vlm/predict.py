@@ -46,9 +46,9 @@ from vlm.data import get_metadata, get_tokenizer
 from vlm.data.pipeline import load_answer_vocab
 from vlm.data.preprocess import apply_ops, parse_pp
 from vlm.data.sources import decode_image
-from vlm.evals.captioning import generate_captions
 from vlm.convert.published import is_published
 from vlm.load import load_run
+from vlm.models.registry import predict_fns, require
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -78,6 +78,10 @@ def predict(
 ) -> list[tuple[str, float]]:
   """Labels ranked by a contrastive model's probability for the image (prompt-ensembled templates)."""
   config, model, _, params = load_run(workdir, step, tokenizer)
+  fns = predict_fns(model)
+  require(
+    fns, ("embed_image", "embed_text", "scale_and_bias"), f"{workdir}: zero-shot labels (model {config.model_name!r})"
+  )
   if templates is None and is_published(workdir):  # a published model: no dataset templates
     templates = list(DEFAULT_TEMPLATES)
   if templates is None:
@@ -93,12 +97,12 @@ def predict(
     config.data.add_eos,
   )
   x = jnp.asarray(load_image(image, config.data.pp_eval))
-  zimg = model.apply({"params": params}, x, method=model.encode_image)[0]
-  ztxt = model.apply({"params": params}, jnp.asarray(ids), method=model.encode_text)[0]
-  scale, bias = model.apply({"params": params}, method=model.scale_and_bias)
+  zimg = fns["embed_image"](params, x)
+  ztxt = fns["embed_text"](params, jnp.asarray(ids))
+  scale, bias = fns["scale_and_bias"](params)
   ztxt = jax.tree.map(lambda z: z.reshape(len(labels), len(templates), *z.shape[1:]).mean(1), ztxt)
-  if hasattr(model, "similarity_fn"):  # Llip: caption-conditioned image embeddings
-    sim = model.similarity_fn()(zimg, ztxt)
+  if "pair_similarity" in fns:  # Llip: caption-conditioned image embeddings
+    sim = fns["pair_similarity"](zimg, ztxt)
   else:
     ztxt = ztxt / jnp.linalg.norm(ztxt, axis=-1, keepdims=True)
     sim = zimg @ ztxt.T
@@ -118,13 +122,13 @@ def caption(
 ) -> str:
   """A caption of the image by a captioning model's KV-cached decoder (vlm.decoding)."""
   config, model, _, params = load_run(workdir, step, tokenizer)
-  if not hasattr(model, "caption_context"):
+  fns = predict_fns(model)
+  if "caption" not in fns:
     raise ValueError(f"{workdir}: model {config.model_name!r} does not caption; pass --labels for zero-shot")
   tok = get_tokenizer(config.data)
   x = jnp.asarray(load_image(image, config.data.pp_eval))
   rng = jax.random.key(0) if method == "sample" else None
-  out = generate_captions(
-    model,
+  out = fns["caption"](
     params,
     x,
     bos_id=tok.bos_id,
@@ -146,9 +150,11 @@ def answer(
   step: int | None = None,
   tokenizer: str | None = None,
 ) -> list[tuple[str, float]]:
-  """The top_k answers of data.answer_vocab (softmax probabilities) of a model with `vqa_logits`."""
+  """The top_k answers of data.answer_vocab (softmax probabilities) of a model with the predict
+  function `vqa_logits`."""
   config, model, _, params = load_run(workdir, step, tokenizer)
-  if not hasattr(model, "vqa_logits") or config.data.get("answer_vocab") is None:
+  fns = predict_fns(model)
+  if "vqa_logits" not in fns or config.data.get("answer_vocab") is None:
     raise ValueError(
       f"{workdir}: model {config.model_name!r} has no VQA classifier and answer vocabulary "
       "(train one with configs/vlmo_vqa.py)"
@@ -157,7 +163,7 @@ def answer(
   tok = get_tokenizer(config.data)
   q = tok.encode_batch([question], config.data.text_length, config.data.add_bos, config.data.add_eos)
   x = jnp.asarray(load_image(image, config.data.pp_eval))
-  probs = jax.nn.softmax(model.apply({"params": params}, x, jnp.asarray(q), method=model.vqa_logits)[0])
+  probs = jax.nn.softmax(fns["vqa_logits"](params, x, jnp.asarray(q))[0])
   order = np.argsort(-np.asarray(probs))[:top_k]
   return [(answers[i], float(probs[i])) for i in order]
 
@@ -172,13 +178,13 @@ def chat(
   tokenizer: str | None = None,
   **decode_kw,
 ) -> str:
-  """The answer of a VLM on a language model (vlm.models.vision_lm) to `prompt` about the image."""
+  """The answer of a VLM on a language model (its predict function `generate`) to `prompt` about the image."""
   from vlm.data.conversation import IMAGE, chat_tokenizer_from_config, instruction_tokens
-  from vlm.models.vision_lm import generate
 
   config, model, _, params = load_run(workdir, step, tokenizer)
   conv = config.data.get("conversation")
-  if config.model_name not in ("vision_lm", "flamingo") or not conv:
+  fns = predict_fns(model)
+  if "generate" not in fns or not conv:
     raise ValueError(
       f"{workdir}: model {config.model_name!r} is not a VLM on a language model with "
       "data.conversation (train one with configs/llava_stage2.py); use --question or --labels"
@@ -197,12 +203,11 @@ def chat(
   if conv.get("instruction_length"):  # an instruction-aware Q-Former reads the prompt too
     instruction = jnp.asarray(instruction_tokens(turns, tok, int(conv.instruction_length)))[None]
   kw = dict(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, method=method, rng=rng, **decode_kw)
-  if config.model_name == "flamingo":
-    from vlm.models import flamingo
-
-    out = flamingo.generate(model, params, x, jnp.asarray(ids), **kw)
-  else:
-    out = generate(model, params, x, jnp.asarray(ids), instruction=instruction, image_layout=layout, **kw)
+  if instruction is not None:
+    kw["instruction"] = instruction
+  if layout is not None:
+    kw["image_layout"] = layout
+  out = fns["generate"](params, x, jnp.asarray(ids), **kw)
   return tok.decode(np.asarray(out.tokens)[0])
 
 

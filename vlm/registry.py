@@ -32,6 +32,9 @@ class Registry(Generic[T]):
   def __contains__(self, name: str) -> bool:
     return name in self._entries
 
+  def items(self) -> list[tuple[str, T]]:
+    return sorted(self._entries.items(), key=lambda kv: kv[0])
+
 
 def to_kwargs(cfg: Any) -> dict[str, Any]:
   """A ConfigDict/dict of constructor arguments -> plain dict (nested dicts stay dicts, lists -> tuples)."""

@@ -23,8 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from configs import coca_b16  # noqa: E402
 from vlm import decoding  # noqa: E402
-from vlm.evals.captioning import generate_captions  # noqa: E402
-from vlm.models import build_model  # noqa: E402
+from vlm.models import build_model, predict_fns  # noqa: E402
 
 BOS, EOS, PAD = 3, 1, 0
 
@@ -45,8 +44,8 @@ def main() -> None:
   n_new = args.max_len - 1
 
   def cached(p, x, method, **kw):
-    return generate_captions(
-      model, p, x, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=args.max_len, method=method, **kw
+    return predict_fns(model)["caption"](
+      p, x, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=args.max_len, method=method, **kw
     ).tokens
 
   def uncached(p, x):

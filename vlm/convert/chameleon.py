@@ -208,7 +208,7 @@ def image_token_ids(config) -> np.ndarray:
 
 def suppress_tokens(step_fn: decoding.StepFn, token_ids) -> decoding.StepFn:
   """A vlm.decoding step function whose logits of `token_ids` are the float32 minimum, as HF Chameleon's
-  forward does for the image tokens: step_fn = suppress_tokens(make_step_fn(model, params),
+  forward does for the image tokens: step_fn = suppress_tokens(vlm.models.generation.step_fn(model, params),
   image_token_ids(config)) generates text as HF's ChameleonForConditionalGeneration.generate does."""
   ids = jnp.asarray(np.asarray(token_ids, np.int32))
 

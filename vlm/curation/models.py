@@ -14,6 +14,7 @@ from vlm.data.preprocess import eval_images
 from vlm.evals.base import batched_apply
 from vlm.evals.captioning import caption_fn
 from vlm.evals.contrastive import encoders
+from vlm.models.registry import predict_fns
 
 
 def _load(workdir: str | Path):
@@ -34,12 +35,13 @@ class ContrastiveScorer:
 
   def __init__(self, workdir: str | Path, batch_size: int = 256):
     config, self.model, self.mesh, self.params = _load(workdir)
-    if not hasattr(self.model, "encode_text"):
-      raise ValueError(f"{workdir}: model {config.model_name!r} is not a contrastive model (no encode_text)")
+    fns = predict_fns(self.model)
+    if "embed_text" not in fns:
+      raise ValueError(f"{workdir}: model {config.model_name!r} is not a contrastive model (no embed_text)")
     self.data, self.batch_size = config.data, batch_size
     self.tok = get_tokenizer(config.data)
     self.enc_image, self.enc_text, self.pair_sim = encoders(
-      self.model, self.mesh, config.get("rules", parallel.DEFAULT_RULES)
+      fns, self.mesh, config.get("rules", parallel.DEFAULT_RULES), f"{workdir}"
     )
 
   def __call__(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> dict[str, np.ndarray]:
@@ -68,17 +70,18 @@ class ContrastiveScorer:
 
 
 class Captioner:
-  """Synthetic captions from a trained captioning workdir (CoCa, or any model `generate_captions`
-  decodes: early fusion too), greedy by default."""
+  """Synthetic captions from a trained captioning workdir (any model with the predict function
+  `caption`: CoCa, early fusion), greedy by default."""
 
   def __init__(self, workdir: str | Path, method: str = "greedy", batch_size: int = 256, seed: int = 0, **decode_kw):
     config, self.model, self.mesh, self.params = _load(workdir)
-    if not (hasattr(self.model, "caption_context") or hasattr(self.model, "caption_prompt")):
+    fns = predict_fns(self.model)
+    if "caption" not in fns:
       raise ValueError(f"{workdir}: model {config.model_name!r} does not caption")
     self.data, self.batch_size = config.data, batch_size
     self.tok = get_tokenizer(config.data)
     self.generate = caption_fn(
-      self.model,
+      fns["caption"],
       self.mesh,
       config.get("rules", parallel.DEFAULT_RULES),
       self.tok,

@@ -15,14 +15,20 @@ from vlm.registry import Registry, to_kwargs
 EVALS: Registry = Registry("evaluation")
 
 
-def build_evals(config, model, mesh: Mesh) -> dict[str, Any]:
-  """{name: evaluator} from `config.evals`; each entry has `type` and its kwargs (plus `every`)."""
+def build_evals(config, model: nn.Module, mesh: Mesh) -> dict[str, Any]:
+  """{name: evaluator} from `config.evals`; each entry has `type` and its kwargs (plus `every`).
+
+  Evaluators see the model only through its predict functions (vlm.models.registry.PREDICT_FNS):
+  EVALS[type](config=, predict_fns=, mesh=, prefix=name, **kwargs)."""
+  from vlm.models.registry import predict_fns
+
+  fns = predict_fns(model)
   out = {}
   for name, cfg in (config.get("evals") or {}).items():
     kw = to_kwargs(cfg)
     kind = kw.pop("type", name)
     kw.pop("every", None)
-    out[name] = EVALS.get(kind)(config=config, model=model, mesh=mesh, prefix=name, **kw)
+    out[name] = EVALS.get(kind)(config=config, predict_fns=fns, mesh=mesh, prefix=name, **kw)
   return out
 
 

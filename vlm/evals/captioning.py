@@ -1,74 +1,22 @@
 """Captioning: generate captions with the KV-cached decoder and score them (BLEU-4, CIDEr).
 
-Works for any captioner with two methods: `caption_context(images) -> context` and
-`decode_step(tokens [B, T], index, context=None, cache_len=None) -> logits [B, T, V]` (CoCa), or
-`caption_prompt(images) -> prompt [B, P]` and `decode_step(tokens, index, cache_len=None)` (early
-fusion: the image is part of the token prompt, vlm.models.early_fusion).
+Works for any captioner with the predict function caption(params, images, *, bos_id, eos_id, pad_id,
+max_len, method, rng, **decode_kw) -> vlm.decoding.DecodeOutput (CoCa; early fusion, whose image is
+part of the token prompt).
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from vlm import decoding, parallel
+from vlm import parallel
 from vlm.data import get_tokenizer, load_split_numpy
 from vlm.data.pipeline import make_source
 from vlm.data.sources import to_str
 from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
 from vlm.evals.caption_metrics import caption_scores
-
-
-def generate_captions(
-  model: nn.Module,
-  params: Any,
-  images: jax.Array,
-  *,
-  bos_id: int,
-  eos_id: int,
-  pad_id: int,
-  max_len: int,
-  method: str = "greedy",
-  rng: jax.Array | None = None,
-  **decode_kw,
-) -> decoding.DecodeOutput:
-  """Captions for images [B, H, W, 3]: prompt [BOS], then up to max_len - 1 tokens (jit-able).
-
-  The cache is created by one decode_step on the BOS token with the image context (which also
-  projects the cross-attention keys once); the generic decoder then prefills from slot 0.
-  """
-  if hasattr(model, "caption_prompt"):  # early fusion: [BOS, image tokens] is the prompt
-    prompt = model.apply({"params": params}, images, method=model.caption_prompt)
-    _, variables = model.apply(
-      {"params": params}, prompt, 0, prompt.shape[1] + max_len, method=model.decode_step, mutable=["cache"]
-    )
-  else:
-    context = model.apply({"params": params}, images, method=model.caption_context)
-    prompt = jnp.full((images.shape[0], 1), bos_id, jnp.int32)
-    _, variables = model.apply(
-      {"params": params}, prompt, 0, context, max_len, method=model.decode_step, mutable=["cache"]
-    )
-
-  def step_fn(cache, tokens, index):
-    logits, new = model.apply(
-      {"params": params, "cache": cache}, tokens, index, method=model.decode_step, mutable=["cache"]
-    )
-    return logits.astype(jnp.float32), new["cache"]
-
-  return decoding.generate(
-    step_fn,
-    variables["cache"],
-    prompt,
-    method=method,
-    rng=rng,
-    max_new_tokens=max_len - 1,
-    eos_id=eos_id,
-    pad_id=pad_id,
-    **decode_kw,
-  )
+from vlm.models.registry import PredictFns, require
 
 
 def reference_captions(data_config, split: str, keys: Sequence[str], n: int) -> list[list[str]]:
@@ -82,14 +30,14 @@ def reference_captions(data_config, split: str, keys: Sequence[str], n: int) -> 
 
 
 def caption_fn(
-  model: nn.Module, mesh, rules, tok, max_len: int, method: str = "greedy", seed: int = 0, **decode_kw
+  caption: Callable, mesh, rules, tok, max_len: int, method: str = "greedy", seed: int = 0, **decode_kw
 ) -> Callable:
-  """Jitted fn(params, images [B, H, W, 3]) -> caption tokens [B, max_len], for batched_apply."""
+  """Jitted fn(params, images [B, H, W, 3]) -> the generated caption tokens of the predict function
+  `caption`, for batched_apply."""
   rng = jax.random.key(seed) if method == "sample" else None
   return jit_on_mesh(
     lambda p, x: (
-      generate_captions(
-        model,
+      caption(
         p,
         x,
         bos_id=tok.bos_id,
@@ -121,7 +69,7 @@ class Captioning:
     self,
     *,
     config,
-    model,
+    predict_fns: PredictFns,
     mesh,
     prefix: str,
     split: str = "test",
@@ -133,7 +81,8 @@ class Captioning:
     seed: int = 0,
     **decode_kw,
   ):
-    self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
+    require(predict_fns, ("caption",), f"evals.{prefix}")
+    self.config, self.caption, self.mesh, self.prefix = config, predict_fns["caption"], mesh, prefix
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.reference_keys = tuple(reference_keys)
     self.tok = None
@@ -148,7 +97,7 @@ class Captioning:
     """The jitted generation, built once (evaluations every N steps reuse its compilation)."""
     if self._generate is None:
       self._generate = caption_fn(
-        self.model, self.mesh, self.rules, self.tokenizer(), self.max_len, self.method, self.seed, **self.decode_kw
+        self.caption, self.mesh, self.rules, self.tokenizer(), self.max_len, self.method, self.seed, **self.decode_kw
       )
     return self._generate
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from vlm import parallel
 from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
+from vlm.models.registry import PredictFns, require
 
 
 def data_config(config, frames: bool) -> ml_collections.ConfigDict:
@@ -36,16 +37,16 @@ def top1_metrics(pred: np.ndarray, arrays: dict[str, np.ndarray], label_key: str
 class Classify(SplitData):
   """Top-1 of a classifier's logits against arrays[label_key] on `split`.
 
-  input_key: one batch key or a tuple of keys passed in order; method: the model method that
-  returns the logits (or (logits, aux)), e.g. 'vqa_logits' with input_key ('image', 'question')
-  and label_key 'answer_label' for VQA as answer classification; None calls the model.
+  input_key: one batch key or a tuple of keys passed in order; method: the predict function that
+  returns the logits, e.g. 'vqa_logits' with input_key ('image', 'question') and label_key
+  'answer_label' for VQA as answer classification; None: 'logits' (a classifier's own output).
   """
 
   def __init__(
     self,
     *,
     config,
-    model,
+    predict_fns: PredictFns,
     mesh,
     prefix: str,
     split: str = "test",
@@ -60,15 +61,10 @@ class Classify(SplitData):
     self.label_key = label_key
     self.batch_size, self.max_examples = batch_size, max_examples
     self.data_config = data_config(config, frames="frames" in self.input_keys)
-    fn = getattr(type(model), method) if method else None
-    if method and not callable(fn):
-      raise ValueError(f"evals.{prefix}.method: {type(model).__name__} has no method {method!r}")
-
-    def logits(p, xs):
-      out = model.apply({"params": p}, *xs, method=fn)
-      return out[0] if isinstance(out, tuple) else out
-
-    self.logits = jit_on_mesh(logits, mesh, config.get("rules", parallel.DEFAULT_RULES))
+    name = method or "logits"
+    require(predict_fns, (name,), f"evals.{prefix}.method={method!r}")
+    fn = predict_fns[name]
+    self.logits = jit_on_mesh(lambda p, xs: fn(p, *xs), mesh, config.get("rules", parallel.DEFAULT_RULES))
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()

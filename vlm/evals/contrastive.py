@@ -1,15 +1,14 @@
 """Zero-shot classification (prompt ensembling) and image-text retrieval for contrastive models.
 
-Two-tower models score by dot products of embeddings; a model with `similarity_fn()` (Llip) hands
-out pytrees for the two sides and scores every (image, text) pair with that function, so zero-shot
-and retrieval use its caption-conditioned image embeddings.
+The predict functions embed_image / embed_text give the two sides; without a pair_similarity they
+are embeddings scored by dot products, with one (Llip) they are pytrees and every (image, text) pair
+is scored by it, so zero-shot and retrieval use its caption-conditioned image embeddings.
 """
 
 from collections.abc import Callable
 
 import jax
 
-import flax.linen as nn
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -17,21 +16,20 @@ from jax.sharding import Mesh
 from vlm import parallel
 from vlm.data import get_tokenizer
 from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
+from vlm.models.registry import PredictFns, require
 
 
-def encoders(model: nn.Module, mesh: Mesh, rules) -> tuple[Callable, Callable, Callable | None]:
-  """Jitted (image encoder, text encoder, pair similarity or None) of a contrastive model, each
-  fn(params, x) for batched_apply; the pair similarity (Llip's `similarity_fn`) takes x = (image
-  side, text side)."""
-
-  def wrap(method):
-    return jit_on_mesh(lambda p, x: model.apply({"params": p}, x, method=method)[0], mesh, rules)
-
+def encoders(predict_fns: PredictFns, mesh: Mesh, rules, where: str) -> tuple[Callable, Callable, Callable | None]:
+  """Jitted (image encoder, text encoder, pair similarity or None) from a contrastive model's predict
+  functions, each fn(params, x) for batched_apply; the pair similarity takes x = (image side, text
+  side). where: the caller, named in the error when embed_image / embed_text are missing."""
+  require(predict_fns, ("embed_image", "embed_text"), where)
   pair_sim = None
-  if hasattr(model, "similarity_fn"):
-    sim_fn = model.similarity_fn()
+  if "pair_similarity" in predict_fns:
+    sim_fn = predict_fns["pair_similarity"]
     pair_sim = jit_on_mesh(lambda _, it: sim_fn(*it), mesh, rules)
-  return wrap(model.encode_image), wrap(model.encode_text), pair_sim
+  embed_image, embed_text = predict_fns["embed_image"], predict_fns["embed_text"]
+  return jit_on_mesh(embed_image, mesh, rules), jit_on_mesh(embed_text, mesh, rules), pair_sim
 
 
 class _Base(SplitData):
@@ -39,7 +37,7 @@ class _Base(SplitData):
     self,
     *,
     config,
-    model,
+    predict_fns: PredictFns,
     mesh,
     prefix: str,
     split: str = "test",
@@ -48,14 +46,14 @@ class _Base(SplitData):
     caption_key: str | None = None,
   ):
     """caption_key: evaluate on this caption field instead of `data.caption_key`."""
-    self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
+    self.config, self.mesh, self.prefix = config, mesh, prefix
     self.data_config = config.data
     if caption_key:
       self.data_config = ml_collections.ConfigDict(config.data.to_dict())
       self.data_config.caption_key = caption_key
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     rules = config.get("rules", parallel.DEFAULT_RULES)
-    self.enc_image, self.enc_text, self.pair_sim = encoders(model, mesh, rules)
+    self.enc_image, self.enc_text, self.pair_sim = encoders(predict_fns, mesh, rules, f"evals.{prefix}")
 
   def scores(self, params, zimg, ztxt, chunk: int = 64) -> np.ndarray:
     """[N, M] scores of N images against M texts (embeddings or pytree sides)."""

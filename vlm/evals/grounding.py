@@ -16,6 +16,7 @@ from vlm.data import conversation, get_tokenizer, grounding
 from vlm.data.preprocess import eval_images
 from vlm.evals.base import EVALS
 from vlm.evals.vqa import GenerateAnswers, normalize_answer
+from vlm.models.registry import PredictFns
 
 
 class _Objects(GenerateAnswers):
@@ -25,7 +26,7 @@ class _Objects(GenerateAnswers):
     self,
     *,
     config,
-    model,
+    predict_fns: PredictFns,
     mesh,
     prefix: str,
     split: str = "test",
@@ -35,7 +36,7 @@ class _Objects(GenerateAnswers):
   ):
     if not config.data.get("conversation"):
       raise ValueError(f"evals.{prefix}: grounding evaluations need data.conversation (the chat template)")
-    self._setup(config, model, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
+    self._setup(config, predict_fns, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
     self.data_config = ml_collections.ConfigDict(config.data.to_dict())
     self.data_config.with_boxes = True
     self.data_config.grounding = None  # the pipeline's own questions are not used here

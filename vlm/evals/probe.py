@@ -3,8 +3,8 @@
 CoCa evaluates its frozen image encoder by training a new attentional pooler and a linear
 classifier on top of the encoder's tokens; the encoder itself is not updated. Here the
 tokens are extracted once per call, then `AttentionalProbe` (vlm.models.video) is trained
-on them with AdamW. Works for any model with `encode_image(images, train=False) -> (z, aux)`
-whose aux holds tokens [B, T, D] under `tokens_key`.
+on them with AdamW. Works for any model with the predict function image_features(params, images)
+-> aux whose aux holds tokens [B, T, D] under `tokens_key`.
 """
 
 from typing import Any
@@ -18,6 +18,7 @@ from vlm import parallel
 from vlm.data import load_split_numpy
 from vlm.evals.base import EVALS, batched_apply, jit_on_mesh
 from vlm.evals.classification import data_config, top1_metrics
+from vlm.models.registry import PredictFns, require
 from vlm.models.video import AttentionalProbe
 
 
@@ -25,7 +26,7 @@ from vlm.models.video import AttentionalProbe
 class Probe:
   """Trains AttentionalProbe on frozen tokens of `train_split`; reports {prefix}/top1 on `test_split`.
 
-  Tokens: aux[tokens_key] of model.encode_image(images) [N, T, D]. With frames=True each clip's
+  Tokens: image_features(params, images)[tokens_key] [N, T, D]. With frames=True each clip's
   frames [N, F, H, W, 3] are encoded one by one and the probe reads all F*T tokens with a
   learned temporal embedding per frame.
   Probe: AttentionalPooler(num_queries, num_heads) -> mean over queries -> LayerNorm ->
@@ -41,7 +42,7 @@ class Probe:
     self,
     *,
     config,
-    model,
+    predict_fns: PredictFns,
     mesh,
     prefix: str,
     train_split: str = "train",
@@ -71,8 +72,10 @@ class Probe:
       mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
     )
     self.data_config = data_config(config, frames)
+    require(predict_fns, ("image_features",), f"evals.{prefix}")
+    features = predict_fns["image_features"]
     self.encode = jit_on_mesh(
-      lambda p, x: model.apply({"params": p}, x, train=False, method=model.encode_image)[1][tokens_key],
+      lambda p, x: features(p, x)[tokens_key],
       mesh,
       config.get("rules", parallel.DEFAULT_RULES),
     )

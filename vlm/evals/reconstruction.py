@@ -5,11 +5,13 @@ import numpy as np
 
 from vlm import parallel
 from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
+from vlm.models.registry import PredictFns, require
 
 
 @EVALS.register("reconstruction")
 class Reconstruction(SplitData):
-  """Images of `split` (data.pp_eval, in [-1, 1]) through model(images) -> (recon, aux with 'codes').
+  """Images of `split` (data.pp_eval, in [-1, 1]) through the predict function autoencode(params,
+  images) -> (recon, codes) of an image tokenizer (and its codebook_size()).
 
   Reports {prefix}/mse (per-pixel, averaged over images), {prefix}/psnr (mean over images of
   10 log10(2^2 / mse_i): peak-to-peak 2 for [-1, 1]), {prefix}/usage (fraction of the codebook
@@ -21,7 +23,7 @@ class Reconstruction(SplitData):
     self,
     *,
     config,
-    model,
+    predict_fns: PredictFns,
     mesh,
     prefix: str,
     split: str = "test",
@@ -32,12 +34,14 @@ class Reconstruction(SplitData):
     self.prefix, self.mesh, self.split = prefix, mesh, split
     self.batch_size, self.max_examples, self.image_key = batch_size, max_examples, image_key
     self.data_config = config.data
-    self.codebook_size = int(model.codebook_size)
+    require(predict_fns, ("autoencode", "codebook_size"), f"evals.{prefix}")
+    self.codebook_size = int(predict_fns["codebook_size"]())
+    autoencode = predict_fns["autoencode"]
 
     def per_image(params, images):
-      recon, aux = model.apply({"params": params}, images, train=False)
+      recon, codes = autoencode(params, images)
       mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images.astype(jnp.float32)), axis=(1, 2, 3))
-      return mse, aux["codes"].reshape(images.shape[0], -1)
+      return mse, codes.reshape(images.shape[0], -1)
 
     self.apply = jit_on_mesh(per_image, mesh, config.get("rules", parallel.DEFAULT_RULES))
 

@@ -21,21 +21,22 @@ from vlm import parallel
 from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
 from vlm.evals.contrastive import ZeroShot
 from vlm.load import load_model_and_params, load_workdir_config
-from vlm.models.early_fusion import generate_images
+from vlm.models.registry import PredictFns, require
+from vlm.models.registry import predict_fns as predict_fns_of
 
 
 @EVALS.register("text_to_image")
 class TextToImage(SplitData):
   """judge: workdir of a trained contrastive run (its config and latest checkpoint are loaded).
   method / decode_kw: vlm.decoding's ('greedy', or 'sample' with temperature / top_k / top_p).
-  guidance: classifier-free guidance scale (1: none; vlm.models.early_fusion.generate_images).
+  guidance: classifier-free guidance scale (1: none; the predict function generate_images).
   caption_key: the prompts' field (default: data.caption_key's canonical 'caption')."""
 
   def __init__(
     self,
     *,
     config,
-    model,
+    predict_fns: PredictFns,
     mesh,
     prefix: str,
     judge: str,
@@ -48,7 +49,8 @@ class TextToImage(SplitData):
     guidance: float = 1.0,
     **decode_kw,
   ):
-    self.model, self.mesh, self.prefix = model, mesh, prefix
+    require(predict_fns, ("generate_images", "reconstruct"), f"evals.{prefix}")
+    self.predict_fns, self.mesh, self.prefix = predict_fns, mesh, prefix
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.method, self.seed, self.guidance, self.decode_kw = method, seed, guidance, decode_kw
     self.data_config = ml_collections.ConfigDict(config.data.to_dict())
@@ -64,7 +66,7 @@ class TextToImage(SplitData):
     self.judge_model, _, self.judge_params = load_model_and_params(judge_config, judge, None)
     self.judge = ZeroShot(
       config=judge_config,
-      model=self.judge_model,
+      predict_fns=predict_fns_of(self.judge_model),
       mesh=mesh,
       prefix="judge",
       split=split,
@@ -77,20 +79,16 @@ class TextToImage(SplitData):
     self._judge_real = None
     self.last_images: np.ndarray | None = None
 
-  def _fns(self, grid):
+  def _fns(self, image_hw: tuple[int, int]):
     if self._generate is None:
       rng = jax.random.key(self.seed) if self.method == "sample" else None
+      generate = self.predict_fns["generate_images"]
       self._generate = jit_on_mesh(
-        lambda p, t: generate_images(
-          self.model, p, t, grid, method=self.method, rng=rng, guidance=self.guidance, **self.decode_kw
-        )[1],
+        lambda p, t: generate(p, t, image_hw, method=self.method, rng=rng, guidance=self.guidance, **self.decode_kw)[1],
         self.mesh,
         self.rules,
       )
-      model = self.model
-      self._recon = jit_on_mesh(
-        lambda p, x: model.apply({"params": p}, x, method=model.reconstruct), self.mesh, self.rules
-      )
+      self._recon = jit_on_mesh(self.predict_fns["reconstruct"], self.mesh, self.rules)
     return self._generate, self._recon
 
   def judge_labels(self, images: np.ndarray) -> np.ndarray:
@@ -104,7 +102,7 @@ class TextToImage(SplitData):
 
   def __call__(self, params) -> dict[str, float]:
     arrays = self.data()[0]
-    generate, recon = self._fns(self.model.code_grid(arrays["image"].shape[1:3]))
+    generate, recon = self._fns(tuple(arrays["image"].shape[1:3]))
     generated = batched_apply(generate, params, arrays["text"], self.mesh, self.batch_size)
     self.last_images = generated
     names = list(self.judge.data()[1]["class_names"])

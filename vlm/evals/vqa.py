@@ -7,6 +7,7 @@ import numpy as np
 from vlm import parallel
 from vlm.data import conversation, get_tokenizer
 from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
+from vlm.models.registry import PredictFns, require
 
 
 def normalize_answer(text: str) -> str:
@@ -15,13 +16,23 @@ def normalize_answer(text: str) -> str:
 
 
 class GenerateAnswers(SplitData):
-  """Greedy answers of a VLM on an LM (vlm.models.vision_lm or vlm.models.flamingo, each with its
-  cached `generate`) to left-padded prompts, batched on the mesh; the base of the generation evals."""
+  """Greedy answers of a VLM on an LM (its predict function `generate(params, images, prompt, ...)`;
+  `generate_guided` for contrastive region guidance) to left-padded prompts, batched on the mesh; the
+  base of the generation evals."""
 
   def _setup(
-    self, config, model, mesh, prefix: str, split: str, batch_size: int, max_examples: int | None, max_new_tokens: int
+    self,
+    config,
+    predict_fns: PredictFns,
+    mesh,
+    prefix: str,
+    split: str,
+    batch_size: int,
+    max_examples: int | None,
+    max_new_tokens: int,
   ) -> None:
-    self.config, self.model, self.mesh, self.prefix = config, model, mesh, prefix
+    require(predict_fns, ("generate",), f"evals.{prefix}")
+    self.config, self.predict_fns, self.mesh, self.prefix = config, predict_fns, mesh, prefix
     self.data_config = config.data
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.max_new_tokens = max_new_tokens
@@ -31,20 +42,17 @@ class GenerateAnswers(SplitData):
   def _generate_fn(self, crg: tuple[float, float] | None = None):
     """The jitted answer function; crg = (alpha, plausibility) decodes with contrastive region guidance."""
     if crg not in self._fns:
-      from vlm.models import flamingo, vision_lm
-
       tok = get_tokenizer(self.config.data)
-      if crg is not None and isinstance(self.model, flamingo.Flamingo):
-        raise ValueError(f"evals.{self.prefix}: contrastive region guidance needs a vision_lm model")
+      if crg is not None:
+        require(self.predict_fns, ("generate_guided",), f"evals.{self.prefix}: contrastive region guidance")
+      generate = self.predict_fns["generate" if crg is None else "generate_guided"]
 
       def fn(params, x):
         images, prompt, mask, extra = x
         kw = dict(mask=mask, max_new_tokens=self.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
-        if isinstance(self.model, flamingo.Flamingo):  # images reach the text by cross-attention
-          return flamingo.generate(self.model, params, images, prompt, **kw).tokens
         if crg is not None:
           kw.update(crg_alpha=crg[0], crg_plausibility=crg[1])
-        return vision_lm.generate(self.model, params, images, prompt, **extra, **kw).tokens
+        return generate(params, images, prompt, **extra, **kw).tokens
 
       self._fns[crg] = jit_on_mesh(fn, self.mesh, self.rules)
     return self._fns[crg]
@@ -63,7 +71,7 @@ class GenerateAnswers(SplitData):
   ) -> list[str]:
     """Greedy answers; instruction [N, L]: the image encoder's ('prompt_instruction' of the data);
     image_layout [N, 4]: AnyRes views' layout ('image_layout' of the data); contrast_images: decode
-    with contrastive region guidance against them (vlm.models.vision_lm.generate)."""
+    with contrastive region guidance against them (the predict function generate_guided)."""
     extra = {
       k: v
       for k, v in (("instruction", instruction), ("image_layout", image_layout), ("contrast_images", contrast_images))
@@ -87,16 +95,16 @@ class VQAGenerate(GenerateAnswers):
   Needs data.conversation and 'question', 'answer' in data.extra_text_keys (the prompt asks the
   same drawn question as 'answer' holds; with data.conversation.instruction_length, the question
   also goes to the image encoder as 'prompt_instruction'; AnyRes views come with 'image_layout').
-  The model is a vlm.models.vision_lm or a vlm.models.flamingo model (each with its cached
-  `generate`). Reports {prefix}/accuracy, and /accuracy_unseen for examples whose main-object
-  combination is held out of training; keeps the last answers in `last_answers`.
+  The model has the predict function `generate` (VLMs on an LM: vision_lm, flamingo). Reports
+  {prefix}/accuracy, and /accuracy_unseen for examples whose main-object combination is held out
+  of training; keeps the last answers in `last_answers`.
   """
 
   def __init__(
     self,
     *,
     config,
-    model,
+    predict_fns: PredictFns,
     mesh,
     prefix: str,
     split: str = "test",
@@ -108,7 +116,7 @@ class VQAGenerate(GenerateAnswers):
       raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs data.conversation")
     if not {"question", "answer"} <= set(config.data.get("extra_text_keys", ())):
       raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs 'question' and 'answer' in data.extra_text_keys")
-    self._setup(config, model, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
+    self._setup(config, predict_fns, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
     self.last_answers: list[str] = []
 
   def __call__(self, params) -> dict[str, float]:

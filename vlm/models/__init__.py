@@ -18,7 +18,8 @@ from vlm.models.video import VideoClassifier
 from vlm.models.vlmo import VLMo
 from vlm.models.vit import VIT_VARIANTS, ViT, decode_variant
 from vlm.models.vq import VQTokenizer
-from vlm.models.registry import MODELS
+from vlm.models import coca, decoder, early_fusion, flamingo, llip, two_tower, video, vision_lm, vlmo, vq
+from vlm.models.registry import MODELS, PREDICT_FNS, predict_fns
 from vlm.registry import to_kwargs
 
 MODELS.register("vit")(ViT)
@@ -38,6 +39,20 @@ MODELS.register("flamingo")(Flamingo)
 MODELS.register("fuyu_patches")(FuyuPatchEmbed)
 MODELS.register("early_fusion")(EarlyFusionLM)
 
+# What evaluators, vlm.predict and vlm.curation call on each family (vlm.models.registry.PREDICT_FNS).
+PREDICT_FNS.register("two_tower")(two_tower.predict_fns)
+PREDICT_FNS.register("llip")(llip.predict_fns)
+PREDICT_FNS.register("coca")(coca.predict_fns)
+PREDICT_FNS.register("flava")(two_tower.predict_fns)
+PREDICT_FNS.register("video_classifier")(video.predict_fns)
+PREDICT_FNS.register("vlmo")(vlmo.predict_fns)
+PREDICT_FNS.register("vq_tokenizer")(vq.predict_fns)
+PREDICT_FNS.register("blip2_qformer")(two_tower.predict_fns)
+PREDICT_FNS.register("decoder_lm")(decoder.predict_fns)
+PREDICT_FNS.register("vision_lm")(vision_lm.predict_fns)
+PREDICT_FNS.register("flamingo")(flamingo.predict_fns)
+PREDICT_FNS.register("early_fusion")(early_fusion.predict_fns)
+
 
 def build_model(name: str, config, peft=None) -> nn.Module:
   """MODELS[name](**config): a linen Module from a config's `model` block.
@@ -55,6 +70,7 @@ def build_model(name: str, config, peft=None) -> nn.Module:
 
 __all__ = [
   "MODELS",
+  "PREDICT_FNS",
   "Blip2QFormer",
   "CoCa",
   "CoCaTextDecoder",
@@ -74,5 +90,6 @@ __all__ = [
   "VQTokenizer",
   "ViT",
   "build_model",
+  "predict_fns",
   "decode_variant",
 ]

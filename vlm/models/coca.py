@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm.models import generation, two_tower
 from vlm.models.two_tower import CLIP_TEMPERATURE_INIT, LearnedScaleAndBias, l2_normalize
 from vlm.models.vit import ViT, decode_variant
 from vlm.nn import AttentionalPooler, Decoder, make_norm
@@ -214,3 +215,25 @@ class CoCa(LearnedScaleAndBias, nn.Module):
     out: dict[str, Any] = {"logits": logits, "img/encoded": img_tokens}
     out["scale"], out["bias"] = self.scale_and_bias()
     return zimg, ztxt, out
+
+
+def predict_fns(model: CoCa) -> dict[str, Any]:
+  """The contrastive predict functions (two_tower.predict_fns) and caption(params, images, *, bos_id,
+  eos_id, pad_id, max_len, method='greedy', rng=None, **decode_kw) -> DecodeOutput: [BOS], then up to
+  max_len - 1 tokens, the cross-attention keys of caption_context cached once (vlm.models.generation)."""
+
+  def caption(params, images, *, bos_id: int, eos_id: int, pad_id: int, max_len: int, **kw):
+    context = model.apply({"params": params}, images, method=CoCa.caption_context)
+    prompt = jnp.full((images.shape[0], 1), bos_id, jnp.int32)
+    return generation.generate(
+      model,
+      params,
+      prompt,
+      cache_inputs={"context": context},
+      max_new_tokens=max_len - 1,
+      eos_id=eos_id,
+      pad_id=pad_id,
+      **kw,
+    )
+
+  return dict(two_tower.predict_fns(model), caption=caption)

@@ -31,11 +31,11 @@ padding keys masked, a query always sees itself) and restarts rotary positions a
 segment's first token, so each packed sequence gets the logits it would get alone. Training only:
 decoding (`decode_step`) never packs.
 
-Decoding (vlm.decoding's step protocol) goes through `decode_step`; `init_cache` / `make_step_fn`
-/ `generate` below wire it up::
+Decoding (vlm.decoding's step protocol) goes through `decode_step`; vlm.models.generation wires it
+up, as for every decoder family (`predict_fns(model)['generate']` is its `generate`)::
 
-    cache = init_cache(model, params, prompt, cache_len, mask=prompt_mask)
-    out = decoding.generate(make_step_fn(model, params), cache, prompt, max_new_tokens=..., eos_id=...)
+    cache = generation.init_cache(model, params, prompt, cache_len, mask=prompt_mask)
+    out = decoding.generate(generation.step_fn(model, params), cache, prompt, max_new_tokens=..., eos_id=...)
 
 The cache holds every block's keys/values [B, cache_len, K, hd] (with scan_layers one 'layers' entry
 [B, depth, cache_len, K, hd]) and, at the top level, 'valid' [B, cache_len] (the prompt's padding mask,
@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm import decoding
+from vlm.models import generation
 from vlm.nn.attention import MultiHeadAttention
 from vlm.nn.mlp import Mlp
 from vlm.nn.norms import make_norm
@@ -435,50 +436,14 @@ class DecoderLM(nn.Module):
     return self.logits(h)
 
 
-def init_cache(model: DecoderLM, params: Any, prompt: jax.Array, cache_len: int, mask: jax.Array | None = None) -> Any:
-  """A fresh cache for `prompt` [B, P] (+ its padding mask) with room for cache_len slots.
+def predict_fns(model: DecoderLM) -> dict[str, Any]:
+  """generate(params, images, prompt, **kw): decodes after prompt [B, P] (left-padded rows: pass
+  `mask`) with the KV cache (vlm.models.generation; kw as there), jit-able with static sizes. The
+  signature of every family's generate; a text-only LM takes images=None."""
 
-  vlm.decoding then prefills the prompt again from slot 0 (overwriting the same keys/values).
-  """
-  _, variables = model.apply(
-    {"params": params}, prompt, 0, cache_len, mask, method=DecoderLM.decode_step, mutable=["cache"]
-  )
-  return variables["cache"]
+  def generate(params, images, prompt, **kw) -> decoding.DecodeOutput:
+    if images is not None:
+      raise ValueError("a text-only language model (decoder_lm) generates from a prompt alone: pass images=None")
+    return generation.generate(model, params, prompt, **kw)
 
-
-def make_step_fn(model: DecoderLM, params: Any) -> decoding.StepFn:
-  """vlm.decoding's step_fn(cache, tokens, index) -> (logits, cache) for DecoderLM."""
-
-  def step_fn(cache, tokens, index):
-    logits, new = model.apply(
-      {"params": params, "cache": cache}, tokens, index, method=DecoderLM.decode_step, mutable=["cache"]
-    )
-    return logits, new["cache"]
-
-  return step_fn
-
-
-def generate(
-  model: DecoderLM,
-  params: Any,
-  prompt: jax.Array,
-  *,
-  max_new_tokens: int,
-  eos_id: int,
-  pad_id: int = 0,
-  mask: jax.Array | None = None,
-  method: str = "greedy",
-  **decode_kw,
-) -> decoding.DecodeOutput:
-  """Decodes after prompt [B, P] (left-padded rows: pass `mask`), jit-able with static sizes."""
-  cache = init_cache(model, params, prompt, prompt.shape[1] + max_new_tokens, mask)
-  return decoding.generate(
-    make_step_fn(model, params),
-    cache,
-    prompt,
-    method=method,
-    max_new_tokens=max_new_tokens,
-    eos_id=eos_id,
-    pad_id=pad_id,
-    **decode_kw,
-  )
+  return {"generate": generate}

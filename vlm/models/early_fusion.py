@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm.models import generation
 from vlm.models.decoder import DecoderLM
 from vlm.models.vq import VQTokenizer
 
@@ -253,3 +254,35 @@ def generate_images(
   )
   pixels = model.apply({"params": params}, out.tokens, grid, method=model.decode_image)
   return out.tokens, pixels
+
+
+def predict_fns(model: EarlyFusionLM) -> dict[str, Any]:
+  """caption(params, images, *, eos_id, pad_id, max_len, method='greedy', rng=None, **decode_kw) ->
+  DecodeOutput: the image is part of the prompt [BOS, BOI, codes, EOI] (caption_prompt; the model's
+  own bos_id, a bos_id argument is ignored), then up to max_len - 1 text tokens.
+  generate_images(params, text [B, L], image_hw, **kw) -> (ids, pixels [B, H, W, 3]): text-to-image
+  (generate_images) for images of size image_hw. reconstruct(params, images) -> what the images' own
+  tokens render to (the ceiling of generated images)."""
+
+  def caption(params, images, *, eos_id: int, pad_id: int, max_len: int, bos_id: int | None = None, **kw):
+    del bos_id
+    prompt = model.apply({"params": params}, images, method=EarlyFusionLM.caption_prompt)
+    return generation.generate(
+      model,
+      params,
+      prompt,
+      cache_len=prompt.shape[1] + max_len,
+      max_new_tokens=max_len - 1,
+      eos_id=eos_id,
+      pad_id=pad_id,
+      **kw,
+    )
+
+  def images(params, text, image_hw: tuple[int, int], **kw):
+    return generate_images(model, params, text, model.code_grid(tuple(image_hw)), **kw)
+
+  return {
+    "caption": caption,
+    "generate_images": images,
+    "reconstruct": lambda params, x: model.apply({"params": params}, x, method=EarlyFusionLM.reconstruct),
+  }

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm import decoding
+from vlm.models import generation
 from vlm.models.decoder import DecoderLM, LMBlock, positions_from_mask, positions_from_segments, segment_attention_mask
 from vlm.models.vit import ViT
 from vlm.nn.perceiver import (
@@ -292,55 +293,12 @@ class Flamingo(nn.Module):
     return self.lm.logits(h)
 
 
-def init_cache(
-  model: Flamingo,
-  params: Any,
-  images: jax.Array | None,
-  prompt: jax.Array,
-  cache_len: int,
-  mask: jax.Array | None = None,
-) -> Any:
-  """A fresh cache for prompt [B, P] about images, with room for cache_len slots (media encoded here)."""
-  _, variables = model.apply(
-    {"params": params}, prompt, 0, cache_len, mask, images, method=Flamingo.decode_step, mutable=["cache"]
-  )
-  return variables["cache"]
+def predict_fns(model: Flamingo) -> dict[str, Any]:
+  """generate(params, images, prompt, **kw): decodes after prompt [B, P] (left-padded rows: pass
+  `mask`) about images [B, M, H, W, 3] or None (no media) with the KV cache (vlm.models.generation;
+  kw as there). The media's keys/values are cached when the cache is made, so the steps feed tokens only."""
 
+  def generate(params, images, prompt, **kw) -> decoding.DecodeOutput:
+    return generation.generate(model, params, prompt, cache_inputs={"images": images}, **kw)
 
-def make_step_fn(model: Flamingo, params: Any) -> decoding.StepFn:
-  """vlm.decoding's step_fn(cache, tokens, index) -> (logits, cache): tokens only, media from the cache."""
-
-  def step_fn(cache, tokens, index):
-    logits, new = model.apply(
-      {"params": params, "cache": cache}, tokens, index, method=Flamingo.decode_step, mutable=["cache"]
-    )
-    return logits, new["cache"]
-
-  return step_fn
-
-
-def generate(
-  model: Flamingo,
-  params: Any,
-  images: jax.Array | None,
-  prompt: jax.Array,
-  *,
-  max_new_tokens: int,
-  eos_id: int,
-  pad_id: int = 0,
-  mask: jax.Array | None = None,
-  method: str = "greedy",
-  **decode_kw,
-) -> decoding.DecodeOutput:
-  """Decodes after prompt [B, P] (left-padded rows: pass `mask`) about images, with the KV cache (jit-able)."""
-  cache = init_cache(model, params, images, prompt, prompt.shape[1] + max_new_tokens, mask)
-  return decoding.generate(
-    make_step_fn(model, params),
-    cache,
-    prompt,
-    method=method,
-    max_new_tokens=max_new_tokens,
-    eos_id=eos_id,
-    pad_id=pad_id,
-    **decode_kw,
-  )
+  return {"generate": generate}

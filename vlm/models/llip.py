@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm.models import two_tower
 from vlm.models.text import TextTransformer
 from vlm.models.two_tower import SIGLIP_BIAS_INIT, SIGLIP_TEMPERATURE_INIT, LearnedScaleAndBias, l2_normalize
 from vlm.models.vit import ViT
@@ -118,3 +119,9 @@ class Llip(LearnedScaleAndBias, nn.Module):
       out.update({f"txt/{k}": v for k, v in aux.items()})
     out["scale"], out["bias"] = self.scale_and_bias()
     return img, txt, out
+
+
+def predict_fns(model: Llip) -> dict[str, Any]:
+  """The contrastive predict functions (two_tower.predict_fns: embed_image / embed_text give pytree
+  sides) and pair_similarity(z_img, z_txt) -> [I, J], the caption-conditioned cosines."""
+  return dict(two_tower.predict_fns(model), pair_similarity=model.similarity_fn())

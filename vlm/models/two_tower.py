@@ -91,3 +91,20 @@ class TwoTower(LearnedScaleAndBias, nn.Module):
       out.update({f"txt/{k}": v for k, v in aux.items()})
     out["scale"], out["bias"] = self.scale_and_bias()
     return zimg, ztxt, out
+
+
+def predict_fns(model: nn.Module) -> dict[str, Any]:
+  """The contrastive predict functions of a model with encode_image / encode_text -> (z, aux) and
+  scale_and_bias (two-tower, FLAVA, BLIP-2's Q-Former, VLMo, CoCa, Llip): embed_image(params, images
+  [B, H, W, 3]) -> z_img ([B, E], [B, Q, E] for one per query, or a pytree), embed_text(params, tokens
+  [B, L]) -> z_txt, image_features(params, images) -> the image encoder's aux (e.g. 'encoded' tokens
+  [B, T, D], frozen-feature probes), scale_and_bias(params) -> (scale, bias or None)."""
+  cls = type(model)
+  return {
+    "embed_image": lambda params, images: model.apply({"params": params}, images, method=cls.encode_image)[0],
+    "embed_text": lambda params, tokens: model.apply({"params": params}, tokens, method=cls.encode_text)[0],
+    "image_features": lambda params, images: model.apply(
+      {"params": params}, images, train=False, method=cls.encode_image
+    )[1],
+    "scale_and_bias": lambda params: model.apply({"params": params}, method=cls.scale_and_bias),
+  }

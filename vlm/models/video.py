@@ -120,3 +120,14 @@ class VideoClassifier(nn.Module):
   def __call__(self, frames: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     tokens = self.encode_frames(frames, train)
     return self.head(tokens), {"tokens": tokens}
+
+
+def predict_fns(model: VideoClassifier) -> dict[str, Any]:
+  """logits(params, frames [B, F, H, W, 3]) -> class logits; image_features(params, images) -> the
+  image encoder's aux (frozen-feature probes)."""
+  return {
+    "logits": lambda params, frames: model.apply({"params": params}, frames)[0],
+    "image_features": lambda params, images: model.apply(
+      {"params": params}, images, train=False, method=VideoClassifier.encode_image
+    )[1],
+  }

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 
 from vlm import decoding
 from vlm.data import anyres as anyres_data
+from vlm.models import generation
 from vlm.models.decoder import DecoderLM
 from vlm.models.registry import MODELS
 from vlm.models.vit import ViT
@@ -320,89 +321,50 @@ class VisionLanguageModel(nn.Module):
     return self.lm.decode_step(None, index, cache_len, mask, inputs_embeds=x)
 
 
-def generate(
-  model: VisionLanguageModel,
-  params: Any,
-  images: jax.Array,
-  prompt: jax.Array,
-  *,
-  max_new_tokens: int,
-  eos_id: int,
-  pad_id: int = 0,
-  mask: jax.Array | None = None,
-  method: str = "greedy",
-  rng: jax.Array | None = None,
-  instruction: jax.Array | None = None,
-  image_layout: jax.Array | None = None,
-  contrast_images: jax.Array | None = None,
-  crg_alpha: float = 1.0,
-  crg_plausibility: float = 0.0,
-  **decode_kw,
-) -> decoding.DecodeOutput:
-  """Answers after prompt [B, P] (left-padded: pass `mask`) about images, with the KV cache (jit-able).
+def predict_fns(model: VisionLanguageModel) -> dict[str, Any]:
+  """generate(params, images, prompt, *, instruction=None, image_layout=None, **kw) and
+  generate_guided(..., contrast_images, crg_alpha=1.0, crg_plausibility=0.0): answers after prompt
+  [B, P] (left-padded: pass `mask`) about images, with the KV cache (vlm.models.generation; kw are its
+  max_new_tokens, eos_id, pad_id, mask, method, rng and decoding options). The prefill embeds the
+  images (with `instruction` [B, L] for an instruction-aware image encoder, and `image_layout` [B, 4]
+  for AnyRes views); single-token steps do not.
 
-  The prefill (T = P > 1) embeds the images (with `instruction` [B, L] for an instruction-aware
-  image encoder, and `image_layout` [B, 4] for AnyRes views); single-token steps do not.
-
-  contrast_images (same shape as images): contrastive region guidance (Wan et al. 2024, eq. 1),
-  no training: every step's logits are (1 + crg_alpha) l(images) - crg_alpha l(contrast_images),
-  where contrast_images are the images with the asked-about regions masked (vlm.evals.grounding);
-  evidence that comes from the region counts more, priors that survive its removal less.
-  crg_plausibility > 0: only tokens within that factor of the plain model's most probable one may
-  win (the adaptive plausibility constraint, decoding.guided_step_fn).
+  generate_guided: contrastive region guidance (Wan et al. 2024, eq. 1), no training: every step's
+  logits are (1 + crg_alpha) l(images) - crg_alpha l(contrast_images), where contrast_images are the
+  images with the asked-about regions masked (vlm.evals.grounding); evidence that comes from the
+  region counts more, priors that survive its removal less. crg_plausibility > 0: only tokens within
+  that factor of the plain model's most probable one may win (decoding.guided_step_fn).
   """
-  p = prompt.shape[1]
-  b = prompt.shape[0]
-  crg = contrast_images is not None
-  if crg:
-    if method not in ("greedy", "sample"):
-      raise ValueError(f"contrastive region guidance decodes with 'greedy' or 'sample', not {method!r}")
-    two = lambda x: None if x is None else jnp.concatenate([x, x])  # noqa: E731
-    images, prompt2, mask2 = jnp.concatenate([images, contrast_images]), two(prompt), two(mask)
-    instruction, image_layout = two(instruction), two(image_layout)
-  else:
-    prompt2, mask2 = prompt, mask
-  _, variables = model.apply(
-    {"params": params},
-    prompt2,
-    0,
-    p + max_new_tokens,
-    mask2,
+
+  def inputs(images, instruction, image_layout) -> dict[str, Any]:
+    return dict(images=images, instruction=instruction, image_layout=image_layout)
+
+  def generate(params, images, prompt, *, instruction=None, image_layout=None, **kw) -> decoding.DecodeOutput:
+    return generation.generate(model, params, prompt, prefill_inputs=inputs(images, instruction, image_layout), **kw)
+
+  def generate_guided(
+    params,
     images,
-    instruction,
-    image_layout,
-    method=VisionLanguageModel.decode_step,
-    mutable=["cache"],
-  )
-
-  def step_fn(cache, tokens, index):
-    prefill = tokens.shape[1] == p and p > 1
-    imgs, instr, layout = (images, instruction, image_layout) if prefill else (None, None, None)
-    logits, new = model.apply(
-      {"params": params, "cache": cache},
-      tokens,
-      index,
-      None,
-      None,
-      imgs,
-      instr,
-      layout,
-      method=VisionLanguageModel.decode_step,
-      mutable=["cache"],
-    )
-    return logits, new["cache"]
-
-  cache = variables["cache"]
-  if crg:
-    cache, step_fn = decoding.guided_step_fn(step_fn, cache, b, 1.0 + crg_alpha, plausibility=crg_plausibility)
-  return decoding.generate(
-    step_fn,
-    cache,
     prompt,
-    method=method,
-    rng=rng,
-    max_new_tokens=max_new_tokens,
-    eos_id=eos_id,
-    pad_id=pad_id,
-    **decode_kw,
-  )
+    *,
+    contrast_images,
+    crg_alpha: float = 1.0,
+    crg_plausibility: float = 0.0,
+    instruction=None,
+    image_layout=None,
+    **kw,
+  ) -> decoding.DecodeOutput:
+    if kw.get("method", "greedy") not in ("greedy", "sample"):
+      raise ValueError(f"contrastive region guidance decodes with 'greedy' or 'sample', not {kw['method']!r}")
+    return generation.generate(
+      model,
+      params,
+      prompt,
+      prefill_inputs=inputs(images, instruction, image_layout),
+      contrast_inputs={"images": contrast_images},
+      guidance=1.0 + crg_alpha,
+      plausibility=crg_plausibility,
+      **kw,
+    )
+
+  return {"generate": generate, "generate_guided": generate_guided}

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm.models import two_tower
 from vlm.models.two_tower import CLIP_TEMPERATURE_INIT, LearnedScaleAndBias, l2_normalize
 from vlm.nn import MaskedPredictionHead, PatchEmbed, make_attention_mask, make_norm
 from vlm.nn.mlp import dense, get_activation
@@ -236,3 +237,12 @@ class VLMo(LearnedScaleAndBias, nn.Module):
       out["codes"] = self.image_codes(images)
     out["scale"], out["bias"] = self.scale_and_bias()
     return zimg, ztxt, out
+
+
+def predict_fns(model: VLMo) -> dict[str, Any]:
+  """The contrastive predict functions (two_tower.predict_fns) and vqa_logits(params, images,
+  questions [B, L]) -> answer logits [B, num_answers] (VQA as answer classification)."""
+  vqa = lambda params, images, questions: model.apply(  # noqa: E731
+    {"params": params}, images, questions, method=VLMo.vqa_logits
+  )
+  return dict(two_tower.predict_fns(model), vqa_logits=vqa)

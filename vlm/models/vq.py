@@ -205,3 +205,14 @@ class VQTokenizer(nn.Module):
     q_st = z + jax.lax.stop_gradient(q - z)  # straight-through estimator
     recon = self.render(q_st)
     return recon, {"codes": codes, "codebook_loss": codebook_loss, "commit_loss": commit_loss, "similarity": sims}
+
+
+def predict_fns(model: VQTokenizer) -> dict[str, Any]:
+  """autoencode(params, images [B, H, W, 3]) -> (reconstruction, codes [B, gh, gw]);
+  codebook_size() -> the number of codes."""
+
+  def autoencode(params, images):
+    recon, aux = model.apply({"params": params}, images, train=False)
+    return recon, aux["codes"]
+
+  return {"autoencode": autoencode, "codebook_size": lambda: int(model.codebook_size)}

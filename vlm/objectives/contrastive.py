@@ -1,5 +1,5 @@
 """Contrastive image-text objective (CLIP softmax / SigLIP sigmoid) for two-tower models and for
-models whose pair logits come from a similarity function (Llip: `model.similarity_fn()`)."""
+models whose pair logits come from a similarity function (Llip: its predict function pair_similarity)."""
 
 import dataclasses
 
@@ -8,6 +8,7 @@ from jax.sharding import Mesh
 
 from vlm import parallel
 from vlm.losses import contrastive_loss, pairwise_contrastive_loss
+from vlm.models.registry import predict_fns
 from vlm.objectives.base import OBJECTIVES, check_contrastive
 
 
@@ -16,8 +17,9 @@ from vlm.objectives.base import OBJECTIVES, check_contrastive
 class Contrastive:
   """loss: 'sigmoid' or 'softmax'; impl: 'all_gather' or 'ring' across the mesh's data axes.
 
-  A model with `similarity_fn()` returns per-example pytrees for the two sides, and the loss is
-  `pairwise_contrastive_loss` on `similarity_fn()(img, txt)` (the ring passes the text side).
+  A model with the predict function `pair_similarity` (vlm.models.registry) returns per-example
+  pytrees for the two sides, and the loss is `pairwise_contrastive_loss` on pair_similarity(img, txt)
+  (the ring passes the text side).
   """
 
   loss: str = "sigmoid"
@@ -33,7 +35,7 @@ class Contrastive:
 
   def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
     zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=train, rngs={"dropout": rng})
-    sim_fn = model.similarity_fn() if hasattr(model, "similarity_fn") else None
+    sim_fn = predict_fns(model).get("pair_similarity")
     return contrastive_term(zimg, ztxt, out, loss=self.loss, impl=self.impl, mesh=self.mesh, sim_fn=sim_fn)
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm.data import get_metadata, get_tokenizer
-from vlm.data.pipeline import load_answer_vocab
+from vlm.data.example_ops import load_answer_vocab
 from vlm.data.preprocess import apply_ops, parse_pp
 from vlm.data.sources import decode_image
 from vlm.convert.published import is_published

@@ -5,6 +5,10 @@ Entry points for the trainer:
     make_pipeline(config.data, split=..., batch_size=..., mesh=..., seed=..., tokenizer=...)
     load_split_numpy(config.data, split) -> (arrays, metadata)
     get_tokenizer(config.data) -> Tokenizer | HFTokenizer (vlm.data.tokenizer.load_tokenizer)
+
+The per-example steps the pipeline runs are the registered ops of vlm.data.example_ops
+(`known_ops()`, `make_ops(config.data, pp, tokenizer=..., source=...)`); the image pp ops inside
+them are vlm.data.preprocess's (`parse_pp`, `known_ops`).
 """
 
 from vlm.data.pipeline import (

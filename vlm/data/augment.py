@@ -13,8 +13,9 @@ Text ops (on ex['caption'], the record's `data.caption_key` text that the pipeli
     template_caption(p=0.5, templates=None, class_names=None)
 A text op with p=0 draws nothing, so adding it leaves every other op's draws as they were.
 
-The image-text "mixup of pairs" (MixGen) is not an op (it needs a second example): it is the
-data config key `data.mixgen` of `vlm.data.pipeline`, off by default.
+The image-text "mixup of pairs" (MixGen) is not a pp op (it needs a second example): it is the
+example op `mixgen` of `vlm.data.example_ops`, turned on by the data config key `data.mixgen` (off
+by default).
 """
 
 from __future__ import annotations

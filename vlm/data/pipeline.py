@@ -2,19 +2,25 @@
 
     source -> seeded shuffle of the whole split (reshuffled each epoch) -> repeat: ONE
     global stream, the same for every process count -> this process's rows of each
-    global batch -> decode + pp ops + tokenize (worker processes if
-    data.worker_count > 0) -> drop bad examples, counted by reason -> batch
-    -> global jax.Array sharded over the mesh's ('data', 'fsdp') axes.
+    global batch -> the example ops (worker processes if data.worker_count > 0) -> drop
+    bad examples, counted by reason -> batch (or pack) -> global jax.Array sharded over
+    the mesh's ('data', 'fsdp') axes.
+
+The example ops (vlm.data.example_ops) are every per-example step, registered ops built from
+`config.data` in a fixed order: decode, the image pp ops, documents, MixGen, grounding pairs, the
+question filter, interleaving, then the model inputs (image, text, label, extra texts, answer label,
+AnyRes layout, conversation, CM3, boxes, frames); each validates its own config keys, and this module
+knows none of them (`example_ops.make_ops(data, pp, ...)`; `check_config` runs their checks).
 
 Global batch s is elements [s*B, (s+1)*B) of the global stream; process p reads its
 contiguous rows [p*b, (p+1)*b) (b = B / process_count), which is how
 `jax.make_array_from_process_local_data` lays out rows when processes own contiguous
 blocks of the data axes. Random ops draw from np.random.default_rng([seed, 0, position])
-with the GLOBAL stream position, so 1 process and N processes see the same global
-batches with the same augmentations (as long as no example is bad: a process replaces
-its bad examples with the next ones of its own rows), a run is reproducible, and a
-resumed iterator (`set_state`) continues with exactly the examples and augmentations it
-would have produced.
+(some from their own streams [seed, k, position]: vlm.data.example_ops) with the GLOBAL
+stream position, so 1 process and N processes see the same global batches with the same
+augmentations (as long as no example is bad: a process replaces its bad examples with the
+next ones of its own rows), a run is reproducible, and a resumed iterator (`set_state`)
+continues with exactly the examples and augmentations it would have produced.
 
 Config keys (`config.data`, see `get_default_config`):
     source        'embedded' | 'digits' | 'tfds:NAME' | 'jsonl:PATH' | 'csv:PATH' | 'wds:GLOB' |
@@ -111,7 +117,6 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import re
 import threading
 import weakref
 from collections.abc import Iterator
@@ -123,10 +128,9 @@ import ml_collections
 import numpy as np
 
 from vlm import parallel
-from vlm.data import cm3, conversation, grounding, preprocess, sources
+from vlm.data import conversation, example_ops, sources
 from vlm.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
-EXTRA_TEXT_KEYS = ("caption_detailed", "question", "answer")
 # Caps on bad examples (data.max_consecutive_bad, data.max_bad_fraction over data.bad_window): past them
 # the iterator raises TooManyBadExamples instead of filtering a broken source forever.
 MAX_CONSECUTIVE_BAD = 1000
@@ -193,77 +197,27 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 
 def check_config(data: ml_collections.ConfigDict) -> None:
-  """Validates `config.data`; ValueError names the bad key, op or argument."""
+  """Validates `config.data`; ValueError names the bad key, op or argument.
+
+  The source and the pipeline's own keys here; every per-example step's keys (pp strings, texts,
+  conversation, grounding, CM3, MixGen, documents, ...) by that example op's check
+  (vlm.data.example_ops.check_ops)."""
   kind = str(data.source).split(":", 1)[0]
   if kind not in ("embedded", "digits", "tfds", "jsonl", "csv", "wds", "docs"):
     raise ValueError(
       f"data.source: unknown source {data.source!r}; expected 'embedded', 'digits', "
       "'tfds:NAME', 'jsonl:PATH', 'csv:PATH', 'wds:GLOB' or 'docs:PATH'"
     )
-  if int(data.get("max_images", 4)) < 1:
-    raise ValueError(f"data.max_images: must be >= 1, got {data.max_images!r}")
   if kind in ("tfds", "jsonl", "csv", "wds", "docs") and not str(data.source).partition(":")[2]:
     raise ValueError(f"data.source: {data.source!r} needs a name or path after ':'")
-  for key in ("pp_train", "pp_eval"):
-    if key in data:
-      preprocess.parse_pp(data[key], where=f"data.{key}")
-  for key in data.get("extra_text_keys", ()):
-    if key not in EXTRA_TEXT_KEYS:
-      raise ValueError(f"data.extra_text_keys: unknown key {key!r}; known: {EXTRA_TEXT_KEYS}")
-  for key in ("text_length", "detailed_text_length", "max_boxes"):
-    if key in data and not (isinstance(data[key], int) and data[key] > 0):
-      raise ValueError(f"data.{key}: must be a positive int, got {data[key]!r}")
-  if data.get("answer_vocab") is not None:
-    if "question" not in data.get("extra_text_keys", ()):
-      raise ValueError("data.answer_vocab needs 'question' in data.extra_text_keys")
-    load_answer_vocab(data.answer_vocab)
-  if data.get("conversation") is not None:
-    conversation.check_conversation_config(data.conversation)
-  if data.get("grounding") is not None:
-    grounding.check_tasks(tuple(data.grounding.get("tasks", grounding.GROUNDING_TASKS)))
-  m = data.get("interleaved_images", 1)
-  if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-    raise ValueError(f"data.interleaved_images: must be an int >= 1, got {m!r}")
-  if (m or 1) > 1 and (data.get("conversation") is None or tuple(data.conversation.get("tasks", ())) != ("qa",)):
-    raise ValueError(
-      "data.interleaved_images > 1 needs data.conversation with tasks=('qa',) (the question "
-      "names the image it is about)"
-    )
-  anyres = any("anyres" in preprocess.op_names(data[k]) for k in ("pp_train", "pp_eval") if k in data)
-  mixgen = data.get("mixgen", 0.0)
-  if mixgen is not None and (isinstance(mixgen, bool) or not isinstance(mixgen, (int, float)) or not 0 <= mixgen <= 1):
-    raise ValueError(f"data.mixgen: must be a probability in [0, 1], got {mixgen!r}")
-  if anyres and mixgen:
-    raise ValueError("data.mixgen does not work with the pp op 'anyres' (examples have their own tile grids)")
-  documents = kind == "docs" or (kind == "embedded" and int((data.get("builder") or {}).get("documents", 0) or 0))
-  if documents and (mixgen or int(data.get("interleaved_images", 1) or 1) > 1 or anyres):
-    raise ValueError(
-      "data.mixgen, data.interleaved_images > 1 and the pp op 'anyres' do not work with "
-      "interleaved documents (data.source docs:, or data.builder.documents > 0)"
-    )
-  if anyres and ((m or 1) > 1 or int((data.get("conversation") or {}).get("pack", 1)) > 1):
-    raise ValueError(
-      "the pp op 'anyres' gives one image per example with its own token count: it does not "
-      "work with data.interleaved_images > 1 or data.conversation.pack > 1"
-    )
-  if data.get("cm3"):
-    if data.get("conversation") is None or tuple(data.conversation.get("tasks", ())) != ("text",):
-      raise ValueError(
-        "data.cm3 needs data.conversation with tasks=('text',): it rearranges whole documents, every token trained"
-      )
-    cm3.check_cm3_config(data.cm3)
-  if data.get("question_regex"):
-    try:
-      re.compile(data.question_regex)
-    except re.error as e:
-      raise ValueError(f"data.question_regex: bad regex {data.question_regex!r}: {e}") from None
+  example_ops.check_ops(data)
   if int(data.get("worker_count", 0)) < -1:
     raise ValueError(f"data.worker_count: must be >= 0, or -1 for 'auto', got {data.worker_count}")
   if int(data.get("prefetch", 0)) < 0:
     raise ValueError(f"data.prefetch: must be >= 0, got {data.prefetch}")
   if int(data.get("read_threads", 0)) < 0:
     raise ValueError(f"data.read_threads: must be >= 0, got {data.read_threads}")
-  for key in ("max_image_pixels", "max_consecutive_bad", "bad_window"):
+  for key in ("max_consecutive_bad", "bad_window"):
     v = data.get(key)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
       raise ValueError(f"data.{key}: must be a positive int or None, got {v!r}")
@@ -280,23 +234,6 @@ def worker_count(data: ml_collections.ConfigDict) -> int:
   if n >= 0:
     return n
   return 0 if jax.default_backend() == "cpu" else min(16, (os.cpu_count() or 2) // 2)
-
-
-def load_answer_vocab(vocab: Any) -> dict[str, int]:
-  """data.answer_vocab (a list of answers, or a path to a file with one per line) -> {answer: index}."""
-  if isinstance(vocab, str):
-    try:
-      with open(vocab, encoding="utf-8") as f:
-        vocab = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-      raise ValueError(f"data.answer_vocab: cannot read {vocab!r}: {e}") from None
-  answers = [str(a) for a in vocab]
-  if not answers:
-    raise ValueError("data.answer_vocab is empty")
-  dup = sorted(a for a, n in collections.Counter(answers).items() if n > 1)
-  if dup:
-    raise ValueError(f"data.answer_vocab: duplicate answers {dup[:5]}")
-  return {a: i for i, a in enumerate(answers)}
 
 
 def _builder_kwargs(data) -> dict:
@@ -350,168 +287,22 @@ def get_metadata(data: ml_collections.ConfigDict, split: str = "train") -> dict:
 
 
 class _Process:
-  """Index, record -> model-ready example (runs in grain workers); bad -> {'_bad': reason}."""
+  """(global position, source index) -> model-ready example through the example ops (runs in grain
+  workers); a bad record (sources.BadExample) -> {'_bad': reason, '_where', '_detail'}, or with
+  data.strict a ValueError naming it."""
 
-  def __init__(self, source, data, ops, tokenizer: Tokenizer, seed: int):
-    self.source, self.ops, self.tok = source, ops, tokenizer
-    self.seed = seed
-    self.caption_key = data.get("caption_key", "caption")
-    self.strict = bool(data.get("strict", False))
-    self.max_pixels = data.get("max_image_pixels", sources.MAX_IMAGE_PIXELS)
-    self.length = int(data.get("text_length", 32))
-    self.detailed_length = int(data.get("detailed_text_length", 64))
-    # None: the tokenizer's default (its family's, or a tokenizer.json's post-processor).
-    self.add_bos, self.add_eos = data.get("add_bos", False), data.get("add_eos", True)
-    self.extra = tuple(data.get("extra_text_keys", ()))
-    self.with_boxes, self.max_boxes = bool(data.get("with_boxes", False)), int(data.get("max_boxes", 8))
-    self.with_frames = bool(data.get("with_frames", False))
-    self.num_images = int(data.get("interleaved_images", 1) or 1)
-    self.mixgen = float(data.get("mixgen", 0.0) or 0.0)
-    regex = data.get("question_regex")
-    self.question_re = re.compile(regex) if regex else None
-    vocab = data.get("answer_vocab")
-    self.answers = load_answer_vocab(vocab) if vocab is not None else None
-    self.conv = data.get("conversation")
-    self.chat = conversation.chat_tokenizer_from_config(self.conv, tokenizer) if self.conv else None
-    self.cm3 = data.get("cm3")
-    self.grounding = data.get("grounding")
-    self.max_images = int(data.get("max_images", 4))
-
-  def _others(self, rng: np.random.Generator, n: int | None = None) -> list[dict]:
-    """n (default num_images - 1) random other examples of the split, decoded and preprocessed."""
-    n = self.num_images - 1 if n is None else n
-    out = []
-    for _ in range(100 * (n + 1)):
-      if len(out) == n:
-        break
-      i = int(rng.integers(len(self.source)))
-      try:
-        ex = sources.decode_record(self.source[i], self.caption_key, self.max_pixels)
-        out.append(preprocess.apply_ops(self.ops, ex, rng))
-      except sources.BadExample:
-        continue
-    if len(out) < n:
-      raise ValueError("data.interleaved_images / data.mixgen: could not find enough readable examples")
-    return out
-
-  def _mixgen(self, ex: dict, position: int) -> dict:
-    """MixGen (Hao et al. 2023, "MixGen: A New Multi-Modal Data Augmentation", sec. 3), with
-    probability data.mixgen: image (and frames) lam * own + (1 - lam) * other's with lam = 0.5 as in
-    the paper, in float (rounded back to uint8 if the pp ops left uint8); caption "own other". Its own
-    rng stream, so every other draw is the same with and without data.mixgen."""
-    rng = np.random.default_rng([self.seed, 3, position])
-    if rng.random() >= self.mixgen:
-      return ex
-    other = self._others(rng, 1)[0]
-    lam = 0.5
-    ex = dict(ex, caption=f"{ex['caption']} {other['caption']}")
-    for key in ("image", "frames"):
-      if key not in ex or key not in other:
-        continue
-      a, b = ex[key], other[key]
-      if a.shape != b.shape:
-        raise ValueError(
-          f"data.mixgen: the pp ops must give every example's {key} the same shape "
-          f"(e.g. end with resize), got {a.shape} and {b.shape}"
-        )
-      mixed = lam * a.astype(np.float32) + (1 - lam) * b.astype(np.float32)
-      ex[key] = np.round(mixed).astype(np.uint8) if a.dtype == np.uint8 else mixed
-    return ex
-
-  def _document(self, ex: dict, rng: np.random.Generator) -> dict:
-    """A decoded document -> 'image' [max_images, ...] and 'image_context' (text + placeholders)."""
-    images, parts = [], []
-    eoc = (self.conv or {}).get("end_of_chunk") or ""
-    for kind, value in ex.pop("document"):
-      if kind == "image":
-        if len(images) == self.max_images:
-          break
-        images.append(preprocess.apply_ops(self.ops, {"image": value}, rng)["image"])
-        parts.append(conversation.IMAGE)
-      else:  # a paragraph after an image closes its chunk (Flamingo's <EOC>) when one is set
-        parts.append(value + (eoc if images and eoc else " "))
-    pad = [np.zeros_like(images[0])] * (self.max_images - len(images))
-    return dict(ex, image=np.stack(images + pad), image_context="".join(parts))
-
-  def _tok(self, text: str, length: int) -> np.ndarray:
-    return self.tok.encode(text, length, self.add_bos, self.add_eos)
+  def __init__(self, source, ops: list[example_ops.ExampleOp], seed: int, strict: bool = False):
+    self.source, self.ops, self.seed, self.strict = source, ops, seed, strict
 
   def __call__(self, item: tuple[int, int]) -> dict:
     position, source_index = item  # global stream position, index into the source
-    # The 0 keeps single-process streams as they were when the key held the process index.
-    rng = np.random.default_rng([self.seed, 0, position])
     try:
-      ex = sources.decode_record(self.source[source_index], self.caption_key, self.max_pixels)
+      return example_ops.run_ops(self.ops, self.source[source_index], position, self.seed)
     except sources.BadExample as e:
       where = self.source.describe(source_index)
       if self.strict:
         raise ValueError(f"bad example {where}: {e} (data.strict=True)") from None
       return {"_bad": e.reason, "_where": where, "_detail": e.detail}
-    if "document" in ex:
-      ex = self._document(ex, rng)
-    else:
-      ex = preprocess.apply_ops(self.ops, ex, rng)
-    if self.mixgen > 0:
-      ex = self._mixgen(ex, position)
-    if self.grounding is not None:  # after the pp ops: boxes are in the final image's pixels
-      gq, ga = grounding.grounding_pairs(ex, tuple(self.grounding.get("tasks", grounding.GROUNDING_TASKS)))
-      keep = not self.grounding.get("only", False)
-      ex = dict(
-        ex,
-        questions=(list(ex.get("questions", [])) if keep else []) + gq,
-        answers=(list(ex.get("answers", [])) if keep else []) + ga,
-      )
-    if self.question_re is not None:
-      pairs = [(q, a) for q, a in zip(ex.get("questions", []), ex.get("answers", [])) if self.question_re.search(q)]
-      ex = dict(ex, questions=[q for q, _ in pairs], answers=[a for _, a in pairs])
-    if self.num_images > 1:
-      ex = conversation.interleave(ex, self._others(rng), rng, end_of_chunk=(self.conv or {}).get("end_of_chunk") or "")
-    image = ex["image"]
-    out = {
-      "image": (image.astype(np.float32) / 255 if image.dtype == np.uint8 else image.astype(np.float32)),
-      "text": self._tok(ex["caption"], self.length),
-      "label": np.int32(ex["label"]),
-      "seen": np.bool_(ex["seen"]),
-    }
-    if "caption_detailed" in self.extra:
-      out["text_detailed"] = self._tok(ex.get("caption_detailed", ex["caption"]), self.detailed_length)
-    j = None
-    if "question" in self.extra or "answer" in self.extra:
-      qs, ans = ex.get("questions", []), ex.get("answers", [])
-      j = int(rng.integers(len(qs))) if qs else -1
-      out["question"] = self._tok(qs[j] if j >= 0 else "", self.length)
-      out["answer"] = self._tok(ans[j] if j >= 0 else "", self.length)
-      if self.answers is not None:
-        out["answer_label"] = np.int32(self.answers.get(ans[j], -1) if j >= 0 else -1)
-    if "image_layout" in ex:  # pp op `anyres`: the tile grid and original size
-      out["image_layout"] = ex["image_layout"]
-    if self.chat is not None:  # its own stream, so the draws above stay as they were
-      conv_rng = np.random.default_rng([self.seed, 1, position])
-      out.update(
-        conversation.conversation_example(ex, self.conv, self.chat, conv_rng, j if j is not None and j >= 0 else None)
-      )
-      if self.cm3:  # CM3: spans moved to the end (its own stream too)
-        out["tokens"], out["loss_mask"] = cm3.apply_cm3(
-          out["tokens"],
-          out["loss_mask"],
-          self.cm3,
-          np.random.default_rng([self.seed, 2, position]),
-          pad_id=self.tok.pad_id,
-          bos_id=self.tok.bos_id,
-          eos_id=self.tok.eos_id,
-        )
-    if self.with_boxes:
-      boxes = np.zeros((self.max_boxes, 4), np.float32)
-      labels = np.full((self.max_boxes,), -1, np.int32)
-      b = np.asarray(ex.get("boxes", np.zeros((0, 4))), np.float32)[: self.max_boxes]
-      boxes[: len(b)] = b
-      labels[: len(b)] = np.asarray(ex.get("box_labels", np.zeros(len(b))), np.int32)[: len(b)]
-      out["boxes"], out["box_labels"] = boxes, labels
-    if self.with_frames:
-      frames = ex.get("frames", image[None])
-      out["frames"] = frames.astype(np.float32) / 255 if frames.dtype == np.uint8 else frames.astype(np.float32)
-      out["motion"] = np.int32(ex.get("motion", -1))
-    return out
 
 
 class _ProcessRows:
@@ -802,8 +593,9 @@ def make_pipeline(
   tokenizer = tokenizer or get_tokenizer(data)
   if pp is None:
     pp = data.pp_train if split == "train" else data.pp_eval
-  ops = preprocess.parse_pp(pp, where="data.pp_train" if split == "train" else "data.pp_eval")
   source = make_source(data, split)
+  where = "data.pp_train" if split == "train" else "data.pp_eval"
+  ops = example_ops.make_ops(data, pp, tokenizer=tokenizer, source=source, where=where)
 
   # The global stream of source indices: identical for every process and process count.
   order = grain.MapDataset.range(len(source))
@@ -827,7 +619,7 @@ def make_pipeline(
     stream_length -= stream_length % ex_batch
   n_local = _ProcessRows.local_length(stream_length, ex_batch, ex_local, process_index)
   rows = _ProcessRows(order, ex_batch, ex_local, process_index)
-  ds = grain.MapDataset.range(n_local).map(rows).map(_Process(source, data, ops, tokenizer, seed))
+  ds = grain.MapDataset.range(n_local).map(rows).map(_Process(source, ops, seed, bool(data.get("strict", False))))
   threads = int(data.get("read_threads", 0))
   ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * ex_local if threads else 0))
   workers = worker_count(data)

@@ -26,7 +26,8 @@ vlm.data.augment (registered here when this module is imported):
     caption_dropout(p=0.1), word_dropout(p=0.1), synonyms(p=0.5, table='scenes'),
     template_caption(p=0.5, templates=None, class_names=None)   on ex['caption']
 e.g. "decode|randaugment(2, 9)|resize(64)|synonyms(0.5)|value_range(-1, 1)". MixGen (image-text
-mixup of pairs) is the pipeline key `data.mixgen`, off by default.
+mixup of pairs) is the example op `mixgen` (vlm.data.example_ops) of the key `data.mixgen`, off by
+default.
 
 Resizing: every resize op takes `method=` ('nearest', 'box', 'bilinear' (the default), 'hamming',
 'bicubic', 'lanczos'), PIL's filter of that name applied to the uint8 image, as transformers' PIL

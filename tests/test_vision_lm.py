@@ -21,7 +21,14 @@ from helpers import (
   vqa_accuracy,
 )
 from vlm import checkpoint
-from vlm.data.conversation import DEFAULT_SPECIALS, IMAGE, ChatTokenizer, build_turns, check_conversation_config
+from vlm.data.conversation import (
+  DEFAULT_SPECIALS,
+  IMAGE,
+  ChatTokenizer,
+  build_turns,
+  chat_tokenizer_from_config,
+  check_conversation_config,
+)
 from vlm.models import predict_fns
 from vlm.models.vision_lm import VisionLanguageModel
 from vlm.metrics_writer import read_metrics
@@ -653,6 +660,11 @@ def test_recipes_build_and_their_frozen_patterns_match(name, arg):
 
   c = importlib.import_module(f"configs.{name}").get_config(arg)
   check_config(c.data)
+  # Its chat template encodes a conversation (the full recipes' specials have no soft-prompt marker:
+  # looking it up with soft_prompts=0 failed every full recipe's first example).
+  chat = chat_tokenizer_from_config(c.data.conversation, _FakeSP())
+  ids, loss = chat.encode([("user", IMAGE + "what colour?"), ("assistant", "red")])
+  assert len(ids) == len(loss) and any(loss)
   if arg is None or not arg.endswith("demo"):
     return
   model = build_model(c.model_name, c.model)

@@ -217,7 +217,8 @@ class ChatTokenizer:
   def _prefix(self) -> tuple[list[int], list[int]]:
     """BOS, then `soft_prompts` placeholders for prompt tuning's learned vectors (no loss)."""
     ids = [self.tok.bos_id] if self.add_bos and self.tok.bos_id >= 0 else []
-    ids += [self.specials[SOFT_PROMPT]] * self.soft_prompts
+    if self.soft_prompts:  # a template without the marker has no prompt tuning: not looked up
+      ids += [self.specials[SOFT_PROMPT]] * self.soft_prompts
     return ids, [0] * len(ids)
 
   def encode(self, turns: Sequence[Turn]) -> tuple[list[int], list[int]]:

@@ -191,6 +191,36 @@ def test_init_resamples_the_position_embedding_for_a_new_resolution(siglip_workd
 
 
 @pytest.mark.slow
+def test_export_of_a_two_tower_run(data_dir, tmp_path):
+  """vlm.export of a two_tower run (its registered exporter): a tiny sigmoid-loss run with SigLIP's
+  last-token text pooling becomes a SiglipModel directory whose image embeddings are the run's; the
+  demo's EOS-pooled text tower has no SigLIP equivalent, and the error names the field."""
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  from vlm.export import export
+  from vlm.load import load_run
+  from vlm.models import predict_fns
+
+  c = tiny(siglip_b16, data_dir, steps=1, evals={})
+  train(c, tmp_path / "eos")
+  with pytest.raises(ValueError, match=r"model.text.pool_type='eos' has no siglip HF equivalent"):
+    export(tmp_path / "eos", tmp_path / "eos_hf")
+  c.model.text.pool_type = "last"
+  train(c, tmp_path / "run")
+  config = export(tmp_path / "run", tmp_path / "hf")
+  assert config["model_type"] == "siglip" and config["architectures"] == ["SiglipModel"]
+  hf = transformers.SiglipModel.from_pretrained(tmp_path / "hf").eval()
+  _, model, _, params = load_run(tmp_path / "run")
+  size = config["vision_config"]["image_size"]
+  images = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+  ours = np.asarray(predict_fns(model)["embed_image"](params, images))
+  with torch.no_grad():
+    theirs = hf.vision_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).pooler_output.numpy()
+  theirs = theirs / np.linalg.norm(theirs, axis=-1, keepdims=True)
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_evaluate_and_predict_commands(siglip_workdir, data_dir, tmp_path):
   ev = subprocess.run(
     [sys.executable, "-m", "vlm.evaluate", f"--workdir={siglip_workdir}"],

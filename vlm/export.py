@@ -10,10 +10,10 @@ The workdir's config (written by vlm.train) says what the model is:
   vision_lm  -> LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (export_hf_llava);
                 --model_type is then the text model's type
 A LoRA run (config.peft) is merged into the base weights first; scanned stacks are unrolled. A layout
-HF has no class for is an error naming the field.
+HF has no class for is an error naming the field. Each family's exporter is registered by model_name
+(`@register_exporter`, vlm.convert.registry) beside its HF layout code.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,35 +26,15 @@ def export(
 ) -> dict[str, Any]:
   """Writes the checkpoint of `workdir` (latest, or `step`) to `out`; returns the config.json written."""
   from vlm import checkpoint
-  from vlm.convert import export_hf
-  from vlm.convert.export_lm import export_hf_llava, export_hf_llm
+  from vlm.convert.registry import exporter_for
   from vlm.load import load_workdir_config
 
   config = load_workdir_config(workdir)
-  name = config.model_name
-  if name not in ("two_tower", "decoder_lm", "vision_lm"):
-    raise ValueError(
-      f"{Path(workdir) / 'config.json'}: model_name={name!r} has no HF export; supported: "
-      "two_tower (CLIP / SigLIP), decoder_lm (Llama / Qwen2 / Gemma), vision_lm (LLaVA / LLaVA-NeXT)"
-    )
+  exporter = exporter_for(config.model_name, str(Path(workdir) / "config.json"))
   params = jax.tree.map(np.asarray, checkpoint.load_params(workdir, step))
-  kwargs = config.model.to_dict()
   peft = config.get("peft")
   peft = peft.to_dict() if peft is not None and peft.get("method") not in (None, "", "none") else None
-  if name == "two_tower":
-    if peft is not None:
-      from vlm.peft import merge_lora
-
-      params = merge_lora(params, float(peft["alpha"]), peft.get("rank"))
-    loss = (config.get("objective") or {}).get("loss")
-    kind = model_type or ("siglip" if loss == "sigmoid" else "clip")
-    export_hf(kwargs, params, out, kind)
-    return json.loads((Path(out) / "config.json").read_text())
-  if name == "decoder_lm":
-    return export_hf_llm(kwargs, params, out, model_type=model_type, peft=peft)
-  return export_hf_llava(  # vision_lm
-    kwargs, params, out, text_model_type=model_type, peft=peft
-  )
+  return exporter(config, params, out, model_type=model_type, peft=peft)
 
 
 def main(argv) -> None:

@@ -43,6 +43,7 @@ import numpy as np
 from vlm.convert import llm
 from vlm.convert.common import ACT_TO_HF, inv, lm_table, unstack_encoder_blocks, vision_tower_rows
 from vlm.convert.hf import with_posemb_grid
+from vlm.convert.registry import register_exporter
 from vlm.convert.safetensors_io import save_safetensors_dir
 from vlm.tree import flatten
 from vlm.nn import rope as rope_lib
@@ -424,3 +425,15 @@ def export_hf_lm(name: str, kwargs: Mapping[str, Any], params, path: str | Path,
     f"export_hf_lm: model {name!r}; supported: 'decoder_lm', 'vision_lm' (two-tower CLIP / SigLIP: "
     "vlm.convert.hf.export_hf)"
   )
+
+
+@register_exporter("decoder_lm")
+def export_decoder_lm_run(config, params, out: str | Path, *, model_type: str | None = None, peft=None) -> dict:
+  """vlm.export of a decoder_lm run (export_hf_llm; model_type forces the HF type)."""
+  return export_hf_llm(config.model.to_dict(), params, out, model_type=model_type, peft=peft)
+
+
+@register_exporter("vision_lm")
+def export_vision_lm_run(config, params, out: str | Path, *, model_type: str | None = None, peft=None) -> dict:
+  """vlm.export of a vision_lm run (export_hf_llava; model_type is the text model's HF type)."""
+  return export_hf_llava(config.model.to_dict(), params, out, text_model_type=model_type, peft=peft)

@@ -9,6 +9,7 @@ config.json model_type (vlm.convert.registry): CLIP / SigLIP here (import_hf_two
 (HF key, our path, layout) per architecture (vlm.convert.common) serves both directions.
 """
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from vlm.convert.common import (
   unstack_encoder_blocks,
 )
 from vlm.convert.hf_config import HFConfig, from_dict, read_config
-from vlm.convert.registry import importer_for, register_importer
+from vlm.convert.registry import importer_for, register_exporter, register_importer
 from vlm.convert.safetensors_io import load_safetensors_dir, save_safetensors_dir
 from vlm.tree import flatten
 
@@ -305,6 +306,19 @@ def hf_config_from_kwargs(kwargs: dict[str, Any], model_type: str, num_channels:
   vc.update(vision_use_head=vit.pool_type == "map")
   tc.update(projection_size=txt.out_dim or tdims["width"])
   return dict(model_type="siglip", architectures=["SiglipModel"], vision_config=vc, text_config=tc)
+
+
+@register_exporter("two_tower")
+def export_two_tower_run(config, params: dict, out: str | Path, *, model_type: str | None = None, peft=None) -> dict:
+  """vlm.export of a two_tower run: CLIPModel, or SiglipModel for a sigmoid-loss run (model_type
+  'clip' / 'siglip' forces one); a LoRA run (peft) is merged first."""
+  if peft is not None:
+    from vlm.peft import merge_lora
+
+    params = merge_lora(params, float(peft["alpha"]), peft.get("rank"))
+  loss = (config.get("objective") or {}).get("loss")
+  export_hf(config.model.to_dict(), params, out, model_type or ("siglip" if loss == "sigmoid" else "clip"))
+  return json.loads((Path(out) / "config.json").read_text())
 
 
 def export_hf(kwargs: dict[str, Any], params: dict, path: str | Path, model_type: str) -> None:

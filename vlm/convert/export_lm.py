@@ -255,7 +255,7 @@ def _vision_config(vit: Mapping[str, Any], flat: Mapping[str, np.ndarray]) -> di
   ph, pw = d["patch_size"]
   if gh != gw or ph != pw:
     raise ValueError(f"export: vision posemb_grid {(gh, gw)} / patch_size {(ph, pw)}: only square images")
-  for field, value in (("mask_token", False), ("extra_tokens", 0), ("out_dim", None)):
+  for field, value in (("mask_token", False), ("out_dim", None)):
     if get(field) != value:
       raise ValueError(f"export: vision {field}={get(field)!r} is not expressible (HF: {value!r})")
   clip = bool(get("class_token"))

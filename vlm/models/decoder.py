@@ -42,7 +42,7 @@ The cache holds every block's keys/values [B, cache_len, K, hd] (with scan_layer
 True after it), all batch-major.
 
 Layer scan: `scan_layers=True` runs the blocks with nn.scan (params decoder/layers/... stacked on a
-leading depth axis, see LMStack); the HF importers write that layout with scan=True.
+leading depth axis, see vlm.nn.transformer.Stack); the HF importers write that layout with scan=True.
 """
 
 from typing import Any
@@ -53,11 +53,8 @@ import jax.numpy as jnp
 
 from vlm import decoding
 from vlm.models import generation
-from vlm.nn.attention import MultiHeadAttention
-from vlm.nn.mlp import Mlp
 from vlm.nn.norms import make_norm
-from vlm.nn.rope import make_rope
-from vlm.nn.transformer import REMAT_POLICIES
+from vlm.nn.transformer import REMAT_POLICIES, Stack, lm_block
 
 Dtype = Any
 
@@ -99,120 +96,6 @@ def segment_attention_mask(segment_ids: jax.Array, mask: jax.Array | None = None
   return (same | jnp.eye(t, dtype=bool)[None])[:, None]
 
 
-class LMBlock(nn.Module):
-  """Pre-norm block: x + Attn(norm1 x); x + Mlp(norm2 x), or with swin_norm x + norm1(Attn x);
-  x + norm2(Mlp x). x: [B, T, D]. Fields: see DecoderLM."""
-
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
-  mlp_act: str = "swiglu"
-  qkv_bias: bool = False
-  out_bias: bool = False
-  mlp_bias: bool = False
-  rope_theta: float | None = 10000.0
-  rope_scaling: dict | None = None
-  norm_eps: float = 1e-6
-  norm_type: str = "rms"
-  qk_norm: str | None = None
-  rotary_fraction: float = 1.0
-  swin_norm: bool = False
-  dropout: float = 0.0
-  dtype: Dtype = None
-
-  @nn.compact
-  def __call__(
-    self,
-    x,
-    mask=None,
-    positions=None,
-    deterministic: bool = True,
-    decode: bool = False,
-    index: jax.Array | int = 0,
-    cache_len: int | None = None,
-  ):
-    x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
-    norm1 = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm1")
-    attn = MultiHeadAttention(
-      num_heads=self.num_heads,
-      num_kv_heads=self.num_kv_heads,
-      head_dim=self.head_dim,
-      use_bias=self.qkv_bias,
-      out_bias=self.out_bias,
-      qk_norm=self.qk_norm,
-      norm_eps=self.norm_eps,
-      rope_theta=make_rope(self.rope_theta, self.rope_scaling),
-      rotary_fraction=self.rotary_fraction,
-      dtype=self.dtype,
-      name="attn",
-    )
-    norm2 = make_norm(self.norm_type, self.norm_eps, self.dtype, name="norm2")
-    mlp = Mlp(
-      self.mlp_dim, act=self.mlp_act, use_bias=self.mlp_bias, dropout=self.dropout, dtype=self.dtype, name="mlp"
-    )
-
-    def attend(h):
-      return attn(h, mask=mask, causal=True, decode=decode, index=index, cache_len=cache_len, positions=positions)
-
-    y = norm1(attend(x)) if self.swin_norm else attend(norm1(x))
-    x = x + nn.Dropout(self.dropout)(y, deterministic)
-    y = norm2(mlp(x, deterministic)) if self.swin_norm else mlp(norm2(x), deterministic)
-    x = x + nn.Dropout(self.dropout)(y, deterministic)
-    return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
-
-
-class LMStack(nn.Module):
-  """`depth` LMBlocks; remat (training only) by a REMAT_POLICIES name.
-
-  scan=False: the blocks are unrolled, params `block_{i}/...`. scan=True: one LMBlock under nn.scan
-  (compiled once), params `layers/...` stacked on a leading axis of size depth (logical axis 'layers');
-  the remat policy applies inside the scan (per layer), dropout rngs are split per layer, and the KV cache
-  leaves are stacked on axis 1, [B, depth, cache_len, K, hd], so that the cache stays batch-major
-  (vlm.decoding gathers and repeats cache rows on axis 0).
-  """
-
-  depth: int
-  block: dict
-  remat_policy: str = "none"
-  scan: bool = False
-
-  @nn.compact
-  def __call__(
-    self,
-    x,
-    mask=None,
-    positions=None,
-    deterministic: bool = True,
-    decode: bool = False,
-    index: jax.Array | int = 0,
-    cache_len: int | None = None,
-  ):
-    block = LMBlock
-    if self.remat_policy != "none" and not decode:
-      # Inside a scan the loop already keeps XLA from merging the recomputation away (flax's advice).
-      block = nn.remat(
-        block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4, 5, 7), prevent_cse=not self.scan
-      )
-    if self.scan:
-
-      def body(layer, carry, _):
-        return layer(carry, mask, positions, deterministic, decode, index, cache_len), None
-
-      scanned = nn.scan(
-        body,
-        variable_axes={"params": 0, "cache": 1},
-        split_rngs={"params": True, "dropout": True},
-        length=self.depth,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-      )
-      x, _ = scanned(block(**self.block, name="layers"), x, None)
-      return x
-    for i in range(self.depth):
-      x = block(**self.block, name=f"block_{i}")(x, mask, positions, deterministic, decode, index, cache_len)
-    return x
-
-
 class DecoderLM(nn.Module):
   """Causal LM: tokens [B, T] -> logits [B, T, vocab] (float32); position t predicts token t+1.
 
@@ -240,7 +123,7 @@ class DecoderLM(nn.Module):
     embed_scale: multiply token embeddings by sqrt(D), rounded to the activation dtype (Gemma).
     tie_embeddings: logits = h @ embedding.T; otherwise a bias-free 'head' Dense.
     remat_policy: a key of vlm.nn.transformer.REMAT_POLICIES (training only).
-    scan_layers: run the blocks with nn.scan (LMStack(scan=True)): one block compiled instead of depth,
+    scan_layers: run the blocks with nn.scan (vlm.nn.transformer.Stack(scan=True)): one block compiled instead of depth,
       params decoder/layers/... stacked [depth, ...] on the logical axis 'layers' (the remat policy applies
       per layer inside the scan). Same function as the unrolled stack with the params stacked
       (vlm.convert.stack_encoder_blocks; the HF importers' scan=True). Cached decoding works either way:
@@ -278,7 +161,7 @@ class DecoderLM(nn.Module):
   # The module running the blocks (fields depth, block, remat_policy, and `scan` if it can scan them); a
   # subclass may swap it (vlm.models.flamingo interleaves cross-attention between the blocks, so it has no
   # `scan` and scan_layers=True is refused). Not a dataclass field.
-  stack_class = LMStack
+  stack_class = Stack
 
   def setup(self):
     if self.remat_policy not in REMAT_POLICIES:
@@ -289,7 +172,7 @@ class DecoderLM(nn.Module):
       dtype=self.dtype,
       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
     )
-    kw = dict(
+    kw = lm_block(
       num_heads=self.num_heads,
       mlp_dim=self.mlp_dim,
       num_kv_heads=self.num_kv_heads,
@@ -301,7 +184,7 @@ class DecoderLM(nn.Module):
       rope_theta=self.rope_theta,
       norm_eps=self.norm_eps,
       rope_scaling=self.rope_scaling,
-      norm_type=self.norm_type,
+      norm=self.norm_type,
       qk_norm=self.qk_norm,
       rotary_fraction=self.rotary_fraction,
       swin_norm=self.swin_norm,
@@ -342,7 +225,10 @@ class DecoderLM(nn.Module):
     return out.astype(jnp.float32)
 
   def _blocks(self, x, mask, positions, train, decode=False, index=0, cache_len=None):
-    return self.norm(self.decoder(x, mask, positions, not train, decode, index, cache_len))
+    h = self.decoder(
+      x, mask=mask, positions=positions, deterministic=not train, decode=decode, index=index, cache_len=cache_len
+    )
+    return self.norm(h)
 
   # ------------------------------------------------------------------------ forward
 

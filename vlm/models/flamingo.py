@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from vlm import decoding
 from vlm.models import generation
-from vlm.models.decoder import DecoderLM, LMBlock, positions_from_mask, positions_from_segments, segment_attention_mask
+from vlm.models.decoder import DecoderLM, positions_from_mask, positions_from_segments, segment_attention_mask
 from vlm.models.vit import ViT
 from vlm.nn.perceiver import (
   GatedCrossAttentionBlock,
@@ -48,37 +48,37 @@ from vlm.nn.perceiver import (
   media_index,
   media_mask_from_index,
 )
-from vlm.nn.transformer import REMAT_POLICIES
+from vlm.nn.transformer import REMAT_POLICIES, block_class
 
 Dtype = Any
 
 
 class LMLayers(nn.Module):
-  """DecoderLM's LMStack with its blocks (`block_{i}`, same params) reachable one by one as `layers[i]`,
-  so that gated cross-attention can run between them. Calling it runs them all, as LMStack does."""
+  """DecoderLM's unrolled Stack with its blocks (`block_{i}`, same params) reachable one by one as
+  `layers[i]`, so that gated cross-attention can run between them. Calling it runs them all, as Stack
+  does (same arguments, no return_all)."""
 
   depth: int
   block: dict
   remat_policy: str = "none"
 
   def setup(self):
-    block = LMBlock
-    if self.remat_policy != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4, 5, 7))
+    block = block_class(self.remat_policy)
     self.layers = [block(**self.block, name=f"block_{i}") for i in range(self.depth)]
 
   def __call__(
     self,
-    x,
-    mask=None,
-    positions=None,
+    x: jax.Array,
+    context: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
     deterministic: bool = True,
     decode: bool = False,
     index: jax.Array | int = 0,
     cache_len: int | None = None,
-  ):
+  ) -> jax.Array:
     for layer in self.layers:
-      x = layer(x, mask, positions, deterministic, decode, index, cache_len)
+      x = layer(x, context, mask, positions, deterministic, decode, index, cache_len)
     return x
 
 
@@ -183,7 +183,7 @@ class Flamingo(nn.Module):
     for i, block in enumerate(self.lm.decoder.layers):
       if i % self.cross_attention_every == 0:
         x = self.xattn[i // self.cross_attention_every](x, media, media_mask, not train, decode)
-      x = block(x, attn_mask, positions, not train, decode, index, cache_len)
+      x = block(x, None, attn_mask, positions, not train, decode, index, cache_len)
     return self.lm.norm(x)
 
   def __call__(

@@ -99,7 +99,7 @@ class MultimodalEncoder(nn.Module):
       remat_policy=self.remat_policy,
       dtype=self.dtype,
       name="encoder",
-    )(x, mask, not train)
+    )(x, mask=mask, deterministic=not train)
     return make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
 
 

@@ -51,6 +51,18 @@ def llip_similarity(img: dict, txt: dict, temperature: float) -> jax.Array:
   return jnp.einsum("ijd,jd->ij", llip_image_embedding(img, txt, temperature), l2_normalize(txt["z"]))
 
 
+class MixtureViT(ViT):
+  """Llip's image tower: a ViT with `num_mixture_tokens` K learned tokens ('extra_tokens' [1, K, width])
+  in front of the sequence after the position embeddings; their outputs are aux['extra'] [B, K, width]."""
+
+  num_mixture_tokens: int = LLIP_MIXTURE_TOKENS
+
+  def prefix_tokens(self, batch: int, width: int) -> jax.Array | None:
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed"))
+    extra = self.param("extra_tokens", init, (1, self.num_mixture_tokens, width))
+    return jnp.tile(extra, (batch, 1, 1))
+
+
 class Llip(LearnedScaleAndBias, nn.Module):
   """ViT with K mixture tokens + text transformer + query cross-attention (see the module doc).
 
@@ -72,7 +84,7 @@ class Llip(LearnedScaleAndBias, nn.Module):
 
   def setup(self):
     image = dict(self.image or {})
-    for key in ("pool_type", "out_dim", "extra_tokens"):
+    for key in ("pool_type", "out_dim", "num_mixture_tokens"):
       if key in image:
         raise ValueError(
           f"model.image.{key}: Llip's image tower emits its {self.num_mixture_tokens} mixture "
@@ -86,7 +98,9 @@ class Llip(LearnedScaleAndBias, nn.Module):
       raise ValueError(f"model.num_heads={self.num_heads} must divide model.text.out_dim={self.embed_dim}")
     if self.num_mixture_tokens < 1:
       raise ValueError(f"model.num_mixture_tokens must be >= 1, got {self.num_mixture_tokens}")
-    self.img = ViT(**{"dtype": self.dtype, **image}, pool_type="none", extra_tokens=self.num_mixture_tokens, name="img")
+    self.img = MixtureViT(
+      **{"dtype": self.dtype, **image}, pool_type="none", num_mixture_tokens=self.num_mixture_tokens, name="img"
+    )
     self.txt = TextTransformer(**{"dtype": self.dtype, **text}, name="txt")
     proj = partial(dense, self.embed_dim, ("embed", "proj"), use_bias=True, dtype=self.dtype)
     self.key_proj, self.value_proj, self.query_proj = proj(name="key"), proj(name="value"), proj(name="query")

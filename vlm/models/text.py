@@ -87,7 +87,7 @@ class TextTransformer(nn.Module):
       remat_policy=self.remat_policy,
       dtype=self.dtype,
       name="encoder",
-    )(x, mask, not train)
+    )(x, mask=mask, deterministic=not train)
     if self.final_norm:
       x = make_norm("layer", self.norm_eps, self.dtype, name="encoder_norm")(x)
     aux = {"encoded": x}

@@ -72,10 +72,10 @@ class ViT(nn.Module):
   added, so masked pixels never reach the encoder. Without mask_token (the default) the module,
   its parameters and its outputs are exactly those of a plain ViT.
 
-  extra_tokens=K > 0 adds K learned tokens ('extra_tokens' [1, K, width]) in front of the
-  sequence after the position embeddings (Llip's visual mixture tokens, Lavoie et al. 2024
-  sec. 3; ViT registers). Their outputs are aux['extra'] [B, K, width]; 'encoded' and the
-  pooling see the other tokens only.
+  prefix_tokens, a method a family's subclass overrides (none here), may put learned tokens [B, K, width]
+  in front of the sequence after the position embeddings (Llip's visual mixture tokens, see
+  vlm.models.llip.MixtureViT; ViT registers). Their outputs are aux['extra'] [B, K, width]; 'encoded'
+  and the pooling see the other tokens only.
 
   final_norm=False drops the final LayerNorm: 'encoded' (and what is pooled) is then the last
   block's output, for an owner that normalises itself (FLAVA with fuse_prenorm).
@@ -105,8 +105,12 @@ class ViT(nn.Module):
   return_all_layers: bool = False
   mask_token: bool = False
   final_norm: bool = True
-  extra_tokens: int = 0
   dtype: Any = None
+
+  def prefix_tokens(self, batch: int, width: int) -> jax.Array | None:
+    """Tokens [batch, K, width] to put in front of the position-embedded sequence, or None (a plain ViT).
+    Called inside __call__, so an override may create parameters."""
+    return None
 
   def dims(self) -> dict[str, Any]:
     d = resolve_dims(self, ("width", "depth", "mlp_dim", "num_heads", "patch_size"))
@@ -156,12 +160,10 @@ class ViT(nn.Module):
       x = x + pe
     else:
       raise ValueError(f"unknown posemb {self.posemb!r}; known: 'learn', 'sincos2d'")
-    k = self.extra_tokens
+    extra = self.prefix_tokens(b, d)
+    k = 0 if extra is None else extra.shape[1]
     if k:
-      extra = self.param(
-        "extra_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")), (1, k, d)
-      )
-      x = jnp.concatenate([jnp.tile(extra, (b, 1, 1)).astype(x.dtype), x], axis=1)
+      x = jnp.concatenate([extra.astype(x.dtype), x], axis=1)
     if self.pre_norm:
       x = make_norm("layer", self.norm_eps, self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout)(x, not train)
@@ -177,7 +179,7 @@ class ViT(nn.Module):
       remat_policy=self.remat_policy,
       dtype=self.dtype,
       name="encoder",
-    )(x, None, not train, return_all=self.return_all_layers)
+    )(x, deterministic=not train, return_all=self.return_all_layers)
     aux: dict[str, jax.Array] = {}
     if self.return_all_layers:
       x, aux["hidden"] = enc

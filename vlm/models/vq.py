@@ -55,7 +55,7 @@ class _Tower(nn.Module):
       norm_eps=self.norm_eps,
       dtype=self.dtype,
       name="encoder",
-    )(x, None, True)
+    )(x, deterministic=True)
     x = make_norm("layer", self.norm_eps, self.dtype, name="norm")(x)
     x = jnp.tanh(dense(self.width, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="head_hidden")(x))
     x = dense(self.out_dim, ("mlp", self.out_axis), use_bias=True, dtype=self.dtype, name="head_out")(x)

@@ -7,20 +7,23 @@ from vlm.nn.norms import make_norm
 from vlm.nn.patch import PatchEmbed
 from vlm.nn.poolers import AttentionalPooler, MAPHead, pool
 from vlm.nn.posemb import LearnedPosEmb, resample_posemb, sincos2d
-from vlm.nn.transformer import Decoder, DecoderBlock, Encoder, EncoderBlock
+from vlm.nn.transformer import Block, Decoder, Encoder, Stack, decoder_block, encoder_block, lm_block
 
 __all__ = [
   "AttentionalPooler",
+  "Block",
   "Decoder",
-  "DecoderBlock",
   "Encoder",
-  "EncoderBlock",
   "LearnedPosEmb",
   "MAPHead",
   "MaskedPredictionHead",
   "Mlp",
   "MultiHeadAttention",
   "PatchEmbed",
+  "Stack",
+  "decoder_block",
+  "encoder_block",
+  "lm_block",
   "make_attention_mask",
   "make_norm",
   "pool",

@@ -25,17 +25,8 @@ embed_image(params, images) -> z, embed_text(params, tokens) -> z, scale_and_bia
 bias or None), pair_similarity(z_img, z_txt) -> [I, J] (models whose pair score is not a dot product),
 image_features(params, images) -> {name: [B, T, D]}, caption(params, images, ...) and generate(params,
 images, prompt, ...) -> vlm.decoding.DecodeOutput, generate_guided (the same with contrast_images),
-logits(params, *inputs), answer_logits(params, images, questions), reconstruct(params, images)."""
-
-
-def model_name_of(model: nn.Module) -> str:
-  """The registered name of the model's class, or of the nearest registered base class (a peft
-  subclass resolves to its base). ValueError when none is registered."""
-  for cls in type(model).__mro__:
-    for name, entry in MODELS.items():
-      if entry is cls:
-        return name
-  raise ValueError(f"{type(model).__name__} is not a registered model (known: {MODELS.names()})")
+logits(params, *inputs), vqa_logits(params, images, questions), autoencode(params, images) -> (recon,
+codes) with codebook_size(), generate_images(params, text, image_hw, ...), reconstruct(params, images)."""
 
 
 def predict_fns(model: nn.Module) -> PredictFns:
@@ -49,7 +40,7 @@ def predict_fns(model: nn.Module) -> PredictFns:
 
 
 def require(fns: PredictFns, names: tuple[str, ...], where: str) -> None:
-  """ValueError naming `where` (e.g. "evals.zeroshot: type 'zeroshot'") when a predict function is missing."""
+  """ValueError naming `where` (e.g. 'evals.zeroshot') when a predict function in `names` is missing."""
   missing = [n for n in names if n not in fns]
   if missing:
     have = ", ".join(sorted(fns)) or "none"

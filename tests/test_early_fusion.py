@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import chameleon, vq_tokenizer
-from vlm import checkpoint
+from vlm import checkpoint, parallel
 from vlm.models import predict_fns
 from vlm.metrics_writer import read_metrics
 from vlm.models.early_fusion import EarlyFusionLM, concat_ragged, generate_images
@@ -211,7 +211,12 @@ def test_text_to_image_names_a_missing_judge(setup):
   model = setup[0]
   with pytest.raises(FileNotFoundError, match="evals.t2i.judge='/nonexistent'"):
     TextToImage(
-      config=chameleon.get_config("demo"), predict_fns=predict_fns(model), mesh=None, prefix="t2i", judge="/nonexistent"
+      data=chameleon.get_config("demo").data,
+      rules=parallel.DEFAULT_RULES,
+      predict_fns=predict_fns(model),
+      mesh=None,
+      prefix="t2i",
+      judge="/nonexistent",
     )
 
 

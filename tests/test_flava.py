@@ -21,6 +21,7 @@ from vlm.data.pipeline import make_pipeline
 from vlm.losses import hard_negative_indices
 from vlm.metrics_writer import read_metrics
 from vlm.models import FLAVA, ViT, VQTokenizer
+from vlm.models.flava import MaskedViT
 from vlm.objectives.flava import FlavaObjective
 from vlm.train import train
 
@@ -71,23 +72,23 @@ def flava():
 # --- the image encoder's mask token -----------------------------------------------------------
 
 
-def vit(**over):
+def vit(masked: bool = False, **over):
   kw = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8, class_token=True, pool_type="cls")
   kw.update(over)
-  return ViT(**kw)
+  return (MaskedViT if masked else ViT)(**kw)
 
 
-def test_vit_without_mask_token_is_unchanged():
+def test_masked_vit_without_a_mask_is_the_plain_vit():
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   plain = nn.meta.unbox(vit().init(jax.random.key(1), images)["params"])
   assert "mask_token" not in plain
-  with pytest.raises(ValueError, match="mask_token=True"):
+  with pytest.raises(ValueError, match="no mask token.*MaskedViT"):
     vit().apply({"params": plain}, images, patch_mask=jnp.zeros((2, 4), bool))
   # The same parameters (plus the token) give the same outputs when no patch is masked.
-  masked = nn.meta.unbox(vit(mask_token=True).init(jax.random.key(1), images)["params"])
+  masked = nn.meta.unbox(vit(masked=True).init(jax.random.key(1), images)["params"])
   assert set(masked) == set(plain) | {"mask_token"}
   out = vit().apply({"params": plain}, images)[0]
-  out2 = vit(mask_token=True).apply(
+  out2 = vit(masked=True).apply(
     {"params": dict(plain, mask_token=masked["mask_token"])}, images, patch_mask=jnp.zeros((2, 4), bool)
   )[0]
   np.testing.assert_allclose(out2, out, atol=1e-6)
@@ -96,7 +97,7 @@ def test_vit_without_mask_token_is_unchanged():
 def test_masked_patches_are_replaced_by_the_mask_token():
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   mask = jnp.array([[True, False, False, True], [False, True, False, False]])
-  model = vit(mask_token=True)
+  model = vit(masked=True)
   params = nn.meta.unbox(model.init(jax.random.key(1), images)["params"])
   enc = lambda p, x: model.apply({"params": p}, x, patch_mask=mask)[1]["encoded"]
   ref = enc(params, images)
@@ -106,7 +107,7 @@ def test_masked_patches_are_replaced_by_the_mask_token():
   assert np.abs(enc(params, images.at[0, :8, 8:].add(3.0)) - ref).max() > 1e-3
   # Without encoder layers, the outputs are LN(token + position) at masked patches, and an unmasked
   # patch's output does not depend on the mask token at all.
-  shallow = vit(mask_token=True, depth=0)
+  shallow = vit(masked=True, depth=0)
   p0 = nn.meta.unbox(shallow.init(jax.random.key(1), images)["params"])
   enc0 = lambda p: shallow.apply({"params": p}, images, patch_mask=mask)[1]["encoded"]
   bump = jax.random.normal(jax.random.key(9), p0["mask_token"].shape)  # not a constant: LN ignores those

@@ -220,7 +220,15 @@ def test_region_qa_masks_the_asked_box_in_the_contrast_image(grounding_workdir, 
   wd, _ = grounding_workdir
   config = load_workdir_config(wd)
   model, mesh, params = load_model_and_params(config, wd)
-  ev = RegionQA(config=config, predict_fns=predict_fns(model), mesh=mesh, prefix="r", max_examples=8, max_new_tokens=2)
+  ev = RegionQA(
+    data=config.data,
+    rules=config.rules,
+    predict_fns=predict_fns(model),
+    mesh=mesh,
+    prefix="r",
+    max_examples=8,
+    max_new_tokens=2,
+  )
   seen, calls = {}, []
   real = ev.answers
 

@@ -3,6 +3,7 @@ only through its predict functions (vlm.models.registry.PREDICT_FNS), and every 
 generates through vlm.models.generation."""
 
 import ast
+import inspect
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from test_golden_configs import CASES, golden_path
 from vlm import parallel
+from vlm.evals import EVALS
 from vlm.evals.base import build_evals
 from vlm.models import MODELS, PREDICT_FNS, build_model, predict_fns
 from vlm.models.generation import generate
@@ -87,6 +89,17 @@ def test_every_recipe_evaluation_finds_the_predict_functions_it_needs(name, vari
       build_evals(ml_collections.ConfigDict(dict(config.to_dict(), evals={k: evals[k].to_dict()})), model, _mesh())
   config.evals = {k: v.to_dict() for k, v in evals.items() if k not in judges}
   assert set(build_evals(config, model, _mesh())) == set(config.evals)
+
+
+def test_evaluators_see_the_data_options_and_rules_not_the_whole_config():
+  """Every registered evaluator's constructor (with its bases') takes data= and rules=, never config=."""
+  for name in EVALS.names():
+    params = set()
+    for cls in inspect.getmro(EVALS.get(name)):
+      if "__init__" in vars(cls):
+        params |= set(inspect.signature(cls.__init__).parameters)
+    assert {"data", "rules", "predict_fns", "mesh", "prefix"} <= params, (name, sorted(params))
+    assert "config" not in params, name
 
 
 def test_a_missing_predict_function_is_named():

@@ -190,7 +190,16 @@ def test_probe_learns_from_informative_tokens_only(colour_manifest, informative)
   # A stand-in model, not a registered family: the probe gets its predict function directly.
   features = {"image_features": lambda p, x: model.apply({"params": p}, x, method=ColourTokens.encode_image)[1]}
   c = _probe_config(colour_manifest)
-  probe = Probe(config=c, predict_fns=features, mesh=mesh, prefix="probe", steps=100, batch_size=64, lr=3e-3)
+  probe = Probe(
+    data=c.data,
+    rules=parallel.DEFAULT_RULES,
+    predict_fns=features,
+    mesh=mesh,
+    prefix="probe",
+    steps=100,
+    batch_size=64,
+    lr=3e-3,
+  )
   top1 = probe(params)["probe/top1"]
   if informative:
     assert top1 > 0.95, top1

@@ -43,7 +43,7 @@ THIS = Path(__file__).resolve()
 class ParamNorm:
   """A cheap evaluation with a result: the global norm of the parameters."""
 
-  def __init__(self, *, config, predict_fns, mesh, prefix: str):
+  def __init__(self, *, data, rules, predict_fns, mesh, prefix: str):
     self.prefix = prefix
 
   def __call__(self, params) -> dict[str, float]:
@@ -60,7 +60,8 @@ class SigKill:
   def __init__(
     self,
     *,
-    config,
+    data,
+    rules,
     predict_fns,
     mesh,
     prefix: str,
@@ -92,7 +93,7 @@ class BreakDisk:
   fills its filesystem (a small tmpfs) up to `leave` bytes, 'chmod' makes it read-only (0o500),
   'patch' (fallback only) makes orbax's save raise OSError(ENOSPC)."""
 
-  def __init__(self, *, config, predict_fns, mesh, prefix: str, mode: str, workdir: str, leave: int = 200_000):
+  def __init__(self, *, data, rules, predict_fns, mesh, prefix: str, mode: str, workdir: str, leave: int = 200_000):
     self.mode, self.directory, self.leave, self.done = mode, Path(workdir) / "checkpoints", leave, False
 
   def __call__(self, params) -> dict[str, float]:

@@ -170,7 +170,7 @@ def test_demo_config_learns(tmp_path, data_dir):
   mesh = parallel.make_mesh([("data", -1)])
   model = VQTokenizer(**c.model)
   arrays, _ = Reconstruction(
-    config=c, predict_fns=predict_fns(model), mesh=mesh, prefix="r", split="test", max_examples=64
+    data=c.data, rules=c.rules, predict_fns=predict_fns(model), mesh=mesh, prefix="r", split="test", max_examples=64
   ).data()
   images = jnp.asarray(arrays["image"])
   mean_image = float(jnp.mean(jnp.square(images - images.mean(0))))

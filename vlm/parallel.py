@@ -17,7 +17,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA_AXES = ("data", "fsdp")
 
 # Logical name -> mesh axes. Parameters: embed/mlp/heads/kv/vocab/...; activations: act_*.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+# Logical axis rules: (logical axis name, mesh axis or axes or None) pairs, flax's form.
+Rules = tuple[tuple[str, Any], ...]
+
+DEFAULT_RULES: Rules = (
   ("act_batch", DATA_AXES),
   ("act_len", None),
   ("act_embed", None),

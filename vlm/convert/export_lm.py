@@ -255,9 +255,8 @@ def _vision_config(vit: Mapping[str, Any], flat: Mapping[str, np.ndarray]) -> di
   ph, pw = d["patch_size"]
   if gh != gw or ph != pw:
     raise ValueError(f"export: vision posemb_grid {(gh, gw)} / patch_size {(ph, pw)}: only square images")
-  for field, value in (("mask_token", False), ("out_dim", None)):
-    if get(field) != value:
-      raise ValueError(f"export: vision {field}={get(field)!r} is not expressible (HF: {value!r})")
+  if get("out_dim") is not None:
+    raise ValueError(f"export: vision out_dim={get('out_dim')!r} is not expressible (HF: None)")
   clip = bool(get("class_token"))
   if clip != bool(get("pre_norm")) or clip == bool(get("patch_bias")):
     raise ValueError(

@@ -18,17 +18,19 @@ EVALS: Registry = Registry("evaluation")
 def build_evals(config, model: nn.Module, mesh: Mesh) -> dict[str, Any]:
   """{name: evaluator} from `config.evals`; each entry has `type` and its kwargs (plus `every`).
 
-  Evaluators see the model only through its predict functions (vlm.models.registry.PREDICT_FNS):
-  EVALS[type](config=, predict_fns=, mesh=, prefix=name, **kwargs)."""
+  Evaluators see the model only through its predict functions (vlm.models.registry.PREDICT_FNS) and the
+  run only through its data options and logical axis rules:
+  EVALS[type](data=config.data, rules=config.rules, predict_fns=, mesh=, prefix=name, **kwargs)."""
   from vlm.models.registry import predict_fns
 
   fns = predict_fns(model)
+  data, rules = config.data, config.get("rules", parallel.DEFAULT_RULES)
   out = {}
   for name, cfg in (config.get("evals") or {}).items():
     kw = to_kwargs(cfg)
     kind = kw.pop("type", name)
     kw.pop("every", None)
-    out[name] = EVALS.get(kind)(config=config, predict_fns=fns, mesh=mesh, prefix=name, **kw)
+    out[name] = EVALS.get(kind)(data=data, rules=rules, predict_fns=fns, mesh=mesh, prefix=name, **kw)
   return out
 
 

@@ -8,6 +8,7 @@ part of the token prompt).
 from collections.abc import Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
 from vlm import parallel
@@ -68,7 +69,8 @@ class Captioning:
   def __init__(
     self,
     *,
-    config,
+    data: ml_collections.ConfigDict,
+    rules: parallel.Rules,
     predict_fns: PredictFns,
     mesh,
     prefix: str,
@@ -82,13 +84,13 @@ class Captioning:
     **decode_kw,
   ):
     require(predict_fns, ("caption",), f"evals.{prefix}")
-    self.config, self.caption, self.mesh, self.prefix = config, predict_fns["caption"], mesh, prefix
+    self.data_config, self.caption, self.mesh, self.prefix = data, predict_fns["caption"], mesh, prefix
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.reference_keys = tuple(reference_keys)
     self.tok = None
-    self.max_len = int(max_len or config.data.text_length)
+    self.max_len = int(max_len or data.text_length)
     self.method, self.seed, self.decode_kw = method, seed, decode_kw
-    self.rules = config.get("rules", parallel.DEFAULT_RULES)
+    self.rules = rules
     self._data = None
     self._generate = None
     self.last_captions: list[str] = []
@@ -103,14 +105,14 @@ class Captioning:
 
   def tokenizer(self):
     if self.tok is None:
-      self.tok = get_tokenizer(self.config.data)
+      self.tok = get_tokenizer(self.data_config)
     return self.tok
 
   def data(self) -> tuple[np.ndarray, list[list[str]]]:
     """Images (data.pp_eval) and their references, in source order (the embedded set has no bad records)."""
     if self._data is None:  # loaded once, on first use
-      arrays, _ = load_split_numpy(self.config.data, self.split, max_examples=self.max_examples)
-      refs = reference_captions(self.config.data, self.split, self.reference_keys, len(arrays["image"]))
+      arrays, _ = load_split_numpy(self.data_config, self.split, max_examples=self.max_examples)
+      refs = reference_captions(self.data_config, self.split, self.reference_keys, len(arrays["image"]))
       self._data = (arrays["image"], refs)
     return self._data
 

@@ -9,11 +9,11 @@ from vlm.evals.base import EVALS, SplitData, batched_apply, jit_on_mesh
 from vlm.models.registry import PredictFns, require
 
 
-def data_config(config, frames: bool) -> ml_collections.ConfigDict:
-  """config.data, copied with with_frames=True where `frames` asks for clips it does not load."""
-  if not frames or config.data.get("with_frames", False):
-    return config.data
-  data = ml_collections.ConfigDict(config.data.to_dict())
+def data_config(data: ml_collections.ConfigDict, frames: bool) -> ml_collections.ConfigDict:
+  """The run's data options, copied with with_frames=True where `frames` asks for clips they do not load."""
+  if not frames or data.get("with_frames", False):
+    return data
+  data = ml_collections.ConfigDict(data.to_dict())
   data.with_frames = True
   return data
 
@@ -45,7 +45,8 @@ class Classify(SplitData):
   def __init__(
     self,
     *,
-    config,
+    data: ml_collections.ConfigDict,
+    rules: parallel.Rules,
     predict_fns: PredictFns,
     mesh,
     prefix: str,
@@ -60,11 +61,11 @@ class Classify(SplitData):
     self.input_keys = (input_key,) if isinstance(input_key, str) else tuple(input_key)
     self.label_key = label_key
     self.batch_size, self.max_examples = batch_size, max_examples
-    self.data_config = data_config(config, frames="frames" in self.input_keys)
+    self.data_config = data_config(data, frames="frames" in self.input_keys)
     name = method or "logits"
     require(predict_fns, (name,), f"evals.{prefix}.method={method!r}")
     fn = predict_fns[name]
-    self.logits = jit_on_mesh(lambda p, xs: fn(p, *xs), mesh, config.get("rules", parallel.DEFAULT_RULES))
+    self.logits = jit_on_mesh(lambda p, xs: fn(p, *xs), mesh, rules)
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()

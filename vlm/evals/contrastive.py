@@ -36,7 +36,8 @@ class _Base(SplitData):
   def __init__(
     self,
     *,
-    config,
+    data: ml_collections.ConfigDict,
+    rules: parallel.Rules,
     predict_fns: PredictFns,
     mesh,
     prefix: str,
@@ -46,13 +47,12 @@ class _Base(SplitData):
     caption_key: str | None = None,
   ):
     """caption_key: evaluate on this caption field instead of `data.caption_key`."""
-    self.config, self.mesh, self.prefix = config, mesh, prefix
-    self.data_config = config.data
+    self.mesh, self.prefix = mesh, prefix
+    self.data_config = data
     if caption_key:
-      self.data_config = ml_collections.ConfigDict(config.data.to_dict())
+      self.data_config = ml_collections.ConfigDict(data.to_dict())
       self.data_config.caption_key = caption_key
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
-    rules = config.get("rules", parallel.DEFAULT_RULES)
     self.enc_image, self.enc_text, self.pair_sim = encoders(predict_fns, mesh, rules, f"evals.{prefix}")
 
   def scores(self, params, zimg, ztxt, chunk: int = 64) -> np.ndarray:
@@ -86,9 +86,9 @@ class ZeroShot(_Base):
     self.templates = templates
 
   def class_embeddings(self, params, class_names: list[str], templates: list[str]) -> np.ndarray:
-    tok = get_tokenizer(self.config.data)
+    tok = get_tokenizer(self.data_config)
     texts = [t.format(c) for c in class_names for t in templates]
-    ids = tok.encode_batch(texts, self.config.data.text_length, self.config.data.add_bos, self.config.data.add_eos)
+    ids = tok.encode_batch(texts, self.data_config.text_length, self.data_config.add_bos, self.data_config.add_eos)
     z = jax.tree.map(
       lambda x: x.reshape(len(class_names), len(templates), *x.shape[1:]).mean(1), self.text_embeddings(params, ids)
     )

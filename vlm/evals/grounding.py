@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from vlm import parallel
 from vlm.data import conversation, get_tokenizer, grounding
 from vlm.data.preprocess import eval_images
 from vlm.evals.base import EVALS
@@ -25,7 +26,8 @@ class _Objects(GenerateAnswers):
   def __init__(
     self,
     *,
-    config,
+    data: ml_collections.ConfigDict,
+    rules: parallel.Rules,
     predict_fns: PredictFns,
     mesh,
     prefix: str,
@@ -34,13 +36,13 @@ class _Objects(GenerateAnswers):
     max_examples: int | None = None,
     max_new_tokens: int = 32,
   ):
-    if not config.data.get("conversation"):
+    if not data.get("conversation"):
       raise ValueError(f"evals.{prefix}: grounding evaluations need data.conversation (the chat template)")
-    self._setup(config, predict_fns, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
-    self.data_config = ml_collections.ConfigDict(config.data.to_dict())
+    self._setup(data, rules, predict_fns, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
+    self.data_config = ml_collections.ConfigDict(data.to_dict())
     self.data_config.with_boxes = True
     self.data_config.grounding = None  # the pipeline's own questions are not used here
-    self.data_config.max_boxes = max(int(config.data.get("max_boxes", 8)), 8)
+    self.data_config.max_boxes = max(int(data.get("max_boxes", 8)), 8)
     self.last_answers: list[str] = []
 
   def objects(self) -> list[tuple[int, int, str, tuple[int, int, int, int], np.ndarray]]:
@@ -58,8 +60,8 @@ class _Objects(GenerateAnswers):
 
   def prompts(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded prompts [N, prompt_length] of the chat template: (system), the image, the question."""
-    conv = self.config.data.conversation
-    chat = conversation.chat_tokenizer_from_config(conv, get_tokenizer(self.config.data))
+    conv = self.data_config.conversation
+    chat = conversation.chat_tokenizer_from_config(conv, get_tokenizer(self.data_config))
     system = conv.get("system")
     rows = [
       chat.pad(
@@ -127,7 +129,7 @@ class RegionQA(_Objects):
 
   def black(self) -> np.ndarray:
     """A black pixel after data.pp_eval (e.g. -1 for value_range(-1, 1))."""
-    return eval_images([np.zeros((64, 64, 3), np.uint8)], self.config.data.pp_eval)[0, 0, 0]
+    return eval_images([np.zeros((64, 64, 3), np.uint8)], self.data_config.pp_eval)[0, 0, 0]
 
   def questions(self) -> dict[str, Any]:
     """Two questions (colour, shape) per named object: images [Q, H, W, 3], prompt / mask, the

@@ -11,6 +11,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import optax
 
@@ -41,7 +42,8 @@ class Probe:
   def __init__(
     self,
     *,
-    config,
+    data: ml_collections.ConfigDict,
+    rules: parallel.Rules,
     predict_fns: PredictFns,
     mesh,
     prefix: str,
@@ -71,13 +73,13 @@ class Probe:
       weight_decay=wd,
       mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
     )
-    self.data_config = data_config(config, frames)
+    self.data_config = data_config(data, frames)
     require(predict_fns, ("image_features",), f"evals.{prefix}")
     features = predict_fns["image_features"]
     self.encode = jit_on_mesh(
       lambda p, x: features(p, x)[tokens_key],
       mesh,
-      config.get("rules", parallel.DEFAULT_RULES),
+      rules,
     )
     self._data: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
     self._init = self._step = self._logits = None

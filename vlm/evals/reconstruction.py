@@ -1,6 +1,7 @@
 """Reconstruction quality and codebook use of an image tokenizer (vlm.models.vq.VQTokenizer) on a split."""
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from vlm import parallel
@@ -22,7 +23,8 @@ class Reconstruction(SplitData):
   def __init__(
     self,
     *,
-    config,
+    data: ml_collections.ConfigDict,
+    rules: parallel.Rules,
     predict_fns: PredictFns,
     mesh,
     prefix: str,
@@ -33,7 +35,7 @@ class Reconstruction(SplitData):
   ):
     self.prefix, self.mesh, self.split = prefix, mesh, split
     self.batch_size, self.max_examples, self.image_key = batch_size, max_examples, image_key
-    self.data_config = config.data
+    self.data_config = data
     require(predict_fns, ("autoencode", "codebook_size"), f"evals.{prefix}")
     self.codebook_size = int(predict_fns["codebook_size"]())
     autoencode = predict_fns["autoencode"]
@@ -43,7 +45,7 @@ class Reconstruction(SplitData):
       mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images.astype(jnp.float32)), axis=(1, 2, 3))
       return mse, codes.reshape(images.shape[0], -1)
 
-    self.apply = jit_on_mesh(per_image, mesh, config.get("rules", parallel.DEFAULT_RULES))
+    self.apply = jit_on_mesh(per_image, mesh, rules)
 
   def __call__(self, params) -> dict[str, float]:
     arrays, _ = self.data()

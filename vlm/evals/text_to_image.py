@@ -35,7 +35,8 @@ class TextToImage(SplitData):
   def __init__(
     self,
     *,
-    config,
+    data: ml_collections.ConfigDict,
+    rules: parallel.Rules,
     predict_fns: PredictFns,
     mesh,
     prefix: str,
@@ -53,9 +54,9 @@ class TextToImage(SplitData):
     self.predict_fns, self.mesh, self.prefix = predict_fns, mesh, prefix
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.method, self.seed, self.guidance, self.decode_kw = method, seed, guidance, decode_kw
-    self.data_config = ml_collections.ConfigDict(config.data.to_dict())
+    self.data_config = ml_collections.ConfigDict(data.to_dict())
     self.data_config.caption_key = caption_key
-    self.rules = config.get("rules", parallel.DEFAULT_RULES)
+    self.rules = rules
     try:
       judge_config = load_workdir_config(judge)
     except FileNotFoundError as e:
@@ -65,7 +66,8 @@ class TextToImage(SplitData):
       ) from e
     self.judge_model, _, self.judge_params = load_model_and_params(judge_config, judge, None)
     self.judge = ZeroShot(
-      config=judge_config,
+      data=judge_config.data,
+      rules=judge_config.get("rules", parallel.DEFAULT_RULES),
       predict_fns=predict_fns_of(self.judge_model),
       mesh=mesh,
       prefix="judge",

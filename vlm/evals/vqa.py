@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from vlm import parallel
@@ -22,7 +23,8 @@ class GenerateAnswers(SplitData):
 
   def _setup(
     self,
-    config,
+    data: ml_collections.ConfigDict,
+    rules: parallel.Rules,
     predict_fns: PredictFns,
     mesh,
     prefix: str,
@@ -32,17 +34,17 @@ class GenerateAnswers(SplitData):
     max_new_tokens: int,
   ) -> None:
     require(predict_fns, ("generate",), f"evals.{prefix}")
-    self.config, self.predict_fns, self.mesh, self.prefix = config, predict_fns, mesh, prefix
-    self.data_config = config.data
+    self.predict_fns, self.mesh, self.prefix = predict_fns, mesh, prefix
+    self.data_config = data
     self.split, self.batch_size, self.max_examples = split, batch_size, max_examples
     self.max_new_tokens = max_new_tokens
-    self.rules = config.get("rules", parallel.DEFAULT_RULES)
+    self.rules = rules
     self._fns: dict[tuple[float, float] | None, Any] = {}
 
   def _generate_fn(self, crg: tuple[float, float] | None = None):
     """The jitted answer function; crg = (alpha, plausibility) decodes with contrastive region guidance."""
     if crg not in self._fns:
-      tok = get_tokenizer(self.config.data)
+      tok = get_tokenizer(self.data_config)
       if crg is not None:
         require(self.predict_fns, ("generate_guided",), f"evals.{self.prefix}: contrastive region guidance")
       generate = self.predict_fns["generate" if crg is None else "generate_guided"]
@@ -80,10 +82,10 @@ class GenerateAnswers(SplitData):
     inputs = (images, prompt, mask, extra)
     fn = self._generate_fn(None if contrast_images is None else (float(crg_alpha), float(crg_plausibility)))
     tokens = batched_apply(fn, params, inputs, self.mesh, self.batch_size)
-    tok = get_tokenizer(self.config.data)
-    if not self.config.data.get("conversation"):
+    tok = get_tokenizer(self.data_config)
+    if not self.data.get("conversation"):
       return tok.decode_batch(tokens)
-    chat = conversation.chat_tokenizer_from_config(self.config.data.conversation, tok)
+    chat = conversation.chat_tokenizer_from_config(self.data_config.conversation, tok)
     return [chat.decode(row) for row in tokens]  # special markers (e.g. <box>) as text
 
 
@@ -103,7 +105,8 @@ class VQAGenerate(GenerateAnswers):
   def __init__(
     self,
     *,
-    config,
+    data: ml_collections.ConfigDict,
+    rules: parallel.Rules,
     predict_fns: PredictFns,
     mesh,
     prefix: str,
@@ -112,11 +115,11 @@ class VQAGenerate(GenerateAnswers):
     max_examples: int | None = None,
     max_new_tokens: int = 8,
   ):
-    if not config.data.get("conversation"):
+    if not data.get("conversation"):
       raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs data.conversation")
-    if not {"question", "answer"} <= set(config.data.get("extra_text_keys", ())):
+    if not {"question", "answer"} <= set(data.get("extra_text_keys", ())):
       raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs 'question' and 'answer' in data.extra_text_keys")
-    self._setup(config, predict_fns, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
+    self._setup(data, rules, predict_fns, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
     self.last_answers: list[str] = []
 
   def __call__(self, params) -> dict[str, float]:
@@ -125,7 +128,7 @@ class VQAGenerate(GenerateAnswers):
   def score(self, params, arrays: dict[str, np.ndarray]) -> dict[str, float]:
     """The metrics on `arrays` (the split's arrays, self.data()[0], or a changed copy: e.g. another
     example's images, to measure what the answers owe to the image)."""
-    tok = get_tokenizer(self.config.data)
+    tok = get_tokenizer(self.data_config)
     self.last_answers = self.answers(
       params,
       arrays["image"],

@@ -41,6 +41,23 @@ from vlm.nn import Encoder, MaskedPredictionHead, make_attention_mask, make_norm
 from vlm.nn.mlp import dense
 
 
+class MaskedViT(ViT):
+  """ViT with BEiT's learned mask token (Bao et al. 2022, sec. 2.2), FLAVA's image encoder for MIM and MMM.
+
+  Adds the parameter 'mask_token' [1, 1, width]; a call with patch_mask [B, gh * gw] bool (row-major
+  patches) replaces the embeddings of the masked patches by it before the class token and the position
+  embeddings are added, so masked pixels never reach the encoder. Without a patch_mask its outputs are
+  those of the plain ViT with the same parameters.
+  """
+
+  def mask_patches(self, x: jax.Array, patch_mask: jax.Array | None) -> jax.Array:
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed"))
+    token = self.param("mask_token", init, (1, 1, x.shape[-1]))
+    if patch_mask is None:
+      return x
+    return jnp.where(patch_mask[..., None], token.astype(x.dtype), x)
+
+
 class ITMHead(nn.Module):
   """Image-text matching: pooler (dense + tanh on the multimodal CLS state) -> 2 logits, [B, W] -> [B, 2]."""
 
@@ -106,7 +123,7 @@ class MultimodalEncoder(nn.Module):
 class FLAVA(LearnedScaleAndBias, nn.Module):
   """FLAVA's encoders and heads.
 
-  image: ViT kwargs (class_token, pool_type 'cls', mask_token and no head are forced).
+  image: MaskedViT kwargs (class_token, pool_type 'cls' and no head are forced).
   text: TextTransformer kwargs incl. vocab_size (include the [MASK] row: the embedded dataset's
     1000 pieces + 1); pool_type 'first' (BOS as [CLS]) and padding_mask=True by default, always
     bidirectional, no head.
@@ -141,9 +158,7 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
   dtype: Any = None  # compute dtype of the three encoders and the tokenizer (their own `dtype` keys win)
 
   def image_kwargs(self) -> dict:
-    kw = dict(
-      {"dtype": self.dtype, **(self.image or {})}, class_token=True, pool_type="cls", out_dim=None, mask_token=True
-    )
+    kw = dict({"dtype": self.dtype, **(self.image or {})}, class_token=True, pool_type="cls", out_dim=None)
     return dict(kw, final_norm=False) if self.fuse_prenorm else kw
 
   def text_kwargs(self) -> dict:
@@ -159,7 +174,7 @@ class FLAVA(LearnedScaleAndBias, nn.Module):
     return int(self.text_kwargs()["vocab_size"])
 
   def setup(self):
-    self.img = ViT(**self.image_kwargs())
+    self.img = MaskedViT(**self.image_kwargs())
     self.txt = TextTransformer(**self.text_kwargs())
     if self.fuse_prenorm:
       ik, tk = self.image_kwargs(), self.text_kwargs()

@@ -66,16 +66,14 @@ class ViT(nn.Module):
   each block's output before the final norm) for penultimate-layer features.
   Explicit width/depth/mlp_dim/num_heads/patch_size override those of `variant`.
 
-  mask_token=True adds a learned parameter 'mask_token' [1, 1, width] (BEiT, Bao et al. 2022,
-  sec. 2.2): a call with patch_mask [B, gh * gw] bool (row-major patches) replaces the patch
-  embeddings of the masked patches by it before the class token and the position embeddings are
-  added, so masked pixels never reach the encoder. Without mask_token (the default) the module,
-  its parameters and its outputs are exactly those of a plain ViT.
-
-  prefix_tokens, a method a family's subclass overrides (none here), may put learned tokens [B, K, width]
-  in front of the sequence after the position embeddings (Llip's visual mixture tokens, see
-  vlm.models.llip.MixtureViT; ViT registers). Their outputs are aux['extra'] [B, K, width]; 'encoded'
-  and the pooling see the other tokens only.
+  Two methods are the hooks of a family's subclass (variants as subclasses, not flags here; both are
+  called inside __call__, so an override may create parameters):
+  - mask_patches(x, patch_mask): the patch embeddings [B, gh * gw, width] before the class token and
+    the position embeddings are added. A plain ViT takes no patch_mask; masked image modelling
+    replaces the masked ones by a learned token (BEiT's, vlm.models.flava.MaskedViT).
+  - prefix_tokens(batch, width): learned tokens [B, K, width] put in front of the sequence after the
+    position embeddings (Llip's visual mixture tokens, vlm.models.llip.MixtureViT). Their outputs are
+    aux['extra'] [B, K, width]; 'encoded' and the pooling see the other tokens only.
 
   final_norm=False drops the final LayerNorm: 'encoded' (and what is pooled) is then the last
   block's output, for an owner that normalises itself (FLAVA with fuse_prenorm).
@@ -103,9 +101,18 @@ class ViT(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   return_all_layers: bool = False
-  mask_token: bool = False
   final_norm: bool = True
   dtype: Any = None
+
+  def mask_patches(self, x: jax.Array, patch_mask: jax.Array | None) -> jax.Array:
+    """Patch embeddings x [B, N, width] with the patches of patch_mask [B, N] bool masked; a plain ViT
+    has no mask token, so it takes no patch_mask."""
+    if patch_mask is not None:
+      raise ValueError(
+        f"{type(self).__name__} got a patch_mask but has no mask token: masked image modelling needs "
+        "vlm.models.flava.MaskedViT (BEiT's learned mask token)"
+      )
+    return x
 
   def prefix_tokens(self, batch: int, width: int) -> jax.Array | None:
     """Tokens [batch, K, width] to put in front of the position-embedded sequence, or None (a plain ViT).
@@ -123,24 +130,17 @@ class ViT(nn.Module):
     self, images: jax.Array, train: bool = False, patch_mask: jax.Array | None = None
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     dims = self.dims()
-    if patch_mask is not None and not self.mask_token:
-      raise ValueError("ViT got a patch_mask but has no mask token: set mask_token=True")
     images = jnp.asarray(images, self.dtype or jnp.float32)
     x = PatchEmbed(
       dims["width"], tuple(dims["patch_size"]), use_bias=self.patch_bias, dtype=self.dtype, name="embedding"
     )(images)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
-    if self.mask_token:
-      token = self.param(
-        "mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, d)
+    if patch_mask is not None and patch_mask.shape != (b, gh * gw):
+      raise ValueError(
+        f"patch_mask has shape {patch_mask.shape}; this image gives {(b, gh * gw)} (a {gh}x{gw} patch grid)"
       )
-      if patch_mask is not None:
-        if patch_mask.shape != (b, gh * gw):
-          raise ValueError(
-            f"patch_mask has shape {patch_mask.shape}; this image gives {(b, gh * gw)} (a {gh}x{gw} patch grid)"
-          )
-        x = jnp.where(patch_mask[..., None], token.astype(x.dtype), x)
+    x = self.mask_patches(x, patch_mask)
     if self.posemb == "learn":
       grid = self.posemb_grid or (gh, gw)
       if tuple(grid) != (gh, gw):

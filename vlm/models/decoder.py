@@ -8,6 +8,10 @@ Llama/Qwen2, 'geglu' = tanh-GELU gate for Gemma); the LM head is the transposed 
 `tie_embeddings`. Gemma's RMSNorm `x_hat * (1 + w)` is our `x_hat * scale` with scale = 1 + w
 (the importer adds the 1; a fresh init of ones is Gemma's init of zeros).
 
+The fields name techniques, not families: each is the Llama layout by default, and a family's layout is
+a set of their values, written by its HF importer or its recipe (Persimmon's and Chameleon's query/key
+norms are two forms of the one `qk_norm`; IDEFICS' cross-attention uses its 'rms' form).
+
 Persimmon (Adept; Fuyu's decoder) sets the optional fields that default to the Llama layout:
 `norm_type='layer'` (LayerNorm with bias for norm1, norm2 and the final norm), `qk_norm='layer'`
 (a LayerNorm over head_dim of every query and key head, before rotary), `rotary_fraction=0.5`

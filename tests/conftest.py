@@ -47,10 +47,13 @@ TRAINED_FIXTURES = {
 
 # Under xdist (pytest.ini: --dist=loadgroup) the tests of one trained fixture run on one worker: a
 # second worker asking for a run that is being built would wait on shared_run's lock, idle, for as long
-# as the build takes. Everything on the bed (the VLMs on an LM) is one group; a fixture built on another
-# (`stages` on `vlmo_chain_run`) joins the group of the one it is built on. tryfirst: xdist's own hook
-# reads the groups.
-GROUP_FIRST = ("vlm_bed", "vlmo_chain_run", "coca_run")
+# as the build takes. A fixture built on another (`stages` on `vlmo_chain_run`, `llava` on `vlm_bed`)
+# groups its tests under the first of GROUP_FIRST it uses. The bed is the exception: its ~25 tests
+# (each training its own VLM) are too much work for one worker, so they are not grouped; its two parts
+# build on two workers at once (vlm_bed), so a worker reaching it waits at most for one part.
+# tryfirst: xdist's own hook reads the groups.
+GROUP_FIRST = ("vlmo_chain_run", "coca_run", "llava", "blip2_stage1")
+UNGROUPED = {"vlm_bed"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -59,8 +62,9 @@ def pytest_collection_modifyitems(config, items):
     used = TRAINED_FIXTURES & set(getattr(item, "fixturenames", ()))
     if used:
       item.add_marker(pytest.mark.slow)
-      group = next((f for f in GROUP_FIRST if f in used), min(used))
-      item.add_marker(pytest.mark.xdist_group(group))
+      groups = used - UNGROUPED
+      if groups:
+        item.add_marker(pytest.mark.xdist_group(next((f for f in GROUP_FIRST if f in groups), min(groups))))
 
 
 from helpers import TINY_DATA, TINY_LM, TINY_VISION, shrink, tiny_demo  # noqa: E402
@@ -132,20 +136,31 @@ def vlm_bed(tmp_path_factory, data_dir):
   """The "pretrained" parts of the VLM-on-an-LM tests, built once per session: <root>/clip, a CLIP demo
   whose image tower has helpers.TINY_VISION's sizes (150 steps at batch 64), and <root>/lm, the LM
   demo at helpers.TINY_LM's sizes (300 steps at batch 32 on the embedded text; 83% next-token
-  accuracy, enough for a frozen LM to answer in the dataset's words). Returns <root>."""
+  accuracy, enough for a frozen LM to answer in the dataset's words). Returns <root> (links to the two
+  shared runs). The parts are two shared_runs, asked for in opposite orders by even and odd xdist
+  workers, so two workers that need the bed at the start build one part each."""
   from configs import clip_b16, lm_pretrain
   from vlm.train import train
 
-  def make(root):
-    clip = shrink(clip_b16.get_config("demo"), data_dir, 150, batch_size=64)
-    clip.model.image.update(TINY_VISION)
-    clip.model.text.update(width=32, num_heads=2, mlp_dim=64, out_dim=32)
-    clip.evals = {}
-    lm = shrink(lm_pretrain.get_config("demo"), data_dir, 300, batch_size=32)
-    lm.model.update(TINY_LM)
-    return {"clip": train(clip, root / "clip"), "lm": train(lm, root / "lm")}
+  def clip(wd):
+    c = shrink(clip_b16.get_config("demo"), data_dir, 150, batch_size=64)
+    c.model.image.update(TINY_VISION)
+    c.model.text.update(width=32, num_heads=2, mlp_dim=64, out_dim=32)
+    c.evals = {}
+    return train(c, wd)
 
-  return shared_run(tmp_path_factory, "vlm_bed", make)[0]
+  def lm(wd):
+    c = shrink(lm_pretrain.get_config("demo"), data_dir, 300, batch_size=32)
+    c.model.update(TINY_LM)
+    return train(c, wd)
+
+  parts = [("clip", clip), ("lm", lm)]
+  if int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0) % 2:
+    parts.reverse()
+  root = tmp_path_factory.mktemp("vlm_bed")
+  for name, make in parts:
+    (root / name).symlink_to(shared_run(tmp_path_factory, f"bed_{name}", make)[0], target_is_directory=True)
+  return root
 
 
 @pytest.fixture(scope="session")

@@ -284,3 +284,16 @@ def test_video_classifier_learns_motion(data_dir, tmp_path):
   print({k: round(v, 3) for k, v in out.items() if k.startswith(("classify/", "probe/"))})
   assert out["classify/top1"] > 0.5, out
   assert out["probe/top1"] > 0.5, out
+
+
+def test_sample_frames_in_the_pipeline_keeps_the_chosen_frames_of_each_clip(data_dir):
+  """pp_eval's sample_frames: the batch's clips [N, 2, H, W, 3] are frames 0 and 3 of the 4-frame clips."""
+  from vlm.data import load_split_numpy
+
+  c = video_config(data_dir, steps=1, batch_size=8)
+  full, _ = load_split_numpy(c.data, "test", max_examples=16)
+  c.data.pp_eval = "decode|sample_frames(2)|value_range(-1, 1)"
+  kept, _ = load_split_numpy(c.data, "test", max_examples=16)
+  assert full["frames"].shape[1] == 4 and kept["frames"].shape == (16, 2, *full["frames"].shape[2:])
+  np.testing.assert_array_equal(kept["frames"], full["frames"][:, [0, 3]])
+  np.testing.assert_array_equal(kept["motion"], full["motion"])

@@ -19,7 +19,8 @@ the left" stays true (rendered text in the image is mirrored, though: leave
 `flip_lr` out of pipelines for text reading).
 
 Ops: decode, resize, resize_small, center_crop, pad_to_square, random_crop, random_resized_crop,
-flip_lr, rescale, value_range, normalize, random_aspect_pad, anyres, and the augmentations of
+flip_lr, rescale, value_range, normalize, random_aspect_pad, anyres, sample_frames (which frames of a
+clip to keep: 'uniform', 'first' or 'random_stride'), and the augmentations of
 vlm.data.augment (registered here when this module is imported):
     randaugment(num_ops=2, magnitude=9, ops=None, geometric=True, fill=128)   RandAugment, uint8;
         its geometric ops do not update 'boxes' (geometric=False for grounding)
@@ -397,6 +398,60 @@ def random_resized_crop(
         x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
         return _crop_resize(ex, (x0, y0, x0 + cw, y0 + ch), hw, method)
     return _crop_resize(ex, (0, 0, w, h), hw, method)
+
+  return op
+
+
+FRAME_SAMPLING = ("uniform", "first", "random_stride")
+
+
+def frame_indices(
+  num_clip: int, num_frames: int, mode: str = "uniform", rng: np.random.Generator | None = None, max_stride: int = 4
+) -> np.ndarray:
+  """Indices int [num_frames] of the frames to keep from a clip of num_clip frames, in time order.
+
+  'uniform': evenly spaced over the whole clip, both ends included (np.linspace rounded; frames repeat
+  when the clip is shorter), the fixed-count sampling of video LMs (Video-LLaMA, LLaVA-NeXT-Video).
+  'first': the first num_frames (the last frame repeated when the clip is shorter).
+  'random_stride': a stride drawn from 1..max_stride (at most what the clip allows) and a random start,
+  num_frames at that stride (training-time temporal jitter; 'uniform' when the clip is too short).
+  """
+  if num_clip < 1:
+    raise ValueError("sample_frames: the clip has no frames")
+  if mode == "first":
+    return np.minimum(np.arange(num_frames), num_clip - 1)
+  if mode == "random_stride" and num_clip >= num_frames:
+    if rng is None:
+      raise ValueError("sample_frames: mode 'random_stride' needs a random generator")
+    longest = 1 if num_frames == 1 else (num_clip - 1) // (num_frames - 1)
+    stride = int(rng.integers(1, max(1, min(max_stride, longest)) + 1))
+    start = int(rng.integers(0, num_clip - (num_frames - 1) * stride))
+    return start + stride * np.arange(num_frames)
+  if mode not in FRAME_SAMPLING:
+    raise ValueError(f"sample_frames: mode must be one of {', '.join(FRAME_SAMPLING)}, got {mode!r}")
+  return np.round(np.linspace(0, num_clip - 1, num_frames)).astype(np.int64)
+
+
+@register
+def sample_frames(num_frames: int, mode: str = "uniform", max_stride: int = 4) -> Op:
+  """Keeps num_frames of the clip's 'frames' [T, H, W, 3] (frame_indices' modes: 'uniform', 'first',
+  'random_stride' with strides up to max_stride); an example without frames is unchanged. Put it first
+  in the pp string (later ops then touch only the kept frames), e.g. pp_train
+  "sample_frames(8, 'random_stride')|resize(224)|..." and pp_eval "sample_frames(8)|resize(224)|...".
+  Order is kept, so the clip's 'motion' stays true."""
+  if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+    raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+  if mode not in FRAME_SAMPLING:
+    raise ValueError(f"mode must be one of {', '.join(FRAME_SAMPLING)}, got {mode!r}")
+  if isinstance(max_stride, bool) or not isinstance(max_stride, int) or max_stride < 1:
+    raise ValueError(f"max_stride must be a positive int, got {max_stride!r}")
+
+  def op(ex, rng):
+    if "frames" not in ex or not len(ex["frames"]):
+      return ex
+    frames = np.asarray(ex["frames"])
+    ex["frames"] = frames[frame_indices(len(frames), num_frames, mode, rng, max_stride)]
+    return ex
 
   return op
 

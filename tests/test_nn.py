@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 
 from vlm.convert import stack_encoder_blocks
-from vlm.nn import Encoder, MAPHead, Mlp, MultiHeadAttention, make_attention_mask, pool, resample_posemb, sincos2d
+from vlm.nn import (
+  Encoder,
+  MAPHead,
+  concat_adjacent_tokens,
+  Mlp,
+  MultiHeadAttention,
+  make_attention_mask,
+  pool,
+  resample_posemb,
+  sincos2d,
+)
 from vlm.nn.norms import make_norm
 
 
@@ -122,6 +132,16 @@ def test_poolers():
   assert multi.apply(multi.init(jax.random.key(0), x), x).shape == (2, 5, 3)
   with pytest.raises(ValueError, match="unknown pool_type"):
     pool(x, "max")
+
+
+def test_concat_adjacent_tokens_merges_groups_in_order():
+  x = np.arange(2 * 8 * 3, dtype=np.float32).reshape(2, 8, 3)
+  out = np.asarray(concat_adjacent_tokens(jnp.asarray(x), 4))
+  assert out.shape == (2, 2, 12)
+  np.testing.assert_array_equal(out[1, 1], np.concatenate(x[1, 4:8]))  # tokens 4..7 side by side
+  np.testing.assert_array_equal(np.asarray(concat_adjacent_tokens(jnp.asarray(x), 1)), x)
+  with pytest.raises(ValueError, match="8 tokens are not divisible into groups of 3"):
+    concat_adjacent_tokens(jnp.asarray(x), 3)
 
 
 @pytest.mark.slow

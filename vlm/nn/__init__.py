@@ -5,12 +5,13 @@ from vlm.nn.heads import MaskedPredictionHead
 from vlm.nn.mlp import Mlp
 from vlm.nn.norms import make_norm
 from vlm.nn.patch import PatchEmbed
-from vlm.nn.poolers import AttentionalPooler, MAPHead, pool
+from vlm.nn.poolers import AttentionalPooler, MAPHead, concat_adjacent_tokens, pool
 from vlm.nn.posemb import LearnedPosEmb, resample_posemb, sincos2d
 from vlm.nn.transformer import Block, Decoder, Encoder, Stack, decoder_block, encoder_block, lm_block
 
 __all__ = [
   "AttentionalPooler",
+  "concat_adjacent_tokens",
   "Block",
   "Decoder",
   "Encoder",

@@ -1,4 +1,5 @@
-"""Pooling heads: cls / first, last, eos, global average, and MAP (learned-probe attention pooling)."""
+"""Pooling heads: cls / first, last, eos, global average, and MAP (learned-probe attention pooling); token
+merging (MiniGPT4-Video's concatenation of adjacent tokens)."""
 
 from typing import Any
 
@@ -107,3 +108,16 @@ def pool(
     m = mask[..., None].astype(x.dtype)
     return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
   raise ValueError(f"unknown pool_type {pool_type!r}; known: {POOL_TYPES}")
+
+
+def concat_adjacent_tokens(x: jax.Array, k: int) -> jax.Array:
+  """Every k adjacent tokens concatenated into one: [B, N, D] -> [B, N // k, k * D] (token j of the
+  output is tokens jk .. jk + k - 1, in order, along the features). MiniGPT4-Video (Ataallah et al.
+  2024, sec. 3.1) merges each frame's visual tokens 4 at a time (256 -> 64) before the projection into
+  the LM: 4x fewer tokens, none of their features dropped. N must be divisible by k."""
+  b, n, d = x.shape
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f"concat_adjacent_tokens: k must be a positive int, got {k!r}")
+  if n % k:
+    raise ValueError(f"concat_adjacent_tokens: {n} tokens are not divisible into groups of {k}")
+  return x.reshape(b, n // k, k * d)

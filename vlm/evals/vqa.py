@@ -83,7 +83,7 @@ class GenerateAnswers(SplitData):
     fn = self._generate_fn(None if contrast_images is None else (float(crg_alpha), float(crg_plausibility)))
     tokens = batched_apply(fn, params, inputs, self.mesh, self.batch_size)
     tok = get_tokenizer(self.data_config)
-    if not self.data.get("conversation"):
+    if not self.data_config.get("conversation"):
       return tok.decode_batch(tokens)
     chat = conversation.chat_tokenizer_from_config(self.data_config.conversation, tok)
     return [chat.decode(row) for row in tokens]  # special markers (e.g. <box>) as text

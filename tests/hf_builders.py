@@ -1,6 +1,7 @@
 """Small random transformers models and their vlm imports shared by the HF test files: Llama / Qwen2 / Gemma
-causal LMs (tests/test_decoder_lm.py, tests/test_hf_export_lm.py) and LLaVA / LLaVA-NeXT
-(tests/test_hf_llava.py, tests/test_hf_export_lm.py), with their batches. Needs torch and transformers.
+causal LMs (tests/test_decoder_lm.py, tests/test_hf_export_lm.py), LLaVA / LLaVA-NeXT
+(tests/test_hf_llava.py, tests/test_hf_export_lm.py) and LLaVA-NeXT-Video / Video-LLaVA
+(tests/test_hf_llava_next_video.py), with their batches. Needs torch and transformers.
 Import as `from hf_builders import ...` (tests/ is on sys.path)."""
 
 import functools
@@ -278,3 +279,113 @@ def next_logits_diff(hf, model, params, kwargs):
     ).logits.numpy()
   ours = np.asarray(model.apply({"params": params}, jnp.asarray(views), jnp.asarray(ids), None, jnp.asarray(layout)))
   return max(float(np.abs(ours[i, :n] - theirs[i, :n]).max()) for i, n in enumerate(lengths))
+
+
+# ------------------------------------------------------------------ LLaVA-NeXT-Video (VisionLanguageModel, videos)
+
+VIDEO = 151  # video_token_index (IMAGE is image_token_index)
+VIDEO_TILE, VIDEO_PINPOINTS = 40, [[40, 80], [80, 40], [80, 80]]  # a 5 x 5 patch grid per tile / frame
+VIDEO_FRAMES = 3
+
+
+def imported_llava_next_video(tmp_root, mode="average", stride=2):
+  """A LlavaNextVideoForConditionalGeneration (CLIP tower with a 5 x 5 patch grid, Llama LM; spatial pooling
+  `mode` with `stride`), saved hub-style, imported: (transformers' model read back, ours, params, kwargs, path)."""
+  return _imported_llava_next_video(tmp_root, mode, stride)
+
+
+@functools.cache
+def _imported_llava_next_video(tmp_root, mode, stride):
+  torch.manual_seed(2)
+  vc = transformers.CLIPVisionConfig(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=VIDEO_TILE,
+    patch_size=PATCH,
+  )
+  cfg = transformers.LlavaNextVideoConfig(
+    vision_config=vc,
+    text_config=_text_config(),
+    image_grid_pinpoints=VIDEO_PINPOINTS,
+    image_token_index=IMAGE,
+    video_token_index=VIDEO,
+    vision_feature_layer=-2,
+    spatial_pool_mode=mode,
+    spatial_pool_stride=stride,
+  )
+  hf = transformers.LlavaNextVideoForConditionalGeneration(cfg).eval()
+  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
+    for p in hf.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  path = f"{tmp_root}/llava_next_video_{mode}_{stride}"
+  save_hub_style(hf, path)
+  name, kwargs, params = import_hf(path)
+  assert name == "vision_lm"
+  return type(hf).from_pretrained(path).eval(), build_model(name, kwargs), params, kwargs, path
+
+
+def video_tokens_per_frame(stride, grid=VIDEO_TILE // PATCH):  # LlavaNextVideoPooler: floor(g / s)^2
+  return (grid // stride) ** 2
+
+
+def video_prompt(rng, n_video_tokens, before=3, after=4, image_tokens=0):
+  """Text, an image's placeholders (if image_tokens), text, a video's placeholders, text."""
+  parts = [rng.integers(3, 100, size=before)]
+  if image_tokens:
+    parts += [np.full(image_tokens, IMAGE), rng.integers(3, 100, size=2)]
+  parts += [np.full(n_video_tokens, VIDEO), rng.integers(3, 100, size=after)]
+  return np.concatenate(parts)
+
+
+def video_frames(rng, b, frames=VIDEO_FRAMES):
+  """pixel_values_videos [B, F, 3, t, t] (transformers' layout) and ours [B, F, t, t, 3]."""
+  pixels = rng.normal(size=(b, frames, 3, VIDEO_TILE, VIDEO_TILE)).astype(np.float32)
+  return pixels, jnp.asarray(pixels.transpose(0, 1, 3, 4, 2))
+
+
+# ------------------------------------------------------------------ Video-LLaVA (VisionLanguageModel, a video tower)
+
+
+def imported_video_llava(tmp_root, strategy="default"):
+  """A VideoLlavaForConditionalGeneration (image_tower and video_tower: two CLIP towers of one config with a
+  4 x 4 patch grid at SIZE; Llama LM), saved hub-style, imported: (transformers' model, ours, params, kwargs,
+  path)."""
+  return _imported_video_llava(tmp_root, strategy)
+
+
+@functools.cache
+def _imported_video_llava(tmp_root, strategy):
+  torch.manual_seed(3)
+  vc = transformers.CLIPVisionConfig(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=SIZE,
+    patch_size=PATCH,
+  )
+  cfg = transformers.VideoLlavaConfig(
+    vision_config=vc,
+    text_config=_text_config(),
+    image_token_index=IMAGE,
+    video_token_index=VIDEO,
+    vision_feature_layer=-2,
+    vision_feature_select_strategy=strategy,
+  )
+  hf = transformers.VideoLlavaForConditionalGeneration(cfg).eval()
+  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
+    for p in hf.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  path = f"{tmp_root}/video_llava_{strategy}"
+  save_hub_style(hf, path)
+  name, kwargs, params = import_hf(path)
+  assert name == "vision_lm"
+  return type(hf).from_pretrained(path).eval(), build_model(name, kwargs), params, kwargs, path
+
+
+def video_llava_frames(rng, b, frames=VIDEO_FRAMES):
+  """Video-LLaVA's pixel_values_videos [B, F, 3, SIZE, SIZE] and ours [B, F, SIZE, SIZE, 3]."""
+  pixels = rng.normal(size=(b, frames, 3, SIZE, SIZE)).astype(np.float32)
+  return pixels, jnp.asarray(pixels.transpose(0, 1, 3, 4, 2))

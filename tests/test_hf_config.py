@@ -52,7 +52,10 @@ def test_derived_defaults_as_transformers_computes_them(kw):
   assert hf_config.from_dict(dict(model_type="qwen2", num_hidden_layers=3))["layer_types"] == q.layer_types
 
 
-@pytest.mark.parametrize("model_type", ["clip", "siglip", "llava", "blip-2", "idefics", "fuyu", "chameleon", "flava"])
+@pytest.mark.parametrize(
+  "model_type",
+  ["clip", "siglip", "llava", "llava_next_video", "video_llava", "blip-2", "idefics", "fuyu", "chameleon", "flava"],
+)
 def test_hub_style_round_trip(model_type, tmp_path):
   """A config with non-default values, written in the 4.x style, reads back to every value of the full
   config (nested ones included): what from_pretrained would have."""

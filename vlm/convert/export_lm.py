@@ -304,6 +304,8 @@ def hf_config_from_llava_kwargs(
     ("connector_type", "mlp"),
     ("prefix_tokens", 1),
     ("num_soft_prompts", 0),
+    ("video_token_id", None),  # LLaVA-NeXT-Video: imported (vlm.convert.llava), not exported
+    ("video_pool", None),
   ):
     if kwargs.get(field, value) != value:
       raise ValueError(

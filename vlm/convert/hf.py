@@ -3,7 +3,7 @@
 
 `import_hf(path)` returns our model name, model kwargs and params from the importer registered for the
 config.json model_type (vlm.convert.registry): CLIP / SigLIP here (import_hf_two_tower), FLAVA
-(vlm.convert.flava), Llama / Qwen2 / Gemma (vlm.convert.llm), LLaVA (vlm.convert.llava), BLIP-2
+(vlm.convert.flava), Llama / Qwen2 / Gemma (vlm.convert.llm), LLaVA and its video variants (vlm.convert.llava), BLIP-2
 (vlm.convert.blip2), Fuyu (vlm.convert.fuyu), Chameleon (vlm.convert.chameleon), IDEFICS (vlm.convert.idefics).
 `export_hf(...)` writes a directory that `transformers.{CLIP,Siglip}Model.from_pretrained` loads. One table of
 (HF key, our path, layout) per architecture (vlm.convert.common) serves both directions.
@@ -152,8 +152,9 @@ def import_hf(path: str | Path, scan: bool = False) -> tuple[str, dict[str, Any]
   registered for its config.json model_type (vlm.convert.registry; ValueError naming the known types):
   ('two_tower', ...) for CLIP / SigLIP (import_hf_two_tower), ('flava', ...) for FLAVA (vlm.convert.flava),
   ('decoder_lm', ...) for Llama / Qwen2 / Gemma causal LMs (vlm.convert.llm) and Chameleon's text decoder
-  (vlm.convert.chameleon), ('vision_lm', ...) for LLaVA, LLaVA-NeXT (vlm.convert.llava), BLIP-2
-  (vlm.convert.blip2) and Fuyu (vlm.convert.fuyu), ('flamingo', ...) for IDEFICS (vlm.convert.idefics).
+  (vlm.convert.chameleon), ('vision_lm', ...) for LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video, Video-LLaVA
+  (vlm.convert.llava), BLIP-2 (vlm.convert.blip2) and Fuyu (vlm.convert.fuyu), ('flamingo', ...) for IDEFICS
+  (vlm.convert.idefics).
   scan: the nn.scan layouts, stacks' params `encoder/layers/...` / `decoder/layers/...` with a leading
   depth axis (towers and ViTs scan=True, DecoderLMs scan_layers=True); IDEFICS (Flamingo) has none.
   Raises listing missing/unused tensors."""

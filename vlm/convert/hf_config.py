@@ -82,6 +82,8 @@ SUB_CONFIGS: dict[str, dict[str, str]] = {
   },
   "llava": {"vision_config": "clip_vision_model", "text_config": "llama"},
   "llava_next": {"vision_config": "clip_vision_model", "text_config": "llama"},
+  "llava_next_video": {"vision_config": "clip_vision_model", "text_config": "llama"},
+  "video_llava": {"vision_config": "clip_vision_model", "text_config": "llama"},
   "blip-2": {"vision_config": "blip_2_vision_model", "qformer_config": "blip_2_qformer", "text_config": "opt"},
   "idefics": {"vision_config": "idefics_vision", "perceiver_config": "idefics_perciever"},
   "fuyu": {"text_config": "persimmon"},
@@ -105,6 +107,32 @@ ABSENT_SUB_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     )
   },
   "llava_next": {
+    "vision_config": dict(
+      model_type="clip_vision_model",
+      hidden_size=1024,
+      intermediate_size=4096,
+      projection_dim=768,
+      num_hidden_layers=24,
+      num_attention_heads=16,
+      image_size=336,
+      patch_size=14,
+      vocab_size=32000,
+    )
+  },
+  "video_llava": {  # VideoLlavaConfig's sub_configs_defaults: a CLIP ViT-L/14 at 224 (LanguageBind's towers)
+    "vision_config": dict(
+      model_type="clip_vision_model",
+      hidden_size=1024,
+      intermediate_size=4096,
+      projection_dim=768,
+      num_hidden_layers=24,
+      num_attention_heads=16,
+      image_size=224,
+      patch_size=14,
+      vocab_size=32000,
+    )
+  },
+  "llava_next_video": {
     "vision_config": dict(
       model_type="clip_vision_model",
       hidden_size=1024,
@@ -551,6 +579,31 @@ _TABLE = {
     "tie_word_embeddings": False,
     "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
     "image_seq_length": 576,
+  },
+  "llava_next_video": {
+    "image_token_index": 32001,
+    "video_token_index": 32000,
+    "projector_hidden_act": "gelu",
+    "vision_feature_select_strategy": "default",
+    "vision_feature_layer": -2,
+    "multimodal_projector_bias": True,
+    "tie_word_embeddings": False,
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "spatial_pool_mode": "average",
+    "spatial_pool_stride": 2,
+    "image_seq_length": 576,
+    "video_seq_length": 288,
+  },
+  "video_llava": {
+    "image_token_index": 32000,
+    "video_token_index": 32001,
+    "projector_hidden_act": "gelu",
+    "vision_feature_select_strategy": "default",
+    "vision_feature_layer": -2,
+    "image_seq_length": 256,
+    "video_seq_length": 2056,
+    "multimodal_projector_bias": True,
+    "tie_word_embeddings": False,
   },
   "blip-2": {
     "num_query_tokens": 32,

@@ -34,10 +34,22 @@ width). Every view goes through the encoder and connector as one batch; vlm.nn.a
 lays out [global tokens; unpadded tile grid with an `image_newline` after each row] and the row's
 placeholders (as many as the data wrote for that image) receive them in order.
 
+Video (LLaVA-NeXT-Video, Zhang et al. 2024; transformers' LlavaNextVideoForConditionalGeneration): `videos`
+[B, F, H, W, 3], one clip of F frames per row, written at the `video_token_id` placeholders. Every frame
+goes through the image encoder on its own (the same feature_layer / keep_cls as images), its patch grid
+[g, g] is optionally pooled by `video_pool` = dict(mode='average' | 'max', stride=s) (a window and stride
+of s, no padding: a remainder row / column is dropped, as LlavaNextVideoPooler's AvgPool2d / MaxPool2d;
+floor(g / s)^2 = N' tokens per frame, row-major), then the connector; the row's F * N' tokens, frame by
+frame, fill its video placeholders in order (the processor writes F * N' of them per video). Images
+(plain or AnyRes) and videos may be in one call, each at its own placeholders. Video-LLaVA (Lin et al.
+2023; transformers' VideoLlavaForConditionalGeneration) encodes frames with an encoder of its own
+(`video_encoder='separate'`: a second ViT of the same vision_config, params video_vision/...; the shared
+connector) and keeps every frame token, CLS included (`video_keep_cls=True`), whatever images drop.
+
 Soft prompts (prompt tuning, Lester et al. 2021): `num_soft_prompts` learned vectors written at
 `soft_prompt_token_id` placeholders, in order (the chat template puts them in the system turn).
 
-Params: vision/..., connector/..., lm/... (a DecoderLM tree: load a pretrained LM with
+Params: vision/..., [video_vision/...,] connector/..., lm/... (a DecoderLM tree: load a pretrained LM with
 config.init mapping {'lm': ''}), soft_prompt [P, D].
 """
 
@@ -102,6 +114,13 @@ class VisionLanguageModel(nn.Module):
     image_token_id: the placeholder id; soft_prompt_token_id / num_soft_prompts: prompt tuning.
     anyres: None, or LLaVA-NeXT's dict(grid_pinpoints=((h, w), ...), tile_size=t, patch_grid=g): the
       same values as the data's pp op `anyres`; g = the encoder's feature grid per tile (t / patch).
+    video_token_id: None (no video input), or the id of the video placeholders (HF's video_token_index).
+    video_pool: None (every frame keeps its N features), or LLaVA-NeXT-Video's spatial pooling of each
+      frame's square feature grid before the connector: dict(mode='average' | 'max', stride=s).
+    video_encoder: 'shared' (frames through the image encoder: LLaVA-NeXT-Video) or 'separate' (a ViT of
+      its own with the same vision_config: Video-LLaVA's video_tower; model.init creates its params only
+      when given videos).
+    video_keep_cls: None (as keep_cls) or whether frames keep the class token's feature (Video-LLaVA: True).
   """
 
   lm_config: dict
@@ -117,6 +136,10 @@ class VisionLanguageModel(nn.Module):
   soft_prompt_token_id: int = 1004
   num_soft_prompts: int = 0
   anyres: dict | None = None
+  video_token_id: int | None = None
+  video_pool: dict | None = None
+  video_encoder: str = "shared"
+  video_keep_cls: bool | None = None
   dtype: Dtype = None
 
   def setup(self):
@@ -127,6 +150,8 @@ class VisionLanguageModel(nn.Module):
       else:
         kw.update(pool_type="none", return_all_layers=self.feature_layer is not None)
       self.vision = ViT(**kw, dtype=self.dtype)
+      if self.video_encoder == "separate":
+        self.video_vision = ViT(**kw, dtype=self.dtype)
     else:
       self.vision = MODELS.get(self.vision_model)(**self.vision_config)
     self.lm = DecoderLM(**self.lm_config, dtype=self.dtype)
@@ -143,6 +168,25 @@ class VisionLanguageModel(nn.Module):
         dtype=self.dtype,
         name="anyres",
       )
+    if self.video_encoder not in ("shared", "separate"):
+      raise ValueError(f"model.video_encoder {self.video_encoder!r}: 'shared' or 'separate'")
+    if self.vision_model != "vit" and (self.video_encoder != "shared" or self.video_keep_cls is not None):
+      raise ValueError(
+        f"model.video_encoder / video_keep_cls: ViT options; vision_model {self.vision_model!r} "
+        "encodes frames as it encodes images"
+      )
+    if self.video_token_id is not None and self.video_token_id in (self.image_token_id, self.soft_prompt_token_id):
+      raise ValueError(
+        f"model.video_token_id {self.video_token_id}: the same id as the image / soft prompt placeholders"
+      )
+    if self.video_pool is not None:
+      if set(self.video_pool) != {"mode", "stride"}:
+        raise ValueError(f"model.video_pool: needs exactly mode, stride; got {sorted(self.video_pool)}")
+      if self.video_pool["mode"] not in ("average", "max"):
+        raise ValueError(f"model.video_pool.mode {self.video_pool['mode']!r}: 'average' or 'max'")
+      stride = self.video_pool["stride"]
+      if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"model.video_pool.stride {stride!r}: a positive int")
     if self.num_soft_prompts:
       self.soft_prompt = self.param(
         "soft_prompt",
@@ -167,7 +211,11 @@ class VisionLanguageModel(nn.Module):
         "instruction: a ViT image encoder reads no text; an instruction-aware encoder is "
         "vision_model='blip2_qformer' (data.conversation.instruction_length > 0 feeds it)"
       )
-    pooled, aux = self.vision(images, train=train)
+    return self._vit_features(self.vision, images, train, self.keep_cls)
+
+  def _vit_features(self, vit: nn.Module, images: jax.Array, train: bool, keep_cls: bool) -> jax.Array:
+    """A ViT's features [B, N, Dv] of images [B, H, W, 3]: the feature_layer, the class token per keep_cls."""
+    pooled, aux = vit(images, train=train)
     if self.pool is not None:
       return pooled[:, None]
     if self.feature_layer is None:
@@ -177,7 +225,7 @@ class VisionLanguageModel(nn.Module):
       if not -hidden.shape[0] <= self.feature_layer < 0:
         raise ValueError(f"feature_layer {self.feature_layer}: must be in [-{hidden.shape[0]}, -1] or None")
       feats = hidden[hidden.shape[0] + self.feature_layer]
-    if self.vision_config.get("class_token") and not self.keep_cls:
+    if self.vision_config.get("class_token") and not keep_cls:
       feats = feats[:, 1:]
     return feats
 
@@ -227,6 +275,47 @@ class VisionLanguageModel(nn.Module):
       )
     return self.anyres_pack(feats.reshape(b, v, *feats.shape[1:]), image_layout[:, :2], image_layout[:, 2:])
 
+  # ------------------------------------------------------------------------ videos
+
+  def pool_frames(self, feats: jax.Array) -> jax.Array:
+    """LLaVA-NeXT-Video's spatial pooling (transformers' LlavaNextVideoPooler): per-frame features
+    [N, g * g, Dv] (row-major grid) -> [N, floor(g / s)^2, Dv]: mean or max over s x s windows with
+    stride s, no padding (a remainder row / column of the grid is dropped), flattened row-major."""
+    if self.video_pool is None:
+      return feats
+    n, length, dim = feats.shape
+    g = int(round(length**0.5))
+    if g * g != length:
+      raise ValueError(
+        f"model.video_pool: pools a square grid of patch features, but a frame gives {length} features "
+        "(a class token kept? keep_cls=False)"
+      )
+    s = self.video_pool["stride"]
+    if s > g:
+      raise ValueError(f"model.video_pool.stride {s}: larger than the frame's {g} x {g} feature grid")
+    grid = feats.reshape(n, g, g, dim)
+    window = dict(window_shape=(s, s), strides=(s, s), padding="VALID")
+    pooled = nn.avg_pool(grid, **window) if self.video_pool["mode"] == "average" else nn.max_pool(grid, **window)
+    return pooled.reshape(n, -1, dim)
+
+  def frame_features(self, frames: jax.Array, train: bool = False) -> jax.Array:
+    """frames [N, H, W, 3] -> encoder features [N, L, Dv]: the image encoder's (image_features), or with
+    video_encoder='separate' the video encoder's; the class token per video_keep_cls (None: keep_cls)."""
+    if self.vision_model != "vit":
+      return self.image_features(frames, train)
+    keep = self.keep_cls if self.video_keep_cls is None else self.video_keep_cls
+    vit = self.video_vision if self.video_encoder == "separate" else self.vision
+    return self._vit_features(vit, frames, train, keep)
+
+  def encode_videos(self, videos: jax.Array, train: bool = False) -> jax.Array:
+    """videos [B, F, H, W, 3] -> LM-width tokens [B, F * N', D], frame by frame: each frame through the
+    encoder (frame_features), video_pool (LLaVA-NeXT-Video), then the connector."""
+    if videos.ndim != 5:
+      raise ValueError(f"videos: expected [B, F, H, W, C] (one clip of F frames per row), got shape {videos.shape}")
+    b, f = videos.shape[:2]
+    feats = self.connector(self.pool_frames(self.frame_features(videos.reshape(b * f, *videos.shape[2:]), train)))
+    return feats.reshape(b, f * feats.shape[1], feats.shape[2])
+
   # ------------------------------------------------------------------------ sequence
 
   @staticmethod
@@ -245,14 +334,37 @@ class VisionLanguageModel(nn.Module):
     surplus_images: bool = False,
     instruction: jax.Array | None = None,
     image_layout: jax.Array | None = None,
+    videos: jax.Array | None = None,
   ) -> jax.Array:
-    """tokens [B, T] -> LM input embeddings [B, T, D] with image tokens and soft prompts written in.
+    """tokens [B, T] -> LM input embeddings [B, T, D] with image / video tokens and soft prompts written in.
     stats: a dict that receives image_token_mismatch (see vlm.objectives.lm); surplus_images (packed
     rows, whose examples may be absent or have no image): a row may use any whole number of its
     images, so only a placeholder count that is not a multiple of one image's tokens, or exceeds
     all of them, counts as a mismatch. image_layout [B, 4]: with `anyres` (each row's image then
-    has its own token count, which the placeholders must equal)."""
+    has its own token count, which the placeholders must equal).
+
+    videos [B, F, H, W, 3] (needs video_token_id): a row's video placeholders must be 0 or all F * N' of
+    its video's tokens (encode_videos); concrete (unjitted) tokens with another count raise ValueError,
+    under jit stats gets video_token_mismatch (the fraction of such rows)."""
     x = self.lm.embed(tokens)
+    if videos is not None:
+      if self.video_token_id is None:
+        raise ValueError("videos: this model has no video_token_id (model.video_token_id = the video placeholder id)")
+      vfeats = self.encode_videos(videos, train)
+      is_vid = tokens == self.video_token_id
+      found = jnp.sum(is_vid, axis=1)
+      total = vfeats.shape[1]
+      if not isinstance(found, jax.core.Tracer):
+        bad_rows = [i for i, n in enumerate(jax.device_get(found).tolist()) if n not in (0, total)]
+        if bad_rows:
+          i = bad_rows[0]
+          raise ValueError(
+            f"videos: row {i} has {int(found[i])} video placeholders (video_token_id {self.video_token_id}); "
+            f"its video gives {total} tokens ({videos.shape[1]} frames x {total // videos.shape[1]})"
+          )
+      x = self._scatter(x, is_vid, vfeats)
+      if stats is not None:
+        stats["video_token_mismatch"] = jnp.mean(((found != total) & (found > 0)).astype(jnp.float32))
     if images is not None:
       count = None
       if self.anyres is not None:
@@ -289,18 +401,28 @@ class VisionLanguageModel(nn.Module):
     mask: jax.Array | None = None,
     return_stats: bool = False,
     segment_ids: jax.Array | None = None,
+    videos: jax.Array | None = None,
   ):
     """Logits [B, T, V] of tokens [B, T] with the images at their placeholders (mask: padding [B, T];
     segment_ids: packed rows [B, T], see DecoderLM; instruction [B, L]: the image encoder's text
-    input, see encode_images; image_layout [B, 4]: AnyRes, see encode_anyres); with return_stats also
+    input, see encode_images; image_layout [B, 4]: AnyRes, see encode_anyres; videos [B, F, H, W, 3]:
+    clips at the video_token_id placeholders (LLaVA-NeXT-Video, Video-LLaVA), see encode_videos); with return_stats also
     {'image_token_mismatch': fraction of rows whose placeholders do not match the images' token count
     (a row with one image must hold all its tokens; a row with several images, or a packed row, a whole
-    number of images: documents may hold fewer images than the batch's M)}."""
+    number of images: documents may hold fewer images than the batch's M)}, and with videos
+    'video_token_mismatch' (see embed)."""
     stats: dict = {}
     # Packed rows, and documents [B, M, ...] that may hold fewer than M images, use a whole number of theirs.
     surplus = segment_ids is not None or (images is not None and images.ndim == 5)
     x = self.embed(
-      tokens, images, train, stats, surplus_images=surplus, instruction=instruction, image_layout=image_layout
+      tokens,
+      images,
+      train,
+      stats,
+      surplus_images=surplus,
+      instruction=instruction,
+      image_layout=image_layout,
+      videos=videos,
     )
     logits = self.lm(inputs_embeds=x, train=train, mask=mask, segment_ids=segment_ids)
     return (logits, stats) if return_stats else logits
@@ -314,20 +436,22 @@ class VisionLanguageModel(nn.Module):
     images: jax.Array | None = None,
     instruction: jax.Array | None = None,
     image_layout: jax.Array | None = None,
+    videos: jax.Array | None = None,
   ) -> jax.Array:
-    """DecoderLM.decode_step on embeddings: pass images (and instruction, image_layout) with the
-    prompt (prefill), not after."""
-    x = self.embed(tokens, images, instruction=instruction, image_layout=image_layout)
+    """DecoderLM.decode_step on embeddings: pass images (and instruction, image_layout) and videos
+    [B, F, H, W, 3] with the prompt (prefill), not after."""
+    x = self.embed(tokens, images, instruction=instruction, image_layout=image_layout, videos=videos)
     return self.lm.decode_step(None, index, cache_len, mask, inputs_embeds=x)
 
 
 def predict_fns(model: VisionLanguageModel) -> dict[str, Any]:
-  """generate(params, images, prompt, *, instruction=None, image_layout=None, **kw) and
+  """generate(params, images, prompt, *, instruction=None, image_layout=None, videos=None, **kw) and
   generate_guided(..., contrast_images, crg_alpha=1.0, crg_plausibility=0.0): answers after prompt
   [B, P] (left-padded: pass `mask`) about images, with the KV cache (vlm.models.generation; kw are its
   max_new_tokens, eos_id, pad_id, mask, method, rng and decoding options). The prefill embeds the
   images (with `instruction` [B, L] for an instruction-aware image encoder, and `image_layout` [B, 4]
-  for AnyRes views); single-token steps do not.
+  for AnyRes views) and `videos` [B, F, H, W, 3] (LLaVA-NeXT-Video, Video-LLaVA; images may then be
+  None); single-token steps do not.
 
   generate_guided: contrastive region guidance (Wan et al. 2024, eq. 1), no training: every step's
   logits are (1 + crg_alpha) l(images) - crg_alpha l(contrast_images), where contrast_images are the
@@ -336,11 +460,15 @@ def predict_fns(model: VisionLanguageModel) -> dict[str, Any]:
   that factor of the plain model's most probable one may win (decoding.guided_step_fn).
   """
 
-  def inputs(images, instruction, image_layout) -> dict[str, Any]:
-    return dict(images=images, instruction=instruction, image_layout=image_layout)
+  def inputs(images, instruction, image_layout, videos) -> dict[str, Any]:
+    return dict(images=images, instruction=instruction, image_layout=image_layout, videos=videos)
 
-  def generate(params, images, prompt, *, instruction=None, image_layout=None, **kw) -> decoding.DecodeOutput:
-    return generation.generate(model, params, prompt, prefill_inputs=inputs(images, instruction, image_layout), **kw)
+  def generate(
+    params, images, prompt, *, instruction=None, image_layout=None, videos=None, **kw
+  ) -> decoding.DecodeOutput:
+    return generation.generate(
+      model, params, prompt, prefill_inputs=inputs(images, instruction, image_layout, videos), **kw
+    )
 
   def generate_guided(
     params,
@@ -352,6 +480,7 @@ def predict_fns(model: VisionLanguageModel) -> dict[str, Any]:
     crg_plausibility: float = 0.0,
     instruction=None,
     image_layout=None,
+    videos=None,
     **kw,
   ) -> decoding.DecodeOutput:
     if kw.get("method", "greedy") not in ("greedy", "sample"):
@@ -360,7 +489,7 @@ def predict_fns(model: VisionLanguageModel) -> dict[str, Any]:
       model,
       params,
       prompt,
-      prefill_inputs=inputs(images, instruction, image_layout),
+      prefill_inputs=inputs(images, instruction, image_layout, videos),
       contrast_inputs={"images": contrast_images},
       guidance=1.0 + crg_alpha,
       plausibility=crg_plausibility,

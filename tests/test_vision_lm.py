@@ -216,6 +216,21 @@ def test_connectors_and_frozen_style_prefix():
   assert m.apply({"params": p}, imgs, method=VisionLanguageModel.encode_images).shape == (1, 4, LM["width"])
 
 
+def test_merge_tokens_concatenates_adjacent_features_before_the_connector():
+  """MiniGPT-v2 / MiniGPT4-Video: 16 features of 32 px images -> 4 tokens of 4 concatenated features."""
+  imgs = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  m = tiny_vision_lm(merge_tokens=4)
+  p = nn.meta.unbox(jax.jit(m.init)(jax.random.key(0), imgs, image_prompt(2))["params"])
+  assert p["connector"]["fc1"]["kernel"].shape == (4 * VISION["width"], LM["width"])
+  feats = m.apply({"params": p}, imgs, method=VisionLanguageModel.image_features)
+  tokens = m.apply({"params": p}, imgs, method=VisionLanguageModel.encode_images)
+  assert feats.shape == (2, 16, VISION["width"]) and tokens.shape == (2, 4, LM["width"])
+  merged = feats.reshape(2, 4, 4 * VISION["width"])
+  np.testing.assert_allclose(tokens, m.apply({"params": p}, merged, method=lambda mod, x: mod.connector(x)), atol=1e-6)
+  with pytest.raises(ValueError, match="model.merge_tokens 0: a positive int"):
+    tiny_vision_lm(merge_tokens=0).init(jax.random.key(0), imgs, image_prompt(2))
+
+
 # ----------------------------------------------------------------------------- the stage chain
 
 

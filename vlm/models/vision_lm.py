@@ -67,6 +67,7 @@ from vlm.models.registry import MODELS
 from vlm.models.vit import ViT
 from vlm.nn.anyres import AnyResPack
 from vlm.nn.mlp import dense
+from vlm.nn.poolers import concat_adjacent_tokens
 
 Dtype = Any
 
@@ -121,6 +122,9 @@ class VisionLanguageModel(nn.Module):
       its own with the same vision_config: Video-LLaVA's video_tower; model.init creates its params only
       when given videos).
     video_keep_cls: None (as keep_cls) or whether frames keep the class token's feature (Video-LLaVA: True).
+    merge_tokens: k > 1 concatenates every k adjacent features of an image or frame into one before the
+      connector ([N, Dv] -> [N / k, k * Dv]; vlm.nn.concat_adjacent_tokens): MiniGPT-v2's and
+      MiniGPT4-Video's 4x fewer visual tokens (Ataallah et al. 2024, sec. 3.1). 1 (default): none.
   """
 
   lm_config: dict
@@ -140,6 +144,7 @@ class VisionLanguageModel(nn.Module):
   video_pool: dict | None = None
   video_encoder: str = "shared"
   video_keep_cls: bool | None = None
+  merge_tokens: int = 1
   dtype: Dtype = None
 
   def setup(self):
@@ -187,6 +192,10 @@ class VisionLanguageModel(nn.Module):
       stride = self.video_pool["stride"]
       if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"model.video_pool.stride {stride!r}: a positive int")
+    if isinstance(self.merge_tokens, bool) or not isinstance(self.merge_tokens, int) or self.merge_tokens < 1:
+      raise ValueError(f"model.merge_tokens {self.merge_tokens!r}: a positive int (1: no merging)")
+    if self.merge_tokens != 1 and self.anyres is not None:
+      raise ValueError("model.merge_tokens: not with model.anyres (AnyRes lays out each tile's feature grid)")
     if self.num_soft_prompts:
       self.soft_prompt = self.param(
         "soft_prompt",
@@ -229,6 +238,13 @@ class VisionLanguageModel(nn.Module):
       feats = feats[:, 1:]
     return feats
 
+  def to_lm(self, feats: jax.Array) -> jax.Array:
+    """Encoder features [N, L, Dv] of images or frames -> LM-width tokens [N, L / merge_tokens * prefix_tokens, D]:
+    merge_tokens' concatenation, then the connector."""
+    if self.merge_tokens != 1:
+      feats = concat_adjacent_tokens(feats, self.merge_tokens)
+    return self.connector(feats)
+
   def encode_images(self, images: jax.Array, train: bool = False, instruction: jax.Array | None = None) -> jax.Array:
     """images [B, H, W, 3] or [B, M, H, W, 3] -> LM-width image tokens [B, M * N, D].
 
@@ -238,7 +254,7 @@ class VisionLanguageModel(nn.Module):
     b, m = images.shape[:2]
     if instruction is not None:
       instruction = jnp.repeat(instruction, m, axis=0)
-    feats = self.connector(self.image_features(images.reshape(b * m, *images.shape[2:]), train, instruction))
+    feats = self.to_lm(self.image_features(images.reshape(b * m, *images.shape[2:]), train, instruction))
     return feats.reshape(b, m * feats.shape[1], feats.shape[2])
 
   def _patch_grid(self) -> tuple[int, int]:
@@ -313,7 +329,7 @@ class VisionLanguageModel(nn.Module):
     if videos.ndim != 5:
       raise ValueError(f"videos: expected [B, F, H, W, C] (one clip of F frames per row), got shape {videos.shape}")
     b, f = videos.shape[:2]
-    feats = self.connector(self.pool_frames(self.frame_features(videos.reshape(b * f, *videos.shape[2:]), train)))
+    feats = self.to_lm(self.pool_frames(self.frame_features(videos.reshape(b * f, *videos.shape[2:]), train)))
     return feats.reshape(b, f * feats.shape[1], feats.shape[2])
 
   # ------------------------------------------------------------------------ sequence

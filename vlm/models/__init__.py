@@ -3,6 +3,7 @@
 from flax import linen as nn
 
 from vlm.models.blip2 import Blip2QFormer
+from vlm.models.video_llama import VideoQFormer
 from vlm.models.coca import CoCa, CoCaTextDecoder
 from vlm.models.decoder import DecoderLM
 from vlm.models.early_fusion import EarlyFusionLM
@@ -32,6 +33,7 @@ MODELS.register("video_classifier")(VideoClassifier)
 MODELS.register("vlmo")(VLMo)
 MODELS.register("vq_tokenizer")(VQTokenizer)
 MODELS.register("blip2_qformer")(Blip2QFormer)
+MODELS.register("video_qformer")(VideoQFormer)
 MODELS.register("decoder_lm")(DecoderLM)
 MODELS.register("vision_lm")(VisionLanguageModel)
 MODELS.register("monkey")(Monkey)
@@ -72,6 +74,7 @@ __all__ = [
   "MODELS",
   "PREDICT_FNS",
   "Blip2QFormer",
+  "VideoQFormer",
   "CoCa",
   "CoCaTextDecoder",
   "DecoderLM",

@@ -122,6 +122,9 @@ class VisionLanguageModel(nn.Module):
       its own with the same vision_config: Video-LLaVA's video_tower; model.init creates its params only
       when given videos).
     video_keep_cls: None (as keep_cls) or whether frames keep the class token's feature (Video-LLaVA: True).
+    video_method: None, or the method of a registered vision model (vision_model) that encodes a whole
+      clip [B, F, H, W, 3] -> [B, N, Dv]: 'video_features' of vision_model='video_qformer'
+      (vlm.models.video_llama.VideoQFormer, Video-LLaMA's per-frame and video Q-Formers).
     merge_tokens: k > 1 concatenates every k adjacent features of an image or frame into one before the
       connector ([N, Dv] -> [N / k, k * Dv]; vlm.nn.concat_adjacent_tokens): MiniGPT-v2's and
       MiniGPT4-Video's 4x fewer visual tokens (Ataallah et al. 2024, sec. 3.1). 1 (default): none.
@@ -145,6 +148,7 @@ class VisionLanguageModel(nn.Module):
   video_encoder: str = "shared"
   video_keep_cls: bool | None = None
   merge_tokens: int = 1
+  video_method: str | None = None
   dtype: Dtype = None
 
   def setup(self):
@@ -175,6 +179,8 @@ class VisionLanguageModel(nn.Module):
       )
     if self.video_encoder not in ("shared", "separate"):
       raise ValueError(f"model.video_encoder {self.video_encoder!r}: 'shared' or 'separate'")
+    if self.video_method is not None and self.vision_model == "vit":
+      raise ValueError("model.video_method: a ViT encodes frames one by one; a clip-level method needs vision_model")
     if self.vision_model != "vit" and (self.video_encoder != "shared" or self.video_keep_cls is not None):
       raise ValueError(
         f"model.video_encoder / video_keep_cls: ViT options; vision_model {self.vision_model!r} "
@@ -325,9 +331,12 @@ class VisionLanguageModel(nn.Module):
 
   def encode_videos(self, videos: jax.Array, train: bool = False) -> jax.Array:
     """videos [B, F, H, W, 3] -> LM-width tokens [B, F * N', D], frame by frame: each frame through the
-    encoder (frame_features), video_pool (LLaVA-NeXT-Video), then the connector."""
+    encoder (frame_features), video_pool (LLaVA-NeXT-Video), then the connector. With video_method, the
+    vision model encodes the whole clip, [B, N, Dv] (Video-LLaMA's video Q-Former), then the connector."""
     if videos.ndim != 5:
       raise ValueError(f"videos: expected [B, F, H, W, C] (one clip of F frames per row), got shape {videos.shape}")
+    if self.video_method is not None:  # a clip-level encoder: [B, F, H, W, 3] -> [B, N, Dv]
+      return self.to_lm(getattr(self.vision, self.video_method)(videos))
     b, f = videos.shape[:2]
     feats = self.to_lm(self.pool_frames(self.frame_features(videos.reshape(b * f, *videos.shape[2:]), train)))
     return feats.reshape(b, f * feats.shape[1], feats.shape[2])

@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from vlm.data import cm3, conversation, grounding, preprocess, sources
+from vlm.data import cm3, conversation, grounding, preprocess, sources, video
 from vlm.data.tokenizer import Tokenizer
 
 EXTRA_TEXT_KEYS = ("caption_detailed", "question", "answer")
@@ -233,21 +233,31 @@ class Decode(ExampleOp):
 
   name = "decode"
 
-  def __init__(self, caption_key: str = "caption", max_pixels: int | None = sources.MAX_IMAGE_PIXELS):
-    self.caption_key, self.max_pixels = caption_key, max_pixels
+  def __init__(
+    self,
+    caption_key: str = "caption",
+    max_pixels: int | None = sources.MAX_IMAGE_PIXELS,
+    max_frames: int = video.MAX_VIDEO_FRAMES,
+  ):
+    self.caption_key, self.max_pixels, self.max_frames = caption_key, max_pixels, max_frames
 
   @classmethod
   def check(cls, data: Config) -> None:
     v = data.get("max_image_pixels")
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
       raise ValueError(f"data.max_image_pixels: must be a positive int or None, got {v!r}")
+    _positive_int(data, "max_video_frames")
 
   @classmethod
   def from_config(cls, data: Config, env: OpEnv) -> Decode:
-    return cls(data.get("caption_key", "caption"), data.get("max_image_pixels", sources.MAX_IMAGE_PIXELS))
+    return cls(
+      data.get("caption_key", "caption"),
+      data.get("max_image_pixels", sources.MAX_IMAGE_PIXELS),
+      data.get("max_video_frames", video.MAX_VIDEO_FRAMES),
+    )
 
   def __call__(self, state: ExampleState) -> None:
-    state.ex = sources.decode_record(state.ex, self.caption_key, self.max_pixels)
+    state.ex = sources.decode_record(state.ex, self.caption_key, self.max_pixels, self.max_frames)
 
 
 @register

@@ -103,6 +103,8 @@ Config keys (`config.data`, see `get_default_config`):
     max_image_pixels   images with more pixels are bad examples 'too_large', checked on the image header
                   before any decode (default 64_000_000: every camera image up to 8000 x 8000, at most
                   192 MB of RGB per decode, below PIL's own ~89 MP bomb warning; None: no limit)
+    max_video_frames   manifest clips (a `video` path per line, vlm.data.video) with more frames are bad
+                  examples 'too_large' (not in the defaults; 1024 when absent)
     max_consecutive_bad   bad examples in a row beyond this raise TooManyBadExamples (default 1000; None:
                   off): a wrong image root or a broken shard set fails in seconds instead of the filter
                   skipping forever through the repeated stream

@@ -13,7 +13,9 @@ templates, ...). Sources:
   (`--file_format=array_record`), and point `data.data_dir` at the result.
 - `ManifestSource`: JSONL (one object per line) or CSV (header row) with an image
   path (`image`, `image_path`, `path` or `file`) and a caption (`data.caption_key`,
-  else `caption` or `text`), optional `label`. Image paths are relative to the image
+  else `caption` or `text`), optional `label`; or, for clips, a video path (`video` or `video_path`: a
+  video file, an animated gif or a directory of frames, read by vlm.data.video.read_video into the
+  example's `frames`, whose middle frame is the `image` unless one is given). Paths are relative to the image
   root (`data.image_root`, default the manifest's directory) and must stay inside it:
   an absolute path or one whose '..' leaves the root is refused (ValueError naming
   file, line and path) unless `data.allow_absolute_paths=True`. The check is on the
@@ -49,9 +51,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vlm.data import video
 from vlm.data.tfds_compat import import_tfds
 
 IMAGE_KEYS = ("image", "image_path", "path", "file")
+VIDEO_KEYS = ("video", "video_path")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BAD_REASONS = ("missing_image", "corrupt_image", "empty_caption", "bad_document", "too_large")
 # Default pixel limit of decode_record (data.max_image_pixels): 64 MP holds every camera image up to
@@ -160,14 +164,25 @@ def decode_document(rec: dict, max_pixels: int | None = MAX_IMAGE_PIXELS) -> dic
   return ex
 
 
-def decode_record(rec: dict, caption_key: str = "caption", max_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
+def decode_record(
+  rec: dict,
+  caption_key: str = "caption",
+  max_pixels: int | None = MAX_IMAGE_PIXELS,
+  max_frames: int = video.MAX_VIDEO_FRAMES,
+) -> dict:
   """Record -> example with 'image' uint8 [H, W, 3] and str texts; raises BadExample.
   A document (a record with 'texts' and 'images') goes through decode_document.
-  max_pixels (None: no limit): images larger than that are BadExample('too_large')."""
+  max_pixels (None: no limit): images (and frames) larger than that are BadExample('too_large').
+  A record with a 'video_path' gets 'frames' [T, H, W, 3] from vlm.data.video.read_video (clips of more
+  than max_frames frames are BadExample('too_large')) and, without an image of its own, its middle frame."""
   if "texts" in rec and "images" in rec:
     return decode_document(rec, max_pixels)
   ex: dict[str, Any] = {}
+  if rec.get("video_path") is not None:
+    ex["frames"] = _read_clip(rec["video_path"], max_pixels, max_frames)
   data = rec.get("image")
+  if data is None and rec.get("image_path") is None and "frames" in ex:
+    data = ex["frames"][len(ex["frames"]) // 2]
   if data is None and rec.get("image_path") is not None:
     path = rec["image_path"]
     try:
@@ -193,7 +208,7 @@ def decode_record(rec: dict, caption_key: str = "caption", max_pixels: int | Non
   if "boxes" in rec:
     ex["boxes"] = np.asarray(rec["boxes"], np.float32).reshape(-1, 4)
     ex["box_labels"] = np.asarray(rec.get("box_labels", np.zeros(len(ex["boxes"]))), np.int32)
-  if "frames" in rec and len(rec["frames"]):
+  if "frames" not in ex and "frames" in rec and len(rec["frames"]):
     frames = [_decode_checked(f, max_pixels, "frames") for f in rec["frames"]]
     try:
       ex["frames"] = np.stack(frames)
@@ -202,6 +217,21 @@ def decode_record(rec: dict, caption_key: str = "caption", max_pixels: int | Non
   if "motion" in rec:
     ex["motion"] = np.int32(rec["motion"])
   return ex
+
+
+def _read_clip(path: str, max_pixels: int | None, max_frames: int) -> np.ndarray:
+  """A manifest's clip -> uint8 frames [T, H, W, 3]; BadExample for a missing, unreadable or too large one."""
+  if not os.path.exists(path):
+    raise BadExample("missing_image", f"{path}: no such video")
+  try:
+    frames = video.read_video(path, max_frames)
+  except video.VideoTooLong as e:
+    raise BadExample("too_large", str(e)) from None
+  except ValueError as e:
+    raise BadExample("corrupt_image", str(e)) from None
+  if max_pixels is not None and frames.shape[1] * frames.shape[2] > max_pixels:
+    raise BadExample("too_large", f"{path}: {frames.shape[2]} x {frames.shape[1]} frames > {max_pixels} pixels")
+  return frames
 
 
 # ----------------------------------------------------------------- TFDS
@@ -268,13 +298,20 @@ def _manifest_record(obj: Any, base: str, caption_key: str, where: str, allow_ab
   if not isinstance(obj, dict):
     raise ValueError(f"{where}: expected an object with image and caption, got {type(obj).__name__}")
   image = next((obj[k] for k in IMAGE_KEYS if k in obj), None)
-  if not isinstance(image, str):
-    raise ValueError(f"{where}: missing image path (one of {IMAGE_KEYS}) or not a string")
+  video = next((obj[k] for k in VIDEO_KEYS if k in obj), None)
+  if video is not None and not isinstance(video, str):
+    raise ValueError(f"{where}: video path ({' or '.join(VIDEO_KEYS)}) is not a string")
+  if not isinstance(image, str) and not (image is None and video is not None):
+    raise ValueError(f"{where}: missing image path (one of {IMAGE_KEYS}, or a video: {VIDEO_KEYS}) or not a string")
   keys = [caption_key, "caption", "text"]
   caption = next((obj[k] for k in keys if k in obj), None)
   if not isinstance(caption, str):
     raise ValueError(f"{where}: missing caption {caption_key!r} or not a string")
-  rec = {"image_path": contained_path(base, image, where, allow_absolute_paths), "caption": caption, "_where": where}
+  rec: dict[str, Any] = {"caption": caption, "_where": where}
+  if image is not None:
+    rec["image_path"] = contained_path(base, image, where, allow_absolute_paths)
+  if video is not None:
+    rec["video_path"] = contained_path(base, video, where, allow_absolute_paths)
   if obj.get("label") not in (None, ""):
     try:
       rec["label"] = int(obj["label"])

@@ -45,7 +45,8 @@ def main() -> None:
   config = load_workdir_config(args.workdir)
   model, mesh, params = load_model_and_params(config, args.workdir)
   ev = RegionQA(
-    config=config,
+    data=config.data,
+    rules=config.rules,
     predict_fns=predict_fns(model),
     mesh=mesh,
     prefix="r",

@@ -221,18 +221,23 @@ def nhwc(pixels):
 NEXT_TILE, NEXT_PINPOINTS = 16, [[16, 32], [32, 16], [32, 32]]
 
 
-@functools.cache
-def imported_llava_next(tmp_root):
-  """A LlavaNextForConditionalGeneration (CLIP tower, Llama LM), saved hub-style, imported."""
-  torch.manual_seed(1)
-  vc = transformers.CLIPVisionConfig(
+def _tiny_clip_vision(image_size: int):
+  """The tiny CLIP vision tower of the LLaVA-NeXT / video builders (width 16, 2 layers, PATCH patches)."""
+  return transformers.CLIPVisionConfig(
     hidden_size=16,
     intermediate_size=32,
     num_hidden_layers=2,
     num_attention_heads=2,
-    image_size=NEXT_TILE,
+    image_size=image_size,
     patch_size=PATCH,
   )
+
+
+@functools.cache
+def imported_llava_next(tmp_root):
+  """A LlavaNextForConditionalGeneration (CLIP tower, Llama LM), saved hub-style, imported."""
+  torch.manual_seed(1)
+  vc = _tiny_clip_vision(NEXT_TILE)
   cfg = transformers.LlavaNextConfig(
     vision_config=vc,
     text_config=_text_config(),
@@ -297,14 +302,7 @@ def imported_llava_next_video(tmp_root, mode="average", stride=2):
 @functools.cache
 def _imported_llava_next_video(tmp_root, mode, stride):
   torch.manual_seed(2)
-  vc = transformers.CLIPVisionConfig(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=VIDEO_TILE,
-    patch_size=PATCH,
-  )
+  vc = _tiny_clip_vision(VIDEO_TILE)
   cfg = transformers.LlavaNextVideoConfig(
     vision_config=vc,
     text_config=_text_config(),
@@ -358,14 +356,7 @@ def imported_video_llava(tmp_root, strategy="default"):
 @functools.cache
 def _imported_video_llava(tmp_root, strategy):
   torch.manual_seed(3)
-  vc = transformers.CLIPVisionConfig(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=SIZE,
-    patch_size=PATCH,
-  )
+  vc = _tiny_clip_vision(SIZE)
   cfg = transformers.VideoLlavaConfig(
     vision_config=vc,
     text_config=_text_config(),

@@ -90,61 +90,30 @@ SUB_CONFIGS: dict[str, dict[str, str]] = {
   "chameleon": {"vq_config": "chameleon_vqgan"},
 }
 
+
+def _clip_vit_l14(image_size: int) -> dict[str, Any]:
+  """CLIPVisionConfig of OpenAI's ViT-L/14 at image_size, as the LLaVA configs build it."""
+  return dict(
+    model_type="clip_vision_model",
+    hidden_size=1024,
+    intermediate_size=4096,
+    projection_dim=768,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=image_size,
+    patch_size=14,
+    vocab_size=32000,
+  )
+
+
 # What a parent config builds when a sub-config is absent or null (LlavaConfig.__post_init__ builds a
 # CLIP ViT-L/14-336 vision config, not CLIPVisionConfig()'s B/32).
 ABSENT_SUB_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
-  "llava": {
-    "vision_config": dict(
-      model_type="clip_vision_model",
-      hidden_size=1024,
-      intermediate_size=4096,
-      projection_dim=768,
-      num_hidden_layers=24,
-      num_attention_heads=16,
-      image_size=336,
-      patch_size=14,
-      vocab_size=32000,
-    )
-  },
-  "llava_next": {
-    "vision_config": dict(
-      model_type="clip_vision_model",
-      hidden_size=1024,
-      intermediate_size=4096,
-      projection_dim=768,
-      num_hidden_layers=24,
-      num_attention_heads=16,
-      image_size=336,
-      patch_size=14,
-      vocab_size=32000,
-    )
-  },
-  "video_llava": {  # VideoLlavaConfig's sub_configs_defaults: a CLIP ViT-L/14 at 224 (LanguageBind's towers)
-    "vision_config": dict(
-      model_type="clip_vision_model",
-      hidden_size=1024,
-      intermediate_size=4096,
-      projection_dim=768,
-      num_hidden_layers=24,
-      num_attention_heads=16,
-      image_size=224,
-      patch_size=14,
-      vocab_size=32000,
-    )
-  },
-  "llava_next_video": {
-    "vision_config": dict(
-      model_type="clip_vision_model",
-      hidden_size=1024,
-      intermediate_size=4096,
-      projection_dim=768,
-      num_hidden_layers=24,
-      num_attention_heads=16,
-      image_size=336,
-      patch_size=14,
-      vocab_size=32000,
-    )
-  },
+  "llava": {"vision_config": _clip_vit_l14(336)},
+  "llava_next": {"vision_config": _clip_vit_l14(336)},
+  # VideoLlavaConfig's sub_configs_defaults: a CLIP ViT-L/14 at 224 (LanguageBind's towers)
+  "video_llava": {"vision_config": _clip_vit_l14(224)},
+  "llava_next_video": {"vision_config": _clip_vit_l14(336)},
 }
 
 

@@ -313,11 +313,17 @@ def _imported_llava_next_video(tmp_root, mode, stride):
     spatial_pool_mode=mode,
     spatial_pool_stride=stride,
   )
-  hf = transformers.LlavaNextVideoForConditionalGeneration(cfg).eval()
-  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
+  return _perturbed_import(
+    transformers.LlavaNextVideoForConditionalGeneration(cfg).eval(), f"{tmp_root}/llava_next_video_{mode}_{stride}"
+  )
+
+
+def _perturbed_import(hf, path: str):
+  """hf with every tensor perturbed (HF inits norms to 1 and biases to 0), saved hub-style at path and
+  imported: (transformers' model read back, ours, params, kwargs, path)."""
+  with torch.no_grad():
     for p in hf.parameters():
       p.add_(0.1 * torch.randn_like(p))
-  path = f"{tmp_root}/llava_next_video_{mode}_{stride}"
   save_hub_style(hf, path)
   name, kwargs, params = import_hf(path)
   assert name == "vision_lm"
@@ -365,15 +371,9 @@ def _imported_video_llava(tmp_root, strategy):
     vision_feature_layer=-2,
     vision_feature_select_strategy=strategy,
   )
-  hf = transformers.VideoLlavaForConditionalGeneration(cfg).eval()
-  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb every tensor
-    for p in hf.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  path = f"{tmp_root}/video_llava_{strategy}"
-  save_hub_style(hf, path)
-  name, kwargs, params = import_hf(path)
-  assert name == "vision_lm"
-  return type(hf).from_pretrained(path).eval(), build_model(name, kwargs), params, kwargs, path
+  return _perturbed_import(
+    transformers.VideoLlavaForConditionalGeneration(cfg).eval(), f"{tmp_root}/video_llava_{strategy}"
+  )
 
 
 def video_llava_frames(rng, b, frames=VIDEO_FRAMES):

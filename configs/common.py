@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = True
   # Numerics and kernels: the demos (CPU) run in float32; every full recipe sets model.dtype = 'bfloat16'.
   c.attention_impl = "auto"  # jax.nn.dot_product_attention: 'auto' (cuDNN on GPU where allowed), 'xla', 'cudnn'
+  # XLA options for the train step's compilation only (flag names without '--'; vlm.train_step.make_train_step),
+  # e.g. {'xla_gpu_enable_latency_hiding_scheduler': True}; the rest of the process keeps XLA_FLAGS.
+  c.compiler_options = ml_collections.ConfigDict()
   c.evals = ml_collections.ConfigDict()
   c.eval_at_start = False
   c.init = ml_collections.ConfigDict(dict(path=None, mapping=None, step=None))

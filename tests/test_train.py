@@ -267,3 +267,23 @@ def test_bad_config_names_the_key(data_dir, tmp_path):
   c.optimizer = "lamb"
   with pytest.raises(ValueError, match="config.optimizer"):
     train(c, tmp_path)
+
+
+def test_the_train_step_compiles_with_the_process_default_options_under_the_configs(monkeypatch):
+  """config.compiler_options over $VLM_TRAIN_COMPILER_OPTIONS (the suite's: the step at XLA -O2 while
+  the rest of the process compiles at -O0); a bad value names the variable."""
+  import ml_collections
+
+  from vlm.train import COMPILER_OPTIONS_ENV, step_compiler_options
+
+  c = siglip_b16.get_config("demo")
+  assert json.loads(os.environ[COMPILER_OPTIONS_ENV]) == step_compiler_options(c)  # conftest's default
+  monkeypatch.setenv(COMPILER_OPTIONS_ENV, '{"xla_backend_optimization_level": 2, "xla_cpu_enable_fast_math": false}')
+  c.compiler_options = ml_collections.ConfigDict(dict(xla_backend_optimization_level=1))
+  assert step_compiler_options(c) == {"xla_backend_optimization_level": 1, "xla_cpu_enable_fast_math": False}
+  monkeypatch.setenv(COMPILER_OPTIONS_ENV, "")
+  assert step_compiler_options(c) == {"xla_backend_optimization_level": 1}
+  for bad in ("{nope", "[1]"):
+    monkeypatch.setenv(COMPILER_OPTIONS_ENV, bad)
+    with pytest.raises(ValueError, match=r"\$VLM_TRAIN_COMPILER_OPTIONS: not a JSON object"):
+      step_compiler_options(c)

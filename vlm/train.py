@@ -41,7 +41,9 @@ Reliability (README "Reliability"):
 """
 
 import contextlib
+import json
 import numbers
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -196,6 +198,26 @@ def _workdir_lock(workdir: Path):
       lock.release()
 
 
+COMPILER_OPTIONS_ENV = "VLM_TRAIN_COMPILER_OPTIONS"
+
+
+def step_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """XLA options of the train step's compilation: the process default in $VLM_TRAIN_COMPILER_OPTIONS (a
+  JSON object; tests/conftest.py sets it, beside XLA_FLAGS that compile the suite's many small programs
+  fast at LLVM -O0, so that the one program a run repeats hundreds of times is optimised), then
+  config.compiler_options over it."""
+  raw = os.environ.get(COMPILER_OPTIONS_ENV, "")
+  try:
+    options = json.loads(raw) if raw.strip() else {}
+  except json.JSONDecodeError as e:
+    raise ValueError(f"${COMPILER_OPTIONS_ENV}: not a JSON object ({e}): {raw!r}") from None
+  if not isinstance(options, dict):
+    raise ValueError(f"${COMPILER_OPTIONS_ENV}: not a JSON object: {raw!r}")
+  own = config.get("compiler_options") or {}
+  options.update(own.to_dict() if hasattr(own, "to_dict") else dict(own))
+  return options
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the last logged metrics (incl. the final evaluations)."""
   _check(config)
@@ -305,7 +327,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
       n_train, n_total = peft.count_params(state.params, [p for p, _ in trainable], list(config.get("frozen") or []))
       print(f"Trainable parameters: {n_train:,} of {n_total:,} ({100.0 * n_train / max(n_total, 1):.3f}%)", flush=True)
 
-    step_fn = make_train_step(model, objective, tx, mesh, rules, shardings, accum_steps=config.get("accum_steps", 1))
+    step_fn = make_train_step(
+      model,
+      objective,
+      tx,
+      mesh,
+      rules,
+      shardings,
+      accum_steps=config.get("accum_steps", 1),
+      compiler_options=step_compiler_options(config),
+    )
     writer = MetricWriter(
       workdir,
       tensorboard=config.get("tensorboard", True),

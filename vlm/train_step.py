@@ -99,6 +99,7 @@ def make_train_step(
   rules,
   state_shardings: TrainState,
   accum_steps: int = 1,
+  compiler_options: dict[str, Any] | None = None,
 ) -> Callable:
   """Returns step(state, batch) -> (state, metrics), jitted with shardings and donation.
 
@@ -109,8 +110,13 @@ def make_train_step(
   accum_steps > 1 splits the (global) batch into that many micro-batches and averages their
   gradients with a scan (memory of one micro-batch). For contrastive objectives this changes
   the set of negatives per loss term: each micro-batch is its own contrastive batch.
+
+  compiler_options: XLA options for this program's compilation only (jax's per-compilation
+  `compiler_options`: XLA flag names without '--', e.g. {'xla_gpu_enable_latency_hiding_scheduler':
+  True}); the rest of the process keeps its XLA_FLAGS.
   """
   rules = parallel.filter_rules(rules, mesh)
+  compiler_options = dict(compiler_options or {}) or None
 
   def grads_of(params, batch, rng):
     def loss_fn(p):
@@ -161,7 +167,7 @@ def make_train_step(
     if "step" not in compiled:
       lowered = lower(state, batch)
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled["step"] = lowered.compile()
+        compiled["step"] = lowered.compile(compiler_options=compiler_options)
     return compiled["step"]
 
   def run(state: TrainState, batch: dict[str, jax.Array]):

@@ -16,6 +16,7 @@ ORDER = [
   "grounding",
   "question_regex",
   "interleave",
+  "frames_as_images",
   "image",
   "text",
   "label",
@@ -67,7 +68,7 @@ def test_the_op_list_names_what_the_config_turns_on(data_dir):
   c.grounding = ml_collections.ConfigDict(dict(tasks=("refer",)))
   c.conversation = ml_collections.ConfigDict(dict(tasks=("qa",)))
   check_config(c)
-  assert _names(c) == [n for n in ORDER if n not in ("image_layout", "cm3")]
+  assert _names(c) == [n for n in ORDER if n not in ("image_layout", "cm3", "frames_as_images")]
   # CM3 (on a text conversation) and AnyRes's layout (on the pp op anyres) come in where they belong.
   t = _config(data_dir)
   t.conversation = ml_collections.ConfigDict(dict(tasks=("text",), length=64))
@@ -97,6 +98,8 @@ BAD = [
   ("conversation", "conversation", dict(tasks=("bogus",)), "data.conversation.tasks: unknown task 'bogus'"),
   ("cm3", "cm3", dict(sentinel_ids=(1005,)), r"data.cm3 needs data.conversation with tasks=\('text',\)"),
   ("boxes", "max_boxes", 0, "data.max_boxes: must be a positive int"),
+  ("frames_as_images", "frames_as_images", 1, "data.frames_as_images: True or False, got 1"),
+  ("frames_as_images", "subtitles", True, "data.subtitles: interleaves subtitles with the frames; needs data.frames"),
 ]
 
 

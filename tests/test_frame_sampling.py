@@ -25,6 +25,34 @@ def test_uniform_spans_the_clip_and_first_takes_the_start():
   assert _kept("sample_frames(5, 'first')", 3) == [0, 1, 2, 2, 2]
 
 
+def test_middle_keeps_the_frames_around_the_middle_one():
+  assert _kept("sample_frames(1, 'middle')", 8) == [4]  # the clip's `image` (sources: frames[T // 2])
+  assert _kept("sample_frames(1, 'middle')", 7) == [3]
+  assert _kept("sample_frames(3, 'middle')", 8) == [3, 4, 5]
+  assert _kept("sample_frames(4, 'middle')", 8) == [2, 3, 4, 5]
+  assert _kept("sample_frames(5, 'middle')", 2) == [0, 0, 1, 1, 1]  # a short clip: clipped at its ends
+
+
+def test_subtitles_follow_the_kept_frames_and_no_word_is_lost():
+  subs = ["", "", "", "cat", "", "", "", "map"]
+  ex = dict(_clip(8), subtitles=subs)
+  keep = lambda spec: preprocess.apply_ops(preprocess.parse_pp(spec, "p"), dict(ex), None)["subtitles"]  # noqa: E731
+  assert keep("sample_frames(8)") == subs
+  assert keep("sample_frames(1, 'middle')") == ["cat map"]  # one frame holds every word, in time order
+  assert keep("sample_frames(4)") == ["", "cat", "", "map"]  # kept frames 0, 2, 5, 7: 3 is nearest to 2
+  assert keep("sample_frames(2, 'first')") == ["", "cat map"]
+  # Every word reaches the kept frame nearest to when it was said, for any sampling.
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    said = [str(t) if rng.random() < 0.4 else "" for t in range(12)]
+    kept = np.sort(rng.choice(12, size=int(rng.integers(1, 12)), replace=False))
+    out = preprocess.regroup_subtitles(said, kept)
+    assert len(out) == len(kept) and " ".join(w for w in out if w).split() == [w for w in said if w]
+    for k, words in enumerate(out):
+      for w in words.split():
+        assert np.abs(kept - int(w)).min() == abs(kept[k] - int(w))
+
+
 def test_random_stride_keeps_an_in_order_run_at_one_stride_and_varies_with_the_draw():
   runs = [_kept("sample_frames(4, 'random_stride', max_stride=3)", 16, seed) for seed in range(40)]
   for run in runs:
@@ -54,7 +82,7 @@ def test_examples_without_frames_and_the_rest_of_the_example_are_untouched():
   "spec,match",
   [
     ("sample_frames(0)", "num_frames must be a positive int, got 0"),
-    ("sample_frames(2, 'middle')", "mode must be one of uniform, first, random_stride, got 'middle'"),
+    ("sample_frames(2, 'centre')", "mode must be one of uniform, first, random_stride, middle, got 'centre'"),
     ("sample_frames(2, 'random_stride', max_stride=0)", "max_stride must be a positive int"),
   ],
 )

@@ -43,6 +43,7 @@ RECIPES: dict[str, tuple[str | None, ...]] = {
   "monkey": (None, "demo", "demo_global"),
   "qwen_vl": (None, "demo"),
   "siglip_b16": (None, "demo"),
+  "video_lm": ("demo", "demo_middle", "demo_pool", "demo_pool_middle"),
   "vlmo_base": (None, "demo"),
   "vlmo_stage1_mim": (None, "demo"),
   "vlmo_stage2_mlm": (None, "demo"),

@@ -28,9 +28,31 @@ class TrainState:
   rng: jax.Array
 
 
+@jax.tree_util.register_pytree_node_class
+class InitKwargs(dict):
+  """Keyword inputs of model.init, as the last of an objective's init_args (a pytree, so the values may be
+  abstract like the positional ones): e.g. {'videos': clips} for a model whose video params exist only
+  when it sees a clip."""
+
+  def tree_flatten(self):
+    keys = sorted(self)
+    return [self[k] for k in keys], keys
+
+  @classmethod
+  def tree_unflatten(cls, keys, values):
+    return cls(zip(keys, values))
+
+
 def _init_fn(model: nn.Module) -> Callable:
-  """rng, *example inputs -> the model's (boxed) params; the inputs are arguments, so they may be abstract."""
-  return lambda rng, *args: model.init({"params": rng}, *args)["params"]
+  """rng, *example inputs -> the model's (boxed) params; the inputs are arguments, so they may be abstract.
+  A trailing InitKwargs goes to model.init as keyword arguments."""
+
+  def init(rng, *args):
+    if args and isinstance(args[-1], InitKwargs):
+      return model.init({"params": rng}, *args[:-1], **args[-1])["params"]
+    return model.init({"params": rng}, *args)["params"]
+
+  return init
 
 
 def _state_around(

@@ -14,7 +14,10 @@ writes the image embeddings at exactly those positions (LLaVA's convention). An 
 preprocessing set 'image_tokens' (the pp op `anyres`: LLaVA-NeXT's count depends on the image's
 size) gets that many instead. With `image_row_break` (a special marker) and `image_rows` = R, the
 placeholders come in R rows each followed by that marker (Fuyu: a `|NEWLINE|` token after every row
-of patches), still image_tokens placeholders in all. Mapping `<|end|>` to
+of patches), still image_tokens placeholders in all. `<video>` (a special of its own, e.g. 1006) expands
+to `video_tokens` copies of its id: with video_tokens > 0 every user turn that would open with
+`<image>` opens with `<video>` instead, and the model writes the clip's tokens there (video LMs:
+VisionLanguageModel's video_token_id, configs/video_lm.py). Mapping `<|end|>` to
 the tokenizer's EOS makes generation stop at the end of the assistant's turn.
 
 Loss: only the assistant's content and its end marker carry loss (`loss_mask` = 1), as in
@@ -65,6 +68,7 @@ import numpy as np
 from vlm.data.tokenizer import Tokenizer
 
 IMAGE = "<image>"
+VIDEO = "<video>"
 SOFT_PROMPT = "<|soft_prompt|>"
 TASKS = ("caption", "detailed", "qa", "text", "document")
 BRIEF_INSTRUCTIONS = (
@@ -154,6 +158,7 @@ class ChatTokenizer:
     soft_prompts: int = 0,
     image_row_break: str | None = None,
     image_rows: int = 1,
+    video_tokens: int = 0,
   ):
     self.tok = tokenizer
     self.template = dict(DEFAULT_TEMPLATE if template is None else template)
@@ -167,6 +172,10 @@ class ChatTokenizer:
       raise ValueError(f"data.conversation.specials needs an id for {IMAGE!r}")
     self.image_id = self.specials[IMAGE]
     self.image_tokens = int(image_tokens)
+    self.video_tokens = int(video_tokens)
+    self.video_id = self.specials.get(VIDEO)
+    if self.video_tokens and self.video_id is None:
+      raise ValueError(f"data.conversation.video_tokens needs an id for {VIDEO!r} in data.conversation.specials")
     self.image_rows = int(image_rows)
     self.row_break = None
     if image_row_break:
@@ -196,13 +205,17 @@ class ChatTokenizer:
     return chat
 
   def encode_text(self, text: str) -> list[int]:
-    """Text with special markers -> ids (`<image>` expanded to image_tokens ids)."""
+    """Text with special markers -> ids (`<image>` expanded to image_tokens ids, `<video>` to video_tokens)."""
     out: list[int] = []
     for piece in self._split.split(text):
       if not piece:
         continue
-      if piece in self.specials:
-        out += self._image_ids() if piece == IMAGE else [self.specials[piece]]
+      if piece == IMAGE:
+        out += self._image_ids()
+      elif piece == VIDEO and self.video_tokens:
+        out += [self.video_id] * self.video_tokens
+      elif piece in self.specials:
+        out += [self.specials[piece]]
       else:
         out += self.tok.encode(piece, None, add_bos=False, add_eos=False).tolist()
     return out
@@ -228,7 +241,7 @@ class ChatTokenizer:
       if role == "text":  # loss on every token but image placeholders (inputs, never targets)
         piece = self.encode_text(content) + [self.tok.eos_id]
         ids += piece
-        loss += [int(i != self.image_id and i != self.row_break) for i in piece]
+        loss += [int(i not in (self.image_id, self.row_break, self.video_id)) for i in piece]
         continue
       head, _, tail = self.template[role].partition("{content}")
       for part, carries in ((head, False), (content, role == "assistant"), (tail, role == "assistant")):
@@ -273,10 +286,10 @@ class ChatTokenizer:
     if len(ids) > length:
       if left:
         raise ValueError(f"{where}={length} is shorter than a prompt of {len(ids)} tokens; raise it")
-      if self.image_id in ids[length:]:
+      if self.image_id in ids[length:] or (self.video_tokens and self.video_id in ids[length:]):
+        what = f"an image's {self.image_tokens}" if self.image_id in ids[length:] else f"a video's {self.video_tokens}"
         raise ValueError(
-          f"{where}={length} cuts an image's {self.image_tokens} placeholder tokens "
-          f"(the conversation has {len(ids)} tokens); raise it"
+          f"{where}={length} cuts {what} placeholder tokens (the conversation has {len(ids)} tokens); raise it"
         )
       ids, loss = ids[:length], loss[:length]
     n = length - len(ids)
@@ -297,6 +310,7 @@ def chat_tokenizer_from_config(conv: Mapping[str, Any], tokenizer: Tokenizer) ->
     int(conv.get("soft_prompts", 0)),
     conv.get("image_row_break"),
     int(conv.get("image_rows", 1) or 1),
+    int(conv.get("video_tokens", 0) or 0),
   )
 
 
@@ -314,6 +328,11 @@ def check_conversation_config(conv: Mapping[str, Any]) -> None:
   for key in ("length", "prompt_length", "image_tokens", "image_rows", "max_turns", "pack"):
     if key in conv and not (isinstance(conv[key], int) and conv[key] > 0):
       raise ValueError(f"data.conversation.{key}: must be a positive int, got {conv[key]!r}")
+  vt = conv.get("video_tokens", 0)
+  if isinstance(vt, bool) or not isinstance(vt, int) or vt < 0:
+    raise ValueError(f"data.conversation.video_tokens: must be an int >= 0, got {vt!r}")
+  if vt and VIDEO not in (conv.get("specials") or DEFAULT_SPECIALS):
+    raise ValueError(f"data.conversation.video_tokens needs an id for {VIDEO!r} in data.conversation.specials")
   qformat = conv.get("question_format") or "{question}"
   if "{question}" not in qformat:
     raise ValueError(f"data.conversation.question_format must contain '{{question}}', got {qformat!r}")
@@ -352,7 +371,11 @@ def conversation_example(
 ) -> dict[str, np.ndarray]:
   """The model inputs of one example: 'tokens', 'loss_mask' [length] (a training conversation of a
   task drawn from conv.tasks) and 'prompt', 'prompt_mask' [prompt_length] (left-padded: system +
-  the drawn question about the image + generation prefix; the eval generates from it)."""
+  the drawn question about the image + generation prefix; the eval generates from it). With
+  conv.video_tokens = N > 0 the user's turn opens with `<video>` (N placeholders of its special id)
+  instead of `<image>`: the model reads the clip (data.with_frames' 'frames') there."""
+  if int(conv.get("video_tokens", 0) or 0):  # the clip (data.with_frames' 'frames') opens the user's turn
+    ex = dict(ex, image_context=VIDEO)
   tasks = tuple(conv.get("tasks", ("qa",)))
   weights = conv.get("task_weights")
   p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)

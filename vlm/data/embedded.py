@@ -59,6 +59,9 @@ class BuildArgs:
   noise_duplicates: int = 0
   # > 1: every example is an interleaved document (`make_document`) of 2..documents images
   documents: int = 0
+  # 1 (with num_frames >= 3): every example is a clip of events (`make_clip`, vlm.data.scenes.sample_clip)
+  # with per-frame subtitles and video questions; the tokenizer is the image scenes' (see `corpus`)
+  video_events: int = 0
 
   @property
   def config_name(self) -> str:
@@ -72,6 +75,7 @@ class BuildArgs:
       + ("_textrich" if self.text_rich else "")
       + (f"_noise{self.noise_shuffled}-{self.noise_duplicates}" if self.noise_shuffled or self.noise_duplicates else "")
       + (f"_docs{self.documents}" if self.documents else "")
+      + ("_events" if self.video_events else "")
     )
 
 
@@ -100,6 +104,7 @@ def metadata(args: BuildArgs) -> dict:
     "image_size": args.image_size,
     "num_frames": args.num_frames,
     "seed": args.seed,
+    **({"clip_question_kinds": list(scenes.CLIP_QUESTION_KINDS)} if args.video_events else {}),
   }
 
 
@@ -208,8 +213,47 @@ def make_document(args: BuildArgs, split: str, index: int) -> dict:
   }
 
 
+def make_clip(args: BuildArgs, split: str, index: int) -> dict:
+  """Clip of events `index` of `split` (vlm.data.scenes.sample_clip): 'frames' (num_frames PNGs),
+  'image' its middle frame (frame num_frames // 2, as a manifest clip's), 'subtitles' (one per
+  frame), the clip caption as every caption, the video questions (scenes.clip_questions; their
+  kinds in scenes.CLIP_QUESTION_KINDS order), 'label' the mover's class, 'seen' whether all four
+  objects are train combos, 'boxes' of the middle frame's objects, 'motion' the mover's direction."""
+  if args.num_frames < 3:
+    raise ValueError(f"video_events needs num_frames >= 3 (a clip with changes), got {args.num_frames}")
+  clip = scenes.sample_clip(
+    np.random.default_rng([args.seed, SPLITS.index(split), index, 6]), combos(split), args.num_frames
+  )
+  frames = scenes.render_clip(clip, args.image_size)
+  qs, ans = scenes.clip_questions(clip)
+  caption = scenes.clip_caption(clip)
+  mid = clip.objects_at(args.num_frames // 2)
+  every = [clip.still, clip.mover, *clip.changes]
+  return {
+    "image": scenes.encode_png(frames[args.num_frames // 2]),
+    "caption": caption,
+    "caption_detailed": caption,
+    "caption_varied": caption,
+    "label": np.int32(scenes.class_index(clip.mover.colour, clip.mover.shape)),
+    "seen": all(not scenes.is_held_out(o.colour, o.shape) for o in every),
+    "questions": qs,
+    "answers": ans,
+    "boxes": np.asarray([o.box(args.image_size) for o in mid], np.float32),
+    "box_labels": np.asarray([scenes.class_index(o.colour, o.shape) for o in mid], np.int32),
+    "text": "",
+    "frames": [scenes.encode_png(f) for f in frames],
+    "subtitles": scenes.clip_subtitles(clip),
+    "motion": np.int32(clip.motion),
+  }
+
+
 def corpus(args: BuildArgs) -> list[str]:
-  """Sentences the tokenizer is trained on (train texts, class names, templates, digits)."""
+  """Sentences the tokenizer is trained on (train texts, class names, templates, digits). Clips of
+  events take the image scenes' corpus (num_frames=0): their tokenizer is that dataset's, so a VLM
+  on them starts from the LM and vision demos trained on the image scenes (the clips' new words,
+  e.g. 'disappear', become several pieces)."""
+  if args.video_events:
+    return corpus(dataclasses.replace(args, video_events=0, num_frames=0))
   out = []
   for i in range(min(args.num_train, 5000)):
     rng = np.random.default_rng([args.seed, 0, i])
@@ -270,6 +314,7 @@ class VlmScenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "
         "text": tfds.features.Text(),
         "frames": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
         "motion": tfds.features.Scalar(dtype=np.int32),
+        **({"subtitles": tfds.features.Sequence(tfds.features.Text())} if self.build_args.video_events else {}),
       }
     )
     return self.dataset_info_from_configs(
@@ -285,7 +330,7 @@ class VlmScenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "
     return {s: self._generate_examples(s, n) for s, n in sizes.items()}
 
   def _generate_examples(self, split: str, n: int):
-    make = make_document if self.build_args.documents else make_example
+    make = make_document if self.build_args.documents else make_clip if self.build_args.video_events else make_example
     for i in range(n):
       yield i, make(self.build_args, split, i)
 

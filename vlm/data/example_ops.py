@@ -17,6 +17,7 @@ run (registration order):
     grounding       data.grounding               question/answer pairs from the boxes (vlm.data.grounding)
     question_regex  data.question_regex          keeps the pairs whose question matches
     interleave      data.interleaved_images > 1  a document of that many images around the example
+    frames_as_images data.frames_as_images       the clip's frames as its images, '<image>' (+ subtitle) each
     image           always                       out 'image' float32 (uint8 / 255)
     text            always                       out 'text' int32 [text_length] (the caption)
     label           always                       out 'label' int32, 'seen' bool
@@ -473,6 +474,45 @@ class Interleave(ExampleOp):
   def __call__(self, state: ExampleState) -> None:
     others = self.others(state.rng, self.num_images - 1)
     state.ex = conversation.interleave(state.ex, others, state.rng, end_of_chunk=self.end_of_chunk)
+
+
+@register
+class FramesAsImages(ExampleOp):
+  """data.frames_as_images: the clip's frames (after the pp ops, e.g. sample_frames) become the
+  example's images [T, H, W, 3], and its image context one '<image>' per frame, each followed by that
+  frame's subtitle when data.subtitles is set (MiniGPT4-Video's interleaving of frames and subtitles,
+  Ataallah et al. 2024 sec. 3.1): the conversation's user turn opens with it, and a multi-image VLM
+  (VisionLanguageModel with images [B, T, H, W, 3]; merge_tokens=4 as that paper) reads it."""
+
+  name = "frames_as_images"
+
+  def __init__(self, subtitles: bool):
+    self.subtitles = subtitles
+
+  @classmethod
+  def check(cls, data: Config) -> None:
+    for key in ("frames_as_images", "subtitles"):
+      if not isinstance(data.get(key, False), bool):
+        raise ValueError(f"data.{key}: True or False, got {data[key]!r}")
+    if data.get("subtitles", False) and not data.get("frames_as_images", False):
+      raise ValueError("data.subtitles: interleaves subtitles with the frames; needs data.frames_as_images=True")
+    if data.get("frames_as_images", False) and _num_images(data) > 1:
+      raise ValueError("data.frames_as_images: a clip's frames are its images; not with data.interleaved_images > 1")
+
+  @classmethod
+  def from_config(cls, data: Config, env: OpEnv) -> FramesAsImages | None:
+    return cls(bool(data.get("subtitles", False))) if data.get("frames_as_images", False) else None
+
+  def __call__(self, state: ExampleState) -> None:
+    ex = state.ex
+    frames = ex.get("frames")
+    if frames is None or not len(frames):
+      raise sources.BadExample("bad_clip", "data.frames_as_images: the example has no frames")
+    subs = list(ex.get("subtitles") or []) if self.subtitles else []
+    if self.subtitles and len(subs) != len(frames):
+      raise sources.BadExample("bad_clip", f"{len(subs)} subtitles for {len(frames)} frames")
+    parts = [conversation.IMAGE + (f"{subs[t]} " if subs and subs[t] else "") for t in range(len(frames))]
+    state.ex = dict(ex, image=np.asarray(frames), image_context="".join(parts))
 
 
 @register

@@ -85,6 +85,11 @@ Config keys (`config.data`, see `get_default_config`):
                   sentinel_ids, num_spans / poisson_lambda / max_spans, max_span_len, protected_ids;
                   needs conversation tasks=('text',))
     with_boxes, max_boxes, with_frames
+    frames_as_images  a clip's frames (after the pp ops, e.g. sample_frames) become the example's images
+                  [T, H, W, 3], one '<image>' each at the start of the user's turn (a multi-image VLM;
+                  MiniGPT4-Video); subtitles=True puts each frame's subtitle after its '<image>' (the
+                  records' 'subtitles', one per frame; the clips of data.builder.video_events have
+                  them). Neither is in the defaults (False when absent)
     worker_count  grain worker processes: 0 = in the main process; -1 (default) = 'auto': 0 on the CPU
                   backend (tests, demos), else min(16, cpu_count // 2), a start for accelerator hosts
                   (decode + pp of 224 px JPEGs runs ~200 examples/s per core: BENCHMARKS.md)

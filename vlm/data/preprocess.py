@@ -402,7 +402,7 @@ def random_resized_crop(
   return op
 
 
-FRAME_SAMPLING = ("uniform", "first", "random_stride")
+FRAME_SAMPLING = ("uniform", "first", "random_stride", "middle")
 
 
 def frame_indices(
@@ -415,11 +415,16 @@ def frame_indices(
   'first': the first num_frames (the last frame repeated when the clip is shorter).
   'random_stride': a stride drawn from 1..max_stride (at most what the clip allows) and a random start,
   num_frames at that stride (training-time temporal jitter; 'uniform' when the clip is too short).
+  'middle': num_frames consecutive frames around the clip's middle, frame num_clip // 2 the
+  (num_frames // 2)-th of them (num_frames=1: the middle frame, a manifest clip's `image`; the
+  single-frame baseline of video QA).
   """
   if num_clip < 1:
     raise ValueError("sample_frames: the clip has no frames")
   if mode == "first":
     return np.minimum(np.arange(num_frames), num_clip - 1)
+  if mode == "middle":
+    return np.clip(num_clip // 2 - num_frames // 2 + np.arange(num_frames), 0, num_clip - 1)
   if mode == "random_stride" and num_clip >= num_frames:
     if rng is None:
       raise ValueError("sample_frames: mode 'random_stride' needs a random generator")
@@ -438,7 +443,9 @@ def sample_frames(num_frames: int, mode: str = "uniform", max_stride: int = 4) -
   'random_stride' with strides up to max_stride); an example without frames is unchanged. Put it first
   in the pp string (later ops then touch only the kept frames), e.g. pp_train
   "sample_frames(8, 'random_stride')|resize(224)|..." and pp_eval "sample_frames(8)|resize(224)|...".
-  Order is kept, so the clip's 'motion' stays true."""
+  Order is kept, so the clip's 'motion' stays true. The clip's 'subtitles' (one str per frame) follow:
+  each frame's subtitle goes to the nearest kept frame (the earlier on a tie), joined by spaces in
+  time order, so no word said is lost and each stays next to the frame closest to when it was said."""
   if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
     raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
   if mode not in FRAME_SAMPLING:
@@ -450,10 +457,27 @@ def sample_frames(num_frames: int, mode: str = "uniform", max_stride: int = 4) -
     if "frames" not in ex or not len(ex["frames"]):
       return ex
     frames = np.asarray(ex["frames"])
-    ex["frames"] = frames[frame_indices(len(frames), num_frames, mode, rng, max_stride)]
+    keep = frame_indices(len(frames), num_frames, mode, rng, max_stride)
+    ex["frames"] = frames[keep]
+    if "subtitles" in ex:
+      ex["subtitles"] = regroup_subtitles(ex["subtitles"], keep)
     return ex
 
   return op
+
+
+def regroup_subtitles(subtitles: Sequence[str], keep: np.ndarray) -> list[str]:
+  """Per-frame subtitles [T] -> one per kept frame [len(keep)]: frame t's text goes to the kept frame
+  nearest to t (the earlier on a tie; a frame kept twice gets it at its first copy)."""
+  if len(subtitles) == 0:
+    return [""] * len(keep)
+  keep = np.asarray(keep)
+  owner = np.argmin(np.abs(np.arange(len(subtitles))[:, None] - keep[None, :]), axis=1)
+  out: list[list[str]] = [[] for _ in keep]
+  for t, text in enumerate(subtitles):
+    if text:
+      out[int(owner[t])].append(str(text))
+  return [" ".join(words) for words in out]
 
 
 _LR = re.compile(r"\b(left|right)\b")

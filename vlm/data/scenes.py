@@ -4,6 +4,10 @@ One scene = one large, clear *main object* (shape x colour x size x position),
 optionally a few small distractor objects and a rendered word or number. The
 zero-shot class of a scene is "<colour> <shape>" of its main object.
 
+Clips of events (the video QA test bed, `sample_clip` / `render_clip`): two objects, one of which
+moves, and two small objects that each appear or disappear at a frame of their own, with subtitles
+(a word said at each change) and questions that need more than one frame.
+
 Everything here is a pure function of a `np.random.Generator`, so a scene is
 fully determined by its seed. Rendering uses PIL at 2x resolution and a BOX
 downsample (cheap anti-aliasing).
@@ -40,6 +44,7 @@ POSITION_PHRASES = {
   "center": "in the center",
 }
 MOTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+MOTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), image axes
 WORDS: tuple[str, ...] = (
   "cat",
   "dog",
@@ -268,7 +273,7 @@ def render(scene: Scene, size: int, *, shift: tuple[float, float] = (0.0, 0.0)) 
 
 def motion_shifts(motion: int, num_frames: int, step: float = 0.04) -> list[tuple[float, float]]:
   """Per-frame (dx, dy) offsets of the main object, centred on its rest position."""
-  direction = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[MOTIONS[motion]]
+  direction = MOTION_VECTORS[MOTIONS[motion]]
   mid = (num_frames - 1) / 2
   return [(direction[0] * step * (t - mid), direction[1] * step * (t - mid)) for t in range(num_frames)]
 
@@ -350,3 +355,143 @@ def questions(scene: Scene) -> tuple[list[str], list[str]]:
   if scene.motion >= 0:
     qa.append((f"which way does the {m.shape} move?", MOTIONS[scene.motion]))
   return [q for q, _ in qa], [a for _, a in qa]
+
+
+# ------------------------------------------------------------------------------------------- clips
+EVENTS: tuple[str, ...] = ("appears", "disappears")
+CORNERS: tuple[tuple[float, float], ...] = ((0.1, 0.1), (0.9, 0.1), (0.1, 0.9), (0.9, 0.9))
+
+
+def _name(obj: SceneObject) -> str:
+  return f"{obj.colour} {obj.shape}"
+
+
+@dataclasses.dataclass
+class Clip:
+  """A clip of num_frames frames: `still` and `mover` (medium objects side by side; the mover shifts
+  CLIP_STEP per frame in direction MOTIONS[motion], at rest in the middle frame), and two small
+  corner objects `changes[i]` with `kinds[i]` (0 appears: absent before frame `frames[i]`; 1
+  disappears: absent from it on); `words[i]` is said (the subtitle) at frame `frames[i]`."""
+
+  still: SceneObject
+  mover: SceneObject
+  motion: int
+  changes: tuple[SceneObject, SceneObject]
+  kinds: tuple[int, int]
+  frames: tuple[int, int]
+  words: tuple[str, str]
+  background: tuple[int, int, int]
+  num_frames: int
+
+  @property
+  def first(self) -> int:
+    """Index of the change that happens first."""
+    return 0 if self.frames[0] < self.frames[1] else 1
+
+  def visible(self, i: int, t: int) -> bool:
+    """Whether change object i is in frame t."""
+    return (t >= self.frames[i]) == (self.kinds[i] == 0)
+
+  def objects_at(self, t: int) -> list[SceneObject]:
+    """The objects frame t shows, the mover at its shifted place."""
+    direction = MOTION_VECTORS[MOTIONS[self.motion]]
+    # At rest in the middle frame (t = num_frames // 2), so that frame alone says nothing of the direction.
+    dx, dy = (CLIP_STEP * (t - self.num_frames // 2) * d for d in direction)
+    mover = dataclasses.replace(self.mover, cx=self.mover.cx + dx, cy=self.mover.cy + dy)
+    return [self.still, mover] + [c for i, c in enumerate(self.changes) if self.visible(i, t)]
+
+
+CLIP_STEP = 0.035  # the mover's shift per frame, fraction of the width (8 frames: 0.245 end to end)
+
+
+def sample_clip(rng: np.random.Generator, combos: list[tuple[str, str]], num_frames: int) -> Clip:
+  """A clip whose four objects are distinct `combos` (no colour or shape twice, so a name says which).
+  The changes happen at two distinct frames of the 2 * (T - 1 - T // 2) frames around the middle
+  one (T = num_frames; 2..7 of 8), as many at or before it as after it: whether a change object is in
+  the middle frame then says nothing of whether it appears or disappears."""
+  if num_frames < 3:
+    raise ValueError(f"a clip of events needs num_frames >= 3, got {num_frames}")
+  picked: list[tuple[str, str]] = []
+  while len(picked) < 4:
+    c, s = combos[int(rng.integers(len(combos)))]
+    if all(c != pc and s != ps for pc, ps in picked):
+      picked.append((c, s))
+  jitter = lambda: float(rng.uniform(-0.02, 0.02))  # noqa: E731
+  radius = [float(rng.uniform(0.11, 0.13)) for _ in range(2)]
+  # The two big objects on one diagonal, the small ones in the other two corners: the mover travels
+  # 7 * CLIP_STEP in any direction without touching another object or leaving the image.
+  diagonal = int(rng.integers(2))
+  places = [(0.3 + jitter(), 0.3 + jitter()), (0.7 + jitter(), 0.7 + jitter())]
+  if diagonal:
+    places = [(x, 1 - y) for x, y in places]
+  big = [SceneObject(s, c, x, y, r) for (c, s), (x, y), r in zip(picked[:2], places, radius)]
+  m = int(rng.integers(2))
+  corners = [CORNERS[k] for k in ((1, 2) if not diagonal else (0, 3))]
+  if rng.random() < 0.5:
+    corners.reverse()
+  small = tuple(SceneObject(s, c, *xy, 0.075) for (c, s), xy in zip(picked[2:], corners))
+  mid = num_frames // 2
+  frames = rng.choice(np.arange(2 * mid - num_frames + 2, num_frames), size=2, replace=False)
+  words = rng.choice(len(WORDS), size=2, replace=False)
+  grey = int(rng.integers(70, 110))
+  return Clip(
+    still=big[1 - m],
+    mover=big[m],
+    motion=int(rng.integers(len(MOTIONS))),
+    changes=small,
+    kinds=(int(rng.integers(2)), int(rng.integers(2))),
+    frames=(int(frames[0]), int(frames[1])),
+    words=(WORDS[int(words[0])], WORDS[int(words[1])]),
+    background=(grey, grey, grey),
+    num_frames=num_frames,
+  )
+
+
+def render_clip(clip: Clip, size: int) -> list[np.ndarray]:
+  """The clip's frames, each [size, size, 3] uint8 (rendered as `render` does: 2x, BOX downsample)."""
+  out = []
+  for t in range(clip.num_frames):
+    img = Image.new("RGB", (2 * size, 2 * size), clip.background)
+    draw = ImageDraw.Draw(img)
+    for obj in clip.objects_at(t):
+      _draw_object(draw, obj, 2 * size)
+    out.append(np.asarray(img.resize((size, size), Image.Resampling.BOX)))
+  return out
+
+
+def clip_subtitles(clip: Clip) -> list[str]:
+  """One subtitle per frame: the word said at that frame, '' where nothing is said."""
+  subs = [""] * clip.num_frames
+  for t, w in zip(clip.frames, clip.words):
+    subs[t] = w
+  return subs
+
+
+def clip_caption(clip: Clip) -> str:
+  """The clip's events in time order, e.g. 'the red star moves left. the blue circle appears, then the
+  green cross disappears'."""
+  i = clip.first
+  first, then = (f"the {_name(clip.changes[j])} {EVENTS[clip.kinds[j]]}" for j in (i, 1 - i))
+  return f"the {_name(clip.mover)} moves {MOTIONS[clip.motion]}. {first}, then {then}"
+
+
+# Question kinds of clip_questions, in its order; the first four need more than one frame.
+CLIP_QUESTION_KINDS: tuple[str, ...] = ("direction", "mover", "change", "order", "subtitle", "colour")
+
+
+def clip_questions(clip: Clip) -> tuple[list[str], list[str]]:
+  """Video QA pairs about the clip (CLIP_QUESTION_KINDS): the mover's direction (4 answers; the question
+  does not name the mover, so that a conversation's other turns do not give away which moves), which of
+  the two objects moves, whether a corner object appears or disappears, which change comes first,
+  the word said at a change (needs the subtitles and the frame of the change), and a still object's
+  colour (one frame is enough: the single-frame baseline's control)."""
+  a, b = clip.changes
+  qa = [
+    ("which way does the moving object go?", MOTIONS[clip.motion]),
+    ("which object moves?", _name(clip.mover)),
+    (f"does the {_name(a)} appear or disappear?", EVENTS[clip.kinds[0]].removesuffix("s")),
+    (f"which changes first, the {_name(a)} or the {_name(b)}?", _name(clip.changes[clip.first])),
+    (f"what is said when the {_name(a)} changes?", clip.words[0]),
+    (f"what colour is the {clip.still.shape}?", clip.still.colour),
+  ]
+  return [q for q, _ in qa], [ans for _, ans in qa]

@@ -57,7 +57,7 @@ from vlm.data.tfds_compat import import_tfds
 IMAGE_KEYS = ("image", "image_path", "path", "file")
 VIDEO_KEYS = ("video", "video_path")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-BAD_REASONS = ("missing_image", "corrupt_image", "empty_caption", "bad_document", "too_large")
+BAD_REASONS = ("missing_image", "corrupt_image", "empty_caption", "bad_document", "too_large", "bad_clip")
 # Default pixel limit of decode_record (data.max_image_pixels): 64 MP holds every camera image up to
 # 8000 x 8000 (a 50 MP 8688 x 5792 photo included) and caps one decode at 192 MB of RGB, and it is
 # below PIL's own bomb warning (Image.MAX_IMAGE_PIXELS, ~89 MP), so our check decides first.
@@ -200,7 +200,7 @@ def decode_record(
   for key in ("caption_detailed", "text"):
     if key in rec:
       ex[key] = to_str(rec[key])
-  for key in ("questions", "answers"):
+  for key in ("questions", "answers", "subtitles"):
     if key in rec:
       ex[key] = [to_str(v) for v in rec[key]]
   ex["label"] = np.int32(rec.get("label", -1))

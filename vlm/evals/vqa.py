@@ -1,5 +1,6 @@
 """Open-ended VQA by generation: exact-match accuracy of generated answers (VLMs on an LM)."""
 
+import re
 from typing import Any
 
 import ml_collections
@@ -70,13 +71,20 @@ class GenerateAnswers(SplitData):
     contrast_images: np.ndarray | None = None,
     crg_alpha: float = 1.0,
     crg_plausibility: float = 0.0,
+    videos: np.ndarray | None = None,
   ) -> list[str]:
     """Greedy answers; instruction [N, L]: the image encoder's ('prompt_instruction' of the data);
     image_layout [N, 4]: AnyRes views' layout ('image_layout' of the data); contrast_images: decode
-    with contrastive region guidance against them (the predict function generate_guided)."""
+    with contrastive region guidance against them (the predict function generate_guided); videos
+    [N, F, H, W, 3]: clips at the prompt's video placeholders (images may then be None)."""
     extra = {
       k: v
-      for k, v in (("instruction", instruction), ("image_layout", image_layout), ("contrast_images", contrast_images))
+      for k, v in (
+        ("instruction", instruction),
+        ("image_layout", image_layout),
+        ("contrast_images", contrast_images),
+        ("videos", videos),
+      )
       if v is not None
     }
     inputs = (images, prompt, mask, extra)
@@ -96,10 +104,13 @@ class VQAGenerate(GenerateAnswers):
 
   Needs data.conversation and 'question', 'answer' in data.extra_text_keys (the prompt asks the
   same drawn question as 'answer' holds; with data.conversation.instruction_length, the question
-  also goes to the image encoder as 'prompt_instruction'; AnyRes views come with 'image_layout').
+  also goes to the image encoder as 'prompt_instruction'; AnyRes views come with 'image_layout';
+  with data.conversation.video_tokens the prompt asks about the clip, 'frames', given as `videos`).
   The model has the predict function `generate` (VLMs on an LM: vision_lm, flamingo). Reports
   {prefix}/accuracy, and /accuracy_unseen for examples whose main-object combination is held out
-  of training; keeps the last answers in `last_answers`.
+  of training; keeps the last answers in `last_answers`. question_groups {name: regex}: also
+  {prefix}/accuracy_<name> over the examples whose question matches (re.search), e.g. the video
+  questions' kinds (configs/video_lm.py).
   """
 
   def __init__(
@@ -114,6 +125,7 @@ class VQAGenerate(GenerateAnswers):
     batch_size: int = 256,
     max_examples: int | None = None,
     max_new_tokens: int = 8,
+    question_groups: dict[str, str] | None = None,
   ):
     if not data.get("conversation"):
       raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs data.conversation")
@@ -121,6 +133,12 @@ class VQAGenerate(GenerateAnswers):
       raise ValueError(f"evals.{prefix}: type 'vqa_generate' needs 'question' and 'answer' in data.extra_text_keys")
     self._setup(data, rules, predict_fns, mesh, prefix, split, batch_size, max_examples, max_new_tokens)
     self.last_answers: list[str] = []
+    self.question_groups = {}
+    for name, regex in dict(question_groups or {}).items():
+      try:
+        self.question_groups[str(name)] = re.compile(regex)
+      except (re.error, TypeError) as e:
+        raise ValueError(f"evals.{prefix}.question_groups.{name}: bad regex {regex!r}: {e}") from None
 
   def __call__(self, params) -> dict[str, float]:
     return self.score(params, self.data()[0])
@@ -129,13 +147,17 @@ class VQAGenerate(GenerateAnswers):
     """The metrics on `arrays` (the split's arrays, self.data()[0], or a changed copy: e.g. another
     example's images, to measure what the answers owe to the image)."""
     tok = get_tokenizer(self.data_config)
+    video = bool(int(self.data_config.conversation.get("video_tokens", 0) or 0))
+    if video and "frames" not in arrays:
+      raise ValueError(f"evals.{self.prefix}: data.conversation.video_tokens > 0 needs data.with_frames=True")
     self.last_answers = self.answers(
       params,
-      arrays["image"],
+      None if video else arrays["image"],
       arrays["prompt"],
       arrays["prompt_mask"],
       arrays.get("prompt_instruction"),
       arrays.get("image_layout"),
+      videos=arrays["frames"] if video else None,
     )
     refs = [normalize_answer(a) for a in tok.decode_batch(arrays["answer"])]
     hit = np.array([normalize_answer(a) == r for a, r in zip(self.last_answers, refs)], np.float64)
@@ -143,4 +165,10 @@ class VQAGenerate(GenerateAnswers):
     unseen = ~arrays["seen"].astype(bool)
     if unseen.any():
       out[f"{self.prefix}/accuracy_unseen"] = float(hit[unseen].mean())
+    if self.question_groups:
+      questions = tok.decode_batch(arrays["question"])
+      for name, regex in self.question_groups.items():
+        match = np.array([bool(regex.search(q)) for q in questions])
+        if match.any():
+          out[f"{self.prefix}/accuracy_{name}"] = float(hit[match].mean())
     return out

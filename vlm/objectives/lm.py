@@ -7,6 +7,7 @@ from jax.sharding import Mesh
 
 from vlm.losses import caption_loss
 from vlm.objectives.base import OBJECTIVES
+from vlm.train_step import InitKwargs
 
 
 @OBJECTIVES.register("lm")
@@ -30,6 +31,10 @@ class LanguageModeling:
   A batch with `instruction_key` [B, L] (data.conversation.instruction_length > 0) passes it to the
   model as `instruction` (the instruction-aware Q-Former of vlm.models.vision_lm); one with
   `layout_key` [B, 4] (the pp op `anyres`) passes it as `image_layout` (LLaVA-NeXT AnyRes).
+
+  video_key (e.g. 'frames', data.with_frames' clips [B, F, H, W, 3]): the clips go to the model as
+  `videos` (VisionLanguageModel's video_token_id placeholders: data.conversation.video_tokens); with
+  image_key None as well the model gets no images (`model(None, tokens, videos=...)`).
   """
 
   image_key: str | None = "image"
@@ -38,19 +43,23 @@ class LanguageModeling:
   segment_ids_key: str = "segment_ids"
   instruction_key: str = "instruction"
   layout_key: str = "image_layout"
+  video_key: str | None = None
   label_smoothing: float = 0.0
   z_loss: float = 0.0
   mesh: Mesh | None = None
 
   def _inputs(self, batch) -> tuple:
-    keys = ((self.image_key,) if self.image_key else ()) + (self.tokens_key, self.loss_mask_key)
+    keys = ((self.image_key,) if self.image_key else ()) + ((self.video_key,) if self.video_key else ())
+    keys += (self.tokens_key, self.loss_mask_key)
     missing = [k for k in keys if k not in batch]
     if missing:
       raise ValueError(
         f"objective 'lm': the batch has no {missing} (has {sorted(batch)}); set "
-        "data.conversation (vlm.data.conversation) or objective.image_key / tokens_key"
+        "data.conversation (vlm.data.conversation), data.with_frames (video_key) or objective.image_key / "
+        "tokens_key / video_key"
       )
-    return tuple(batch[k] for k in keys[:-1])
+    images = (batch[self.image_key],) if self.image_key else (None,) if self.video_key else ()
+    return images + (batch[self.tokens_key],)
 
   def _instruction(self, batch) -> tuple:
     """(instruction, image_layout) as far as the batch has them (None where only the layout is there)."""
@@ -63,16 +72,23 @@ class LanguageModeling:
     return () if instruction is None else (instruction,)
 
   def init_args(self, batch) -> tuple:
-    return tuple(None if x is None else x[:1] for x in self._inputs(batch) + self._instruction(batch))
+    first = lambda x: None if x is None else x[:1]  # noqa: E731
+    args = tuple(first(x) for x in self._inputs(batch) + self._instruction(batch))
+    if self.video_key:  # the video params (a video tower, Video-LLaMA's Q-Formers) exist once a clip is seen
+      args = args + (InitKwargs(videos=first(batch[self.video_key])),)
+    return args
 
   def __call__(self, model: nn.Module, params, batch, *, rng, train: bool):
     inputs = self._inputs(batch) + self._instruction(batch)
-    kw = {"return_stats": True} if self.image_key else {}
+    multimodal = bool(self.image_key or self.video_key)
+    kw = {"return_stats": True} if multimodal else {}
+    if self.video_key:
+      kw["videos"] = batch[self.video_key]
     segments = batch.get(self.segment_ids_key) if self.segment_ids_key else None
     if segments is not None:
       kw["segment_ids"] = segments
     out = model.apply({"params": params}, *inputs, train=train, rngs={"dropout": rng}, **kw)
-    logits, stats = out if self.image_key else (out, {})
+    logits, stats = out if multimodal else (out, {})
     tokens, weights = batch[self.tokens_key], batch[self.loss_mask_key]
     targets = weights[:, 1:] > 0
     if segments is not None:

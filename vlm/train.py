@@ -213,8 +213,7 @@ def step_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"${COMPILER_OPTIONS_ENV}: not a JSON object ({e}): {raw!r}") from None
   if not isinstance(options, dict):
     raise ValueError(f"${COMPILER_OPTIONS_ENV}: not a JSON object: {raw!r}")
-  own = config.get("compiler_options") or {}
-  options.update(own.to_dict() if hasattr(own, "to_dict") else dict(own))
+  options.update(to_kwargs(config.get("compiler_options") or {}))
   return options
 
 

@@ -286,8 +286,13 @@ class ChatTokenizer:
     if len(ids) > length:
       if left:
         raise ValueError(f"{where}={length} is shorter than a prompt of {len(ids)} tokens; raise it")
-      if self.image_id in ids[length:] or (self.video_tokens and self.video_id in ids[length:]):
-        what = f"an image's {self.image_tokens}" if self.image_id in ids[length:] else f"a video's {self.video_tokens}"
+      cut = ids[length:]
+      what = None
+      if self.image_id in cut:
+        what = f"an image's {self.image_tokens}"
+      elif self.video_tokens and self.video_id in cut:
+        what = f"a video's {self.video_tokens}"
+      if what:
         raise ValueError(
           f"{where}={length} cuts {what} placeholder tokens (the conversation has {len(ids)} tokens); raise it"
         )

@@ -255,8 +255,7 @@ def _font(px: int):
 def render(scene: Scene, size: int, *, shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
   """Renders the scene to a [size, size, 3] uint8 image; `shift` moves the main object."""
   px = 2 * size
-  img = Image.new("RGB", (px, px), scene.background)
-  draw = ImageDraw.Draw(img)
+  img, draw = _canvas(size, scene.background)
   for obj in scene.distractors:
     _draw_object(draw, obj, px)
   _draw_object(draw, scene.main, px, *shift)
@@ -268,6 +267,16 @@ def render(scene: Scene, size: int, *, shift: tuple[float, float] = (0.0, 0.0)) 
       font=_font(int(scene.text_scale * px)),
       anchor="mm",
     )
+  return _downsample(img, size)
+
+
+def _canvas(size: int, background: tuple[int, int, int]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+  """An empty image at 2x the output size (drawn there, then BOX-downsampled: cheap anti-aliasing)."""
+  img = Image.new("RGB", (2 * size, 2 * size), background)
+  return img, ImageDraw.Draw(img)
+
+
+def _downsample(img: Image.Image, size: int) -> np.ndarray:
   return np.asarray(img.resize((size, size), Image.Resampling.BOX))
 
 
@@ -368,7 +377,7 @@ def _name(obj: SceneObject) -> str:
 
 @dataclasses.dataclass
 class Clip:
-  """A clip of num_frames frames: `still` and `mover` (medium objects side by side; the mover shifts
+  """A clip of num_frames frames: `still` and `mover` (medium objects on one diagonal; the mover shifts
   CLIP_STEP per frame in direction MOTIONS[motion], at rest in the middle frame), and two small
   corner objects `changes[i]` with `kinds[i]` (0 appears: absent before frame `frames[i]`; 1
   disappears: absent from it on); `words[i]` is said (the subtitle) at frame `frames[i]`."""
@@ -451,11 +460,10 @@ def render_clip(clip: Clip, size: int) -> list[np.ndarray]:
   """The clip's frames, each [size, size, 3] uint8 (rendered as `render` does: 2x, BOX downsample)."""
   out = []
   for t in range(clip.num_frames):
-    img = Image.new("RGB", (2 * size, 2 * size), clip.background)
-    draw = ImageDraw.Draw(img)
+    img, draw = _canvas(size, clip.background)
     for obj in clip.objects_at(t):
       _draw_object(draw, obj, 2 * size)
-    out.append(np.asarray(img.resize((size, size), Image.Resampling.BOX)))
+    out.append(_downsample(img, size))
   return out
 
 
